@@ -1,0 +1,21 @@
+"""nnaccel: train digit-recognition networks on NumPy (CPU) or CuPy (CUDA) with one API.
+
+    import nnaccel as nn
+    model = nn.Sequential(nn.Dense(784, 256, activation="relu"), nn.Dense(256, 10), device="cpu")
+    trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=64)
+    trainer.fit(x_train, y_train, epochs=20, validation_data=(x_val, y_val))
+"""
+
+from . import activations, datasets
+from .activations import ELU, GELU, LeakyReLU, Linear, ReLU, SiLU, Sigmoid, Softmax, Softplus, Tanh
+from .backend import cuda_status, get_backend, resolve_device
+from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves, TerminateOnNaN
+from .checkpoint import load
+from .errors import CheckpointError, ConfigError, DataError, DeviceError, NnaccelError, ShapeError
+from .layers import Dense, Dropout, Maxout, Parameter
+from .losses import MSE, MeanSquaredError, SigmoidCrossEntropy, SoftmaxCrossEntropy
+from .model import Sequential
+from .optimizers import SGD, Adam, AdamW, CosineAnnealing, StepLR
+from .trainer import Trainer
+
+__version__ = "0.1.0"

@@ -1,0 +1,239 @@
+"""Activation functions and their derivatives, written once against a backend.
+
+Each activation computes ``y = f(z)`` and ``dz = dy * f'(z)``. Where the math
+allows, the derivative is written in terms of the saved output ``y`` (as
+Chainer does), so a layer keeps one array instead of two; ``uses_output``
+says which. The same formulas live in ``kernels/activations.cuh`` for the GPU,
+under the same integer ``code``.
+
+All functions write into a preallocated ``out`` (which may alias ``z``) and
+keep the input dtype: scalars are Python floats, which NumPy and CuPy treat
+as weak, so float32 stays float32.
+"""
+
+import math
+
+from .errors import ConfigError
+
+
+class Activation:
+    """Base class: ``forward`` and ``backward`` over the backend ``ops``."""
+
+    name = ""
+    code = -1
+    uses_output = True
+    init = "glorot"  # initialisation that suits the activation
+    param = 0.0
+
+    def forward(self, ops, z, out):
+        raise NotImplementedError
+
+    def backward(self, ops, dy, y, z, out):
+        raise NotImplementedError
+
+    def config(self):
+        """The keyword arguments that rebuild this activation with ``get``."""
+        return {}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.config() == other.config()
+
+    def __hash__(self):
+        return hash((type(self), tuple(sorted(self.config().items()))))
+
+
+class Linear(Activation):
+    name, code = "linear", 0
+
+    def forward(self, ops, z, out):
+        if out is not z:
+            out[...] = z
+        return out
+
+    def backward(self, ops, dy, y, z, out):
+        if out is not dy:
+            out[...] = dy
+        return out
+
+
+class ReLU(Activation):
+    name, code, init = "relu", 1, "he"
+
+    def forward(self, ops, z, out):
+        return ops.xp.maximum(z, 0, out=out)
+
+    def backward(self, ops, dy, y, z, out):
+        xp = ops.xp
+        return xp.multiply(dy, y > 0, out=out)
+
+
+class LeakyReLU(Activation):
+    name, code, init = "leaky_relu", 2, "he"
+
+    def __init__(self, slope=0.01):
+        slope = float(slope)
+        if not slope >= 0.0:
+            raise ConfigError(f"leaky_relu slope must be >= 0, got {slope}")
+        self.param = self.slope = slope
+
+    def config(self):
+        return {"slope": self.slope}
+
+    def forward(self, ops, z, out):
+        # max(z, slope*z) is z for z > 0 and slope*z below when slope <= 1.
+        pick = ops.xp.maximum if self.slope <= 1.0 else ops.xp.minimum
+        return pick(z, z * self.slope, out=out)
+
+    def backward(self, ops, dy, y, z, out):
+        out[...] = ops.xp.where(y > 0, dy, dy * self.slope)
+        return out
+
+
+class ELU(Activation):
+    name, code, init = "elu", 3, "he"
+
+    def __init__(self, alpha=1.0):
+        alpha = float(alpha)
+        if not alpha > 0.0:
+            raise ConfigError(f"elu alpha must be > 0, got {alpha}")
+        self.param = self.alpha = alpha
+
+    def config(self):
+        return {"alpha": self.alpha}
+
+    def forward(self, ops, z, out):
+        # max(z, 0) + alpha * expm1(min(z, 0)): one branch is always exactly 0.
+        xp = ops.xp
+        negative = xp.minimum(z, 0)
+        xp.expm1(negative, out=negative)
+        negative *= self.alpha
+        xp.maximum(z, 0, out=out)
+        return xp.add(out, negative, out=out)
+
+    def backward(self, ops, dy, y, z, out):
+        xp = ops.xp
+        return xp.multiply(dy, xp.where(y > 0, 1.0, y + self.alpha), out=out)
+
+
+class Sigmoid(Activation):
+    """``0.5 * tanh(z / 2) + 0.5``: the logistic function without overflow."""
+
+    name, code = "sigmoid", 4
+
+    def forward(self, ops, z, out):
+        xp = ops.xp
+        xp.multiply(z, 0.5, out=out)
+        xp.tanh(out, out=out)
+        xp.multiply(out, 0.5, out=out)
+        return xp.add(out, 0.5, out=out)
+
+    def backward(self, ops, dy, y, z, out):
+        xp = ops.xp
+        return xp.multiply(dy, y * (1.0 - y), out=out)
+
+
+class Tanh(Activation):
+    name, code = "tanh", 5
+
+    def forward(self, ops, z, out):
+        return ops.xp.tanh(z, out=out)
+
+    def backward(self, ops, dy, y, z, out):
+        return ops.xp.multiply(dy, 1.0 - y * y, out=out)
+
+
+class Softplus(Activation):
+    """``log(1 + e^z)`` in a stable form; its derivative ``sigmoid(z) = 1 - e^-y``."""
+
+    name, code = "softplus", 6
+
+    def forward(self, ops, z, out):
+        xp = ops.xp
+        tail = xp.log1p(xp.exp(-xp.abs(z)))
+        xp.maximum(z, 0, out=out)
+        return xp.add(out, tail, out=out)
+
+    def backward(self, ops, dy, y, z, out):
+        xp = ops.xp
+        return xp.multiply(dy, -xp.expm1(-y), out=out)
+
+
+class GELU(Activation):
+    """Exact GELU, ``z * Phi(z)`` with the error function (PyTorch's default)."""
+
+    name, code, init, uses_output = "gelu", 7, "he", False
+
+    def forward(self, ops, z, out):
+        xp = ops.xp
+        cdf = ops.erf(z * (1.0 / math.sqrt(2.0)))
+        cdf += 1.0
+        cdf *= 0.5
+        return xp.multiply(z, cdf, out=out)
+
+    def backward(self, ops, dy, y, z, out):
+        xp = ops.xp
+        cdf = ops.erf(z * (1.0 / math.sqrt(2.0)))
+        cdf += 1.0
+        cdf *= 0.5
+        pdf = xp.exp(z * z * -0.5)
+        pdf *= 1.0 / math.sqrt(2.0 * math.pi)
+        pdf *= z
+        pdf += cdf
+        return xp.multiply(dy, pdf, out=out)
+
+
+class SiLU(Activation):
+    """``z * sigmoid(z)`` (swish); its derivative needs ``z``."""
+
+    name, code, init, uses_output = "silu", 8, "he", False
+
+    def forward(self, ops, z, out):
+        s = Sigmoid().forward(ops, z, ops.xp.empty_like(z))
+        return ops.xp.multiply(z, s, out=out)
+
+    def backward(self, ops, dy, y, z, out):
+        xp = ops.xp
+        s = Sigmoid().forward(ops, z, xp.empty_like(z))
+        grad = 1.0 - s
+        grad *= z
+        grad += 1.0
+        grad *= s
+        return xp.multiply(dy, grad, out=out)
+
+
+class Softmax(Activation):
+    """Row-wise softmax for an output layer; backward is the Jacobian product."""
+
+    name, code = "softmax", 9
+
+    def forward(self, ops, z, out):
+        return ops.softmax(z, out)
+
+    def backward(self, ops, dy, y, z, out):
+        xp = ops.xp
+        inner = (dy * y).sum(axis=1, keepdims=True)
+        return xp.multiply(y, dy - inner, out=out)
+
+
+ACTIVATIONS = {cls.name: cls for cls in
+               (Linear, ReLU, LeakyReLU, ELU, Sigmoid, Tanh, Softplus, GELU, SiLU, Softmax)}
+
+
+def get(activation=None, **params):
+    """An activation from a name (``"relu"``), an instance, or None (linear)."""
+    if activation is None:
+        return Linear()
+    if isinstance(activation, Activation):
+        return activation
+    if isinstance(activation, str):
+        key = activation.lower().replace("-", "_")
+        if key in ACTIVATIONS:
+            try:
+                return ACTIVATIONS[key](**params)
+            except TypeError:
+                raise ConfigError(f"activation {activation!r} takes no parameters {sorted(params)}") from None
+    raise ConfigError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")

@@ -1,0 +1,100 @@
+"""The CUDA backend: CuPy arrays, with the hot elementwise ops in fused kernels.
+
+Each override routes one op to a kernel of ``kernels/`` (see
+``cuda_kernels``) and falls back to the generic CuPy version for what the
+kernels do not cover (other dtypes, the softmax activation's Jacobian).
+"""
+
+import numpy
+
+from . import cuda_kernels
+from .base import Backend
+
+KERNEL_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def _fused(*arrays):
+    """True when the kernels take these arrays (float32/64, C-contiguous)."""
+    return all(a.dtype in KERNEL_DTYPES and a.flags.c_contiguous for a in arrays if a is not None)
+
+
+class CupyBackend(Backend):
+    """Ops on one CUDA device through CuPy and the fused kernels."""
+
+    def __init__(self, device_id):
+        import cupy
+
+        self.xp = cupy
+        self.device = cupy.cuda.Device(device_id)
+        self.name = f"cuda:{device_id}"
+
+    def use(self):
+        self.device.use()
+
+    def asarray(self, array, dtype=None, what="array"):
+        with self.device:
+            return super().asarray(array, dtype=dtype, what=what)
+
+    def empty(self, shape, dtype=numpy.float32):
+        with self.device:
+            return self.xp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype=numpy.float32):
+        with self.device:
+            return self.xp.zeros(shape, dtype=dtype)
+
+    def to_host(self, array):
+        return self.xp.asnumpy(array)
+
+    def synchronize(self):
+        self.device.synchronize()
+
+    def erf(self, x):
+        from cupyx.scipy.special import erf
+
+        return erf(x)
+
+    def bias_act(self, z, bias, activation, out):
+        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused(z, bias, out):
+            return super().bias_act(z, bias, activation, out)
+        if out is not z:  # the derivative needs z + bias: keep it, then activate
+            cuda_kernels.bias_act(z, bias, cuda_kernels.ACT_CODES["linear"], 0.0, z)
+            bias = None
+        return cuda_kernels.bias_act(z, bias, activation.code, activation.param, out)
+
+    def act_backward(self, dy, y, z, activation, out, bias_grad=None):
+        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused(dy, y, z, out, bias_grad):
+            return super().act_backward(dy, y, z, activation, out, bias_grad)
+        return cuda_kernels.act_backward(dy, y, z, activation.code, activation.param, out, bias_grad)
+
+    def softmax(self, z, out):
+        if not _fused(z, out):
+            return super().softmax(z, out)
+        return cuda_kernels.softmax(z, out)
+
+    def softmax_cross_entropy(self, logits, labels, grad):
+        if not _fused(logits, grad):
+            return super().softmax_cross_entropy(logits, labels, grad)
+        return cuda_kernels.softmax_cross_entropy(logits, labels, grad)
+
+    def maxout_forward(self, z3, out, index):
+        if not _fused(z3, out):
+            return super().maxout_forward(z3, out, index)
+        return cuda_kernels.maxout_forward(z3, out, index)
+
+    def maxout_backward(self, dy, index, out3):
+        if not _fused(dy, out3):
+            return super().maxout_backward(dy, index, out3)
+        return cuda_kernels.maxout_backward(dy, index, out3)
+
+    def sgd_update(self, param, grad, velocity, lr, momentum, weight_decay, nesterov):
+        if not _fused(param, grad, velocity):
+            return super().sgd_update(param, grad, velocity, lr, momentum, weight_decay, nesterov)
+        return cuda_kernels.sgd_update(param, grad, velocity, lr, momentum, weight_decay, nesterov)
+
+    def adam_update(self, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step):
+        if not _fused(param, grad, m, v):
+            return super().adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay,
+                                       decoupled, step)
+        return cuda_kernels.adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay,
+                                        decoupled, step)

@@ -1,0 +1,132 @@
+"""Callbacks for ``Trainer.fit``: early stopping, checkpoints, CSV log, NaN stop, plots."""
+
+import csv
+import math
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+class Callback:
+    """Hooks called by ``Trainer.fit``; override the ones you need."""
+
+    def on_train_begin(self, trainer):
+        pass
+
+    def on_batch_end(self, trainer, step, loss):
+        """After every step, with the loss as a device array (reading it synchronises a GPU)."""
+
+    def on_epoch_end(self, trainer, logs):
+        pass
+
+    def on_train_end(self, trainer):
+        pass
+
+
+class _Monitor:
+    """Tracks the best value of a logged metric (lower is better for losses)."""
+
+    def __init__(self, monitor, mode, min_delta):
+        if mode not in ("auto", "min", "max"):
+            raise ConfigError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        self.monitor = monitor
+        self.sign = -1.0 if mode == "max" or (mode == "auto" and "acc" in monitor) else 1.0
+        self.min_delta = abs(min_delta)
+        self.best = math.inf
+
+    def improved(self, logs):
+        if self.monitor not in logs:
+            raise ConfigError(f"cannot monitor {self.monitor!r}: the logs have {', '.join(logs)} "
+                              f"(val_* metrics need validation_data)")
+        value = self.sign * logs[self.monitor]
+        if value < self.best - self.min_delta:
+            self.best = value
+            return True
+        return False
+
+
+class EarlyStopping(Callback, _Monitor):
+    """Stop when ``monitor`` has not improved for ``patience`` epochs.
+
+    With ``restore_best_weights`` (the default here, unlike Keras) the model
+    ends with the weights of its best epoch.
+    """
+
+    def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto", restore_best_weights=True):
+        _Monitor.__init__(self, monitor, mode, min_delta)
+        self.patience = int(patience)
+        self.restore_best_weights = restore_best_weights
+
+    def on_train_begin(self, trainer):
+        self.best, self.wait, self.best_weights, self.best_epoch = math.inf, 0, None, None
+
+    def on_epoch_end(self, trainer, logs):
+        if self.improved(logs):
+            self.wait, self.best_epoch = 0, logs["epoch"]
+            if self.restore_best_weights:
+                self.best_weights = trainer.model.flat_params.copy()
+            return
+        self.wait += 1
+        if self.wait > self.patience:
+            trainer.stop_training = True
+
+    def on_train_end(self, trainer):
+        if self.best_weights is not None and trainer.stop_training:
+            trainer.model.flat_params[...] = self.best_weights
+
+
+class ModelCheckpoint(Callback, _Monitor):
+    """Write a resumable checkpoint after every epoch, or only when ``monitor`` improves.
+
+    ``path`` may contain ``{epoch}`` to keep one file per epoch.
+    """
+
+    def __init__(self, path, monitor="val_loss", save_best_only=False, mode="auto"):
+        _Monitor.__init__(self, monitor, mode, 0.0)
+        self.path = str(path)
+        self.save_best_only = save_best_only
+
+    def on_epoch_end(self, trainer, logs):
+        if not self.save_best_only or self.improved(logs):
+            trainer.save_checkpoint(self.path.format(epoch=logs["epoch"]))
+
+
+class CSVLogger(Callback):
+    """Append one row of metrics per epoch to a CSV file."""
+
+    def __init__(self, path, append=False):
+        self.path = Path(path)
+        self.append = append
+
+    def on_train_begin(self, trainer):
+        if not self.append and self.path.exists():
+            self.path.unlink()
+
+    def on_epoch_end(self, trainer, logs):
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(logs))
+            if new:
+                writer.writeheader()
+            writer.writerow(logs)
+
+
+class TerminateOnNaN(Callback):
+    """Stop as soon as a step's loss is NaN or inf (reads the loss every step)."""
+
+    def on_batch_end(self, trainer, step, loss):
+        if not math.isfinite(float(loss)):
+            trainer.stop_training = True
+            self.stopped_at = (trainer.epoch + 1, step + 1)
+
+
+class PlotCurves(Callback):
+    """Draw loss and accuracy per epoch (training and validation) to a PNG."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_end(self, trainer):
+        from .plotting import plot_history
+
+        plot_history(trainer.history, self.path)

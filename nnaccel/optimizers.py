@@ -1,0 +1,179 @@
+"""Optimizers (SGD, Adam, AdamW) over the model's flat buffers, and LR schedules.
+
+Each step is one backend op over every parameter at once: the update rules
+are PyTorch's, so the same hyper-parameters give the same trajectory.
+"""
+
+import math
+
+import numpy
+
+from .backend import array_device
+from .errors import ConfigError
+
+
+def _positive(value, what, allow_zero=False):
+    value = float(value)
+    if not (value >= 0.0 if allow_zero else value > 0.0) or not math.isfinite(value):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{what} must be a finite number {bound}, got {value}")
+    return value
+
+
+class Optimizer:
+    """Base class: state buffers shaped like ``model.flat_params``, on its device."""
+
+    name = ""
+    state_names = ()
+
+    def __init__(self, lr, weight_decay=0.0):
+        self.lr = self.base_lr = _positive(lr, "learning rate")
+        self.weight_decay = _positive(weight_decay, "weight_decay", allow_zero=True)
+        self.steps = 0
+        self.state = {}
+
+    def _state_for(self, model):
+        """State buffers on the model's device (allocated or moved on first use)."""
+        ops = model.backend
+        for name in self.state_names:
+            buf = self.state.get(name)
+            if buf is None:
+                self.state[name] = ops.zeros(model.flat_params.shape, model.dtype)
+            elif buf.shape != model.flat_params.shape:
+                raise ConfigError(f"optimizer state {name} has {buf.size} values but the model has "
+                                  f"{model.flat_params.size} parameters: use a new optimizer per model")
+            elif array_device(buf) != ops.name:
+                self.state[name] = ops.asarray(_to_host(buf))
+        return self.state
+
+    def step(self, model):
+        """Update every parameter of ``model`` from its gradients."""
+        self.steps += 1
+        self._update(model.backend, model.flat_params, model.flat_grads, self._state_for(model))
+
+    def _update(self, ops, params, grads, state):
+        raise NotImplementedError
+
+    def config(self):
+        raise NotImplementedError
+
+    def state_dict(self):
+        """Host copies of the state and the step count, for checkpoints."""
+        return {"steps": self.steps, "lr": self.lr,
+                "buffers": {name: _to_host(buf) for name, buf in self.state.items()}}
+
+    def load_state_dict(self, state):
+        self.steps = int(state["steps"])
+        self.lr = float(state["lr"])
+        self.state = {name: numpy.array(buf) for name, buf in state["buffers"].items()}
+
+
+def _to_host(array):
+    return array.get() if hasattr(array, "get") else numpy.array(array)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum, Nesterov and L2 weight decay."""
+
+    name = "sgd"
+
+    def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(lr, weight_decay)
+        self.momentum = _positive(momentum, "momentum", allow_zero=True)
+        self.nesterov = bool(nesterov)
+        if self.nesterov and self.momentum == 0.0:
+            raise ConfigError("Nesterov momentum needs momentum > 0")
+        self.state_names = ("velocity",) if self.momentum else ()
+
+    def _update(self, ops, params, grads, state):
+        ops.sgd_update(params, grads, state.get("velocity"), self.lr, self.momentum,
+                       self.weight_decay, self.nesterov)
+
+    def config(self):
+        return {"type": "SGD", "lr": self.base_lr, "momentum": self.momentum, "nesterov": self.nesterov,
+                "weight_decay": self.weight_decay}
+
+
+class Adam(Optimizer):
+    """Adam (Kingma and Ba) with PyTorch's bias correction; weight decay is L2."""
+
+    name = "adam"
+    state_names = ("m", "v")
+    decoupled = False
+
+    def __init__(self, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(lr, weight_decay)
+        self.betas = tuple(float(b) for b in betas)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"Adam betas must be two numbers in [0, 1), got {betas}")
+        self.eps = _positive(eps, "eps")
+
+    def _update(self, ops, params, grads, state):
+        ops.adam_update(params, grads, state["m"], state["v"], self.lr, self.betas[0], self.betas[1],
+                        self.eps, self.weight_decay, self.decoupled, self.steps)
+
+    def config(self):
+        return {"type": type(self).__name__, "lr": self.base_lr, "betas": list(self.betas),
+                "eps": self.eps, "weight_decay": self.weight_decay}
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov and Hutter)."""
+
+    name = "adamw"
+    decoupled = True
+
+    def __init__(self, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(lr, betas, eps, weight_decay)
+
+
+OPTIMIZERS = {cls.name: cls for cls in (SGD, Adam, AdamW)}
+
+
+def get(optimizer=None, **params):
+    """An optimizer from a name, a config dict, an instance, or None (SGD)."""
+    if optimizer is None:
+        return SGD(**params)
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    if isinstance(optimizer, dict):
+        params = {k: v for k, v in optimizer.items() if k != "type"}
+        optimizer = optimizer["type"]
+    key = str(optimizer).lower()
+    if key not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[key](**params)
+
+
+class StepLR:
+    """Multiply the learning rate by ``gamma`` every ``step_size`` epochs."""
+
+    def __init__(self, step_size, gamma=0.1):
+        if int(step_size) <= 0:
+            raise ConfigError(f"StepLR step_size must be a positive integer, got {step_size}")
+        self.step_size, self.gamma = int(step_size), float(gamma)
+
+    def lr_at(self, epoch, base_lr):
+        return base_lr * self.gamma ** (epoch // self.step_size)
+
+    def config(self):
+        return {"type": "StepLR", "step_size": self.step_size, "gamma": self.gamma}
+
+
+class CosineAnnealing:
+    """Cosine decay from the base rate to ``eta_min`` over ``t_max`` epochs."""
+
+    def __init__(self, t_max, eta_min=0.0):
+        if int(t_max) <= 0:
+            raise ConfigError(f"CosineAnnealing t_max must be a positive integer, got {t_max}")
+        self.t_max, self.eta_min = int(t_max), float(eta_min)
+
+    def lr_at(self, epoch, base_lr):
+        progress = min(epoch, self.t_max) / self.t_max
+        return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * progress)) / 2
+
+    def config(self):
+        return {"type": "CosineAnnealing", "t_max": self.t_max, "eta_min": self.eta_min}
+
+
+SCHEDULES = {"StepLR": StepLR, "CosineAnnealing": CosineAnnealing}

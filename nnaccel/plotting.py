@@ -1,0 +1,34 @@
+"""Pictures with matplotlib (an optional extra: pip install 'nnaccel[plot]')."""
+
+from .errors import ConfigError
+
+
+def pyplot():
+    """matplotlib's pyplot on a file-only backend, or a clear error saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("plotting needs matplotlib: pip install 'nnaccel[plot]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(history, path):
+    """Loss and accuracy curves per epoch, training and validation, as a PNG."""
+    plt = pyplot()
+    epochs = history.get("epoch", [])
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, metric in zip(axes, ("loss", "accuracy")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            if prefix + metric in history:
+                axis.plot(epochs, history[prefix + metric], style, marker="o",
+                          label="validation" if prefix else "training")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
