@@ -180,7 +180,7 @@ class Trainer:
         """What, besides weights and optimizer buffers, a resumed run needs."""
         return {"epoch": self.epoch, "seed": self.seed, "batch_size": self.batch_size,
                 "rng": self.rng.bit_generator.state, "history": self.history,
-                "loss": self.loss.config()}
+                "loss": self.loss.name}
 
     def save_checkpoint(self, path):
         """Write a resumable checkpoint (atomically) to ``path``."""

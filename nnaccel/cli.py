@@ -1,0 +1,208 @@
+"""The ``nnaccel`` command: train, evaluate, info.
+
+User errors (bad options, bad files, unusable devices) print one line and
+exit non-zero, with no traceback.
+"""
+
+import argparse
+import json
+import platform
+import sys
+
+import numpy
+
+from . import __version__, checkpoint, datasets, losses, optimizers
+from .backend import cuda_status, resolve_device
+from .errors import ConfigError, NnaccelError
+from .layers import Dense
+from .model import Sequential
+from .trainer import Trainer
+
+DEFAULT_LR = {"sgd": 0.1, "adam": 0.001, "adamw": 0.001}
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _layer_sizes(text):
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 784,256,10, got {text!r}") from None
+    if len(sizes) < 2 or any(size <= 0 for size in sizes):
+        raise argparse.ArgumentTypeError(f"expected at least two positive sizes like 784,256,10, got {text!r}")
+    return sizes
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and a hint), not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser():
+    parser = _Parser(prog="nnaccel", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"nnaccel {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a network (default: 8x8 digits on the CPU or GPU)")
+    train.add_argument("--data", default="digits",
+                       help="'digits' (scikit-learn's 8x8 digits, default), 'synthetic', an MNIST folder "
+                            "of IDX files, or a Keras mnist.npz")
+    train.add_argument("--layers", type=_layer_sizes,
+                       help="layer sizes, input to output, e.g. 784,256,10 (default: inputs,256,classes)")
+    train.add_argument("--activation", default="relu", help="hidden-layer activation (default relu)")
+    train.add_argument("--optimizer", default="sgd", choices=sorted(optimizers.OPTIMIZERS))
+    train.add_argument("--lr", type=_positive_float, help="learning rate (default 0.1 for SGD, 0.001 for Adam)")
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    train.add_argument("--epochs", type=_positive_int, default=20, help="total epochs (default 20)")
+    train.add_argument("--batch-size", type=_positive_int, default=64)
+    train.add_argument("--validation-split", type=float, default=0.2,
+                       help="fraction of the training split held out for validation (default 0.2)")
+    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--save", metavar="FILE", help="checkpoint (.npz) written after every epoch")
+    train.add_argument("--resume", metavar="CHECKPOINT", help="continue training from a checkpoint")
+    train.add_argument("--plot", metavar="FILE", help="draw the training curves to a PNG")
+    train.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+
+    evaluate = commands.add_parser("evaluate", help="loss and accuracy of a saved model on a data set")
+    evaluate.add_argument("model", help="a checkpoint written by 'nnaccel train --save'")
+    evaluate.add_argument("--data", default="digits", help="'digits', an MNIST folder or a mnist.npz")
+    evaluate.add_argument("--split", default="test", choices=["test", "train"])
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--json", action="store_true")
+
+    commands.add_parser("info", help="versions, devices found, and why a GPU is not usable")
+    return parser
+
+
+def _say(args, message):
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+def _build_model(args, features, classes, device):
+    sizes = args.layers or [features, 256, classes]
+    if sizes[0] != features:
+        raise ConfigError(f"--layers starts with {sizes[0]} inputs but the data has {features} features")
+    if sizes[-1] < classes:
+        raise ConfigError(f"--layers ends with {sizes[-1]} outputs but the data has {classes} classes")
+    layers = [Dense(a, b, activation=args.activation) for a, b in zip(sizes[:-2], sizes[1:-1])]
+    layers.append(Dense(sizes[-2], sizes[-1]))
+    return Sequential(*layers, device=device, seed=args.seed)
+
+
+def cmd_train(args):
+    device = resolve_device(args.device)
+    if not 0.0 < args.validation_split < 1.0:
+        raise ConfigError(f"--validation-split must be between 0 and 1, got {args.validation_split}")
+    x, y = datasets.load(args.data, split="train")
+    (x_train, y_train), (x_val, y_val) = datasets.train_val_split(x, y, args.validation_split, seed=args.seed)
+    classes = int(y.max()) + 1
+    model = _build_model(args, x.shape[1], classes, device)
+    lr = args.lr or DEFAULT_LR[args.optimizer]
+    options = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
+    trainer = Trainer(model, optimizer=optimizers.get(args.optimizer, lr=lr, **options),
+                      batch_size=args.batch_size, seed=args.seed, quiet=args.quiet)
+    if args.resume:
+        trainer.load_checkpoint(args.resume)
+        _say(args, f"resumed from {args.resume} at epoch {trainer.epoch}")
+    _say(args, f"training {'-'.join(map(str, [x.shape[1]] + [l.out_features for l in model.layers]))} "
+               f"on {args.data} ({x_train.shape[0]} train, {x_val.shape[0]} validation) on {device}")
+    callbacks = []
+    if args.save:
+        from .callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(args.save))
+    trainer.fit(x_train, y_train, epochs=max(args.epochs - trainer.epoch, 0),
+                validation_data=(x_val, y_val), callbacks=callbacks)
+    if args.plot:
+        from .plotting import plot_history
+
+        plot_history(trainer.history, args.plot)
+        _say(args, f"training curves written to {args.plot}")
+    result = trainer.evaluate(x_val, y_val)
+    result.update({"epochs": trainer.epoch, "device": device, "data": args.data})
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"validation accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
+              f"after {trainer.epoch} epochs on {device}")
+    return 0
+
+
+def cmd_evaluate(args):
+    device = resolve_device(args.device)
+    meta, _ = checkpoint.read(args.model)
+    model = checkpoint.load(args.model, device=device)
+    loss = losses.get((meta.get("trainer") or {}).get("loss"))
+    x, y = datasets.load(args.data, split=args.split)
+    result = Trainer(model, loss=loss, quiet=True).evaluate(x, y)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.split} accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
+              f"({x.shape[0]} samples, {args.data})")
+    return 0
+
+
+def cmd_info(args):
+    print(f"nnaccel {__version__}")
+    print(f"python {platform.python_version()} on {platform.machine()} {platform.system()}")
+    print(f"numpy {numpy.__version__}")
+    count, reason = cuda_status()
+    try:
+        import cupy
+
+        print(f"cupy {cupy.__version__}")
+    except ImportError:
+        print("cupy not installed")
+    if count:
+        import cupy
+
+        for index in range(count):
+            props = cupy.cuda.runtime.getDeviceProperties(index)
+            print(f"cuda:{index} {props['name'].decode()} ({props['totalGlobalMem'] / 2**30:.1f} GiB)")
+    else:
+        print(f"GPU not usable: {reason}")
+    print(f"device 'auto' resolves to {resolve_device('auto')}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except NnaccelError as error:
+        print(f"nnaccel {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # unwritable output paths and the like
+        print(f"nnaccel {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
