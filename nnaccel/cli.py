@@ -105,7 +105,7 @@ def _build_model(args, features, classes, device):
     sizes = args.layers or [features, 256, classes]
     if sizes[0] != features:
         raise ConfigError(f"--layers starts with {sizes[0]} inputs but the data has {features} features")
-    if sizes[-1] < classes:
+    if sizes[-1] != classes:
         raise ConfigError(f"--layers ends with {sizes[-1]} outputs but the data has {classes} classes")
     layers = [Dense(a, b, activation=args.activation) for a, b in zip(sizes[:-2], sizes[1:-1])]
     layers.append(Dense(sizes[-2], sizes[-1]))

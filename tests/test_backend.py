@@ -1,0 +1,151 @@
+"""Devices, backends and the ops every backend shares (run on each available device)."""
+
+import inspect
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+import nnaccel as nn
+from nnaccel.backend import Backend, cuda_status, get_backend, resolve_device
+from nnaccel.backend.cupy_backend import CupyBackend
+from nnaccel.backend.numpy_backend import NumpyBackend
+
+GPU_COUNT = cuda_status()[0]
+
+
+def test_device_names():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device(" CPU ") == "cpu"
+    assert resolve_device("auto") == ("cuda:0" if GPU_COUNT else "cpu")
+    for bad in ("tpu", "cuda:x", "cuda:-1", ""):
+        with pytest.raises(nn.DeviceError, match="unknown device"):
+            resolve_device(bad)
+    with pytest.raises(nn.DeviceError, match="must be a string"):
+        resolve_device(0)
+
+
+@pytest.mark.skipif(GPU_COUNT > 0, reason="a GPU answers here")
+def test_cuda_without_gpu_says_why():
+    with pytest.raises(nn.DeviceError, match="not usable: .*(CuPy|driver|device)"):
+        nn.Sequential(nn.Dense(4, 2), device="cuda")
+    with pytest.raises(nn.DeviceError, match="not usable"):
+        resolve_device("cuda:1")
+
+
+def test_cuda_status_without_cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    count, reason = cuda_status.__wrapped__()
+    assert count == 0 and "CuPy is not installed" in reason and "nnaccel[cuda12]" in reason
+
+
+def test_cupy_installed_without_gpu_fails_at_first_allocation():
+    """CuPy imports on a machine with no driver; only an allocation fails. nnaccel reports it."""
+    cupy = pytest.importorskip("cupy")
+    if GPU_COUNT:
+        pytest.skip("a GPU answers here")
+    count, reason = cuda_status()
+    assert count == 0 and cupy.__version__ in reason
+    with pytest.raises(Exception):
+        cupy.zeros(1)
+
+
+def test_importing_nnaccel_does_not_import_cupy():
+    code = "import sys, nnaccel, nnaccel.backend.cupy_backend; print('cupy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("cls", [NumpyBackend, CupyBackend])
+def test_backends_keep_the_base_signatures(cls):
+    """Thinc's consistency check: an override keeps the base op's parameters."""
+    for name, member in vars(cls).items():
+        base = getattr(Backend, name, None)
+        if callable(member) and callable(base) and not name.startswith("_"):
+            assert inspect.signature(member) == inspect.signature(base), name
+
+
+class _FakeCupyArray:
+    """Looks like a CuPy array to the device checks, without needing a GPU."""
+
+    __module__ = "cupy._core.core"
+    shape, ndim, dtype = (2, 4), 2, numpy.dtype(numpy.float32)
+
+    class device:
+        id = 0
+
+
+def test_mixing_devices_names_both():
+    model = nn.Sequential(nn.Dense(4, 2), device="cpu")
+    with pytest.raises(nn.DeviceError, match="x is on cuda:0 but the model is on cpu"):
+        model.forward(_FakeCupyArray())
+    with pytest.raises(nn.DeviceError, match="on cuda:0 but the model is on cpu"):
+        nn.Trainer(model).fit(_FakeCupyArray(), numpy.zeros(2, int))
+
+
+def test_matmul_transposes_and_writes_out(device):
+    ops = get_backend(device)
+    rng = numpy.random.default_rng(0)
+    a, b = rng.standard_normal((5, 3)), rng.standard_normal((5, 4))
+    out = ops.empty((3, 4), numpy.float64)
+    result = ops.matmul(ops.asarray(a), ops.asarray(b), out=out, trans_a=True)
+    assert result is out
+    numpy.testing.assert_allclose(ops.to_host(out), a.T @ b, rtol=1e-12)
+    out2 = ops.empty((5, 5), numpy.float64)
+    ops.matmul(ops.asarray(a), ops.asarray(a), out=out2, trans_b=True)
+    numpy.testing.assert_allclose(ops.to_host(out2), a @ a.T, rtol=1e-12)
+
+
+def test_softmax_is_stable(device):
+    ops = get_backend(device)
+    z = numpy.array([[1e4, 0.0, -1e4], [1.0, 2.0, 3.0]], numpy.float32)
+    out = ops.softmax(ops.asarray(z), ops.empty(z.shape))
+    expected = numpy.exp(z - z.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    numpy.testing.assert_allclose(ops.to_host(out), expected, rtol=1e-6)
+
+
+def test_softmax_cross_entropy_matches_naive(device):
+    ops = get_backend(device)
+    rng = numpy.random.default_rng(1)
+    z = rng.standard_normal((7, 5)) * 10
+    labels = rng.integers(0, 5, 7)
+    grad = ops.empty(z.shape, numpy.float64)
+    loss = ops.softmax_cross_entropy(ops.asarray(z), ops.asarray(labels), grad)
+    p = numpy.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    numpy.testing.assert_allclose(float(loss), -numpy.log(p[numpy.arange(7), labels]).mean(), rtol=1e-12)
+    p[numpy.arange(7), labels] -= 1
+    numpy.testing.assert_allclose(ops.to_host(grad), p / 7, rtol=1e-12, atol=1e-15)
+
+
+def test_uniform_is_a_pure_function_of_seed_and_counter(device):
+    ops = get_backend(device)
+    a = ops.to_host(ops.uniform((1000, 100), 3, 7))
+    assert a.dtype == numpy.float32 and a.min() >= 0.0 and a.max() < 1.0
+    assert abs(a.mean() - 0.5) < 0.01 and abs(a.std() - (1 / 12) ** 0.5) < 0.01
+    numpy.testing.assert_array_equal(a, ops.to_host(ops.uniform((1000, 100), 3, 7)))
+    assert not numpy.array_equal(a, ops.to_host(ops.uniform((1000, 100), 3, 8)))
+    assert not numpy.array_equal(a, ops.to_host(ops.uniform((1000, 100), 4, 7)))
+    # neighbouring counters are not shifted copies of each other
+    b = ops.to_host(ops.uniform((1000, 100), 3, 8)).ravel()
+    assert abs(numpy.corrcoef(a.ravel()[1:], b[:-1])[0, 1]) < 0.01
+
+
+def test_bias_grad_and_maxout_ops(device):
+    ops = get_backend(device)
+    rng = numpy.random.default_rng(2)
+    dz = rng.standard_normal((9, 4))
+    out = ops.empty((4,), numpy.float64)
+    numpy.testing.assert_allclose(ops.to_host(ops.bias_grad(ops.asarray(dz), out)), dz.sum(0), rtol=1e-12)
+    z3 = rng.standard_normal((3, 4, 5))
+    y, index = ops.empty((3, 4), numpy.float64), ops.empty((3, 4), numpy.int32)
+    ops.maxout_forward(ops.asarray(z3), y, index)
+    numpy.testing.assert_array_equal(ops.to_host(y), z3.max(2))
+    numpy.testing.assert_array_equal(ops.to_host(index), z3.argmax(2))
+    dy = rng.standard_normal((3, 4))
+    dz3 = ops.to_host(ops.maxout_backward(ops.asarray(dy), index, ops.empty(z3.shape, numpy.float64)))
+    expected = numpy.zeros_like(z3)
+    numpy.put_along_axis(expected, z3.argmax(2)[..., None], dy[..., None], axis=2)
+    numpy.testing.assert_array_equal(dz3, expected)

@@ -1,0 +1,540 @@
+"""Tests of nnaccel.datasets: real MNIST, IDX/npz round trips, corrupt and
+hostile files (always DataError naming the file), digits, synthetic data and
+train/validation splits."""
+
+import gzip
+import io
+import struct
+import time
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nnaccel import datasets
+from nnaccel.errors import ConfigError, DataError, ShapeError
+
+MNIST_SUBSET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-subset"
+MNIST_SUBSET_CLASS_COUNTS = [795, 905, 788, 811, 798, 701, 797, 853, 753, 795]
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None)
+
+
+def idx_bytes(array):
+    """Encode a uint8 array as an IDX file."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
+
+
+def write(path, data, compress=False):
+    """Write bytes to ``path``, gzip-compressed if asked; return the path."""
+    path.write_bytes(gzip.compress(data, mtime=0) if compress else data)
+    return path
+
+
+def sample_digits(count=5, rows=28, cols=28, seed=0):
+    """Random uint8 images and labels 0..9."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (count, rows, cols), dtype=np.uint8)
+    labels = rng.integers(0, 10, count, dtype=np.uint8)
+    return images, labels
+
+
+def write_split(folder, images, labels, prefix="train", compress=False, dotted=False):
+    """Write an images/labels IDX pair named like the MNIST originals."""
+    sep = "." if dotted else "-"
+    suffix = ".gz" if compress else ""
+    images_name = f"{prefix}-images{sep}idx3-ubyte{suffix}"
+    labels_name = f"{prefix}-labels{sep}idx1-ubyte{suffix}"
+    images_path = write(folder / images_name, idx_bytes(images), compress)
+    labels_path = write(folder / labels_name, idx_bytes(labels), compress)
+    return images_path, labels_path
+
+
+def expected_x(images):
+    return images.reshape(len(images), -1).astype(np.float32) / np.float32(255)
+
+
+def assert_data_error(call, *fragments):
+    """``call`` raises DataError whose message holds every fragment."""
+    with pytest.raises(DataError) as caught:
+        call()
+    for fragment in fragments:
+        assert str(fragment) in str(caught.value)
+    return str(caught.value)
+
+
+# Real MNIST --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mnist_subset():
+    if not MNIST_SUBSET.is_dir():
+        pytest.skip(f"real MNIST subset not found at {MNIST_SUBSET}")
+    return datasets.load_mnist(MNIST_SUBSET)
+
+
+def test_real_mnist_shape_range_and_class_counts(mnist_subset):
+    x, y = mnist_subset
+    assert x.shape == (7996, 784) and x.dtype == np.float32 and x.flags.c_contiguous
+    assert x.min() == 0.0 and x.max() == 1.0
+    assert y.shape == (7996,) and y.dtype == np.int64
+    assert np.bincount(y, minlength=10).tolist() == MNIST_SUBSET_CLASS_COUNTS
+
+
+def test_real_mnist_through_load(mnist_subset):
+    x, y = datasets.load(str(MNIST_SUBSET))
+    np.testing.assert_array_equal(x, mnist_subset[0])
+    np.testing.assert_array_equal(y, mnist_subset[1])
+
+
+def test_real_mnist_has_no_test_split(mnist_subset):
+    assert_data_error(lambda: datasets.load_mnist(MNIST_SUBSET, split="test"),
+                      "t10k-images-idx3-ubyte", str(MNIST_SUBSET), "test")
+
+
+# Round trips -------------------------------------------------------------
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("split,prefix", [("train", "train"), ("test", "t10k")])
+@pytest.mark.parametrize("dotted", [False, True])
+def test_idx_folder_round_trip(tmp_path, compress, split, prefix, dotted):
+    images, labels = sample_digits(seed=len(prefix) + compress)
+    write_split(tmp_path, images, labels, prefix, compress, dotted)
+    x, y = datasets.load_mnist(tmp_path, split=split)
+    assert x.dtype == np.float32 and x.flags.c_contiguous
+    np.testing.assert_array_equal(x, expected_x(images))
+    assert y.dtype == np.int64
+    np.testing.assert_array_equal(y, labels)
+
+
+def test_both_splits_in_one_folder(tmp_path):
+    train, test = sample_digits(6, seed=1), sample_digits(3, seed=2)
+    write_split(tmp_path, *train, "train", compress=True)
+    write_split(tmp_path, *test, "t10k")
+    assert datasets.load_mnist(tmp_path, "train")[0].shape == (6, 784)
+    np.testing.assert_array_equal(datasets.load(tmp_path, "test")[1], test[1])
+
+
+def test_any_image_size_gives_rows_times_cols_features(tmp_path):
+    images, labels = sample_digits(4, rows=3, cols=5)
+    write_split(tmp_path, images, labels)
+    x, _ = datasets.load_mnist(tmp_path)
+    assert x.shape == (4, 15)
+    np.testing.assert_array_equal(x, expected_x(images))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("shape", [(7,), (2, 3), (2, 3, 4), (1, 1, 1, 5)])
+def test_read_idx_round_trip(tmp_path, compress, shape):
+    array = np.arange(np.prod(shape), dtype=np.uint8).reshape(shape)
+    path = write(tmp_path / "anything.bin", idx_bytes(array), compress)
+    result = datasets.read_idx(path)
+    assert result.dtype == np.uint8
+    np.testing.assert_array_equal(result, array)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_round_trip(tmp_path, save):
+    (x_train, y_train), (x_test, y_test) = sample_digits(6, seed=3), sample_digits(4, seed=4)
+    path = tmp_path / "mnist.npz"
+    save(path, x_train=x_train, y_train=y_train.astype(np.int64), x_test=x_test, y_test=y_test)
+    x, y = datasets.load_mnist(path)
+    np.testing.assert_array_equal(x, expected_x(x_train))
+    np.testing.assert_array_equal(y, y_train)
+    x, y = datasets.load(str(path), "test")
+    assert x.flags.c_contiguous and y.dtype == np.int64
+    np.testing.assert_array_equal(x, expected_x(x_test))
+    np.testing.assert_array_equal(y, y_test)
+
+
+def test_npz_fortran_order_is_read_correctly(tmp_path):
+    images, labels = sample_digits(3, seed=5)
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=np.asfortranarray(images), y_train=labels)
+    x, _ = datasets.load_mnist(path)
+    assert x.flags.c_contiguous
+    np.testing.assert_array_equal(x, expected_x(images))
+
+
+# Bad arguments and missing files ------------------------------------------
+
+def test_unknown_split_is_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="validation"):
+        datasets.load_mnist(tmp_path, split="validation")
+    with pytest.raises(ConfigError, match="validation"):
+        datasets.load_digits(split="validation")
+
+
+def test_missing_paths_are_named(tmp_path):
+    missing = tmp_path / "nowhere"
+    assert_data_error(lambda: datasets.load_mnist(missing), missing)
+    assert_data_error(lambda: datasets.load(str(missing)), missing, "digits")
+    assert_data_error(lambda: datasets.read_idx(missing), missing, "no such file")
+    assert_data_error(lambda: datasets.read_idx(tmp_path), tmp_path, "not a file")
+
+
+def test_missing_split_names_folder_split_and_files(tmp_path):
+    write_split(tmp_path, *sample_digits())
+    assert_data_error(lambda: datasets.load_mnist(tmp_path, "test"),
+                      "no test split", tmp_path, "t10k-images-idx3-ubyte[.gz]")
+
+
+def test_missing_half_of_a_pair(tmp_path):
+    images, labels = sample_digits()
+    write(tmp_path / "train-images-idx3-ubyte", idx_bytes(images))
+    assert_data_error(lambda: datasets.load_mnist(tmp_path), "train-images-idx3-ubyte",
+                      "no labels", "train-labels-idx1-ubyte[.gz]")
+    write(tmp_path / "t10k-labels-idx1-ubyte.gz", idx_bytes(labels), compress=True)
+    assert_data_error(lambda: datasets.load_mnist(tmp_path, "test"), "t10k-labels-idx1-ubyte.gz",
+                      "no images", "t10k-images-idx3-ubyte[.gz]")
+
+
+def test_synthetic_has_no_test_split():
+    assert_data_error(lambda: datasets.load("synthetic", "test"), "synthetic", "train_val_split")
+
+
+# Corrupt IDX files ---------------------------------------------------------
+
+VALID_IMAGES = idx_bytes(sample_digits(3, rows=4, cols=4)[0])
+VALID_LABELS = idx_bytes(np.array([1, 2, 3], dtype=np.uint8))
+
+CORRUPT_IMAGE_FILES = {
+    "empty": (b"", "truncated header"),
+    "short magic": (b"\0\0\x08", "truncated header"),
+    "dims cut short": (VALID_IMAGES[:9], "truncated header"),
+    "labels magic": (VALID_LABELS, "2049"),
+    "two dimensions": (idx_bytes(np.zeros((3, 16), np.uint8)), "2050"),
+    "float32 type": (b"\0\0\x0d\x03" + VALID_IMAGES[4:], "0x00000D03"),
+    "truncated data": (VALID_IMAGES[:-1], "truncated data"),
+    "trailing data": (VALID_IMAGES + b"\0", "trailing data"),
+    "huge count": (struct.pack(">IIII", 2051, 2**32 - 1, 28, 28) + bytes(84), "truncated data"),
+}
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("case", sorted(CORRUPT_IMAGE_FILES))
+def test_corrupt_images_file_is_data_error_naming_it(tmp_path, case, compress):
+    data, fragment = CORRUPT_IMAGE_FILES[case]
+    images_path = write(tmp_path / "train-images-idx3-ubyte", data, compress)
+    write(tmp_path / "train-labels-idx1-ubyte", VALID_LABELS)
+    start = time.perf_counter()
+    assert_data_error(lambda: datasets.load_mnist(tmp_path), images_path, fragment)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_wrong_magic_says_found_and_expected(tmp_path):
+    path = write(tmp_path / "train-images-idx3-ubyte", VALID_LABELS)
+    message = assert_data_error(lambda: datasets.read_idx(path, datasets.IMAGES_MAGIC), path)
+    assert message.index("2049") < message.index("expected 2051")
+
+
+def test_empty_but_unrepresentable_shape(tmp_path):
+    path = write(tmp_path / "empty.idx", struct.pack(">IIII", 2051, 0, 2**32 - 1, 2**32 - 1))
+    assert_data_error(lambda: datasets.read_idx(path), path, "too large")
+
+
+def test_non_idx_and_unsupported_type_via_read_idx(tmp_path):
+    path = write(tmp_path / "x.idx", b"\x01\x02\x08\x01\0\0\0\0")
+    assert_data_error(lambda: datasets.read_idx(path), path, "two zero bytes")
+    path = write(tmp_path / "y.idx", b"\0\0\x0b\x01\0\0\0\0")
+    assert_data_error(lambda: datasets.read_idx(path), path, "0x0B", "0x08")
+    path = write(tmp_path / "z.idx", b"\0\0\x08\0")
+    assert_data_error(lambda: datasets.read_idx(path), path, "0 dimensions")
+
+
+def test_huge_header_does_not_allocate(tmp_path):
+    path = write(tmp_path / "lying.gz", struct.pack(">IIII", 2051, 2**32 - 1, 2**14, 2**14), True)
+    tracemalloc.start()
+    try:
+        assert_data_error(lambda: datasets.read_idx(path), path, "truncated data")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20
+
+
+def test_count_mismatch_names_both_files_and_counts(tmp_path):
+    images, labels = sample_digits(5)
+    images_path, labels_path = write_split(tmp_path, images, labels[:4])
+    assert_data_error(lambda: datasets.load_mnist(tmp_path), images_path, labels_path, "5", "4")
+
+
+def test_label_above_nine(tmp_path):
+    images, labels = sample_digits(3)
+    labels[1] = 10
+    _, labels_path = write_split(tmp_path, images, labels)
+    assert_data_error(lambda: datasets.load_mnist(tmp_path), labels_path, "10")
+
+
+def test_empty_images(tmp_path):
+    images_path, _ = write_split(tmp_path, *sample_digits(0))
+    assert_data_error(lambda: datasets.load_mnist(tmp_path), images_path, "no images")
+    images_path, _ = write_split(tmp_path, *sample_digits(2, rows=0))
+    assert_data_error(lambda: datasets.load_mnist(tmp_path), images_path, "0x28")
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut", "garbage after"])
+def test_corrupt_gzip_stream(tmp_path, damage):
+    packed = gzip.compress(VALID_IMAGES + bytes(2000))
+    middle = len(packed) // 2
+    damaged = {
+        "flip": packed[:middle] + bytes([packed[middle] ^ 0xFF]) + packed[middle + 1:],
+        "cut": packed[:middle],
+        "garbage after": packed + b"not gzip",
+    }[damage]
+    path = write(tmp_path / "images.gz", damaged)
+    assert_data_error(lambda: datasets.read_idx(path), path)
+
+
+# Corrupt npz files ---------------------------------------------------------
+
+def npz_bytes(**arrays):
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def fake_npy(header_dict):
+    """An .npy member whose header says anything, with 10 bytes of data."""
+    header = repr(header_dict).encode("latin1")
+    header += b" " * (-(len(header) + 11) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + bytes(10)
+
+
+def test_npz_missing_key(tmp_path):
+    images, labels = sample_digits()
+    path = write(tmp_path / "mnist.npz", npz_bytes(x_train=images))
+    assert_data_error(lambda: datasets.load_mnist(path), path, "y_train")
+    assert_data_error(lambda: datasets.load_mnist(path, "test"), path, "x_test")
+
+
+def test_npz_wrong_dims_and_dtypes(tmp_path):
+    images, labels = sample_digits()
+    flat = write(tmp_path / "flat.npz", npz_bytes(x_train=images.reshape(5, -1), y_train=labels))
+    assert_data_error(lambda: datasets.load_mnist(flat), flat, "x_train", "expected 3")
+    floats = write(tmp_path / "floats.npz", npz_bytes(x_train=images / 255.0, y_train=labels))
+    assert_data_error(lambda: datasets.load_mnist(floats), floats, "float64")
+    wide = write(tmp_path / "wide.npz", npz_bytes(x_train=images.astype(np.int16), y_train=labels))
+    assert_data_error(lambda: datasets.load_mnist(wide), wide, "int16", "uint8")
+    matrix = write(tmp_path / "matrix.npz", npz_bytes(x_train=images, y_train=labels[:, None]))
+    assert_data_error(lambda: datasets.load_mnist(matrix), matrix, "y_train")
+
+
+def test_npz_pickled_objects_are_refused(tmp_path):
+    images, _ = sample_digits()
+    objects = np.array([1, "a"], dtype=object)
+    path = write(tmp_path / "pickled.npz", npz_bytes(x_train=images, y_train=objects))
+    assert_data_error(lambda: datasets.load_mnist(path), path, "object")
+
+
+@pytest.mark.parametrize("shape", [(2**40, 28, 28), (-2, -5, 1), (0, 2**40, 2**40), (10, 28, 28)])
+def test_npz_lying_header_is_data_error(tmp_path, shape):
+    path = tmp_path / "lying.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, key_shape in (("x_train", shape), ("y_train", (10,))):
+            header = {"descr": "|u1", "fortran_order": False, "shape": key_shape}
+            archive.writestr(f"{key}.npy", fake_npy(header))
+    assert_data_error(lambda: datasets.load_mnist(path), path, "x_train", str(shape))
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a zip", b"PK\x03\x04" + bytes(40)])
+def test_npz_not_a_zip(tmp_path, content):
+    path = write(tmp_path / "mnist.npz", content)
+    assert_data_error(lambda: datasets.load_mnist(path), path)
+
+
+def test_npz_truncated(tmp_path):
+    data = npz_bytes(x_train=sample_digits()[0], y_train=sample_digits()[1])
+    path = write(tmp_path / "mnist.npz", data[: len(data) // 2])
+    assert_data_error(lambda: datasets.load_mnist(path), path)
+
+
+# Property tests: hostile bytes load or raise DataError, never anything else --
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    return tmp_path_factory.mktemp("hostile")
+
+
+def load_or_data_error(call):
+    """Run ``call``; return its result or None if it raised DataError."""
+    try:
+        return call()
+    except DataError:
+        return None
+
+
+@PROPERTY_SETTINGS
+@given(data=st.binary(max_size=200), compress=st.booleans())
+def test_random_bytes_load_or_data_error(scratch, data, compress):
+    path = write(scratch / "random.idx", data, compress)
+    result = load_or_data_error(lambda: datasets.read_idx(path))
+    if result is not None:
+        assert result.dtype == np.uint8
+
+
+@PROPERTY_SETTINGS
+@given(shape=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=3),
+       payload=st.integers(0, 64), compress=st.booleans())
+def test_any_header_reads_only_what_is_there(scratch, shape, payload, compress):
+    header = struct.pack(f">I{len(shape)}I", 0x0800 | len(shape), *shape)
+    path = write(scratch / "header.idx", header + bytes(payload), compress)
+    result = load_or_data_error(lambda: datasets.read_idx(path))
+    representable = np.prod([max(dim, 1) for dim in shape], dtype=object) < 2**63
+    assert (result is not None) == (representable and np.prod(shape, dtype=object) == payload)
+    if result is not None:
+        assert result.shape == tuple(shape)
+
+
+@PROPERTY_SETTINGS
+@given(cut=st.integers(0, 10**6), compress=st.booleans())
+def test_any_truncation_is_data_error(scratch, cut, compress):
+    data = gzip.compress(VALID_IMAGES, mtime=0) if compress else VALID_IMAGES
+    path = write(scratch / "cut.idx", data[: cut % len(data)])
+    assert_data_error(lambda: datasets.read_idx(path), path)
+
+
+@PROPERTY_SETTINGS
+@given(position=st.integers(0, 10**6), xor=st.integers(1, 255), compress=st.booleans(),
+       damage_labels=st.booleans())
+def test_byte_flips_load_or_data_error(scratch, position, xor, compress, damage_labels):
+    files = [bytearray(gzip.compress(data, mtime=0) if compress else data)
+             for data in (VALID_IMAGES, VALID_LABELS)]
+    damaged = files[damage_labels]
+    damaged[position % len(damaged)] ^= xor
+    write(scratch / "train-images-idx3-ubyte", bytes(files[0]))
+    write(scratch / "train-labels-idx1-ubyte", bytes(files[1]))
+    result = load_or_data_error(lambda: datasets.load_mnist(scratch))
+    if result is not None:
+        x, y = result
+        assert x.dtype == np.float32 and len(x) == len(y) and y.max() <= 9
+
+
+VALID_NPZ = npz_bytes(x_train=sample_digits(3, 4, 4)[0], y_train=sample_digits(3)[1])
+
+
+@PROPERTY_SETTINGS
+@given(position=st.integers(0, 10**6), xor=st.integers(1, 255))
+def test_npz_byte_flips_load_or_data_error(scratch, position, xor):
+    damaged = bytearray(VALID_NPZ)
+    damaged[position % len(damaged)] ^= xor
+    path = write(scratch / "mnist.npz", bytes(damaged))
+    result = load_or_data_error(lambda: datasets.load_mnist(path))
+    if result is not None:
+        assert result[0].dtype == np.float32
+
+
+# Digits --------------------------------------------------------------------
+
+def test_digits_splits():
+    x_train, y_train = datasets.load_digits()
+    x_test, y_test = datasets.load_digits("test")
+    x_all, y_all = datasets.load("digits", "all")
+    assert x_train.shape == (1437, 64) and x_test.shape == (360, 64) and x_all.shape == (1797, 64)
+    for x, y in ((x_train, y_train), (x_test, y_test), (x_all, y_all)):
+        assert x.dtype == np.float32 and y.dtype == np.int64
+        assert x.min() >= 0 and x.max() <= 1
+    assert x_all.max() == 1.0
+    train_rows = {row.tobytes() + bytes([label]) for row, label in zip(x_train, y_train)}
+    test_rows = {row.tobytes() + bytes([label]) for row, label in zip(x_test, y_test)}
+    assert not train_rows & test_rows
+    assert sorted(np.concatenate([y_train, y_test])) == sorted(y_all)
+
+
+def test_digits_deterministic():
+    first, second = datasets.load_digits("test"), datasets.load("digits", "test")
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+
+
+def test_digits_without_scikit_learn(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name.startswith("sklearn"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    assert_data_error(datasets.load_digits, "pip install scikit-learn")
+
+
+# Synthetic -----------------------------------------------------------------
+
+def test_synthetic_defaults():
+    x, y = datasets.synthetic()
+    assert x.shape == (1024, 784) and x.dtype == np.float32 and x.flags.c_contiguous
+    assert y.shape == (1024,) and y.dtype == np.int64
+    assert x.min() >= 0 and x.max() <= 1
+    assert set(np.unique(y)) == set(range(10))
+    assert datasets.load("synthetic")[0].shape == (1024, 784)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_synthetic_any_shape_and_dtype(dtype):
+    x, y = datasets.synthetic(n=7, features=3, classes=4, seed=5, dtype=dtype)
+    assert x.shape == (7, 3) and x.dtype == dtype
+    assert y.min() >= 0 and y.max() < 4
+
+
+def test_synthetic_deterministic_per_seed():
+    a, b = datasets.synthetic(64, 8, seed=1), datasets.synthetic(64, 8, seed=1)
+    c = datasets.synthetic(64, 8, seed=2)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_synthetic_is_learnable():
+    """A nearest-class-mean classifier fitted on one half does well on the other."""
+    x, y = datasets.synthetic(n=2000, features=32, classes=10)
+    (x_fit, y_fit), (x_check, y_check) = datasets.train_val_split(x, y, 0.5)
+    means = np.stack([x_fit[y_fit == c].mean(axis=0) for c in range(10)])
+    distances = ((x_check[:, None, :] - means[None]) ** 2).sum(axis=2)
+    assert (distances.argmin(axis=1) == y_check).mean() > 0.9
+
+
+@pytest.mark.parametrize("arguments", [
+    {"n": 0}, {"features": -1}, {"classes": 0}, {"n": 2.5}, {"n": True}, {"dtype": np.int32},
+    {"dtype": "nonsense"}, {"seed": -1}, {"seed": "abc"},
+])
+def test_synthetic_rejects_bad_arguments(arguments):
+    with pytest.raises(ConfigError):
+        datasets.synthetic(**arguments)
+
+
+# train_val_split -------------------------------------------------------------
+
+def test_train_val_split_sizes_disjoint_and_typed():
+    x = np.arange(100, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    y = np.arange(100, dtype=np.int64)
+    (x_train, y_train), (x_val, y_val) = datasets.train_val_split(x, y)
+    assert len(x_train) == len(y_train) == 80 and len(x_val) == len(y_val) == 20
+    assert x_train.dtype == x_val.dtype == np.float32
+    np.testing.assert_array_equal(x_train[:, 0], y_train)
+    np.testing.assert_array_equal(x_val[:, 0], y_val)
+    assert not set(y_train) & set(y_val)
+    assert set(y_train) | set(y_val) == set(range(100))
+    again = datasets.train_val_split(x, y)
+    np.testing.assert_array_equal(again[1][1], y_val)
+    assert not np.array_equal(datasets.train_val_split(x, y, seed=1)[1][1], y_val)
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, float("nan"), True, "0.2"])
+def test_train_val_split_rejects_bad_fraction(fraction):
+    with pytest.raises(ConfigError):
+        datasets.train_val_split(np.zeros((10, 2)), np.zeros(10), fraction)
+
+
+def test_train_val_split_rejects_empty_split_and_mismatch():
+    with pytest.raises(ConfigError):
+        datasets.train_val_split(np.zeros((3, 2)), np.zeros(3), 0.1)
+    with pytest.raises(ShapeError):
+        datasets.train_val_split(np.zeros((3, 2)), np.zeros(4))
+    with pytest.raises(ConfigError):
+        datasets.train_val_split(np.zeros((3, 2)), np.zeros(3), seed=-1)

@@ -1,0 +1,182 @@
+"""End to end: training reaches real accuracy, is deterministic, and resumes exactly."""
+
+import numpy
+import pytest
+
+import nnaccel as nn
+from nnaccel import datasets
+
+
+def _digits_net(device, activation="relu", seed=0):
+    return nn.Sequential(nn.Dense(64, 256, activation=activation), nn.Dense(256, 10), device=device, seed=seed)
+
+
+def test_digits_reach_96_percent(device):
+    (x, y), (xv, yv) = datasets.train_val_split(*datasets.load_digits("train"))
+    model = _digits_net(device)
+    trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=64, seed=0, quiet=True)
+    history = trainer.fit(x, y, epochs=20, validation_data=(xv, yv))
+    assert history["val_accuracy"][-1] >= 0.96
+    assert trainer.evaluate(*datasets.load_digits("test"))["accuracy"] >= 0.96
+    assert set(history) >= {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "samples_per_s", "lr"}
+    assert len(history["loss"]) == 20 and history["loss"][-1] < history["loss"][0]
+
+
+def test_mnist_subset_reaches_94_percent(device, mnist_path):
+    (x, y), (xv, yv) = datasets.train_val_split(*datasets.load_mnist(mnist_path), fraction=0.2, seed=0)
+    model = nn.Sequential(nn.Dense(784, 256, activation="relu"), nn.Dense(256, 10), device=device, seed=0)
+    trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=64, seed=0, quiet=True)
+    trainer.fit(x, y, epochs=20, validation_data=(xv, yv))
+    assert trainer.evaluate(xv, yv)["accuracy"] >= 0.94
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_same_seed_same_weights(optimizer):
+    x, y = datasets.synthetic(n=300, features=20, classes=4, seed=1)
+
+    def run():
+        model = nn.Sequential(nn.Dense(20, 32, activation="tanh"), nn.Dropout(0.3), nn.Dense(32, 4), seed=5)
+        nn.Trainer(model, optimizer=nn.optimizers.get(optimizer, lr=0.01), batch_size=32, seed=3,
+                   quiet=True).fit(x, y, epochs=3)
+        return model.backend.to_host(model.flat_params)
+
+    numpy.testing.assert_array_equal(run(), run())
+
+
+def test_resume_equals_uninterrupted_bit_for_bit(tmp_path):
+    x, y = datasets.synthetic(n=333, features=20, classes=4, seed=1)
+
+    def setup():
+        model = nn.Sequential(nn.Dense(20, 32, activation="relu"), nn.Dropout(0.2),
+                              nn.Maxout(32, 16, pieces=3), nn.Dense(16, 4), seed=5)
+        trainer = nn.Trainer(model, optimizer=nn.Adam(lr=0.01, weight_decay=1e-3), batch_size=32, seed=3,
+                             schedule=nn.StepLR(1, gamma=0.5), quiet=True)
+        return model, trainer
+
+    model, trainer = setup()
+    trainer.fit(x, y, epochs=4)
+    straight = model.backend.to_host(model.flat_params).copy()
+
+    model, trainer = setup()
+    trainer.fit(x, y, epochs=2)
+    trainer.save_checkpoint(tmp_path / "ckpt.npz")
+    model, trainer = setup()
+    trainer.load_checkpoint(tmp_path / "ckpt.npz")
+    assert trainer.epoch == 2
+    trainer.fit(x, y, epochs=2)
+    numpy.testing.assert_array_equal(model.backend.to_host(model.flat_params), straight)
+    assert trainer.history["epoch"] == [1, 2, 3, 4]
+    assert trainer.history["lr"] == [0.01, 0.005, 0.0025, 0.00125]
+
+
+def test_save_load_gives_same_predictions(device, tmp_path):
+    x, y = datasets.load_digits("train")
+    model = _digits_net(device, activation=nn.LeakyReLU(0.1))
+    nn.Trainer(model, optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=64, quiet=True).fit(x, y, epochs=1)
+    model.save(tmp_path / "m.npz")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]  # no temporary file left behind
+    for target in ("cpu", device):
+        loaded = nn.load(tmp_path / "m.npz", device=target)
+        assert loaded.device == nn.resolve_device(target)
+        assert loaded.layers[0].activation == nn.LeakyReLU(0.1)
+        numpy.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
+def test_model_to_moves_and_keeps_weights(device):
+    model = _digits_net("cpu")
+    before = model.predict(numpy.eye(64, dtype=numpy.float32))
+    model.to(device)
+    assert model.device == nn.resolve_device(device)
+    numpy.testing.assert_allclose(model.predict(numpy.eye(64, dtype=numpy.float32)), before, rtol=1e-6)
+    assert all(nn.backend.array_device(p.data) == model.device for p in model.parameters())
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    model = _digits_net("cpu")
+    model.save(tmp_path / "m.npz")
+    data = (tmp_path / "m.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(nn.CheckpointError, match="cut.npz"):
+        nn.load(tmp_path / "cut.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(nn.CheckpointError, match="text.npz"):
+        nn.load(tmp_path / "text.npz")
+    numpy.savez(tmp_path / "other.npz", a=numpy.zeros(3))
+    with pytest.raises(nn.CheckpointError, match="not an nnaccel checkpoint"):
+        nn.load(tmp_path / "other.npz")
+    with pytest.raises(nn.CheckpointError, match="does not exist"):
+        nn.load(tmp_path / "missing.npz")
+    other = nn.Trainer(nn.Sequential(nn.Dense(64, 32), nn.Dense(32, 10)), quiet=True)
+    with pytest.raises(nn.CheckpointError, match="64-256-10 network but the model is 64-32-10"):
+        other.load_checkpoint(tmp_path / "m.npz")
+
+
+def test_data_is_checked_once_with_clear_errors():
+    model = _digits_net("cpu")
+    trainer = nn.Trainer(model, quiet=True)
+    x, y = datasets.load_digits("train")
+    cases = [
+        ((x[:, :10], y), "x has shape \\(1437, 10\\) but the first layer expects \\(samples, 64\\)"),
+        ((x, y[:-1]), "y has 1436 entries but x has 1437 samples"),
+        ((x, y + 5), "labels must be in \\[0, 9\\]"),
+        ((x, y.astype(numpy.float32)), "expected integer class indices"),
+        ((x[:0], y[:0]), "x is empty"),
+        ((numpy.where(x > 0.5, numpy.nan, x), y), "x contains NaN or inf"),
+    ]
+    for (xb, yb), message in cases:
+        with pytest.raises(nn.NnaccelError, match=message):
+            trainer.fit(xb, yb, epochs=1)
+    with pytest.raises(nn.ConfigError, match="batch_size"):
+        nn.Trainer(model, batch_size=0)
+    with pytest.raises(nn.ConfigError, match="learning rate"):
+        nn.SGD(lr=-1)
+    with pytest.raises(nn.ConfigError, match="do not chain"):
+        nn.Sequential(nn.Dense(64, 32), nn.Dense(16, 10))
+
+
+def test_integer_and_float16_inputs_are_converted_exactly():
+    x, y = datasets.load_digits("train")
+    pixels = numpy.rint(x * 16).astype(numpy.uint8)
+    model = _digits_net("cpu")
+    trainer = nn.Trainer(model, quiet=True)
+    xs, _ = trainer.prepare(pixels, y)
+    assert xs.dtype == numpy.float32
+    numpy.testing.assert_array_equal(xs, pixels.astype(numpy.float32))
+    x16, _ = trainer.prepare(x.astype(numpy.float16), y)
+    assert x16.dtype == numpy.float32
+
+
+def test_callbacks(tmp_path):
+    (x, y), (xv, yv) = datasets.train_val_split(*datasets.load_digits("train"))
+    model = _digits_net("cpu")
+    stop = nn.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True)
+    best = nn.ModelCheckpoint(tmp_path / "best.npz", save_best_only=True)
+    log = nn.CSVLogger(tmp_path / "log.csv")
+    trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.5, momentum=0.9), batch_size=16, quiet=True)
+    history = trainer.fit(x, y, epochs=30, validation_data=(xv, yv),
+                          callbacks=[stop, best, log, nn.PlotCurves(tmp_path / "curves.png")])
+    epochs = len(history["loss"])
+    assert epochs < 30 and stop.best_epoch == epochs - 2  # stopped after `patience` epochs without a gain
+    assert trainer.evaluate(xv, yv)["loss"] == pytest.approx(min(history["val_loss"]), rel=1e-5)
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == epochs + 1
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    restored = nn.load(tmp_path / "best.npz")
+    assert nn.Trainer(restored, quiet=True).evaluate(xv, yv)["loss"] == pytest.approx(min(history["val_loss"]), rel=1e-5)
+
+
+def test_terminate_on_nan():
+    x, y = datasets.load_digits("train")
+    model = _digits_net("cpu")
+
+    class Poison(nn.Callback):
+        """Corrupts a weight after step 3 of epoch 2, as a diverging run would."""
+
+        def on_batch_end(self, trainer, step, loss):
+            if trainer.epoch == 1 and step == 2:
+                model.parameters()[0].data[0, 0] = numpy.nan
+
+    nan_stop = nn.TerminateOnNaN()
+    trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1), batch_size=64, quiet=True)
+    with numpy.errstate(all="ignore"):
+        history = trainer.fit(x, y, epochs=5, callbacks=[Poison(), nan_stop])
+    assert len(history["loss"]) == 2 and nan_stop.stopped_at == (2, 4)
