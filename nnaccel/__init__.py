@@ -9,13 +9,13 @@
 from . import activations, datasets
 from .activations import ELU, GELU, LeakyReLU, Linear, ReLU, SiLU, Sigmoid, Softmax, Softplus, Tanh
 from .backend import cuda_status, get_backend, resolve_device
-from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves, TerminateOnNaN
+from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves
 from .checkpoint import load
 from .errors import CheckpointError, ConfigError, DataError, DeviceError, NnaccelError, ShapeError
 from .layers import Dense, Dropout, Maxout, Parameter
 from .losses import MSE, MeanSquaredError, SigmoidCrossEntropy, SoftmaxCrossEntropy
 from .model import Sequential
 from .optimizers import SGD, Adam, AdamW, CosineAnnealing, StepLR
-from .trainer import Trainer
+from .trainer import OutOfMemory, Trainer, TrainingDiverged
 
 __version__ = "0.1.0"

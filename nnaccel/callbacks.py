@@ -1,4 +1,7 @@
-"""Callbacks for ``Trainer.fit``: early stopping, checkpoints, CSV log, NaN stop, plots."""
+"""Callbacks for ``Trainer.fit``: early stopping, checkpoints, CSV log, plots.
+
+Stopping on a NaN loss is built into the Trainer (it must act before the update).
+"""
 
 import csv
 import math
@@ -109,15 +112,6 @@ class CSVLogger(Callback):
             if new:
                 writer.writeheader()
             writer.writerow(logs)
-
-
-class TerminateOnNaN(Callback):
-    """Stop as soon as a step's loss is NaN or inf (reads the loss every step)."""
-
-    def on_batch_end(self, trainer, step, loss):
-        if not math.isfinite(float(loss)):
-            trainer.stop_training = True
-            self.stopped_at = (trainer.epoch + 1, step + 1)
 
 
 class PlotCurves(Callback):

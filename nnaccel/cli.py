@@ -7,16 +7,18 @@ exit non-zero, with no traceback.
 import argparse
 import json
 import platform
+import signal
 import sys
 
 import numpy
 
-from . import __version__, checkpoint, datasets, losses, optimizers
+from . import __version__, bench, checkpoint, datasets, losses, optimizers
 from .backend import cuda_status, resolve_device
-from .errors import ConfigError, NnaccelError
+from .callbacks import ModelCheckpoint
+from .errors import CheckpointError, ConfigError, NnaccelError
 from .layers import Dense
 from .model import Sequential
-from .trainer import Trainer
+from .trainer import Trainer, TrainingDiverged
 
 DEFAULT_LR = {"sgd": 0.1, "adam": 0.001, "adamw": 0.001}
 
@@ -93,6 +95,7 @@ def build_parser():
     evaluate.add_argument("--json", action="store_true")
 
     commands.add_parser("info", help="versions, devices found, and why a GPU is not usable")
+    bench.add_parser(commands)
     return parser
 
 
@@ -112,30 +115,70 @@ def _build_model(args, features, classes, device):
     return Sequential(*layers, device=device, seed=args.seed)
 
 
+def _trainer_from_options(args, features, classes, device):
+    model = _build_model(args, features, classes, device)
+    lr = args.lr or DEFAULT_LR[args.optimizer]
+    options = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
+    return Trainer(model, optimizer=optimizers.get(args.optimizer, lr=lr, **options),
+                   batch_size=args.batch_size, seed=args.seed, quiet=args.quiet)
+
+
+def _trainer_from_checkpoint(args, device):
+    """Model, optimizer, batch size and seed as saved: a resumed run continues the same run."""
+    meta, _ = checkpoint.read(args.resume)
+    state = meta.get("trainer")
+    if state is None or "optimizer" not in meta:
+        raise CheckpointError(f"{args.resume} holds a model but no training state; it cannot be resumed")
+    trainer = Trainer(checkpoint.load(args.resume, device), loss=state["loss"],
+                      optimizer=optimizers.get(meta["optimizer"]["config"]),
+                      batch_size=state["batch_size"], seed=state["seed"], quiet=args.quiet)
+    return trainer.load_checkpoint(args.resume)
+
+
+def _fit_until_done_or_interrupted(trainer, args, data, validation_data):
+    """fit(), with Ctrl-C finishing the current step and the checkpoint always written."""
+    callbacks = [ModelCheckpoint(args.save)] if args.save else []
+
+    def on_interrupt(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        trainer.request_stop()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        trainer.fit(*data, epochs=max(args.epochs - trainer.epoch, 0), validation_data=validation_data,
+                    callbacks=callbacks)
+    except TrainingDiverged:
+        if args.save:
+            trainer.save_checkpoint(args.save)
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def cmd_train(args):
     device = resolve_device(args.device)
     if not 0.0 < args.validation_split < 1.0:
         raise ConfigError(f"--validation-split must be between 0 and 1, got {args.validation_split}")
     x, y = datasets.load(args.data, split="train")
-    (x_train, y_train), (x_val, y_val) = datasets.train_val_split(x, y, args.validation_split, seed=args.seed)
-    classes = int(y.max()) + 1
-    model = _build_model(args, x.shape[1], classes, device)
-    lr = args.lr or DEFAULT_LR[args.optimizer]
-    options = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
-    trainer = Trainer(model, optimizer=optimizers.get(args.optimizer, lr=lr, **options),
-                      batch_size=args.batch_size, seed=args.seed, quiet=args.quiet)
     if args.resume:
-        trainer.load_checkpoint(args.resume)
-        _say(args, f"resumed from {args.resume} at epoch {trainer.epoch}")
-    _say(args, f"training {'-'.join(map(str, [x.shape[1]] + [l.out_features for l in model.layers]))} "
+        trainer = _trainer_from_checkpoint(args, device)
+        _say(args, f"resuming {args.resume} after epoch {trainer.epoch}"
+                   + (f", step {trainer._resume_point['step']}" if trainer._resume_point else ""))
+    else:
+        trainer = _trainer_from_options(args, x.shape[1], int(y.max()) + 1, device)
+    model = trainer.model
+    (x_train, y_train), (x_val, y_val) = datasets.train_val_split(x, y, args.validation_split, seed=trainer.seed)
+    _say(args, f"training {'-'.join(map(str, [x.shape[1]] + [l.out_features for l in model.layers if l.out_features]))} "
                f"on {args.data} ({x_train.shape[0]} train, {x_val.shape[0]} validation) on {device}")
-    callbacks = []
-    if args.save:
-        from .callbacks import ModelCheckpoint
-
-        callbacks.append(ModelCheckpoint(args.save))
-    trainer.fit(x_train, y_train, epochs=max(args.epochs - trainer.epoch, 0),
-                validation_data=(x_val, y_val), callbacks=callbacks)
+    _fit_until_done_or_interrupted(trainer, args, (x_train, y_train), (x_val, y_val))
+    if trainer.interrupted:
+        path = args.save or "nnaccel-interrupted.npz"
+        trainer.save_checkpoint(path)
+        step = trainer._resume_point["step"] if trainer._resume_point else 0
+        print(f"nnaccel train: interrupted in epoch {trainer.epoch + 1} after step {step}; checkpoint written "
+              f"to {path}; resume with: nnaccel train --resume {path} --data {args.data} --epochs {args.epochs}",
+              file=sys.stderr)
+        return 130
     if args.plot:
         from .plotting import plot_history
 
@@ -189,7 +232,7 @@ def cmd_info(args):
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "bench": bench.run}
 
 
 def main(argv=None):

@@ -15,7 +15,7 @@ import numpy
 from . import checkpoint, losses, optimizers
 from .callbacks import Callback
 from .backend import array_device
-from .errors import CheckpointError, ConfigError, ShapeError
+from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError
 
 
 class Trainer:
@@ -41,7 +41,9 @@ class Trainer:
         self.quiet = quiet
         self.epoch = 0
         self.history = {}
-        self.stop_training = False
+        self.stop_training = self.interrupted = False
+        self.nan_check_every = None  # steps between finiteness checks; None: 1 on CPU, 100 on GPU
+        self._resume_point = None
 
     # ----- data --------------------------------------------------------------------
     def prepare(self, x, y, what="x"):
@@ -83,30 +85,47 @@ class Trainer:
     # ----- training ------------------------------------------------------------------
     def train_step(self, x, y):
         """One forward, backward and update on a prepared batch; ``(loss, correct)`` on the device."""
+        value, correct = self._loss_step(x, y)
+        self._update_step()
+        return value, correct
+
+    def _loss_step(self, x, y):
         model, loss = self.model, self.loss
         out = model._forward(x)
         value = loss._forward(model.backend, out, loss.prepare(model.backend, out, y))
-        correct = loss.count_correct(out, y)
-        model._backward(loss._grad)
-        self.optimizer.step(model)
-        return value, correct
+        return value, loss.count_correct(out, y)
+
+    def _update_step(self):
+        self.model._backward(self.loss._grad)
+        self.optimizer.step(self.model)
+
+    def request_stop(self):
+        """Stop after the current step and remember where, so training can resume there (Ctrl-C)."""
+        self.stop_training = True
+        self.interrupted = True
 
     def fit(self, x, y, epochs=1, validation_data=None, callbacks=(), shuffle=True):
-        """Train ``epochs`` more epochs; returns the history (a dict of per-epoch lists)."""
+        """Train ``epochs`` more epochs; returns the history (a dict of per-epoch lists).
+
+        A run stopped by ``request_stop`` mid-epoch returns early; its
+        checkpoint resumes at the same step. A non-finite loss raises
+        TrainingDiverged before its update reaches the weights.
+        """
         if isinstance(epochs, bool) or not isinstance(epochs, (int, numpy.integer)) or epochs < 0:
             raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}")
-        model, ops = self.model, self.model.backend
         x, y = self.prepare(x, y, "x")
         if validation_data is not None:
             validation_data = self.prepare(*validation_data, what="validation x")
         callbacks = self.callbacks + list(callbacks)
-        self.stop_training = False
+        self.stop_training = self.interrupted = False
         last_epoch = self.epoch + epochs
         for callback in callbacks:
             callback.on_train_begin(self)
         try:
             while self.epoch < last_epoch and not self.stop_training:
                 logs = self._train_epoch(x, y, shuffle, last_epoch, callbacks)
+                if logs is None:  # interrupted mid-epoch
+                    break
                 if validation_data is not None:
                     logs.update({f"val_{k}": v for k, v in self._evaluate(*validation_data).items()})
                 for key, value in logs.items():
@@ -115,41 +134,57 @@ class Trainer:
                     print(_epoch_line(logs, last_epoch), file=sys.stderr, flush=True)
                 for callback in callbacks:
                     callback.on_epoch_end(self, logs)
+        except MemoryError as error:
+            raise OutOfMemory(self.model.backend.memory_report(error, self.batch_size)) from None
         finally:
-            model.eval()
+            self.model.eval()
             for callback in callbacks:
                 callback.on_train_end(self)
         return self.history
 
     def _train_epoch(self, x, y, shuffle, last_epoch, callbacks):
+        """One epoch (or its rest, after an interruption); None if interrupted again."""
         model, ops, n, batch = self.model, self.model.backend, x.shape[0], self.batch_size
+        point = self._resume_point or {"step": 0, "rng": self.rng.bit_generator.state,
+                                       "loss_sum": 0.0, "correct_sum": 0.0}
+        self._resume_point = None
+        self.rng.bit_generator.state = point["rng"]
         if self.schedule is not None:
             self.optimizer.lr = self.schedule.lr_at(self.epoch, self.optimizer.base_lr)
         if shuffle:
             order = ops.asarray(self.rng.permutation(n))
             x, y = x[order], y[order]
         model.train()
-        loss_sum = ops.zeros((), numpy.float64)
-        correct_sum = ops.zeros((), numpy.float64)
+        loss_sum = ops.asarray(numpy.float64(point["loss_sum"]))
+        correct_sum = ops.asarray(numpy.float64(point["correct_sum"]))
+        guard = _DivergenceGuard(self, self.nan_check_every or (1 if ops.name == "cpu" else 100))
         progress = _Progress(self.epoch + 1, last_epoch, n, quiet=self.quiet)
         batch_hooks = [c for c in callbacks if type(c).on_batch_end is not Callback.on_batch_end]
         start = time.perf_counter()
-        for step, begin in enumerate(range(0, n, batch)):
-            xb, yb = x[begin:begin + batch], y[begin:begin + batch]
-            value, correct = self.train_step(xb, yb)
+        steps = -(-n // batch)
+        for step in range(point["step"], steps):
+            xb, yb = x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch]
+            value, correct = self._loss_step(xb, yb)
+            guard.before_update(step, value, loss_sum)
+            self._update_step()
             loss_sum += value * xb.shape[0]
             correct_sum += correct
             for callback in batch_hooks:
                 callback.on_batch_end(self, step, value)
+            if self.interrupted:
+                self._resume_point = {"step": step + 1, "rng": point["rng"],
+                                      "loss_sum": float(loss_sum), "correct_sum": float(correct_sum)}
+                return None
             if self.stop_training:
                 break
-            progress.update(begin + xb.shape[0], loss_sum, correct_sum)
+            progress.update(min(n, (step + 1) * batch), loss_sum, correct_sum)
+        guard.before_update(steps, None, loss_sum)
         ops.synchronize()
         elapsed = time.perf_counter() - start
         seen = min(n, (step + 1) * batch)
         self.epoch += 1
         return {"epoch": self.epoch, "loss": float(loss_sum) / seen, "accuracy": float(correct_sum) / seen,
-                "lr": self.optimizer.lr, "samples_per_s": seen / elapsed if elapsed > 0 else math.inf,
+                "lr": self.optimizer.lr, "samples_per_s": (seen - point["step"] * batch) / elapsed,
                 "time_s": elapsed}
 
     def evaluate(self, x, y, batch_size=None):
@@ -180,7 +215,7 @@ class Trainer:
         """What, besides weights and optimizer buffers, a resumed run needs."""
         return {"epoch": self.epoch, "seed": self.seed, "batch_size": self.batch_size,
                 "rng": self.rng.bit_generator.state, "history": self.history,
-                "loss": self.loss.name}
+                "loss": self.loss.name, "resume_point": self._resume_point}
 
     def save_checkpoint(self, path):
         """Write a resumable checkpoint (atomically) to ``path``."""
@@ -197,7 +232,72 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.rng.bit_generator.state = state["rng"]
         self.history = {k: list(v) for k, v in state["history"].items()}
+        self._resume_point = state.get("resume_point")
         return self
+
+
+class TrainingDiverged(NnaccelError):
+    """The loss became NaN or inf; the update of that step was not applied."""
+
+    def __init__(self, message, epoch, step):
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
+
+
+class OutOfMemory(NnaccelError):
+    """An allocation failed during training; the message says how much the device holds."""
+
+
+class _DivergenceGuard:
+    """Stops training at the first non-finite loss, before it reaches the weights.
+
+    With ``every == 1`` (the CPU default) each step's loss is checked before
+    its update, which costs nothing on the host. On a GPU checking each step
+    would synchronise it every step, so the running loss is checked every
+    ``every`` steps and the weights and optimizer state are snapshotted
+    (device to device) at each check that passes, to return to on failure.
+    """
+
+    def __init__(self, trainer, every):
+        self.trainer, self.every = trainer, every
+        self.snapshot, self.checked_step = None, None
+
+    def before_update(self, step, value, loss_sum):
+        if self.every == 1:
+            if value is not None and not math.isfinite(float(value)):
+                self._fail(step, float(value), step)
+            return
+        if self.snapshot is not None and step % self.every and value is not None:
+            return
+        total = float(loss_sum if value is None else loss_sum + value)
+        if math.isfinite(total):
+            self._take_snapshot(step)
+            return
+        self._restore()
+        self._fail(step, total, self.checked_step)
+
+    def _take_snapshot(self, step):
+        model, optimizer = self.trainer.model, self.trainer.optimizer
+        self.snapshot = (model.flat_params.copy(), {k: v.copy() for k, v in optimizer.state.items()},
+                         optimizer.steps)
+        self.checked_step = step
+
+    def _restore(self):
+        if self.snapshot is None:
+            return
+        params, state, steps = self.snapshot
+        self.trainer.model.flat_params[...] = params
+        for name, buf in state.items():
+            self.trainer.optimizer.state[name][...] = buf
+        self.trainer.optimizer.steps = steps
+
+    def _fail(self, step, value, good_step):
+        epoch = self.trainer.epoch + 1
+        kept = (f"the weights from before that step" if good_step == step else
+                f"the weights from before step {good_step + 1}, the last check" if good_step is not None else
+                "the weights from the start of the epoch")
+        raise TrainingDiverged(f"loss became {value} at epoch {epoch}, step {step + 1}; training stopped "
+                               f"and kept {kept} (try a lower learning rate)", epoch, step + 1)
 
 
 def _epoch_line(logs, last_epoch):

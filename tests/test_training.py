@@ -164,19 +164,27 @@ def test_callbacks(tmp_path):
     assert nn.Trainer(restored, quiet=True).evaluate(xv, yv)["loss"] == pytest.approx(min(history["val_loss"]), rel=1e-5)
 
 
-def test_terminate_on_nan():
+@pytest.mark.parametrize("check_every", [1, 5])
+def test_divergence_stops_with_the_last_good_weights(check_every):
+    """A non-finite loss stops training before its update, naming the epoch and step.
+
+    ``check_every=5`` is the GPU strategy (periodic check, snapshot restore), run on the CPU.
+    """
     x, y = datasets.load_digits("train")
     model = _digits_net("cpu")
 
-    class Poison(nn.Callback):
-        """Corrupts a weight after step 3 of epoch 2, as a diverging run would."""
+    class Explode(nn.Callback):
+        """Makes the next update blow the weights up to inf, as a diverging run would."""
 
         def on_batch_end(self, trainer, step, loss):
             if trainer.epoch == 1 and step == 2:
-                model.parameters()[0].data[0, 0] = numpy.nan
+                trainer.optimizer.lr = 1e38
 
-    nan_stop = nn.TerminateOnNaN()
     trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1), batch_size=64, quiet=True)
-    with numpy.errstate(all="ignore"):
-        history = trainer.fit(x, y, epochs=5, callbacks=[Poison(), nan_stop])
-    assert len(history["loss"]) == 2 and nan_stop.stopped_at == (2, 4)
+    trainer.nan_check_every = check_every
+    with numpy.errstate(all="ignore"), pytest.raises(nn.TrainingDiverged, match="at epoch 2, step") as error:
+        trainer.fit(x, y, epochs=5, callbacks=[Explode()])
+    assert error.value.epoch == 2 and error.value.step == (5 if check_every == 1 else 6)
+    assert numpy.isfinite(model.flat_params).all()  # the failing step's update never landed
+    if check_every > 1:  # restored to the last check that passed
+        assert numpy.isfinite(trainer.evaluate(x, y)["loss"])

@@ -77,6 +77,11 @@ class Backend:
     def erf(self, x):
         raise NotImplementedError
 
+    def memory_report(self, error, batch_size):
+        """What to tell a user whose training ran out of memory."""
+        return (f"out of memory on {self.name} during training with batch size {batch_size} ({error}); "
+                f"try a smaller --batch-size or a smaller network")
+
     # ----- layers ---------------------------------------------------------------
     def matmul(self, a, b, out, trans_a=False, trans_b=False):
         """The batched weighted sum ``out = op(a) @ op(b)``; transposes are views."""

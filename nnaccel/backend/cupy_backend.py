@@ -54,6 +54,14 @@ class CupyBackend(Backend):
 
         return erf(x)
 
+    def memory_report(self, error, batch_size):
+        pool = self.xp.get_default_memory_pool()
+        free, total = self.xp.cuda.runtime.memGetInfo()
+        return (f"out of GPU memory on {self.name} with batch size {batch_size}: {error}; the memory pool "
+                f"holds {pool.total_bytes() / 2**20:,.0f} MiB ({pool.used_bytes() / 2**20:,.0f} MiB in use), "
+                f"{free / 2**20:,.0f} of {total / 2**20:,.0f} MiB free on the device; "
+                f"try a smaller --batch-size")
+
     def bias_act(self, z, bias, activation, out):
         if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused(z, bias, out):
             return super().bias_act(z, bias, activation, out)
