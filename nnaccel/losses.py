@@ -1,8 +1,9 @@
 """Losses: the mean over a batch, with the gradient computed in the same pass.
 
-``forward(y, target)`` returns a 0-d array on the device (read it with
-``float()`` when you need it: that synchronises a GPU); ``backward()`` returns
-the gradient w.r.t. ``y`` computed during ``forward``.
+``forward(y, target)`` returns the loss as a device scalar (a 0-d CuPy array
+on a GPU, a NumPy scalar on the CPU; read it with ``float()`` when you need
+it: that synchronises a GPU); ``backward()`` returns the gradient w.r.t.
+``y`` computed during ``forward``.
 """
 
 import numpy
@@ -97,6 +98,8 @@ class MeanSquaredError(Loss):
     def prepare(self, ops, y, target):
         if target.ndim == 1 and target.dtype.kind in "iu" and y.ndim == 2 and y.shape[1] > 1:
             return one_hot(ops, target, y.shape[1], y.dtype)
+        if target.ndim == 1 and y.ndim == 2 and y.shape[1] == 1:
+            return target.reshape(-1, 1)
         return target
 
     def check(self, ops, y, target):

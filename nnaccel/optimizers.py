@@ -42,8 +42,8 @@ class Optimizer:
             elif buf.shape != model.flat_params.shape:
                 raise ConfigError(f"optimizer state {name} has {buf.size} values but the model has "
                                   f"{model.flat_params.size} parameters: use a new optimizer per model")
-            elif array_device(buf) != ops.name:
-                self.state[name] = ops.asarray(_to_host(buf))
+            elif array_device(buf) != ops.name or buf.dtype != model.dtype:
+                self.state[name] = ops.asarray(_to_host(buf), dtype=model.dtype)
         return self.state
 
     def step(self, model):

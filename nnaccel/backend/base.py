@@ -59,8 +59,8 @@ class Backend:
         return array
 
     def to_host(self, array):
-        """A NumPy copy (or the array itself on the CPU)."""
-        return numpy.asarray(array)
+        """A NumPy copy: later device work (reused buffers) cannot change it."""
+        return numpy.array(array)
 
     def empty(self, shape, dtype=numpy.float32):
         return self.xp.empty(shape, dtype=dtype)
