@@ -1,0 +1,160 @@
+"""Pictures of handwritten digits turned into model inputs, prepared like the training data.
+
+A photo or drawing (any size, dark ink on light paper or the reverse, colour
+or grey) becomes what a digit net was trained on:
+
+* 28x28, as MNIST was made (LeCun et al.): white ink on black, the digit
+  scaled to fit a 20x20 box keeping its aspect ratio, then placed so that its
+  centre of mass falls on pixel (14, 14), shifted by whole pixels.
+* 8x8, as scikit-learn's digits (UCI optdigits) were made: the digit scaled
+  to fill a 32x32 bitmap keeping its aspect ratio (full height for most
+  digits), centred by its bounding box, then each 4x4 block averaged.
+
+In both, the contrast is stretched first (background 0, strongest ink 1,
+pixels fainter than INK_THRESHOLD dropped as noise) and the strongest pixel
+of the result is 1, as in the data sets.
+"""
+
+from pathlib import Path
+
+import numpy
+
+from .errors import ConfigError, DataError, ShapeError
+
+MNIST_BOX = 20  # MNIST digits fit a 20x20 box inside the 28x28 image
+DIGITS_BITMAP = 32  # scikit-learn's 8x8 digits are 4x4 block averages of 32x32 bitmaps
+INK_THRESHOLD = 0.2  # after stretching, fainter pixels are paper grain or JPEG noise
+LUMA = numpy.array([0.299, 0.587, 0.114])  # ITU-R 601 grey, as Pillow's convert("L")
+SIZE_FOR_INPUTS = {784: 28, 64: 8}
+
+
+def load_image(path):
+    """The pixels of an image file (PNG, JPEG, ...) as uint8: (h, w) grey or (h, w, 3) colour.
+
+    Transparent pixels are laid over white paper. Needs Pillow, imported only here.
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ConfigError("reading images needs Pillow: pip install 'nnaccel[image]' (or pip install pillow)") from None
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as image:
+            if "A" in image.getbands() or "transparency" in image.info:
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            return numpy.asarray(image.convert("L" if len(image.getbands()) == 1 else "RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: not a readable image ({error})") from None
+
+
+def preprocess_digit(array, size=28):
+    """A picture of one digit as a flat float32 model input in [0, 1] of ``size * size`` pixels.
+
+    ``array`` is (h, w) grey or (h, w, 3) colour pixels in any numeric range.
+    ``size`` 28 prepares it like MNIST, 8 like scikit-learn's 8x8 digits.
+    The background is whichever of light or dark the picture's border mostly
+    is; the ink is made bright on black, as in both data sets.
+    """
+    if size not in (28, 8):
+        raise ConfigError(f"size must be 28 (MNIST style) or 8 (scikit-learn digits style), got {size!r}")
+    ink = _ink(_grey(array))
+    rows, cols = numpy.nonzero(ink)
+    digit = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    if size == 28:
+        digit = _fit(digit, MNIST_BOX)
+        canvas = _paste(digit, size, *_offsets_by_mass(digit, size))
+    else:
+        digit = _fit(digit, DIGITS_BITMAP)
+        height, width = digit.shape
+        bitmap = _paste(digit, DIGITS_BITMAP, (DIGITS_BITMAP - height + 1) // 2, (DIGITS_BITMAP - width + 1) // 2)
+        block = DIGITS_BITMAP // size
+        canvas = bitmap.reshape(size, block, size, block).mean(axis=(1, 3))
+    canvas /= canvas.max()
+    return canvas.astype(numpy.float32).ravel()
+
+
+def prepare_for_model(path, n_inputs):
+    """The image file at ``path`` as an input for a model with ``n_inputs`` (784: 28x28, 64: 8x8)."""
+    if n_inputs not in SIZE_FOR_INPUTS:
+        raise ConfigError(f"the model takes {n_inputs} inputs; pictures fit only models with 784 "
+                          f"(28x28, MNIST) or 64 (8x8, scikit-learn digits) inputs")
+    pixels = load_image(path)
+    try:
+        return preprocess_digit(pixels, SIZE_FOR_INPUTS[n_inputs])
+    except DataError as error:
+        raise DataError(f"{path}: {error}") from None
+
+
+def _grey(array):
+    """A 2-D float64 image from grey or colour pixels."""
+    image = numpy.asarray(array)
+    if image.dtype.kind not in "biuf":
+        raise ShapeError(f"expected numeric pixels, got dtype {image.dtype}")
+    image = image.astype(numpy.float64)
+    if image.ndim == 3 and image.shape[2] == 3:
+        image = image @ LUMA
+    if image.ndim != 2 or 0 in image.shape:
+        raise ShapeError(f"expected a (height, width) grey or (height, width, 3) colour image, "
+                         f"got shape {numpy.shape(array)}")
+    return image
+
+
+def _ink(image):
+    """Bright ink on a zero background, stretched so the strongest ink is 1; faint noise zeroed.
+
+    The border's median is the background: light (then the picture is
+    inverted) when it is nearer the brightest pixel than the darkest.
+    """
+    border = numpy.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    background = numpy.median(border)
+    if background > (image.min() + image.max()) / 2:
+        image, background = -image, -background
+    strongest = image.max()
+    if strongest <= background:
+        raise DataError("no digit found: the picture has nothing but its background colour")
+    ink = numpy.clip((image - background) / (strongest - background), 0.0, 1.0)
+    ink[ink < INK_THRESHOLD] = 0.0
+    return ink
+
+
+def _fit(image, box):
+    """``image`` resized so its longer side is ``box`` pixels, keeping the aspect ratio."""
+    height, width = image.shape
+    scale = box / max(height, width)
+    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    return _resampling(height, new_height) @ image @ _resampling(width, new_width).T
+
+
+def _resampling(n_in, n_out):
+    """The (n_out, n_in) matrix of a linear (triangle) filter widened when shrinking.
+
+    Shrinking averages every input pixel under an output pixel (anti-aliased,
+    like Pillow's BILINEAR); enlarging interpolates linearly.
+    """
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centres = (numpy.arange(n_out) + 0.5) * scale
+    distance = numpy.abs(numpy.arange(n_in)[None, :] + 0.5 - centres[:, None])
+    weights = numpy.maximum(0.0, 1.0 - distance / support)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _paste(digit, size, top, left):
+    """A black ``size`` x ``size`` image with ``digit`` at row ``top``, column ``left``."""
+    canvas = numpy.zeros((size, size))
+    canvas[top:top + digit.shape[0], left:left + digit.shape[1]] = digit
+    return canvas
+
+
+def _offsets_by_mass(digit, size):
+    """Top-left corner that puts the digit's centre of mass on pixel (size/2, size/2), in whole pixels."""
+    rows, cols = numpy.indices(digit.shape)
+    mass = digit.sum()
+    offsets = []
+    for coordinates, length in ((rows, digit.shape[0]), (cols, digit.shape[1])):
+        centre = (coordinates * digit).sum() / mass
+        offsets.append(int(numpy.clip(numpy.floor(size / 2 - centre + 0.5), 0, size - length)))
+    return offsets

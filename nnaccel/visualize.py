@@ -1,0 +1,236 @@
+"""Pictures of what a digit net learned and where it goes wrong.
+
+The first layer's weights as images, every layer's activations for one
+input, the confusion matrix and the worst-classified images. Drawing needs
+matplotlib (pip install 'nnaccel[plot]'); the numbers (probabilities,
+activations, confusion matrix) do not.
+"""
+
+import io
+import math
+
+import numpy
+
+from .errors import ConfigError, ShapeError
+from .plotting import pyplot
+
+
+def softmax(logits):
+    """Row-wise probabilities from logits, without overflow for any magnitude."""
+    shifted = numpy.asarray(logits, dtype=numpy.float64)
+    shifted = shifted - shifted.max(axis=-1, keepdims=True)
+    exp = numpy.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def predict_proba(model, x):
+    """Class probabilities for the rows of ``x``."""
+    return _as_probabilities(model, model.predict(x))
+
+
+def _as_probabilities(model, outputs):
+    """A model's outputs as probabilities: their softmax, unless the last layer already applies one."""
+    if getattr(getattr(model.layers[-1], "activation", None), "name", None) == "softmax":
+        return numpy.asarray(outputs, dtype=numpy.float64)
+    return softmax(outputs)
+
+
+def layer_activations(model, x):
+    """The output of every layer for one input ``x`` of ``model.in_features`` values, on the host.
+
+    The layers run one by one on the model's device, in inference mode.
+    """
+    x = numpy.asarray(x, dtype=model.dtype).ravel()
+    if x.size != model.in_features:
+        raise ShapeError(f"x has {x.size} values but the model takes {model.in_features} inputs")
+    values = model.backend.asarray(x[None])
+    outputs = []
+    for layer in model.layers:
+        values = layer.forward(values, training=False)
+        outputs.append(numpy.array(model.backend.to_host(values)[0]))  # a copy: layers reuse their buffers
+    return outputs
+
+
+def confusion_matrix(y_true, y_pred, classes):
+    """``cm[t, p]``: how many samples of class ``t`` were predicted as ``p``."""
+    y_true, y_pred = numpy.asarray(y_true), numpy.asarray(y_pred)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1:
+        raise ShapeError(f"y_true and y_pred must be 1-D and alike, got shapes {y_true.shape} and {y_pred.shape}")
+    for name, labels in (("y_true", y_true), ("y_pred", y_pred)):
+        if labels.dtype.kind not in "iu":
+            raise ShapeError(f"{name} has dtype {labels.dtype}; expected integer labels")
+        if labels.size and (labels.min() < 0 or labels.max() >= classes):
+            raise ConfigError(f"{name} holds labels from {labels.min()} to {labels.max()}, "
+                              f"expected 0..{classes - 1}")
+    counts = numpy.bincount(y_true * classes + y_pred, minlength=classes * classes)
+    return counts.reshape(classes, classes)
+
+
+def most_confused(cm, k=5):
+    """The ``k`` most frequent mistakes as ``(true, predicted, count)``, most frequent first."""
+    mistakes = numpy.array(cm)
+    numpy.fill_diagonal(mistakes, 0)
+    order = numpy.argsort(-mistakes, axis=None, kind="stable")[:k]
+    pairs = zip(*numpy.unravel_index(order, mistakes.shape))
+    return [(int(t), int(p), int(mistakes[t, p])) for t, p in pairs if mistakes[t, p] > 0]
+
+
+def plot_weights(model, path):
+    """The first layer's weights as a PNG: one tile per hidden neuron, shaped like the input image.
+
+    Red pixels push the neuron up, blue ones down. All tiles share one colour
+    scale (clipped at the 99.5th percentile of the weights' size), so neurons
+    that learned little look faint.
+    """
+    layer = next(layer for layer in model.layers if "weight" in layer.params)
+    weights = model.backend.to_host(layer.params["weight"].data).reshape(layer.in_features, -1)
+    side = _image_side(layer.in_features)
+    count = weights.shape[1]
+    limit = float(numpy.percentile(numpy.abs(weights), 99.5)) or 1.0
+    rows, cols = _grid(count)
+    step = side + 2  # two blank pixels between tiles
+    mosaic = numpy.full((rows * step - 2, cols * step - 2), numpy.nan)
+    for index in range(count):
+        top, left = divmod(index, cols)
+        mosaic[top * step:top * step + side, left * step:left * step + side] = weights[:, index].reshape(side, side)
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7.2, 6.4))
+    image = axis.imshow(mosaic, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    axis.axis("off")
+    figure.colorbar(image, ax=axis, shrink=0.6, label="weight")
+    axis.set_title(f"first-layer weights of {count} neurons, as {side}x{side} images")
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_activations(model, x, path):
+    """Every layer's activations for one input as a PNG: the input image, then one panel per layer.
+
+    Layers wider than 32 are drawn as a grid of cells, narrower ones and the
+    output layer as bars. Dropout layers pass their input through unchanged
+    at inference, so they get no panel.
+    """
+    outputs = layer_activations(model, x)
+    probabilities = _as_probabilities(model, outputs[-1])
+    panels = [(index, layer, values) for index, (layer, values) in enumerate(zip(model.layers, outputs))
+              if layer.params]
+    side = _image_side(model.in_features)
+    plt = pyplot()
+    figure, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4),
+                                gridspec_kw={"width_ratios": [1] * len(panels) + [1.4]})
+    axes[0].imshow(numpy.asarray(x).reshape(side, side), cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("input, as the model sees it")
+    axes[0].axis("off")
+    for axis, (index, layer, values) in zip(axes[1:], panels):
+        title = f"layer {index}: {type(layer).__name__} {values.size} {layer.config().get('activation', '')}".rstrip()
+        if layer is model.layers[-1]:
+            predicted = int(values.argmax())
+            colours = ["tab:red" if c == predicted else "tab:gray" for c in range(values.size)]
+            axis.bar(range(values.size), values, color=colours)
+            axis.set_xticks(range(values.size))
+            axis.set_xlabel("class")
+            axis.set_ylabel("output")
+            axis.set_title(f"{title}\npredicted {predicted} (p {probabilities[predicted]:.2f})")
+        elif values.size <= 32:
+            axis.bar(range(values.size), values, color="tab:blue")
+            axis.set_xlabel("neuron")
+            axis.set_title(title)
+        else:
+            rows, cols = _grid(values.size)
+            cells = numpy.full(rows * cols, numpy.nan)
+            cells[:values.size] = values
+            image = axis.imshow(cells.reshape(rows, cols), cmap="magma")
+            axis.axis("off")
+            figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+            axis.set_title(f"{title}\n{int((values > 0).sum())} above zero")
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_confusion(cm, path):
+    """The confusion matrix as a PNG: counts in the cells, colour = share of the true class."""
+    cm = numpy.asarray(cm)
+    classes = cm.shape[0]
+    shares = cm / numpy.maximum(cm.sum(axis=1, keepdims=True), 1)
+    plt = pyplot()
+    from matplotlib.colors import PowerNorm
+
+    figure, axis = plt.subplots(figsize=(6.2, 5.4))
+    image = axis.imshow(shares, cmap="Blues", norm=PowerNorm(gamma=0.4, vmin=0, vmax=1))
+    for t in range(classes):
+        for p in range(classes):
+            if cm[t, p]:
+                axis.text(p, t, str(cm[t, p]), ha="center", va="center", fontsize=8,
+                          color="white" if shares[t, p] > 0.4 else "black")
+    axis.set_xticks(range(classes))
+    axis.set_yticks(range(classes))
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    total = cm.sum()
+    axis.set_title(f"confusion matrix: {numpy.trace(cm)} of {total} right ({numpy.trace(cm) / max(total, 1):.1%})")
+    figure.colorbar(image, ax=axis, label="share of the true class")
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_errors(x, y_true, probs, path, count=25):
+    """The ``count`` images with the lowest probability of their true class, as a PNG grid.
+
+    Each tile gives the true class and the predicted one with their
+    probabilities; red titles are mistakes.
+    """
+    x, y_true, probs = numpy.asarray(x), numpy.asarray(y_true), numpy.asarray(probs)
+    if not len(x) == len(y_true) == len(probs):
+        raise ShapeError(f"x, y_true and probs hold {len(x)}, {len(y_true)} and {len(probs)} samples")
+    true_probability = probs[numpy.arange(len(y_true)), y_true]
+    worst = numpy.argsort(true_probability, kind="stable")[:count]
+    side = _image_side(x.shape[1])
+    rows, cols = _grid(len(worst))
+    plt = pyplot()
+    figure, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.55 + 0.3), squeeze=False,
+                                layout="constrained")
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, worst):
+        predicted = int(probs[index].argmax())
+        axis.imshow(x[index].reshape(side, side), cmap="gray_r", vmin=0, vmax=1)
+        axis.set_title(f"true {y_true[index]}: {true_probability[index]:.2f}\n"
+                       f"pred {predicted}: {probs[index, predicted]:.2f}", fontsize=9,
+                       color="tab:red" if predicted != y_true[index] else "black")
+    figure.suptitle(f"the {len(worst)} images given the lowest probability of their true class")
+    _save(figure, path)
+    plt.close(figure)
+
+
+def _save(figure, path):
+    """Write ``figure`` to ``path``; a PNG gets a 256-colour palette, a fraction of the size.
+
+    A colour map has 256 colours, so the weights' noise costs a byte a pixel
+    instead of three. Pillow is there: matplotlib needs it.
+    """
+    if not str(path).lower().endswith(".png"):
+        figure.savefig(path, dpi=72)
+        return
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=72)
+    with Image.open(buffer) as picture:
+        picture.convert("RGB").quantize(256).save(path, optimize=True)
+
+
+def _image_side(features):
+    """The side of the square image that ``features`` inputs make."""
+    side = math.isqrt(features)
+    if side * side != features:
+        raise ShapeError(f"{features} inputs do not make a square image")
+    return side
+
+
+def _grid(count):
+    """(rows, columns) of a near-square grid holding ``count`` cells."""
+    cols = math.ceil(math.sqrt(count))
+    return math.ceil(count / cols), cols

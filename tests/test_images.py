@@ -1,0 +1,162 @@
+"""Pictures of digits become model inputs the way MNIST and the 8x8 digits were made."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import nnaccel as nn
+from nnaccel import datasets, images
+
+INK = (30, 45, 140)  # blue ink
+PAPER = (246, 240, 222)  # cream paper
+
+
+def nnaccel(*args):
+    return subprocess.run([sys.executable, "-m", "nnaccel.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def photo(pixels, side, colour=False, dark_on_light=True):
+    """A data-set image made to look like a picture of a digit: enlarged 4x, shifted, ink on paper."""
+    ink = Image.fromarray(np.round(pixels.reshape(side, side) * 255).astype(np.uint8))
+    ink = np.asarray(ink.resize((4 * side, 4 * side), Image.LANCZOS), dtype=np.float64)[..., None] / 255
+    canvas = np.zeros((6 * side, 5 * side, 1))
+    canvas[side // 2:side // 2 + 4 * side, side:5 * side] = ink
+    if colour:
+        pixels = np.array(PAPER) * (1 - canvas) + np.array(INK) * canvas
+    else:
+        pixels = 255 * (1 - canvas[..., 0]) if dark_on_light else 255 * canvas[..., 0]
+    return np.round(pixels).astype(np.uint8)
+
+
+def save_png(array, path):
+    Image.fromarray(array).save(path)
+    return path
+
+
+def train(x, y, sizes, epochs):
+    layers = [nn.Dense(a, b, activation="relu") for a, b in zip(sizes[:-2], sizes[1:-1])]
+    model = nn.Sequential(*layers, nn.Dense(sizes[-2], sizes[-1]), device="cpu", seed=0)
+    nn.Trainer(model, optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=64, seed=0, quiet=True).fit(
+        x, y, epochs=epochs)
+    return model
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_path):
+    """A 784-64-10 net trained on 6,000 real MNIST digits, and 10 digits it did not see."""
+    x, y = datasets.load(mnist_path, split="train")
+    return train(x[:6000], y[:6000], [784, 64, 10], epochs=3), x[6000:6010]
+
+
+def test_mnist_picture_comes_back_as_the_original(mnist, tmp_path):
+    """Inverted, enlarged 4x, shifted and saved as PNG, each digit comes back within a small
+    error and gets the same prediction."""
+    model, originals = mnist
+    recovered = np.stack([images.prepare_for_model(save_png(photo(x, 28), tmp_path / f"{i}.png"), 784)
+                          for i, x in enumerate(originals)])
+    assert recovered.shape == (10, 784) and recovered.dtype == np.float32
+    assert 0.0 <= recovered.min() and recovered.max() == 1.0
+    errors = np.abs(recovered - originals).mean(axis=1)
+    assert errors.max() < 0.1, errors
+    assert list(model.predict(recovered).argmax(1)) == list(model.predict(originals).argmax(1))
+
+
+@pytest.mark.parametrize("size", [28, 8])
+def test_polarity_and_colour_do_not_matter(size):
+    pixels = datasets.load_digits("test")[0][0]
+    reference = images.preprocess_digit(photo(pixels, 8), size)
+    for variant in (photo(pixels, 8, dark_on_light=False), photo(pixels, 8, colour=True)):
+        np.testing.assert_allclose(images.preprocess_digit(variant, size), reference, atol=0.02)
+
+
+def test_digits_8x8_picture_comes_back_as_the_original():
+    """The 8x8 grid is coarse: an edge pixel lost to resampling moves the whole digit, so this
+    checks the average error and that nearly every prediction survives."""
+    x_train, y_train = datasets.load_digits("train")
+    x, _ = datasets.load_digits("test")
+    model = train(x_train, y_train, [64, 64, 10], epochs=10)
+    originals = x[:40]
+    recovered = np.stack([images.preprocess_digit(photo(pixels, 8), size=8) for pixels in originals])
+    assert recovered.shape == (40, 64)
+    assert np.abs(recovered - originals).mean() < 0.1
+    assert (model.predict(recovered).argmax(1) == model.predict(originals).argmax(1)).mean() >= 0.9
+
+
+def test_mnist_style_layout():
+    """A solid bar ends up 20 pixels tall with its centre of mass on pixel (14, 14), as in MNIST."""
+    picture = np.full((300, 200), 255, np.uint8)
+    picture[50:250, 120:160] = 0
+    digit = images.preprocess_digit(picture).reshape(28, 28)
+    rows, cols = np.nonzero(digit > 0.5)
+    assert rows.max() - rows.min() + 1 == 20 and cols.max() - cols.min() + 1 == 4
+    mass = digit.sum()
+    centre = (np.indices(digit.shape) * digit).sum(axis=(1, 2)) / mass
+    assert np.all(np.abs(centre - 14) <= 0.5)
+
+
+def test_blank_and_malformed_inputs():
+    with pytest.raises(nn.DataError, match="no digit found"):
+        images.preprocess_digit(np.full((40, 40), 200, np.uint8))
+    with pytest.raises(nn.ShapeError, match="got shape"):
+        images.preprocess_digit(np.zeros((4, 4, 2)))
+    with pytest.raises(nn.ConfigError, match="size must be 28"):
+        images.preprocess_digit(np.eye(10), size=16)
+
+
+def test_file_errors_name_the_file(tmp_path, monkeypatch):
+    with pytest.raises(nn.DataError, match="missing.png: no such image file"):
+        images.load_image(tmp_path / "missing.png")
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(nn.DataError, match="notes.png: not a readable image"):
+        images.load_image(tmp_path / "notes.png")
+    with pytest.raises(nn.ConfigError, match="784 .* or 64"):
+        images.prepare_for_model(tmp_path / "notes.png", 100)
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(nn.ConfigError, match=r"pip install 'nnaccel\[image\]'"):
+        images.load_image(tmp_path / "notes.png")
+
+
+def test_transparent_picture_is_read_over_white(tmp_path):
+    rgba = np.zeros((60, 60, 4), np.uint8)
+    rgba[10:50, 25:35] = (0, 0, 0, 255)  # a black bar; the rest is transparent
+    pixels = images.load_image(save_png(rgba, tmp_path / "bar.png"))
+    assert pixels.shape == (60, 60, 3) and pixels[0, 0].tolist() == [255, 255, 255]
+    assert pixels[30, 30].tolist() == [0, 0, 0]
+
+
+def test_predict_command(mnist, tmp_path):
+    model, originals = mnist
+    model.save(tmp_path / "m.npz")
+    files = [save_png(photo(x, 28, colour=True), tmp_path / f"digit{i}.png") for i, x in enumerate(originals[:3])]
+    expected = model.predict(originals[:3]).argmax(1)
+    run = nnaccel("predict", tmp_path / "m.npz", *files, "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 3
+    top3 = r"[01]\.\d\d(, \d [01]\.\d\d){2}\)"
+    for line, path, digit in zip(lines, files, expected):
+        assert re.fullmatch(rf"{re.escape(str(path))}: {digit}  \({digit} " + top3, line), line
+    run = nnaccel("predict", tmp_path / "m.npz", *files, "--json")
+    results = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["digit"] for r in results] == list(expected)
+    assert all(r["file"] == str(path) and len(r["top3"]) == 3 and r["top3"][0][0] == r["digit"]
+               for r, path in zip(results, files))
+    assert all(1 >= r["top3"][0][1] >= r["top3"][1][1] >= r["top3"][2][1] >= 0 for r in results)
+
+
+def test_predict_errors_are_one_line(tmp_path):
+    nn.Sequential(nn.Dense(10, 10), device="cpu").save(tmp_path / "ten.npz")
+    nn.Sequential(nn.Dense(64, 10), device="cpu").save(tmp_path / "digits.npz")
+    save_png(np.zeros((8, 8), np.uint8), tmp_path / "black.png")
+    for args, message in [((tmp_path / "digits.npz", tmp_path / "nope.png"), "nope.png: no such image file"),
+                          ((tmp_path / "ten.npz", tmp_path / "black.png"), "the model takes 10 inputs"),
+                          ((tmp_path / "digits.npz", tmp_path / "black.png"), "black.png: no digit found")]:
+        run = nnaccel("predict", *args)
+        assert run.returncode == 2 and "Traceback" not in run.stderr
+        assert len(run.stderr.splitlines()) == 1 and message in run.stderr, run.stderr

@@ -1,0 +1,108 @@
+"""Pictures of what a net learned: the numbers behind them, and each picture command's PNG."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import nnaccel as nn
+from nnaccel import cli, datasets, visualize
+
+
+def nnaccel(*args):
+    return subprocess.run([sys.executable, "-m", "nnaccel.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    """A 64-32-10 net trained on the 8x8 digits, saved, and a picture of a digit (dark on light)."""
+    x, y = datasets.load_digits("train")
+    model = nn.Sequential(nn.Dense(64, 32, activation="relu"), nn.Dense(32, 10), device="cpu", seed=0)
+    nn.Trainer(model, optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=64, seed=0, quiet=True).fit(x, y, epochs=5)
+    folder = tmp_path_factory.mktemp("digits")
+    model.save(folder / "digits.npz")
+    picture = Image.fromarray(np.round(255 - 255 * x[0].reshape(8, 8)).astype(np.uint8)).resize((80, 80))
+    picture.save(folder / "digit.png")
+    return model, folder / "digits.npz", folder / "digit.png"
+
+
+def assert_picture(path, size):
+    """A PNG of ``size`` (width, height) pixels with something drawn on it."""
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.size == size
+        grey = np.asarray(picture.convert("L"), dtype=np.float64)
+    assert grey.std() > 10, f"{path} looks blank"
+
+
+def test_softmax_is_stable():
+    probs = visualize.softmax([[1000.0, 0.0, -1000.0], [1.0, 1.0, 1.0]])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    np.testing.assert_allclose(probs[0], [1, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(probs[1], 1 / 3)
+
+
+def test_confusion_matrix_and_most_confused():
+    cm = visualize.confusion_matrix([0, 0, 1, 1, 1, 2, 2, 2], [0, 1, 1, 2, 2, 2, 0, 1], classes=3)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 2], [1, 1, 1]]
+    assert visualize.most_confused(cm, k=3) == [(1, 2, 2), (0, 1, 1), (2, 0, 1)]
+    assert visualize.most_confused(np.eye(3, dtype=int)) == []
+    with pytest.raises(nn.ConfigError, match="y_pred holds labels from 0 to 3"):
+        visualize.confusion_matrix([0, 1], [0, 3], classes=3)
+    with pytest.raises(nn.ShapeError):
+        visualize.confusion_matrix([0, 1], [0], classes=3)
+
+
+def test_layer_activations_end_in_the_models_output(digits_model):
+    model, _, _ = digits_model
+    x = datasets.load_digits("test")[0][:1]
+    outputs = visualize.layer_activations(model, x[0])
+    assert [o.shape for o in outputs] == [(32,), (10,)]
+    assert outputs[0].min() >= 0  # ReLU
+    np.testing.assert_allclose(outputs[-1], model.predict(x)[0], rtol=1e-6)
+
+
+def test_predict_proba_over_many_batches(digits_model):
+    model, _, _ = digits_model
+    x = np.tile(datasets.load_digits("test")[0], (4, 1))  # more rows than one predict batch
+    probs = visualize.predict_proba(model, x)
+    np.testing.assert_allclose(probs[-360:], probs[:360], rtol=1e-6)
+
+
+def test_show_weights_and_activations(digits_model, tmp_path):
+    _, model_path, digit = digits_model
+    run = nnaccel("show", model_path, "--weights", tmp_path / "w.png", "--activations", digit,
+                  "--out", tmp_path / "a.png", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert_picture(tmp_path / "w.png", (518, 460))  # figure inches x 72 dpi
+    assert_picture(tmp_path / "a.png", (691, 244))
+
+
+def test_evaluate_confusion_and_errors(digits_model, tmp_path):
+    _, model_path, _ = digits_model
+    run = nnaccel("evaluate", model_path, "--confusion", tmp_path / "c.png", "--errors", tmp_path / "e.png")
+    assert run.returncode == 0, run.stderr
+    assert "test accuracy" in run.stdout and "most confused (true -> predicted: count): " in run.stdout
+    assert_picture(tmp_path / "c.png", (446, 388))
+    assert_picture(tmp_path / "e.png", (468, 579))
+
+
+def test_show_needs_a_picture_to_draw(digits_model):
+    _, model_path, digit = digits_model
+    for args, message in [((), "show needs --weights"), (("--activations", digit), "go together")]:
+        run = nnaccel("show", model_path, *args)
+        assert run.returncode == 2 and len(run.stderr.splitlines()) == 1 and message in run.stderr, run.stderr
+
+
+def test_without_matplotlib_pictures_say_how_to_install_it(digits_model, tmp_path, monkeypatch, capsys):
+    model, model_path, digit = digits_model
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(nn.ConfigError, match=r"pip install 'nnaccel\[plot\]'"):
+        visualize.plot_confusion(np.eye(3, dtype=int), tmp_path / "c.png")
+    assert cli.main(["show", str(model_path), "--weights", str(tmp_path / "w.png")]) == 2
+    assert "pip install 'nnaccel[plot]'" in capsys.readouterr().err
+    assert cli.main(["predict", str(model_path), str(digit)]) == 0
+    assert capsys.readouterr().out.startswith(f"{digit}: ")
+    assert not (tmp_path / "w.png").exists()
