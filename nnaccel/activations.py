@@ -84,9 +84,8 @@ class LeakyReLU(Activation):
         return {"slope": self.slope}
 
     def forward(self, ops, z, out):
-        # max(z, slope*z) is z for z > 0 and slope*z below when slope <= 1.
-        pick = ops.xp.maximum if self.slope <= 1.0 else ops.xp.minimum
-        return pick(z, z * self.slope, out=out)
+        out[...] = ops.xp.where(z > 0, z, z * self.slope)
+        return out
 
     def backward(self, ops, dy, y, z, out):
         out[...] = ops.xp.where(y > 0, dy, dy * self.slope)

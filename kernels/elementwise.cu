@@ -1,0 +1,98 @@
+// Fused bias + activation, the activation backward (optionally fused with the
+// bias gradient), and the row softmax with its backward. Templates on the
+// float type, instantiated by the loader's name expressions
+// (nnaccel/backend/cuda_kernels.py); all loops are grid-stride.
+#include "activations.cuh"
+
+// Block shape of act_backward_bias_grad: columns x row lanes (the loader
+// launches (BG_COLS, BG_ROWS) threads).
+constexpr int BG_COLS = 32;
+constexpr int BG_ROWS = 8;
+
+// out[i, j] = act(z[i, j] + bias[j]); bias may be null (no add); out may alias z.
+template <typename T>
+__global__ void bias_act(const T* z, const T* bias, T* out, long long rows, long long cols, int act,
+                         double param) {
+  const T p = T(param);
+  const long long n = rows * cols;
+  for (nna::RowColWalk w(cols); w.i < n; w.next()) {
+    T v = z[w.i];
+    if (bias) v += bias[w.col];
+    out[w.i] = nna::act_forward(act, p, v);
+  }
+}
+
+// dz = dy * act'(x), x being y or z as nna::act_grad_uses_z says (null for
+// linear). dz may alias dy.
+template <typename T>
+__global__ void act_backward(const T* dy, const T* x, T* dz, long long n, int act, double param) {
+  const T p = T(param);
+  for (long long i = nna::grid_start(); i < n; i += nna::grid_stride())
+    dz[i] = dy[i] * nna::act_derivative(act, p, x ? x[i] : T(0));
+}
+
+// act_backward on a (rows, cols) array plus the column sums of dz. Block
+// (bx, by) covers columns [32 bx, 32 bx + 32) of rows [by chunk_rows,
+// (by + 1) chunk_rows) and writes its sums to partial[by, :]; bias_grad_reduce
+// adds the chunks up in a fixed order, so the result is deterministic. With
+// one chunk, partial is the bias gradient itself.
+template <typename T>
+__global__ void act_backward_bias_grad(const T* dy, const T* x, T* dz, T* partial, long long rows,
+                                       long long cols, long long chunk_rows, int act, double param) {
+  __shared__ T sums[BG_ROWS][BG_COLS];
+  const T p = T(param);
+  const long long col = blockIdx.x * (long long)BG_COLS + threadIdx.x;
+  const long long first = blockIdx.y * chunk_rows;
+  const long long end = first + chunk_rows < rows ? first + chunk_rows : rows;
+  T acc = T(0);
+  if (col < cols) {
+    for (long long r = first + threadIdx.y; r < end; r += BG_ROWS) {
+      const long long i = r * cols + col;
+      const T d = dy[i] * nna::act_derivative(act, p, x ? x[i] : T(0));
+      dz[i] = d;
+      acc += d;
+    }
+  }
+  sums[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    for (int k = 1; k < BG_ROWS; ++k) acc += sums[k][threadIdx.x];
+    partial[blockIdx.y * cols + col] = acc;
+  }
+}
+
+// db[j] = sum over chunks k of partial[k, j], k in increasing order.
+template <typename T>
+__global__ void bias_grad_reduce(const T* partial, T* db, long long chunks, long long cols) {
+  for (long long j = nna::grid_start(); j < cols; j += nna::grid_stride()) {
+    T s = partial[j];
+    for (long long k = 1; k < chunks; ++k) s += partial[k * cols + j];
+    db[j] = s;
+  }
+}
+
+// y = softmax of each row of z, one warp per row; y may alias z.
+template <typename T>
+__global__ void softmax_rows(const T* z, T* y, long long rows, long long cols) {
+  for (long long r = nna::warp_row_start(); r < rows; r += nna::warp_row_stride()) {
+    const T* zr = z + r * cols;
+    T* yr = y + r * cols;
+    T max, sum;
+    nna::row_softmax_stats(zr, cols, max, sum);
+    for (long long c = nna::lane_id(); c < cols; c += 32) yr[c] = nna::math::exp(zr[c] - max) / sum;
+  }
+}
+
+// dz = y * (dy - sum_j dy_j y_j) per row, one warp per row; dz may alias dy.
+template <typename T>
+__global__ void softmax_backward(const T* dy, const T* y, T* dz, long long rows, long long cols) {
+  for (long long r = nna::warp_row_start(); r < rows; r += nna::warp_row_stride()) {
+    const T* dyr = dy + r * cols;
+    const T* yr = y + r * cols;
+    T* dzr = dz + r * cols;
+    T inner = T(0);
+    for (long long c = nna::lane_id(); c < cols; c += 32) inner += dyr[c] * yr[c];
+    inner = nna::warp_sum(inner);
+    for (long long c = nna::lane_id(); c < cols; c += 32) dzr[c] = yr[c] * (dyr[c] - inner);
+  }
+}

@@ -1,0 +1,333 @@
+"""The CUDA kernels of ``kernels/*.cu``: lazy compilation and checked launchers.
+
+Importing this module touches neither CuPy nor the GPU. Each ``.cu`` file is
+read once and compiled by CuPy's ``RawModule`` (NVRTC) the first time one of
+its kernels runs, once per (file, dtype); CuPy also caches the binary on disk,
+keyed by the source text, which is why local ``#include "x.cuh"`` lines are
+inlined here rather than found through ``-I`` (an edited header then
+recompiles).
+
+Every wrapper checks dtypes, shapes and C-contiguity with ``.dtype``,
+``.shape`` and ``.flags`` only, before any CuPy call, and raises
+:class:`~nnaccel.errors.ShapeError` naming the array. Scalars go to the
+kernels with their exact C types (``numpy.int32`` for ``int``,
+``numpy.int64`` for ``long long``, ``numpy.float64`` for ``double``).
+"""
+
+import functools
+import re
+from pathlib import Path
+
+import numpy
+
+from ..errors import ConfigError, ShapeError
+
+# Activation codes of the elementwise kernels (enum Act in activations.cuh);
+# the same codes as nnaccel.activations. Softmax (9) has its own row kernels.
+ACT_CODES = {"linear": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "sigmoid": 4, "tanh": 5,
+             "softplus": 6, "gelu": 7, "silu": 8}
+# Activations whose derivative reads z; the others read the output y.
+GRAD_FROM_Z = frozenset({ACT_CODES["gelu"], ACT_CODES["silu"]})
+
+# The kernel templates of each source file, instantiated per dtype.
+KERNELS = {
+    "elementwise.cu": ("bias_act", "act_backward", "act_backward_bias_grad", "bias_grad_reduce",
+                       "softmax_rows", "softmax_backward"),
+    "loss.cu": ("softmax_cross_entropy",),
+    "optimizer.cu": ("sgd_update", "adam_update"),
+    "maxout.cu": ("maxout_forward", "maxout_backward"),
+}
+CTYPES = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float64): "double"}
+OPTIONS = ("-std=c++17",)
+
+THREADS = 256  # threads per block of the 1-D launches
+ROWS_PER_BLOCK = THREADS // 32  # the row kernels run one warp per row
+BLOCKS_PER_SM = 32  # grid cap of the grid-stride loops
+BIAS_GRAD_BLOCK = (32, 8)  # (BG_COLS, BG_ROWS) in elementwise.cu
+BIAS_GRAD_BLOCKS_PER_SM = 8  # enough row chunks to fill the GPU...
+BIAS_GRAD_MIN_CHUNK_ROWS = 64  # ...but at least 8 rows per thread
+
+_INCLUDE = re.compile(r'^#include "([^"]+)"[ \t]*$', re.MULTILINE)
+_FILE_OF = {name: filename for filename, names in KERNELS.items() for name in names}
+
+
+def kernels_dir():
+    """The folder of the ``.cu`` sources: the ``nnaccel.kernels`` package
+    data, or ``kernels/`` of a source checkout when that package is absent."""
+    try:
+        from importlib.resources import files
+
+        return files("nnaccel.kernels")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "kernels"
+
+
+@functools.lru_cache(maxsize=None)
+def source(filename):
+    """The text of one kernel file with its local includes inlined."""
+    text = kernels_dir().joinpath(filename).read_text(encoding="utf-8")
+    return _INCLUDE.sub(lambda match: source(match.group(1)), text)
+
+
+def name_expressions(filename, dtype):
+    """The instantiations of ``filename``'s kernels for ``dtype``, e.g. ``bias_act<float>``."""
+    ctype = CTYPES[numpy.dtype(dtype)]
+    return [f"{name}<{ctype}>" for name in KERNELS[filename]]
+
+
+@functools.lru_cache(maxsize=None)
+def _module(filename, dtype):
+    import cupy
+
+    return cupy.RawModule(code=source(filename), options=OPTIONS,
+                          name_expressions=name_expressions(filename, dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name, dtype):
+    """The compiled ``name<ctype>`` (CuPy loads it again per device as needed)."""
+    return _module(_FILE_OF[name], dtype).get_function(f"{name}<{CTYPES[dtype]}>")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id):
+    from cupy.cuda import runtime
+
+    return runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device_id)
+
+
+def _grid(array, work_items, per_block=THREADS):
+    """Blocks for a grid-stride loop over ``work_items``: enough for one
+    pass, capped at BLOCKS_PER_SM per multiprocessor."""
+    return min(-(-work_items // per_block), BLOCKS_PER_SM * _sm_count(array.device.id))
+
+
+def _launch(name, anchor, grid, block, args):
+    """Run kernel ``name`` for ``anchor``'s dtype on ``anchor``'s device."""
+    with anchor.device:
+        _kernel(name, anchor.dtype)(grid, block, args)
+
+
+# ----- validation (no CuPy calls) ---------------------------------------------------
+
+def _float_array(what, array):
+    """Check the array whose dtype the others must share (float32 or float64,
+    contiguous); returns that dtype."""
+    if array.dtype not in CTYPES:
+        raise ShapeError(f"{what} has dtype {array.dtype}; the CUDA kernels take float32 or float64")
+    _contiguous(what, array)
+    return array.dtype
+
+
+def _contiguous(what, array):
+    if not array.flags.c_contiguous:
+        raise ShapeError(f"{what} (shape {array.shape}) is not C-contiguous; the CUDA kernels need "
+                         f"contiguous arrays")
+
+
+def _like(what, array, dtype, shape):
+    """Check ``array`` has ``dtype`` and ``shape`` and is C-contiguous."""
+    if array.dtype != dtype:
+        raise ShapeError(f"{what} has dtype {array.dtype}; expected {numpy.dtype(dtype)}")
+    if tuple(array.shape) != tuple(shape):
+        raise ShapeError(f"{what} has shape {tuple(array.shape)}; expected {tuple(shape)}")
+    _contiguous(what, array)
+
+
+def _rows_cols(what, array):
+    """(rows, cols) of an array seen as rows of its last axis."""
+    if array.ndim < 1:
+        raise ShapeError(f"{what} is 0-d; expected at least one axis")
+    cols = array.shape[-1]
+    return (array.size // cols if cols else 0), cols
+
+
+def _act_code(act_code):
+    if act_code not in ACT_CODES.values():
+        raise ConfigError(f"activation code {act_code!r} has no elementwise kernel; valid: {ACT_CODES}")
+    return int(act_code)
+
+
+def _i64(value):
+    return numpy.int64(value)
+
+
+# ----- wrappers ------------------------------------------------------------------------
+
+def bias_act(z, bias, act_code, param, out):
+    """``out = act(z + bias)`` with the bias over the last axis (``bias=None``:
+    no add); ``out`` may be ``z``. Returns ``out``."""
+    dtype = _float_array("z", z)
+    rows, cols = _rows_cols("z", z)
+    if bias is not None:
+        _like("bias", bias, dtype, (cols,))
+    _like("out", out, dtype, z.shape)
+    code = _act_code(act_code)
+    if z.size:
+        _launch("bias_act", z, (_grid(z, z.size),), (THREADS,),
+                (z, bias, out, _i64(rows), _i64(cols), numpy.int32(code), numpy.float64(param)))
+    return out
+
+
+def act_backward(dy, y, z, act_code, param, dz, db=None):
+    """``dz = dy * act'(.)``, reading ``y`` or ``z`` (gelu, silu) as the
+    activation needs (the other may be None); with ``db``, also the bias
+    gradient ``db = dz.sum(axis=0)`` over all but the last axis, fused and
+    deterministic. ``dz`` may be ``dy``. Returns ``dz``."""
+    dtype = _float_array("dy", dy)
+    _like("dz", dz, dtype, dy.shape)
+    code = _act_code(act_code)
+    x = None
+    if code != ACT_CODES["linear"]:
+        what, x = ("z", z) if code in GRAD_FROM_Z else ("y", y)
+        if x is None:
+            raise ShapeError(f"act_backward: activation code {code} needs {what}, got None")
+        _like(what, x, dtype, dy.shape)
+    if db is None:
+        if dy.size:
+            _launch("act_backward", dy, (_grid(dy, dy.size),), (THREADS,),
+                    (dy, x, dz, _i64(dy.size), numpy.int32(code), numpy.float64(param)))
+        return dz
+    rows, cols = _rows_cols("dy", dy)
+    _like("db", db, dtype, (cols,))
+    if rows == 0:
+        db.fill(0)
+    elif cols:
+        _bias_grad(dy, x, dz, db, rows, cols, code, param)
+    return dz
+
+
+def bias_grad_chunks(rows, cols, sm_count):
+    """(chunks, chunk_rows): the row chunks of act_backward_bias_grad, enough
+    blocks to fill ``sm_count`` multiprocessors but at least
+    BIAS_GRAD_MIN_CHUNK_ROWS rows each, and none empty."""
+    col_blocks = -(-cols // BIAS_GRAD_BLOCK[0])
+    wanted = -(-BIAS_GRAD_BLOCKS_PER_SM * sm_count // col_blocks)
+    chunks = max(1, min(rows // BIAS_GRAD_MIN_CHUNK_ROWS, wanted))
+    chunk_rows = -(-rows // chunks)
+    return -(-rows // chunk_rows), chunk_rows
+
+
+def _bias_grad(dy, x, dz, db, rows, cols, code, param):
+    """Launch act_backward_bias_grad over row chunks, then add the chunks up."""
+    chunks, chunk_rows = bias_grad_chunks(rows, cols, _sm_count(dy.device.id))
+    if chunks == 1:
+        partial = db
+    else:
+        import cupy
+
+        with dy.device:
+            partial = cupy.empty((chunks, cols), dtype=dy.dtype)
+    _launch("act_backward_bias_grad", dy, (-(-cols // BIAS_GRAD_BLOCK[0]), chunks), BIAS_GRAD_BLOCK,
+            (dy, x, dz, partial, _i64(rows), _i64(cols), _i64(chunk_rows), numpy.int32(code),
+             numpy.float64(param)))
+    if chunks > 1:
+        _launch("bias_grad_reduce", dy, (_grid(dy, cols),), (THREADS,),
+                (partial, db, _i64(chunks), _i64(cols)))
+
+
+def softmax(z, out):
+    """``out`` = softmax over the last axis of ``z``; ``out`` may be ``z``."""
+    dtype = _float_array("z", z)
+    _like("out", out, dtype, z.shape)
+    rows, cols = _rows_cols("z", z)
+    if rows and cols:
+        _launch("softmax_rows", z, (_grid(z, rows, ROWS_PER_BLOCK),), (THREADS,),
+                (z, out, _i64(rows), _i64(cols)))
+    return out
+
+
+def softmax_backward(dy, y, dz):
+    """``dz = y * (dy - sum(dy * y))`` per row (last axis); ``dz`` may be ``dy``."""
+    dtype = _float_array("dy", dy)
+    _like("y", y, dtype, dy.shape)
+    _like("dz", dz, dtype, dy.shape)
+    rows, cols = _rows_cols("dy", dy)
+    if rows and cols:
+        _launch("softmax_backward", dy, (_grid(dy, rows, ROWS_PER_BLOCK),), (THREADS,),
+                (dy, y, dz, _i64(rows), _i64(cols)))
+    return dz
+
+
+def softmax_cross_entropy(logits, labels, grad):
+    """Mean cross-entropy of softmax(logits) against integer labels (a 0-d
+    array), with ``grad = (softmax - onehot) / batch``; ``grad`` may be
+    ``logits``. A label outside [0, classes) makes the loss NaN."""
+    dtype = _float_array("logits", logits)
+    if logits.ndim != 2 or 0 in logits.shape:
+        raise ShapeError(f"logits has shape {tuple(logits.shape)}; expected (batch, classes), both > 0")
+    _like("grad", grad, dtype, logits.shape)
+    rows, cols = logits.shape
+    if labels.dtype.kind not in "iu":
+        raise ShapeError(f"labels has dtype {labels.dtype}; expected integer class indices")
+    if tuple(labels.shape) != (rows,):
+        raise ShapeError(f"labels has shape {tuple(labels.shape)}; expected ({rows},) like the logits' rows")
+    import cupy
+
+    with logits.device:
+        labels = cupy.asarray(labels, dtype=numpy.int64, order="C")  # int64 on this device
+        row_loss = cupy.empty(rows, dtype=dtype)
+    _launch("softmax_cross_entropy", logits, (_grid(logits, rows, ROWS_PER_BLOCK),), (THREADS,),
+            (logits, labels, grad, row_loss, _i64(rows), _i64(cols), numpy.float64(1.0 / rows)))
+    with logits.device:
+        return row_loss.mean()
+
+
+def sgd_update(p, g, v, lr, momentum, weight_decay, nesterov):
+    """PyTorch's SGD step in place over flat buffers (``v`` starts at zeros;
+    it is left alone, and may be None, when ``momentum`` is 0). Returns ``p``."""
+    dtype = _float_array("param", p)
+    _like("grad", g, dtype, p.shape)
+    if v is not None or momentum:
+        _like("velocity", v, dtype, p.shape)
+    if p.size:
+        _launch("sgd_update", p, (_grid(p, p.size),), (THREADS,),
+                (p, g, v, _i64(p.size), numpy.float64(lr), numpy.float64(momentum),
+                 numpy.float64(weight_decay), numpy.int32(bool(nesterov))))
+    return p
+
+
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step):
+    """PyTorch's Adam (``decoupled=False``) or AdamW step number ``step``
+    (from 1) in place over flat buffers. Returns ``p``."""
+    dtype = _float_array("param", p)
+    _like("grad", g, dtype, p.shape)
+    _like("m", m, dtype, p.shape)
+    _like("v", v, dtype, p.shape)
+    if step < 1:
+        raise ConfigError(f"adam step must count from 1, got {step}")
+    if p.size:
+        _launch("adam_update", p, (_grid(p, p.size),), (THREADS,),
+                (p, g, m, v, _i64(p.size), numpy.float64(lr), numpy.float64(beta1), numpy.float64(beta2),
+                 numpy.float64(eps), numpy.float64(weight_decay), numpy.int32(bool(decoupled)),
+                 numpy.float64(1.0 - beta1 ** step), numpy.float64(1.0 - beta2 ** step)))
+    return p
+
+
+def _maxout_shapes(what, array3, y_what, y, idx):
+    """Check a (batch, units, pieces) array against its (batch, units) partners."""
+    dtype = _float_array(what, array3)
+    if array3.ndim != 3 or array3.shape[2] == 0:
+        raise ShapeError(f"{what} has shape {tuple(array3.shape)}; expected (batch, units, pieces > 0)")
+    _like(y_what, y, dtype, array3.shape[:2])
+    _like("index", idx, numpy.int32, array3.shape[:2])
+    return array3.shape[0] * array3.shape[1], array3.shape[2]
+
+
+def maxout_forward(z3, y, idx):
+    """``y`` = max of ``z3`` (batch, units, pieces) over pieces and ``idx``
+    (int32) its first index, NaN counting as the max. Returns ``y``."""
+    n_out, pieces = _maxout_shapes("z3", z3, "y", y, idx)
+    if n_out:
+        _launch("maxout_forward", z3, (_grid(z3, n_out),), (THREADS,),
+                (z3, y, idx, _i64(n_out), numpy.int32(pieces)))
+    return y
+
+
+def maxout_backward(dy, idx, dz3):
+    """``dz3[b, u, k] = dy[b, u]`` where ``k == idx[b, u]``, else 0. Returns ``dz3``."""
+    n_out, pieces = _maxout_shapes("dz3", dz3, "dy", dy, idx)
+    if n_out:
+        _launch("maxout_backward", dz3, (_grid(dz3, dz3.size),), (THREADS,),
+                (dy, idx, dz3, _i64(n_out), numpy.int32(pieces)))
+    return dz3
