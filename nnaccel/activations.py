@@ -76,8 +76,8 @@ class LeakyReLU(Activation):
 
     def __init__(self, slope=0.01):
         slope = float(slope)
-        if not slope >= 0.0:
-            raise ConfigError(f"leaky_relu slope must be >= 0, got {slope}")
+        if not 0.0 <= slope < math.inf:
+            raise ConfigError(f"leaky_relu slope must be a finite number >= 0, got {slope}")
         self.param = self.slope = slope
 
     def config(self):
@@ -97,8 +97,8 @@ class ELU(Activation):
 
     def __init__(self, alpha=1.0):
         alpha = float(alpha)
-        if not alpha > 0.0:
-            raise ConfigError(f"elu alpha must be > 0, got {alpha}")
+        if not 0.0 < alpha < math.inf:
+            raise ConfigError(f"elu alpha must be a finite number > 0, got {alpha}")
         self.param = self.alpha = alpha
 
     def config(self):

@@ -51,7 +51,15 @@ def init_weight(kind, shape, fan_in, fan_out, rng, dtype):
     raise ConfigError(f"unknown init {kind!r}; valid: 'he', 'glorot'")
 
 
-def _check_size(value, what):
+def check_seed(value, what="seed"):
+    """Seeds are non-negative integers (NumPy's generators refuse anything else)."""
+    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 0:
+        raise ConfigError(f"{what} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def check_size(value, what):
+    """Sizes (widths, batch sizes, pieces) are positive integers."""
     if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value <= 0:
         raise ConfigError(f"{what} must be a positive integer, got {value!r}")
     return int(value)
@@ -100,8 +108,8 @@ class Dense(Layer):
 
     def __init__(self, in_features, out_features, activation=None, init="auto"):
         super().__init__()
-        self.in_features = _check_size(in_features, "Dense in_features")
-        self.out_features = _check_size(out_features, "Dense out_features")
+        self.in_features = check_size(in_features, "Dense in_features")
+        self.out_features = check_size(out_features, "Dense out_features")
         self.activation = activations.get(activation)
         self.init = self.activation.init if init == "auto" else init
 
@@ -142,9 +150,9 @@ class Maxout(Layer):
 
     def __init__(self, in_features, out_features, pieces=2):
         super().__init__()
-        self.in_features = _check_size(in_features, "Maxout in_features")
-        self.out_features = _check_size(out_features, "Maxout out_features")
-        self.pieces = _check_size(pieces, "Maxout pieces")
+        self.in_features = check_size(in_features, "Maxout in_features")
+        self.out_features = check_size(out_features, "Maxout out_features")
+        self.pieces = check_size(pieces, "Maxout pieces")
 
     def param_specs(self):
         shape = (self.in_features, self.out_features, self.pieces)

@@ -151,7 +151,7 @@ class StepLR:
     def __init__(self, step_size, gamma=0.1):
         if int(step_size) <= 0:
             raise ConfigError(f"StepLR step_size must be a positive integer, got {step_size}")
-        self.step_size, self.gamma = int(step_size), float(gamma)
+        self.step_size, self.gamma = int(step_size), _positive(gamma, "StepLR gamma")
 
     def lr_at(self, epoch, base_lr):
         return base_lr * self.gamma ** (epoch // self.step_size)
@@ -166,7 +166,7 @@ class CosineAnnealing:
     def __init__(self, t_max, eta_min=0.0):
         if int(t_max) <= 0:
             raise ConfigError(f"CosineAnnealing t_max must be a positive integer, got {t_max}")
-        self.t_max, self.eta_min = int(t_max), float(eta_min)
+        self.t_max, self.eta_min = int(t_max), _positive(eta_min, "CosineAnnealing eta_min", allow_zero=True)
 
     def lr_at(self, epoch, base_lr):
         progress = min(epoch, self.t_max) / self.t_max
