@@ -1,4 +1,4 @@
-"""The ``nnaccel`` command: train, evaluate, info.
+"""The ``nnaccel`` command: train, evaluate, predict, show, info.
 
 User errors (bad options, bad files, unusable devices) print one line and
 exit non-zero, with no traceback.
@@ -12,7 +12,7 @@ import sys
 
 import numpy
 
-from . import __version__, bench, checkpoint, datasets, losses, optimizers
+from . import __version__, bench, checkpoint, datasets, images, losses, optimizers, visualize
 from .backend import cuda_status, resolve_device
 from .callbacks import ModelCheckpoint
 from .errors import CheckpointError, ConfigError, NnaccelError
@@ -30,6 +30,16 @@ def _positive_int(text):
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
     return value
 
 
@@ -80,12 +90,15 @@ def build_parser():
     train.add_argument("--validation-split", type=float, default=0.2,
                        help="fraction of the training split held out for validation (default 0.2)")
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_non_negative_int, default=0)
     train.add_argument("--save", metavar="FILE", help="checkpoint (.npz) written after every epoch")
     train.add_argument("--resume", metavar="CHECKPOINT", help="continue training from a checkpoint")
     train.add_argument("--plot", metavar="FILE", help="draw the training curves to a PNG")
     train.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
     train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.add_argument("--distributed", action="store_true",
+                       help="data-parallel over the processes of 'mpiexec -n N' (MPI on CPUs, NCCL between "
+                            "GPUs, one GPU per rank); --batch-size is per rank; only rank 0 prints and saves")
 
     evaluate = commands.add_parser("evaluate", help="loss and accuracy of a saved model on a data set")
     evaluate.add_argument("model", help="a checkpoint written by 'nnaccel train --save'")
@@ -93,6 +106,23 @@ def build_parser():
     evaluate.add_argument("--split", default="test", choices=["test", "train"])
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--confusion", metavar="FILE", help="draw the confusion matrix to a PNG and list "
+                                                              "the most confused pairs")
+    evaluate.add_argument("--errors", metavar="FILE", help="draw the worst-classified images to a PNG")
+
+    predict = commands.add_parser("predict", help="the digit in each picture (PNG, JPEG, ...), with the top-3 "
+                                                  "probabilities")
+    predict.add_argument("model", help="a checkpoint written by 'nnaccel train --save'")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="pictures of one handwritten digit each")
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--json", action="store_true", help="one JSON object per picture, one per line")
+
+    show = commands.add_parser("show", help="pictures of what a model learned: first-layer weights, activations")
+    show.add_argument("model", help="a checkpoint written by 'nnaccel train --save'")
+    show.add_argument("--weights", metavar="FILE", help="draw the first layer's weights to a PNG")
+    show.add_argument("--activations", metavar="IMAGE", help="a picture of a digit whose activations to draw")
+    show.add_argument("--out", metavar="FILE", help="the PNG for --activations")
+    show.add_argument("--device", default="auto")
 
     commands.add_parser("info", help="versions, devices found, and why a GPU is not usable")
     bench.add_parser(commands)
@@ -120,7 +150,8 @@ def _trainer_from_options(args, features, classes, device):
     lr = args.lr or DEFAULT_LR[args.optimizer]
     options = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
     return Trainer(model, optimizer=optimizers.get(args.optimizer, lr=lr, **options),
-                   batch_size=args.batch_size, seed=args.seed, quiet=args.quiet)
+                   batch_size=args.batch_size, seed=args.seed, quiet=args.quiet,
+                   communicator=getattr(args, "communicator", None))
 
 
 def _trainer_from_checkpoint(args, device):
@@ -131,7 +162,8 @@ def _trainer_from_checkpoint(args, device):
         raise CheckpointError(f"{args.resume} holds a model but no training state; it cannot be resumed")
     trainer = Trainer(checkpoint.load(args.resume, device), loss=state["loss"],
                       optimizer=optimizers.get(meta["optimizer"]["config"]),
-                      batch_size=state["batch_size"], seed=state["seed"], quiet=args.quiet)
+                      batch_size=_rank_batch(args, state["batch_size"]), seed=state["seed"], quiet=args.quiet,
+                      communicator=getattr(args, "communicator", None))
     return trainer.load_checkpoint(args.resume)
 
 
@@ -156,7 +188,40 @@ def _fit_until_done_or_interrupted(trainer, args, data, validation_data):
 
 
 def cmd_train(args):
-    device = resolve_device(args.device)
+    if args.distributed:  # a rank that fails ends the whole job, naming itself, instead of hanging it
+        from . import distributed
+
+        return distributed.run_guarded(_train, args, prog="nnaccel train")
+    return _train(args)
+
+
+def _rank_batch(args, global_batch):
+    """The per-rank batch that keeps a checkpoint's samples per step (its global batch)."""
+    communicator = getattr(args, "communicator", None)
+    size = communicator.size if communicator is not None else 1
+    if global_batch % size:
+        error = ConfigError(f"{args.resume} trains {global_batch} samples per step, which {size} ranks cannot "
+                            f"share evenly; resume it on a number of ranks that divides {global_batch}")
+        error.all_ranks = True  # every rank finds it: rank 0 says it once, none is left waiting
+        raise error
+    return global_batch // size
+
+
+def _train(args):
+    from . import distributed
+
+    args.communicator = None
+    if args.distributed:
+        device = distributed.rank_device(args.device)
+        args.communicator = distributed.communicator_for(device)
+        args.quiet = args.quiet or args.communicator.rank != 0
+        _say(args, f"distributed over {args.communicator.size} rank(s) with {args.communicator.kind.upper()}: "
+                   f"{args.communicator.world.describe()}")
+    else:
+        device = resolve_device(args.device)
+        if distributed.launched_size() > 1:
+            _say(args, f"warning: {distributed.launched_size()} processes were started but without --distributed "
+                       f"each trains alone")
     if not 0.0 < args.validation_split < 1.0:
         raise ConfigError(f"--validation-split must be between 0 and 1, got {args.validation_split}")
     x, y = datasets.load(args.data, split="train")
@@ -175,10 +240,15 @@ def cmd_train(args):
         path = args.save or "nnaccel-interrupted.npz"
         trainer.save_checkpoint(path)
         step = trainer._resume_point["step"] if trainer._resume_point else 0
-        print(f"nnaccel train: interrupted in epoch {trainer.epoch + 1} after step {step}; checkpoint written "
-              f"to {path}; resume with: nnaccel train --resume {path} --data {args.data} --epochs {args.epochs}",
-              file=sys.stderr)
+        launch = f"mpiexec -n {trainer.world_size} nnaccel train --distributed" if args.distributed else "nnaccel train"
+        if trainer.rank == 0:
+            print(f"nnaccel train: interrupted in epoch {trainer.epoch + 1} after step {step}; checkpoint written "
+                  f"to {path}; resume with: {launch} --resume {path} --save {path} --data {args.data} "
+                  f"--validation-split {args.validation_split} --epochs {args.epochs}",
+                  file=sys.stderr)
         return 130
+    if trainer.rank != 0:  # the other ranks are done; rank 0 reports
+        return 0
     if args.plot:
         from .plotting import plot_history
 
@@ -201,11 +271,52 @@ def cmd_evaluate(args):
     loss = losses.get((meta.get("trainer") or {}).get("loss"))
     x, y = datasets.load(args.data, split=args.split)
     result = Trainer(model, loss=loss, quiet=True).evaluate(x, y)
+    if args.confusion or args.errors:
+        probs = visualize.predict_proba(model, x)
+    if args.confusion:
+        cm = visualize.confusion_matrix(y, probs.argmax(axis=1), classes=probs.shape[1])
+        visualize.plot_confusion(cm, args.confusion)
+        _say(args, f"confusion matrix written to {args.confusion}")
+        result["most_confused"] = [{"true": t, "predicted": p, "count": n} for t, p, n in visualize.most_confused(cm)]
+    if args.errors:
+        visualize.plot_errors(x, y, probs, args.errors)
+        _say(args, f"worst-classified images written to {args.errors}")
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.split} accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
               f"({x.shape[0]} samples, {args.data})")
+        if "most_confused" in result:
+            print("most confused (true -> predicted: count): " + ", ".join(
+                f"{pair['true']} -> {pair['predicted']}: {pair['count']}" for pair in result["most_confused"]))
+    return 0
+
+
+def cmd_predict(args):
+    model = checkpoint.load(args.model, device=resolve_device(args.device))
+    inputs = numpy.stack([images.prepare_for_model(path, model.in_features) for path in args.images])
+    for path, probs in zip(args.images, visualize.predict_proba(model, inputs)):
+        top = numpy.argsort(-probs, kind="stable")[:3]
+        if args.json:
+            print(json.dumps({"file": path, "digit": int(top[0]),
+                              "top3": [[int(c), round(float(probs[c]), 4)] for c in top]}))
+        else:
+            print(f"{path}: {top[0]}  ({', '.join(f'{c} {probs[c]:.2f}' for c in top)})")
+    return 0
+
+
+def cmd_show(args):
+    if not (args.weights or args.activations):
+        raise ConfigError("show needs --weights FILE.png and/or --activations IMAGE --out FILE.png")
+    if bool(args.activations) != bool(args.out):
+        raise ConfigError("--activations IMAGE and --out FILE.png go together")
+    model = checkpoint.load(args.model, device=resolve_device(args.device))
+    if args.weights:
+        visualize.plot_weights(model, args.weights)
+        _say(args, f"first-layer weights written to {args.weights}")
+    if args.activations:
+        visualize.plot_activations(model, images.prepare_for_model(args.activations, model.in_features), args.out)
+        _say(args, f"activations of {args.activations} written to {args.out}")
     return 0
 
 
@@ -229,10 +340,15 @@ def cmd_info(args):
     else:
         print(f"GPU not usable: {reason}")
     print(f"device 'auto' resolves to {resolve_device('auto')}")
+    from . import distributed
+
+    for line in distributed.status_lines():  # MPI and NCCL, for 'nnaccel train --distributed'
+        print(line)
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "bench": bench.run}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "show": cmd_show,
+            "info": cmd_info, "bench": bench.run}
 
 
 def main(argv=None):

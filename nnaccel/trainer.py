@@ -4,6 +4,11 @@ The whole training set goes to the device once; each epoch gathers it in a
 seeded shuffled order there and slices batches from it. Loss and accuracy
 are summed on the device and read only when reported, so a GPU is never
 made to wait on the host inside an epoch.
+
+With a ``communicator`` (see ``nnaccel.distributed``) the same loop is data
+parallel: every rank takes its part of each global batch of
+``batch_size * ranks`` samples, and one all-reduce per step over the flat
+gradient buffer gives every rank the gradient of the whole global batch.
 """
 
 import math
@@ -13,9 +18,14 @@ import time
 import numpy
 
 from . import checkpoint, losses, optimizers
-from .callbacks import Callback
+from .callbacks import Callback, CSVLogger, ModelCheckpoint, PlotCurves
 from .backend import array_device
 from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError
+from .layers import Dropout, check_seed, check_size
+
+# Callbacks that write files: in a distributed run only rank 0 runs them (as does any callback
+# with a true ``rank_zero_only`` attribute); the others run on every rank.
+RANK_ZERO_CALLBACKS = (ModelCheckpoint, CSVLogger, PlotCurves)
 
 
 class Trainer:
@@ -24,17 +34,21 @@ class Trainer:
     ``fit(..., epochs=N)`` trains N more epochs; the epoch count, the
     shuffle RNG, the optimizer state and the schedule position carry over
     between calls and through checkpoints.
+
+    With ``communicator`` (``nnaccel.distributed.communicator_for(model)``)
+    training is data parallel over its ranks: ``batch_size`` is per rank,
+    every rank passes the whole training set to ``fit``, and only rank 0
+    prints and writes checkpoints and logs.
     """
 
     def __init__(self, model, loss=None, optimizer=None, batch_size=32, seed=0, schedule=None,
-                 callbacks=(), quiet=False):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, numpy.integer)) or batch_size <= 0:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+                 callbacks=(), quiet=False, communicator=None):
+        batch_size = check_size(batch_size, "batch_size")
         self.model = model
         self.loss = losses.get(loss)
         self.optimizer = optimizers.get(optimizer)
         self.batch_size = int(batch_size)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.rng = numpy.random.default_rng(self.seed)
         self.schedule = schedule
         self.callbacks = list(callbacks)
@@ -44,6 +58,19 @@ class Trainer:
         self.stop_training = self.interrupted = False
         self.nan_check_every = None  # steps between finiteness checks; None: 1 on CPU, 100 on GPU
         self._resume_point = None
+        self.communicator = communicator
+        if communicator is not None:
+            communicator.check_model(model)
+            self.quiet = quiet or communicator.rank != 0
+
+    @property
+    def rank(self):
+        """This process's rank in a distributed run (0 otherwise)."""
+        return 0 if self.communicator is None else self.communicator.rank
+
+    @property
+    def world_size(self):
+        return 1 if self.communicator is None else self.communicator.size
 
     # ----- data --------------------------------------------------------------------
     def prepare(self, x, y, what="x"):
@@ -119,21 +146,36 @@ class Trainer:
         callbacks = self.callbacks + list(callbacks)
         self.stop_training = self.interrupted = False
         last_epoch = self.epoch + epochs
+        train_epoch, agreed = self._train_epoch, None
+        if self.communicator is not None:
+            callbacks = self._start_distributed(x, callbacks)
+            # (stop, interrupted) as the ranks last agreed: a rank's own flags, set by a signal
+            # at any moment, would have one rank leave the loop while the others train on.
+            train_epoch, agreed = self._train_epoch_distributed, (False, False)
         for callback in callbacks:
             callback.on_train_begin(self)
         try:
-            while self.epoch < last_epoch and not self.stop_training:
-                logs = self._train_epoch(x, y, shuffle, last_epoch, callbacks)
+            while self.epoch < last_epoch and not (self.stop_training if agreed is None else agreed[0]):
+                logs = train_epoch(x, y, shuffle, last_epoch, callbacks)
                 if logs is None:  # interrupted mid-epoch
+                    agreed = None if agreed is None else (True, True)
                     break
                 if validation_data is not None:
-                    logs.update({f"val_{k}": v for k, v in self._evaluate(*validation_data).items()})
+                    evaluate = self._evaluate if self.communicator is None else self._evaluate_distributed
+                    logs.update({f"val_{k}": v for k, v in evaluate(*validation_data).items()})
+                if self.communicator is not None:  # every rank decides (early stopping...) on rank 0's numbers
+                    logs = self.communicator.broadcast_object(logs)
                 for key, value in logs.items():
                     self.history.setdefault(key, []).append(value)
                 if not self.quiet:
                     print(_epoch_line(logs, last_epoch), file=sys.stderr, flush=True)
                 for callback in callbacks:
                     callback.on_epoch_end(self, logs)
+                if agreed is not None:
+                    agreed = tuple(self.communicator.any_flags(self.stop_training or self.interrupted,
+                                                               self.interrupted))
+            if agreed is not None:
+                self.stop_training, self.interrupted = agreed
         except MemoryError as error:
             raise OutOfMemory(self.model.backend.memory_report(error, self.batch_size)) from None
         finally:
@@ -162,6 +204,7 @@ class Trainer:
         batch_hooks = [c for c in callbacks if type(c).on_batch_end is not Callback.on_batch_end]
         start = time.perf_counter()
         steps = -(-n // batch)
+        step = point["step"] - 1  # a run interrupted after its last step resumes with no step to do
         for step in range(point["step"], steps):
             xb, yb = x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch]
             value, correct = self._loss_step(xb, yb)
@@ -187,6 +230,137 @@ class Trainer:
                 "lr": self.optimizer.lr, "samples_per_s": (seen - point["step"] * batch) / elapsed,
                 "time_s": elapsed}
 
+    # ----- data-parallel training ---------------------------------------------------
+    def _start_distributed(self, x, callbacks):
+        """Check the ranks agree, give them rank 0's weights, keep file writers on rank 0 only."""
+        comm, model, optimizer = self.communicator, self.model, self.optimizer
+        comm.check_model(model)
+        mine = {"samples": int(x.shape[0]), "epoch": self.epoch, "batch_size": self.batch_size,
+                "seed": self.seed, "parameters": model.num_parameters(), "optimizer_steps": optimizer.steps,
+                "resume_step": (self._resume_point or {}).get("step")}
+        everyone = comm.allgather_object(mine)
+        for rank, theirs in enumerate(everyone):
+            differ = [f"{key} {theirs[key]} (rank 0: {everyone[0][key]})" for key in mine
+                      if theirs[key] != everyone[0][key]]
+            if differ:  # every rank sees the same list and raises the same error
+                error = ConfigError(f"rank {rank} does not train the same run as rank 0: {', '.join(differ)}; "
+                                    f"every rank must pass the whole training set and the same settings")
+                error.all_ranks = True
+                raise error
+        comm.broadcast_(model.flat_params)
+        if optimizer.state_names:
+            for buf in optimizer._state_for(model).values():
+                comm.broadcast_(buf)
+        if comm.rank != 0:
+            callbacks = [c for c in callbacks
+                         if not isinstance(c, RANK_ZERO_CALLBACKS) and not getattr(c, "rank_zero_only", False)]
+        return callbacks
+
+    def _train_epoch_distributed(self, x, y, shuffle, last_epoch, callbacks):
+        """``_train_epoch`` over the ranks of ``self.communicator``; None if interrupted.
+
+        Every rank draws the same permutation (same seed, same RNG state) and
+        cuts it into global batches of ``batch_size * size`` rows; rank r
+        takes part r of each (``numpy.array_split`` parts, so a short last
+        batch still splits). Its gradient, a mean over its part, is scaled by
+        its share of the global batch before the all-reduce sums the ranks'
+        gradients: the result is the mean over the global batch, as one
+        process training on the global batch would compute. Steps count
+        global batches, so a resume point means the same in any world size
+        that keeps the global batch.
+        """
+        comm, model, ops, n = self.communicator, self.model, self.model.backend, x.shape[0]
+        size, rank, batch = comm.size, comm.rank, self.batch_size * comm.size
+        point = self._resume_point or {"step": 0, "rng": self.rng.bit_generator.state,
+                                       "loss_sum": 0.0, "correct_sum": 0.0}
+        self._resume_point = None
+        self.rng.bit_generator.state = point["rng"]
+        if self.schedule is not None:
+            self.optimizer.lr = self.schedule.lr_at(self.epoch, self.optimizer.base_lr)
+        order = self.rng.permutation(n) if shuffle else numpy.arange(n)
+        steps = -(-n // batch)
+        rows = numpy.minimum(batch, n - numpy.arange(steps) * batch)  # global rows per step
+        base, extra = numpy.divmod(rows, size)
+        counts = base + (rank < extra)  # this rank's rows per step
+        firsts = rank * base + numpy.minimum(rank, extra)  # where they start in the global batch
+        within = numpy.arange(n) % batch
+        step_of = numpy.arange(n) // batch
+        mine = order[(within >= firsts[step_of]) & (within < firsts[step_of] + counts[step_of])]
+        ends = numpy.concatenate([[0], numpy.cumsum(counts)])
+        index = ops.asarray(mine)
+        x, y = x[index], y[index]
+        model.train()
+        # The sums of a resumed epoch are global: rank 0 carries them, the others start from 0.
+        loss_sum = ops.asarray(numpy.float64(point["loss_sum"] if rank == 0 else 0.0))
+        correct_sum = ops.asarray(numpy.float64(point["correct_sum"] if rank == 0 else 0.0))
+        guard = _DivergenceGuard(self, self.nan_check_every or (1 if ops.name == "cpu" else 100))
+        progress = _Progress(self.epoch + 1, last_epoch, n, quiet=self.quiet)
+        batch_hooks = [c for c in callbacks if type(c).on_batch_end is not Callback.on_batch_end]
+        masks = _GlobalDropoutMasks(model) if size > 1 else None
+        grads = model.flat_grads
+        start = time.perf_counter()
+        step = point["step"] - 1
+        try:
+            for step in range(point["step"], steps):
+                lo, hi = int(ends[step]), int(ends[step + 1])
+                check = guard.due(step)
+                if hi > lo:
+                    if masks is not None:
+                        masks.select(int(rows[step]), int(firsts[step]))
+                    value, correct = self._loss_step(x[lo:hi], y[lo:hi])
+                    model._backward(self.loss._grad)
+                    if hi - lo != rows[step]:
+                        grads *= (hi - lo) / int(rows[step])
+                    if check:
+                        guard.flag_if_diverged(value, loss_sum, grads)
+                else:  # a short last batch left this rank nothing: it adds zeros
+                    value = correct = None
+                    grads.fill(0)
+                    if masks is not None:
+                        masks.skip()
+                comm.allreduce_sum_(grads)
+                if check:
+                    guard.after_allreduce(step, value, grads)
+                self.optimizer.step(model)
+                if value is not None:
+                    loss_sum += value * (hi - lo)
+                    correct_sum += correct
+                    for callback in batch_hooks:
+                        callback.on_batch_end(self, step, value)
+                stop, interrupted = comm.any_flags(self.stop_training, self.interrupted)
+                if interrupted:  # Ctrl-C reaches the ranks at different steps: they stop at the same one
+                    self.stop_training = self.interrupted = True
+                    loss_total, correct_total = comm.allreduce_scalars([loss_sum, correct_sum])
+                    self._resume_point = {"step": step + 1, "rng": point["rng"],
+                                          "loss_sum": loss_total, "correct_sum": correct_total}
+                    return None
+                if stop:
+                    self.stop_training = True
+                    break
+                if progress.enabled:  # rank 0's running mean stands for the global one
+                    done = min(n, (step + 1) * batch)
+                    progress.update(done, loss_sum * (done / max(hi, 1)), correct_sum * (done / max(hi, 1)))
+        finally:
+            if masks is not None:
+                masks.restore()
+        loss_total, correct_total = comm.allreduce_scalars([loss_sum, correct_sum])
+        guard.check_total(steps, loss_total)
+        ops.synchronize()
+        elapsed = time.perf_counter() - start
+        seen = min(n, (step + 1) * batch)
+        self.epoch += 1
+        return {"epoch": self.epoch, "loss": loss_total / seen, "accuracy": correct_total / seen,
+                "lr": self.optimizer.lr, "samples_per_s": (seen - point["step"] * batch) / elapsed,
+                "time_s": elapsed}
+
+    def _evaluate_distributed(self, x, y, batch_size=None):
+        """``_evaluate`` with each rank taking a part of the data set and the sums all-reduced."""
+        comm, n = self.communicator, x.shape[0]
+        lo, hi = n * comm.rank // comm.size, n * (comm.rank + 1) // comm.size
+        part = self._evaluate(x[lo:hi], y[lo:hi], batch_size) if hi > lo else {"loss": 0.0, "accuracy": 0.0}
+        loss_total, correct_total = comm.allreduce_scalars([part["loss"] * (hi - lo), part["accuracy"] * (hi - lo)])
+        return {"loss": loss_total / n, "accuracy": correct_total / n}
+
     def evaluate(self, x, y, batch_size=None):
         """Mean loss and accuracy over a data set, in eval mode: ``{"loss", "accuracy"}``."""
         return self._evaluate(*self.prepare(x, y, "x"), batch_size)
@@ -194,7 +368,7 @@ class Trainer:
     def _evaluate(self, x, y, batch_size=None):
         model, loss = self.model, self.loss
         ops = model.backend
-        batch = batch_size or max(self.batch_size, 1024)
+        batch = max(self.batch_size, 1024) if batch_size is None else check_size(batch_size, "evaluate batch_size")
         was_training = model.training
         model.eval()
         loss_sum = ops.zeros((), numpy.float64)
@@ -212,13 +386,22 @@ class Trainer:
 
     # ----- checkpoints ---------------------------------------------------------------
     def state(self):
-        """What, besides weights and optimizer buffers, a resumed run needs."""
-        return {"epoch": self.epoch, "seed": self.seed, "batch_size": self.batch_size,
+        """What, besides weights and optimizer buffers, a resumed run needs.
+
+        ``batch_size`` is the global batch, the rows of one optimizer step:
+        ``batch_size * world_size`` of a distributed run. A run resumed with
+        the same global batch continues the same trajectory in any number of
+        processes (one process, or ``world_size`` ranks of batch_size each).
+        """
+        return {"epoch": self.epoch, "seed": self.seed, "batch_size": self.batch_size * self.world_size,
+                "world_size": self.world_size,
                 "rng": self.rng.bit_generator.state, "history": self.history,
                 "loss": self.loss.name, "resume_point": self._resume_point}
 
     def save_checkpoint(self, path):
-        """Write a resumable checkpoint (atomically) to ``path``."""
+        """Write a resumable checkpoint (atomically) to ``path`` (in a distributed run: rank 0 only)."""
+        if self.rank != 0:
+            return
         checkpoint.save(path, self.model, self.optimizer, self.state())
 
     def load_checkpoint(self, path):
@@ -229,10 +412,17 @@ class Trainer:
         state = meta.get("trainer")
         if state is None:
             raise CheckpointError(f"{path} holds no trainer state; it cannot resume training")
-        self.epoch = int(state["epoch"])
+        self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
         self.rng.bit_generator.state = state["rng"]
         self.history = {k: list(v) for k, v in state["history"].items()}
         self._resume_point = state.get("resume_point")
+        saved_batch, batch = int(state.get("batch_size", self.batch_size)), self.batch_size * self.world_size
+        if self._resume_point is not None and saved_batch != batch:
+            raise CheckpointError(
+                f"{path} stopped in the middle of epoch {self.epoch + 1} (step {self._resume_point['step']}) of a "
+                f"run with {saved_batch} samples per step, but this run takes {batch} "
+                f"({self.batch_size} x {self.world_size} process(es)); resume it with {saved_batch} samples per "
+                f"step (batch_size x processes)")
         return self
 
 
@@ -276,6 +466,34 @@ class _DivergenceGuard:
         self._restore()
         self._fail(step, total, self.checked_step)
 
+    # The distributed loop asks the same questions, but every rank must get the same answer:
+    # a rank that finds its loss non-finite writes NaN into its gradient buffer, so after the
+    # all-reduce every rank reads NaN in the first element and fails at the same step.
+    def due(self, step):
+        """Whether ``step`` is checked (every step on the CPU; each ``every``-th on a GPU)."""
+        return self.every == 1 or self.snapshot is None or not step % self.every
+
+    def flag_if_diverged(self, value, loss_sum, grads):
+        total = float(value) if self.every == 1 else float(loss_sum + value)
+        if not math.isfinite(total):
+            self.local_value = total
+            grads[:1] = math.nan
+
+    def after_allreduce(self, step, value, grads):
+        if math.isfinite(float(grads[0])):
+            if self.every != 1:
+                self._take_snapshot(step)
+            return
+        self._restore()
+        self._fail(step, getattr(self, "local_value", math.nan), step if self.every == 1 else self.checked_step,
+                   all_ranks=True)
+
+    def check_total(self, step, total):
+        """End of a distributed epoch: ``total`` is the all-reduced loss sum, the same on every rank."""
+        if self.every != 1 and not math.isfinite(total):
+            self._restore()
+            self._fail(step, total, self.checked_step, all_ranks=True)
+
     def _take_snapshot(self, step):
         model, optimizer = self.trainer.model, self.trainer.optimizer
         self.snapshot = (model.flat_params.copy(), {k: v.copy() for k, v in optimizer.state.items()},
@@ -291,13 +509,61 @@ class _DivergenceGuard:
             self.trainer.optimizer.state[name][...] = buf
         self.trainer.optimizer.steps = steps
 
-    def _fail(self, step, value, good_step):
+    def _fail(self, step, value, good_step, all_ranks=False):
         epoch = self.trainer.epoch + 1
         kept = (f"the weights from before that step" if good_step == step else
                 f"the weights from before step {good_step + 1}, the last check" if good_step is not None else
                 "the weights from the start of the epoch")
-        raise TrainingDiverged(f"loss became {value} at epoch {epoch}, step {step + 1}; training stopped "
-                               f"and kept {kept} (try a lower learning rate)", epoch, step + 1)
+        error = TrainingDiverged(f"loss became {value} at epoch {epoch}, step {step + 1}; training stopped "
+                                 f"and kept {kept} (try a lower learning rate)", epoch, step + 1)
+        error.all_ranks = all_ranks  # a distributed run: every rank raises it at the same step
+        raise error
+
+
+class _GlobalDropoutMasks:
+    """Gives each rank's Dropout layers their rows of the global batch's mask.
+
+    Dropout masks are a pure function of (seed, counter, element index): a
+    rank draws the mask of the whole global batch and keeps its own rows, so
+    a distributed run drops exactly what one process on the global batch
+    would (and the ranks' masks differ). It costs the mask work of the
+    global batch on every rank, which is small next to the weighted sums.
+    """
+
+    def __init__(self, model):
+        self.layers = [layer for layer in model.layers if isinstance(layer, Dropout)]
+        self.originals = [layer.ops for layer in self.layers]
+        self.rows = self.first = 0
+        for layer, ops in zip(self.layers, self.originals):
+            layer.ops = _RowsOfMask(ops, self)
+
+    def select(self, rows, first):
+        self.rows, self.first = rows, first
+
+    def skip(self):
+        """A rank with no rows this step still advances the counters, as the others draw a mask."""
+        for layer in self.layers:
+            if layer.rate != 0.0:
+                layer.counter += 1
+
+    def restore(self):
+        for layer, ops in zip(self.layers, self.originals):
+            layer.ops = ops
+
+
+class _RowsOfMask:
+    """A backend whose ``dropout_mask`` is a row slice of the global batch's mask."""
+
+    def __init__(self, ops, masks):
+        self._ops, self._masks = ops, masks
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    def dropout_mask(self, shape, rate, seed, counter, dtype):
+        masks = self._masks
+        full = self._ops.dropout_mask((masks.rows,) + tuple(shape[1:]), rate, seed, counter, dtype)
+        return full[masks.first:masks.first + shape[0]]
 
 
 def _epoch_line(logs, last_epoch):

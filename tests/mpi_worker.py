@@ -1,0 +1,153 @@
+"""One rank of the distributed tests: ``mpiexec -n 2 python tests/mpi_worker.py OUT.npz [options]``.
+
+Trains a small seeded network on a synthetic set, data parallel when
+``--distributed`` is given (over however many ranks mpiexec started), and
+rank 0 writes the final weights, and whether every rank ended with the same
+weights, to OUT.npz. ``setup`` builds the same run in one process for the
+tests' reference. Failure options make one rank raise or die mid-training.
+"""
+
+import argparse
+import hashlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nnaccel as nn  # noqa: E402
+from nnaccel import datasets  # noqa: E402
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", help="npz written by rank 0: the final weights")
+    parser.add_argument("--distributed", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n", type=int, default=203, help="training samples")
+    parser.add_argument("--batch", type=int, default=16, help="batch size (per rank when distributed)")
+    parser.add_argument("--epochs", type=int, default=3, help="total epochs")
+    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--resume", help="checkpoint to resume from")
+    parser.add_argument("--save", help="checkpoint written (by rank 0) when training stops")
+    parser.add_argument("--stop", nargs=3, type=int, metavar=("RANK", "EPOCH", "STEP"),
+                        help="that rank alone requests a stop (as Ctrl-C would) after that step (0-based epoch)")
+    parser.add_argument("--fail", nargs=3, metavar=("RANK", "STEP", "HOW"),
+                        help="that rank fails after that step of its first epoch: raise, exit or kill")
+    parser.add_argument("--check-every", type=int, help="Trainer.nan_check_every (5: the GPU strategy)")
+    parser.add_argument("--nan", nargs=3, type=int, metavar=("RANK", "EPOCH", "STEP"),
+                        help="that rank alone sees a NaN loss at that step (0-based epoch); the divergence "
+                             "is recorded in OUT instead of raised")
+    return parser.parse_args(argv)
+
+
+def setup(args, device="cpu", communicator=None, batch=None):
+    """The model, trainer and data of a run: identical in every process and in the tests."""
+    x, y = datasets.synthetic(n=args.n, features=20, classes=4, seed=1)
+    layers = [nn.Dense(20, 32, activation="tanh")]
+    if args.dropout:
+        layers.append(nn.Dropout(args.dropout))
+    layers += [nn.Dense(32, 16, activation="relu"), nn.Dense(16, 4)]
+    model = nn.Sequential(*layers, device=device, seed=5)
+    optimizer = nn.SGD(lr=0.05, momentum=0.9) if args.optimizer == "sgd" else nn.Adam(lr=0.01)
+    if communicator == "auto":
+        from nnaccel import distributed
+
+        communicator = distributed.communicator_for(model)
+    trainer = nn.Trainer(model, optimizer=optimizer, batch_size=batch or args.batch, seed=3, quiet=True,
+                         communicator=communicator)
+    return model, trainer, (x, y)
+
+
+class StopAt(nn.Callback):
+    """Requests a stop on one rank only, after one step of one epoch (Ctrl-C seen by one process)."""
+
+    def __init__(self, rank, epoch, step):
+        self.rank, self.epoch, self.step = rank, epoch, step
+
+    def on_batch_end(self, trainer, step, loss):
+        if trainer.rank == self.rank and trainer.epoch == self.epoch and step == self.step:
+            trainer.request_stop()
+
+
+class FailAt(nn.Callback):
+    def __init__(self, rank, step, how, pid_dir):
+        self.rank, self.step, self.how, self.pid_dir = int(rank), int(step), how, pid_dir
+
+    def on_batch_end(self, trainer, step, loss):
+        if trainer.rank != self.rank or step != self.step or trainer.epoch:
+            return
+        if self.how == "raise":
+            raise RuntimeError(f"boom in step {step}")
+        if self.how == "exit":
+            sys.exit(3)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison_loss(trainer, rank, epoch, step):
+    """Make ``rank``'s loss NaN at one step, as a bad sample in its part of the batch would."""
+    original, calls = trainer._loss_step, {}
+
+    def loss_step(xb, yb):
+        value, correct = original(xb, yb)
+        calls[trainer.epoch] = calls.get(trainer.epoch, -1) + 1
+        if trainer.rank == rank and trainer.epoch == epoch and calls[epoch] == step:
+            value = value * float("nan")
+        return value, correct
+
+    trainer._loss_step = loss_step
+
+
+def main(args):
+    device = args.device
+    communicator = None
+    if args.distributed:
+        from nnaccel import distributed
+
+        device = distributed.rank_device(args.device)
+        communicator = "auto"
+    model, trainer, (x, y) = setup(args, device=device, communicator=communicator)
+    callbacks = []
+    if args.stop:
+        callbacks.append(StopAt(*args.stop))
+    if args.fail:
+        callbacks.append(FailAt(*args.fail, pid_dir=None))
+    if args.resume:
+        trainer.load_checkpoint(args.resume)
+    if args.nan:
+        poison_loss(trainer, *args.nan)
+    trainer.nan_check_every = args.check_every
+    diverged = None
+    try:
+        trainer.fit(x, y, epochs=args.epochs - trainer.epoch, callbacks=callbacks)
+    except nn.TrainingDiverged as error:
+        if not args.nan:
+            raise
+        diverged = [error.epoch, error.step, getattr(error, "all_ranks", False)]
+    if args.save:
+        trainer.save_checkpoint(args.save)
+    weights = model.backend.to_host(model.flat_params)
+    digests = [hashlib.sha256(weights.tobytes()).hexdigest()]
+    if trainer.communicator is not None:
+        digests = trainer.communicator.allgather_object(digests[0])
+    if diverged is not None and trainer.communicator is not None:
+        diverged = trainer.communicator.allgather_object(diverged)
+    if trainer.rank == 0:
+        numpy.savez(args.out, weights=weights, identical=len(set(digests)) == 1, ranks=len(digests),
+                    diverged=numpy.array(diverged if diverged is not None else []),
+                    epoch=trainer.epoch, interrupted=trainer.interrupted,
+                    history_loss=numpy.array(trainer.history.get("loss", [])))
+    return 0
+
+
+if __name__ == "__main__":
+    arguments = parse()
+    if arguments.distributed:
+        from nnaccel import distributed
+
+        sys.exit(distributed.run_guarded(main, arguments, prog="mpi_worker"))
+    sys.exit(main(arguments))

@@ -1,0 +1,413 @@
+"""Data-parallel training: 2 MPI ranks on the CPU match one process on the doubled batch,
+failures end the job instead of hanging it, checkpoints move between world sizes.
+
+The multi-process tests run ``mpiexec -n 2`` (MPICH's hydra with the fork
+launcher: no ssh needed) as a subprocess with a timeout, and skip with the
+reason when mpi4py or mpiexec is missing or MPI cannot start two processes
+here. Nothing in this process initialises MPI.
+"""
+
+import importlib.util
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy
+import pytest
+
+import nnaccel as nn
+from nnaccel import checkpoint, distributed
+from nnaccel.errors import ConfigError, DeviceError
+
+from conftest import GPU_COUNT, GPU_REASON
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mpi_worker  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = str(Path(__file__).resolve().parent / "mpi_worker.py")
+TIMEOUT = 120  # seconds for any one mpiexec run; a hang fails the test instead of blocking CI
+MPIEXEC = distributed.mpiexec_path()
+ENV = {**os.environ, "HYDRA_LAUNCHER": "fork", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+NNACCEL = [sys.executable, "-m", "nnaccel.cli"]
+
+
+def _probe():
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py is not installed (pip install 'nnaccel[mpi]')"
+    if MPIEXEC is None:
+        return "mpiexec not found (pip install 'nnaccel[mpi]' installs MPICH's)"
+    try:
+        run = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c",
+                              "from mpi4py import MPI; MPI.COMM_WORLD.Barrier()"],
+                             env=ENV, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "mpiexec -n 2 did not finish a barrier in 60 s here"
+    if run.returncode:
+        return f"mpiexec -n 2 cannot start MPI here: {run.stderr.strip()[-500:]}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def mpi():
+    reason = _probe()
+    if reason:
+        pytest.skip(reason)
+
+
+def mpiexec(ranks, *args, timeout=TIMEOUT, cwd=None):
+    """``mpiexec -n ranks args...`` to completion; a run past ``timeout`` is stopped and fails the test."""
+    process = subprocess.Popen([MPIEXEC, "-n", str(ranks), *map(str, args)], env=ENV, cwd=cwd, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop(process)
+        pytest.fail(f"mpiexec -n {ranks} {' '.join(map(str, args))} hung for {timeout} s")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def _stop(process):
+    process.terminate()  # hydra tears its ranks down on SIGTERM
+    try:
+        process.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+
+
+def worker(ranks, out, *options, **kwargs):
+    return mpiexec(ranks, sys.executable, WORKER, out, "--distributed", *options, **kwargs)
+
+
+def reference(options, batch, epochs=None, callbacks=()):
+    """The same run in this process, on one device with batch ``batch``: (model, trainer)."""
+    args = mpi_worker.parse(["unused", *map(str, options)])
+    model, trainer, (x, y) = mpi_worker.setup(args, batch=batch)
+    trainer.fit(x, y, epochs=args.epochs if epochs is None else epochs, callbacks=callbacks)
+    return model, trainer
+
+
+def assert_same_weights(weights, expected):
+    """Equal within float32 rounding: 1e-6 of the largest weight (sums split over ranks round differently)."""
+    expected = numpy.asarray(expected)
+    scale = float(numpy.abs(expected).max())
+    numpy.testing.assert_allclose(weights, expected, rtol=1e-6, atol=1e-6 * scale)
+
+
+# ----- no MPI needed ------------------------------------------------------------------------------
+def test_communicator_follows_the_device():
+    assert distributed.kind_for("cpu") == "mpi"
+    assert distributed.kind_for("cuda:1") == "nccl"
+    assert distributed.kind_for(nn.Sequential(nn.Dense(4, 2))) == "mpi"
+    with pytest.raises(DeviceError, match="no communicator for device 'tpu'"):
+        distributed.kind_for("tpu")
+
+
+def test_missing_mpi4py_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(ConfigError, match=re.escape("pip install 'nnaccel[mpi]'")):
+        distributed.mpi()
+    assert distributed.mpi_status() == (False, "mpi4py not installed (pip install 'nnaccel[mpi]')")
+
+
+def test_cuda_model_without_nccl_is_a_clear_error(monkeypatch):
+    def no_nccl():
+        raise ConfigError("NCCL could not be loaded (libnccl.so.2: cannot open shared object file); "
+                          + distributed.NCCL_HINT)
+
+    monkeypatch.setattr(distributed, "_nccl_module", no_nccl)
+    monkeypatch.setattr(distributed, "_COMMUNICATORS", {})
+    with pytest.raises(ConfigError, match=r"a model on cuda:0 all-reduces through NCCL: NCCL could not be loaded "
+                                          r".*nvidia-nccl-cu12.*or train on the CPU over MPI \(--device cpu\)"):
+        distributed.communicator_for("cuda:0")
+    ok, text = distributed.nccl_status()
+    assert not ok and "nvidia-nccl-cu12" in text
+
+
+def test_real_nccl_status_needs_no_mpi():
+    """Whatever this machine has (no CuPy, no libnccl, no GPU, or all of it), the status says it in one line."""
+    ok, text = distributed.nccl_status()
+    assert text and "\n" not in text
+    assert ok == ("NCCL" in text and "GPU(s)" in text)
+    assert "mpi4py.MPI" not in sys.modules or not sys.modules["mpi4py.MPI"].Is_initialized()
+
+
+class OneRank:
+    """A communicator of one rank without MPI: the distributed loop must then be the plain one."""
+
+    kind, rank, size, device = "fake", 0, 1, "cpu"
+
+    def check_model(self, model):
+        pass
+
+    def allreduce_sum_(self, array):
+        return array
+
+    broadcast_ = allreduce_sum_
+
+    def allreduce_scalars(self, values):
+        return [float(value) for value in values]
+
+    def any_flags(self, *flags):
+        return [bool(flag) for flag in flags]
+
+    def broadcast_object(self, obj, root=0):
+        return obj
+
+    def allgather_object(self, obj):
+        return [obj]
+
+
+@pytest.mark.parametrize("options", [["--optimizer", "adam", "--dropout", "0.3"], ["--n", "193"]])
+def test_one_rank_distributed_loop_is_the_plain_loop_bit_for_bit(options):
+    args = mpi_worker.parse(["unused", *options])
+    model, trainer, (x, y) = mpi_worker.setup(args)
+    trainer.fit(x, y, epochs=2, validation_data=(x[:50], y[:50]))
+    model1, trainer1, _ = mpi_worker.setup(args, communicator=OneRank())
+    trainer1.fit(x, y, epochs=2, validation_data=(x[:50], y[:50]))
+    numpy.testing.assert_array_equal(model1.flat_params, model.flat_params)
+    assert trainer1.history["loss"] == pytest.approx(trainer.history["loss"], rel=1e-12)
+    assert trainer1.history["val_loss"] == pytest.approx(trainer.history["val_loss"], rel=1e-12)
+
+
+def test_mid_epoch_checkpoint_needs_the_same_samples_per_step(tmp_path):
+    args = mpi_worker.parse(["unused"])
+    _, trainer, (x, y) = mpi_worker.setup(args, batch=32)
+    trainer.fit(x, y, epochs=2, callbacks=[mpi_worker.StopAt(0, 0, 2)])
+    trainer.save_checkpoint(tmp_path / "c.npz")
+    assert checkpoint.read(tmp_path / "c.npz")[0]["trainer"]["batch_size"] == 32
+    _, other, _ = mpi_worker.setup(args, batch=16)
+    with pytest.raises(nn.CheckpointError, match="stopped in the middle of epoch 1 .* 32 samples per step, but "
+                                                 "this run takes 16"):
+        other.load_checkpoint(tmp_path / "c.npz")
+
+
+# ----- 2 MPI ranks ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [
+    ["--optimizer", "sgd"],  # 203 samples: the last global batch of 11 splits 6 + 5
+    ["--optimizer", "adam", "--dropout", "0.3", "--n", "193"],  # last global batch of 1: rank 1 adds zeros
+])
+def test_two_ranks_train_like_one_process_on_the_double_batch(mpi, tmp_path, options):
+    run = worker(2, tmp_path / "w.npz", "--batch", 16, *options)
+    assert run.returncode == 0, run.stderr
+    result = numpy.load(tmp_path / "w.npz")
+    assert result["ranks"] == 2 and result["identical"], "the ranks' weights differ"
+    model, trainer = reference(options, batch=32)
+    assert_same_weights(result["weights"], model.flat_params)
+    numpy.testing.assert_allclose(result["history_loss"], trainer.history["loss"], rtol=1e-6)
+
+
+def test_a_rank_stopping_alone_stops_every_rank_and_resumes_in_one_process(mpi, tmp_path):
+    """Rank 1 alone asks to stop mid-epoch (as a Ctrl-C seen by one process): every rank stops after
+    the same step, and one process resumes the checkpoint on the same 32 samples per step."""
+    options = ["--dropout", "0.3"]
+    run = worker(2, tmp_path / "w.npz", *options, "--stop", 1, 1, 3, "--save", tmp_path / "c.npz")
+    assert run.returncode == 0, run.stderr
+    result = numpy.load(tmp_path / "w.npz")
+    assert result["interrupted"] and result["identical"] and result["epoch"] == 1
+    state = checkpoint.read(tmp_path / "c.npz")[0]["trainer"]
+    assert state["resume_point"]["step"] == 4 and state["batch_size"] == 32 and state["world_size"] == 2
+
+    args = mpi_worker.parse(["unused", *options])
+    model, trainer, (x, y) = mpi_worker.setup(args, batch=32)
+    trainer.load_checkpoint(tmp_path / "c.npz")
+    trainer.fit(x, y, epochs=3 - trainer.epoch)
+    straight, straight_trainer = reference(options, batch=32)
+    assert_same_weights(model.flat_params, straight.flat_params)
+    numpy.testing.assert_allclose(trainer.history["loss"], straight_trainer.history["loss"], rtol=1e-6)
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(mpi, tmp_path):
+    options = ["--dropout", "0.3", "--optimizer", "adam"]
+    args = mpi_worker.parse(["unused", *options])
+    _, trainer, (x, y) = mpi_worker.setup(args, batch=32)
+    trainer.fit(x, y, epochs=3, callbacks=[mpi_worker.StopAt(0, 1, 2)])
+    assert trainer.interrupted
+    trainer.save_checkpoint(tmp_path / "c.npz")
+    run = worker(2, tmp_path / "w.npz", *options, "--resume", tmp_path / "c.npz")
+    assert run.returncode == 0, run.stderr
+    result = numpy.load(tmp_path / "w.npz")
+    assert result["identical"] and result["epoch"] == 3
+    straight, _ = reference(options, batch=32)
+    assert_same_weights(result["weights"], straight.flat_params)
+
+
+@pytest.mark.parametrize("check_every, step", [(1, 5), (5, 6)])
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(mpi, tmp_path, check_every, step):
+    """Rank 1 alone sees a NaN loss in step 5 of epoch 2: every rank raises TrainingDiverged at the
+    same check, with the same finite weights (``check_every=5`` is the GPU strategy, run on the CPU)."""
+    run = worker(2, tmp_path / "w.npz", "--nan", 1, 1, 4, "--check-every", check_every)
+    assert run.returncode == 0, run.stderr
+    result = numpy.load(tmp_path / "w.npz")
+    assert result["diverged"].tolist() == [[2, step, 1], [2, step, 1]]
+    assert result["identical"] and numpy.isfinite(result["weights"]).all()
+
+
+def test_cli_divergence_is_one_error_from_rank_0(mpi, tmp_path):
+    run = mpiexec(2, *NNACCEL, "train", "--distributed", "--layers", "64,32,10", "--lr", "1e30", "--quiet",
+                  "--save", "c.npz", cwd=tmp_path, timeout=60)
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if "error" in line]
+    assert errors == ["nnaccel train: error: loss became nan at epoch 1, step 2; training stopped and kept the "
+                      "weights from before that step (try a lower learning rate)"], run.stderr
+    assert numpy.isfinite(checkpoint.load(tmp_path / "c.npz").flat_params).all()
+
+
+def test_ranks_given_different_runs_are_refused_by_every_rank(mpi, tmp_path):
+    """Each rank must pass the whole training set: a rank with other data is named, in one error line."""
+    common = [sys.executable, WORKER, tmp_path / "w.npz", "--distributed"]
+    run = mpiexec(1, *common, ":", "-n", 1, *common, "--n", 200, timeout=60)
+    assert run.returncode == 2, run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error" in line]
+    assert errors == ["mpi_worker: error: rank 1 does not train the same run as rank 0: samples 200 (rank 0: 203); "
+                      "every rank must pass the whole training set and the same settings"], run.stderr
+
+
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_a_failing_rank_ends_the_job_naming_it(mpi, tmp_path, how):
+    start = time.monotonic()
+    run = worker(2, tmp_path / "w.npz", "--epochs", 1000, "--fail", 1, 3, how, timeout=60)
+    assert run.returncode != 0
+    assert "mpi_worker: rank 1:" in run.stderr
+    assert ("RuntimeError: boom in step 3" if how == "raise" else "exited with status 3") in run.stderr
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "w.npz").exists()
+
+
+def _lines(stream, into):
+    for line in stream:
+        into.put(line)
+
+
+def test_a_killed_rank_ends_the_job(mpi, tmp_path):
+    """mpiexec names the killed process by pid; nnaccel's first line maps every pid to its rank."""
+    process = subprocess.Popen([MPIEXEC, "-n", "2", *NNACCEL, "train", "--distributed", "--data", "synthetic",
+                                "--layers", "784,64,10", "--epochs", "1000", "--batch-size", "8"],
+                               env=ENV, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = queue.Queue()  # hydra writes its BAD TERMINATION report to stdout: read both streams
+    threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
+    seen, pid, deadline = [], None, time.monotonic() + TIMEOUT
+    try:
+        while pid is None or not any(line.startswith("epoch 1/") for line in seen):
+            seen.append(lines.get(timeout=max(deadline - time.monotonic(), 0.1)))
+            match = re.search(r"rank 1 pid (\d+) on", seen[-1])
+            pid = int(match.group(1)) if match else pid
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        process.wait(timeout=60)
+    except (queue.Empty, subprocess.TimeoutExpired):
+        _stop(process)
+        pytest.fail("the job neither started nor ended in time:\n" + "".join(seen))
+    assert time.monotonic() - start < 60
+    time.sleep(0.5)
+    while not lines.empty():
+        seen.append(lines.get())
+    text = "".join(seen)
+    assert process.returncode != 0
+    assert f"rank 1 pid {pid} on" in text and f"PID {pid}" in text, text
+
+
+def test_cli_checkpoints_move_between_two_ranks_and_one_process(mpi, tmp_path):
+    common = ["--layers", "64,32,10", "--quiet", "--device", "cpu"]
+
+    def single(*args):
+        run = subprocess.run([*NNACCEL, "train", *common, *map(str, args)], env=ENV, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=TIMEOUT)
+        assert run.returncode == 0, run.stderr
+        return run
+
+    straight = single("--epochs", 2, "--batch-size", 64, "--save", "straight.npz")
+    run = mpiexec(2, *NNACCEL, "train", "--distributed", *common, "--epochs", 1, "--batch-size", 32,
+                  "--save", "two.npz", "--json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert len(run.stdout.splitlines()) == 1 and json.loads(run.stdout)["epochs"] == 1  # rank 0 alone reports
+    resumed = single("--resume", "two.npz", "--epochs", 2, "--save", "two-then-one.npz")
+    assert resumed.stdout == straight.stdout
+
+    single("--epochs", 1, "--batch-size", 64, "--save", "one.npz")
+    run = mpiexec(2, *NNACCEL, "train", "--distributed", *common, "--resume", "one.npz", "--epochs", 2,
+                  "--save", "one-then-two.npz", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    expected = checkpoint.load(tmp_path / "straight.npz").flat_params
+    for name in ("two-then-one.npz", "one-then-two.npz"):
+        assert_same_weights(checkpoint.load(tmp_path / name).flat_params, expected)
+        assert checkpoint.read(tmp_path / name)[0]["trainer"]["batch_size"] == 64
+
+
+def test_cli_resume_needs_ranks_that_share_the_global_batch(mpi, tmp_path):
+    model = nn.Sequential(nn.Dense(64, 32, activation="relu"), nn.Dense(32, 10))
+    nn.Trainer(model, batch_size=64).save_checkpoint(tmp_path / "c.npz")
+    run = mpiexec(3, *NNACCEL, "train", "--distributed", "--resume", "c.npz", cwd=tmp_path, timeout=60)
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if "error" in line]
+    assert errors == ["nnaccel train: error: c.npz trains 64 samples per step, which 3 ranks cannot share evenly; "
+                      "resume it on a number of ranks that divides 64"], run.stderr
+
+
+def test_cli_ctrl_c_stops_every_rank_with_a_checkpoint(mpi, tmp_path):
+    process = subprocess.Popen([MPIEXEC, "-n", "2", *NNACCEL, "train", "--distributed", "--layers", "64,32,10",
+                                "--epochs", "1000", "--batch-size", "8", "--save", "c.npz"],
+                               env=ENV, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = queue.Queue()
+    threading.Thread(target=_lines, args=(process.stderr, lines), daemon=True).start()
+    seen, deadline = [], time.monotonic() + TIMEOUT
+    try:
+        while not any(line.startswith("epoch 1/") for line in seen):
+            seen.append(lines.get(timeout=max(deadline - time.monotonic(), 0.1)))
+        process.send_signal(signal.SIGINT)  # what Ctrl-C does to mpiexec; hydra passes it to the ranks
+        process.wait(timeout=60)
+    except (queue.Empty, subprocess.TimeoutExpired):
+        _stop(process)
+        pytest.fail("the job did not stop on SIGINT:\n" + "".join(seen))
+    time.sleep(0.5)
+    while not lines.empty():
+        seen.append(lines.get())
+    text = "".join(seen)
+    assert process.returncode == 130, text
+    assert text.count("nnaccel train: interrupted in epoch") == 1 and "mpiexec -n 2 nnaccel train --distributed " \
+           "--resume c.npz" in text
+    state = checkpoint.read(tmp_path / "c.npz")[0]["trainer"]
+    assert state["world_size"] == 2 and state["batch_size"] == 16
+
+
+def test_cli_user_error_on_every_rank_ends_the_job(mpi, tmp_path):
+    run = mpiexec(2, *NNACCEL, "train", "--distributed", "--layers", "784,32,10", cwd=tmp_path, timeout=60)
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert re.search(r"nnaccel train: rank [01]: error: --layers starts with 784 inputs", run.stderr), run.stderr
+
+
+def test_info_reports_mpi_and_nccl(mpi):
+    run = subprocess.run([*NNACCEL, "info"], env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"^MPI: mpi4py \S+, .*not launched by mpiexec", run.stdout, re.M), run.stdout
+    assert re.search(r"^NCCL( not usable)?: ", run.stdout, re.M)
+    run = mpiexec(2, *NNACCEL, "info", timeout=60)
+    assert run.returncode == 0 and "launched with 2 process(es)" in run.stdout
+
+
+# ----- NCCL, on as many GPUs as answer --------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_COUNT == 0, reason=f"no usable GPU: {GPU_REASON}")
+def test_nccl_ranks_train_like_one_process(mpi, tmp_path):
+    ok, text = distributed.nccl_status()
+    if not ok:
+        pytest.skip(text)
+    ranks = GPU_COUNT
+    options = ["--optimizer", "adam", "--dropout", "0.3"]
+    run = worker(ranks, tmp_path / "w.npz", "--device", "cuda", *options)
+    assert run.returncode == 0, run.stderr
+    result = numpy.load(tmp_path / "w.npz")
+    assert result["ranks"] == ranks and result["identical"]
+    model, _ = reference(options, batch=16 * ranks)
+    numpy.testing.assert_allclose(result["weights"], model.flat_params, rtol=1e-5,
+                                  atol=1e-5 * float(numpy.abs(model.flat_params).max()))
