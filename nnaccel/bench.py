@@ -1,0 +1,455 @@
+"""``nnaccel bench``: training-step throughput per device, against the GEMM peak and PyTorch.
+
+Each configuration (device, network, batch size) is warmed up, then timed in
+rounds of training steps on one synthetic batch kept on the device; the
+median round gives samples/s and achieved GFLOP/s, shown as a share of the
+float32 GEMM peak measured on the same device in the same run. With
+``--compare torch`` the same step in PyTorch (same network, batch, optimizer
+and thread count) runs in rounds alternating with nnaccel's, so both see the
+same machine noise, and the ratio is the median over the paired rounds.
+"""
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy
+
+from . import __version__, datasets
+from .backend import cuda_status, get_backend, resolve_device
+from .errors import ConfigError
+from .layers import Dense
+from .losses import SoftmaxCrossEntropy
+from .model import Sequential
+from .optimizers import SGD
+from .trainer import Trainer
+
+LR, MOMENTUM = 0.01, 0.9
+# The networks and batch sizes the CPU ratio targets are judged on.
+TARGET_BATCHES = {"784-16-16-10": 32, "784-128-64-10": 64, "784-1024-1024-10": 256, "784-2048-2048-10": 512}
+DEFAULT_BATCHES = {
+    "784-16-16-10": (32, 128, 512),
+    "784-128-64-10": (64, 256, 1024),
+    "784-1024-1024-10": (64, 256, 1024),
+    "784-2048-2048-10": (128, 512, 2048),
+    "784-4096-4096-10": (512, 2048, 8192),
+}
+OTHER_BATCHES = (32, 256, 1024)  # for networks given with --networks but not listed above
+GPU_ONLY_NETWORKS = ("784-4096-4096-10",)  # minutes per configuration on a CPU
+GEMM_SIZE = {"cpu": 2048, "cuda": 8192}
+ROUNDS = 5
+ROUND_SECONDS = 0.25  # a round's length when --steps is not given
+WARMUP_SECONDS = 0.5  # untimed runs before the rounds: caches, allocators, clocks and thread pools settle
+QUICK = {"networks": ("784-16-16-10",), "batches": (16, 64), "rounds": 1, "steps": 2, "warmup_s": 0.0,
+         "gemm_size": 256}
+
+
+class Step(NamedTuple):
+    """One unit of timed work, and the call that waits until the device has finished it."""
+
+    run: Callable
+    synchronize: Callable
+
+
+@dataclass
+class Result:
+    """One configuration's measurements; seconds are per round of ``steps`` steps."""
+
+    device: str
+    network: str
+    batch: int
+    steps: int
+    seconds: list
+    samples_per_s: float
+    gflops: float
+    peak_share: float
+    target: bool  # a configuration the CPU ratio targets are judged on
+    torch_seconds: list = field(default_factory=list)
+    torch_samples_per_s: float = None
+    ratio: float = None  # nnaccel samples/s over PyTorch samples/s, median of the paired rounds
+    speedup: float = None  # this GPU's samples/s over the CPU's, same network and batch
+
+
+# ----- what is measured --------------------------------------------------------------
+def parse_network(text):
+    """Layer sizes from ``"784-128-64-10"``: input, hidden layers, classes."""
+    try:
+        sizes = tuple(int(part) for part in text.strip().split("-"))
+    except ValueError:
+        sizes = ()
+    if len(sizes) < 2 or min(sizes) <= 0:
+        raise ConfigError(f"network {text!r} is not a list of positive layer sizes like 784-128-64-10")
+    return sizes
+
+
+def network_name(sizes):
+    return "-".join(map(str, sizes))
+
+
+def step_flops(sizes, batch):
+    """Floating-point operations of one training step.
+
+    Each layer costs 2*batch*in*out forward and twice that backward (weight
+    and input gradients), but the first layer's input gradient is not computed.
+    """
+    weights = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return 6 * batch * weights - 2 * batch * sizes[0] * sizes[1]
+
+
+def build_network(sizes, device):
+    """ReLU hidden layers and a linear output, float32, on ``device``."""
+    layers = [Dense(a, b, activation="relu") for a, b in zip(sizes[:-2], sizes[1:-1])]
+    layers.append(Dense(sizes[-2], sizes[-1]))
+    return Sequential(*layers, device=device, seed=0, dtype=numpy.float32)
+
+
+def synthetic_batch(sizes, batch):
+    """One seeded float32 batch (host arrays) with ``sizes[0]`` features and ``sizes[-1]`` classes."""
+    return datasets.synthetic(batch, sizes[0], sizes[-1], seed=0, dtype=numpy.float32)
+
+
+def training_step(sizes, batch, device):
+    """nnaccel's training step (softmax cross-entropy, SGD with momentum) on a batch kept on ``device``."""
+    model = build_network(sizes, device).train()
+    trainer = Trainer(model, loss=SoftmaxCrossEntropy(), optimizer=SGD(lr=LR, momentum=MOMENTUM),
+                      batch_size=batch, quiet=True)
+    x, y = trainer.prepare(*synthetic_batch(sizes, batch))
+    return Step(lambda: trainer.train_step(x, y), model.backend.synchronize)
+
+
+def torch_training_step(torch, sizes, batch, device):
+    """The same step in PyTorch; the input tensor needs no gradient, as in nnaccel."""
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers[:-1]).to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    x, y = (torch.from_numpy(array).to(device) for array in synthetic_batch(sizes, batch))
+
+    def run():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    if device == "cpu":
+        return Step(run, lambda: None)
+    return Step(run, lambda: torch.cuda.synchronize(device))
+
+
+# ----- timing -------------------------------------------------------------------------
+def time_round(step, steps):
+    """Seconds for ``steps`` runs of ``step``, with the device drained before and after."""
+    step.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step.run()
+    step.synchronize()
+    return time.perf_counter() - start
+
+
+def warm_up(step, seconds):
+    """Run ``step`` once (allocations, kernel compilation), then in rounds of doubling length until
+    one lasts ``seconds``; returns that round's seconds per run, to size the timed rounds."""
+    step.run()
+    runs = 1
+    while (elapsed := time_round(step, runs)) < seconds:
+        runs *= 2
+    return elapsed / runs
+
+
+def gemm_peak(backend, size, rounds, warmup_s):
+    """GFLOP/s of a ``size`` x ``size`` float32 matmul on ``backend``: the median round."""
+    a = backend.uniform((size, size), seed=1, counter=0)
+    b = backend.uniform((size, size), seed=2, counter=0)
+    out = backend.empty((size, size), numpy.float32)
+    step = Step(lambda: backend.matmul(a, b, out=out), backend.synchronize)
+    calls = max(1, math.ceil(ROUND_SECONDS / warm_up(step, warmup_s)))
+    seconds = statistics.median(time_round(step, calls) for _ in range(rounds))
+    return 2 * size ** 3 * calls / seconds / 1e9
+
+
+def measure(sizes, batch, device, peak, rounds, steps, warmup_s, torch=None):
+    """Time nnaccel's step (and PyTorch's, alternating rounds, when ``torch`` is given)."""
+    ours = training_step(sizes, batch, device)
+    per_step = warm_up(ours, warmup_s)
+    theirs = None
+    if torch is not None:
+        theirs = torch_training_step(torch, sizes, batch, device)
+        warm_up(theirs, warmup_s)
+    steps = steps or max(1, math.ceil(ROUND_SECONDS / per_step))
+    seconds, torch_seconds = [], []
+    for _ in range(rounds):
+        seconds.append(time_round(ours, steps))
+        if theirs is not None:
+            torch_seconds.append(time_round(theirs, steps))
+    samples_per_s = batch * steps / statistics.median(seconds)
+    gflops = step_flops(sizes, batch) * samples_per_s / batch / 1e9
+    name = network_name(sizes)
+    result = Result(device, name, batch, steps, seconds, samples_per_s, gflops, gflops / peak,
+                    target=device == "cpu" and TARGET_BATCHES.get(name) == batch)
+    if theirs is not None:
+        result.torch_seconds = torch_seconds
+        result.torch_samples_per_s = batch * steps / statistics.median(torch_seconds)
+        result.ratio = statistics.median(t / s for s, t in zip(seconds, torch_seconds))
+    return result
+
+
+def add_speedups(results):
+    """Fill each GPU result's speed-up over the CPU result of the same network and batch."""
+    cpu = {(r.network, r.batch): r.samples_per_s for r in results if r.device == "cpu"}
+    for result in results:
+        if result.device != "cpu" and (result.network, result.batch) in cpu:
+            result.speedup = result.samples_per_s / cpu[result.network, result.batch]
+
+
+# ----- options -------------------------------------------------------------------------
+def parse_devices(text):
+    """Canonical device names from ``"cpu,cuda"``; by default every device that answers."""
+    if text is None:
+        return ["cpu"] + [f"cuda:{index}" for index in range(cuda_status()[0])]
+    devices = [resolve_device(name) for name in text.split(",") if name.strip()]
+    if not devices:
+        raise ConfigError("--devices names no device; expected e.g. cpu,cuda")
+    return list(dict.fromkeys(devices))
+
+
+def parse_batches(text):
+    """Batch sizes from ``"32,64,256"``."""
+    try:
+        batches = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) <= 0:
+        raise ConfigError(f"--batches {text!r} is not a list of positive batch sizes like 32,64,256")
+    return batches
+
+
+def plan(args, devices):
+    """``(device, sizes, batches)`` for every network to run on every device."""
+    names = args.networks.split(",") if args.networks else QUICK["networks"] if args.quick else DEFAULT_BATCHES
+    networks = [parse_network(name) for name in names]
+    batches = parse_batches(args.batches) if args.batches else QUICK["batches"] if args.quick else None
+    grid = []
+    for device in devices:
+        for sizes in networks:
+            name = network_name(sizes)
+            if not args.networks and device == "cpu" and name in GPU_ONLY_NETWORKS:
+                continue
+            grid.append((device, sizes, batches or DEFAULT_BATCHES.get(name, OTHER_BATCHES)))
+    return grid
+
+
+def _positive(value, option):
+    """``value`` when it is None (not given) or positive, else a ConfigError naming ``option``."""
+    if value is not None and value <= 0:
+        raise ConfigError(f"{option} must be a positive integer, got {value}")
+    return value
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as error:
+        raise ConfigError(f"--compare torch needs PyTorch, which does not import here ({error}): "
+                          "pip install torch") from None
+    return torch
+
+
+def _check_output(path, option):
+    """Refuse an output file in a missing folder before the benchmark runs, not after."""
+    if path and not Path(path).resolve().parent.is_dir():
+        raise ConfigError(f"{option} {path}: folder {Path(path).parent} does not exist")
+
+
+def default_threads():
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+# ----- reports ---------------------------------------------------------------------------
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(devices, torch=None):
+    """Where and with what the numbers were measured, for the JSON report."""
+    from threadpoolctl import threadpool_info
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
+            "cores": os.cpu_count(), "threadpools": threadpool_info(), "gpus": {},
+            "versions": {"nnaccel": __version__, "numpy": numpy.__version__}}
+    if torch is not None:
+        info["versions"]["torch"] = torch.__version__
+    try:
+        import cupy
+    except Exception:  # not installed, or a broken install: cuda_status() says which
+        return info
+    info["versions"]["cupy"] = cupy.__version__
+    for device in devices:
+        if device.startswith("cuda"):
+            props = cupy.cuda.runtime.getDeviceProperties(int(device.split(":")[1]))
+            info["gpus"][device] = props["name"].decode()
+    return info
+
+
+def _cell(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(results):
+    """Aligned text columns; those empty in every row (no PyTorch, one device) are left out."""
+    header = ("device", "network", "batch", "samples/s", "GFLOP/s", "% peak", "torch samples/s",
+              "ratio", "GPU/CPU")
+    rows = [(r.device, r.network, str(r.batch), _cell(r.samples_per_s, ",.0f"), _cell(r.gflops, ".1f"),
+             _cell(100 * r.peak_share, ".1f"), _cell(r.torch_samples_per_s, ",.0f"), _cell(r.ratio, ".2f"),
+             _cell(r.speedup, ".1f")) for r in results]
+    shown = [i for i in range(len(header)) if i < 6 or any(row[i] != "-" for row in rows)]
+    widths = {i: max(len(row[i]) for row in [header, *rows]) for i in shown}
+    lines = ["  ".join(row[i].ljust(widths[i]) if i < 2 else row[i].rjust(widths[i]) for i in shown).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def plot_results(results, path):
+    """Samples/s against batch size, one line per device and network (PyTorch dashed), log axes."""
+    from .plotting import pyplot
+
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    for key in dict.fromkeys((r.device, r.network) for r in results):
+        rows = sorted((r for r in results if (r.device, r.network) == key), key=lambda r: r.batch)
+        batches = [r.batch for r in rows]
+        (line,) = axis.plot(batches, [r.samples_per_s for r in rows], marker="o", label=" ".join(key))
+        if all(r.torch_samples_per_s for r in rows):
+            axis.plot(batches, [r.torch_samples_per_s for r in rows], "--", marker="x", color=line.get_color(),
+                      label=f"{' '.join(key)} PyTorch")
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("batch size")
+    axis.set_ylabel("training samples/s")
+    axis.set_title(f"nnaccel {__version__} training-step throughput (float32, SGD)")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# ----- the command -------------------------------------------------------------------------
+def add_parser(subparsers):
+    """Register ``nnaccel bench`` and its options on the command line's subparsers."""
+    parser = subparsers.add_parser(
+        "bench", help="training-step throughput per device, against the GEMM peak and PyTorch",
+        description=__doc__.splitlines()[0].replace("``", ""))
+    parser.add_argument("--devices", help="comma-separated devices, e.g. cpu,cuda (default: every one that answers)")
+    parser.add_argument("--networks", help="comma-separated layer sizes, e.g. 784-128-64-10,784-1024-1024-10 "
+                                           "(default: the four CPU target networks, and 784-4096-4096-10 on GPUs)")
+    parser.add_argument("--batches", help="comma-separated batch sizes for every network "
+                                          "(default: three per network, its target batch among them)")
+    parser.add_argument("--rounds", type=int,
+                        help=f"timed rounds per configuration; the median counts (default {ROUNDS})")
+    parser.add_argument("--steps", type=int,
+                        help=f"training steps per round (default: enough for about {ROUND_SECONDS} s)")
+    parser.add_argument("--threads", type=int,
+                        help=f"CPU threads for NumPy's BLAS and for PyTorch (default: {default_threads()}, "
+                             "the cores available)")
+    parser.add_argument("--compare", choices=["torch"],
+                        help="also time the same step in PyTorch, in alternating rounds, and add the ratio")
+    parser.add_argument("--json", metavar="FILE", help="write the results and machine information as JSON")
+    parser.add_argument("--plot", metavar="FILE", help="draw samples/s against batch size to a PNG")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and one round: a smoke test for CI")
+    return parser
+
+
+def run(args):
+    """Measure the grid the options ask for, print the table, write the JSON and the plot."""
+    threads = _positive(args.threads, "--threads") or default_threads()
+    rounds = _positive(args.rounds, "--rounds") or (QUICK["rounds"] if args.quick else ROUNDS)
+    steps = _positive(args.steps, "--steps") or (QUICK["steps"] if args.quick else None)
+    warmup_s = QUICK["warmup_s"] if args.quick else WARMUP_SECONDS
+    devices = parse_devices(args.devices)
+    grid = plan(args, devices)
+    torch = _import_torch() if args.compare == "torch" else None
+    _check_output(args.json, "--json")
+    _check_output(args.plot, "--plot")
+    if args.plot:
+        from .plotting import pyplot
+
+        pyplot()  # a missing matplotlib is reported now, not after the measurements
+    peaks, results = measure_grid(grid, threads, rounds, steps, warmup_s, torch, quick=args.quick)
+    add_speedups(results)
+    gemm = ", ".join(f"{d} {p['gflops']:,.1f} GFLOP/s ({p['size']}x{p['size']})" for d, p in peaks.items())
+    print(f"nnaccel {__version__} bench: float32, SGD(lr={LR}, momentum={MOMENTUM}), {threads} CPU "
+          f"thread{'s' * (threads > 1)}, median of {rounds} round(s); % peak is of the float32 GEMM "
+          f"measured in this run: {gemm}")
+    print(format_table(results))
+    if args.json:
+        report = {"machine": machine_info(devices, torch),
+                  "settings": {"dtype": "float32", "optimizer": {"type": "SGD", "lr": LR, "momentum": MOMENTUM},
+                               "loss": "softmax_cross_entropy", "threads": threads, "rounds": rounds,
+                               "steps": steps or "auto", "warmup_seconds": warmup_s, "compare": args.compare},
+                  "gemm_peak": peaks, "results": [asdict(result) for result in results]}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        _say(f"results written to {args.json}")
+    if args.plot:
+        plot_results(results, args.plot)
+        _say(f"plot written to {args.plot}")
+    return 0
+
+
+def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False):
+    """Each device's GEMM peak, then every configuration, all under one CPU thread count.
+
+    Returns ``({device: {"size", "gflops"}}, [Result, ...])``.
+    """
+    from threadpoolctl import threadpool_limits
+
+    peaks, results = {}, []
+    saved_torch_threads = torch.get_num_threads() if torch is not None else None
+    try:
+        with threadpool_limits(limits=threads):
+            if torch is not None:
+                torch.set_num_threads(threads)
+            for device, sizes, batches in grid:
+                backend = get_backend(device)
+                backend.use()
+                if device not in peaks:
+                    size = QUICK["gemm_size"] if quick else GEMM_SIZE[device.split(":")[0]]
+                    peaks[device] = {"size": size, "gflops": gemm_peak(backend, size, rounds, warmup_s)}
+                    _say(f"{device}: float32 GEMM {size}x{size}: {peaks[device]['gflops']:,.1f} GFLOP/s")
+                peer = torch if torch is not None and (device == "cpu" or torch.cuda.is_available()) else None
+                if torch is not None and peer is None:
+                    _say(f"{device}: PyTorch {torch.__version__} has no CUDA here, so no comparison on it")
+                for batch in batches:
+                    result = measure(sizes, batch, device, peaks[device]["gflops"], rounds, steps, warmup_s,
+                                     peer)
+                    results.append(result)
+                    _say(f"{device} {result.network} batch {batch}: {result.samples_per_s:,.0f} samples/s"
+                         + (f", PyTorch ratio {result.ratio:.2f}" if result.ratio else ""))
+    finally:
+        if torch is not None:
+            torch.set_num_threads(saved_torch_threads)
+    return peaks, results
+
+
+def _say(message):
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,88 @@
+"""CI smoke run of the benchmark tooling (tiny sizes, one round) so that it cannot rot."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnaccel import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    """``nnaccel bench --quick`` with JSON and plot (and ``--compare torch`` where PyTorch imports)."""
+    folder = tmp_path_factory.mktemp("bench")
+    compare = ["--compare", "torch"] if HAS_TORCH else []
+    done = run("-m", "nnaccel.cli", "bench", "--quick", *compare,
+               "--json", folder / "bench.json", "--plot", folder / "bench.png")
+    assert done.returncode == 0, done.stderr
+    return done.stdout, json.loads((folder / "bench.json").read_text()), folder / "bench.png"
+
+
+def test_bench_table(quick_bench):
+    stdout, _, _ = quick_bench
+    lines = stdout.splitlines()
+    header = lines[1].split()
+    assert header[:3] == ["device", "network", "batch"] and "GFLOP/s" in header
+    assert ("ratio" in header) == HAS_TORCH
+    rows = [line.split() for line in lines[2:]]
+    assert [row[:3] for row in rows if row[0] == "cpu"] == [["cpu", "784-16-16-10", "16"],
+                                                             ["cpu", "784-16-16-10", "64"]]
+    assert len({len(line) for line in lines[1:]}) == 1  # right-aligned columns end together
+
+
+def test_bench_json(quick_bench):
+    _, report, _ = quick_bench
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    assert report["machine"]["versions"]["nnaccel"] and report["machine"]["threadpools"]
+    assert report["settings"]["optimizer"] == {"type": "SGD", "lr": 0.01, "momentum": 0.9}
+    assert report["gemm_peak"]["cpu"]["gflops"] > 0
+    cpu = [r for r in report["results"] if r["device"] == "cpu"]
+    assert [r["batch"] for r in cpu] == [16, 64]
+    for result in cpu:
+        assert result["samples_per_s"] > 0 and result["gflops"] > 0 and 0 < result["peak_share"]
+        assert len(result["seconds"]) == 1 and result["steps"] == 2
+        assert (result["ratio"] is not None and result["torch_samples_per_s"] > 0) == HAS_TORCH
+
+
+def test_bench_plot(quick_bench):
+    _, _, png = quick_bench
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--networks", "784-x-10"], "network '784-x-10' is not a list of positive layer sizes"),
+    (["--networks", "784"], "network '784' is not a list of positive layer sizes"),
+    (["--batches", "32,0"], "--batches '32,0' is not a list of positive batch sizes"),
+    (["--devices", "tpu"], "unknown device 'tpu'"),
+    (["--rounds", "0"], "--rounds must be a positive integer, got 0"),
+    (["--json", "no/such/dir/b.json"], "--json no/such/dir/b.json: folder no/such/dir does not exist"),
+])
+def test_bench_user_errors_are_one_line(args, message, capsys):
+    assert cli.main(["bench", "--quick", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nnaccel bench: error: ") and message in err and err.count("\n") == 1
+
+
+def test_compare_torch_without_torch_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    assert cli.main(["bench", "--quick", "--compare", "torch"]) == 2
+    assert "--compare torch needs PyTorch" in capsys.readouterr().err
+
+
+def test_benchmark_suite_runs():
+    """The pytest-benchmark suite, once per test at its tiniest size, without timing."""
+    done = run("-m", "pytest", "benchmarks", "-q", "--bench-quick", "--benchmark-disable", "-p", "no:cacheprovider")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert " passed" in done.stdout
