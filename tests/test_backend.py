@@ -149,23 +149,3 @@ def test_bias_grad_and_maxout_ops(device):
     expected = numpy.zeros_like(z3)
     numpy.put_along_axis(expected, z3.argmax(2)[..., None], dy[..., None], axis=2)
     numpy.testing.assert_array_equal(dz3, expected)
-
-
-@pytest.mark.parametrize("momentum, weight_decay, nesterov",
-                         [(0.0, 0.0, False), (0.0, 0.01, False), (0.9, 0.0, False), (0.9, 0.01, False),
-                          (0.9, 0.01, True)])
-@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
-def test_numpy_blas_sgd_matches_the_generic_step(momentum, weight_decay, nesterov, dtype):
-    """The CPU's BLAS SGD reorders the arithmetic; it must agree with the generic formula to rounding."""
-    ops = get_backend("cpu")
-    rng = numpy.random.default_rng(3)
-    p = rng.standard_normal(10_000).astype(dtype)
-    p_ref, v, v_ref = p.copy(), numpy.zeros_like(p), numpy.zeros_like(p)
-    for _ in range(5):
-        g = rng.standard_normal(p.size).astype(dtype)
-        ops.sgd_update(p, g, v, 0.1, momentum, weight_decay, nesterov)
-        Backend.sgd_update(ops, p_ref, g, v_ref, 0.1, momentum, weight_decay, nesterov)
-    assert p.dtype == v.dtype == dtype
-    eps = numpy.finfo(dtype).eps
-    numpy.testing.assert_allclose(p, p_ref, rtol=0, atol=16 * eps * numpy.abs(p_ref).max())
-    numpy.testing.assert_allclose(v, v_ref, rtol=0, atol=16 * eps * numpy.abs(v_ref).max())
