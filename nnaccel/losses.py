@@ -40,6 +40,8 @@ class Loss:
         if y.ndim != 2 or y.dtype.kind != "f":
             raise ShapeError(f"loss input y must be a 2-D float array (batch, outputs), got "
                              f"shape {tuple(y.shape)} dtype {y.dtype}")
+        if not self.integer_targets and tuple(target.shape) != tuple(y.shape):
+            raise ShapeError(f"target has shape {tuple(target.shape)} but y has {tuple(y.shape)}")
 
     def forward(self, y, target):
         ops = self._ops(y)
@@ -102,11 +104,6 @@ class MeanSquaredError(Loss):
             return target.reshape(-1, 1)
         return target
 
-    def check(self, ops, y, target):
-        super().check(ops, y, target)
-        if tuple(target.shape) != tuple(y.shape):
-            raise ShapeError(f"target has shape {tuple(target.shape)} but y has {tuple(y.shape)}")
-
     def _forward(self, ops, y, target):
         return ops.mse(y, target, self._grad_buffer(ops, y))
 
@@ -127,11 +124,6 @@ class SigmoidCrossEntropy(Loss):
         if target.dtype != y.dtype:
             target = target.astype(y.dtype)
         return target
-
-    def check(self, ops, y, target):
-        super().check(ops, y, target)
-        if tuple(target.shape) != tuple(y.shape):
-            raise ShapeError(f"target has shape {tuple(target.shape)} but y has {tuple(y.shape)}")
 
     def _forward(self, ops, y, target):
         return ops.sigmoid_cross_entropy(y, target, self._grad_buffer(ops, y))

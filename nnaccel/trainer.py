@@ -184,15 +184,20 @@ class Trainer:
                 callback.on_train_end(self)
         return self.history
 
-    def _train_epoch(self, x, y, shuffle, last_epoch, callbacks):
-        """One epoch (or its rest, after an interruption); None if interrupted again."""
-        model, ops, n, batch = self.model, self.model.backend, x.shape[0], self.batch_size
+    def _start_epoch(self):
+        """This epoch's resume point (a fresh one unless resuming): restores its RNG state, sets the lr."""
         point = self._resume_point or {"step": 0, "rng": self.rng.bit_generator.state,
                                        "loss_sum": 0.0, "correct_sum": 0.0}
         self._resume_point = None
         self.rng.bit_generator.state = point["rng"]
         if self.schedule is not None:
             self.optimizer.lr = self.schedule.lr_at(self.epoch, self.optimizer.base_lr)
+        return point
+
+    def _train_epoch(self, x, y, shuffle, last_epoch, callbacks):
+        """One epoch (or its rest, after an interruption); None if interrupted again."""
+        model, ops, n, batch = self.model, self.model.backend, x.shape[0], self.batch_size
+        point = self._start_epoch()
         if shuffle:
             order = ops.asarray(self.rng.permutation(n))
             x, y = x[order], y[order]
@@ -271,12 +276,7 @@ class Trainer:
         """
         comm, model, ops, n = self.communicator, self.model, self.model.backend, x.shape[0]
         size, rank, batch = comm.size, comm.rank, self.batch_size * comm.size
-        point = self._resume_point or {"step": 0, "rng": self.rng.bit_generator.state,
-                                       "loss_sum": 0.0, "correct_sum": 0.0}
-        self._resume_point = None
-        self.rng.bit_generator.state = point["rng"]
-        if self.schedule is not None:
-            self.optimizer.lr = self.schedule.lr_at(self.epoch, self.optimizer.base_lr)
+        point = self._start_epoch()
         order = self.rng.permutation(n) if shuffle else numpy.arange(n)
         steps = -(-n // batch)
         rows = numpy.minimum(batch, n - numpy.arange(steps) * batch)  # global rows per step
