@@ -188,3 +188,16 @@ def test_divergence_stops_with_the_last_good_weights(check_every):
     assert numpy.isfinite(model.flat_params).all()  # the failing step's update never landed
     if check_every > 1:  # restored to the last check that passed
         assert numpy.isfinite(trainer.evaluate(x, y)["loss"])
+
+
+def test_out_of_memory_is_reported_with_the_batch_size(monkeypatch):
+    """A failed allocation mid-training becomes one clear error (no hang, no raw MemoryError)."""
+    x, y = datasets.load_digits("train")
+    trainer = nn.Trainer(_digits_net("cpu"), batch_size=128, quiet=True)
+
+    def exhausted(model):
+        raise MemoryError("Unable to allocate 1.2 GiB for an array")
+
+    monkeypatch.setattr(trainer.optimizer, "step", exhausted)
+    with pytest.raises(nn.OutOfMemory, match="out of memory on cpu .*batch size 128.*smaller --batch-size"):
+        trainer.fit(x, y, epochs=1)
