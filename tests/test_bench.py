@@ -86,3 +86,19 @@ def test_benchmark_suite_runs():
     done = run("-m", "pytest", "benchmarks", "-q", "--bench-quick", "--benchmark-disable", "-p", "no:cacheprovider")
     assert done.returncode == 0, done.stdout + done.stderr
     assert " passed" in done.stdout
+
+
+def test_fused_kernel_benchmark(tmp_path):
+    """benchmarks/fused_kernels.py: fused vs unfused on a GPU; a clear exit where none answers."""
+    from nnaccel.backend import cuda_status
+
+    args = [sys.executable, str(ROOT / "benchmarks" / "fused_kernels.py"), "--rows", "512", "--cols", "1024",
+            "--repeat", "5", "--json", str(tmp_path / "fused.json")]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    if not cuda_status()[0]:
+        assert run.returncode == 2 and "no usable GPU" in run.stderr and "Traceback" not in run.stderr
+        return
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "fused.json").read_text())["results"]
+    assert {r["op"].split()[0] for r in results} >= {"bias_act", "act_backward+bias_grad", "sgd_update"}
+    assert all(r["fused_s"] > 0 and r["unfused_s"] > 0 for r in results)
