@@ -164,6 +164,11 @@ def test_dense_with_activation_gradients(device, name, params, kink):
     dx = host(model, layer.backward(ops.asarray(r), input_grad=True))
     analytic = {p.name: host(model, p.grad) for p in model.parameters()}
 
+    assert_matches_finite_differences(model, loss_of_x, x_host, analytic, dx)
+
+
+def assert_matches_finite_differences(model, loss_of_x, x_host, analytic, dx):
+    """Every parameter gradient and the input gradient against central differences of the loss."""
     numeric = param_numerical_grads(model, lambda: loss_of_x(x_host))
     for p_name, grad in numeric.items():
         np.testing.assert_allclose(analytic[p_name], grad, rtol=RTOL, atol=ATOL, err_msg=p_name)
@@ -208,10 +213,7 @@ def test_maxout_gradients(device, pieces):
     analytic = {p.name: host(model, p.grad) for p in model.parameters()}
     assert analytic["0.weight"].shape == (5, 4, pieces) and analytic["0.bias"].shape == (4, pieces)
 
-    numeric = param_numerical_grads(model, lambda: loss_of_x(x_host))
-    for p_name, grad in numeric.items():
-        np.testing.assert_allclose(analytic[p_name], grad, rtol=RTOL, atol=ATOL, err_msg=p_name)
-    np.testing.assert_allclose(dx, numerical_grad(loss_of_x, x_host), rtol=RTOL, atol=ATOL)
+    assert_matches_finite_differences(model, loss_of_x, x_host, analytic, dx)
 
 
 # ----- Dropout ------------------------------------------------------------------------
@@ -434,10 +436,7 @@ def test_network_parameter_and_input_gradients(device, net):
     for p in model.parameters():
         np.testing.assert_allclose(host(model, p.grad), analytic[p.name], rtol=1e-13, atol=1e-15)
 
-    numeric = param_numerical_grads(model, lambda: loss_of_x(x_host))
-    for p_name, grad in numeric.items():
-        np.testing.assert_allclose(analytic[p_name], grad, rtol=RTOL, atol=ATOL, err_msg=p_name)
-    np.testing.assert_allclose(dx, numerical_grad(loss_of_x, x_host), rtol=RTOL, atol=ATOL)
+    assert_matches_finite_differences(model, loss_of_x, x_host, analytic, dx)
 
 
 def test_backward_overwrites_gradients(device):
