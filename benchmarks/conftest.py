@@ -45,9 +45,10 @@ def device(request):
 
 @pytest.fixture
 def backend(device):
+    """The device's backend, made current for the test (cuda:N computes on GPU N)."""
     ops = get_backend(device)
-    ops.use()
-    return ops
+    with ops.activate():
+        yield ops
 
 
 @pytest.fixture

@@ -57,8 +57,7 @@ template <> NNA_HD inline double quiet_nan<double>() { return ::nan(""); }
 template <typename T> NNA_HD inline T relu(T z) { return z < T(0) ? T(0) : z; }
 template <typename T> NNA_HD inline T relu_grad(T y) { return y > T(0) ? T(1) : T(0); }
 
-// activations.py's max(z, slope z) (min for slope > 1), except at z = +inf
-// with slope 0, where that gives NaN (0 * inf) and this gives +inf.
+// activations.py's where(z > 0, z, slope * z).
 template <typename T> NNA_HD inline T leaky_relu(T z, T slope) { return z > T(0) ? z : slope * z; }
 template <typename T> NNA_HD inline T leaky_relu_grad(T y, T slope) { return y > T(0) ? T(1) : slope; }
 

@@ -213,9 +213,7 @@ class Softmax(Activation):
         return ops.softmax(z, out)
 
     def backward(self, ops, dy, y, z, out):
-        xp = ops.xp
-        inner = (dy * y).sum(axis=1, keepdims=True)
-        return xp.multiply(y, dy - inner, out=out)
+        return ops.softmax_backward(dy, y, out)
 
 
 ACTIVATIONS = {cls.name: cls for cls in

@@ -431,20 +431,20 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False
                 torch.set_num_threads(threads)
             for device, sizes, batches in grid:
                 backend = get_backend(device)
-                backend.use()
-                if device not in peaks:
-                    size = QUICK["gemm_size"] if quick else GEMM_SIZE[device.split(":")[0]]
-                    peaks[device] = {"size": size, "gflops": gemm_peak(backend, size, rounds, warmup_s)}
-                    _say(f"{device}: float32 GEMM {size}x{size}: {peaks[device]['gflops']:,.1f} GFLOP/s")
-                peer = torch if torch is not None and (device == "cpu" or torch.cuda.is_available()) else None
-                if torch is not None and peer is None:
-                    _say(f"{device}: PyTorch {torch.__version__} has no CUDA here, so no comparison on it")
-                for batch in batches:
-                    result = measure(sizes, batch, device, peaks[device]["gflops"], rounds, steps, warmup_s,
-                                     peer)
-                    results.append(result)
-                    _say(f"{device} {result.network} batch {batch}: {result.samples_per_s:,.0f} samples/s"
-                         + (f", PyTorch ratio {result.ratio:.2f}" if result.ratio else ""))
+                with backend.activate():  # cuda:N computes on GPU N
+                    if device not in peaks:
+                        size = QUICK["gemm_size"] if quick else GEMM_SIZE[device.split(":")[0]]
+                        peaks[device] = {"size": size, "gflops": gemm_peak(backend, size, rounds, warmup_s)}
+                        _say(f"{device}: float32 GEMM {size}x{size}: {peaks[device]['gflops']:,.1f} GFLOP/s")
+                    peer = torch if torch is not None and (device == "cpu" or torch.cuda.is_available()) else None
+                    if torch is not None and peer is None:
+                        _say(f"{device}: PyTorch {torch.__version__} has no CUDA here, so no comparison on it")
+                    for batch in batches:
+                        result = measure(sizes, batch, device, peaks[device]["gflops"], rounds, steps, warmup_s,
+                                         peer)
+                        results.append(result)
+                        _say(f"{device} {result.network} batch {batch}: {result.samples_per_s:,.0f} samples/s"
+                             + (f", PyTorch ratio {result.ratio:.2f}" if result.ratio else ""))
     finally:
         if torch is not None:
             torch.set_num_threads(saved_torch_threads)

@@ -70,11 +70,12 @@ class EarlyStopping(Callback, _Monitor):
                 self.best_weights = trainer.model.flat_params.copy()
             return
         self.wait += 1
-        if self.wait > self.patience:
+        if self.wait >= self.patience:
             trainer.stop_training = True
 
     def on_train_end(self, trainer):
-        if self.best_weights is not None and trainer.stop_training:
+        # Not on an interruption: the checkpoint written then must match the optimizer state.
+        if self.best_weights is not None and trainer.stop_training and not trainer.interrupted:
             trainer.model.flat_params[...] = self.best_weights
 
 

@@ -12,7 +12,8 @@ import sys
 
 import numpy
 
-from . import __version__, bench, checkpoint, datasets, images, losses, optimizers, visualize
+from . import (__version__, activations, bench, checkpoint, datasets, images, losses, optimizers, plotting,
+               visualize)
 from .backend import cuda_status, resolve_device
 from .callbacks import ModelCheckpoint
 from .errors import CheckpointError, ConfigError, NnaccelError
@@ -351,9 +352,17 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
             "info": cmd_info, "bench": bench.run}
 
 
+PICTURE_OPTIONS = ("plot", "weights", "out", "confusion", "errors")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        for option in PICTURE_OPTIONS:
+            if getattr(args, option, None):
+                plotting.check_picture_path(getattr(args, option), f"--{option}")
+        if getattr(args, "activation", None):
+            activations.get(args.activation)
         return COMMANDS[args.command](args)
     except NnaccelError as error:
         print(f"nnaccel {args.command}: error: {error}", file=sys.stderr)

@@ -202,11 +202,6 @@ class Communicator:
     def barrier(self):
         self.world.comm.Barrier()
 
-    def abort(self, code=1):
-        """End every rank of the job now (MPI_Abort): the way out when one rank fails."""
-        self.abort_engine()
-        self.world.comm.Abort(code)
-
     def abort_engine(self):
         """Free what a dying job leaves blocked in the engine (MPI_Abort does it for MPI)."""
 

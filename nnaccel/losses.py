@@ -3,7 +3,9 @@
 ``forward(y, target)`` returns the loss as a device scalar (a 0-d CuPy array
 on a GPU, a NumPy scalar on the CPU; read it with ``float()`` when you need
 it: that synchronises a GPU); ``backward()`` returns the gradient w.r.t.
-``y`` computed during ``forward``.
+``y`` computed during ``forward``. Targets are checked where it costs no
+device synchronisation: the Trainer checks a whole data set once (label
+range included); ``forward`` checks shapes, and label values on the CPU.
 """
 
 import numpy
@@ -13,14 +15,13 @@ from .errors import ConfigError, ShapeError
 
 
 class Loss:
-    """Base class: validates shapes, keeps a reusable gradient buffer."""
+    """Base class: targets are prepared once (``prepare_targets``), then each step computes."""
 
     name = ""
     integer_targets = False  # targets are class indices, not arrays like y
 
     def __init__(self):
         self._grad = None
-        self._computed = None
 
     def _ops(self, y):
         where = array_device(y)
@@ -34,41 +35,52 @@ class Loss:
             self._grad = ops.empty(y.shape, y.dtype)
         return self._grad
 
-    def check(self, ops, y, target):
-        """Shape and dtype checks that need no device synchronisation."""
-        ops.check(target, "target")
+    def prepare_targets(self, ops, target, outputs, dtype, what="target"):
+        """``target`` (on the device) in the form the loss computes with, checked against
+        ``outputs`` columns: the Trainer does this once per data set, not per step."""
+        raise NotImplementedError
+
+    def check_values(self, target, outputs, what="target"):
+        """Value checks that need the data on the host (label range); the Trainer runs them once."""
+
+    def forward(self, y, target):
+        """The mean loss of outputs ``y`` against ``target``; also computes the gradient."""
+        ops = self._ops(y)
         if y.ndim != 2 or y.dtype.kind != "f":
             raise ShapeError(f"loss input y must be a 2-D float array (batch, outputs), got "
                              f"shape {tuple(y.shape)} dtype {y.dtype}")
-        if not self.integer_targets and tuple(target.shape) != tuple(y.shape):
-            raise ShapeError(f"target has shape {tuple(target.shape)} but y has {tuple(y.shape)}")
-
-    def forward(self, y, target):
-        ops = self._ops(y)
-        target = self.prepare(ops, y, target)
-        self.check(ops, y, target)
-        if ops.name == "cpu":
-            self.check_values(ops, target, y.shape[1])
-        return self._forward(ops, y, target)
-
-    def prepare(self, ops, y, target):
-        """Adapt targets given in a convenient form (e.g. class indices) to ``y``."""
-        return target
-
-    def check_values(self, ops, target, outputs):
-        """Value checks (label range); the Trainer runs them once per data set."""
+        ops.check(target, "target")
+        target = self.prepare_targets(ops, target, y.shape[1], y.dtype)
+        if target.shape[0] != y.shape[0]:
+            raise ShapeError(f"target has {target.shape[0]} rows but y has {y.shape[0]}")
+        if ops.name == "cpu":  # free on the host; on a GPU it would synchronise every call
+            self.check_values(target, y.shape[1])
+        with ops.activate():
+            return self._forward(ops, y, target)
 
     def backward(self):
         if self._grad is None:
             raise ShapeError("loss.backward() called before loss.forward()")
         return self._grad
 
-    def count_correct(self, y, target):
-        """Correctly classified samples in the batch, as a 0-d device array."""
-        return self._ops(y).count_correct(y, target)
+    def count_correct(self, ops, y, target):
+        """Correctly classified samples in the batch (prepared targets), as a device scalar."""
+        return ops.count_correct(y, target)
 
     def config(self):
         return {"type": type(self).__name__}
+
+
+def _float_targets(ops, target, outputs, dtype, what):
+    """Float targets of shape (n, outputs); a 1-D target fits a single output."""
+    if target.ndim == 1 and outputs == 1:
+        target = target.reshape(-1, 1)
+    if target.ndim != 2 or target.shape[1] != outputs:
+        raise ShapeError(f"{what} has shape {tuple(target.shape)} but the model has {outputs} outputs; "
+                         f"expected (samples, {outputs})")
+    if target.dtype.kind not in "fiub":
+        raise ShapeError(f"{what} has dtype {target.dtype}; expected numbers")
+    return target.astype(dtype, copy=False)
 
 
 class SoftmaxCrossEntropy(Loss):
@@ -77,16 +89,15 @@ class SoftmaxCrossEntropy(Loss):
     name = "softmax_cross_entropy"
     integer_targets = True
 
-    def check(self, ops, y, target):
-        super().check(ops, y, target)
-        if target.ndim != 1 or target.shape[0] != y.shape[0]:
-            raise ShapeError(f"labels have shape {tuple(target.shape)} but y has {y.shape[0]} rows; "
-                             f"expected labels of shape ({y.shape[0]},)")
+    def prepare_targets(self, ops, target, outputs, dtype, what="labels"):
+        if target.ndim != 1:
+            raise ShapeError(f"{what} have shape {tuple(target.shape)}; expected a 1-D array of class indices")
         if target.dtype.kind not in "iu":
-            raise ShapeError(f"labels have dtype {target.dtype}; expected integer class indices")
+            raise ShapeError(f"{what} have dtype {target.dtype}; expected integer class indices")
+        return target.astype(numpy.int64, copy=False)  # what the kernels index with
 
-    def check_values(self, ops, target, outputs):
-        check_labels(ops.to_host(target), outputs, "labels")
+    def check_values(self, target, outputs, what="labels"):
+        check_labels(get_backend(array_device(target)).to_host(target), outputs, what)
 
     def _forward(self, ops, y, target):
         return ops.softmax_cross_entropy(y, target, self._grad_buffer(ops, y))
@@ -97,19 +108,15 @@ class MeanSquaredError(Loss):
 
     name = "mse"
 
-    def prepare(self, ops, y, target):
-        if target.ndim == 1 and target.dtype.kind in "iu" and y.ndim == 2 and y.shape[1] > 1:
-            return one_hot(ops, target, y.shape[1], y.dtype)
-        if target.ndim == 1 and y.ndim == 2 and y.shape[1] == 1:
-            return target.reshape(-1, 1)
-        return target
+    def prepare_targets(self, ops, target, outputs, dtype, what="target"):
+        if target.ndim == 1 and target.dtype.kind in "iu" and outputs > 1:
+            return one_hot(ops, target, outputs, dtype)
+        return _float_targets(ops, target, outputs, dtype, what)
 
     def _forward(self, ops, y, target):
         return ops.mse(y, target, self._grad_buffer(ops, y))
 
-    def count_correct(self, y, target):
-        ops = self._ops(y)
-        target = self.prepare(ops, y, target)
+    def count_correct(self, ops, y, target):
         return ops.count_correct(y, target.argmax(axis=1))
 
 
@@ -118,19 +125,14 @@ class SigmoidCrossEntropy(Loss):
 
     name = "sigmoid_cross_entropy"
 
-    def prepare(self, ops, y, target):
-        if target.ndim == 1 and y.ndim == 2 and y.shape[1] == 1:
-            target = target.reshape(-1, 1)
-        if target.dtype != y.dtype:
-            target = target.astype(y.dtype)
-        return target
+    def prepare_targets(self, ops, target, outputs, dtype, what="target"):
+        return _float_targets(ops, target, outputs, dtype, what)
 
     def _forward(self, ops, y, target):
         return ops.sigmoid_cross_entropy(y, target, self._grad_buffer(ops, y))
 
-    def count_correct(self, y, target):
+    def count_correct(self, ops, y, target):
         """Elementwise accuracy of ``y > 0`` against the targets, counted per sample."""
-        target = self.prepare(self._ops(y), y, target)
         return ((y > 0) == (target > 0.5)).sum() / y.shape[1]
 
 

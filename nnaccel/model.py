@@ -119,7 +119,8 @@ class Sequential:
         next call.
         """
         self.check_input(x)
-        return self._forward(x).copy()
+        with self.backend.activate():
+            return self._forward(x).copy()
 
     def _forward(self, x):
         """Forward without checks or copy: the output is a reused work array."""
@@ -135,7 +136,8 @@ class Sequential:
             raise ShapeError("backward called before forward")
         if tuple(dy.shape) != self._output_shape:
             raise ShapeError(f"dy has shape {tuple(dy.shape)} but the last forward output was {self._output_shape}")
-        self._backward(dy)
+        with self.backend.activate():
+            self._backward(dy)
 
     def _backward(self, dy):
         for index in range(len(self.layers) - 1, -1, -1):
@@ -151,8 +153,9 @@ class Sequential:
         self.check_input(x)
         was_training, self.training = self.training, False
         try:
-            parts = [ops.to_host(self._forward(x[i:i + batch_size]))
-                     for i in range(0, x.shape[0], batch_size)]
+            with ops.activate():
+                parts = [ops.to_host(self._forward(x[i:i + batch_size]))
+                         for i in range(0, x.shape[0], batch_size)]
         finally:
             self.training = was_training
         return numpy.concatenate(parts) if parts else numpy.empty((0, self.out_features), self.dtype)

@@ -49,7 +49,8 @@ class Optimizer:
     def step(self, model):
         """Update every parameter of ``model`` from its gradients."""
         self.steps += 1
-        self._update(model.backend, model.flat_params, model.flat_grads, self._state_for(model))
+        with model.backend.activate():
+            self._update(model.backend, model.flat_params, model.flat_grads, self._state_for(model))
 
     def _update(self, ops, params, grads, state):
         raise NotImplementedError

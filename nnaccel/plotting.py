@@ -1,5 +1,7 @@
 """Pictures with matplotlib (an optional extra: pip install 'nnaccel[plot]')."""
 
+from pathlib import Path
+
 from .errors import ConfigError
 
 
@@ -13,6 +15,21 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def check_picture_path(path, option):
+    """Refuse, before any work is done, a picture that cannot be written: no matplotlib,
+    a missing folder, or a format matplotlib does not write."""
+    pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    if not path.resolve().parent.is_dir():
+        raise ConfigError(f"{option} {path}: folder {path.parent} does not exist")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise ConfigError(f"{option} {path}: cannot draw a '{path.suffix}' file; use one of "
+                          f"{', '.join('.' + f for f in sorted(formats))}")
 
 
 def plot_history(history, path):

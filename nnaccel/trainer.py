@@ -2,8 +2,8 @@
 
 The whole training set goes to the device once; each epoch gathers it in a
 seeded shuffled order there and slices batches from it. Loss and accuracy
-are summed on the device and read only when reported, so a GPU is never
-made to wait on the host inside an epoch.
+are summed on the device and read only when reported; on a GPU the only
+other read inside an epoch is the divergence check every 100 steps.
 
 With a ``communicator`` (see ``nnaccel.distributed``) the same loop is data
 parallel: every rank takes its part of each global batch of
@@ -11,6 +11,7 @@ parallel: every rank takes its part of each global batch of
 gradient buffer gives every rank the gradient of the whole global batch.
 """
 
+import contextlib
 import math
 import sys
 import time
@@ -60,7 +61,6 @@ class Trainer:
         self._resume_point = None
         self.communicator = communicator
         if communicator is not None:
-            communicator.check_model(model)
             self.quiet = quiet or communicator.rank != 0
 
     @property
@@ -95,18 +95,16 @@ class Trainer:
             raise ShapeError(f"{what} is empty: no samples to train or evaluate on")
         if y.shape[0] != x.shape[0]:
             raise ShapeError(f"{label_what} has {y.shape[0]} entries but {what} has {x.shape[0]} samples")
-        if x.dtype.kind not in "fiub":
+        if x.dtype.kind not in "fiu":
             raise ShapeError(f"{what} has dtype {x.dtype}; expected a float array")
         if x.dtype != model.dtype:
             x = x.astype(model.dtype)
         if not bool(ops.xp.isfinite(x).all()):
             raise ShapeError(f"{what} contains NaN or inf values")
-        if self.loss.integer_targets:
-            losses.check_labels(ops.to_host(y), model.out_features, label_what)
-        elif y.dtype.kind == "f" and not bool(ops.xp.isfinite(y).all()):
+        y = self.loss.prepare_targets(ops, y, model.out_features, model.dtype, label_what)
+        self.loss.check_values(y, model.out_features, label_what)
+        if y.dtype.kind == "f" and not bool(ops.xp.isfinite(y).all()):
             raise ShapeError(f"{label_what} contains NaN or inf values")
-        if y.dtype.kind == "f" and y.dtype != model.dtype:
-            y = y.astype(model.dtype)
         return x, y
 
     # ----- training ------------------------------------------------------------------
@@ -119,8 +117,7 @@ class Trainer:
     def _loss_step(self, x, y):
         model, loss = self.model, self.loss
         out = model._forward(x)
-        value = loss._forward(model.backend, out, loss.prepare(model.backend, out, y))
-        return value, loss.count_correct(out, y)
+        return loss._forward(model.backend, out, y), loss.count_correct(model.backend, out, y)
 
     def _update_step(self):
         self.model._backward(self.loss._grad)
@@ -131,13 +128,27 @@ class Trainer:
         self.stop_training = True
         self.interrupted = True
 
+    def _working(self):
+        """Work on the model's device (``cuda:N`` computes on GPU N), without NumPy's overflow
+        warnings (a non-finite loss is reported by the divergence guard)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.model.backend.activate())
+        stack.enter_context(numpy.errstate(over="ignore", invalid="ignore"))
+        return stack
+
     def fit(self, x, y, epochs=1, validation_data=None, callbacks=(), shuffle=True):
         """Train ``epochs`` more epochs; returns the history (a dict of per-epoch lists).
 
         A run stopped by ``request_stop`` mid-epoch returns early; its
         checkpoint resumes at the same step. A non-finite loss raises
-        TrainingDiverged before its update reaches the weights.
+        TrainingDiverged: on the CPU before that step's update; on a GPU,
+        which checks every 100 steps, after returning the weights and the
+        optimizer state to the last check that passed.
         """
+        with self._working():
+            return self._fit(x, y, epochs, validation_data, callbacks, shuffle)
+
+    def _fit(self, x, y, epochs, validation_data, callbacks, shuffle):
         if isinstance(epochs, bool) or not isinstance(epochs, (int, numpy.integer)) or epochs < 0:
             raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}")
         x, y = self.prepare(x, y, "x")
@@ -363,7 +374,8 @@ class Trainer:
 
     def evaluate(self, x, y, batch_size=None):
         """Mean loss and accuracy over a data set, in eval mode: ``{"loss", "accuracy"}``."""
-        return self._evaluate(*self.prepare(x, y, "x"), batch_size)
+        with self._working():
+            return self._evaluate(*self.prepare(x, y, "x"), batch_size)
 
     def _evaluate(self, x, y, batch_size=None):
         model, loss = self.model, self.loss
@@ -377,8 +389,8 @@ class Trainer:
             for begin in range(0, x.shape[0], batch):
                 xb, yb = x[begin:begin + batch], y[begin:begin + batch]
                 out = model._forward(xb)
-                loss_sum += loss._forward(ops, out, loss.prepare(ops, out, yb)) * xb.shape[0]
-                correct_sum += loss.count_correct(out, yb)
+                loss_sum += loss._forward(ops, out, yb) * xb.shape[0]
+                correct_sum += loss.count_correct(ops, out, yb)
         finally:
             model.train(was_training)
         n = x.shape[0]
@@ -427,7 +439,7 @@ class Trainer:
 
 
 class TrainingDiverged(NnaccelError):
-    """The loss became NaN or inf; the update of that step was not applied."""
+    """The loss became NaN or inf; the weights are from before it (see ``Trainer.fit``)."""
 
     def __init__(self, message, epoch, step):
         super().__init__(message)

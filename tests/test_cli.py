@@ -56,6 +56,9 @@ def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
     (["train", "--data", "no/such/folder"], "no/such/folder"),
     (["evaluate", "missing.npz"], "checkpoint missing.npz does not exist"),
     (["train", "--save", "no/such/dir/m.npz", "--epochs", "1"], "folder no/such/dir does not exist"),
+    (["train", "--plot", "curves.xyz"], "--plot curves.xyz: cannot draw a '.xyz' file; use one of"),
+    (["train", "--plot", "no/such/dir/c.png"], "--plot no/such/dir/c.png: folder no/such/dir does not exist"),
+    (["train", "--layers", "64,10", "--activation", "bogus"], "unknown activation 'bogus'"),
 ])
 def test_user_errors_are_one_line(args, message, tmp_path):
     run = nnaccel(*args, cwd=tmp_path)

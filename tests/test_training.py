@@ -156,7 +156,7 @@ def test_callbacks(tmp_path):
     history = trainer.fit(x, y, epochs=30, validation_data=(xv, yv),
                           callbacks=[stop, best, log, nn.PlotCurves(tmp_path / "curves.png")])
     epochs = len(history["loss"])
-    assert epochs < 30 and stop.best_epoch == epochs - 2  # stopped after `patience` epochs without a gain
+    assert epochs < 30 and stop.best_epoch == epochs - 1  # stopped after `patience` epochs without a gain
     assert trainer.evaluate(xv, yv)["loss"] == pytest.approx(min(history["val_loss"]), rel=1e-5)
     assert len((tmp_path / "log.csv").read_text().splitlines()) == epochs + 1
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -201,3 +201,36 @@ def test_out_of_memory_is_reported_with_the_batch_size(monkeypatch):
     monkeypatch.setattr(trainer.optimizer, "step", exhausted)
     with pytest.raises(nn.OutOfMemory, match="out of memory on cpu .*batch size 128.*smaller --batch-size"):
         trainer.fit(x, y, epochs=1)
+
+
+@pytest.mark.parametrize("loss, target, message", [
+    (nn.SigmoidCrossEntropy(), lambda y: y[:, None].astype(numpy.float32), r"shape \(1437, 1\) but the model has 10"),
+    (nn.MeanSquaredError(), lambda y: y.astype(numpy.float32), r"shape \(1437,\) but the model has 10"),
+    (nn.MeanSquaredError(), lambda y: numpy.ones((1437, 3), numpy.float32), r"shape \(1437, 3\)"),
+])
+def test_target_shapes_are_checked_when_data_is_handed_over(loss, target, message):
+    x, y = datasets.load_digits("train")
+    trainer = nn.Trainer(_digits_net("cpu"), loss=loss, quiet=True)
+    with pytest.raises(nn.ShapeError, match=message):
+        trainer.fit(x, target(y), epochs=1)
+
+
+def test_early_stopping_leaves_an_interrupted_run_as_it_is():
+    """Restoring the best weights on Ctrl-C would mismatch the optimizer state the checkpoint saves."""
+    (x, y), (xv, yv) = datasets.train_val_split(*datasets.load_digits("train"))
+
+    class CtrlC(nn.Callback):
+        def on_batch_end(self, trainer, step, loss):
+            if trainer.epoch == 2 and step == 3:
+                trainer.request_stop()
+
+    def interrupted_run(*callbacks):
+        model = _digits_net("cpu")
+        trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.5, momentum=0.9), batch_size=16, quiet=True)
+        trainer.fit(x, y, epochs=10, validation_data=(xv, yv), callbacks=[*callbacks, CtrlC()])
+        assert trainer.interrupted and trainer._resume_point["step"] == 4
+        return model.flat_params
+
+    stop = nn.EarlyStopping(monitor="val_accuracy", patience=5)
+    numpy.testing.assert_array_equal(interrupted_run(stop), interrupted_run())
+    assert stop.best_weights is not None  # it had weights to restore, and did not

@@ -5,11 +5,12 @@ faster; an override keeps the base signature (a test checks it). Ops write
 into preallocated outputs (``out=``) so a training step allocates little.
 """
 
+import contextlib
 import math
 
 import numpy
 
-from ..errors import DeviceError, ShapeError
+from ..errors import DeviceError
 
 
 def array_device(array):
@@ -71,8 +72,10 @@ class Backend:
     def synchronize(self):
         """Wait for queued device work; a no-op where work is synchronous."""
 
-    def use(self):
-        """Make this device the current one for the array module."""
+    def activate(self):
+        """A context in which the array module works on this device (every public entry point
+        enters it, so that ``cuda:1`` computes on GPU 1, not on the current device)."""
+        return contextlib.nullcontext()
 
     def erf(self, x):
         raise NotImplementedError
@@ -110,6 +113,11 @@ class Backend:
         xp.exp(out, out=out)
         out /= out.sum(axis=1, keepdims=True)
         return out
+
+    def softmax_backward(self, dy, y, out):
+        """The softmax Jacobian times ``dy``: ``y * (dy - sum(dy * y))`` per row."""
+        inner = (dy * y).sum(axis=1, keepdims=True)
+        return self.xp.multiply(y, dy - inner, out=out)
 
     def maxout_forward(self, z3, out, index):
         """Max over the last axis of ``z3`` (batch, units, pieces) and its index."""
@@ -221,10 +229,3 @@ class Backend:
         _mix32(x, xp)
         x >>= 8
         return (x.astype(xp.float32) * (1.0 / (1 << 24))).reshape(shape)
-
-    # ----- validation ------------------------------------------------------------
-    def check_float(self, array, what):
-        """Floating point arrays only: ints are labels, not activations."""
-        if array.dtype.kind != "f":
-            raise ShapeError(f"{what} has dtype {array.dtype}; expected a float array")
-        return array

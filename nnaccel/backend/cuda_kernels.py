@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy
 
+from ..activations import ACTIVATIONS
 from ..errors import ConfigError, ShapeError
 
-# Activation codes of the elementwise kernels (enum Act in activations.cuh);
-# the same codes as nnaccel.activations. Softmax (9) has its own row kernels.
-ACT_CODES = {"linear": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "sigmoid": 4, "tanh": 5,
-             "softplus": 6, "gelu": 7, "silu": 8}
+# Activation codes of the elementwise kernels (enum Act in activations.cuh), taken from
+# nnaccel.activations; softmax has its own row kernels.
+ACT_CODES = {name: cls.code for name, cls in ACTIVATIONS.items() if name != "softmax"}
 # Activations whose derivative reads z; the others read the output y.
-GRAD_FROM_Z = frozenset({ACT_CODES["gelu"], ACT_CODES["silu"]})
+GRAD_FROM_Z = frozenset(cls.code for cls in ACTIVATIONS.values() if not cls.uses_output)
 
 # The kernel templates of each source file, instantiated per dtype.
 KERNELS = {

@@ -2,7 +2,7 @@
 
 Each override routes one op to a kernel of ``kernels/`` (see
 ``cuda_kernels``) and falls back to the generic CuPy version for what the
-kernels do not cover (other dtypes, the softmax activation's Jacobian).
+kernels do not cover (dtypes other than float32/float64, strided arrays).
 """
 
 import numpy
@@ -28,8 +28,8 @@ class CupyBackend(Backend):
         self.device = cupy.cuda.Device(device_id)
         self.name = f"cuda:{device_id}"
 
-    def use(self):
-        self.device.use()
+    def activate(self):
+        return self.device
 
     def asarray(self, array, dtype=None, what="array"):
         with self.device:
@@ -79,6 +79,11 @@ class CupyBackend(Backend):
         if not _fused(z, out):
             return super().softmax(z, out)
         return cuda_kernels.softmax(z, out)
+
+    def softmax_backward(self, dy, y, out):
+        if not _fused(dy, y, out):
+            return super().softmax_backward(dy, y, out)
+        return cuda_kernels.softmax_backward(dy, y, out)
 
     def softmax_cross_entropy(self, logits, labels, grad):
         if not _fused(logits, grad):
