@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnaccel.errors import ConfigError, DataError, ShapeError
+from nnaccel.errors import ConfigError, DataError, ShapeError, check_int
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
@@ -313,13 +313,6 @@ def _rng(seed):
         raise ConfigError(f"seed {seed!r} is not usable: {exc}") from exc
 
 
-def _positive_int(name, value):
-    """Reject anything but a positive int (bools included) with ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def synthetic(n=1024, features=784, classes=10, seed=0, dtype=np.float32):
     """A seeded, learnable classification set of any size, for benchmarks.
 
@@ -327,9 +320,9 @@ def synthetic(n=1024, features=784, classes=10, seed=0, dtype=np.float32):
     are centroid + Gaussian noise, clipped to [0, 1] like pixel data. Classes
     are balanced (sizes differ by at most one) and shuffled.
     """
-    n = _positive_int("n", n)
-    features = _positive_int("features", features)
-    classes = _positive_int("classes", classes)
+    n = check_int(n, "n")
+    features = check_int(features, "features")
+    classes = check_int(classes, "classes")
     try:
         dtype = np.dtype(dtype)
     except TypeError as exc:

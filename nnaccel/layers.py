@@ -11,7 +11,7 @@ import math
 import numpy
 
 from . import activations
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, ShapeError, check_int
 
 
 class Parameter:
@@ -49,20 +49,6 @@ def init_weight(kind, shape, fan_in, fan_out, rng, dtype):
         limit = math.sqrt(6.0 / (fan_in + fan_out))
         return rng.uniform(-limit, limit, shape).astype(dtype)
     raise ConfigError(f"unknown init {kind!r}; valid: 'he', 'glorot'")
-
-
-def check_seed(value, what="seed"):
-    """Seeds are non-negative integers (NumPy's generators refuse anything else)."""
-    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 0:
-        raise ConfigError(f"{what} must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
-def check_size(value, what):
-    """Sizes (widths, batch sizes, pieces) are positive integers."""
-    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value <= 0:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 class Layer:
@@ -108,8 +94,8 @@ class Dense(Layer):
 
     def __init__(self, in_features, out_features, activation=None, init="auto"):
         super().__init__()
-        self.in_features = check_size(in_features, "Dense in_features")
-        self.out_features = check_size(out_features, "Dense out_features")
+        self.in_features = check_int(in_features, "Dense in_features")
+        self.out_features = check_int(out_features, "Dense out_features")
         self.activation = activations.get(activation)
         self.init = self.activation.init if init == "auto" else init
 
@@ -150,9 +136,9 @@ class Maxout(Layer):
 
     def __init__(self, in_features, out_features, pieces=2):
         super().__init__()
-        self.in_features = check_size(in_features, "Maxout in_features")
-        self.out_features = check_size(out_features, "Maxout out_features")
-        self.pieces = check_size(pieces, "Maxout pieces")
+        self.in_features = check_int(in_features, "Maxout in_features")
+        self.out_features = check_int(out_features, "Maxout out_features")
+        self.pieces = check_int(pieces, "Maxout pieces")
 
     def param_specs(self):
         shape = (self.in_features, self.out_features, self.pieces)

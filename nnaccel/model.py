@@ -4,7 +4,7 @@ import numpy
 
 from . import layers as layers_module
 from .backend import get_backend
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, ShapeError, check_int
 from .layers import Layer, Parameter
 
 FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
@@ -30,7 +30,7 @@ class Sequential:
         if self.dtype not in FLOAT_DTYPES:
             raise ConfigError(f"dtype must be float32 or float64, got {self.dtype}")
         self.layers = list(layers)
-        self.seed = layers_module.check_seed(seed)
+        self.seed = check_int(seed, "seed", minimum=0)
         self.training = False
         self._output_shape = None
         self.in_features, self.out_features = self._check_chain()
@@ -145,7 +145,7 @@ class Sequential:
 
     def predict(self, x, batch_size=1024):
         """Outputs for ``x`` (host or device array) as a NumPy array, in eval mode."""
-        batch_size = layers_module.check_size(batch_size, "predict batch_size")
+        batch_size = check_int(batch_size, "predict batch_size")
         ops = self.backend
         x = ops.asarray(x, what="x")
         if x.dtype != self.dtype and x.dtype.kind in "fiu":

@@ -9,15 +9,7 @@ import math
 import numpy
 
 from .backend import array_device
-from .errors import ConfigError
-
-
-def _positive(value, what, allow_zero=False):
-    value = float(value)
-    if not (value >= 0.0 if allow_zero else value > 0.0) or not math.isfinite(value):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{what} must be a finite number {bound}, got {value}")
-    return value
+from .errors import ConfigError, check_int, check_number
 
 
 class Optimizer:
@@ -27,8 +19,8 @@ class Optimizer:
     state_names = ()
 
     def __init__(self, lr, weight_decay=0.0):
-        self.lr = self.base_lr = _positive(lr, "learning rate")
-        self.weight_decay = _positive(weight_decay, "weight_decay", allow_zero=True)
+        self.lr = self.base_lr = check_number(lr, "learning rate")
+        self.weight_decay = check_number(weight_decay, "weight_decay", allow_zero=True)
         self.steps = 0
         self.state = {}
 
@@ -80,7 +72,7 @@ class SGD(Optimizer):
 
     def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
         super().__init__(lr, weight_decay)
-        self.momentum = _positive(momentum, "momentum", allow_zero=True)
+        self.momentum = check_number(momentum, "momentum", allow_zero=True)
         self.nesterov = bool(nesterov)
         if self.nesterov and self.momentum == 0.0:
             raise ConfigError("Nesterov momentum needs momentum > 0")
@@ -107,7 +99,7 @@ class Adam(Optimizer):
         self.betas = tuple(float(b) for b in betas)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"Adam betas must be two numbers in [0, 1), got {betas}")
-        self.eps = _positive(eps, "eps")
+        self.eps = check_number(eps, "eps")
 
     def _update(self, ops, params, grads, state):
         ops.adam_update(params, grads, state["m"], state["v"], self.lr, self.betas[0], self.betas[1],
@@ -150,9 +142,8 @@ class StepLR:
     """Multiply the learning rate by ``gamma`` every ``step_size`` epochs."""
 
     def __init__(self, step_size, gamma=0.1):
-        if int(step_size) <= 0:
-            raise ConfigError(f"StepLR step_size must be a positive integer, got {step_size}")
-        self.step_size, self.gamma = int(step_size), _positive(gamma, "StepLR gamma")
+        self.step_size = check_int(step_size, "StepLR step_size")
+        self.gamma = check_number(gamma, "StepLR gamma")
 
     def lr_at(self, epoch, base_lr):
         return base_lr * self.gamma ** (epoch // self.step_size)
@@ -165,9 +156,8 @@ class CosineAnnealing:
     """Cosine decay from the base rate to ``eta_min`` over ``t_max`` epochs."""
 
     def __init__(self, t_max, eta_min=0.0):
-        if int(t_max) <= 0:
-            raise ConfigError(f"CosineAnnealing t_max must be a positive integer, got {t_max}")
-        self.t_max, self.eta_min = int(t_max), _positive(eta_min, "CosineAnnealing eta_min", allow_zero=True)
+        self.t_max = check_int(t_max, "CosineAnnealing t_max")
+        self.eta_min = check_number(eta_min, "CosineAnnealing eta_min", allow_zero=True)
 
     def lr_at(self, epoch, base_lr):
         progress = min(epoch, self.t_max) / self.t_max

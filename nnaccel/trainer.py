@@ -21,8 +21,8 @@ import numpy
 from . import checkpoint, losses, optimizers
 from .callbacks import Callback, CSVLogger, ModelCheckpoint, PlotCurves
 from .backend import array_device
-from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError
-from .layers import Dropout, check_seed, check_size
+from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError, check_int
+from .layers import Dropout
 
 # Callbacks that write files: in a distributed run only rank 0 runs them (as does any callback
 # with a true ``rank_zero_only`` attribute); the others run on every rank.
@@ -44,12 +44,12 @@ class Trainer:
 
     def __init__(self, model, loss=None, optimizer=None, batch_size=32, seed=0, schedule=None,
                  callbacks=(), quiet=False, communicator=None):
-        batch_size = check_size(batch_size, "batch_size")
+        batch_size = check_int(batch_size, "batch_size")
         self.model = model
         self.loss = losses.get(loss)
         self.optimizer = optimizers.get(optimizer)
         self.batch_size = int(batch_size)
-        self.seed = check_seed(seed)
+        self.seed = check_int(seed, "seed", minimum=0)
         self.rng = numpy.random.default_rng(self.seed)
         self.schedule = schedule
         self.callbacks = list(callbacks)
@@ -149,8 +149,7 @@ class Trainer:
             return self._fit(x, y, epochs, validation_data, callbacks, shuffle)
 
     def _fit(self, x, y, epochs, validation_data, callbacks, shuffle):
-        if isinstance(epochs, bool) or not isinstance(epochs, (int, numpy.integer)) or epochs < 0:
-            raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}")
+        epochs = check_int(epochs, "epochs", minimum=0)
         x, y = self.prepare(x, y, "x")
         if validation_data is not None:
             validation_data = self.prepare(*validation_data, what="validation x")
@@ -380,7 +379,7 @@ class Trainer:
     def _evaluate(self, x, y, batch_size=None):
         model, loss = self.model, self.loss
         ops = model.backend
-        batch = max(self.batch_size, 1024) if batch_size is None else check_size(batch_size, "evaluate batch_size")
+        batch = max(self.batch_size, 1024) if batch_size is None else check_int(batch_size, "evaluate batch_size")
         was_training = model.training
         model.eval()
         loss_sum = ops.zeros((), numpy.float64)
@@ -523,7 +522,7 @@ class _DivergenceGuard:
 
     def _fail(self, step, value, good_step, all_ranks=False):
         epoch = self.trainer.epoch + 1
-        kept = (f"the weights from before that step" if good_step == step else
+        kept = ("the weights from before that step" if good_step == step else
                 f"the weights from before step {good_step + 1}, the last check" if good_step is not None else
                 "the weights from the start of the epoch")
         error = TrainingDiverged(f"loss became {value} at epoch {epoch}, step {step + 1}; training stopped "

@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nnaccel as nn  # noqa: E402

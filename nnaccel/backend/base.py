@@ -184,7 +184,6 @@ class Backend:
 
         ``velocity`` starts at zero, which equals PyTorch's first-step copy.
         """
-        xp = self.xp
         if weight_decay:
             grad = grad + weight_decay * param
         if momentum:
