@@ -123,9 +123,13 @@ def restore_optimizer(optimizer, meta, arrays, path):
 
 def load(path, device="cpu"):
     """The model stored in a checkpoint, on ``device``."""
+    return model_from(*read(path), path, device)
+
+
+def model_from(meta, arrays, path, device="cpu"):
+    """The model described by a checkpoint already ``read``, on ``device``."""
     from .model import Sequential
 
-    meta, arrays = read(path)
     try:
         model = Sequential.from_config(meta["model"], device=device)
     except (KeyError, TypeError) as error:

@@ -155,15 +155,15 @@ def _trainer_from_options(args, features, classes, device):
 
 def _trainer_from_checkpoint(args, device):
     """Model, optimizer, batch size and seed as saved: a resumed run continues the same run."""
-    meta, _ = checkpoint.read(args.resume)
+    meta, arrays = checkpoint.read(args.resume)
     state = meta.get("trainer")
     if state is None or "optimizer" not in meta:
         raise CheckpointError(f"{args.resume} holds a model but no training state; it cannot be resumed")
-    trainer = Trainer(checkpoint.load(args.resume, device), loss=state["loss"],
+    trainer = Trainer(checkpoint.model_from(meta, arrays, args.resume, device), loss=state["loss"],
                       optimizer=optimizers.get(meta["optimizer"]["config"]),
                       batch_size=_rank_batch(args, state["batch_size"]), seed=state["seed"], quiet=args.quiet,
                       communicator=getattr(args, "communicator", None))
-    return trainer.load_checkpoint(args.resume)
+    return trainer.restore(meta, arrays, args.resume)
 
 
 def _fit_until_done_or_interrupted(trainer, args, data, validation_data):
@@ -267,8 +267,8 @@ def _train(args):
 
 def cmd_evaluate(args):
     device = resolve_device(args.device)
-    meta, _ = checkpoint.read(args.model)
-    model = checkpoint.load(args.model, device=device)
+    meta, arrays = checkpoint.read(args.model)
+    model = checkpoint.model_from(meta, arrays, args.model, device)
     loss = losses.get((meta.get("trainer") or {}).get("loss"))
     x, y = datasets.load(args.data, split=args.split)
     result = Trainer(model, loss=loss, quiet=True).evaluate(x, y)

@@ -417,7 +417,10 @@ class Trainer:
 
     def load_checkpoint(self, path):
         """Restore weights, optimizer, RNG, epoch and history from ``path``."""
-        meta, arrays = checkpoint.read(path)
+        return self.restore(*checkpoint.read(path), path)
+
+    def restore(self, meta, arrays, path):
+        """``load_checkpoint`` from a checkpoint already ``checkpoint.read``."""
         checkpoint.restore_model(self.model, meta, arrays, path)
         checkpoint.restore_optimizer(self.optimizer, meta, arrays, path)
         state = meta.get("trainer")
