@@ -38,6 +38,9 @@ class Backend:
     xp = None
     name = ""
 
+    def __init__(self):
+        self._scratch_arrays = {}
+
     # ----- arrays and transfers -------------------------------------------------
     def asarray(self, array, dtype=None, what="array"):
         """``array`` on this device (host arrays are copied over once).
@@ -179,35 +182,53 @@ class Backend:
         return (y.argmax(axis=1) == labels).sum()
 
     # ----- optimizers --------------------------------------------------------------
+    def _scratch(self, like, slot):
+        """Work array number ``slot`` shaped like ``like``, kept between calls, so that an
+        optimizer step over millions of parameters allocates (and page-faults) nothing."""
+        key = (slot, like.shape, like.dtype)
+        if key not in self._scratch_arrays:
+            self._scratch_arrays[key] = self.xp.empty_like(like)
+        return self._scratch_arrays[key]
+
     def sgd_update(self, param, grad, velocity, lr, momentum, weight_decay, nesterov):
         """PyTorch's SGD step over flat buffers, in place.
 
         ``velocity`` starts at zero, which equals PyTorch's first-step copy.
         """
-        if weight_decay:
-            grad = grad + weight_decay * param
+        xp = self.xp
+        step, work = grad, self._scratch(param, 0)
+        if weight_decay:  # step = grad + weight_decay * param
+            step = xp.multiply(param, weight_decay, out=self._scratch(param, 1))
+            step += grad
         if momentum:
             velocity *= momentum
-            velocity += grad
-            grad = grad + momentum * velocity if nesterov else velocity
-        param -= lr * grad
+            velocity += step
+            if nesterov:  # step = step + momentum * velocity
+                xp.multiply(velocity, momentum, out=work)
+                step = xp.add(step, work, out=self._scratch(param, 1))
+            else:
+                step = velocity
+        param -= xp.multiply(step, lr, out=work)
         return param
 
     def adam_update(self, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step):
-        """PyTorch's Adam (``decoupled=False``) or AdamW step over flat buffers."""
+        """PyTorch's Adam (``decoupled=False``) or AdamW step over flat buffers, in place."""
         xp = self.xp
+        work, denom = self._scratch(param, 0), self._scratch(param, 1)
         if weight_decay and decoupled:
             param *= 1.0 - lr * weight_decay
-        elif weight_decay:
-            grad = grad + weight_decay * param
+        elif weight_decay:  # grad + weight_decay * param, kept in denom until denom is needed
+            grad = xp.add(xp.multiply(param, weight_decay, out=denom), grad, out=denom)
         m *= beta1
-        m += (1.0 - beta1) * grad
+        m += xp.multiply(grad, 1.0 - beta1, out=work)
         v *= beta2
-        v += (1.0 - beta2) * (grad * grad)
-        denom = xp.sqrt(v)
+        xp.multiply(grad, grad, out=work)
+        v += xp.multiply(work, 1.0 - beta2, out=work)
+        xp.sqrt(v, out=denom)
         denom *= 1.0 / math.sqrt(1.0 - beta2 ** step)
         denom += eps
-        param -= (lr / (1.0 - beta1 ** step)) * (m / denom)
+        xp.divide(m, denom, out=work)
+        param -= xp.multiply(work, lr / (1.0 - beta1 ** step), out=work)
         return param
 
     # ----- random numbers ------------------------------------------------------------

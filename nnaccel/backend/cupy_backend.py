@@ -24,6 +24,7 @@ class CupyBackend(Backend):
     def __init__(self, device_id):
         import cupy
 
+        super().__init__()
         self.xp = cupy
         self.device = cupy.cuda.Device(device_id)
         self.name = f"cuda:{device_id}"
