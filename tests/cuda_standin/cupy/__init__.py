@@ -1,0 +1,226 @@
+"""A stand-in for CuPy that runs on the CPU: nnaccel's test infrastructure, never shipped.
+
+Put the folder above this package first on ``PYTHONPATH`` and ``import cupy``
+finds it instead of CuPy, for any script or ``nnaccel`` command:
+
+    PYTHONPATH=tests/cuda_standin nnaccel train --device cuda
+
+Arrays live in emulated device memory and compute with NumPy; ``RawModule``
+kernels are compiled by the host C++ compiler and run by the CUDA emulator
+(``cuda_emulator``, beside this package), which schedules the threads of a
+block concurrently and reports what a GPU would get wrong. Like CuPy, the
+stand-in refuses implicit host conversion (``numpy.asarray(device_array)``)
+and mixing NumPy arrays with device arrays (``TypeError``), and an array must
+be used on the device it lives on. ``CUPY_STANDIN_DEVICES`` (default 2) and
+``CUPY_STANDIN_SMS`` (multiprocessors per device, default 2, so that
+grid-stride loops take several passes) shape the emulated machine.
+"""
+
+import numpy
+
+from . import cuda, random
+from ._core import get_default_memory_pool, ndarray
+from ._core import _apply, _operand, _to_device
+from .cuda import Device
+
+__version__ = "14.0.0+cpu.standin"
+
+# Dtypes and constants are NumPy's, as in CuPy.
+for _name in ("bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
+              "float32", "float64", "complex64", "complex128", "intp", "dtype", "finfo", "iinfo", "newaxis", "pi",
+              "inf", "nan", "e", "result_type", "can_cast", "promote_types", "isscalar", "ndim", "shape"):
+    globals()[_name] = getattr(numpy, _name)
+
+
+def get_default_pinned_memory_pool():
+    return None
+
+
+def get_array_module(*args):
+    import sys
+
+    return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else numpy
+
+
+def asnumpy(array, stream=None, order="C", out=None):
+    """A host copy of a device array (other values pass through ``numpy.asarray``)."""
+    if isinstance(array, ndarray):
+        return array.get(order=order, out=out)
+    return numpy.asarray(array, order=order)
+
+
+def asarray(a, dtype=None, order=None, *, blocking=False):
+    """``a`` on the current device: host data is copied over, a device array of that dtype is kept."""
+    if isinstance(a, ndarray):
+        if (dtype is None or numpy.dtype(dtype) == a.dtype) and (order is None or a.flags[f"{order}_CONTIGUOUS"]):
+            _operand(a)  # on the current device
+            return a
+        return a.astype(dtype or a.dtype, order=order or "K")
+    if hasattr(a, "__dlpack_device__") and not hasattr(a, "__array_interface__"):
+        return from_dlpack(a)
+    from ._core import refuse_during_capture
+
+    refuse_during_capture("copying host memory to the device")
+    return _to_device(numpy.asarray(a, dtype=dtype, order=order))
+
+
+def array(obj, dtype=None, copy=True, order="K", ndmin=0, *, blocking=False):
+    if isinstance(obj, ndarray):
+        result = obj.astype(dtype or obj.dtype, order=order) if copy else asarray(obj, dtype)
+        return result
+    return asarray(numpy.array(obj, dtype=dtype, order=order, ndmin=ndmin))
+
+
+def ascontiguousarray(a, dtype=None):
+    return asarray(a, dtype=dtype, order="C")
+
+
+def empty(shape, dtype=float, order="C"):
+    return ndarray(shape, dtype, order=order)
+
+
+def empty_like(a, dtype=None, order="K", shape=None):
+    return ndarray(a.shape if shape is None else shape, dtype or a.dtype,
+                   order="F" if order in "KA" and a.flags.f_contiguous and not a.flags.c_contiguous else "C")
+
+
+def full(shape, fill_value, dtype=None, order="C"):
+    result = ndarray(shape, dtype if dtype is not None else numpy.asarray(fill_value).dtype, order=order)
+    result.fill(fill_value)
+    return result
+
+
+def full_like(a, fill_value, dtype=None):
+    result = empty_like(a, dtype)
+    result.fill(fill_value)
+    return result
+
+
+def zeros(shape, dtype=float, order="C"):
+    return full(shape, 0, dtype, order)
+
+
+def ones(shape, dtype=float, order="C"):
+    return full(shape, 1, dtype, order)
+
+
+def zeros_like(a, dtype=None):
+    return full_like(a, 0, dtype)
+
+
+def ones_like(a, dtype=None):
+    return full_like(a, 1, dtype)
+
+
+def arange(start, stop=None, step=1, dtype=None):
+    return _to_device(numpy.arange(start, stop, step, dtype=dtype) if stop is not None
+                      else numpy.arange(start, dtype=dtype))
+
+
+def from_dlpack(x):
+    """A device array from another framework's CUDA array (DLPack); host arrays are refused like CuPy's."""
+    kind, device_id = x.__dlpack_device__()
+    if isinstance(x, ndarray):
+        return x
+    if kind != 2:
+        raise TypeError(f"from_dlpack: the array is on DLPack device type {kind}, not a CUDA device (2)")
+    raise TypeError("the CuPy stand-in takes DLPack arrays only from itself")
+
+
+def _numpy_function(name):
+    function = getattr(numpy, name)
+
+    def call(*args, **kwargs):
+        return _apply(function, args, kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"``numpy.{name}`` on device arrays."
+    return call
+
+
+def __getattr__(name):
+    """Every other NumPy function or ufunc, on device arrays (``cupy.exp``, ``cupy.stack``, ...)."""
+    if not name.startswith("_") and callable(getattr(numpy, name, None)):
+        function = _numpy_function(name)
+        globals()[name] = function
+        return function
+    raise AttributeError(f"module 'cupy' (the CPU stand-in) has no attribute {name!r}")
+
+
+class RawKernel:
+    """One kernel of a RawModule, called like CuPy's: ``kernel(grid, block, args)``."""
+
+    def __init__(self, module, name):
+        self._module, self.name = module, name
+
+    @property
+    def kernel(self):
+        return self._module._compiled().get_function(self.name)
+
+    def __call__(self, grid, block, args, *, shared_mem=0, stream=None, enable_cooperative_groups=False):
+        import cuda_emulator
+
+        from .cuda.driver import CUDADriverError
+
+        if not isinstance(args, tuple):
+            raise TypeError(f"kernel arguments must be a tuple, got {type(args).__name__}")
+        arguments = [_kernel_argument(value, index, self.name) for index, value in enumerate(args)]
+        try:
+            self.kernel.launch(grid, block, arguments, shared_mem)
+        except cuda_emulator.LaunchError as error:
+            raise CUDADriverError(str(error)) from None
+
+
+def _kernel_argument(value, index, kernel):
+    """A kernel argument as CuPy passes it: arrays by device pointer, Python ints as long long,
+    floats as double, bools as bool; NumPy scalars keep their type."""
+    import cuda_emulator
+
+    if value is None:
+        return cuda_emulator.Argument.null()
+    if isinstance(value, ndarray):
+        _operand(value)  # on the current device, or ValueError
+        memory = value._memory
+        return cuda_emulator.Argument.to_array(value.data.ptr, value.dtype, (memory.ptr, memory.size) if memory.size
+                                               else None, f"a {value.dtype} array of shape {value.shape}")
+    if isinstance(value, numpy.ndarray):
+        raise TypeError(f"{kernel} argument {index}: unsupported type {type(value)} (a host array; pass a device "
+                        f"array)")
+    if isinstance(value, bool):
+        value = numpy.bool_(value)
+    elif isinstance(value, int):
+        value = numpy.int64(value)
+    elif isinstance(value, float):
+        value = numpy.float64(value)
+    if not isinstance(value, numpy.generic):
+        raise TypeError(f"{kernel} argument {index}: unsupported type {type(value)}")
+    return cuda_emulator.Argument.scalar(value)
+
+
+class RawModule:
+    """CUDA source compiled on first use (by the host compiler, for the emulator)."""
+
+    def __init__(self, code=None, path=None, options=(), backend="nvrtc", translate_cucomplex=False, *,
+                 enable_cooperative_groups=False, name_expressions=None, jitify=False):
+        if code is None:
+            with open(path) as handle:
+                code = handle.read()
+        self.code, self.options, self.name_expressions = code, tuple(options), tuple(name_expressions or ())
+        self._module = None
+
+    def _compiled(self):
+        if self._module is None:
+            import cuda_emulator
+
+            from .cuda.compiler import CompileException
+
+            try:
+                self._module = cuda_emulator.Module(self.code, self.options, self.name_expressions)
+            except cuda_emulator.CompileError as error:
+                raise CompileException(str(error)) from None
+        return self._module
+
+    def get_function(self, name):
+        self._compiled().get_function(name)  # an unknown name fails here, as in CuPy
+        return RawKernel(self, name)
+

@@ -1,0 +1,5 @@
+"""The stand-in's ``cupy.cuda.compiler``: what a rejected kernel source raises."""
+
+
+class CompileException(Exception):
+    pass

@@ -1,0 +1,3 @@
+"""The stand-in's ``cupy.cuda.memory``."""
+
+from .._core import MemoryPointer, MemoryPool, OutOfMemoryError  # noqa: F401

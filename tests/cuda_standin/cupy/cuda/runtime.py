@@ -1,0 +1,66 @@
+"""The stand-in's CUDA runtime API: device queries of the emulated machine."""
+
+from .. import _core
+
+
+class CUDARuntimeError(RuntimeError):
+    pass
+
+
+cudaDevAttrMaxThreadsPerBlock = 1
+cudaDevAttrMaxSharedMemoryPerBlock = 8
+cudaDevAttrWarpSize = 10
+cudaDevAttrMultiProcessorCount = 16
+cudaDevAttrComputeCapabilityMajor = 75
+cudaDevAttrComputeCapabilityMinor = 76
+
+
+def getDeviceCount():
+    from . import DEVICES
+
+    return DEVICES
+
+
+def getDevice():
+    return _core.current_device_id()
+
+
+def setDevice(device):
+    _core.use_device(int(device))
+
+
+def deviceSynchronize():
+    _core.refuse_during_capture("synchronizing the device")
+
+
+def deviceGetAttribute(attribute, device):
+    from . import SMS
+
+    values = {cudaDevAttrMaxThreadsPerBlock: 1024, cudaDevAttrMaxSharedMemoryPerBlock: 48 * 1024,
+              cudaDevAttrWarpSize: 32, cudaDevAttrMultiProcessorCount: SMS,
+              cudaDevAttrComputeCapabilityMajor: 8, cudaDevAttrComputeCapabilityMinor: 0}
+    if attribute not in values:
+        raise CUDARuntimeError(f"cudaErrorInvalidValue: attribute {attribute} is not emulated")
+    return values[attribute]
+
+
+def getDeviceProperties(device):
+    from . import SMS
+
+    return {"name": f"nnaccel CUDA emulator {device} (CPU)".encode(), "totalGlobalMem": _core.DEVICE_MEMORY,
+            "multiProcessorCount": SMS, "major": 8, "minor": 0, "maxThreadsPerBlock": 1024,
+            "sharedMemPerBlock": 48 * 1024, "warpSize": 32, "clockRate": 1000000, "memoryClockRate": 1000000,
+            "memoryBusWidth": 256, "pciBusID": device + 1}
+
+
+def memGetInfo():
+    used = _core.get_default_memory_pool().total_bytes()
+    return _core.DEVICE_MEMORY - used, _core.DEVICE_MEMORY
+
+
+def runtimeGetVersion():
+    return 12080
+
+
+def driverGetVersion():
+    return 12080
