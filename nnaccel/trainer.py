@@ -146,7 +146,10 @@ class Trainer:
         optimizer state to the last check that passed.
         """
         with self._working():
-            return self._fit(x, y, epochs, validation_data, callbacks, shuffle)
+            try:
+                return self._fit(x, y, epochs, validation_data, callbacks, shuffle)
+            except MemoryError as error:  # moving the data over or any step: say how much the device holds
+                raise OutOfMemory(self.model.backend.memory_report(error, self.batch_size)) from None
 
     def _fit(self, x, y, epochs, validation_data, callbacks, shuffle):
         epochs = check_int(epochs, "epochs", minimum=0)
@@ -186,8 +189,6 @@ class Trainer:
                                                                self.interrupted))
             if agreed is not None:
                 self.stop_training, self.interrupted = agreed
-        except MemoryError as error:
-            raise OutOfMemory(self.model.backend.memory_report(error, self.batch_size)) from None
         finally:
             self.model.eval()
             for callback in callbacks:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from emulated_cuda import ENV
 from nnaccel import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,3 +103,19 @@ def test_fused_kernel_benchmark(tmp_path):
     results = json.loads((tmp_path / "fused.json").read_text())["results"]
     assert {r["op"].split()[0] for r in results} >= {"bias_act", "act_backward+bias_grad", "sgd_update"}
     assert all(r["fused_s"] > 0 and r["unfused_s"] > 0 for r in results)
+
+
+def test_the_gpu_check_script_runs_on_the_emulated_device(tmp_path):
+    """benchmarks/gpu_check.sh, dry-run on the CuPy stand-in: the day a GPU is lent it cannot fail for a typo.
+
+    The same script runs the full GPU tests and benchmarks there; --quick keeps one test and tiny sizes."""
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--quick", str(tmp_path / "out")],
+                          env={**ENV, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert files == ["bench.json", "bench.log", "fused-kernels.json", "fused-kernels.log", "gpu-tests.log",
+                     "gpu-tests.xml", "machine.txt"]  # at most 8 files come back from the device machine
+    bench = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert {r["device"] for r in bench["results"]} == {"cpu", "cuda:0"}
+    assert "nnaccel CUDA emulator" in (tmp_path / "out" / "machine.txt").read_text()
+    assert ' passed' in (tmp_path / "out" / "gpu-tests.log").read_text()

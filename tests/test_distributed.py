@@ -26,7 +26,7 @@ import nnaccel as nn
 from nnaccel import checkpoint, distributed
 from nnaccel.errors import ConfigError, DeviceError
 
-from conftest import GPU_COUNT, GPU_REASON
+from emulated_cuda import ENV as EMULATED_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mpi_worker  # noqa: E402
@@ -63,9 +63,9 @@ def mpi():
         pytest.skip(reason)
 
 
-def mpiexec(ranks, *args, timeout=TIMEOUT, cwd=None):
+def mpiexec(ranks, *args, timeout=TIMEOUT, cwd=None, env=ENV):
     """``mpiexec -n ranks args...`` to completion; a run past ``timeout`` is stopped and fails the test."""
-    process = subprocess.Popen([MPIEXEC, "-n", str(ranks), *map(str, args)], env=ENV, cwd=cwd, text=True,
+    process = subprocess.Popen([MPIEXEC, "-n", str(ranks), *map(str, args)], env=env, cwd=cwd, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = process.communicate(timeout=timeout)
@@ -400,16 +400,17 @@ def test_info_reports_mpi_and_nccl(mpi):
     assert run.returncode == 0 and "launched with 2 process(es)" in run.stdout
 
 
-# ----- NCCL, on as many GPUs as answer --------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.skipif(GPU_COUNT == 0, reason=f"no usable GPU: {GPU_REASON}")
-def test_nccl_ranks_train_like_one_process(mpi, tmp_path):
+# ----- NCCL: between the emulated GPUs (the stand-in's NCCL carries it over MPI), and real ones -------------
+def test_nccl_ranks_train_like_one_process(mpi, cuda_device, tmp_path):
     ok, text = distributed.nccl_status()
     if not ok:
         pytest.skip(text)
-    ranks = GPU_COUNT
+    import cupy
+
+    ranks = cupy.cuda.runtime.getDeviceCount()
+    env = {**ENV, "PYTHONPATH": EMULATED_ENV["PYTHONPATH"]} if cupy.__version__.endswith("standin") else ENV
     options = ["--optimizer", "adam", "--dropout", "0.3"]
-    run = worker(ranks, tmp_path / "w.npz", "--device", "cuda", *options)
+    run = worker(ranks, tmp_path / "w.npz", "--device", "cuda", *options, env=env)
     assert run.returncode == 0, run.stderr
     result = numpy.load(tmp_path / "w.npz")
     assert result["ranks"] == ranks and result["identical"]

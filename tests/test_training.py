@@ -31,11 +31,13 @@ def test_mnist_subset_reaches_94_percent(device, mnist_path):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
-def test_same_seed_same_weights(optimizer):
+def test_same_seed_same_weights(device, optimizer):
+    """On the CPU and on CUDA (where the emulated device runs each launch's threads in another order)."""
     x, y = datasets.synthetic(n=300, features=20, classes=4, seed=1)
 
     def run():
-        model = nn.Sequential(nn.Dense(20, 32, activation="tanh"), nn.Dropout(0.3), nn.Dense(32, 4), seed=5)
+        model = nn.Sequential(nn.Dense(20, 32, activation="tanh"), nn.Dropout(0.3), nn.Dense(32, 4), seed=5,
+                              device=device)
         nn.Trainer(model, optimizer=nn.optimizers.get(optimizer, lr=0.01), batch_size=32, seed=3,
                    quiet=True).fit(x, y, epochs=3)
         return model.backend.to_host(model.flat_params)
@@ -43,12 +45,12 @@ def test_same_seed_same_weights(optimizer):
     numpy.testing.assert_array_equal(run(), run())
 
 
-def test_resume_equals_uninterrupted_bit_for_bit(tmp_path):
+def test_resume_equals_uninterrupted_bit_for_bit(device, tmp_path):
     x, y = datasets.synthetic(n=333, features=20, classes=4, seed=1)
 
     def setup():
         model = nn.Sequential(nn.Dense(20, 32, activation="relu"), nn.Dropout(0.2),
-                              nn.Maxout(32, 16, pieces=3), nn.Dense(16, 4), seed=5)
+                              nn.Maxout(32, 16, pieces=3), nn.Dense(16, 4), seed=5, device=device)
         trainer = nn.Trainer(model, optimizer=nn.Adam(lr=0.01, weight_decay=1e-3), batch_size=32, seed=3,
                              schedule=nn.StepLR(1, gamma=0.5), quiet=True)
         return model, trainer
@@ -165,13 +167,13 @@ def test_callbacks(tmp_path):
 
 
 @pytest.mark.parametrize("check_every", [1, 5])
-def test_divergence_stops_with_the_last_good_weights(check_every):
+def test_divergence_stops_with_the_last_good_weights(device, check_every):
     """A non-finite loss stops training before its update, naming the epoch and step.
 
-    ``check_every=5`` is the GPU strategy (periodic check, snapshot restore), run on the CPU.
+    ``check_every=5`` is the GPU strategy (periodic check, snapshot restore), run on every device.
     """
     x, y = datasets.load_digits("train")
-    model = _digits_net("cpu")
+    model = _digits_net(device)
 
     class Explode(nn.Callback):
         """Makes the next update blow the weights up to inf, as a diverging run would."""
@@ -185,22 +187,35 @@ def test_divergence_stops_with_the_last_good_weights(check_every):
     with numpy.errstate(all="ignore"), pytest.raises(nn.TrainingDiverged, match="at epoch 2, step") as error:
         trainer.fit(x, y, epochs=5, callbacks=[Explode()])
     assert error.value.epoch == 2 and error.value.step == (5 if check_every == 1 else 6)
-    assert numpy.isfinite(model.flat_params).all()  # the failing step's update never landed
+    assert numpy.isfinite(model.backend.to_host(model.flat_params)).all()  # the failing step's update never landed
     if check_every > 1:  # restored to the last check that passed
         assert numpy.isfinite(trainer.evaluate(x, y)["loss"])
 
 
-def test_out_of_memory_is_reported_with_the_batch_size(monkeypatch):
-    """A failed allocation mid-training becomes one clear error (no hang, no raw MemoryError)."""
+def test_out_of_memory_is_reported_with_the_batch_size(device, monkeypatch):
+    """A failed allocation mid-training becomes one clear error (no hang, no raw MemoryError). On CUDA
+    the memory pool is capped so that a real allocation of the step fails."""
     x, y = datasets.load_digits("train")
-    trainer = nn.Trainer(_digits_net("cpu"), batch_size=128, quiet=True)
+    trainer = nn.Trainer(_digits_net(device, activation="gelu"), batch_size=128, quiet=True)
+    if device == "cpu":
+        def exhausted(model):
+            raise MemoryError("Unable to allocate 1.2 GiB for an array")
 
-    def exhausted(model):
-        raise MemoryError("Unable to allocate 1.2 GiB for an array")
+        monkeypatch.setattr(trainer.optimizer, "step", exhausted)
+        expected = "out of memory on cpu .*batch size 128.*smaller --batch-size"
+    else:
+        import cupy
 
-    monkeypatch.setattr(trainer.optimizer, "step", exhausted)
-    with pytest.raises(nn.OutOfMemory, match="out of memory on cpu .*batch size 128.*smaller --batch-size"):
-        trainer.fit(x, y, epochs=1)
+        pool = cupy.get_default_memory_pool()
+        pool.set_limit(size=pool.used_bytes() + x.nbytes)  # the data fits, but not a shuffled copy of it
+        expected = (r"out of GPU memory on cuda:0 with batch size 128: Out of memory allocating .* the memory pool "
+                    r"holds .* MiB free on the device; try a smaller --batch-size")
+    try:
+        with pytest.raises(nn.OutOfMemory, match=expected):
+            trainer.fit(x, y, epochs=1)
+    finally:
+        if device != "cpu":
+            pool.set_limit(size=0)
 
 
 @pytest.mark.parametrize("loss, target, message", [

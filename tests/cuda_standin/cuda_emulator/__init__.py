@@ -19,7 +19,8 @@ compiler's version): an edited kernel recompiles, an unchanged one loads.
 Environment: ``CUDA_EMULATOR_SEED`` (the base seed of the schedules; random
 unless set, and printed with every failure), ``CUDA_EMULATOR_TIMEOUT``
 (seconds one launch may run, default 120), ``CUDA_EMULATOR_CACHE`` (the cache
-folder, default ``~/.cache/nnaccel-cuda-emulator``).
+folder, default ``~/.cache/nnaccel-cuda-emulator``), ``CUDA_EMULATOR_UCONTEXT``
+(switch threads with ucontext, as on machines other than x86-64).
 """
 
 import ctypes
@@ -46,7 +47,7 @@ MAX_GRID = (2**31 - 1, 65535, 65535)
 MAX_STATIC_SHARED = 48 * 1024
 BASE_SEED = int(os.environ.get("CUDA_EMULATOR_SEED") or int.from_bytes(os.urandom(4), "little"))
 TIMEOUT_S = float(os.environ.get("CUDA_EMULATOR_TIMEOUT", 120))
-COMPILER_FLAGS = ("-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-ffp-contract=off", "-fno-fast-math",
+COMPILER_FLAGS = ("-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
                   "-U_FORTIFY_SOURCE")
 stats = {"compiles": 0, "launches": 0}  # compiler runs and launches in this process (the cache tests read it)
 _LAUNCH_LOCK = threading.Lock()  # one launch at a time: the runtime's scheduler state is global
@@ -91,7 +92,7 @@ class Argument:
     @classmethod
     def scalar(cls, value):
         value = value if isinstance(value, numpy.generic) else numpy.asarray(value)[()]
-        return cls(value.tobytes(), False, value.dtype, None, f"{value.dtype} {value!r}")
+        return cls(value.tobytes(), False, value.dtype, None, f"{value.dtype} {value}")
 
 
 # ----- building -------------------------------------------------------------------------------
@@ -140,7 +141,8 @@ def _build(stem, text, flags, link=()):
 
 class _Result(ctypes.Structure):
     _fields_ = [("status", ctypes.c_int), ("signal", ctypes.c_int), ("write", ctypes.c_int),
-                ("address", ctypes.c_ulonglong), ("block", ctypes.c_uint * 3), ("thread", ctypes.c_uint * 3),
+                ("address", ctypes.c_ulonglong), ("shared_array", ctypes.c_int), ("block", ctypes.c_uint * 3),
+                ("thread", ctypes.c_uint * 3),
                 ("message", ctypes.c_char * 4096)]
 
 
@@ -157,7 +159,8 @@ class _KernelInfo(ctypes.Structure):
 @functools.lru_cache(maxsize=None)
 def runtime():
     """The runtime library (built once), its functions typed for ctypes."""
-    path = _build("cuda-emulator-runtime", (HERE / "runtime.cpp").read_text(), ("-std=c++17",))
+    flags = ("-std=c++17",) + (("-DCUEMU_UCONTEXT",) if os.environ.get("CUDA_EMULATOR_UCONTEXT") else ())
+    path = _build("cuda-emulator-runtime", (HERE / "runtime.cpp").read_text(), flags)
     lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     size_t, pointer = ctypes.c_size_t, ctypes.c_void_p
     lib.cuemu_launch.argtypes = [pointer, pointer, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
@@ -241,26 +244,38 @@ def _parameter_names(code):
     return names
 
 
-def _shared_arrays(library):
-    """``[(function, offset, bytes)]`` of the library's ``__shared__`` arrays, from its symbol table: the
-    writable function-local statics (device code has no others); offsets are from the load address."""
-    listing = subprocess.run(["readelf", "-sW", "-C", str(library)], capture_output=True, text=True)
+def _symbols(library, demangle):
+    listing = subprocess.run(["readelf", "-sW", *(["-C"] if demangle else []), str(library)], capture_output=True,
+                             text=True)
     if listing.returncode:
         raise CompileError(f"readelf could not list the symbols of {library}: {listing.stderr.strip()}")
+    rows = [line.split(None, 7) for line in listing.stdout.splitlines()]
+    return [row for row in rows if len(row) == 8 and row[0].rstrip(":").isdigit()]
+
+
+def _shared_arrays(library):
+    """The library's ``__shared__`` arrays, ``[(function, variable, offset, bytes, canary bytes)]``, offsets from
+    its load address: its writable function-local statics (device code has no others), which the Itanium ABI
+    names ``_ZZ<function>E<variable>``; each gets a canary up to the next object or page."""
     sections = subprocess.run(["readelf", "-SW", str(library)], capture_output=True, text=True).stdout
     writable = {int(index) for index, flags in re.findall(r"\[\s*(\d+)\]\s+\.(?:bss|data)\s+\S+\s+\S+\s+\S+\s+\S+"
                                                          r"\s+\S+\s+(\S+)", sections) if "W" in flags}
-    arrays, anchor = {}, None
-    for line in listing.stdout.splitlines():
-        fields = line.split(None, 7)
-        if len(fields) < 8 or not fields[0].rstrip(":").isdigit():
-            continue
-        value, size, kind, section, name = int(fields[1], 16), int(fields[2], 0), fields[3], fields[6], fields[7]
+    arrays, starts, anchor = {}, set(), None
+    for raw, readable in zip(_symbols(library, False), _symbols(library, True)):
+        value, size, kind, section, name = int(raw[1], 16), int(raw[2], 0), raw[3], raw[6], raw[7]
         if kind == "FUNC" and name == "cuemu_kernel_table":
             anchor = value
-        if kind == "OBJECT" and section.isdigit() and int(section) in writable and ")::" in name:
-            arrays[value] = (name.split("(")[0], value, size)
-    return {"anchor": anchor, "arrays": sorted(arrays.values(), key=lambda a: a[1])}
+        if kind == "OBJECT" and section.isdigit() and int(section) in writable:
+            starts.add(value)
+            if name.startswith("_ZZ"):
+                function, _, variable = readable[7].rpartition("::")
+                arrays[value] = (function.split("(")[0], variable, value, size)
+    found = []
+    for function, variable, value, size in sorted(arrays.values(), key=lambda a: a[2]):
+        end = value + size
+        following = min([start for start in starts if start >= end] + [-(-end // 4096) * 4096])
+        found.append((function, variable, value, size, following - end))
+    return {"anchor": anchor, "arrays": found}
 
 
 class Module:
@@ -289,12 +304,10 @@ class Module:
             symbols_file.write_text(json.dumps(_shared_arrays(self.path)))
         symbols = json.loads(symbols_file.read_text())
         base = ctypes.cast(self._lib.cuemu_kernel_table, ctypes.c_void_p).value - symbols["anchor"]
-        arrays = symbols["arrays"]
-        self._shared = (ctypes.c_ulonglong * max(1, 2 * len(arrays)))(
-            *[v for _, offset, size in arrays for v in (base + offset, size)])
-        self._shared_count = len(arrays)
+        arrays = [(function, variable, base + offset, size, canary)
+                  for function, variable, offset, size, canary in symbols["arrays"]]
         usage = {}
-        for function, _, size in arrays:
+        for function, _, _, size, _ in arrays:
             usage[function] = usage.get(function, 0) + size
         names = _parameter_names(code)
         self._kernels = {}
@@ -311,7 +324,9 @@ class Module:
             if shared > MAX_STATIC_SHARED:
                 raise CompileError(f"{expression} uses {shared} bytes of static shared memory, more than the "
                                    f"{MAX_STATIC_SHARED} a kernel may declare (ptxas: too much shared data)")
-            self._kernels[expression] = Kernel(self, expression, info.invoke, params, shared)
+            # its own __shared__ arrays, and those of device functions it may call
+            mine = [a for a in arrays if a[0] == expression or a[0] not in expressions]
+            self._kernels[expression] = Kernel(self, expression, info.invoke, params, mine)
 
     def get_function(self, name):
         if name not in self._kernels:
@@ -333,9 +348,12 @@ _launch_numbers = iter(range(1 << 62))
 class Kernel:
     """One compiled kernel: its parameters, and ``launch``."""
 
-    def __init__(self, module, name, invoke, params, shared_bytes):
+    def __init__(self, module, name, invoke, params, shared_arrays):
         self.module, self.name, self._invoke, self.params = module, name, invoke, params
-        self.shared_bytes = shared_bytes
+        self.shared_arrays = shared_arrays  # (function, variable, address, bytes, canary bytes after it)
+        self.shared_bytes = sum(a[3] for a in shared_arrays if a[0] == name)
+        self._shared = (ctypes.c_ulonglong * max(1, 3 * len(shared_arrays)))(
+            *[v for _, _, address, size, canary in shared_arrays for v in (address, size, canary)])
 
     def _check_configuration(self, grid, block, shared_mem):
         def refuse(message):
@@ -388,7 +406,7 @@ class Kernel:
         with _LAUNCH_LOCK:
             stats["launches"] += 1
             status = lib.cuemu_launch(self._invoke, params, (ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
-                                      self.module._shared, self.module._shared_count, seed, TIMEOUT_S,
+                                      self._shared, len(self.shared_arrays), seed, TIMEOUT_S,
                                       ctypes.byref(result))
         if status == 0:
             status = self._check_canaries(args, result)
@@ -396,47 +414,52 @@ class Kernel:
             raise LaunchError(*self._report(status, result, args, grid, block, number))
 
     def _check_canaries(self, args, result):
-        """A write before the start of an allocation changes its canary: report it as a fault."""
-        lib = runtime()
+        """A write before the start of an allocation changes its canary: a fault, found after the launch."""
         for index, arg in enumerate(args):
-            if arg.allocation and lib.cuemu_canary(*arg.allocation):
-                result.address, result.write, result.signal = arg.allocation[0] - 1, 1, 0
+            if arg.allocation and runtime().cuemu_canary(*arg.allocation):
+                result.address, result.write, result.signal = index, 1, -1
                 return 1
         return 0
 
+    def _argument(self, index, args):
+        return f"argument {index} ({self.params[index].name}: {args[index].what}, {args[index].allocation[1]} bytes)"
+
     def _where_is(self, address, args):
-        """Which argument's allocation ``address`` is just outside of, in words."""
+        """Where ``address`` lies: just past or before which argument's allocation."""
         layout = runtime().layout
         if address < layout["page"] * 16:
             return f"address {address:#x}, a null pointer"
-        for index, (param, arg) in enumerate(zip(self.params, args)):
+        for index, arg in enumerate(args):
             if not arg.allocation:
                 continue
             data, nbytes = arg.allocation
             first = data + nbytes - max(1, -(-nbytes // layout["page"])) * layout["page"]
             if data + nbytes <= address < data + nbytes + layout["above"]:
-                return (f"{address - data - nbytes} bytes past the end of argument {index} ({param.name}, {arg.what}, "
-                        f"{nbytes} bytes)")
+                return f"byte {address - data} of {self._argument(index, args)}: past its end"
             if first - layout["below"] <= address < data:
-                return f"{data - address} byte(s) before the start of argument {index} ({param.name}, {arg.what})"
+                return f"{data - address} bytes before the start of {self._argument(index, args)}"
         return f"address {address:#x}, outside every allocation the kernel was given"
 
     def _report(self, status, result, args, grid, block, number):
-        thread = f"block ({', '.join(map(str, result.block))}), thread ({', '.join(map(str, result.thread))})"
-        if status == 1 and result.signal in (0, signal.SIGSEGV, signal.SIGBUS):
+        """``(CUDA error code, message)`` for a failed launch."""
+        where = f"in block ({', '.join(map(str, result.block))}), thread ({', '.join(map(str, result.thread))})"
+        if status == 1 and result.shared_array >= 0:
+            function, variable, _, size, _ = self.shared_arrays[result.shared_array]
+            code, where = "CUDA_ERROR_ILLEGAL_ADDRESS", f"in block ({', '.join(map(str, result.block))})"
+            message = f"a thread wrote byte {result.address} of __shared__ {variable} in {function}, which has {size}"
+        elif status == 1 and result.signal == -1:  # found by the canary check
+            code, where = "CUDA_ERROR_ILLEGAL_ADDRESS", "by some thread"
+            message = f"wrote before the start of {self._argument(result.address, args)}"
+        elif status == 1 and result.signal in (signal.SIGSEGV, signal.SIGBUS):
             verb = {0: "read", 1: "wrote", -1: "accessed"}[result.write]
             code, message = "CUDA_ERROR_ILLEGAL_ADDRESS", f"{verb} {self._where_is(result.address, args)}"
-            if result.signal == 0:
-                code, message = "CUDA_ERROR_ILLEGAL_ADDRESS", f"wrote {self._where_is(result.address, args)}"
-                thread = "a thread of the launch"
         elif status == 1:
             code = "CUDA_ERROR_ILLEGAL_INSTRUCTION"
             message = f"{signal.Signals(result.signal).name}: an integer division by zero or an illegal instruction"
         elif status == 3:
             code, message = "CUDA_ERROR_LAUNCH_TIMEOUT", f"ran longer than {TIMEOUT_S:g} s (an endless loop?)"
         else:
-            text = result.message.decode(errors="replace")
-            code = "CUDA_ERROR_ASSERT" if "assertion" in text else "CUDA_ERROR_LAUNCH_FAILED"
-            message = text
-        return code, (f"{self.name} <<<{grid}, {block}>>>: {message}, in {thread} [launch {number} of this process; "
+            message = result.message.decode(errors="replace")
+            code = "CUDA_ERROR_ASSERT" if "assertion" in message else "CUDA_ERROR_LAUNCH_FAILED"
+        return code, (f"{self.name} <<<{grid}, {block}>>>: {message}, {where} [launch {number} of this process; "
                       f"CUDA_EMULATOR_SEED={BASE_SEED} repeats its schedules]")

@@ -29,10 +29,11 @@
 #define __launch_bounds__(...)
 // Blocks run one after another, so one static copy of each shared array
 // serves every block. The loader finds these arrays in the module's symbol
-// table (device code has no other writable local statics) and the runtime
-// fills them with garbage before each block, as shared memory starts
-// uninitialised on a GPU.
-#define __shared__ static
+// table (device code has no other writable local statics); the runtime fills
+// them with garbage before each block, as shared memory starts uninitialised
+// on a GPU, and the rest of each one's page with a canary that a write past
+// the array's end changes (checked after each block).
+#define __shared__ static __attribute__((aligned(4096)))
 
 struct uint3 {
   unsigned int x, y, z;
@@ -113,7 +114,7 @@ template <typename T> inline T reduce(const char* where, int op, unsigned mask, 
 }
 }  // namespace cuemu
 
-#define __syncwarp(...) cuemu::syncwarp("__syncwarp at " CUEMU_WHERE, ##__VA_ARGS__)
+#define __syncwarp(...) cuemu::syncwarp("__syncwarp at " CUEMU_WHERE __VA_OPT__(, ) __VA_ARGS__)
 #define __shfl_sync(mask, ...) cuemu::shfl("__shfl_sync at " CUEMU_WHERE, CUEMU_SHFL_IDX, mask, __VA_ARGS__)
 #define __shfl_up_sync(mask, ...) cuemu::shfl("__shfl_up_sync at " CUEMU_WHERE, CUEMU_SHFL_UP, mask, __VA_ARGS__)
 #define __shfl_down_sync(mask, ...) cuemu::shfl("__shfl_down_sync at " CUEMU_WHERE, CUEMU_SHFL_DOWN, mask, __VA_ARGS__)

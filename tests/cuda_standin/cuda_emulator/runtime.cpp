@@ -30,7 +30,10 @@
 
 #include "cuda_emulator.h"
 
-#if !defined(__x86_64__)
+// The hand-written switch is for x86-64; elsewhere (or with CUEMU_UCONTEXT) threads switch with ucontext.
+#if defined(__x86_64__) && !defined(CUEMU_UCONTEXT)
+#define CUEMU_ASM_SWITCH 1
+#else
 #include <ucontext.h>
 #endif
 
@@ -53,7 +56,7 @@ struct Fiber {
   const char* where;  // the barrier or collective it waits at
   int barrier_op, predicate;
   unsigned long long result;
-#if !defined(__x86_64__)
+#if !CUEMU_ASM_SWITCH
   ucontext_t context;
 #endif
 };
@@ -72,6 +75,7 @@ struct Warp {
 struct Result {
   int status, signal, write;
   unsigned long long address;
+  int shared_array;  // the __shared__ array whose canary a block changed, or -1
   unsigned block[3], thread[3];
   char message[4096];
 };
@@ -87,7 +91,49 @@ unsigned long long next_random(unsigned long long& state) {  // xorshift64*
 void (*g_invoke)(void**);
 void** g_params;
 std::vector<Fiber> g_fibers;
-std::vector<int> g_runnable;
+// The threads that can run, by warp: the scheduler runs the runnable lanes of one warp, in a random
+// order, before it picks another warp at random (as a GPU schedules warps; it also keeps a warp's
+// neighbouring memory accesses together, which grid-stride loops need to run fast on a CPU).
+struct Runnable {
+  std::vector<int> lanes;        // per warp: its runnable threads (linear indices), 32 slots each
+  std::vector<int> count;        // per warp: how many
+  std::vector<int> warps;        // the warps with runnable threads
+  std::vector<int> where;        // per warp: its position in `warps`
+  int current = -1;              // the warp being run
+
+  void reset(int warp_count) {
+    lanes.assign(32 * warp_count, 0);
+    count.assign(warp_count, 0);
+    where.assign(warp_count, -1);
+    warps.clear();
+    current = -1;
+  }
+  bool empty() const { return warps.empty(); }
+  void push(int thread) {
+    const int w = thread / 32;
+    if (count[w] == 0) {
+      where[w] = (int)warps.size();
+      warps.push_back(w);
+    }
+    lanes[32 * w + count[w]++] = thread;
+  }
+  int pop(unsigned long long& rng) {
+    if (current < 0 || count[current] == 0) current = warps[(size_t)(((next_random(rng) >> 32) * warps.size()) >> 32)];
+    const int w = current;
+    const int pick = (int)(((next_random(rng) >> 32) * (unsigned long long)count[w]) >> 32);
+    const int thread = lanes[32 * w + pick];
+    lanes[32 * w + pick] = lanes[32 * w + --count[w]];
+    if (count[w] == 0) {  // take the warp off the list
+      const int last = warps.back();
+      warps[where[w]] = last;
+      where[last] = where[w];
+      warps.pop_back();
+      where[w] = -1;
+    }
+    return thread;
+  }
+};
+Runnable g_runnable;
 std::vector<Warp> g_warps;
 std::vector<char*> g_stacks;       // every stack mapped so far
 std::vector<char*> g_free_stacks;  // those no thread of the running block holds
@@ -98,12 +144,12 @@ Result* g_result;
 sigjmp_buf g_escape;
 volatile sig_atomic_t g_in_kernel;
 void* g_scheduler_sp;
-#if !defined(__x86_64__)
+#if !CUEMU_ASM_SWITCH
 ucontext_t g_scheduler_context;
 #endif
 
 // ----- fibers ----------------------------------------------------------------------------------
-#if defined(__x86_64__)
+#if CUEMU_ASM_SWITCH
 extern "C" void cuemu_switch(void** save_sp, void* load_sp);
 asm(R"(
   .text
@@ -136,7 +182,7 @@ void prepare(Fiber& f) {
   // Stack tops staggered by a few cache lines, so that the threads' frames do not all map to the same
   // cache sets.
   char* top = f.stack + kStackSize - 64 * (f.linear % 61);
-#if defined(__x86_64__)
+#if CUEMU_ASM_SWITCH
   auto* words = reinterpret_cast<unsigned long long*>(top);
   words[-1] = 0;                                                 // fiber_main's return address: none
   words[-2] = reinterpret_cast<unsigned long long>(&fiber_main);  // where cuemu_switch returns to
@@ -159,7 +205,7 @@ void run(Fiber& f) {  // scheduler -> fiber, until it yields
   }
   g_current = &f;
   cuemu_self = &f.pub;
-#if defined(__x86_64__)
+#if CUEMU_ASM_SWITCH
   cuemu_switch(&g_scheduler_sp, f.sp);
 #else
   swapcontext(&g_scheduler_context, &f.context);
@@ -168,7 +214,7 @@ void run(Fiber& f) {  // scheduler -> fiber, until it yields
 
 void yield() {  // fiber -> scheduler
   Fiber& f = *g_current;
-#if defined(__x86_64__)
+#if CUEMU_ASM_SWITCH
   cuemu_switch(&f.sp, g_scheduler_sp);
 #else
   swapcontext(&f.context, &g_scheduler_context);
@@ -225,7 +271,7 @@ void release_barrier() {
   for (Fiber& f : g_fibers) {
     f.result = f.barrier_op == CUEMU_BAR_COUNT ? count : f.barrier_op == CUEMU_BAR_AND ? all : any;
     f.state = RUNNABLE;
-    g_runnable.push_back(f.linear);
+    g_runnable.push(f.linear);
   }
   g_at_barrier = 0;
 }
@@ -298,7 +344,7 @@ void deadlock() {
 int run_block(int threads) {
   g_threads = threads;
   g_done = g_at_barrier = 0;
-  g_runnable.clear();
+  g_runnable.reset((threads + 31) / 32);
   uint3 idx = {0, 0, 0};
   for (int i = 0; i < threads; ++i) {
     Fiber& f = g_fibers[i];
@@ -317,7 +363,7 @@ int run_block(int threads) {
     f.where = nullptr;
     f.predicate = 0;
     f.stack = nullptr;  // given one when it first runs
-    g_runnable.push_back(i);
+    g_runnable.push(i);
   }
   g_free_stacks.assign(g_stacks.rbegin(), g_stacks.rend());
   for (int w = 0; w < (threads + 31) / 32; ++w) {
@@ -330,11 +376,7 @@ int run_block(int threads) {
       deadlock();
       break;
     }
-    size_t pick = (size_t)(((next_random(g_rng) >> 32) * g_runnable.size()) >> 32);
-    int index = g_runnable[pick];
-    g_runnable[pick] = g_runnable.back();
-    g_runnable.pop_back();
-    run(g_fibers[index]);
+    run(g_fibers[g_runnable.pop(g_rng)]);
   }
   return g_result->status;
 }
@@ -515,7 +557,7 @@ unsigned long long cuemu_warp_op(int op, unsigned mask, unsigned long long value
       w.result[lane] = result;
       Fiber& other = g_fibers[f.warp * 32 + lane];
       other.state = RUNNABLE;
-      g_runnable.push_back(other.linear);
+      g_runnable.push(other.linear);
     }
     w.arrived = 0;
   }
@@ -525,11 +567,13 @@ unsigned long long cuemu_warp_op(int op, unsigned mask, unsigned long long value
 
 // ----- what ctypes calls -----------------------------------------------------------------------
 // Run invoke(params) over a grid; the result says how it ended.
-// `shared` lists (address, bytes) of the module's __shared__ arrays, `shared_count` of them.
+// `shared` lists (address, bytes, bytes of canary after it) of the module's __shared__ arrays,
+// `shared_count` of them.
 int cuemu_launch(void (*invoke)(void**), void** params, const unsigned* grid, const unsigned* block,
                  const unsigned long long* shared, size_t shared_count, unsigned long long seed, double timeout_s,
                  Result* result) {
   memset(result, 0, sizeof *result);
+  result->shared_array = -1;
   g_result = result;
   const int threads = (int)(block[0] * block[1] * block[2]);
   if (!ensure_stacks(threads)) {
@@ -538,7 +582,6 @@ int cuemu_launch(void (*invoke)(void**), void** params, const unsigned* grid, co
   }
   g_fibers.resize(threads);
   g_warps.resize((threads + 31) / 32);
-  g_runnable.reserve(threads);
   g_invoke = invoke;
   g_params = params;
   g_current = nullptr;
@@ -566,9 +609,25 @@ int cuemu_launch(void (*invoke)(void**), void** params, const unsigned* grid, co
       const unsigned long long b = order.empty() ? (k + rotation) % blocks : order[k];
       cuemu_block_idx = {(unsigned)(b % grid[0]), (unsigned)(b / grid[0] % grid[1]),
                          (unsigned)(b / ((unsigned long long)grid[0] * grid[1]))};
-      for (size_t a = 0; a < shared_count; ++a)  // shared memory starts as garbage, not zeros
-        cuemu_garbage(reinterpret_cast<void*>(shared[2 * a]), shared[2 * a + 1], next_random(g_rng));
+      for (size_t a = 0; a < shared_count; ++a) {  // shared memory starts as garbage, not zeros
+        char* array = reinterpret_cast<char*>(shared[3 * a]);
+        cuemu_garbage(array, shared[3 * a + 1], next_random(g_rng));
+        memset(array + shared[3 * a + 1], kCanary, shared[3 * a + 2]);
+      }
       run_block(threads);
+      for (size_t a = 0; a < shared_count && result->status == OK; ++a) {
+        const unsigned char* tail = reinterpret_cast<unsigned char*>(shared[3 * a] + shared[3 * a + 1]);
+        for (size_t i = 0; i < shared[3 * a + 2]; ++i) {
+          if (tail[i] != kCanary) {
+            result->status = FAULT;
+            result->shared_array = (int)a;
+            result->address = shared[3 * a + 1] + i;  // the offset written, from the array's start
+            result->write = 1;
+            describe_thread(nullptr);
+            break;
+          }
+        }
+      }
     }
     g_in_kernel = 0;
   }
@@ -600,12 +659,16 @@ void cuemu_free(void* data, size_t nbytes) {
   munmap(first - kGuardBelow, kGuardBelow + pages * kPage + kGuardAbove);
 }
 
-// Bytes of the canary before `data` that are no longer the canary (a write before the start).
-size_t cuemu_canary(const void* data, size_t nbytes) {
+// Bytes of the canary before `data` that are no longer the canary (a write before the start); the
+// canary is restored for the launches that follow.
+size_t cuemu_canary(void* data, size_t nbytes) {
   const size_t pages = nbytes ? (nbytes + kPage - 1) / kPage : 1;
-  const unsigned char* first = static_cast<const unsigned char*>(data) + nbytes - pages * kPage;
+  unsigned char* first = static_cast<unsigned char*>(data) + nbytes - pages * kPage;
   size_t changed = 0;
-  for (const unsigned char* p = first; p < static_cast<const unsigned char*>(data); ++p) changed += *p != kCanary;
+  for (unsigned char* p = first; p < static_cast<unsigned char*>(data); ++p) {
+    changed += *p != kCanary;
+    *p = kCanary;
+  }
   return changed;
 }
 

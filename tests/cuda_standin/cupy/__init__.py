@@ -18,10 +18,10 @@ grid-stride loops take several passes) shape the emulated machine.
 
 import numpy
 
-from . import cuda, random
-from ._core import get_default_memory_pool, ndarray
+from . import cuda, random  # noqa: F401  (CuPy's submodules)
+from ._core import get_default_memory_pool, ndarray  # noqa: F401
 from ._core import _apply, _operand, _to_device
-from .cuda import Device
+from .cuda import Device  # noqa: F401
 
 __version__ = "14.0.0+cpu.standin"
 

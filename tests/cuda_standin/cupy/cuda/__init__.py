@@ -97,9 +97,9 @@ def is_available():
 
 def __getattr__(name):
     if name == "nccl":  # imported on use, like CuPy's (it needs mpi4py here)
-        from . import nccl
+        import importlib
 
-        return nccl
+        return importlib.import_module(f"{__name__}.nccl")
     raise AttributeError(f"module 'cupy.cuda' (the CPU stand-in) has no attribute {name!r}")
 
 

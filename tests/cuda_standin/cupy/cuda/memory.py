@@ -1,3 +1,3 @@
 """The stand-in's ``cupy.cuda.memory``."""
 
-from .._core import MemoryPointer, MemoryPool, OutOfMemoryError  # noqa: F401
+from .._core import MemoryPointer, MemoryPool, OutOfMemoryError  # noqa: F401  (CuPy's names)

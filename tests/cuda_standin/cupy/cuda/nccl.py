@@ -6,15 +6,11 @@ NCCL would. Available where mpi4py imports.
 """
 
 import ctypes
+import importlib.util
 
 import numpy
 
-try:
-    from mpi4py import MPI
-except ImportError:  # no MPI: as CuPy without libnccl
-    MPI = None
-
-available = MPI is not None
+available = importlib.util.find_spec("mpi4py") is not None  # imported on use: importing MPI initialises it
 
 NCCL_FLOAT32, NCCL_FLOAT64, NCCL_INT32, NCCL_INT64 = 7, 8, 2, 4
 NCCL_SUM, NCCL_PROD, NCCL_MAX, NCCL_MIN = 0, 1, 2, 3
@@ -41,18 +37,21 @@ def _buffer(pointer, count, datatype):
 
 class NcclCommunicator:
     def __init__(self, ndev, commId, rank):
-        if MPI is None:
+        if not available:
             raise NcclError("NCCL (the stand-in's, over MPI) needs mpi4py")
-        self._comm = MPI.COMM_WORLD
+        from mpi4py import MPI
+
+        self._mpi, self._comm = MPI, MPI.COMM_WORLD
         if self._comm.Get_size() != ndev or self._comm.Get_rank() != rank:
             raise NcclError(f"rank {rank} of {ndev} does not match MPI's rank {self._comm.Get_rank()} of "
                             f"{self._comm.Get_size()}")
         self.rank, self.size = rank, ndev
 
     def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
-        ops = {NCCL_SUM: MPI.SUM, NCCL_PROD: MPI.PROD, NCCL_MAX: MPI.MAX, NCCL_MIN: MPI.MIN}
+        mpi = self._mpi
+        ops = {NCCL_SUM: mpi.SUM, NCCL_PROD: mpi.PROD, NCCL_MAX: mpi.MAX, NCCL_MIN: mpi.MIN}
         receive = _buffer(recvbuf, count, datatype)
-        send = MPI.IN_PLACE if sendbuf == recvbuf else _buffer(sendbuf, count, datatype)
+        send = mpi.IN_PLACE if sendbuf == recvbuf else _buffer(sendbuf, count, datatype)
         self._comm.Allreduce(send, receive, op=ops[op])
 
     def bcast(self, buff, count, datatype, root, stream):

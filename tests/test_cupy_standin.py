@@ -1,0 +1,118 @@
+"""The CuPy stand-in behaves like CuPy where nnaccel's bugs would show: device arrays stay on their
+device, nothing converts to the host implicitly, memory runs out like a GPU's; and nnaccel runs on
+it unmodified, from the library and from the command line."""
+
+import math
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+import nnaccel as nn
+from emulated_cuda import ENV
+
+pytestmark = pytest.mark.usefixtures("emulated")
+
+
+@pytest.fixture
+def cp():
+    import cupy
+
+    return cupy
+
+
+def test_device_arrays_are_not_numpy_arrays_and_do_not_convert_implicitly(cp):
+    x = cp.arange(6, dtype=numpy.float32).reshape(2, 3)
+    assert not isinstance(x, numpy.ndarray) and type(x).__module__.startswith("cupy")
+    with pytest.raises(TypeError, match="Implicit conversion to a NumPy array is not allowed"):
+        numpy.asarray(x)
+    for mixed in (lambda: x + numpy.ones(3, numpy.float32), lambda: numpy.ones(3, numpy.float32) * x,
+                  lambda: cp.add(x, numpy.ones(3)), lambda: x.__setitem__(0, numpy.ones(3))):
+        with pytest.raises(TypeError, match="Unsupported type"):
+            mixed()
+    assert (x * numpy.float32(2)).dtype == numpy.float32  # NumPy scalars are fine, as in CuPy
+    numpy.testing.assert_array_equal(cp.asnumpy(x.T), numpy.arange(6).reshape(2, 3).T)
+    assert float(x.sum()) == 15.0 and x[1, 2].shape == ()
+
+
+def test_views_share_device_memory(cp):
+    flat = cp.zeros(10, numpy.float32)
+    part = flat[2:6].reshape(2, 2)
+    part += 1
+    assert flat.get().tolist() == [0, 0, 1, 1, 1, 1, 0, 0, 0, 0]
+    assert part.data.ptr == flat.data.ptr + 8
+
+
+def test_arrays_belong_to_their_device(cp):
+    with cp.cuda.Device(1):
+        on_one = cp.ones(4, numpy.float32)
+    assert on_one.device.id == 1
+    with pytest.raises(ValueError, match="array device = 1 while current = 0"):
+        on_one + on_one
+    with cp.cuda.Device(1):
+        assert float((on_one + on_one).sum()) == 8.0
+
+
+def test_the_memory_pool_limit_raises_cupys_out_of_memory_error(cp):
+    pool = cp.get_default_memory_pool()
+    pool.set_limit(size=pool.used_bytes() + 4096)
+    try:
+        kept = cp.empty(1024, numpy.float32)
+        with pytest.raises(cp.cuda.memory.OutOfMemoryError, match="Out of memory allocating 4,096 bytes") as error:
+            cp.empty(1024, numpy.float32)
+        assert isinstance(error.value, MemoryError)
+    finally:
+        pool.set_limit(size=0)
+    del kept
+    free, total = cp.cuda.runtime.memGetInfo()
+    assert 0 < free <= total
+
+
+def test_fresh_device_memory_is_garbage(cp):
+    values = cp.empty(1000, numpy.uint32).get()
+    assert (values != 0).mean() > 0.9
+
+
+def test_the_emulated_machine(cp):
+    assert cp.cuda.runtime.getDeviceCount() == 2
+    sms = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrMultiProcessorCount, 0)
+    assert 1 <= sms <= 4  # few, so that grid-stride loops take several passes
+    assert b"emulator" in cp.cuda.runtime.getDeviceProperties(0)["name"]
+    with cp.cuda.Device(1) as device:
+        device.synchronize()
+        assert cp.cuda.runtime.getDevice() == 1
+
+
+def test_erf(cp):
+    from cupyx.scipy.special import erf
+
+    x = numpy.linspace(-6, 6, 1001)
+    numpy.testing.assert_array_equal(erf(cp.asarray(x)).get(), [math.erf(v) for v in x])
+    assert erf(cp.asarray(x, dtype=numpy.float32)).dtype == numpy.float32
+
+
+# ----- nnaccel on the emulated device ---------------------------------------------------------------------
+def test_cuda_1_computes_on_the_second_device(cp):
+    """Every entry point enters the model's device: an op on the wrong current device would raise."""
+    x, y = nn.datasets.synthetic(n=200, features=12, classes=3, seed=0)
+    model = nn.Sequential(nn.Dense(12, 16, activation="gelu"), nn.Dropout(0.2), nn.Dense(16, 3), device="cuda:1")
+    assert model.flat_params.device.id == 1
+    trainer = nn.Trainer(model, optimizer=nn.Adam(lr=0.01), batch_size=32, quiet=True)
+    trainer.fit(x, y, epochs=2, validation_data=(x, y))
+    assert trainer.evaluate(x, y)["accuracy"] > 0.5 and model.predict(x).shape == (200, 3)
+
+
+def test_nnaccel_train_on_the_emulated_gpu_end_to_end(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "nnaccel.cli", "train", "--device", "cuda", "--epochs", "3",
+                          "--layers", "64,32,10", "--save", "m.npz", "--json", "--quiet"], env=ENV, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    result = __import__("json").loads(run.stdout)
+    assert result["device"] == "cuda:0" and result["accuracy"] > 0.85
+    evaluate = subprocess.run([sys.executable, "-m", "nnaccel.cli", "evaluate", "m.npz", "--device", "cuda",
+                               "--json"], env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert evaluate.returncode == 0 and __import__("json").loads(evaluate.stdout)["accuracy"] > 0.85, evaluate.stderr
+    info = subprocess.run([sys.executable, "-m", "nnaccel.cli", "info"], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert "cuda:1 nnaccel CUDA emulator 1 (CPU)" in info.stdout and "'auto' resolves to cuda:0" in info.stdout
