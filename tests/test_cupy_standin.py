@@ -116,3 +116,40 @@ def test_nnaccel_train_on_the_emulated_gpu_end_to_end(tmp_path):
     info = subprocess.run([sys.executable, "-m", "nnaccel.cli", "info"], env=ENV, capture_output=True, text=True,
                           timeout=120)
     assert "cuda:1 nnaccel CUDA emulator 1 (CPU)" in info.stdout and "'auto' resolves to cuda:0" in info.stdout
+
+
+def test_every_cupy_backend_method_runs_here(monkeypatch):
+    """A run that needs them all (GELU's erf, Maxout, Dropout, a softmax output, both optimizers, a capped
+    memory pool) calls every override of CupyBackend, so each runs on the emulated device in CI."""
+    import cupy
+
+    from nnaccel.backend import get_backend
+    from nnaccel.backend.cupy_backend import CupyBackend
+
+    called = set()
+    for name, method in vars(CupyBackend).items():
+        if callable(method) and not name.startswith("__"):
+            def spy(self, *args, _name=name, _method=method, **kwargs):
+                called.add(_name)
+                return _method(self, *args, **kwargs)
+            monkeypatch.setattr(CupyBackend, name, spy)
+    x, y = nn.datasets.synthetic(n=96, features=8, classes=3, seed=0)
+    for optimizer, output in ((nn.SGD(lr=0.1, momentum=0.9), None), (nn.Adam(lr=0.01), "softmax")):
+        model = nn.Sequential(nn.Dense(8, 12, activation="gelu"), nn.Maxout(12, 6, pieces=2), nn.Dropout(0.2),
+                              nn.Dense(6, 3, activation=output), device="cuda")
+        loss = nn.MSE() if output else nn.SoftmaxCrossEntropy()
+        nn.Trainer(model, loss=loss, optimizer=optimizer, batch_size=32, quiet=True).fit(x, y, epochs=1)
+        model.predict(x)
+    pool = cupy.get_default_memory_pool()
+    pool.set_limit(size=pool.used_bytes() + 1024)
+    try:
+        with pytest.raises(nn.OutOfMemory):
+            nn.Trainer(model, quiet=True).fit(x, y, epochs=1)
+    finally:
+        pool.set_limit(size=0)
+    ops = get_backend("cuda")
+    z = ops.asarray(numpy.linspace(-3, 3, 7, dtype=numpy.float32))
+    nn.GELU().forward(ops, z, ops.empty(z.shape))  # the generic activation (what unfused dtypes take): erf
+    ops.synchronize()
+    overrides = {name for name, member in vars(CupyBackend).items() if callable(member) and not name.startswith("__")}
+    assert called == overrides, f"never ran on the emulated device: {sorted(overrides - called)}"
