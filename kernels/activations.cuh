@@ -135,6 +135,12 @@ template <typename T> NNA_HD inline T act_derivative(int act, T param, T x) {
 // Device helpers shared by the kernel files.
 namespace nna {
 
+namespace math {
+template <typename T> __device__ inline T infinity();
+template <> __device__ inline float infinity<float>() { return __int_as_float(0x7f800000); }
+template <> __device__ inline double infinity<double>() { return __longlong_as_double(0x7ff0000000000000LL); }
+}  // namespace math
+
 // Grid-stride loop bounds in 64-bit, so n may exceed 2^31.
 __device__ inline long long grid_start() { return blockIdx.x * (long long)blockDim.x + threadIdx.x; }
 __device__ inline long long grid_stride() { return (long long)gridDim.x * blockDim.x; }

@@ -67,7 +67,7 @@ class EarlyStopping(Callback, _Monitor):
         if self.improved(logs):
             self.wait, self.best_epoch = 0, logs["epoch"]
             if self.restore_best_weights:
-                self.best_weights = trainer.model.flat_params.copy()
+                self.best_weights = (trainer.model.flat_params.copy(), trainer.model.flat_buffers.copy())
             return
         self.wait += 1
         if self.wait >= self.patience:
@@ -76,7 +76,7 @@ class EarlyStopping(Callback, _Monitor):
     def on_train_end(self, trainer):
         # Not on an interruption: the checkpoint written then must match the optimizer state.
         if self.best_weights is not None and trainer.stop_training and not trainer.interrupted:
-            trainer.model.flat_params[...] = self.best_weights
+            trainer.model.flat_params[...], trainer.model.flat_buffers[...] = self.best_weights
 
 
 class ModelCheckpoint(Callback, _Monitor):

@@ -55,6 +55,7 @@ def save(path, model, optimizer=None, trainer_state=None):
     meta = {"format": FORMAT, "version": VERSION, "model": model.config(),
             "dropout_counters": model.rng_state()}
     arrays = {f"param/{p.name}": _host(p.data) for p in model.parameters()}
+    arrays.update({f"buffer/{name}": _host(buffer) for name, buffer in model.buffers()})
     if optimizer is not None:
         state = optimizer.state_dict()
         meta["optimizer"] = {"config": optimizer.config(), "steps": state["steps"], "lr": state["lr"]}
@@ -92,13 +93,20 @@ def read(path):
 
 
 def _describe(config):
-    sizes = [config["layers"][0].get("in_features")] + [c.get("out_features") for c in config["layers"]]
-    return "-".join(str(s) for s in sizes if s is not None)
+    """A network in words: ``64-256-10`` for layers of neurons, else its layers as they are built."""
+    from .layers import from_config
+
+    layers = config["layers"]
+    if all(c.get("type") in ("Dense", "Maxout", "Dropout") for c in layers):
+        sizes = [layers[0].get("in_features")] + [c.get("out_features") for c in layers]
+        return "-".join(str(s) for s in sizes if s is not None)
+    return ", ".join(repr(from_config(c)) for c in layers)
 
 
 def restore_model(model, meta, arrays, path):
     """Copy the checkpoint's weights into ``model`` after checking the architecture."""
-    if meta["model"]["layers"] != model.config()["layers"]:
+    if meta["model"]["layers"] != model.config()["layers"] or \
+            meta["model"].get("input_shape", list(model.input_shape)) != list(model.input_shape):
         raise CheckpointError(f"{path} holds a {_describe(meta['model'])} network "
                               f"but the model is {_describe(model.config())}")
     for parameter in model.parameters():
@@ -106,6 +114,11 @@ def restore_model(model, meta, arrays, path):
         if key not in arrays or arrays[key].shape != parameter.shape:
             raise CheckpointError(f"{path} has no weights for {parameter.name} of shape {parameter.shape}")
         parameter.data = model.backend.asarray(arrays[key].astype(model.dtype, copy=False))
+    for name, buffer in model.buffers():
+        key = f"buffer/{name}"
+        if key not in arrays or arrays[key].shape != buffer.shape:
+            raise CheckpointError(f"{path} has no buffer {name} of shape {buffer.shape}")
+        buffer[...] = model.backend.asarray(arrays[key].astype(model.dtype, copy=False))
     model.set_rng_state(meta.get("dropout_counters", []))
 
 

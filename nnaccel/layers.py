@@ -1,4 +1,5 @@
-"""Layers: a batch of neurons each (weighted sum, bias, activation), plus Dropout.
+"""Layers: a batch of neurons each (weighted sum, bias, activation), convolutions, pooling, batch
+normalisation, and the layers that only reshape or randomise (Flatten, Dropout, RandomShift).
 
 A layer declares its parameters (name, shape, initialiser); the model
 allocates them as views of one flat buffer per device, so the optimizer
@@ -6,12 +7,14 @@ updates every parameter in one pass. Work arrays are kept between steps and
 reused (``_buffer``): a training step allocates almost nothing.
 """
 
+import inspect
 import math
 
 import numpy
 
 from . import activations
-from .errors import ConfigError, ShapeError, check_int
+from .backend.base import Window
+from .errors import ConfigError, ShapeError, check_int, check_number
 
 
 class Parameter:
@@ -51,8 +54,25 @@ def init_weight(kind, shape, fan_in, fan_out, rng, dtype):
     raise ConfigError(f"unknown init {kind!r}; valid: 'he', 'glorot'")
 
 
+def describe_shape(shape):
+    """A sample's shape in words: ``16x5x5`` or ``400``."""
+    return "x".join(map(str, shape))
+
+
+def _pair(value, what, minimum=1):
+    """``(a, b)`` from an int or a pair of ints, each at least ``minimum``."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(values) != 2:
+        raise ConfigError(f"{what} must be an int or a pair of ints, got {value!r}")
+    return tuple(check_int(v, what, minimum=minimum) for v in values)
+
+
 class Layer:
-    """Base layer: forward saves what backward needs; backward fills the grads."""
+    """Base layer: forward saves what backward needs; backward fills the grads.
+
+    ``output_shape`` gives one sample's output shape for one sample's input
+    shape (no batch axis) and says, as a ConfigError, why an input does not fit.
+    """
 
     in_features = None
     out_features = None
@@ -60,22 +80,31 @@ class Layer:
     def __init__(self):
         self.ops = None
         self.params = {}
+        self.buffers = {}
         self._work = {}
 
     def param_specs(self):
         """``[(name, shape, init(rng, dtype) -> host array)]`` for the model to allocate."""
         return []
 
-    def bind(self, ops, params):
-        """Attach to a backend and the Parameter views the model allocated."""
+    def buffer_specs(self):
+        """``[(name, shape, host array)]``: state that is not trained (BatchNorm's running statistics)."""
+        return []
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def bind(self, ops, params, buffers=None):
+        """Attach to a backend and the Parameter and buffer views the model allocated."""
         self.ops = ops
         self.params = params
+        self.buffers = buffers or {}
         self._work = {}
 
     def _buffer(self, key, shape, dtype):
         """A reusable work array of ``shape``: a leading-rows view of the largest seen."""
         buf = self._work.get(key)
-        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0] or buf.dtype != dtype:
+        if buf is None or buf.shape[1:] != tuple(shape[1:]) or buf.shape[0] < shape[0] or buf.dtype != dtype:
             buf = self._work[key] = self.ops.empty(shape, dtype)
         return buf[: shape[0]]
 
@@ -87,6 +116,32 @@ class Layer:
 
     def config(self):
         raise NotImplementedError
+
+    def __repr__(self):
+        """The call that builds this layer, arguments left at their defaults left out: ``Conv2D(1, 6, 5,
+        padding=2, activation='relu')``."""
+        config = self.config()
+        shown = []
+        for name, parameter in list(inspect.signature(type(self).__init__).parameters.items())[1:]:
+            value = config.get(name)
+            if isinstance(value, list):
+                value = value[0] if len(set(value)) == 1 else tuple(value)
+            if parameter.default is inspect.Parameter.empty:
+                shown.append(repr(value))
+            elif name != "init" and value not in (parameter.default, "linear") and not (
+                    name == "stride" and config.get("kernel_size") == config.get("stride")):
+                shown.append(f"{name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+def _flat_input(layer, shape, width):
+    """Check that a layer taking ``width`` values per sample gets a flat input of that width."""
+    name = type(layer).__name__
+    if len(shape) != 1:
+        raise ConfigError(f"needs a flat input but gets {describe_shape(shape)} values per sample: put "
+                          f"nn.Flatten() before it ({name}({math.prod(shape)}, ...) would then fit)")
+    if shape[0] != width:
+        raise ConfigError(f"takes {width} inputs but gets {shape[0]}: {name}({shape[0]}, ...) would fit")
 
 
 class Dense(Layer):
@@ -106,6 +161,10 @@ class Dense(Layer):
              lambda rng, dtype: init_weight(self.init, (fan_in, fan_out), fan_in, fan_out, rng, dtype)),
             ("bias", (fan_out,), lambda rng, dtype: numpy.zeros(fan_out, dtype)),
         ]
+
+    def output_shape(self, input_shape):
+        _flat_input(self, input_shape, self.in_features)
+        return (self.out_features,)
 
     def forward(self, x, training=False):
         ops, weight, bias = self.ops, self.params["weight"], self.params["bias"]
@@ -148,6 +207,10 @@ class Maxout(Layer):
             ("bias", shape[1:], lambda rng, dtype: numpy.zeros(shape[1:], dtype)),
         ]
 
+    def output_shape(self, input_shape):
+        _flat_input(self, input_shape, self.in_features)
+        return (self.out_features,)
+
     def forward(self, x, training=False):
         ops, weight, bias = self.ops, self.params["weight"], self.params["bias"]
         n, width = x.shape[0], self.out_features * self.pieces
@@ -176,13 +239,28 @@ class Maxout(Layer):
                 "pieces": self.pieces}
 
 
-class Dropout(Layer):
-    """Zeroes a fraction ``rate`` of activations while training, scaling the rest.
+class RandomLayer(Layer):
+    """A layer that draws random numbers while training (Dropout, RandomShift).
 
-    The mask is drawn from the backend's counter-based generator: the
-    sequence is fixed by the model seed and the number of masks drawn, which
-    is all a checkpoint needs to resume it exactly.
+    It draws from the backend's counter-based generator: the sequence is
+    fixed by the seed (the model sets it from its own seed and the layer's
+    position) and the number of draws so far, ``counter``, which is all a
+    checkpoint needs to resume it exactly, on any device.
     """
+
+    def __init__(self):
+        super().__init__()
+        self.seed = 0
+        self.counter = 0
+
+    @property
+    def draws(self):
+        """Whether a training step draws (and so advances ``counter``)."""
+        raise NotImplementedError
+
+
+class Dropout(RandomLayer):
+    """Zeroes a fraction ``rate`` of activations while training, scaling the rest."""
 
     def __init__(self, rate=0.5):
         super().__init__()
@@ -190,12 +268,14 @@ class Dropout(Layer):
         if not 0.0 <= rate < 1.0:
             raise ConfigError(f"Dropout rate must be in [0, 1), got {rate}")
         self.rate = rate
-        self.seed = 0
-        self.counter = 0
+
+    @property
+    def draws(self):
+        return self.rate != 0.0
 
     def forward(self, x, training=False):
         self._mask = None
-        if not training or self.rate == 0.0:
+        if not training or not self.draws:
             return x
         self._mask = self.ops.dropout_mask(x.shape, self.rate, self.seed, self.counter, x.dtype)
         self.counter += 1
@@ -212,7 +292,254 @@ class Dropout(Layer):
         return {"type": "Dropout", "rate": self.rate}
 
 
-LAYERS = {cls.__name__: cls for cls in (Dense, Maxout, Dropout)}
+class RandomShift(RandomLayer):
+    """Data augmentation: while training, moves each image by up to ``max_shift`` pixels in each direction
+    (zeros come in at the edges), drawn per image; at inference it passes its input through."""
+
+    def __init__(self, max_shift=2):
+        super().__init__()
+        self.max_shift = check_int(max_shift, "RandomShift max_shift", minimum=0)
+
+    @property
+    def draws(self):
+        return self.max_shift != 0
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 3:
+            raise ConfigError(f"moves images (channels, height, width) but gets a {describe_shape(input_shape)} "
+                              f"input")
+        return tuple(input_shape)
+
+    def forward(self, x, training=False):
+        self._shifts = None
+        if not training or not self.draws:
+            return x
+        self._shifts = self.ops.random_shifts(x.shape[0], self.max_shift, self.seed, self.counter)
+        self.counter += 1
+        return self.ops.shift_images(x, self._shifts, self._buffer("y", x.shape, x.dtype))
+
+    def backward(self, dy, input_grad=True):
+        if not input_grad or self._shifts is None:
+            return dy if input_grad else None
+        return self.ops.shift_images(dy, -self._shifts, self._buffer("dx", dy.shape, dy.dtype))  # the adjoint
+
+    def config(self):
+        return {"type": "RandomShift", "max_shift": self.max_shift}
+
+
+class Conv2D(Layer):
+    """A 2-D convolution of NCHW images: ``out_channels`` filters of ``in_channels x kh x kw`` weights plus a
+    bias, then the activation; PyTorch's layout (weight (out, in, kh, kw)) and arithmetic (cross-correlation,
+    zero padding, floor of the output size).
+
+    The batched weighted sum is the backend's one matmul: the input's windows
+    become the rows of a matrix (``im2col``), one GEMM gives every output
+    position, and one fused op adds the bias, applies the activation and
+    writes the NCHW output.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, activation=None, init="auto"):
+        super().__init__()
+        self.in_channels = check_int(in_channels, "Conv2D in_channels")
+        self.out_channels = check_int(out_channels, "Conv2D out_channels")
+        self.kernel_size = _pair(kernel_size, "Conv2D kernel_size")
+        self.stride = _pair(stride, "Conv2D stride")
+        self.padding = _pair(padding, "Conv2D padding", minimum=0)
+        self.window = Window(*self.kernel_size, *self.stride, *self.padding)
+        self.activation = activations.get(activation)
+        self.init = self.activation.init if init == "auto" else init
+
+    def param_specs(self):
+        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        fan_in, fan_out = self.in_channels * math.prod(self.kernel_size), self.out_channels * math.prod(self.kernel_size)
+        return [
+            ("weight", shape, lambda rng, dtype: init_weight(self.init, shape, fan_in, fan_out, rng, dtype)),
+            ("bias", (self.out_channels,), lambda rng, dtype: numpy.zeros(self.out_channels, dtype)),
+        ]
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 3 or input_shape[0] != self.in_channels:
+            raise ConfigError(f"takes images of {self.in_channels} channel(s) (channels, height, width) but gets a "
+                              f"{describe_shape(input_shape)} input")
+        oh, ow = self.window.output_size(*input_shape[1:])
+        if oh < 1 or ow < 1:
+            raise ConfigError(f"a {describe_shape(self.kernel_size)} kernel with padding {self.padding} does not fit "
+                              f"a {describe_shape(input_shape[1:])} image")
+        return (self.out_channels, oh, ow)
+
+    def forward(self, x, training=False):
+        ops, weight, bias = self.ops, self.params["weight"], self.params["bias"]
+        n = x.shape[0]
+        oh, ow = self.window.output_size(*x.shape[2:])
+        depth = self.in_channels * math.prod(self.kernel_size)
+        self._x = x
+        self._cols = ops.im2col(x, self.window, self._buffer("cols", (n * oh * ow, depth), x.dtype))
+        self._z = ops.matmul(self._cols, weight.data.reshape(self.out_channels, depth),
+                             out=self._buffer("z", (n * oh * ow, self.out_channels), x.dtype), trans_b=True)
+        self._y = ops.bias_act_nchw(self._z, bias.data, self.activation,
+                                    self._buffer("y", (n, self.out_channels, oh, ow), x.dtype))
+        return self._y
+
+    def backward(self, dy, input_grad=True):
+        ops, weight, bias = self.ops, self.params["weight"], self.params["bias"]
+        depth = self.in_channels * math.prod(self.kernel_size)
+        dz = ops.act_backward_nchw(dy, self._y, self._z, self.activation, self._buffer("dz", self._z.shape, dy.dtype),
+                                   bias_grad=bias.grad)
+        ops.matmul(dz, self._cols, out=weight.grad.reshape(self.out_channels, depth), trans_a=True)
+        if not input_grad:
+            return None
+        dcols = ops.matmul(dz, weight.data.reshape(self.out_channels, depth),
+                           out=self._buffer("dcols", self._cols.shape, dy.dtype))
+        return ops.col2im(dcols, self.window, self._buffer("dx", self._x.shape, dy.dtype))
+
+    def config(self):
+        return {"type": "Conv2D", "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "activation": self.activation.name, "activation_params": self.activation.config(), "init": self.init}
+
+
+class _Pool2D(Layer):
+    """Pooling over windows of ``kernel_size`` moved by ``stride`` (default: the kernel size), with ``padding``
+    of at most half the kernel (as PyTorch allows)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        name = type(self).__name__
+        self.kernel_size = _pair(kernel_size, f"{name} kernel_size")
+        self.stride = _pair(self.kernel_size if stride is None else stride, f"{name} stride")
+        self.padding = _pair(padding, f"{name} padding", minimum=0)
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
+            raise ConfigError(f"{name} padding {self.padding} must be at most half the kernel size {self.kernel_size}")
+        self.window = Window(*self.kernel_size, *self.stride, *self.padding)
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 3:
+            raise ConfigError(f"pools images (channels, height, width) but gets a {describe_shape(input_shape)} input")
+        oh, ow = self.window.output_size(*input_shape[1:])
+        if oh < 1 or ow < 1:
+            raise ConfigError(f"a {describe_shape(self.kernel_size)} window does not fit a "
+                              f"{describe_shape(input_shape[1:])} image")
+        return (input_shape[0], oh, ow)
+
+    def _out_shape(self, x):
+        return (*x.shape[:2], *self.window.output_size(*x.shape[2:]))
+
+    def config(self):
+        return {"type": type(self).__name__, "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding)}
+
+
+class MaxPool2D(_Pool2D):
+    """The maximum of each window (NaN propagates), remembering where it was for the backward pass."""
+
+    def forward(self, x, training=False):
+        shape = self._out_shape(x)
+        self._x_shape = x.shape
+        self._index = self._buffer("index", shape, numpy.int32)
+        return self.ops.maxpool_forward(x, self.window, self._buffer("y", shape, x.dtype), self._index)
+
+    def backward(self, dy, input_grad=True):
+        if not input_grad:
+            return None
+        return self.ops.maxpool_backward(dy, self._index, self.window, self._buffer("dx", self._x_shape, dy.dtype))
+
+
+class AvgPool2D(_Pool2D):
+    """The mean of each window, padding counted as zeros (PyTorch's ``count_include_pad``)."""
+
+    def forward(self, x, training=False):
+        self._x_shape = x.shape
+        return self.ops.avgpool_forward(x, self.window, self._buffer("y", self._out_shape(x), x.dtype))
+
+    def backward(self, dy, input_grad=True):
+        if not input_grad:
+            return None
+        return self.ops.avgpool_backward(dy, self.window, self._buffer("dx", self._x_shape, dy.dtype))
+
+
+class Flatten(Layer):
+    """(N, C, H, W) to (N, C*H*W) in C order, as PyTorch's ``nn.Flatten``: a view, no copy."""
+
+    def output_shape(self, input_shape):
+        return (math.prod(input_shape),)
+
+    def forward(self, x, training=False):
+        self._x_shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy, input_grad=True):
+        return dy.reshape(self._x_shape) if input_grad else None
+
+    def config(self):
+        return {"type": "Flatten"}
+
+
+class BatchNorm(Layer):
+    """Batch normalisation (Ioffe and Szegedy) as PyTorch's BatchNorm1d/2d: over the batch for (N, F)
+    inputs, over batch and space per channel for (N, C, H, W); the batch's statistics while training
+    (biased variance), running estimates otherwise (``momentum`` 0.1: running = 0.9 running + 0.1 batch,
+    with the unbiased variance). Parameters: weight (gamma) then bias (beta); buffers: running_mean,
+    running_var."""
+
+    def __init__(self, num_features, momentum=0.1, eps=1e-5):
+        super().__init__()
+        self.num_features = check_int(num_features, "BatchNorm num_features")
+        self.momentum = check_number(momentum, "BatchNorm momentum", allow_zero=True)
+        if self.momentum > 1:
+            raise ConfigError(f"BatchNorm momentum must be in [0, 1], got {momentum!r}")
+        self.eps = check_number(eps, "BatchNorm eps")
+
+    def param_specs(self):
+        c = self.num_features
+        return [("weight", (c,), lambda rng, dtype: numpy.ones(c, dtype)),
+                ("bias", (c,), lambda rng, dtype: numpy.zeros(c, dtype))]
+
+    def buffer_specs(self):
+        c = self.num_features
+        return [("running_mean", (c,), numpy.zeros(c)), ("running_var", (c,), numpy.ones(c))]
+
+    def output_shape(self, input_shape):
+        if input_shape[0] != self.num_features or len(input_shape) not in (1, 3):
+            raise ConfigError(f"normalises {self.num_features} features or channels (F or C x H x W) but gets a "
+                              f"{describe_shape(input_shape)} input: BatchNorm({input_shape[0]}) would fit"
+                              if len(input_shape) in (1, 3) else
+                              f"takes (features) or (channels, height, width) inputs, not {describe_shape(input_shape)}")
+        return tuple(input_shape)
+
+    def forward(self, x, training=False):
+        ops, gamma, beta = self.ops, self.params["weight"].data, self.params["bias"].data
+        n, c = x.shape[:2]
+        x3 = x.reshape(n, c, -1)
+        self._x3, self._training = x3, training
+        self._mean, self._invstd = self._buffer("mean", (c,), x.dtype), self._buffer("invstd", (c,), x.dtype)
+        if training:
+            if n * x3.shape[2] < 2:
+                raise ShapeError(f"BatchNorm({c}) needs more than one value per channel to train, got a batch of "
+                                 f"shape {tuple(x.shape)}")
+            ops.batchnorm_stats(x3, self._mean, self._invstd, self.eps, self.buffers["running_mean"],
+                                self.buffers["running_var"], self.momentum)
+        else:
+            self._mean[...] = self.buffers["running_mean"]
+            ops.xp.add(self.buffers["running_var"], self.eps, out=self._invstd)
+            ops.xp.sqrt(self._invstd, out=self._invstd)
+            ops.xp.divide(1.0, self._invstd, out=self._invstd)
+        y = self._buffer("y", x.shape, x.dtype)
+        ops.batchnorm_apply(x3, self._mean, self._invstd, gamma, beta, y.reshape(x3.shape))
+        return y
+
+    def backward(self, dy, input_grad=True):
+        gamma, beta = self.params["weight"], self.params["bias"]
+        dx = self._buffer("dx", dy.shape, dy.dtype)
+        self.ops.batchnorm_backward(dy.reshape(self._x3.shape), self._x3, self._mean, self._invstd, gamma.data,
+                                    dx.reshape(self._x3.shape), gamma.grad, beta.grad, self._training)
+        return dx if input_grad else None
+
+    def config(self):
+        return {"type": "BatchNorm", "num_features": self.num_features, "momentum": self.momentum, "eps": self.eps}
+
+
+LAYERS = {cls.__name__: cls for cls in (Dense, Maxout, Dropout, RandomShift, Conv2D, MaxPool2D, AvgPool2D, Flatten,
+                                        BatchNorm)}
 
 
 def from_config(config):
@@ -221,7 +548,7 @@ def from_config(config):
     kind = config.pop("type", None)
     if kind not in LAYERS:
         raise ConfigError(f"unknown layer type {kind!r}; valid: {', '.join(LAYERS)}")
-    if kind == "Dense":
+    if "activation" in config:
         params = config.pop("activation_params", {})
         config["activation"] = activations.get(config.get("activation"), **params)
     return LAYERS[kind](**config)

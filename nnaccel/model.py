@@ -1,13 +1,24 @@
 """Sequential: layers in a row, with all parameters in one flat buffer per device."""
 
+import math
+
 import numpy
 
 from . import layers as layers_module
 from .backend import get_backend
 from .errors import ConfigError, ShapeError, check_int
-from .layers import Layer, Parameter
+from .layers import Layer, Parameter, describe_shape
 
 FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def _views(specs, *flats):
+    """``(layer index, name, view of each flat array)`` for consecutive ``(index, name, shape)`` specs."""
+    offset = 0
+    for index, name, shape in specs:
+        size = math.prod(shape)
+        yield (index, name, *(flat[offset:offset + size].reshape(shape) for flat in flats))
+        offset += size
 
 
 class Sequential:
@@ -15,10 +26,17 @@ class Sequential:
 
     Parameters are listed layer by layer (weight, then bias) and live on the
     model's device as views of ``flat_params``; their gradients are views of
-    ``flat_grads``. ``backward`` overwrites the gradients (it does not add).
+    ``flat_grads``; state that is not trained (BatchNorm's running
+    statistics) lives in ``flat_buffers``. ``backward`` overwrites the
+    gradients (it does not add).
+
+    ``input_shape`` is one sample's shape, e.g. ``(1, 28, 28)`` for a
+    convolutional net (NCHW, as in PyTorch); a Dense-only model takes it from
+    its first layer. Inputs may come as ``(batch, *input_shape)`` or flat,
+    ``(batch, prod(input_shape))``, viewed as ``input_shape``.
     """
 
-    def __init__(self, *layers, device="cpu", seed=0, dtype=numpy.float32):
+    def __init__(self, *layers, device="cpu", seed=0, dtype=numpy.float32, input_shape=None):
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         if not layers:
@@ -33,62 +51,82 @@ class Sequential:
         self.seed = check_int(seed, "seed", minimum=0)
         self.training = False
         self._output_shape = None
-        self.in_features, self.out_features = self._check_chain()
-        host_params = self._initial_params(numpy.random.default_rng(self.seed))
-        self._place(get_backend(device), host_params)
+        self.input_shape = self._input_shape(input_shape)
+        self.shapes = self._check_chain()
+        self.in_features = math.prod(self.input_shape)
+        self.out_features = math.prod(self.shapes[-1])
+        host_params, host_buffers = self._initial_state(numpy.random.default_rng(self.seed))
+        self._place(get_backend(device), host_params, host_buffers)
+
+    def _input_shape(self, input_shape):
+        if input_shape is not None:
+            shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else (input_shape,)
+            return tuple(check_int(size, "input_shape") for size in shape)
+        first = next((layer for layer in self.layers if layer.in_features is not None
+                      or not isinstance(layer, layers_module.RandomLayer)), self.layers[0])
+        if first.in_features is None:
+            raise ConfigError(f"Sequential needs input_shape=(channels, height, width), or at least one Dense or "
+                              f"Maxout layer first: its first layer {first!r} does not say what it takes")
+        return (first.in_features,)
 
     def _check_chain(self):
-        """Each layer's input width must be the previous layer's output width."""
-        width = None
-        first = None
+        """Each layer's output shape from its input's: ``[input_shape, after layer 0, ...]``, or a ConfigError
+        naming the layer, the shapes, and what would fit."""
+        shapes = [self.input_shape]
         for index, layer in enumerate(self.layers):
-            if layer.in_features is not None:
-                if width is not None and layer.in_features != width:
-                    raise ConfigError(f"layer sizes do not chain: layer {index} ({type(layer).__name__}) "
-                                      f"takes {layer.in_features} inputs but the previous layer gives {width}")
-                first = first or layer.in_features
-            if layer.out_features is not None:
-                width = layer.out_features
-        if first is None:
-            raise ConfigError("Sequential needs at least one Dense or Maxout layer")
-        return first, width
+            try:
+                shapes.append(tuple(layer.output_shape(shapes[-1])))
+            except ConfigError as error:
+                source = f"layer {index - 1}, {self.layers[index - 1]!r}" if index else "the input"
+                raise ConfigError(f"layer sizes do not chain: layer {index}, {layer!r}, after {source}: "
+                                  f"{error}") from None
+        if len(shapes[-1]) != 1:
+            raise ConfigError(f"the last layer gives {describe_shape(shapes[-1])} outputs per sample; end with "
+                              f"nn.Flatten() or a Dense layer")
+        return shapes
 
-    def _initial_params(self, rng):
-        """Initial values of every parameter, drawn on the host so every device starts alike."""
-        self._specs = []
-        values = []
+    def _initial_state(self, rng):
+        """Initial values of every parameter (drawn on the host so every device starts alike) and buffer."""
+        self._specs, self._buffer_specs = [], []
+        values, buffers = [numpy.zeros(0, self.dtype)], [numpy.zeros(0, self.dtype)]
         for index, layer in enumerate(self.layers):
-            if isinstance(layer, layers_module.Dropout):
+            if isinstance(layer, layers_module.RandomLayer):
                 layer.seed = self.seed * 1000 + index
             for name, shape, init in layer.param_specs():
                 self._specs.append((index, name, tuple(shape)))
                 values.append(init(rng, self.dtype).ravel())
-        return numpy.concatenate(values).astype(self.dtype, copy=False)
+            for name, shape, value in layer.buffer_specs():
+                self._buffer_specs.append((index, name, tuple(shape)))
+                buffers.append(numpy.asarray(value, self.dtype).ravel())
+        return numpy.concatenate(values), numpy.concatenate(buffers)
 
-    def _place(self, backend, host_params):
+    def _place(self, backend, host_params, host_buffers):
         """Allocate the flat buffers on ``backend`` and hand each layer its views."""
         self.backend = backend
         self.device = backend.name
         self.flat_params = backend.asarray(host_params, dtype=self.dtype)
         self.flat_grads = backend.zeros(host_params.shape, self.dtype)
+        self.flat_buffers = backend.asarray(host_buffers, dtype=self.dtype)
         self._parameters = []
-        offset = 0
-        per_layer = [{} for _ in self.layers]
-        for index, name, shape in self._specs:
-            size = int(numpy.prod(shape))
-            parameter = Parameter(f"{index}.{name}",
-                                  self.flat_params[offset:offset + size].reshape(shape),
-                                  self.flat_grads[offset:offset + size].reshape(shape))
-            per_layer[index][name] = parameter
+        per_layer = [({}, {}) for _ in self.layers]
+        for index, name, view, grad in _views(self._specs, self.flat_params, self.flat_grads):
+            parameter = Parameter(f"{index}.{name}", view, grad)
+            per_layer[index][0][name] = parameter
             self._parameters.append(parameter)
-            offset += size
-        for layer, params in zip(self.layers, per_layer):
-            layer.bind(backend, params)
+        for index, name, view in _views(self._buffer_specs, self.flat_buffers):
+            per_layer[index][1][name] = view
+        for layer, (params, buffers) in zip(self.layers, per_layer):
+            layer.bind(backend, params, buffers)
 
     # ----- the public API -------------------------------------------------------
     def parameters(self):
         """Every Parameter, layer by layer: weight then bias."""
         return list(self._parameters)
+
+    def buffers(self):
+        """Every buffer (state that is not trained: BatchNorm's running statistics) as ``(name, array)``,
+        layer by layer, named like parameters (``"6.running_mean"``)."""
+        return [(f"{index}.{name}", self.layers[index].buffers[name]) for index, name, _ in self._buffer_specs]
 
     def num_parameters(self):
         return int(self.flat_params.size)
@@ -102,11 +140,13 @@ class Sequential:
         return self.train(False)
 
     def check_input(self, x, what="x"):
-        """A clear error unless ``x`` is a (batch, in_features) array of the model dtype here."""
+        """A clear error unless ``x`` is a batch of this model's inputs, ``(batch, *input_shape)`` or flat
+        ``(batch, in_features)``, of the model dtype here."""
         self.backend.check(x, what)
-        if x.ndim != 2 or x.shape[1] != self.in_features:
+        if x.ndim < 2 or (tuple(x.shape[1:]) != self.input_shape and tuple(x.shape[1:]) != (self.in_features,)):
+            flat = f" or (batch, {self.in_features})" if len(self.input_shape) > 1 else ""
             raise ShapeError(f"{what} has shape {tuple(x.shape)} but the first layer expects "
-                             f"(batch, {self.in_features})")
+                             f"(batch, {', '.join(map(str, self.input_shape))}){flat}")
         if x.dtype != self.dtype:
             raise ShapeError(f"{what} has dtype {x.dtype} but the model computes in {self.dtype}; "
                              f"convert it with .astype('{self.dtype}')")
@@ -124,6 +164,8 @@ class Sequential:
 
     def _forward(self, x):
         """Forward without checks or copy: the output is a reused work array."""
+        if x.ndim == 2 and len(self.input_shape) > 1:
+            x = x.reshape((x.shape[0],) + self.input_shape)  # flat rows viewed as images
         for layer in self.layers:
             x = layer.forward(x, self.training)
         self._output_shape = tuple(x.shape)
@@ -161,30 +203,31 @@ class Sequential:
         return numpy.concatenate(parts) if parts else numpy.empty((0, self.out_features), self.dtype)
 
     def to(self, device):
-        """Move the parameters to ``device`` (in place); returns self."""
+        """Move the parameters and buffers to ``device`` (in place); returns self."""
         backend = get_backend(device)
         if backend is not self.backend:
             grads = backend.asarray(self.backend.to_host(self.flat_grads))
-            self._place(backend, self.backend.to_host(self.flat_params))
+            self._place(backend, self.backend.to_host(self.flat_params), self.backend.to_host(self.flat_buffers))
             self.flat_grads[...] = grads
         return self
 
     def config(self):
         return {"layers": [layer.config() for layer in self.layers], "dtype": self.dtype.name,
-                "seed": self.seed}
+                "seed": self.seed, "input_shape": list(self.input_shape)}
 
     @classmethod
     def from_config(cls, config, device="cpu"):
         return cls(*[layers_module.from_config(c) for c in config["layers"]], device=device,
-                   seed=config.get("seed", 0), dtype=config.get("dtype", "float32"))
+                   seed=config.get("seed", 0), dtype=config.get("dtype", "float32"),
+                   input_shape=config.get("input_shape"))
 
     def rng_state(self):
-        """The dropout counters: all the random state a model carries."""
+        """The counters of Dropout and RandomShift: all the random state a model carries."""
         return [getattr(layer, "counter", 0) for layer in self.layers]
 
     def set_rng_state(self, counters):
         for layer, counter in zip(self.layers, counters):
-            if isinstance(layer, layers_module.Dropout):
+            if isinstance(layer, layers_module.RandomLayer):
                 layer.counter = int(counter)
 
     def save(self, path):
@@ -194,9 +237,17 @@ class Sequential:
         save(path, self)
 
     def summary(self):
-        lines = [f"Sequential on {self.device}, {self.num_parameters():,} parameters, {self.dtype}"]
-        for index, layer in enumerate(self.layers):
-            lines.append(f"  {index}: {layer.config()}")
+        """Each layer with its output shape and parameter count, and the totals."""
+        counts = [sum(math.prod(shape) for i, _, shape in self._specs if i == index)
+                  for index in range(len(self.layers))]
+        rows = [("layer", "output shape", "parameters"), ("input", describe_shape(self.input_shape), "")]
+        rows += [(f"{index}: {layer!r}", describe_shape(shape), f"{count:,}")
+                 for index, (layer, shape, count) in enumerate(zip(self.layers, self.shapes[1:], counts))]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}".rstrip() for a, b, c in rows]
+        buffers = int(self.flat_buffers.size)
+        lines.append(f"{self.num_parameters():,} parameters" + (f" and {buffers:,} buffer values" if buffers else "")
+                     + f", {self.dtype}, on {self.device}")
         return "\n".join(lines)
 
     def __repr__(self):

@@ -22,7 +22,7 @@ from . import checkpoint, losses, optimizers
 from .callbacks import Callback, CSVLogger, ModelCheckpoint, PlotCurves
 from .backend import array_device
 from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError, check_int
-from .layers import Dropout
+from .layers import RandomLayer
 
 # Callbacks that write files: in a distributed run only rank 0 runs them (as does any callback
 # with a true ``rank_zero_only`` attribute); the others run on every rank.
@@ -88,9 +88,12 @@ class Trainer:
             x, y = numpy.asarray(x), numpy.asarray(y)
         x = ops.asarray(x, what=what)
         y = ops.asarray(y, what=label_what)
+        if x.ndim > 2 and tuple(x.shape[1:]) == model.input_shape:
+            x = x.reshape(x.shape[0], -1)  # kept flat on the device; the model views batches as images
         if x.ndim != 2 or x.shape[1] != model.in_features:
+            images = f" or (samples, {', '.join(map(str, model.input_shape))})" if len(model.input_shape) > 1 else ""
             raise ShapeError(f"{what} has shape {tuple(x.shape)} but the first layer expects "
-                             f"(samples, {model.in_features})")
+                             f"(samples, {model.in_features}){images}")
         if x.shape[0] == 0:
             raise ShapeError(f"{what} is empty: no samples to train or evaluate on")
         if y.shape[0] != x.shape[0]:
@@ -264,6 +267,8 @@ class Trainer:
                 error.all_ranks = True
                 raise error
         comm.broadcast_(model.flat_params)
+        if model.flat_buffers.size:
+            comm.broadcast_(model.flat_buffers)
         if optimizer.state_names:
             for buf in optimizer._state_for(model).values():
                 comm.broadcast_(buf)
@@ -511,15 +516,17 @@ class _DivergenceGuard:
 
     def _take_snapshot(self, step):
         model, optimizer = self.trainer.model, self.trainer.optimizer
-        self.snapshot = (model.flat_params.copy(), {k: v.copy() for k, v in optimizer.state.items()},
+        self.snapshot = (model.flat_params.copy(), model.flat_buffers.copy(),
+                         {k: v.copy() for k, v in optimizer.state.items()},
                          optimizer.steps)
         self.checked_step = step
 
     def _restore(self):
         if self.snapshot is None:
             return
-        params, state, steps = self.snapshot
+        params, buffers, state, steps = self.snapshot
         self.trainer.model.flat_params[...] = params
+        self.trainer.model.flat_buffers[...] = buffers
         for name, buf in state.items():
             self.trainer.optimizer.state[name][...] = buf
         self.trainer.optimizer.steps = steps
@@ -536,17 +543,17 @@ class _DivergenceGuard:
 
 
 class _GlobalDropoutMasks:
-    """Gives each rank's Dropout layers their rows of the global batch's mask.
+    """Gives each rank's random layers (Dropout, RandomShift) their rows of the global batch's draws.
 
-    Dropout masks are a pure function of (seed, counter, element index): a
-    rank draws the mask of the whole global batch and keeps its own rows, so
-    a distributed run drops exactly what one process on the global batch
-    would (and the ranks' masks differ). It costs the mask work of the
+    Their draws are a pure function of (seed, counter, element index): a
+    rank draws for the whole global batch and keeps its own rows, so a
+    distributed run drops and shifts exactly what one process on the global
+    batch would (and the ranks' draws differ). It costs the draws of the
     global batch on every rank, which is small next to the weighted sums.
     """
 
     def __init__(self, model):
-        self.layers = [layer for layer in model.layers if isinstance(layer, Dropout)]
+        self.layers = [layer for layer in model.layers if isinstance(layer, RandomLayer)]
         self.originals = [layer.ops for layer in self.layers]
         self.rows = self.first = 0
         for layer, ops in zip(self.layers, self.originals):
@@ -556,9 +563,9 @@ class _GlobalDropoutMasks:
         self.rows, self.first = rows, first
 
     def skip(self):
-        """A rank with no rows this step still advances the counters, as the others draw a mask."""
+        """A rank with no rows this step still advances the counters, as the others draw."""
         for layer in self.layers:
-            if layer.rate != 0.0:
+            if layer.draws:
                 layer.counter += 1
 
     def restore(self):
@@ -567,7 +574,8 @@ class _GlobalDropoutMasks:
 
 
 class _RowsOfMask:
-    """A backend whose ``dropout_mask`` is a row slice of the global batch's mask."""
+    """A backend whose random draws (``dropout_mask``, ``random_shifts``) are this rank's rows of the
+    global batch's."""
 
     def __init__(self, ops, masks):
         self._ops, self._masks = ops, masks
@@ -579,6 +587,10 @@ class _RowsOfMask:
         masks = self._masks
         full = self._ops.dropout_mask((masks.rows,) + tuple(shape[1:]), rate, seed, counter, dtype)
         return full[masks.first:masks.first + shape[0]]
+
+    def random_shifts(self, batch, max_shift, seed, counter):
+        masks = self._masks
+        return self._ops.random_shifts(masks.rows, max_shift, seed, counter)[masks.first:masks.first + batch]
 
 
 def _epoch_line(logs, last_epoch):

@@ -20,6 +20,7 @@ import pytest
 
 from nnaccel import activations
 from nnaccel.backend import Backend, get_backend
+from nnaccel.backend.base import Window
 from nnaccel.backend import cuda_kernels as ck
 
 DTYPES = (numpy.float32, numpy.float64)
@@ -326,3 +327,102 @@ def test_maxout(cp, ops, on_emulator, dtype, pieces):
     dz = cp.full(z3.shape, numpy.nan, dtype)
     ck.maxout_backward(cp.asarray(dy), idx, dz)
     numpy.testing.assert_array_equal(dz.get(), dz_ref)
+
+
+# ----- convolution, pooling and batch norm: the kernels against the generic NumPy ops ------------------------
+WINDOWS = [Window(3, 3, 1, 1, 1, 1), Window(3, 2, 2, 1, 1, 0), Window(2, 2, 2, 2, 0, 0), Window(5, 5, 3, 2, 2, 2)]
+
+
+def images(cp, shape, dtype=numpy.float32, seed=0):
+    host_array = random(shape, dtype, seed)
+    return host_array, cp.asarray(host_array)
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=[str(tuple(w)) for w in WINDOWS])
+def test_im2col_and_col2im(cp, ops, window):
+    """Enough rows for several grid-stride passes; col2im sums in the generic order, so bits agree."""
+    x, x_dev = images(cp, (9, 5, 31, 33))
+    oh, ow = window.output_size(31, 33)
+    rows_ref = ops.im2col(x, window, numpy.empty((9 * oh * ow, 5 * window.kh * window.kw), numpy.float32))
+    rows = ck.im2col(x_dev, window, cp.full(rows_ref.shape, numpy.nan, numpy.float32))
+    numpy.testing.assert_array_equal(rows.get(), rows_ref)
+    g, g_dev = images(cp, rows_ref.shape, seed=1)
+    dx_ref = ops.col2im(g, window, numpy.empty(x.shape, numpy.float32))
+    numpy.testing.assert_array_equal(ck.col2im(g_dev, window, cp.full(x.shape, numpy.nan, numpy.float32)).get(),
+                                     dx_ref)
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=[str(tuple(w)) for w in WINDOWS])
+def test_pooling_kernels(cp, ops, window):
+    x, x_dev = images(cp, (7, 6, 29, 30))
+    x[0, 0, :4, :4] = 1.0  # ties: the first wins
+    x[0, 1, 2, 3] = numpy.nan
+    x_dev = cp.asarray(x)
+    shape = (7, 6, *window.output_size(29, 30))
+    y_ref, idx_ref = numpy.empty(shape, numpy.float32), numpy.empty(shape, numpy.int32)
+    ops.maxpool_forward(x, window, y_ref, idx_ref)
+    y, idx = cp.full(shape, 7.0, numpy.float32), cp.full(shape, -5, numpy.int32)
+    ck.maxpool_forward(x_dev, window, y, idx)
+    numpy.testing.assert_array_equal(y.get(), y_ref)
+    numpy.testing.assert_array_equal(idx.get(), idx_ref)
+    dy, dy_dev = images(cp, shape, seed=2)
+    numpy.testing.assert_array_equal(ck.maxpool_backward(dy_dev, idx, window, cp.empty(x.shape, numpy.float32)).get(),
+                                     ops.maxpool_backward(dy, idx_ref, window, numpy.empty(x.shape, numpy.float32)))
+    numpy.testing.assert_array_equal(ck.avgpool_forward(x_dev, window, cp.empty(shape, numpy.float32)).get(),
+                                     ops.avgpool_forward(x, window, numpy.empty(shape, numpy.float32)))
+    numpy.testing.assert_array_equal(ck.avgpool_backward(dy_dev, window, cp.empty(x.shape, numpy.float32)).get(),
+                                     ops.avgpool_backward(dy, window, numpy.empty(x.shape, numpy.float32)))
+
+
+@pytest.mark.parametrize("name", ["relu", "gelu", "linear", "sigmoid"])
+def test_bias_act_over_channels(cp, ops, name):
+    """The GEMM rows (N*L, C) of a convolution to NCHW with bias and activation, and back."""
+    act = activations.get(name)
+    n, c, l = 9, 33, 257
+    z, z_dev = images(cp, (n * l, c))
+    bias, bias_dev = images(cp, (c,), seed=1)
+    y_ref = ops.bias_act_nchw(z.copy(), bias, act, numpy.empty((n, c, l), numpy.float32))
+    y = ck.bias_act_nchw(z_dev, bias_dev, act.code, act.param, not act.uses_output, cp.empty((n, c, l), numpy.float32))
+    assert_close(y.get(), y_ref, numpy.zeros_like(y_ref), 1.0, 4, what=f"{name} forward")
+    z_kept = z + bias if not act.uses_output else None
+    dy, dy_dev = images(cp, (n, c, l), seed=2)
+    db_ref = numpy.empty(c, numpy.float32)
+    dz_ref = ops.act_backward_nchw(dy, y_ref, z_kept, act, numpy.empty((n * l, c), numpy.float32), db_ref)
+    db = cp.full(c, numpy.nan, numpy.float32)
+    dz = ck.act_backward_nchw(dy_dev, cp.asarray(y_ref), None if z_kept is None else cp.asarray(z_kept), act.code,
+                              act.param, cp.empty((n * l, c), numpy.float32), db)
+    assert_close(dz.get(), dz_ref, numpy.zeros_like(dz_ref), numpy.abs(dy).reshape(n, c, l).transpose(0, 2, 1)
+                 .reshape(n * l, c), 4, what=f"{name} backward")
+    magnitude = numpy.abs(dz_ref).astype(numpy.float64).sum(axis=0)
+    assert numpy.all(numpy.abs(db.get() - dz_ref.astype(numpy.float64).sum(axis=0)) <= 1e-6 * magnitude + 1e-7)
+
+
+@pytest.mark.parametrize("n, c, l", [(9, 70, 33), (300, 5, 1), (2, 3, 1000), (1, 4, 2)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_batchnorm_kernels(cp, ops, n, c, l, dtype):
+    """One block per channel; channels of 2 values up to thousands (strided per-thread sums, then the tree)."""
+    x, x_dev = images(cp, (n, c, l), dtype)
+    x += numpy.arange(c, dtype=dtype)[None, :, None]  # means far from zero: the variance is computed centred
+    x_dev = cp.asarray(x)
+    gamma, beta = random(c, dtype, 3) + 1, random(c, dtype, 4)
+    vectors = {name: numpy.zeros(c, dtype) for name in ("mean", "invstd", "rm")}
+    vectors["rv"] = numpy.ones(c, dtype)
+    on_dev = {name: cp.asarray(value) for name, value in vectors.items()}
+    ops.batchnorm_stats(x, vectors["mean"], vectors["invstd"], 1e-5, vectors["rm"], vectors["rv"], 0.1)
+    ck.batchnorm_stats(x_dev, on_dev["mean"], on_dev["invstd"], 1e-5, on_dev["rm"], on_dev["rv"], 0.1)
+    rtol = 64 * numpy.finfo(dtype).eps
+    for name in vectors:
+        numpy.testing.assert_allclose(on_dev[name].get(), vectors[name], rtol=rtol, atol=rtol, err_msg=name)
+    y_ref = ops.batchnorm_apply(x, vectors["mean"], vectors["invstd"], gamma, beta, numpy.empty_like(x))
+    y = ck.batchnorm_apply(x_dev, on_dev["mean"], on_dev["invstd"], cp.asarray(gamma), cp.asarray(beta),
+                           cp.empty_like(x_dev))
+    numpy.testing.assert_allclose(y.get(), y_ref, rtol=rtol, atol=rtol * 10)
+    dy, dy_dev = images(cp, (n, c, l), dtype, seed=5)
+    for training in (True, False):
+        grads_ref = [numpy.empty_like(x), numpy.empty(c, dtype), numpy.empty(c, dtype)]
+        ops.batchnorm_backward(dy, x, vectors["mean"], vectors["invstd"], gamma, *grads_ref, training)
+        grads = [cp.empty_like(x_dev), cp.empty(c, dtype), cp.empty(c, dtype)]
+        ck.batchnorm_backward(dy_dev, x_dev, on_dev["mean"], on_dev["invstd"], cp.asarray(gamma), *grads, training)
+        scale = numpy.abs(dy).sum(axis=(0, 2)).max()
+        for got, ref, what in zip(grads, grads_ref, ("dx", "dgamma", "dbeta")):
+            numpy.testing.assert_allclose(got.get(), ref, rtol=rtol, atol=rtol * scale, err_msg=f"{what} {training}")

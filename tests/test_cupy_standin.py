@@ -119,8 +119,9 @@ def test_nnaccel_train_on_the_emulated_gpu_end_to_end(tmp_path):
 
 
 def test_every_cupy_backend_method_runs_here(monkeypatch):
-    """A run that needs them all (GELU's erf, Maxout, Dropout, a softmax output, both optimizers, a capped
-    memory pool) calls every override of CupyBackend, so each runs on the emulated device in CI."""
+    """A run that needs them all (GELU's erf, Maxout, Dropout, a softmax output, both optimizers, convolutions,
+    both poolings, BatchNorm, a capped memory pool) calls every override of CupyBackend, so each runs on the
+    emulated device in CI."""
     import cupy
 
     from nnaccel.backend import get_backend
@@ -140,6 +141,14 @@ def test_every_cupy_backend_method_runs_here(monkeypatch):
         loss = nn.MSE() if output else nn.SoftmaxCrossEntropy()
         nn.Trainer(model, loss=loss, optimizer=optimizer, batch_size=32, quiet=True).fit(x, y, epochs=1)
         model.predict(x)
+    images = numpy.random.default_rng(0).random((96, 1, 8, 8)).astype(numpy.float32)
+    for pool_layer in (nn.MaxPool2D(2), nn.AvgPool2D(3, stride=1, padding=1)):
+        front = [nn.RandomShift(1), nn.Conv2D(1, 4, 3, padding=1, activation="silu"), nn.BatchNorm(4), pool_layer,
+                 nn.Conv2D(4, 3, 2, activation="relu"), nn.Flatten()]
+        width = nn.Sequential(*front, input_shape=(1, 8, 8)).out_features
+        conv = nn.Sequential(*front, nn.Dense(width, 3), input_shape=(1, 8, 8), device="cuda")
+        nn.Trainer(conv, batch_size=32, quiet=True).fit(images, y, epochs=1)
+        conv.predict(images)
     pool = cupy.get_default_memory_pool()
     pool.set_limit(size=pool.used_bytes() + 1024)
     try:

@@ -694,9 +694,10 @@ NONSENSE = [
                                                                                   (True, 3))],
     ("Maxout out 0", lambda: nn.Maxout(4, 0), "Maxout out_features"),
     ("Dense->Maxout do not chain", lambda: _model(nn.Dense(4, 8), nn.Maxout(6, 3)),
-     "layer sizes do not chain: layer 1 \\(Maxout\\) takes 6 inputs but the previous layer gives 8"),
+     "layer sizes do not chain: layer 1, Maxout\\(6, 3\\), after layer 0, Dense\\(4, 8\\): takes 6 inputs but "
+     "gets 8: Maxout\\(8, ...\\) would fit"),
     ("chain through Dropout", lambda: _model(nn.Maxout(4, 8), nn.Dropout(0.5), nn.Dense(9, 3)),
-     "layer 2 \\(Dense\\) takes 9 inputs but the previous layer gives 8"),
+     "layer 2, Dense\\(9, 3\\), after layer 1, Dropout\\(\\): takes 9 inputs but gets 8"),
     ("no layers", lambda: nn.Sequential(), "at least one layer"),
     ("only Dropout", lambda: nn.Sequential(nn.Dropout(0.1)), "at least one Dense or Maxout"),
     ("not a layer", lambda: nn.Sequential(nn.Dense(4, 3), "relu"), "layer 1 is a str"),

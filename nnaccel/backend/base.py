@@ -7,6 +7,7 @@ into preallocated outputs (``out=``) so a training step allocates little.
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import numpy
 
@@ -30,6 +31,29 @@ def _mix32(x, xp):
     x *= xp.uint32(0x846CA68B)
     x ^= x >> 16
     return x
+
+
+class Window(NamedTuple):
+    """A sliding window over (height, width): its size, step and zero padding (convolution, pooling)."""
+
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+
+    def output_size(self, height, width):
+        """(out height, out width) of the window positions that fit, as PyTorch counts them (no ceil mode)."""
+        return ((height + 2 * self.ph - self.kh) // self.sh + 1, (width + 2 * self.pw - self.kw) // self.sw + 1)
+
+
+def _windows(array, window, out_height, out_width):
+    """The (i, j) offset's view of every window position: ``[(i, j, view (N, C, OH, OW))]`` over ``array``
+    (already padded)."""
+    return [(i, j, array[:, :, i:i + window.sh * (out_height - 1) + 1:window.sh,
+                         j:j + window.sw * (out_width - 1) + 1:window.sw])
+            for i in range(window.kh) for j in range(window.kw)]
 
 
 class Backend:
@@ -134,6 +158,182 @@ class Backend:
         xp.multiply(pieces == index[..., None], dy[..., None], out=out3)
         return out3
 
+    # ----- convolution and pooling over NCHW arrays --------------------------------------------
+    def _padded(self, x, window, fill, slot):
+        """``x`` (N, C, H, W) inside a border of ``fill`` (a reused work array), or ``x`` itself."""
+        if not (window.ph or window.pw):
+            return x
+        n, c, h, w = x.shape
+        padded = self._work((n, c, h + 2 * window.ph, w + 2 * window.pw), x.dtype, slot)
+        padded.fill(fill)
+        padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w] = x
+        return padded
+
+    def im2col(self, x, window, out):
+        """The windows of ``x`` (N, C, H, W) as rows of ``out`` (N*OH*OW, C*kh*kw), each row in the order
+        a PyTorch weight (out, C, kh, kw) flattens: one matmul then computes every output position."""
+        n, c, h, w = x.shape
+        oh, ow = window.output_size(h, w)
+        rows = out.reshape(n, oh, ow, c, window.kh, window.kw)
+        for i, j, view in _windows(self._padded(x, window, 0, "im2col"), window, oh, ow):
+            rows[:, :, :, :, i, j] = view.transpose(0, 2, 3, 1)
+        return out
+
+    def col2im(self, rows, window, out):
+        """The adjoint of ``im2col``: every row's values added back to the input positions they came from,
+        into ``out`` (N, C, H, W), offsets in increasing order (a fixed, deterministic sum)."""
+        n, c, h, w = out.shape
+        oh, ow = window.output_size(h, w)
+        padded = self._work((n, c, h + 2 * window.ph, w + 2 * window.pw), out.dtype, "col2im")
+        padded.fill(0)
+        windows = rows.reshape(n, oh, ow, c, window.kh, window.kw)
+        for i, j, view in _windows(padded, window, oh, ow):
+            view += windows[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+        out[...] = padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w]
+        return out
+
+    def bias_act_nchw(self, z, bias, activation, out):
+        """The convolution's GEMM rows ``z`` (N*L, C) plus ``bias`` (C,) through ``activation``, into ``out``
+        (N, C, *spatial) in NCHW order. ``z`` keeps ``z + bias`` (the derivative of gelu/silu reads it)."""
+        rows = z if activation.uses_output else self._work(z.shape, z.dtype, "bias_act_nchw")
+        self.bias_act(z, bias, activation, rows)
+        n, c = out.shape[:2]
+        out.reshape(n, c, -1)[...] = rows.reshape(n, -1, c).transpose(0, 2, 1)
+        return out
+
+    def act_backward_nchw(self, dy, y, z, activation, out, bias_grad=None):
+        """``bias_act_nchw``'s backward: ``dy`` (N, C, *spatial) times the derivative, as rows ``out``
+        (N*L, C) for the weight and input gradients' matmuls, and the bias gradient (a sum per channel)."""
+        n, c = dy.shape[:2]
+
+        def rows_of(array, slot):
+            rows = out if slot is None else self._work(out.shape, out.dtype, slot)
+            rows.reshape(n, -1, c)[...] = array.reshape(n, c, -1).transpose(0, 2, 1)
+            return rows
+
+        saved = rows_of(y, "act_backward_nchw") if activation.uses_output and activation.name != "linear" else None
+        return self.act_backward(rows_of(dy, None), saved, z, activation, out, bias_grad)
+
+    def maxpool_forward(self, x, window, out, index):
+        """The maximum of each window of ``x`` (N, C, H, W) into ``out``, and in ``index`` (int32) where it is
+        (h * W + w in the input plane); a NaN counts as the maximum, ties go to the first."""
+        xp = self.xp
+        n, c, h, w = x.shape
+        oh, ow = out.shape[2:]
+        corner = ((xp.arange(oh, dtype=numpy.int32) * window.sh - window.ph)[:, None] * w
+                  + (xp.arange(ow, dtype=numpy.int32) * window.sw - window.pw)[None, :])
+        out.fill(-numpy.inf)
+        index[...] = corner
+        for i, j, view in _windows(self._padded(x, window, -numpy.inf, "maxpool"), window, oh, ow):
+            take = (view > out) | (xp.isnan(view) & ~xp.isnan(out))
+            xp.copyto(out, view, where=take)
+            xp.copyto(index, corner + numpy.int32(i * w + j), where=take)
+        return out
+
+    def maxpool_backward(self, dy, index, window, out):
+        """Each output's gradient to the input its window's maximum came from, summed where windows
+        overlap (in a fixed order), into ``out`` (N, C, H, W)."""
+        xp = self.xp
+        n, c, h, w = out.shape
+        oh, ow = dy.shape[2:]
+        corner = ((xp.arange(oh, dtype=numpy.int32) * window.sh - window.ph)[:, None] * w
+                  + (xp.arange(ow, dtype=numpy.int32) * window.sw - window.pw)[None, :])
+        padded = self._work((n, c, h + 2 * window.ph, w + 2 * window.pw), out.dtype, "maxpool_backward")
+        padded.fill(0)
+        for i, j, view in _windows(padded, window, oh, ow):
+            view += xp.where(index == corner + numpy.int32(i * w + j), dy, 0)
+        out[...] = padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w]
+        return out
+
+    def avgpool_forward(self, x, window, out):
+        """The mean of each window of ``x``, zero padding counted (PyTorch's count_include_pad)."""
+        oh, ow = out.shape[2:]
+        out.fill(0)
+        for _, _, view in _windows(self._padded(x, window, 0, "avgpool"), window, oh, ow):
+            out += view
+        out *= 1.0 / (window.kh * window.kw)
+        return out
+
+    def avgpool_backward(self, dy, window, out):
+        """Each output's gradient shared equally by its window's inputs, into ``out`` (N, C, H, W)."""
+        n, c, h, w = out.shape
+        oh, ow = dy.shape[2:]
+        padded = self._work((n, c, h + 2 * window.ph, w + 2 * window.pw), out.dtype, "avgpool_backward")
+        padded.fill(0)
+        share = self._work(dy.shape, dy.dtype, "avgpool_share")
+        self.xp.multiply(dy, 1.0 / (window.kh * window.kw), out=share)
+        for _, _, view in _windows(padded, window, oh, ow):
+            view += share
+        out[...] = padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w]
+        return out
+
+    # ----- batch normalisation over (N, C, L) views ---------------------------------------------
+    def batchnorm_stats(self, x3, mean, invstd, eps, running_mean, running_var, momentum):
+        """The batch's mean and 1/sqrt(var + eps) per channel of ``x3`` (N, C, L), with the biased variance;
+        the running estimates move by ``momentum`` towards the mean and the unbiased variance (PyTorch's)."""
+        xp = self.xp
+        count = x3.shape[0] * x3.shape[2]
+        xp.mean(x3, axis=(0, 2), out=mean)
+        centred = self._work(x3.shape, x3.dtype, "batchnorm")
+        xp.subtract(x3, mean[None, :, None], out=centred)
+        centred *= centred
+        var = centred.mean(axis=(0, 2))
+        running_mean *= 1.0 - momentum
+        running_mean += momentum * mean
+        running_var *= 1.0 - momentum
+        running_var += (momentum * count / (count - 1)) * var
+        var += eps
+        xp.sqrt(var, out=invstd)
+        xp.divide(1.0, invstd, out=invstd)
+        return mean, invstd
+
+    def batchnorm_apply(self, x3, mean, invstd, gamma, beta, out3):
+        """``(x - mean) * invstd * gamma + beta`` per channel of (N, C, L) arrays."""
+        xp = self.xp
+        xp.subtract(x3, mean[None, :, None], out=out3)
+        out3 *= (invstd * gamma)[None, :, None]
+        out3 += beta[None, :, None]
+        return out3
+
+    def batchnorm_backward(self, dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta, training=True):
+        """The gradients of a batch norm: ``dgamma = sum(dy xhat)`` and ``dbeta = sum(dy)`` per channel, and
+        in training ``dx = gamma invstd / M (M dy - dbeta - xhat dgamma)`` over the M values of each (the
+        batch statistics depend on x), in eval ``dx = gamma invstd dy``."""
+        xp = self.xp
+        count = x3.shape[0] * x3.shape[2]
+        xhat = self._work(x3.shape, x3.dtype, "batchnorm")
+        xp.subtract(x3, mean[None, :, None], out=xhat)
+        xhat *= invstd[None, :, None]
+        dy3.sum(axis=(0, 2), out=dbeta)
+        xp.multiply(dy3, xhat, out=dx3).sum(axis=(0, 2), out=dgamma)
+        if not training:
+            return xp.multiply(dy3, (gamma * invstd)[None, :, None], out=dx3)
+        xhat *= dgamma[None, :, None]
+        xp.multiply(dy3, float(count), out=dx3)
+        dx3 -= dbeta[None, :, None]
+        dx3 -= xhat
+        dx3 *= (gamma * invstd * (1.0 / count))[None, :, None]
+        return dx3
+
+    # ----- data augmentation --------------------------------------------------------------------
+    def random_shifts(self, batch, max_shift, seed, counter):
+        """(batch, 2) int32 shifts, rows then columns, uniform in [-max_shift, max_shift]: a pure function
+        of (seed, counter), like Dropout's masks."""
+        u = self.uniform((batch, 2), seed, counter)
+        u *= 2 * max_shift + 1
+        return u.astype(numpy.int32) - numpy.int32(max_shift)
+
+    def shift_images(self, x, shifts, out):
+        """Each image of ``x`` (N, C, H, W) moved by its (rows, columns) shift, zeros coming in."""
+        xp = self.xp
+        n, c, h, w = x.shape
+        rows = xp.arange(h, dtype=numpy.int32)[None, :] - shifts[:, :1]  # (N, H): the source row
+        cols = xp.arange(w, dtype=numpy.int32)[None, :] - shifts[:, 1:]  # (N, W)
+        inside = (((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :])
+        picked = x[xp.arange(n)[:, None, None, None], xp.arange(c)[None, :, None, None],
+                   xp.clip(rows, 0, h - 1)[:, None, :, None], xp.clip(cols, 0, w - 1)[:, None, None, :]]
+        return xp.multiply(picked, inside, out=out)
+
     def dropout_mask(self, shape, rate, seed, counter, dtype):
         """A scaled keep-mask: 0 with probability ``rate``, else ``1/(1-rate)``."""
         keep = self.uniform(shape, seed, counter) >= rate
@@ -182,13 +382,17 @@ class Backend:
         return (y.argmax(axis=1) == labels).sum()
 
     # ----- optimizers --------------------------------------------------------------
-    def _scratch(self, like, slot):
-        """Work array number ``slot`` shaped like ``like``, kept between calls, so that an
-        optimizer step over millions of parameters allocates (and page-faults) nothing."""
-        key = (slot, like.shape, like.dtype)
+    def _work(self, shape, dtype, slot):
+        """A work array named ``slot`` of ``shape`` and ``dtype``, kept between calls, so that a step
+        allocates (and page-faults) nothing once it has run."""
+        key = (slot, tuple(shape), numpy.dtype(dtype))
         if key not in self._scratch_arrays:
-            self._scratch_arrays[key] = self.xp.empty_like(like)
+            self._scratch_arrays[key] = self.empty(shape, dtype)
         return self._scratch_arrays[key]
+
+    def _scratch(self, like, slot):
+        """Work array number ``slot`` shaped like ``like`` (the optimizers' temporaries)."""
+        return self._work(like.shape, like.dtype, slot)
 
     def sgd_update(self, param, grad, velocity, lr, momentum, weight_decay, nesterov):
         """PyTorch's SGD step over flat buffers, in place.

@@ -36,6 +36,9 @@ KERNELS = {
     "loss.cu": ("softmax_cross_entropy",),
     "optimizer.cu": ("sgd_update", "adam_update"),
     "maxout.cu": ("maxout_forward", "maxout_backward"),
+    "conv.cu": ("im2col", "col2im", "bias_act_nchw", "act_backward_nchw", "maxpool_forward", "maxpool_backward",
+                "avgpool_forward", "avgpool_backward"),
+    "batchnorm.cu": ("batchnorm_stats", "batchnorm_apply", "batchnorm_backward_reduce", "batchnorm_backward_apply"),
 }
 CTYPES = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float64): "double"}
 OPTIONS = ("-std=c++17",)
@@ -46,6 +49,7 @@ BLOCKS_PER_SM = 32  # grid cap of the grid-stride loops
 BIAS_GRAD_BLOCK = (32, 8)  # (BG_COLS, BG_ROWS) in elementwise.cu
 BIAS_GRAD_BLOCKS_PER_SM = 8  # enough row chunks to fill the GPU...
 BIAS_GRAD_MIN_CHUNK_ROWS = 64  # ...but at least 8 rows per thread
+BN_THREADS = 256  # BN_THREADS in batchnorm.cu: one block per channel for the reductions
 
 _INCLUDE = re.compile(r'^#include "([^"]+)"[ \t]*$', re.MULTILINE)
 _FILE_OF = {name: filename for filename, names in KERNELS.items() for name in names}
@@ -331,3 +335,184 @@ def maxout_backward(dy, idx, dz3):
         _launch("maxout_backward", dz3, (_grid(dz3, dz3.size),), (THREADS,),
                 (dy, idx, dz3, _i64(n_out), numpy.int32(pieces)))
     return dz3
+
+
+# ----- convolution and pooling (NCHW) ------------------------------------------------------------------
+
+def _images(what, array, dtype=None):
+    """Check a contiguous (N, C, H, W) float array; returns its dtype."""
+    dtype = _float_array(what, array) if dtype is None else dtype
+    if array.ndim != 4:
+        raise ShapeError(f"{what} has shape {tuple(array.shape)}; expected (batch, channels, height, width)")
+    if array.dtype != dtype:
+        raise ShapeError(f"{what} has dtype {array.dtype}; expected {numpy.dtype(dtype)}")
+    _contiguous(what, array)
+    return dtype
+
+
+def _geometry(image_shape, window):
+    """The int geometry arguments of the conv.cu kernels: n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow."""
+    n, c, h, w = image_shape
+    return tuple(numpy.int32(v) for v in (n, c, h, w, *window, *window.output_size(h, w)))
+
+
+def _pooled_shape(image_shape, window):
+    return (*image_shape[:2], *window.output_size(*image_shape[2:]))
+
+
+def im2col(x, window, rows):
+    """``rows`` (N*OH*OW, C*kh*kw) = the windows of ``x`` (N, C, H, W) (see Backend.im2col)."""
+    dtype = _images("x", x)
+    n, c, h, w = x.shape
+    oh, ow = window.output_size(h, w)
+    _like("rows", rows, dtype, (n * oh * ow, c * window.kh * window.kw))
+    if rows.size:
+        _launch("im2col", x, (_grid(x, rows.size),), (THREADS,), (x, rows, *_geometry(x.shape, window)))
+    return rows
+
+
+def col2im(rows, window, dx):
+    """``dx`` (N, C, H, W) = the adjoint of im2col of ``rows``, gathered in a fixed order."""
+    dtype = _images("dx", dx)
+    n, c, h, w = dx.shape
+    oh, ow = window.output_size(h, w)
+    _like("rows", rows, dtype, (n * oh * ow, c * window.kh * window.kw))
+    if dx.size:
+        _launch("col2im", dx, (_grid(dx, dx.size),), (THREADS,), (rows, dx, *_geometry(dx.shape, window)))
+    return dx
+
+
+def _nchw(what, array):
+    """(n, c, l) of a contiguous (N, C, *spatial) float array."""
+    dtype = _float_array(what, array)
+    if array.ndim < 2:
+        raise ShapeError(f"{what} has shape {tuple(array.shape)}; expected (batch, channels, ...)")
+    n, c = array.shape[:2]
+    return dtype, n, c, (array.size // (n * c) if n * c else 0)
+
+
+def bias_act_nchw(z, bias, act_code, param, keep_z, y):
+    """``y`` (N, C, *spatial) = act(``z`` rows (N*L, C) + bias) in NCHW order; with ``keep_z`` (gelu, silu)
+    ``z`` keeps z + bias. Returns ``y``."""
+    dtype, n, c, l = _nchw("y", y)
+    _like("z", z, dtype, (n * l, c))
+    _like("bias", bias, dtype, (c,))
+    code = _act_code(act_code)
+    if y.size:
+        _launch("bias_act_nchw", y, (_grid(y, y.size),), (THREADS,),
+                (z, bias, y, _i64(n), numpy.int32(c), _i64(l), numpy.int32(code), numpy.float64(param),
+                 numpy.int32(bool(keep_z))))
+    return y
+
+
+def act_backward_nchw(dy, y, z, act_code, param, dz, db=None):
+    """``dz`` rows (N*L, C) = ``dy`` (N, C, *spatial) times the activation's derivative (from ``y``, NCHW, or
+    ``z``, rows, as the activation needs), and with ``db`` the bias gradient, a deterministic sum per
+    channel. Returns ``dz``."""
+    dtype, n, c, l = _nchw("dy", dy)
+    _like("dz", dz, dtype, (n * l, c))
+    code = _act_code(act_code)
+    if code in GRAD_FROM_Z:
+        _like("z", z, dtype, (n * l, c))
+        y = None
+    elif code != ACT_CODES["linear"]:
+        if y is None:
+            raise ShapeError(f"act_backward_nchw: activation code {code} needs y, got None")
+        _like("y", y, dtype, dy.shape)
+        z = None
+    else:
+        y = z = None
+    if dy.size:
+        _launch("act_backward_nchw", dy, (_grid(dy, dy.size),), (THREADS,),
+                (dy, y, z, dz, _i64(n), numpy.int32(c), _i64(l), numpy.int32(code), numpy.float64(param)))
+    if db is not None:
+        act_backward(dz, None, None, ACT_CODES["linear"], 0.0, dz, db)  # dz unchanged; its column sums
+    return dz
+
+
+def maxpool_forward(x, window, out, idx):
+    """``out`` = each window's maximum, ``idx`` (int32) = where in the input plane. Returns ``out``."""
+    dtype = _images("x", x)
+    shape = _pooled_shape(x.shape, window)
+    _like("out", out, dtype, shape)
+    _like("index", idx, numpy.int32, shape)
+    if out.size:
+        _launch("maxpool_forward", x, (_grid(x, out.size),), (THREADS,), (x, out, idx, *_geometry(x.shape, window)))
+    return out
+
+
+def maxpool_backward(dy, idx, window, dx):
+    """``dx`` = each output's gradient at its window's maximum, summed where windows overlap."""
+    dtype = _images("dx", dx)
+    shape = _pooled_shape(dx.shape, window)
+    _like("dy", dy, dtype, shape)
+    _like("index", idx, numpy.int32, shape)
+    if dx.size:
+        _launch("maxpool_backward", dx, (_grid(dx, dx.size),), (THREADS,),
+                (dy, idx, dx, *_geometry(dx.shape, window)))
+    return dx
+
+
+def avgpool_forward(x, window, out):
+    """``out`` = each window's mean, the padding counted as zeros. Returns ``out``."""
+    dtype = _images("x", x)
+    _like("out", out, dtype, _pooled_shape(x.shape, window))
+    if out.size:
+        _launch("avgpool_forward", x, (_grid(x, out.size),), (THREADS,), (x, out, *_geometry(x.shape, window)))
+    return out
+
+
+def avgpool_backward(dy, window, dx):
+    """``dx`` = each output's gradient shared by its window. Returns ``dx``."""
+    dtype = _images("dx", dx)
+    _like("dy", dy, dtype, _pooled_shape(dx.shape, window))
+    if dx.size:
+        _launch("avgpool_backward", dx, (_grid(dx, dx.size),), (THREADS,), (dy, dx, *_geometry(dx.shape, window)))
+    return dx
+
+
+# ----- batch normalisation over (n, c, l) ---------------------------------------------------------------
+
+def _channels(x3, *vectors):
+    """Check a contiguous (n, c, l) float array and its per-channel (c,) vectors (name, array)."""
+    dtype = _float_array("x", x3)
+    if x3.ndim != 3:
+        raise ShapeError(f"x has shape {tuple(x3.shape)}; expected (batch, channels, values per channel)")
+    for what, vector in vectors:
+        _like(what, vector, dtype, (x3.shape[1],))
+    return dtype, (_i64(x3.shape[0]), numpy.int32(x3.shape[1]), _i64(x3.shape[2]))
+
+
+def batchnorm_stats(x3, mean, invstd, eps, running_mean, running_var, momentum):
+    """The batch's mean and 1/sqrt(var + eps) per channel; the running estimates updated (PyTorch's
+    momentum, unbiased variance). One block per channel, a fixed-order reduction."""
+    _, dims = _channels(x3, ("mean", mean), ("invstd", invstd), ("running_mean", running_mean),
+                        ("running_var", running_var))
+    if x3.shape[0] * x3.shape[2] < 2:
+        raise ShapeError(f"batch norm statistics need at least 2 values per channel, got x of shape {x3.shape}")
+    _launch("batchnorm_stats", x3, (x3.shape[1],), (BN_THREADS,),
+            (x3, mean, invstd, running_mean, running_var, *dims, numpy.float64(eps), numpy.float64(momentum)))
+    return mean, invstd
+
+
+def batchnorm_apply(x3, mean, invstd, gamma, beta, y3):
+    """``y3`` = (x - mean) invstd gamma + beta per channel. Returns ``y3``."""
+    dtype, dims = _channels(x3, ("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta))
+    _like("y", y3, dtype, x3.shape)
+    if x3.size:
+        _launch("batchnorm_apply", x3, (_grid(x3, x3.size),), (THREADS,), (x3, mean, invstd, gamma, beta, y3, *dims))
+    return y3
+
+
+def batchnorm_backward(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta, training=True):
+    """``dgamma``, ``dbeta`` (per-channel sums, one block each) and ``dx3``. Returns ``dx3``."""
+    dtype, dims = _channels(x3, ("mean", mean), ("invstd", invstd), ("gamma", gamma), ("dgamma", dgamma),
+                            ("dbeta", dbeta))
+    _like("dy", dy3, dtype, x3.shape)
+    _like("dx", dx3, dtype, x3.shape)
+    _launch("batchnorm_backward_reduce", x3, (x3.shape[1],), (BN_THREADS,),
+            (dy3, x3, mean, invstd, dgamma, dbeta, *dims))
+    if x3.size:
+        _launch("batchnorm_backward_apply", x3, (_grid(x3, x3.size),), (THREADS,),
+                (dy3, x3, mean, invstd, gamma, dgamma, dbeta, dx3, *dims, numpy.int32(bool(training))))
+    return dx3

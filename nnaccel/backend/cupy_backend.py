@@ -112,3 +112,64 @@ class CupyBackend(Backend):
                                        decoupled, step)
         return cuda_kernels.adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay,
                                         decoupled, step)
+
+    def bias_grad(self, dz, out):
+        if dz.ndim != 2 or not _fused(dz, out):
+            return super().bias_grad(dz, out)
+        cuda_kernels.act_backward(dz, None, None, cuda_kernels.ACT_CODES["linear"], 0.0, dz, out)
+        return out
+
+    def im2col(self, x, window, out):
+        if not _fused(x, out):
+            return super().im2col(x, window, out)
+        return cuda_kernels.im2col(x, window, out)
+
+    def col2im(self, rows, window, out):
+        if not _fused(rows, out):
+            return super().col2im(rows, window, out)
+        return cuda_kernels.col2im(rows, window, out)
+
+    def bias_act_nchw(self, z, bias, activation, out):
+        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused(z, bias, out):
+            return super().bias_act_nchw(z, bias, activation, out)
+        return cuda_kernels.bias_act_nchw(z, bias, activation.code, activation.param, not activation.uses_output, out)
+
+    def act_backward_nchw(self, dy, y, z, activation, out, bias_grad=None):
+        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused(dy, y, z, out, bias_grad):
+            return super().act_backward_nchw(dy, y, z, activation, out, bias_grad)
+        return cuda_kernels.act_backward_nchw(dy, y, z, activation.code, activation.param, out, bias_grad)
+
+    def maxpool_forward(self, x, window, out, index):
+        if not _fused(x, out):
+            return super().maxpool_forward(x, window, out, index)
+        return cuda_kernels.maxpool_forward(x, window, out, index)
+
+    def maxpool_backward(self, dy, index, window, out):
+        if not _fused(dy, out):
+            return super().maxpool_backward(dy, index, window, out)
+        return cuda_kernels.maxpool_backward(dy, index, window, out)
+
+    def avgpool_forward(self, x, window, out):
+        if not _fused(x, out):
+            return super().avgpool_forward(x, window, out)
+        return cuda_kernels.avgpool_forward(x, window, out)
+
+    def avgpool_backward(self, dy, window, out):
+        if not _fused(dy, out):
+            return super().avgpool_backward(dy, window, out)
+        return cuda_kernels.avgpool_backward(dy, window, out)
+
+    def batchnorm_stats(self, x3, mean, invstd, eps, running_mean, running_var, momentum):
+        if not _fused(x3, mean, invstd, running_mean, running_var):
+            return super().batchnorm_stats(x3, mean, invstd, eps, running_mean, running_var, momentum)
+        return cuda_kernels.batchnorm_stats(x3, mean, invstd, eps, running_mean, running_var, momentum)
+
+    def batchnorm_apply(self, x3, mean, invstd, gamma, beta, out3):
+        if not _fused(x3, mean, invstd, gamma, beta, out3):
+            return super().batchnorm_apply(x3, mean, invstd, gamma, beta, out3)
+        return cuda_kernels.batchnorm_apply(x3, mean, invstd, gamma, beta, out3)
+
+    def batchnorm_backward(self, dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta, training=True):
+        if not _fused(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta):
+            return super().batchnorm_backward(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta, training)
+        return cuda_kernels.batchnorm_backward(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta, training)

@@ -1,0 +1,89 @@
+// Batch normalisation over (n, c, l) views (l = 1 for (N, F) inputs, H W for images): the batch's
+// statistics per channel, their application, and the backward. Each reduction over a channel's
+// n l values is one block of BN_THREADS threads that sum in a fixed order and combine in a fixed
+// tree in shared memory: deterministic, no atomics on float sums.
+#include "activations.cuh"
+
+constexpr int BN_THREADS = 256;  // the loader launches blocks of this many threads for the reductions
+
+namespace nna {
+
+// The sum over one channel's values of f(value index k in [0, n l), its element offset), by a block.
+template <typename T, typename F> __device__ T channel_sum(long long n, int c, long long l, int ch, F f) {
+  __shared__ T part[BN_THREADS];
+  const long long count = n * l;
+  T acc = T(0);
+  for (long long k = threadIdx.x; k < count; k += BN_THREADS) acc += f((k / l * c + ch) * l + k % l);
+  part[threadIdx.x] = acc;
+  __syncthreads();
+  for (int half = BN_THREADS / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) part[threadIdx.x] += part[threadIdx.x + half];
+    __syncthreads();
+  }
+  const T total = part[0];
+  __syncthreads();  // before a sum with the same f (the same instantiation, the same part) writes part again
+  return total;
+}
+
+}  // namespace nna
+
+// One block per channel: mean and 1/sqrt(biased var + eps), then the running estimates move by
+// momentum towards the mean and the unbiased variance (PyTorch's convention).
+template <typename T>
+__global__ void batchnorm_stats(const T* x, T* mean, T* invstd, T* running_mean, T* running_var, long long n, int c,
+                                long long l, double eps, double momentum) {
+  const int ch = blockIdx.x;
+  const T count = T(n * l);
+  const T m = nna::channel_sum<T>(n, c, l, ch, [&](long long at) { return x[at]; }) / count;
+  const T var = nna::channel_sum<T>(n, c, l, ch, [&](long long at) { const T d = x[at] - m; return d * d; }) / count;
+  if (threadIdx.x == 0) {
+    mean[ch] = m;
+    invstd[ch] = T(1) / nna::math::sqrt(var + T(eps));
+    running_mean[ch] = running_mean[ch] * T(1.0 - momentum) + T(momentum) * m;
+    running_var[ch] = running_var[ch] * T(1.0 - momentum) + T(momentum * (n * l) / (n * l - 1)) * var;
+  }
+}
+
+// y = (x - mean) * (invstd * gamma) + beta, elementwise.
+template <typename T>
+__global__ void batchnorm_apply(const T* x, const T* mean, const T* invstd, const T* gamma, const T* beta, T* y,
+                                long long n, int c, long long l) {
+  const long long total = n * c * l;
+  for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
+    const int ch = (int)(i / l % c);
+    y[i] = (x[i] - mean[ch]) * (invstd[ch] * gamma[ch]) + beta[ch];
+  }
+}
+
+// One block per channel: dbeta = sum(dy), dgamma = sum(dy xhat), xhat = (x - mean) invstd.
+template <typename T>
+__global__ void batchnorm_backward_reduce(const T* dy, const T* x, const T* mean, const T* invstd, T* dgamma,
+                                          T* dbeta, long long n, int c, long long l) {
+  const int ch = blockIdx.x;
+  const T m = mean[ch], s = invstd[ch];
+  const T db = nna::channel_sum<T>(n, c, l, ch, [&](long long at) { return dy[at]; });
+  const T dg = nna::channel_sum<T>(n, c, l, ch, [&](long long at) { return dy[at] * ((x[at] - m) * s); });
+  if (threadIdx.x == 0) {
+    dbeta[ch] = db;
+    dgamma[ch] = dg;
+  }
+}
+
+// Training: dx = (M dy - dbeta - xhat dgamma) gamma invstd / M over a channel's M values; eval: the
+// statistics are constants, dx = dy gamma invstd.
+template <typename T>
+__global__ void batchnorm_backward_apply(const T* dy, const T* x, const T* mean, const T* invstd, const T* gamma,
+                                         const T* dgamma, const T* dbeta, T* dx, long long n, int c, long long l,
+                                         int training) {
+  const T count = T(n * l), inv_count = T(1.0 / (n * l));
+  const long long total = n * c * l;
+  for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
+    const int ch = (int)(i / l % c);
+    if (training) {
+      const T xhat = (x[i] - mean[ch]) * invstd[ch];
+      dx[i] = (dy[i] * count - dbeta[ch] - xhat * dgamma[ch]) * (gamma[ch] * invstd[ch] * inv_count);
+    } else {
+      dx[i] = dy[i] * (gamma[ch] * invstd[ch]);
+    }
+  }
+}

@@ -1,0 +1,181 @@
+// Convolution and pooling over NCHW arrays: im2col and its adjoint col2im, the bias and activation
+// of a convolution's GEMM rows written in NCHW order (and its backward), max and average pooling.
+//
+// Geometry: input (n, c, h, w); window kh x kw moved by (sh, sw) over the input padded by (ph, pw);
+// (oh, ow) window positions. Every kernel is a grid-stride loop with one thread per output element.
+// The adjoints (col2im, the pooling backwards) gather what each input position receives instead of
+// scattering it, so they need no atomics and add in a fixed order: the window offsets (i, j) in
+// increasing order, as the base backend's loops do.
+#include "activations.cuh"
+
+// rows[(img, oy, ox), (ch, i, j)] = x[img, ch, oy sh - ph + i, ox sw - pw + j], 0 in the padding.
+template <typename T>
+__global__ void im2col(const T* x, T* rows, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
+                       int pw, int oh, int ow) {
+  const long long depth = (long long)c * kh * kw;
+  const long long total = (long long)n * oh * ow * depth;
+  for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
+    const long long k = i % depth, r = i / depth;
+    const int j = (int)(k % kw), di = (int)(k / kw % kh), ch = (int)(k / ((long long)kw * kh));
+    const int ox = (int)(r % ow), oy = (int)(r / ow % oh), img = (int)(r / ((long long)ow * oh));
+    const int y = oy * sh - ph + di, xx = ox * sw - pw + j;
+    rows[i] = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[(((long long)img * c + ch) * h + y) * w + xx] : T(0);
+  }
+}
+
+// dx[img, ch, y, x] = the sum of every row entry im2col took from there.
+template <typename T>
+__global__ void col2im(const T* rows, T* dx, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
+                       int pw, int oh, int ow) {
+  const long long total = (long long)n * c * h * w;
+  const long long depth = (long long)c * kh * kw;
+  for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
+    const int xx = (int)(i % w), y = (int)(i / w % h), ch = (int)(i / ((long long)w * h) % c);
+    const int img = (int)(i / ((long long)w * h * c));
+    T acc = T(0);
+    for (int di = 0; di < kh; ++di) {
+      const int ty = y + ph - di;
+      if (ty < 0 || ty % sh || ty / sh >= oh) continue;
+      for (int j = 0; j < kw; ++j) {
+        const int tx = xx + pw - j;
+        if (tx < 0 || tx % sw || tx / sw >= ow) continue;
+        const long long r = ((long long)img * oh + ty / sh) * ow + tx / sw;
+        acc += rows[r * depth + ((long long)ch * kh + di) * kw + j];
+      }
+    }
+    dx[i] = acc;
+  }
+}
+
+// y[img, ch, l] = act(z[img l, ch] + bias[ch]): the GEMM's rows (one per output position) to NCHW.
+// With keep_z (gelu and silu, whose derivative reads z) z keeps z + bias.
+template <typename T>
+__global__ void bias_act_nchw(T* z, const T* bias, T* y, long long n, int c, long long l, int act, double param,
+                              int keep_z) {
+  const T p = T(param);
+  const long long total = n * c * l;
+  for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
+    const long long pos = i % l, img = i / (l * c);
+    const int ch = (int)(i / l % c);
+    const long long at = (img * l + pos) * c + ch;
+    const T v = z[at] + bias[ch];
+    if (keep_z) z[at] = v;
+    y[i] = nna::act_forward(act, p, v);
+  }
+}
+
+// dz[img l, ch] = dy[img, ch, l] * act'(x), x being y (NCHW) or z (rows) as the activation needs (null
+// for linear): the rows the weight and input gradients' matmuls take.
+template <typename T>
+__global__ void act_backward_nchw(const T* dy, const T* y, const T* z, T* dz, long long n, int c, long long l, int act,
+                                  double param) {
+  const T p = T(param);
+  const bool from_z = nna::act_grad_uses_z(act);
+  const long long total = n * c * l;
+  for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
+    const long long pos = i % l, img = i / (l * c);
+    const int ch = (int)(i / l % c);
+    const long long at = (img * l + pos) * c + ch;
+    const T x = from_z ? z[at] : (y ? y[i] : T(0));
+    dz[at] = dy[i] * nna::act_derivative(act, p, x);
+  }
+}
+
+// y = the maximum of each window (a NaN counts as the maximum, ties go to the first), idx = where it
+// is in the input plane (y w + x); the padding never wins.
+template <typename T>
+__global__ void maxpool_forward(const T* x, T* out, int* idx, int n, int c, int h, int w, int kh, int kw, int sh,
+                                int sw, int ph, int pw, int oh, int ow) {
+  const long long total = (long long)n * c * oh * ow;
+  for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
+    const int ox = (int)(i % ow), oy = (int)(i / ow % oh);
+    const long long plane = i / ((long long)ow * oh);
+    const T* xp = x + plane * h * w;
+    const int y0 = oy * sh - ph, x0 = ox * sw - pw;
+    T best = -nna::math::infinity<T>();
+    int at = y0 * w + x0;
+    for (int di = 0; di < kh; ++di) {
+      const int y = y0 + di;
+      if (y < 0 || y >= h) continue;
+      for (int j = 0; j < kw; ++j) {
+        const int xx = x0 + j;
+        if (xx < 0 || xx >= w) continue;
+        const T v = xp[y * w + xx];
+        if (v > best || (v != v && best == best)) {
+          best = v;
+          at = y * w + xx;
+        }
+      }
+    }
+    out[i] = best;
+    idx[i] = at;
+  }
+}
+
+// dx[img, ch, y, x] = the sum of dy over the windows whose maximum came from (y, x).
+template <typename T>
+__global__ void maxpool_backward(const T* dy, const int* idx, T* dx, int n, int c, int h, int w, int kh, int kw,
+                                 int sh, int sw, int ph, int pw, int oh, int ow) {
+  const long long total = (long long)n * c * h * w;
+  for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
+    const int xx = (int)(i % w), y = (int)(i / w % h);
+    const long long plane = i / ((long long)w * h);
+    const int self = y * w + xx;
+    T acc = T(0);
+    for (int di = 0; di < kh; ++di) {
+      const int ty = y + ph - di;
+      if (ty < 0 || ty % sh || ty / sh >= oh) continue;
+      for (int j = 0; j < kw; ++j) {
+        const int tx = xx + pw - j;
+        if (tx < 0 || tx % sw || tx / sw >= ow) continue;
+        const long long o = (plane * oh + ty / sh) * ow + tx / sw;
+        if (idx[o] == self) acc += dy[o];
+      }
+    }
+    dx[i] = acc;
+  }
+}
+
+// y = the mean of each window, the padding counted as zeros (PyTorch's count_include_pad).
+template <typename T>
+__global__ void avgpool_forward(const T* x, T* out, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
+                                int pw, int oh, int ow) {
+  const T scale = T(1.0 / (kh * kw));
+  const long long total = (long long)n * c * oh * ow;
+  for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
+    const int ox = (int)(i % ow), oy = (int)(i / ow % oh);
+    const T* xp = x + i / ((long long)ow * oh) * h * w;
+    T acc = T(0);
+    for (int di = 0; di < kh; ++di) {
+      const int y = oy * sh - ph + di;
+      for (int j = 0; j < kw; ++j) {
+        const int xx = ox * sw - pw + j;
+        if (y >= 0 && y < h && xx >= 0 && xx < w) acc += xp[y * w + xx];
+      }
+    }
+    out[i] = acc * scale;
+  }
+}
+
+// dx[img, ch, y, x] = the sum over the windows covering (y, x) of dy / (kh kw).
+template <typename T>
+__global__ void avgpool_backward(const T* dy, T* dx, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
+                                 int pw, int oh, int ow) {
+  const T scale = T(1.0 / (kh * kw));
+  const long long total = (long long)n * c * h * w;
+  for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
+    const int xx = (int)(i % w), y = (int)(i / w % h);
+    const long long plane = i / ((long long)w * h);
+    T acc = T(0);
+    for (int di = 0; di < kh; ++di) {
+      const int ty = y + ph - di;
+      if (ty < 0 || ty % sh || ty / sh >= oh) continue;
+      for (int j = 0; j < kw; ++j) {
+        const int tx = xx + pw - j;
+        if (tx < 0 || tx % sw || tx / sw >= ow) continue;
+        acc += dy[(plane * oh + ty / sh) * ow + tx / sw] * scale;
+      }
+    }
+    dx[i] = acc;
+  }
+}

@@ -1,0 +1,331 @@
+"""Convolutional nets on every device: Conv2D, pooling, BatchNorm, Flatten and RandomShift against PyTorch
+on the same weights and against finite differences in float64; shapes through the model; BatchNorm's
+running statistics; the augmentation's draws."""
+
+import numpy as np
+import pytest
+
+import nnaccel as nn
+from test_gradients import assert_matches_finite_differences, host
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
+TOL = {np.float32: {"rtol": 1e-4, "atol": 1e-5}, np.float64: {"rtol": 1e-10, "atol": 1e-12}}
+DTYPE_IDS = ["float32", "float64"]
+TORCH_ACT = {"linear": torch.nn.Identity, "relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "gelu": torch.nn.GELU,
+             "sigmoid": torch.nn.Sigmoid, "silu": torch.nn.SiLU, "softplus": torch.nn.Softplus,
+             "elu": torch.nn.ELU}
+
+
+def torch_twin(model, dtype):
+    """A torch.nn.Sequential computing what ``model`` computes, with its weights and buffers copied."""
+    modules, shape = [], model.input_shape
+    for layer, out_shape in zip(model.layers, model.shapes[1:]):
+        params = {name: torch.from_numpy(np.array(host(model, p.data))) for name, p in layer.params.items()}
+        if isinstance(layer, nn.Conv2D):
+            module = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                                     layer.padding, dtype=TORCH_DTYPE[dtype])
+            module.weight.data.copy_(params["weight"])
+            module.bias.data.copy_(params["bias"])
+            modules += [module, TORCH_ACT[layer.activation.name]()]
+        elif isinstance(layer, nn.Dense):
+            module = torch.nn.Linear(layer.in_features, layer.out_features, dtype=TORCH_DTYPE[dtype])
+            module.weight.data.copy_(params["weight"].T)
+            module.bias.data.copy_(params["bias"])
+            modules += [module, TORCH_ACT[layer.activation.name]()]
+        elif isinstance(layer, nn.MaxPool2D):
+            modules.append(torch.nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding))
+        elif isinstance(layer, nn.AvgPool2D):
+            modules.append(torch.nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding, count_include_pad=True))
+        elif isinstance(layer, nn.Flatten):
+            modules.append(torch.nn.Flatten())
+        elif isinstance(layer, nn.BatchNorm):
+            kind = torch.nn.BatchNorm2d if len(shape) == 3 else torch.nn.BatchNorm1d
+            module = kind(layer.num_features, eps=layer.eps, momentum=layer.momentum, dtype=TORCH_DTYPE[dtype])
+            module.weight.data.copy_(params["weight"])
+            module.bias.data.copy_(params["bias"])
+            module.running_mean.copy_(torch.from_numpy(np.array(host(model, layer.buffers["running_mean"]))))
+            module.running_var.copy_(torch.from_numpy(np.array(host(model, layer.buffers["running_var"]))))
+            modules.append(module)
+        else:
+            raise AssertionError(layer)
+        shape = out_shape
+    return torch.nn.Sequential(*modules)
+
+
+def torch_grads(twin):
+    """Its parameters' gradients in nnaccel's order and layout (Linear weights transposed)."""
+    grads = []
+    for module in twin:
+        for name in ("weight", "bias"):
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, torch.nn.Parameter):
+                grad = tensor.grad.numpy()
+                grads.append(grad.T if isinstance(module, torch.nn.Linear) and name == "weight" else grad)
+    return grads
+
+
+def randomise(model, rng, scale=0.4):
+    """Random weights and non-zero biases; BatchNorm's gammas around 1."""
+    for p in model.parameters():
+        centre = 1.0 if p.name.endswith("weight") and len(p.shape) == 1 else 0.0
+        p.data = model.backend.asarray((rng.standard_normal(p.shape) * scale + centre).astype(model.dtype))
+
+
+CONVS = [  # (in, out, kernel, stride, padding, height, width)
+    (1, 3, 3, 1, 0, 7, 7),
+    (2, 4, (3, 2), (2, 1), (1, 0), 9, 8),
+    (3, 2, 5, 2, 2, 11, 10),
+    (2, 3, 1, 1, 0, 5, 5),
+    (2, 3, 4, 3, 1, 10, 13),
+]
+POOLS = [(2, None, 0), (3, 2, 1), (3, 1, 0), ((2, 3), (1, 2), (1, 0)), (2, 3, 0)]  # (kernel, stride, padding)
+
+
+def compare_with_torch(model, dtype, x, labels):
+    """Forward, loss and every gradient (parameters and input) against the torch twin, in training mode."""
+    ops = model.backend
+    twin = torch_twin(model, dtype)
+    model.train()
+    twin.train()
+    loss = nn.SoftmaxCrossEntropy()
+    out = model.forward(ops.asarray(x))
+    value = loss.forward(out, ops.asarray(labels))
+    dy = loss.backward()
+    for layer in reversed(model.layers):
+        dy = layer.backward(dy, input_grad=True)
+    tx = torch.from_numpy(x).requires_grad_(True)
+    t_out = twin(tx)
+    t_value = F.cross_entropy(t_out, torch.from_numpy(labels))
+    t_value.backward()
+    tol = TOL[dtype]
+    np.testing.assert_allclose(host(model, out), t_out.detach().numpy(), **tol, err_msg="forward")
+    np.testing.assert_allclose(float(value), t_value.item(), **tol, err_msg="loss")
+    for p, expected in zip(model.parameters(), torch_grads(twin), strict=True):
+        np.testing.assert_allclose(host(model, p.grad), expected, **tol, err_msg=f"gradient of {p.name}")
+    np.testing.assert_allclose(host(model, dy), tx.grad.numpy(), **tol, err_msg="input gradient")
+    return twin
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
+@pytest.mark.parametrize("conv", CONVS, ids=[str(c) for c in CONVS])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_conv2d_matches_torch(device, conv, activation, dtype):
+    cin, cout, kernel, stride, padding, h, w = conv
+    model = nn.Sequential(nn.Conv2D(cin, cout, kernel, stride=stride, padding=padding, activation=activation),
+                          nn.Flatten(), input_shape=(cin, h, w), device=device, seed=1, dtype=dtype)
+    model = nn.Sequential(*model.layers, nn.Dense(model.out_features, 4), input_shape=(cin, h, w), device=device,
+                          seed=1, dtype=dtype)
+    rng = np.random.default_rng(2)
+    randomise(model, rng)
+    x = rng.standard_normal((5, cin, h, w)).astype(dtype)
+    compare_with_torch(model, dtype, x, rng.integers(0, 4, 5))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
+@pytest.mark.parametrize("pool", POOLS, ids=[str(p) for p in POOLS])
+@pytest.mark.parametrize("kind", [nn.MaxPool2D, nn.AvgPool2D])
+def test_pooling_matches_torch(device, kind, pool, dtype):
+    """Windows that overlap (stride < kernel), skip inputs (stride > kernel), and reach into the padding."""
+    kernel, stride, padding = pool
+    layers = [nn.Conv2D(2, 3, 3, padding=1, activation="tanh"), kind(kernel, stride, padding), nn.Flatten()]
+    probe = nn.Sequential(*layers, input_shape=(2, 9, 11))
+    model = nn.Sequential(*layers, nn.Dense(probe.out_features, 3), input_shape=(2, 9, 11), device=device, seed=3,
+                          dtype=dtype)
+    rng = np.random.default_rng(4)
+    randomise(model, rng)
+    x = rng.standard_normal((4, 2, 9, 11)).astype(dtype)
+    compare_with_torch(model, dtype, x, rng.integers(0, 3, 4))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
+@pytest.mark.parametrize("spatial", [True, False], ids=["2d", "1d"])
+def test_batchnorm_matches_torch_in_training_and_eval(device, spatial, dtype):
+    """Batch statistics while training, running estimates (PyTorch's momentum, unbiased variance) after."""
+    rng = np.random.default_rng(5)
+    if spatial:
+        layers, shape = [nn.Conv2D(2, 3, 3, activation="relu"), nn.BatchNorm(3, momentum=0.3), nn.Flatten()], (2, 6, 7)
+    else:
+        layers, shape = [nn.Flatten(), nn.Dense(84, 6, activation="tanh"), nn.BatchNorm(6)], (2, 6, 7)
+    probe = nn.Sequential(*layers, input_shape=shape)
+    model = nn.Sequential(*layers, nn.Dense(probe.out_features, 3), input_shape=shape, device=device, seed=6,
+                          dtype=dtype)
+    randomise(model, rng)
+    x = (rng.standard_normal((8, *shape)) * 2 + 0.5).astype(dtype)
+    labels = rng.integers(0, 3, 8)
+    twin = compare_with_torch(model, dtype, x, labels)
+    bn = next(layer for layer in model.layers if isinstance(layer, nn.BatchNorm))
+    t_bn = next(m for m in twin if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)))
+    for _ in range(2):  # two more training forwards move the running estimates further
+        model.train()
+        model.forward(model.backend.asarray(x))
+        twin(torch.from_numpy(x))
+    tol = TOL[dtype]
+    np.testing.assert_allclose(host(model, bn.buffers["running_mean"]), t_bn.running_mean.numpy(), **tol)
+    np.testing.assert_allclose(host(model, bn.buffers["running_var"]), t_bn.running_var.numpy(), **tol)
+    model.eval()
+    twin.eval()
+    np.testing.assert_allclose(model.predict(x), twin(torch.from_numpy(x)).detach().numpy(), **tol, err_msg="eval")
+
+
+# ----- finite differences in float64 --------------------------------------------------------------------
+FD_NETS = {
+    "conv-stride-pad": lambda: [nn.Conv2D(2, 3, (3, 2), stride=(2, 1), padding=1, activation="tanh"), nn.Flatten(),
+                                nn.Dense(54, 3)],
+    "conv-maxpool-overlap": lambda: [nn.Conv2D(2, 2, 3, padding=1, activation="softplus"),
+                                     nn.MaxPool2D(3, stride=2, padding=1), nn.Flatten(), nn.Dense(18, 3)],
+    "avgpool-batchnorm2d": lambda: [nn.Conv2D(2, 3, 2, activation="sigmoid"), nn.BatchNorm(3),
+                                    nn.AvgPool2D(2, stride=1, padding=1), nn.Flatten(), nn.Dense(75, 3)],
+    "batchnorm1d": lambda: [nn.Flatten(), nn.Dense(50, 4, activation="gelu"), nn.BatchNorm(4), nn.Dense(4, 3)],
+}
+
+
+@pytest.mark.parametrize("net", list(FD_NETS))
+def test_conv_nets_match_finite_differences(device, net):
+    """Every parameter gradient (weights, biases, gamma, beta) and the input gradient, in training mode."""
+    rng = np.random.default_rng(7)
+    model = nn.Sequential(*FD_NETS[net](), input_shape=(2, 5, 5), device=device, seed=2, dtype=np.float64)
+    randomise(model, rng, scale=0.6)
+    ops = model.backend
+    # distinct inputs far apart, so that no max pool window is near a tie
+    x = (rng.permutation(50).reshape(1, 2, 5, 5) * 0.05 - 1.2) * np.array([1.0, -0.7, 1.3])[:, None, None, None]
+    labels = ops.asarray(np.array([0, 2, 1]))
+    loss = nn.SoftmaxCrossEntropy()
+    model.train()
+
+    def loss_of_x(values):
+        return float(loss.forward(model.forward(ops.asarray(values)), labels))
+
+    loss_of_x(x)
+    dy = loss.backward()
+    for layer in reversed(model.layers):
+        dy = layer.backward(dy, input_grad=True)
+    analytic = {p.name: host(model, p.grad) for p in model.parameters()}
+    assert_matches_finite_differences(model, loss_of_x, x, analytic, host(model, dy))
+
+
+# ----- shapes through the model ---------------------------------------------------------------------------
+def lenet(device="cpu", **kwargs):
+    return nn.Sequential(
+        nn.Conv2D(1, 6, 5, padding=2, activation="relu"), nn.MaxPool2D(2), nn.Conv2D(6, 16, 5, activation="relu"),
+        nn.AvgPool2D(2), nn.Flatten(), nn.Dense(400, 120, activation="relu"), nn.BatchNorm(120), nn.Dense(120, 10),
+        input_shape=(1, 28, 28), device=device, seed=0, **kwargs)
+
+
+def test_the_api_of_the_issue(device):
+    model = lenet(device)
+    assert model.shapes == [(1, 28, 28), (6, 28, 28), (6, 14, 14), (16, 10, 10), (16, 5, 5), (400,), (120,), (120,),
+                            (10,)]
+    assert [tuple(p.shape) for p in model.parameters()] == [(6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (400, 120),
+                                                             (120,), (120,), (120,), (120, 10), (10,)]
+    assert [name for name, _ in model.buffers()] == ["6.running_mean", "6.running_var"]
+    x = np.random.default_rng(0).random((3, 1, 28, 28)).astype(np.float32)
+    images, flat = model.forward(model.backend.asarray(x)), model.forward(model.backend.asarray(x.reshape(3, 784)))
+    assert images.shape == (3, 10) and images.dtype == np.float32
+    np.testing.assert_array_equal(host(model, images), host(model, flat))
+    summary = model.summary()
+    for line in ("Conv2D(1, 6, 5, padding=2, activation='relu')  6x28x28", "MaxPool2D(2)", "16x5x5", "BatchNorm(120)",
+                 "52,142 parameters and 240 buffer values"):
+        assert line in summary, summary
+    assert sum(int(np.prod(p.shape)) for p in model.parameters()) == 52142
+
+
+@pytest.mark.parametrize("layers, message", [
+    (lambda: [nn.Conv2D(1, 6, 5), nn.MaxPool2D(2), nn.Conv2D(6, 16, 5), nn.MaxPool2D(2), nn.Dense(400, 120)],
+     r"layer 4, Dense\(400, 120\), after layer 3, MaxPool2D\(2\): needs a flat input but gets 16x4x4 values per "
+     r"sample: put nn.Flatten\(\) before it \(Dense\(256, ...\) would then fit\)"),
+    (lambda: [nn.Conv2D(1, 6, 5, padding=2), nn.MaxPool2D(2), nn.Conv2D(6, 16, 5), nn.MaxPool2D(2), nn.Flatten(),
+              nn.Dense(256, 10)],
+     r"layer 5, Dense\(256, 10\), after layer 4, Flatten\(\): takes 256 inputs but gets 400: Dense\(400, ...\)"),
+    (lambda: [nn.Conv2D(3, 6, 5)], r"takes images of 3 channel\(s\) .* but gets a 1x28x28 input"),
+    (lambda: [nn.Conv2D(1, 6, 29)], r"a 29x29 kernel with padding \(0, 0\) does not fit a 28x28 image"),
+    (lambda: [nn.Flatten(), nn.BatchNorm(10)], r"BatchNorm\(784\) would fit"),
+    (lambda: [nn.Conv2D(1, 4, 3)], r"the last layer gives 4x26x26 outputs per sample; end with nn.Flatten\(\)"),
+])
+def test_a_model_that_does_not_chain_says_which_layer_and_what_fits(layers, message):
+    with pytest.raises(nn.ConfigError, match=message):
+        nn.Sequential(*layers(), input_shape=(1, 28, 28))
+
+
+def test_input_shape_is_needed_to_start_with_a_convolution():
+    with pytest.raises(nn.ConfigError, match=r"needs input_shape=\(channels, height, width\)"):
+        nn.Sequential(nn.Conv2D(1, 2, 3), nn.Flatten(), nn.Dense(1352, 2))
+
+
+def test_bad_inputs_and_options_are_refused_by_name():
+    model = lenet()
+    with pytest.raises(nn.ShapeError, match=r"x has shape \(2, 1, 27, 28\) but the first layer expects "
+                                            r"\(batch, 1, 28, 28\) or \(batch, 784\)"):
+        model.forward(np.zeros((2, 1, 27, 28), np.float32))
+    for make, message in [(lambda: nn.Conv2D(1, 2, 0), "Conv2D kernel_size"),
+                          (lambda: nn.Conv2D(1, 2, 3, stride=(1, 2, 3)), "Conv2D stride must be an int or a pair"),
+                          (lambda: nn.MaxPool2D(2, padding=2), "at most half the kernel size"),
+                          (lambda: nn.BatchNorm(4, momentum=2), "momentum must be in"),
+                          (lambda: nn.RandomShift(-1), "RandomShift max_shift")]:
+        with pytest.raises(nn.ConfigError, match=message):
+            make()
+    with pytest.raises(nn.ShapeError, match=r"BatchNorm\(120\) needs more than one value per channel"):
+        nn.Trainer(model, batch_size=1, quiet=True).fit(np.zeros((1, 784), np.float32), np.zeros(1, int), epochs=1)
+
+
+# ----- BatchNorm state and the augmentation ----------------------------------------------------------------
+def test_running_statistics_survive_checkpoints_and_resume_bit_for_bit(device, tmp_path):
+    x, y = nn.datasets.synthetic(n=150, features=64, classes=3, seed=0)
+
+    def setup():
+        model = nn.Sequential(nn.RandomShift(1), nn.Conv2D(1, 3, 3, activation="relu"), nn.BatchNorm(3),
+                              nn.MaxPool2D(2), nn.Flatten(), nn.Dropout(0.2), nn.Dense(27, 3), input_shape=(1, 8, 8),
+                              device=device, seed=4)
+        return model, nn.Trainer(model, optimizer=nn.SGD(lr=0.05, momentum=0.9), batch_size=32, seed=1, quiet=True)
+
+    model, trainer = setup()
+    trainer.fit(x, y, epochs=3)
+    straight = [host(model, model.flat_params).copy(), host(model, model.flat_buffers).copy()]
+    model, trainer = setup()
+    trainer.fit(x, y, epochs=1)
+    trainer.save_checkpoint(tmp_path / "c.npz")
+    model, trainer = setup()
+    trainer.load_checkpoint(tmp_path / "c.npz")
+    assert host(model, model.flat_buffers).any()
+    trainer.fit(x, y, epochs=2)
+    np.testing.assert_array_equal(host(model, model.flat_params), straight[0])
+    np.testing.assert_array_equal(host(model, model.flat_buffers), straight[1])
+    loaded = nn.load(tmp_path / "c.npz", device="cpu")
+    assert loaded.input_shape == (1, 8, 8) and isinstance(loaded.layers[2], nn.BatchNorm)
+
+
+def test_random_shifts_move_images_within_range_and_only_in_training(device):
+    model = nn.Sequential(nn.RandomShift(2), nn.Flatten(), input_shape=(1, 9, 9), device=device, seed=0)
+    ops = model.backend
+    x = np.zeros((200, 1, 9, 9), np.float32)
+    x[:, 0, 4, 4] = 1.0  # one lit pixel in the centre of each image
+    model.train()
+    moved = host(model, model.forward(ops.asarray(x))).reshape(200, 9, 9)
+    rows, cols = np.nonzero(moved)[1:]
+    assert moved.sum() == 200 and set(rows - 4) == set(cols - 4) == {-2, -1, 0, 1, 2}
+    again = host(model, model.forward(ops.asarray(x))).reshape(200, 9, 9)
+    assert not np.array_equal(moved, again)  # the next batch draws new shifts
+    model.eval()
+    np.testing.assert_array_equal(host(model, model.forward(ops.asarray(x))), x.reshape(200, 81))
+
+
+def test_random_shifts_are_the_same_on_every_device(device):
+    def draws(on):
+        model = nn.Sequential(nn.RandomShift(2), nn.Flatten(), input_shape=(2, 6, 7), device=on, seed=3).train()
+        x = np.random.default_rng(0).standard_normal((5, 2, 6, 7)).astype(np.float32)
+        return host(model, model.forward(model.backend.asarray(x)))
+
+    np.testing.assert_array_equal(draws(device), draws("cpu"))
+
+
+def test_the_shift_backward_is_its_adjoint(device):
+    """<shift(x), g> == <x, shift^T(g)>: the backward moves gradients back the way the pixels came."""
+    rng = np.random.default_rng(1)
+    model = nn.Sequential(nn.RandomShift(2), nn.Flatten(), input_shape=(2, 6, 7), device=device, seed=3,
+                          dtype=np.float64).train()
+    layer, ops = model.layers[0], model.backend
+    x, g = rng.standard_normal((4, 2, 6, 7)), rng.standard_normal((4, 2, 6, 7))
+    shifted = host(model, layer.forward(ops.asarray(x), training=True))
+    back = host(model, layer.backward(ops.asarray(g)))
+    np.testing.assert_allclose((shifted * g).sum(), (x * back).sum(), rtol=1e-12)
