@@ -1,5 +1,6 @@
-// Convolution and pooling over NCHW arrays: im2col and its adjoint col2im, the bias and activation
-// of a convolution's GEMM rows written in NCHW order (and its backward), max and average pooling.
+// Convolution and pooling over NCHW arrays: im2col (channel-major columns, (c kh kw, n oh ow)) and its
+// adjoint col2im, the bias and activation of a convolution's matmul written in NCHW order and its
+// backward (fused with the bias gradient), max and average pooling.
 //
 // Geometry: input (n, c, h, w); window kh x kw moved by (sh, sw) over the input padded by (ph, pw);
 // (oh, ow) window positions. Every kernel is a grid-stride loop with one thread per output element.
@@ -8,27 +9,29 @@
 // increasing order, as the base backend's loops do.
 #include "activations.cuh"
 
-// rows[(img, oy, ox), (ch, i, j)] = x[img, ch, oy sh - ph + i, ox sw - pw + j], 0 in the padding.
+constexpr int CONV_THREADS = 256;  // act_backward_from_nchw's block: the loader launches this many threads
+
+// columns[(ch, i, j), (img, oy, ox)] = x[img, ch, oy sh - ph + i, ox sw - pw + j], 0 in the padding.
 template <typename T>
-__global__ void im2col(const T* x, T* rows, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
+__global__ void im2col(const T* x, T* columns, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
                        int pw, int oh, int ow) {
-  const long long depth = (long long)c * kh * kw;
-  const long long total = (long long)n * oh * ow * depth;
+  const long long positions = (long long)n * oh * ow;
+  const long long total = positions * c * kh * kw;
   for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
-    const long long k = i % depth, r = i / depth;
+    const long long k = i / positions, m = i % positions;
     const int j = (int)(k % kw), di = (int)(k / kw % kh), ch = (int)(k / ((long long)kw * kh));
-    const int ox = (int)(r % ow), oy = (int)(r / ow % oh), img = (int)(r / ((long long)ow * oh));
+    const int ox = (int)(m % ow), oy = (int)(m / ow % oh), img = (int)(m / ((long long)ow * oh));
     const int y = oy * sh - ph + di, xx = ox * sw - pw + j;
-    rows[i] = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[(((long long)img * c + ch) * h + y) * w + xx] : T(0);
+    columns[i] = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[(((long long)img * c + ch) * h + y) * w + xx] : T(0);
   }
 }
 
-// dx[img, ch, y, x] = the sum of every row entry im2col took from there.
+// dx[img, ch, y, x] = the sum of every column entry im2col took from there.
 template <typename T>
-__global__ void col2im(const T* rows, T* dx, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
+__global__ void col2im(const T* columns, T* dx, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
                        int pw, int oh, int ow) {
   const long long total = (long long)n * c * h * w;
-  const long long depth = (long long)c * kh * kw;
+  const long long positions = (long long)n * oh * ow;
   for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
     const int xx = (int)(i % w), y = (int)(i / w % h), ch = (int)(i / ((long long)w * h) % c);
     const int img = (int)(i / ((long long)w * h * c));
@@ -39,46 +42,59 @@ __global__ void col2im(const T* rows, T* dx, int n, int c, int h, int w, int kh,
       for (int j = 0; j < kw; ++j) {
         const int tx = xx + pw - j;
         if (tx < 0 || tx % sw || tx / sw >= ow) continue;
-        const long long r = ((long long)img * oh + ty / sh) * ow + tx / sw;
-        acc += rows[r * depth + ((long long)ch * kh + di) * kw + j];
+        const long long k = ((long long)ch * kh + di) * kw + j;
+        acc += columns[k * positions + ((long long)img * oh + ty / sh) * ow + tx / sw];
       }
     }
     dx[i] = acc;
   }
 }
 
-// y[img, ch, l] = act(z[img l, ch] + bias[ch]): the GEMM's rows (one per output position) to NCHW.
-// With keep_z (gelu and silu, whose derivative reads z) z keeps z + bias.
+// A convolution's output from its matmul z (c, n l): rows = act(z + bias) with the bias per row
+// (channel), and y[img, ch, l] the same values in NCHW order. rows may alias z; otherwise z keeps
+// z + bias (gelu and silu's derivatives read it).
 template <typename T>
-__global__ void bias_act_nchw(T* z, const T* bias, T* y, long long n, int c, long long l, int act, double param,
-                              int keep_z) {
+__global__ void bias_act_to_nchw(T* z, const T* bias, T* rows, T* y, long long n, int c, long long l, int act,
+                                 double param) {
   const T p = T(param);
   const long long total = n * c * l;
   for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
     const long long pos = i % l, img = i / (l * c);
     const int ch = (int)(i / l % c);
-    const long long at = (img * l + pos) * c + ch;
+    const long long at = ch * (n * l) + img * l + pos;
     const T v = z[at] + bias[ch];
-    if (keep_z) z[at] = v;
-    y[i] = nna::act_forward(act, p, v);
+    const T out = nna::act_forward(act, p, v);
+    if (rows != z) z[at] = v;
+    rows[at] = out;
+    y[i] = out;
   }
 }
 
-// dz[img l, ch] = dy[img, ch, l] * act'(x), x being y (NCHW) or z (rows) as the activation needs (null
-// for linear): the rows the weight and input gradients' matmuls take.
+// One block per channel: dz[ch, img l + pos] = dy[img, ch, pos] * act'(x), x being rows (y) or z as the
+// activation needs (both (c, n l); null for linear), and db[ch] = the sum of the channel's dz, in a
+// fixed order (deterministic).
 template <typename T>
-__global__ void act_backward_nchw(const T* dy, const T* y, const T* z, T* dz, long long n, int c, long long l, int act,
-                                  double param) {
+__global__ void act_backward_from_nchw(const T* dy, const T* rows, const T* z, T* dz, T* db, long long n, int c,
+                                       long long l, int act, double param) {
+  __shared__ T part[CONV_THREADS];
   const T p = T(param);
-  const bool from_z = nna::act_grad_uses_z(act);
-  const long long total = n * c * l;
-  for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
-    const long long pos = i % l, img = i / (l * c);
-    const int ch = (int)(i / l % c);
-    const long long at = (img * l + pos) * c + ch;
-    const T x = from_z ? z[at] : (y ? y[i] : T(0));
-    dz[at] = dy[i] * nna::act_derivative(act, p, x);
+  const int ch = blockIdx.x;
+  const T* x = nna::act_grad_uses_z(act) ? z : rows;
+  const long long count = n * l;
+  T acc = T(0);
+  for (long long m = threadIdx.x; m < count; m += CONV_THREADS) {
+    const long long at = ch * count + m;
+    const T d = dy[(m / l * c + ch) * l + m % l] * nna::act_derivative(act, p, x ? x[at] : T(0));
+    dz[at] = d;
+    acc += d;
   }
+  part[threadIdx.x] = acc;
+  __syncthreads();
+  for (int half = CONV_THREADS / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) part[threadIdx.x] += part[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0 && db) db[ch] = part[0];
 }
 
 // y = the maximum of each window (a NaN counts as the maximum, ties go to the first), idx = where it

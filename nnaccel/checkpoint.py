@@ -92,7 +92,7 @@ def read(path):
     return meta, arrays
 
 
-def _describe(config):
+def describe(config):
     """A network in words: ``64-256-10`` for layers of neurons, else its layers as they are built."""
     from .layers import from_config
 
@@ -107,8 +107,8 @@ def restore_model(model, meta, arrays, path):
     """Copy the checkpoint's weights into ``model`` after checking the architecture."""
     if meta["model"]["layers"] != model.config()["layers"] or \
             meta["model"].get("input_shape", list(model.input_shape)) != list(model.input_shape):
-        raise CheckpointError(f"{path} holds a {_describe(meta['model'])} network "
-                              f"but the model is {_describe(model.config())}")
+        raise CheckpointError(f"{path} holds a {describe(meta['model'])} network "
+                              f"but the model is {describe(model.config())}")
     for parameter in model.parameters():
         key = f"param/{parameter.name}"
         if key not in arrays or arrays[key].shape != parameter.shape:

@@ -6,18 +6,19 @@ exit non-zero, with no traceback.
 
 import argparse
 import json
+import math
 import platform
 import signal
 import sys
 
 import numpy
 
-from . import (__version__, activations, bench, checkpoint, datasets, images, losses, optimizers, plotting,
-               visualize)
+from . import (__version__, activations, architectures, bench, checkpoint, datasets, images, losses, optimizers,
+               plotting, visualize)
 from .backend import cuda_status, resolve_device
-from .callbacks import ModelCheckpoint
+from .callbacks import CSVLogger, EarlyStopping, ModelCheckpoint
 from .errors import CheckpointError, ConfigError, NnaccelError
-from .layers import Dense
+from .layers import Dense, Dropout, RandomShift
 from .model import Sequential
 from .trainer import Trainer, TrainingDiverged
 
@@ -52,14 +53,21 @@ def _positive_float(text):
     return value
 
 
-def _layer_sizes(text):
+def _non_negative_float(text):
     try:
-        sizes = [int(part) for part in text.split(",")]
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 784,256,10, got {text!r}") from None
-    if len(sizes) < 2 or any(size <= 0 for size in sizes):
-        raise argparse.ArgumentTypeError(f"expected at least two positive sizes like 784,256,10, got {text!r}")
-    return sizes
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _rate(text):
+    value = _non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,30 +82,62 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"nnaccel {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a network (default: 8x8 digits on the CPU or GPU)")
-    train.add_argument("--data", default="digits",
-                       help="'digits' (scikit-learn's 8x8 digits, default), 'synthetic', an MNIST folder "
-                            "of IDX files, or a Keras mnist.npz")
-    train.add_argument("--layers", type=_layer_sizes,
-                       help="layer sizes, input to output, e.g. 784,256,10 (default: inputs,256,classes)")
-    train.add_argument("--activation", default="relu", help="hidden-layer activation (default relu)")
-    train.add_argument("--optimizer", default="sgd", choices=sorted(optimizers.OPTIMIZERS))
-    train.add_argument("--lr", type=_positive_float, help="learning rate (default 0.1 for SGD, 0.001 for Adam)")
-    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    train.add_argument("--epochs", type=_positive_int, default=20, help="total epochs (default 20)")
-    train.add_argument("--batch-size", type=_positive_int, default=64)
-    train.add_argument("--validation-split", type=float, default=0.2,
-                       help="fraction of the training split held out for validation (default 0.2)")
-    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    train.add_argument("--seed", type=_non_negative_int, default=0)
-    train.add_argument("--save", metavar="FILE", help="checkpoint (.npz) written after every epoch")
-    train.add_argument("--resume", metavar="CHECKPOINT", help="continue training from a checkpoint")
-    train.add_argument("--plot", metavar="FILE", help="draw the training curves to a PNG")
-    train.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
-    train.add_argument("--quiet", action="store_true", help="no progress output")
-    train.add_argument("--distributed", action="store_true",
-                       help="data-parallel over the processes of 'mpiexec -n N' (MPI on CPUs, NCCL between "
-                            "GPUs, one GPU per rank); --batch-size is per rank; only rank 0 prints and saves")
+    train = commands.add_parser("train", help="train a network (default: 8x8 digits on the CPU or GPU)",
+                                description="Train a network and report its accuracy on a held-out part of the "
+                                            "data. " + architectures.__doc__.split("Grammar:")[0].strip(),
+                                epilog="--layers grammar, comma-separated, input to output: N (Dense of N units), "
+                                       "convCkK[sS][pP] (Conv2D: C filters K x K, stride S, padding P), "
+                                       "maxpoolK[sS][pP], avgpoolK[sS][pP], bn (BatchNorm), dropR (Dropout R), "
+                                       "shiftM (RandomShift M px), flatten (added before the first Dense after "
+                                       "image layers). E.g. conv6k5p2,maxpool2,conv16k5,maxpool2,120,84,10. "
+                                       f"Presets (--model): {', '.join(f'{k} = {v}' for k, v in architectures.PRESETS.items())}.")
+    data = train.add_argument_group("data")
+    data.add_argument("--data", default="digits",
+                      help="'digits' (scikit-learn's 8x8 digits, default), 'synthetic', an MNIST folder "
+                           "of IDX files, or a Keras mnist.npz")
+    data.add_argument("--validation-split", type=float, default=0.2,
+                      help="fraction of the training split held out for validation (default 0.2)")
+    data.add_argument("--augment", type=_non_negative_int, nargs="?", const=2, metavar="PIXELS",
+                      help="shift each training image by up to PIXELS (default 2) in each direction, drawn per "
+                           "image and epoch (a RandomShift layer first; images only)")
+    net = train.add_argument_group("network")
+    shape = net.add_mutually_exclusive_group()
+    shape.add_argument("--layers", help="the architecture, e.g. 784,256,10 or conv6k5p2,maxpool2,120,10 (grammar "
+                                        "below; default: inputs,256,classes)")
+    shape.add_argument("--model", choices=sorted(architectures.PRESETS), help="a named architecture")
+    net.add_argument("--activation", default="relu", help="hidden-layer activation (default relu)")
+    net.add_argument("--dropout", type=_rate, metavar="RATE", help="Dropout of RATE after every hidden Dense layer")
+    fit = train.add_argument_group("optimisation")
+    fit.add_argument("--loss", default="softmax_cross_entropy", choices=sorted(losses.LOSSES))
+    fit.add_argument("--optimizer", default="sgd", choices=sorted(optimizers.OPTIMIZERS))
+    fit.add_argument("--lr", type=_positive_float, help="learning rate (default 0.1 for SGD, 0.001 for Adam)")
+    fit.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum (default 0.9)")
+    fit.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    fit.add_argument("--weight-decay", type=_non_negative_float, default=None,
+                     help="L2 weight decay (SGD, Adam) or decoupled decay (AdamW; its default 0.01)")
+    fit.add_argument("--schedule", choices=["step", "cosine"], help="learning-rate schedule over the epochs")
+    fit.add_argument("--step-size", type=_positive_int, default=10, help="step schedule: epochs per decay (default 10)")
+    fit.add_argument("--gamma", type=_positive_float, default=0.1, help="step schedule: the decay factor (default 0.1)")
+    fit.add_argument("--eta-min", type=_non_negative_float, default=0.0,
+                     help="cosine schedule: the final learning rate (default 0; over --epochs epochs)")
+    fit.add_argument("--epochs", type=_positive_int, default=20, help="total epochs (default 20)")
+    fit.add_argument("--batch-size", type=_positive_int, default=64)
+    fit.add_argument("--seed", type=_non_negative_int, default=0)
+    run = train.add_argument_group("the run")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    run.add_argument("--save", metavar="FILE", help="checkpoint (.npz) written after every epoch")
+    run.add_argument("--resume", metavar="CHECKPOINT", help="continue training from a checkpoint")
+    run.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE",
+                     help="stop when the validation loss has not improved for PATIENCE epochs (the best weights "
+                          "are kept)")
+    run.add_argument("--distributed", action="store_true",
+                     help="data-parallel over the processes of 'mpiexec -n N' (MPI on CPUs, NCCL between "
+                          "GPUs, one GPU per rank); --batch-size is per rank; only rank 0 prints and saves")
+    report = train.add_argument_group("output")
+    report.add_argument("--csv", metavar="FILE", help="append one row of metrics per epoch to a CSV file")
+    report.add_argument("--plot", metavar="FILE", help="draw the training curves to a PNG")
+    report.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
+    report.add_argument("--quiet", action="store_true", help="no progress output")
 
     evaluate = commands.add_parser("evaluate", help="loss and accuracy of a saved model on a data set")
     evaluate.add_argument("model", help="a checkpoint written by 'nnaccel train --save'")
@@ -134,22 +174,42 @@ def _say(args, message):
 
 
 def _build_model(args, features, classes, device):
-    sizes = args.layers or [features, 256, classes]
-    if sizes[0] != features:
-        raise ConfigError(f"--layers starts with {sizes[0]} inputs but the data has {features} features")
-    if sizes[-1] != classes:
-        raise ConfigError(f"--layers ends with {sizes[-1]} outputs but the data has {classes} classes")
-    layers = [Dense(a, b, activation=args.activation) for a, b in zip(sizes[:-2], sizes[1:-1])]
-    layers.append(Dense(sizes[-2], sizes[-1]))
-    return Sequential(*layers, device=device, seed=args.seed)
+    """The network the options describe (``--model``/``--layers``, ``--dropout``, ``--augment``)."""
+    layers, input_shape = architectures.build(args.model or args.layers or f"{features},256,{classes}", features,
+                                              classes, args.activation)
+    if args.dropout:
+        hidden = [i for i, layer in enumerate(layers[:-1]) if isinstance(layer, Dense)]
+        for index in reversed(hidden):
+            layers.insert(index + 1, Dropout(args.dropout))
+    if args.augment:
+        if len(input_shape) != 3:
+            side = math.isqrt(features)
+            if side * side != features:
+                raise ConfigError(f"--augment shifts images, but the data's {features} values per sample are not "
+                                  f"a square image")
+            input_shape = (1, side, side)
+        layers.insert(0, RandomShift(args.augment))
+    return Sequential(*layers, device=device, seed=args.seed, input_shape=input_shape)
+
+
+def _schedule(args):
+    if args.schedule == "step":
+        return optimizers.StepLR(args.step_size, args.gamma)
+    if args.schedule == "cosine":
+        return optimizers.CosineAnnealing(args.epochs, args.eta_min)
+    return None
 
 
 def _trainer_from_options(args, features, classes, device):
     model = _build_model(args, features, classes, device)
     lr = args.lr or DEFAULT_LR[args.optimizer]
-    options = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
-    return Trainer(model, optimizer=optimizers.get(args.optimizer, lr=lr, **options),
-                   batch_size=args.batch_size, seed=args.seed, quiet=args.quiet,
+    options = {"momentum": args.momentum, "nesterov": args.nesterov} if args.optimizer == "sgd" else {}
+    if args.nesterov and args.optimizer != "sgd":
+        raise ConfigError(f"--nesterov is SGD's; the optimizer is {args.optimizer}")
+    if args.weight_decay is not None:
+        options["weight_decay"] = args.weight_decay
+    return Trainer(model, loss=args.loss, optimizer=optimizers.get(args.optimizer, lr=lr, **options),
+                   batch_size=args.batch_size, seed=args.seed, quiet=args.quiet, schedule=_schedule(args),
                    communicator=getattr(args, "communicator", None))
 
 
@@ -162,6 +222,7 @@ def _trainer_from_checkpoint(args, device):
     trainer = Trainer(checkpoint.model_from(meta, arrays, args.resume, device), loss=state["loss"],
                       optimizer=optimizers.get(meta["optimizer"]["config"]),
                       batch_size=_rank_batch(args, state["batch_size"]), seed=state["seed"], quiet=args.quiet,
+                      schedule=optimizers.schedule_from(state.get("schedule")),
                       communicator=getattr(args, "communicator", None))
     return trainer.restore(meta, arrays, args.resume)
 
@@ -169,6 +230,10 @@ def _trainer_from_checkpoint(args, device):
 def _fit_until_done_or_interrupted(trainer, args, data, validation_data):
     """fit(), with Ctrl-C finishing the current step and the checkpoint always written."""
     callbacks = [ModelCheckpoint(args.save)] if args.save else []
+    if args.early_stopping:
+        callbacks.append(EarlyStopping(patience=args.early_stopping))
+    if args.csv:
+        callbacks.append(CSVLogger(args.csv, append=bool(args.resume)))
 
     def on_interrupt(signum, frame):
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
@@ -234,8 +299,8 @@ def _train(args):
         trainer = _trainer_from_options(args, x.shape[1], int(y.max()) + 1, device)
     model = trainer.model
     (x_train, y_train), (x_val, y_val) = datasets.train_val_split(x, y, args.validation_split, seed=trainer.seed)
-    _say(args, f"training {'-'.join(map(str, [x.shape[1]] + [l.out_features for l in model.layers if l.out_features]))} "
-               f"on {args.data} ({x_train.shape[0]} train, {x_val.shape[0]} validation) on {device}")
+    _say(args, f"training {checkpoint.describe(model.config())} ({model.num_parameters():,} parameters) on "
+               f"{args.data} ({x_train.shape[0]} train, {x_val.shape[0]} validation) on {device}")
     _fit_until_done_or_interrupted(trainer, args, (x_train, y_train), (x_val, y_val))
     if trainer.interrupted:
         path = args.save or "nnaccel-interrupted.npz"
@@ -245,7 +310,9 @@ def _train(args):
         if trainer.rank == 0:
             print(f"nnaccel train: interrupted in epoch {trainer.epoch + 1} after step {step}; checkpoint written "
                   f"to {path}; resume with: {launch} --resume {path} --save {path} --data {args.data} "
-                  f"--validation-split {args.validation_split} --epochs {args.epochs}",
+                  f"--validation-split {args.validation_split} --epochs {args.epochs}"
+                  + (f" --early-stopping {args.early_stopping}" if args.early_stopping else "")
+                  + (f" --csv {args.csv}" if args.csv else ""),
                   file=sys.stderr)
         return 130
     if trainer.rank != 0:  # the other ranks are done; rank 0 reports

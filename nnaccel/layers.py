@@ -101,9 +101,14 @@ class Layer:
         self.buffers = buffers or {}
         self._work = {}
 
-    def _buffer(self, key, shape, dtype):
-        """A reusable work array of ``shape``: a leading-rows view of the largest seen."""
+    def _buffer(self, key, shape, dtype, batch_axis=0):
+        """A reusable work array of ``shape``: a contiguous view of the largest seen (leading rows, or with
+        ``batch_axis=1`` of a 2-D array, the first columns: a buffer for the exact shape then)."""
         buf = self._work.get(key)
+        if batch_axis:
+            if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+                buf = self._work[key] = self.ops.empty(shape, dtype)
+            return buf
         if buf is None or buf.shape[1:] != tuple(shape[1:]) or buf.shape[0] < shape[0] or buf.dtype != dtype:
             buf = self._work[key] = self.ops.empty(shape, dtype)
         return buf[: shape[0]]
@@ -332,10 +337,10 @@ class Conv2D(Layer):
     bias, then the activation; PyTorch's layout (weight (out, in, kh, kw)) and arithmetic (cross-correlation,
     zero padding, floor of the output size).
 
-    The batched weighted sum is the backend's one matmul: the input's windows
-    become the rows of a matrix (``im2col``), one GEMM gives every output
-    position, and one fused op adds the bias, applies the activation and
-    writes the NCHW output.
+    The batched weighted sum is the backend's one matmul: the windows of the
+    batch become the columns of one matrix (``im2col``, C*kh*kw rows), the
+    weight times it gives every output position, and one fused op adds the
+    bias per channel, applies the activation and writes the NCHW output.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, activation=None, init="auto"):
@@ -373,23 +378,25 @@ class Conv2D(Layer):
         oh, ow = self.window.output_size(*x.shape[2:])
         depth = self.in_channels * math.prod(self.kernel_size)
         self._x = x
-        self._cols = ops.im2col(x, self.window, self._buffer("cols", (n * oh * ow, depth), x.dtype))
-        self._z = ops.matmul(self._cols, weight.data.reshape(self.out_channels, depth),
-                             out=self._buffer("z", (n * oh * ow, self.out_channels), x.dtype), trans_b=True)
-        self._y = ops.bias_act_nchw(self._z, bias.data, self.activation,
+        self._cols = ops.im2col(x, self.window, self._buffer("cols", (depth, n * oh * ow), x.dtype, batch_axis=1))
+        self._z = ops.matmul(weight.data.reshape(self.out_channels, depth), self._cols,
+                             out=self._buffer("z", (self.out_channels, n * oh * ow), x.dtype, batch_axis=1))
+        self._rows = self._z if self.activation.uses_output else self._buffer("rows", self._z.shape, x.dtype,
+                                                                             batch_axis=1)
+        return ops.bias_act_to_nchw(self._z, bias.data, self.activation, self._rows,
                                     self._buffer("y", (n, self.out_channels, oh, ow), x.dtype))
-        return self._y
 
     def backward(self, dy, input_grad=True):
         ops, weight, bias = self.ops, self.params["weight"], self.params["bias"]
         depth = self.in_channels * math.prod(self.kernel_size)
-        dz = ops.act_backward_nchw(dy, self._y, self._z, self.activation, self._buffer("dz", self._z.shape, dy.dtype),
-                                   bias_grad=bias.grad)
-        ops.matmul(dz, self._cols, out=weight.grad.reshape(self.out_channels, depth), trans_a=True)
+        dz = ops.act_backward_from_nchw(dy, self._rows, self._z, self.activation,
+                                        self._buffer("dz", self._z.shape, dy.dtype, batch_axis=1),
+                                        bias_grad=bias.grad)
+        ops.matmul(dz, self._cols, out=weight.grad.reshape(self.out_channels, depth), trans_b=True)
         if not input_grad:
             return None
-        dcols = ops.matmul(dz, weight.data.reshape(self.out_channels, depth),
-                           out=self._buffer("dcols", self._cols.shape, dy.dtype))
+        dcols = ops.matmul(weight.data.reshape(self.out_channels, depth), dz,
+                           out=self._buffer("dcols", self._cols.shape, dy.dtype, batch_axis=1), trans_a=True)
         return ops.col2im(dcols, self.window, self._buffer("dx", self._x.shape, dy.dtype))
 
     def config(self):

@@ -168,3 +168,14 @@ class CosineAnnealing:
 
 
 SCHEDULES = {"StepLR": StepLR, "CosineAnnealing": CosineAnnealing}
+
+
+def schedule_from(config):
+    """A schedule from its ``config()`` (as checkpoints keep it), or None."""
+    if config is None:
+        return None
+    config = dict(config)
+    kind = config.pop("type", None)
+    if kind not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
+    return SCHEDULES[kind](**config)

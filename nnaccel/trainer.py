@@ -413,7 +413,8 @@ class Trainer:
         return {"epoch": self.epoch, "seed": self.seed, "batch_size": self.batch_size * self.world_size,
                 "world_size": self.world_size,
                 "rng": self.rng.bit_generator.state, "history": self.history,
-                "loss": self.loss.name, "resume_point": self._resume_point}
+                "loss": self.loss.name, "resume_point": self._resume_point,
+                "schedule": self.schedule.config() if self.schedule is not None else None}
 
     def save_checkpoint(self, path):
         """Write a resumable checkpoint (atomically) to ``path`` (in a distributed run: rank 0 only)."""

@@ -12,6 +12,7 @@ import math
 import numpy
 
 from .errors import ConfigError, ShapeError
+from .layers import Conv2D
 from .plotting import pyplot
 
 
@@ -43,7 +44,7 @@ def layer_activations(model, x):
     x = numpy.asarray(x, dtype=model.dtype).ravel()
     if x.size != model.in_features:
         raise ShapeError(f"x has {x.size} values but the model takes {model.in_features} inputs")
-    values = model.backend.asarray(x[None])
+    values = model.backend.asarray(x.reshape((1,) + model.input_shape))
     outputs = []
     for layer in model.layers:
         values = layer.forward(values, training=False)
@@ -75,30 +76,44 @@ def most_confused(cm, k=5):
     return [(int(t), int(p), int(mistakes[t, p])) for t, p in pairs if mistakes[t, p] > 0]
 
 
+def _mosaic(tiles, gap=2):
+    """2-D tiles of one shape in a near-square grid, ``gap`` NaN pixels apart (drawn blank)."""
+    height, width = tiles[0].shape
+    rows, cols = _grid(len(tiles))
+    mosaic = numpy.full((rows * (height + gap) - gap, cols * (width + gap) - gap), numpy.nan)
+    for index, tile in enumerate(tiles):
+        top, left = divmod(index, cols)
+        mosaic[top * (height + gap):top * (height + gap) + height, left * (width + gap):left * (width + gap) + width] = tile
+    return mosaic
+
+
 def plot_weights(model, path):
-    """The first layer's weights as a PNG: one tile per hidden neuron, shaped like the input image.
+    """The first layer's weights as a PNG: for a Dense layer one tile per hidden neuron, shaped like the
+    input image; for a Conv2D layer one tile per filter (averaged over its input channels).
 
     Red pixels push the neuron up, blue ones down. All tiles share one colour
     scale (clipped at the 99.5th percentile of the weights' size), so neurons
     that learned little look faint.
     """
     layer = next(layer for layer in model.layers if "weight" in layer.params)
-    weights = model.backend.to_host(layer.params["weight"].data).reshape(layer.in_features, -1)
-    side = _image_side(layer.in_features)
-    count = weights.shape[1]
+    weights = numpy.asarray(model.backend.to_host(layer.params["weight"].data), dtype=numpy.float64)
+    if isinstance(layer, Conv2D):
+        tiles = list(weights.mean(axis=1))
+        title = (f"first-layer filters: {len(tiles)} of {layer.kernel_size[0]}x{layer.kernel_size[1]}"
+                 + (f", the mean over {layer.in_channels} input channels" if layer.in_channels > 1 else ""))
+    else:
+        side = _image_side(layer.in_features)
+        weights = weights.reshape(layer.in_features, -1)
+        tiles = [weights[:, index].reshape(side, side) for index in range(weights.shape[1])]
+        title = f"first-layer weights of {len(tiles)} neurons, as {side}x{side} images"
     limit = float(numpy.percentile(numpy.abs(weights), 99.5)) or 1.0
-    rows, cols = _grid(count)
-    step = side + 2  # two blank pixels between tiles
-    mosaic = numpy.full((rows * step - 2, cols * step - 2), numpy.nan)
-    for index in range(count):
-        top, left = divmod(index, cols)
-        mosaic[top * step:top * step + side, left * step:left * step + side] = weights[:, index].reshape(side, side)
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(7.2, 6.4))
-    image = axis.imshow(mosaic, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    image = axis.imshow(_mosaic(tiles, gap=1 if isinstance(layer, Conv2D) else 2), cmap="RdBu_r", vmin=-limit,
+                        vmax=limit, interpolation="nearest")
     axis.axis("off")
     figure.colorbar(image, ax=axis, shrink=0.6, label="weight")
-    axis.set_title(f"first-layer weights of {count} neurons, as {side}x{side} images")
+    axis.set_title(title)
     figure.tight_layout()
     _save(figure, path)
     plt.close(figure)
@@ -107,24 +122,31 @@ def plot_weights(model, path):
 def plot_activations(model, x, path):
     """Every layer's activations for one input as a PNG: the input image, then one panel per layer.
 
-    Layers wider than 32 are drawn as a grid of cells, narrower ones and the
-    output layer as bars. Dropout layers pass their input through unchanged
-    at inference, so they get no panel.
+    Convolution and pooling outputs are drawn as their feature maps, one tile
+    per channel; layers wider than 32 as a grid of cells, narrower ones and
+    the output layer as bars. Layers that only reshape or pass their input
+    through at inference (Flatten, Dropout, RandomShift) get no panel.
     """
     outputs = layer_activations(model, x)
     probabilities = _as_probabilities(model, outputs[-1])
     panels = [(index, layer, values) for index, (layer, values) in enumerate(zip(model.layers, outputs))
-              if layer.params]
-    side = _image_side(model.in_features)
+              if layer.params or values.ndim == 3]
     plt = pyplot()
     figure, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4),
                                 gridspec_kw={"width_ratios": [1] * len(panels) + [1.4]})
-    axes[0].imshow(numpy.asarray(x).reshape(side, side), cmap="gray", vmin=0, vmax=1)
+    axes[0].imshow(numpy.asarray(x).reshape(model.input_shape[-2:] if len(model.input_shape) == 3 else
+                                            (_image_side(model.in_features),) * 2), cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("input, as the model sees it")
     axes[0].axis("off")
     for axis, (index, layer, values) in zip(axes[1:], panels):
         title = f"layer {index}: {type(layer).__name__} {values.size} {layer.config().get('activation', '')}".rstrip()
-        if layer is model.layers[-1]:
+        if values.ndim == 3:
+            image = axis.imshow(_mosaic(list(values), gap=1), cmap="magma", interpolation="nearest")
+            axis.axis("off")
+            figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+            axis.set_title(f"layer {index}: {type(layer).__name__}\n{values.shape[0]} maps of "
+                           f"{values.shape[1]}x{values.shape[2]}")
+        elif layer is model.layers[-1]:
             predicted = int(values.argmax())
             colours = ["tab:red" if c == predicted else "tab:gray" for c in range(values.size)]
             axis.bar(range(values.size), values, color=colours)

@@ -340,13 +340,13 @@ def images(cp, shape, dtype=numpy.float32, seed=0):
 
 @pytest.mark.parametrize("window", WINDOWS, ids=[str(tuple(w)) for w in WINDOWS])
 def test_im2col_and_col2im(cp, ops, window):
-    """Enough rows for several grid-stride passes; col2im sums in the generic order, so bits agree."""
+    """Enough columns for several grid-stride passes; col2im sums in the generic order, so bits agree."""
     x, x_dev = images(cp, (9, 5, 31, 33))
     oh, ow = window.output_size(31, 33)
-    rows_ref = ops.im2col(x, window, numpy.empty((9 * oh * ow, 5 * window.kh * window.kw), numpy.float32))
-    rows = ck.im2col(x_dev, window, cp.full(rows_ref.shape, numpy.nan, numpy.float32))
-    numpy.testing.assert_array_equal(rows.get(), rows_ref)
-    g, g_dev = images(cp, rows_ref.shape, seed=1)
+    columns_ref = ops.im2col(x, window, numpy.empty((5 * window.kh * window.kw, 9 * oh * ow), numpy.float32))
+    columns = ck.im2col(x_dev, window, cp.full(columns_ref.shape, numpy.nan, numpy.float32))
+    numpy.testing.assert_array_equal(columns.get(), columns_ref)
+    g, g_dev = images(cp, columns_ref.shape, seed=1)
     dx_ref = ops.col2im(g, window, numpy.empty(x.shape, numpy.float32))
     numpy.testing.assert_array_equal(ck.col2im(g_dev, window, cp.full(x.shape, numpy.nan, numpy.float32)).get(),
                                      dx_ref)
@@ -376,25 +376,34 @@ def test_pooling_kernels(cp, ops, window):
 
 @pytest.mark.parametrize("name", ["relu", "gelu", "linear", "sigmoid"])
 def test_bias_act_over_channels(cp, ops, name):
-    """The GEMM rows (N*L, C) of a convolution to NCHW with bias and activation, and back."""
+    """A convolution's matmul (C, N*L) to NCHW with bias and activation, and back with the bias gradient
+    (one block per channel: channels of more values than the block has threads)."""
     act = activations.get(name)
     n, c, l = 9, 33, 257
-    z, z_dev = images(cp, (n * l, c))
+    z, _ = images(cp, (c, n * l))
     bias, bias_dev = images(cp, (c,), seed=1)
-    y_ref = ops.bias_act_nchw(z.copy(), bias, act, numpy.empty((n, c, l), numpy.float32))
-    y = ck.bias_act_nchw(z_dev, bias_dev, act.code, act.param, not act.uses_output, cp.empty((n, c, l), numpy.float32))
+    rows_ref = z.copy() if act.uses_output else numpy.empty_like(z)
+    z_ref = z.copy()
+    y_ref = ops.bias_act_to_nchw(z_ref, bias, act, rows_ref if not act.uses_output else z_ref,
+                                 numpy.empty((n, c, l), numpy.float32))
+    rows_ref = z_ref if act.uses_output else rows_ref
+    z_dev = cp.asarray(z)
+    rows_dev = z_dev if act.uses_output else cp.empty_like(z_dev)
+    y = ck.bias_act_to_nchw(z_dev, bias_dev, act.code, act.param, rows_dev, cp.empty((n, c, l), numpy.float32))
     assert_close(y.get(), y_ref, numpy.zeros_like(y_ref), 1.0, 4, what=f"{name} forward")
-    z_kept = z + bias if not act.uses_output else None
+    assert_close(rows_dev.get(), rows_ref, numpy.zeros_like(rows_ref), 1.0, 4, what=f"{name} rows")
+    if not act.uses_output:
+        numpy.testing.assert_array_equal(z_dev.get(), z_ref)  # z keeps z + bias
     dy, dy_dev = images(cp, (n, c, l), seed=2)
     db_ref = numpy.empty(c, numpy.float32)
-    dz_ref = ops.act_backward_nchw(dy, y_ref, z_kept, act, numpy.empty((n * l, c), numpy.float32), db_ref)
+    dz_ref = ops.act_backward_from_nchw(dy, rows_ref, z_ref, act, numpy.empty((c, n * l), numpy.float32), db_ref)
     db = cp.full(c, numpy.nan, numpy.float32)
-    dz = ck.act_backward_nchw(dy_dev, cp.asarray(y_ref), None if z_kept is None else cp.asarray(z_kept), act.code,
-                              act.param, cp.empty((n * l, c), numpy.float32), db)
-    assert_close(dz.get(), dz_ref, numpy.zeros_like(dz_ref), numpy.abs(dy).reshape(n, c, l).transpose(0, 2, 1)
-                 .reshape(n * l, c), 4, what=f"{name} backward")
-    magnitude = numpy.abs(dz_ref).astype(numpy.float64).sum(axis=0)
-    assert numpy.all(numpy.abs(db.get() - dz_ref.astype(numpy.float64).sum(axis=0)) <= 1e-6 * magnitude + 1e-7)
+    dz = ck.act_backward_from_nchw(dy_dev, cp.asarray(rows_ref), cp.asarray(z_ref), act.code, act.param,
+                                   cp.empty((c, n * l), numpy.float32), db)
+    assert_close(dz.get(), dz_ref, numpy.zeros_like(dz_ref), numpy.abs(dy).transpose(1, 0, 2).reshape(c, n * l), 4,
+                 what=f"{name} backward")
+    magnitude = numpy.abs(dz_ref).astype(numpy.float64).sum(axis=1)
+    assert numpy.all(numpy.abs(db.get() - dz_ref.astype(numpy.float64).sum(axis=1)) <= 1e-6 * magnitude + 1e-7)
 
 
 @pytest.mark.parametrize("n, c, l", [(9, 70, 33), (300, 5, 1), (2, 3, 1000), (1, 4, 2)])

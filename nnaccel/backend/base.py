@@ -114,8 +114,9 @@ class Backend:
 
     # ----- layers ---------------------------------------------------------------
     def matmul(self, a, b, out, trans_a=False, trans_b=False):
-        """The batched weighted sum ``out = op(a) @ op(b)``; transposes are views."""
-        return self.xp.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+        """The batched weighted sum ``out = op(a) @ op(b)``; transposes (of the last two axes) are views,
+        and leading axes broadcast, one product per image of a convolution."""
+        return self.xp.matmul(a.swapaxes(-1, -2) if trans_a else a, b.swapaxes(-1, -2) if trans_b else b, out=out)
 
     def bias_act(self, z, bias, activation, out):
         """``z += bias`` then ``out = activation(z)``; ``out`` may be ``z``."""
@@ -169,50 +170,64 @@ class Backend:
         padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w] = x
         return padded
 
+    def _channels_first(self, x, window, slot):
+        """``x`` (N, C, H, W) as a zero-padded (C, N, H + 2 ph, W + 2 pw) work array: im2col's columns
+        are channel-major, so the windows of this layout copy without a transpose each."""
+        n, c, h, w = x.shape
+        padded = self._work((c, n, h + 2 * window.ph, w + 2 * window.pw), x.dtype, slot)
+        if window.ph or window.pw:
+            padded.fill(0)
+        padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w] = x.transpose(1, 0, 2, 3)
+        return padded
+
     def im2col(self, x, window, out):
-        """The windows of ``x`` (N, C, H, W) as rows of ``out`` (N*OH*OW, C*kh*kw), each row in the order
-        a PyTorch weight (out, C, kh, kw) flattens: one matmul then computes every output position."""
+        """The windows of ``x`` (N, C, H, W) as the columns of ``out`` (C*kh*kw, N*OH*OW), its rows in the
+        order a PyTorch weight (out, C, kh, kw) flattens: one matmul by the weight then computes every
+        output position of the batch."""
         n, c, h, w = x.shape
         oh, ow = window.output_size(h, w)
-        rows = out.reshape(n, oh, ow, c, window.kh, window.kw)
-        for i, j, view in _windows(self._padded(x, window, 0, "im2col"), window, oh, ow):
-            rows[:, :, :, :, i, j] = view.transpose(0, 2, 3, 1)
+        columns = out.reshape(c, window.kh, window.kw, n, oh, ow)
+        for i, j, view in _windows(self._channels_first(x, window, "im2col"), window, oh, ow):
+            columns[:, i, j] = view
         return out
 
-    def col2im(self, rows, window, out):
-        """The adjoint of ``im2col``: every row's values added back to the input positions they came from,
+    def col2im(self, columns, window, out):
+        """The adjoint of ``im2col``: every column entry added back to the input position it came from,
         into ``out`` (N, C, H, W), offsets in increasing order (a fixed, deterministic sum)."""
         n, c, h, w = out.shape
         oh, ow = window.output_size(h, w)
-        padded = self._work((n, c, h + 2 * window.ph, w + 2 * window.pw), out.dtype, "col2im")
+        padded = self._work((c, n, h + 2 * window.ph, w + 2 * window.pw), out.dtype, "col2im")
         padded.fill(0)
-        windows = rows.reshape(n, oh, ow, c, window.kh, window.kw)
+        windows = columns.reshape(c, window.kh, window.kw, n, oh, ow)
         for i, j, view in _windows(padded, window, oh, ow):
-            view += windows[:, :, :, :, i, j].transpose(0, 3, 1, 2)
-        out[...] = padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w]
+            view += windows[:, i, j]
+        out[...] = padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w].transpose(1, 0, 2, 3)
         return out
 
-    def bias_act_nchw(self, z, bias, activation, out):
-        """The convolution's GEMM rows ``z`` (N*L, C) plus ``bias`` (C,) through ``activation``, into ``out``
-        (N, C, *spatial) in NCHW order. ``z`` keeps ``z + bias`` (the derivative of gelu/silu reads it)."""
-        rows = z if activation.uses_output else self._work(z.shape, z.dtype, "bias_act_nchw")
-        self.bias_act(z, bias, activation, rows)
+    def bias_act_to_nchw(self, z, bias, activation, rows, out):
+        """A convolution's output from its matmul ``z`` (C, N*L): ``rows = activation(z + bias)`` with the bias
+        per row (channel), and the same values in ``out`` (N, C, *spatial), NCHW. ``rows`` may be ``z``;
+        otherwise ``z`` keeps ``z + bias`` (the derivative of gelu and silu reads it)."""
+        self.bias_act(z.T, bias, activation, rows.T)  # (N*L, C) views: the bias runs along their rows
         n, c = out.shape[:2]
-        out.reshape(n, c, -1)[...] = rows.reshape(n, -1, c).transpose(0, 2, 1)
+        out.reshape(n, c, -1)[...] = rows.reshape(c, n, -1).transpose(1, 0, 2)
         return out
 
-    def act_backward_nchw(self, dy, y, z, activation, out, bias_grad=None):
-        """``bias_act_nchw``'s backward: ``dy`` (N, C, *spatial) times the derivative, as rows ``out``
-        (N*L, C) for the weight and input gradients' matmuls, and the bias gradient (a sum per channel)."""
+    def act_backward_from_nchw(self, dy, y, z, activation, out, bias_grad=None):
+        """``bias_act_to_nchw``'s backward: ``dy`` (N, C, *spatial) times the derivative (at ``y`` or ``z``,
+        (C, N*L) like ``out``) as ``out`` (C, N*L), and the bias gradient, a sum per channel."""
         n, c = dy.shape[:2]
+        out.reshape(c, n, -1)[...] = dy.reshape(n, c, -1).transpose(1, 0, 2)
+        activation.backward(self, out, y, z, out)
+        if bias_grad is not None:
+            out.sum(axis=1, out=bias_grad)
+        return out
 
-        def rows_of(array, slot):
-            rows = out if slot is None else self._work(out.shape, out.dtype, slot)
-            rows.reshape(n, -1, c)[...] = array.reshape(n, c, -1).transpose(0, 2, 1)
-            return rows
-
-        saved = rows_of(y, "act_backward_nchw") if activation.uses_output and activation.name != "linear" else None
-        return self.act_backward(rows_of(dy, None), saved, z, activation, out, bias_grad)
+    def _tiles(self, window, shape):
+        """Whether the windows tile an (N, C, H, W) input exactly: no overlap, no gap, no padding (the
+        usual 2x2 pooling), so that a reshape makes every window an axis."""
+        return (window.sh, window.sw) == (window.kh, window.kw) and not (window.ph or window.pw) \
+            and shape[2] % window.kh == 0 and shape[3] % window.kw == 0
 
     def maxpool_forward(self, x, window, out, index):
         """The maximum of each window of ``x`` (N, C, H, W) into ``out``, and in ``index`` (int32) where it is
@@ -222,12 +237,29 @@ class Backend:
         oh, ow = out.shape[2:]
         corner = ((xp.arange(oh, dtype=numpy.int32) * window.sh - window.ph)[:, None] * w
                   + (xp.arange(ow, dtype=numpy.int32) * window.sw - window.pw)[None, :])
-        out.fill(-numpy.inf)
-        index[...] = corner
-        for i, j, view in _windows(self._padded(x, window, -numpy.inf, "maxpool"), window, oh, ow):
-            take = (view > out) | (xp.isnan(view) & ~xp.isnan(out))
-            xp.copyto(out, view, where=take)
-            xp.copyto(index, corner + numpy.int32(i * w + j), where=take)
+        windows = _windows(self._padded(x, window, -numpy.inf, "maxpool"), window, oh, ow)
+        if (window.kh, window.kw) == (2, 2) and self._tiles(window, x.shape) and not bool(xp.isnan(x).any()):
+            return self._maxpool_2x2(windows, corner, w, out, index)
+        out[...] = windows[0][2]
+        for _, _, view in windows[1:]:
+            xp.maximum(out, view, out=out)  # NaN propagates
+        nan = bool(xp.isnan(out).any())  # (a NaN window's index is the first NaN's)
+        for i, j, view in reversed(windows):  # the first position holding the maximum wins
+            xp.copyto(index, corner + numpy.int32(i * w + j), where=(view == out) | (view != view) if nan
+                      else view == out)
+        return out
+
+    def _maxpool_2x2(self, windows, corner, width, out, index):
+        """``maxpool_forward`` of 2x2 tiles without NaN, as a tournament: the better of each row's pair, then
+        of the two rows, the first winning ties (half the passes of the general loop)."""
+        xp = self.xp
+        (_, _, v00), (_, _, v01), (_, _, v10), (_, _, v11) = windows
+        top, bottom = xp.maximum(v00, v01), xp.maximum(v10, v11)
+        right_top, right_bottom = (v01 > v00).view(numpy.int8), (v11 > v10).view(numpy.int8)
+        lower = (bottom > top).view(numpy.int8)
+        xp.maximum(top, bottom, out=out)
+        xp.add(corner, lower * numpy.int32(width), out=index)
+        index += xp.where(lower, right_bottom, right_top)
         return out
 
     def maxpool_backward(self, dy, index, window, out):
@@ -238,6 +270,11 @@ class Backend:
         oh, ow = dy.shape[2:]
         corner = ((xp.arange(oh, dtype=numpy.int32) * window.sh - window.ph)[:, None] * w
                   + (xp.arange(ow, dtype=numpy.int32) * window.sw - window.pw)[None, :])
+        if self._tiles(window, out.shape):  # each input belongs to one window: write, no sum
+            windows = out.reshape(n, c, oh, window.kh, ow, window.kw)
+            for i, j in numpy.ndindex(window.kh, window.kw):
+                xp.multiply(dy, index == corner + numpy.int32(i * w + j), out=windows[:, :, :, i, :, j])
+            return out
         padded = self._work((n, c, h + 2 * window.ph, w + 2 * window.pw), out.dtype, "maxpool_backward")
         padded.fill(0)
         for i, j, view in _windows(padded, window, oh, ow):

@@ -36,8 +36,8 @@ KERNELS = {
     "loss.cu": ("softmax_cross_entropy",),
     "optimizer.cu": ("sgd_update", "adam_update"),
     "maxout.cu": ("maxout_forward", "maxout_backward"),
-    "conv.cu": ("im2col", "col2im", "bias_act_nchw", "act_backward_nchw", "maxpool_forward", "maxpool_backward",
-                "avgpool_forward", "avgpool_backward"),
+    "conv.cu": ("im2col", "col2im", "bias_act_to_nchw", "act_backward_from_nchw", "maxpool_forward",
+                "maxpool_backward", "avgpool_forward", "avgpool_backward"),
     "batchnorm.cu": ("batchnorm_stats", "batchnorm_apply", "batchnorm_backward_reduce", "batchnorm_backward_apply"),
 }
 CTYPES = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float64): "double"}
@@ -50,6 +50,7 @@ BIAS_GRAD_BLOCK = (32, 8)  # (BG_COLS, BG_ROWS) in elementwise.cu
 BIAS_GRAD_BLOCKS_PER_SM = 8  # enough row chunks to fill the GPU...
 BIAS_GRAD_MIN_CHUNK_ROWS = 64  # ...but at least 8 rows per thread
 BN_THREADS = 256  # BN_THREADS in batchnorm.cu: one block per channel for the reductions
+CONV_THREADS = 256  # CONV_THREADS in conv.cu: one block per channel for the bias gradient
 
 _INCLUDE = re.compile(r'^#include "([^"]+)"[ \t]*$', re.MULTILINE)
 _FILE_OF = {name: filename for filename, names in KERNELS.items() for name in names}
@@ -360,25 +361,25 @@ def _pooled_shape(image_shape, window):
     return (*image_shape[:2], *window.output_size(*image_shape[2:]))
 
 
-def im2col(x, window, rows):
-    """``rows`` (N*OH*OW, C*kh*kw) = the windows of ``x`` (N, C, H, W) (see Backend.im2col)."""
+def im2col(x, window, columns):
+    """``columns`` (C*kh*kw, N*OH*OW) = the windows of ``x`` (N, C, H, W) (see Backend.im2col)."""
     dtype = _images("x", x)
     n, c, h, w = x.shape
     oh, ow = window.output_size(h, w)
-    _like("rows", rows, dtype, (n * oh * ow, c * window.kh * window.kw))
-    if rows.size:
-        _launch("im2col", x, (_grid(x, rows.size),), (THREADS,), (x, rows, *_geometry(x.shape, window)))
-    return rows
+    _like("columns", columns, dtype, (c * window.kh * window.kw, n * oh * ow))
+    if columns.size:
+        _launch("im2col", x, (_grid(x, columns.size),), (THREADS,), (x, columns, *_geometry(x.shape, window)))
+    return columns
 
 
-def col2im(rows, window, dx):
-    """``dx`` (N, C, H, W) = the adjoint of im2col of ``rows``, gathered in a fixed order."""
+def col2im(columns, window, dx):
+    """``dx`` (N, C, H, W) = the adjoint of im2col of ``columns``, gathered in a fixed order."""
     dtype = _images("dx", dx)
     n, c, h, w = dx.shape
     oh, ow = window.output_size(h, w)
-    _like("rows", rows, dtype, (n * oh * ow, c * window.kh * window.kw))
+    _like("columns", columns, dtype, (c * window.kh * window.kw, n * oh * ow))
     if dx.size:
-        _launch("col2im", dx, (_grid(dx, dx.size),), (THREADS,), (rows, dx, *_geometry(dx.shape, window)))
+        _launch("col2im", dx, (_grid(dx, dx.size),), (THREADS,), (columns, dx, *_geometry(dx.shape, window)))
     return dx
 
 
@@ -391,42 +392,39 @@ def _nchw(what, array):
     return dtype, n, c, (array.size // (n * c) if n * c else 0)
 
 
-def bias_act_nchw(z, bias, act_code, param, keep_z, y):
-    """``y`` (N, C, *spatial) = act(``z`` rows (N*L, C) + bias) in NCHW order; with ``keep_z`` (gelu, silu)
-    ``z`` keeps z + bias. Returns ``y``."""
+def bias_act_to_nchw(z, bias, act_code, param, rows, y):
+    """``rows`` = act(``z`` (C, N*L) + bias per channel), the same values in ``y`` (N, C, *spatial); ``rows``
+    may be ``z``, else ``z`` keeps z + bias. Returns ``y``."""
     dtype, n, c, l = _nchw("y", y)
-    _like("z", z, dtype, (n * l, c))
+    _like("z", z, dtype, (c, n * l))
+    _like("rows", rows, dtype, (c, n * l))
     _like("bias", bias, dtype, (c,))
     code = _act_code(act_code)
     if y.size:
-        _launch("bias_act_nchw", y, (_grid(y, y.size),), (THREADS,),
-                (z, bias, y, _i64(n), numpy.int32(c), _i64(l), numpy.int32(code), numpy.float64(param),
-                 numpy.int32(bool(keep_z))))
+        _launch("bias_act_to_nchw", y, (_grid(y, y.size),), (THREADS,),
+                (z, bias, rows, y, _i64(n), numpy.int32(c), _i64(l), numpy.int32(code), numpy.float64(param)))
     return y
 
 
-def act_backward_nchw(dy, y, z, act_code, param, dz, db=None):
-    """``dz`` rows (N*L, C) = ``dy`` (N, C, *spatial) times the activation's derivative (from ``y``, NCHW, or
-    ``z``, rows, as the activation needs), and with ``db`` the bias gradient, a deterministic sum per
-    channel. Returns ``dz``."""
+def act_backward_from_nchw(dy, rows, z, act_code, param, dz, db=None):
+    """``dz`` (C, N*L) = ``dy`` (N, C, *spatial) times the activation's derivative (at ``rows`` or ``z``, as
+    it needs), and with ``db`` the bias gradient per channel: one block per channel, a fixed-order sum.
+    Returns ``dz``."""
     dtype, n, c, l = _nchw("dy", dy)
-    _like("dz", dz, dtype, (n * l, c))
+    _like("dz", dz, dtype, (c, n * l))
     code = _act_code(act_code)
-    if code in GRAD_FROM_Z:
-        _like("z", z, dtype, (n * l, c))
-        y = None
-    elif code != ACT_CODES["linear"]:
-        if y is None:
-            raise ShapeError(f"act_backward_nchw: activation code {code} needs y, got None")
-        _like("y", y, dtype, dy.shape)
-        z = None
+    what, saved = ("z", z) if code in GRAD_FROM_Z else ("rows", rows)
+    if code == ACT_CODES["linear"]:
+        rows = z = None
     else:
-        y = z = None
-    if dy.size:
-        _launch("act_backward_nchw", dy, (_grid(dy, dy.size),), (THREADS,),
-                (dy, y, z, dz, _i64(n), numpy.int32(c), _i64(l), numpy.int32(code), numpy.float64(param)))
+        if saved is None:
+            raise ShapeError(f"act_backward_from_nchw: activation code {code} needs {what}, got None")
+        _like(what, saved, dtype, (c, n * l))
     if db is not None:
-        act_backward(dz, None, None, ACT_CODES["linear"], 0.0, dz, db)  # dz unchanged; its column sums
+        _like("db", db, dtype, (c,))
+    if c:
+        _launch("act_backward_from_nchw", dy, (c,), (CONV_THREADS,),
+                (dy, rows, z, dz, db, _i64(n), numpy.int32(c), _i64(l), numpy.int32(code), numpy.float64(param)))
     return dz
 
 

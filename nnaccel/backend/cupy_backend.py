@@ -129,15 +129,15 @@ class CupyBackend(Backend):
             return super().col2im(rows, window, out)
         return cuda_kernels.col2im(rows, window, out)
 
-    def bias_act_nchw(self, z, bias, activation, out):
-        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused(z, bias, out):
-            return super().bias_act_nchw(z, bias, activation, out)
-        return cuda_kernels.bias_act_nchw(z, bias, activation.code, activation.param, not activation.uses_output, out)
+    def bias_act_to_nchw(self, z, bias, activation, rows, out):
+        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused(z, bias, rows, out):
+            return super().bias_act_to_nchw(z, bias, activation, rows, out)
+        return cuda_kernels.bias_act_to_nchw(z, bias, activation.code, activation.param, rows, out)
 
-    def act_backward_nchw(self, dy, y, z, activation, out, bias_grad=None):
+    def act_backward_from_nchw(self, dy, y, z, activation, out, bias_grad=None):
         if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused(dy, y, z, out, bias_grad):
-            return super().act_backward_nchw(dy, y, z, activation, out, bias_grad)
-        return cuda_kernels.act_backward_nchw(dy, y, z, activation.code, activation.param, out, bias_grad)
+            return super().act_backward_from_nchw(dy, y, z, activation, out, bias_grad)
+        return cuda_kernels.act_backward_from_nchw(dy, y, z, activation.code, activation.param, out, bias_grad)
 
     def maxpool_forward(self, x, window, out, index):
         if not _fused(x, out):

@@ -1,0 +1,121 @@
+"""Networks from a line of text, as ``nnaccel train --layers`` takes them, and the named presets.
+
+Grammar: comma-separated layers, input to output.
+
+========================  ==========================================================================
+``N``                     Dense layer of N units (the hidden activation; the last layer is linear)
+``convCkK[sS][pP]``       Conv2D with C filters of K x K (``k5x3``: 5 x 3), stride S, zero padding P
+``maxpoolK[sS][pP]``      MaxPool2D, window K x K, stride S (default K), padding P
+``avgpoolK[sS][pP]``      AvgPool2D, likewise
+``bn``                    BatchNorm over the previous layer's features or channels
+``dropR``                 Dropout of rate R, e.g. ``drop0.5``
+``shiftM``                RandomShift by up to M pixels (what ``--augment`` puts first)
+``flatten``               Flatten; put before the first Dense after an image layer when left out
+========================  ==========================================================================
+
+A list without image layers may start with the input width (``784,256,10``,
+as before). Image layers take one-channel square images, as MNIST's; their
+side comes from the data's width. The last Dense width must be the number of
+classes.
+"""
+
+import math
+import re
+
+from . import layers as L
+from .errors import ConfigError
+
+PRESETS = {
+    "lenet5": "conv6k5p2,maxpool2,conv16k5,maxpool2,120,84,10",
+    "lenet5-bn": "conv6k5p2,bn,maxpool2,conv16k5,bn,maxpool2,120,bn,84,10",
+    "mlp": "256,10",
+}
+_NUMBER = r"(\d+(?:x\d+)?)"
+_CONV = re.compile(rf"conv(\d+)k{_NUMBER}(?:s{_NUMBER})?(?:p{_NUMBER})?")
+_POOL = re.compile(rf"(max|avg)pool{_NUMBER}(?:s{_NUMBER})?(?:p{_NUMBER})?")
+_GRAMMAR = ("the grammar: N (Dense), convCkK[sS][pP], maxpoolK[sS][pP], avgpoolK[sS][pP], bn, dropR, shiftM, "
+            "flatten (see 'nnaccel train --help')")
+
+
+def _size(text, default=None):
+    """``5`` -> 5, ``5x3`` -> (5, 3), None -> default."""
+    if text is None:
+        return default
+    parts = tuple(int(part) for part in text.split("x"))
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _layer(token, shape, activation):
+    """The layer a token names, given the running sample ``shape``, or None for a Dense width."""
+    if token == "bn":
+        return L.BatchNorm(shape[0])
+    if token == "flatten":
+        return L.Flatten()
+    if token.startswith("drop"):
+        try:
+            return L.Dropout(float(token[4:]))
+        except ValueError:
+            raise ConfigError(f"--layers: {token!r} needs a rate, like drop0.5") from None
+    if token.startswith("shift") and token[5:].isdigit():
+        return L.RandomShift(int(token[5:]))
+    conv = _CONV.fullmatch(token)
+    if conv:
+        channels, kernel, stride, padding = conv.groups()
+        return L.Conv2D(shape[0], int(channels), _size(kernel), _size(stride, 1), _size(padding, 0),
+                        activation=activation)
+    pool = _POOL.fullmatch(token)
+    if pool:
+        kind, kernel, stride, padding = pool.groups()
+        return (L.MaxPool2D if kind == "max" else L.AvgPool2D)(_size(kernel), _size(stride), _size(padding, 0))
+    raise ConfigError(f"--layers: {token!r} is not a layer; {_GRAMMAR}")
+
+
+def build(text, features, classes, activation="relu"):
+    """``(layers, input_shape)`` for the architecture ``text`` (or a preset's name) on data of ``features``
+    values per sample and ``classes`` classes."""
+    try:
+        return _build(PRESETS.get(text, text), features, classes, activation)
+    except ConfigError as error:
+        name = f"--model {text}" if text in PRESETS else "--layers"
+        raise ConfigError(str(error).replace("--layers", name, 1)) from None
+
+
+def _build(text, features, classes, activation):
+    tokens = [token.strip().lower() for token in text.split(",") if token.strip()]
+    if not tokens:
+        raise ConfigError(f"--layers names no layer; {_GRAMMAR}")
+    images = any(token.startswith(("conv", "maxpool", "avgpool", "shift")) for token in tokens)
+    if images:
+        side = math.isqrt(features)
+        if side * side != features:
+            raise ConfigError(f"--layers has image layers but the data's {features} values per sample are not a "
+                              f"square image")
+        input_shape = (1, side, side)
+    else:
+        input_shape = (features,)
+        if len([t for t in tokens if t.isdigit()]) > 1 and tokens[0].isdigit():
+            if int(tokens[0]) != features:
+                raise ConfigError(f"--layers starts with {tokens[0]} inputs but the data has {features} features")
+            tokens = tokens[1:]
+    widths = [index for index, token in enumerate(tokens) if token.isdigit()]
+    if not widths or widths[-1] != len(tokens) - 1:
+        raise ConfigError(f"--layers must end with the output layer's width ({classes}, the classes)")
+    if int(tokens[-1]) != classes:
+        raise ConfigError(f"--layers ends with {tokens[-1]} outputs but the data has {classes} classes")
+    layers, shape = [], input_shape
+    for index, token in enumerate(tokens):
+        if token.isdigit():
+            if len(shape) > 1:
+                layers.append(L.Flatten())
+                shape = layers[-1].output_shape(shape)
+            last = index == len(tokens) - 1
+            layer = L.Dense(shape[0], int(token), activation=None if last else activation)
+        else:
+            layer = _layer(token, shape, activation)
+        try:
+            shape = layer.output_shape(shape)
+        except ConfigError as error:
+            raise ConfigError(f"--layers: {token!r} ({layer!r}) after a {L.describe_shape(shape)} output: "
+                              f"{error}") from None
+        layers.append(layer)
+    return layers, input_shape
