@@ -6,10 +6,13 @@ Every loader returns ``(x, y)``: ``x`` float32 of shape (n, features) scaled to
 
 Data files are treated as untrusted input: headers are checked against the
 bytes actually present before anything is allocated from them, decompressed
-streams are read with a cap, and every problem with a file is raised as a
-DataError naming the file and what was found versus expected.
+streams are read with a cap, a damaged gzip or zip stream is reported as
+corrupt or truncated (not as whatever its garbled content looks like), and
+every problem with a file is raised as a DataError naming the file and what
+was found versus expected.
 """
 
+import contextlib
 import gzip
 import math
 import struct
@@ -21,16 +24,23 @@ import numpy as np
 
 from nnaccel.errors import ConfigError, DataError, ShapeError, check_int
 
-IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
-LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+IMAGES_NDIM = 3  # count, rows, columns
+LABELS_NDIM = 1  # count
 
-_MAGIC_MEANING = {
-    IMAGES_MAGIC: "an images file (uint8, 3 dimensions)",
-    LABELS_MAGIC: "a labels file (uint8, 1 dimension)",
+# The third byte of an IDX magic number is the element type; data is big-endian.
+_IDX_TYPES = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
 }
-_IDX_UINT8 = 0x08
+_IDX_TYPE_LIST = ", ".join(f"0x{code:02X} {dtype.name}" for code, dtype in _IDX_TYPES.items())
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
+_CHECKSUM_READ_CHUNKS = 64  # at most 64 MiB read on to reach a damaged stream's checksum
+_PIXEL_TOP = {"u": 255, "i": 255, "f": 1}  # integer pixels are 0..255, float pixels 0..1
 _MNIST_CLASSES = 10
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 _DIGITS_TRAIN_FRACTION = 0.8
@@ -52,13 +62,53 @@ def _read_at_most(stream, limit):
     return buffer
 
 
-def read_idx(path, expected_magic=None):
-    """Read one IDX file (plain or gzip, detected by its first bytes) as uint8.
+def _read_array(stream, shape, dtype, name):
+    """Read exactly the bytes of a ``shape`` array of ``dtype``, as a flat array.
 
-    Only the unsigned-byte IDX type is supported. With ``expected_magic``
-    (IMAGES_MAGIC or LABELS_MAGIC) the file must carry exactly that magic.
-    Raises DataError naming the file for anything missing, corrupt or
-    inconsistent.
+    Fewer or more bytes than the shape needs is a DataError naming ``name``;
+    memory grows with the bytes present, never with the shape claimed.
+    """
+    _check_representable(shape, name)
+    size = math.prod(shape) * dtype.itemsize
+    payload = _read_at_most(stream, size + 1)
+    if len(payload) != size:
+        problem, found = ("truncated", len(payload)) if len(payload) < size else ("trailing", "more")
+        raise DataError(
+            f"{name}: {problem} data: shape {shape} of {dtype.name} needs {size} bytes, found {found}"
+        )
+    return np.frombuffer(payload, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _checksum_first(stream):
+    """Report a damaged compressed stream as such, not as the content it garbled.
+
+    gzip and zip check a stream's CRC only at its end, so a flipped bit
+    shows first as a wrong header or size. When the content is found wrong,
+    read on (bounded) so that a failing checksum is what gets raised.
+    """
+    try:
+        yield stream
+    except DataError:
+        for _ in range(_CHECKSUM_READ_CHUNKS):
+            if not stream.read(_CHUNK):
+                break
+        raise
+
+
+def _detail(exc):
+    """An exception's message, or its type's name when it has none."""
+    return str(exc) or type(exc).__name__
+
+
+def read_idx(path, ndim=None):
+    """Read one IDX file (plain or gzip, detected by its first bytes).
+
+    Every IDX element type is read (uint8, int8, int16, int32, float32,
+    float64; big-endian in the file) into a native-endian array of that
+    dtype. With ``ndim`` (IMAGES_NDIM or LABELS_NDIM) the file must have
+    that many dimensions. Raises DataError naming the file for anything
+    missing, corrupt or inconsistent.
     """
     path = Path(path)
     if not path.is_file():
@@ -69,14 +119,16 @@ def read_idx(path, expected_magic=None):
         with path.open("rb") as raw:
             is_gzip = raw.read(2) == _GZIP_MAGIC
             raw.seek(0)
-            stream = gzip.GzipFile(fileobj=raw, mode="rb") if is_gzip else raw
-            return _parse_idx(stream, path, expected_magic)
+            if not is_gzip:
+                return _parse_idx(raw, path, ndim)
+            with gzip.GzipFile(fileobj=raw, mode="rb") as stream, _checksum_first(stream):
+                return _parse_idx(stream, path, ndim)
     except (OSError, EOFError, zlib.error) as exc:
-        problem = "corrupt gzip data" if is_gzip else "cannot read"
-        raise DataError(f"{path}: {problem} ({exc or type(exc).__name__})") from exc
+        problem = "corrupt or truncated gzip data" if is_gzip else "cannot read"
+        raise DataError(f"{path}: {problem} ({_detail(exc)})") from exc
 
 
-def _parse_idx(stream, path, expected_magic):
+def _parse_idx(stream, path, ndim):
     """Check an IDX header, then read exactly the payload it announces."""
     head = _read_at_most(stream, 4)
     if len(head) < 4:
@@ -85,47 +137,33 @@ def _parse_idx(stream, path, expected_magic):
             "expected a 4-byte IDX magic number"
         )
     magic = int.from_bytes(head, "big")
-    dtype_code, ndim = head[2], head[3]
-    if expected_magic is not None and magic != expected_magic:
-        found = _MAGIC_MEANING.get(magic, f"type 0x{dtype_code:02X}, {ndim} dimensions")
-        raise DataError(
-            f"{path}: magic number {magic} (0x{magic:08X}, {found}) found, "
-            f"expected {expected_magic} (0x{expected_magic:08X}, "
-            f"{_MAGIC_MEANING[expected_magic]})"
-        )
+    dtype_code, dims = head[2], head[3]
     if head[:2] != b"\0\0":
         raise DataError(
             f"{path}: not an IDX file: magic number 0x{magic:08X} "
             "does not start with two zero bytes"
         )
-    if dtype_code != _IDX_UINT8:
+    if dtype_code not in _IDX_TYPES:
         raise DataError(
-            f"{path}: IDX data type 0x{dtype_code:02X} is not supported, "
-            f"expected 0x{_IDX_UINT8:02X} (unsigned byte)"
+            f"{path}: IDX data type 0x{dtype_code:02X} is not one of the IDX types ({_IDX_TYPE_LIST})"
         )
-    if ndim == 0:
+    dtype = _IDX_TYPES[dtype_code]
+    if dims == 0:
         raise DataError(f"{path}: IDX header declares 0 dimensions, expected at least 1")
-    dims_bytes = _read_at_most(stream, 4 * ndim)
-    if len(dims_bytes) < 4 * ndim:
+    if ndim is not None and dims != ndim:
         raise DataError(
-            f"{path}: truncated header: {ndim} dimension sizes announced, "
-            f"{len(dims_bytes)} of their {4 * ndim} bytes present"
+            f"{path}: magic number {magic} (0x{magic:08X}: {dtype.name}, {dims}-dimensional) "
+            f"found, expected {ndim}-dimensional data"
         )
-    shape = struct.unpack(f">{ndim}I", dims_bytes)
-    _check_representable(shape, path)
-    size = math.prod(shape)
-    payload = _read_at_most(stream, size + 1)
-    if len(payload) < size:
+    dims_bytes = _read_at_most(stream, 4 * dims)
+    if len(dims_bytes) < 4 * dims:
         raise DataError(
-            f"{path}: truncated data: header shape {shape} needs {size} bytes, "
-            f"file holds {len(payload)}"
+            f"{path}: truncated header: {dims} dimension sizes announced, "
+            f"{len(dims_bytes)} of their {4 * dims} bytes present"
         )
-    if len(payload) > size:
-        raise DataError(
-            f"{path}: trailing data: header shape {shape} needs {size} bytes, "
-            "file holds more"
-        )
-    return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+    shape = struct.unpack(f">{dims}I", dims_bytes)
+    array = _read_array(stream, shape, dtype, path).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=False)
 
 
 def _check_representable(shape, name):
@@ -139,14 +177,18 @@ def load_mnist(path, split="train"):
 
     ``split`` is "train" or "test" (the ``t10k-*`` files, or ``x_test`` in an
     npz). Images may be any rows x cols; x then has rows*cols features.
+    Pixels may be of any integer type with values 0..255 (divided by 255,
+    as uint8 MNIST always is) or float already in [0, 1] (taken as they
+    are); anything else (negative, too large, NaN, infinity) is refused
+    rather than guessed at. Labels may be of any integer type, 0..9.
     """
     if split not in _SPLIT_PREFIX:
         raise ConfigError(f"split {split!r} is not known: expected 'train' or 'test'")
     path = Path(path)
     if path.is_dir():
         images_path, labels_path = _find_idx_pair(path, split)
-        images = read_idx(images_path, IMAGES_MAGIC)
-        labels = read_idx(labels_path, LABELS_MAGIC)
+        images = read_idx(images_path, IMAGES_NDIM)
+        labels = read_idx(labels_path, LABELS_NDIM)
         return _to_xy(images, labels, str(images_path), str(labels_path))
     if path.is_file():
         return _load_npz(path, split)
@@ -185,7 +227,7 @@ def _find_idx_pair(folder, split):
 
 
 def _to_xy(images, labels, images_name, labels_name):
-    """Check that images (n, rows, cols) match labels (n,) and scale them."""
+    """Check that images (n, rows, cols) match labels (n,) and scale them to [0, 1]."""
     count, rows, cols = images.shape
     if labels.shape[0] != count:
         raise DataError(
@@ -196,14 +238,36 @@ def _to_xy(images, labels, images_name, labels_name):
         raise DataError(f"{images_name}: holds no images")
     if rows == 0 or cols == 0:
         raise DataError(f"{images_name}: images are {rows}x{cols}, expected a non-empty size")
+    if labels.dtype.kind not in "iu":
+        raise DataError(
+            f"{labels_name}: labels are {labels.dtype.name}, expected integers "
+            f"(digits 0..{_MNIST_CLASSES - 1})"
+        )
     if labels.min() < 0 or labels.max() >= _MNIST_CLASSES:
         raise DataError(
             f"{labels_name}: labels range from {labels.min()} to {labels.max()}, "
             f"expected digits 0..{_MNIST_CLASSES - 1}"
         )
+    top = _pixel_top(images, images_name)
     x = np.array(images.reshape(count, rows * cols), dtype=np.float32, order="C")
-    x /= np.float32(255)
+    x /= np.float32(top)
     return x, labels.astype(np.int64)
+
+
+def _pixel_top(images, name):
+    """The value of white in ``images``: 255 for integers in 0..255, 1 for floats in [0, 1].
+
+    Other values have no agreed meaning as pixels, so they are refused.
+    """
+    top = _PIXEL_TOP[images.dtype.kind]
+    low, high = images.min(), images.max()
+    if not (low >= 0 and high <= top):  # also false for NaN
+        found = (f"range from {low} to {high}" if np.isfinite([low, high]).all()
+                 else "include NaN or infinity")
+        expected = ("0..255 for integer pixels (divided by 255)" if top == 255
+                    else "[0, 1] for float pixels (taken as they are)")
+        raise DataError(f"{name}: {images.dtype.name} pixels {found}, expected {expected}")
+    return top
 
 
 def _load_npz(path, split):
@@ -215,16 +279,12 @@ def _load_npz(path, split):
             labels = _read_npz_array(archive, path, f"y_{suffix}", 1)
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError,
             struct.error, NotImplementedError, RuntimeError) as exc:
-        raise DataError(
-            f"{path}: not a readable .npz archive ({exc or type(exc).__name__})"
-        ) from exc
-    if images.dtype != np.uint8:
-        raise DataError(f"{path}[x_{suffix}]: dtype {images.dtype}, expected uint8")
+        raise DataError(f"{path}: corrupt or truncated .npz archive ({_detail(exc)})") from exc
     return _to_xy(images, labels, f"{path}[x_{suffix}]", f"{path}[y_{suffix}]")
 
 
 def _read_npz_array(archive, path, key, ndim):
-    """Read one integer array of an npz, checking its header against its size.
+    """Read one integer or float array of an npz, checking its header against its size.
 
     numpy's own reader would allocate whatever a member's header claims and
     can unpickle objects; this reader does neither.
@@ -234,28 +294,21 @@ def _read_npz_array(archive, path, key, ndim):
     except KeyError:
         keys = sorted(name.removesuffix(".npy") for name in archive.namelist())
         raise DataError(f"{path}: no {key!r} array (found {keys})") from None
-    with archive.open(info) as member:
+    name = f"{path}[{key}]"
+    with archive.open(info) as member, _checksum_first(member):
         version = np.lib.format.read_magic(member)
         if version == (1, 0):
             shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
         elif version == (2, 0):
             shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
         else:
-            raise DataError(f"{path}[{key}]: .npy format version {version} is not supported")
-        if dtype.kind not in "iu":
-            raise DataError(f"{path}[{key}]: dtype {dtype}, expected integers")
+            raise DataError(f"{name}: .npy format version {version} is not supported")
+        if dtype.kind not in "iuf":
+            raise DataError(f"{name}: dtype {dtype}, expected integers or floats")
         if len(shape) != ndim or min(shape) < 0:
-            raise DataError(
-                f"{path}[{key}]: shape {shape}, expected {ndim} non-negative dimensions"
-            )
-        _check_representable(shape, f"{path}[{key}]")
-        size = math.prod(shape) * dtype.itemsize
-        payload = _read_at_most(member, size + 1)
-    if len(payload) != size:
-        found = "more" if len(payload) > size else str(len(payload))
-        raise DataError(f"{path}[{key}]: shape {shape} needs {size} bytes, member holds {found}")
-    order = "F" if fortran_order else "C"
-    return np.frombuffer(payload, dtype=dtype).reshape(shape, order=order)
+            raise DataError(f"{name}: shape {shape}, expected {ndim} non-negative dimensions")
+        flat = _read_array(member, shape, dtype, name)
+    return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
 def load_digits(split="train"):

@@ -13,8 +13,13 @@ or grey) becomes what a digit net was trained on:
 In both, the contrast is stretched first (background 0, strongest ink 1,
 pixels fainter than INK_THRESHOLD dropped as noise) and the strongest pixel
 of the result is 1, as in the data sets.
+
+What cannot be a picture of a digit is a DataError saying why: a file Pillow
+cannot read, a picture of one uniform colour, one smaller than MIN_SIDE, or
+pixels that are NaN or infinite.
 """
 
+import struct
 from pathlib import Path
 
 import numpy
@@ -26,12 +31,20 @@ DIGITS_BITMAP = 32  # scikit-learn's 8x8 digits are 4x4 block averages of 32x32 
 INK_THRESHOLD = 0.2  # after stretching, fainter pixels are paper grain or JPEG noise
 LUMA = numpy.array([0.299, 0.587, 0.114])  # ITU-R 601 grey, as Pillow's convert("L")
 SIZE_FOR_INPUTS = {784: 28, 64: 8}
+MIN_SIDE = 8  # scikit-learn's digits, the smallest the nets learn from, are 8x8
+DEEP_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # convert("L") would clip these to 0..255
+# What Pillow raises for malformed files, besides OSError: its plugins parse with struct and
+# indexing and signal broken headers with SyntaxError.
+PILLOW_ERRORS = (OSError, ValueError, TypeError, IndexError, SyntaxError, EOFError, struct.error)
 
 
 def load_image(path):
-    """The pixels of an image file (PNG, JPEG, ...) as uint8: (h, w) grey or (h, w, 3) colour.
+    """The pixels of an image file (PNG, JPEG, ...): (h, w) grey or (h, w, 3) colour.
 
-    Transparent pixels are laid over white paper. Needs Pillow, imported only here.
+    Pixels are uint8, except that 16-bit and float grey pictures keep their
+    depth (preprocess_digit takes any range; squeezing them into 0..255
+    would clip a light page and its ink to the same white). Transparent
+    pixels are laid over white paper. Needs Pillow, imported only here.
     """
     try:
         from PIL import Image
@@ -39,15 +52,20 @@ def load_image(path):
         raise ConfigError("reading images needs Pillow: pip install 'nnaccel[image]' (or pip install pillow)") from None
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such image file")
+        problem = "a folder, not an image file" if path.is_dir() else "no such image file"
+        raise DataError(f"{path}: {problem}")
     try:
         with Image.open(path) as image:
             if "A" in image.getbands() or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            if image.mode in DEEP_MODES:
+                return numpy.asarray(image)
             return numpy.asarray(image.convert("L" if len(image.getbands()) == 1 else "RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"{path}: not a readable image ({error})") from None
+    except Image.UnidentifiedImageError:  # its message repeats the path
+        raise DataError(f"{path}: not a picture Pillow can read (cannot identify image file)") from None
+    except (*PILLOW_ERRORS, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: not a picture Pillow can read ({str(error) or type(error).__name__})") from None
 
 
 def preprocess_digit(array, size=28):
@@ -89,7 +107,7 @@ def prepare_for_model(path, n_inputs):
 
 
 def _grey(array):
-    """A 2-D float64 image from grey or colour pixels."""
+    """A 2-D float64 image from grey or colour pixels, refusing what cannot show a digit."""
     image = numpy.asarray(array)
     if image.dtype.kind not in "biuf":
         raise ShapeError(f"expected numeric pixels, got dtype {image.dtype}")
@@ -99,6 +117,13 @@ def _grey(array):
     if image.ndim != 2 or 0 in image.shape:
         raise ShapeError(f"expected a (height, width) grey or (height, width, 3) colour image, "
                          f"got shape {numpy.shape(array)}")
+    height, width = image.shape
+    if min(height, width) < MIN_SIDE:
+        raise DataError(f"the picture is {width}x{height} pixels, too small to show a digit "
+                        f"(at least {MIN_SIDE}x{MIN_SIDE} needed)")
+    bad = numpy.count_nonzero(~numpy.isfinite(image))
+    if bad:
+        raise DataError(f"the picture has {bad} NaN or infinite pixel{'s' if bad > 1 else ''}")
     return image
 
 
@@ -106,7 +131,8 @@ def _ink(image):
     """Bright ink on a zero background, stretched so the strongest ink is 1; faint noise zeroed.
 
     The border's median is the background: light (then the picture is
-    inverted) when it is nearer the brightest pixel than the darkest.
+    inverted) when it is nearer the brightest pixel than the darkest. Only
+    a picture of one uniform colour then has no pixel stronger than it.
     """
     border = numpy.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
     background = numpy.median(border)
@@ -114,7 +140,7 @@ def _ink(image):
         image, background = -image, -background
     strongest = image.max()
     if strongest <= background:
-        raise DataError("no digit found: the picture has nothing but its background colour")
+        raise DataError("no digit found: the picture is one uniform colour")
     ink = numpy.clip((image - background) / (strongest - background), 0.0, 1.0)
     ink[ink < INK_THRESHOLD] = 0.0
     return ink

@@ -1,6 +1,7 @@
-"""Tests of nnaccel.datasets: real MNIST, IDX/npz round trips, corrupt and
-hostile files (always DataError naming the file), digits, synthetic data and
-train/validation splits."""
+"""Tests of nnaccel.datasets: real MNIST, IDX/npz round trips of every IDX
+element type, pixel and label values, corrupt and hostile files (always
+DataError naming the file), digits, synthetic data and train/validation
+splits. Damaged gzip and zip streams are in test_damaged_data.py."""
 
 import gzip
 import io
@@ -22,11 +23,16 @@ MNIST_SUBSET_CLASS_COUNTS = [795, 905, 788, 811, 798, 701, 797, 853, 753, 795]
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None)
 
 
-def idx_bytes(array):
-    """Encode a uint8 array as an IDX file."""
-    array = np.asarray(array, dtype=np.uint8)
-    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.tobytes()
+IDX_TYPE_CODES = {np.dtype(name): code for name, code in [
+    ("uint8", 0x08), ("int8", 0x09), ("int16", 0x0B), ("int32", 0x0C), ("float32", 0x0D), ("float64", 0x0E)]}
+
+
+def idx_bytes(array, dtype=np.uint8):
+    """Encode an array as an IDX file of ``dtype``, big-endian as the format has it."""
+    dtype = np.dtype(dtype)
+    array = np.asarray(array, dtype=dtype.newbyteorder(">"))
+    header = struct.pack(">I", IDX_TYPE_CODES[dtype] << 8 | array.ndim)
+    return header + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
 
 
 def write(path, data, compress=False):
@@ -159,6 +165,130 @@ def test_npz_fortran_order_is_read_correctly(tmp_path):
     np.testing.assert_array_equal(x, expected_x(images))
 
 
+# IDX element types, pixel and label values ---------------------------------
+
+IDX_TYPE_LIST = "0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64"
+EXTREMES = {  # values whose bytes differ in every position, to catch a wrong byte order
+    "uint8": [0, 1, 127, 128, 255, 0x5A],
+    "int8": [-128, -1, 0, 1, 127, 0x5A],
+    "int16": [-32768, -2, 258, 32767, 0x1234, 0],
+    "int32": [-2**31, -2, 2**31 - 1, 0x01020304, 258, 0],
+    "float32": [-1.5, 3.4e38, 1e-45, -0.0, np.inf, np.nan],
+    "float64": [-1.5, 1.7e308, 5e-324, -0.0, -np.inf, np.nan],
+}
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("name", sorted(EXTREMES))
+def test_read_idx_every_element_type(tmp_path, name, compress):
+    array = np.array(EXTREMES[name], dtype=name).reshape(2, 3)
+    path = write(tmp_path / f"{name}.idx", idx_bytes(array, name), compress)
+    result = datasets.read_idx(path)
+    assert result.dtype == np.dtype(name) and result.dtype.isnative
+    np.testing.assert_array_equal(result, array)
+
+
+def test_idx_data_is_big_endian(tmp_path):
+    path = write(tmp_path / "short.idx", b"\0\0\x0b\x01\0\0\0\x02" + b"\x01\x02\xff\xfe")
+    assert datasets.read_idx(path).tolist() == [258, -2]
+    path = write(tmp_path / "float.idx", b"\0\0\x0d\x01\0\0\0\x01" + b"\x3f\xc0\0\0")
+    assert datasets.read_idx(path).tolist() == [1.5]
+
+
+@pytest.mark.parametrize("code", [0x00, 0x07, 0x0A, 0x0F, 0x10, 0xFF])
+def test_unknown_idx_type_is_refused_by_name(tmp_path, code):
+    path = write(tmp_path / "odd.idx", bytes([0, 0, code, 1]) + struct.pack(">I", 1) + bytes(8))
+    message = assert_data_error(lambda: datasets.read_idx(path), path)
+    assert message == (f"{path}: IDX data type 0x{code:02X} is not one of the IDX types "
+                       f"({IDX_TYPE_LIST})")
+
+
+@pytest.mark.parametrize("name", ["int16", "int32", "float64"])
+def test_multibyte_types_count_bytes_not_elements(tmp_path, name):
+    data = idx_bytes(np.zeros((3, 2), name), name)
+    itemsize = np.dtype(name).itemsize
+    cut = write(tmp_path / "cut.idx", data[:-1])
+    assert_data_error(lambda: datasets.read_idx(cut), cut, "truncated data",
+                      f"of {name} needs {6 * itemsize} bytes, found {6 * itemsize - 1}")
+    longer = write(tmp_path / "longer.idx", data + bytes(itemsize))
+    assert_data_error(lambda: datasets.read_idx(longer), longer, "trailing data")
+
+
+@pytest.mark.parametrize("name", ["int16", "float32"])
+def test_dimension_count_is_checked_for_every_type(tmp_path, name):
+    images, labels = sample_digits(3, rows=4, cols=4)
+    flat = write(tmp_path / "train-images-idx3-ubyte", idx_bytes(images.reshape(3, 16), name))
+    write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(labels))
+    assert_data_error(lambda: datasets.load_mnist(tmp_path), flat,
+                      f"{name}, 2-dimensional) found, expected 3-dimensional data")
+    write(tmp_path / "train-images-idx3-ubyte", idx_bytes(images))
+    square = write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(labels[:, None], name))
+    assert_data_error(lambda: datasets.load_mnist(tmp_path), square,
+                      f"{name}, 2-dimensional) found, expected 1-dimensional data")
+
+
+@pytest.mark.parametrize("name", ["int8", "int16", "int32", "float32", "float64"])
+def test_pixels_of_any_type_in_range_load(tmp_path, name):
+    """Integer pixels 0..255 are divided by 255 like uint8; floats in [0, 1] are kept."""
+    images, labels = sample_digits(4, rows=3, cols=3)
+    if name == "int8":
+        images //= 2  # int8 holds 0..127
+    pixels = images / 255.0 if name.startswith("float") else images
+    write(tmp_path / "train-images-idx3-ubyte.gz", idx_bytes(pixels, name), compress=True)
+    write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(labels, "int16"))
+    x, y = datasets.load_mnist(tmp_path)
+    assert x.dtype == np.float32 and x.flags.c_contiguous and y.dtype == np.int64
+    np.testing.assert_allclose(x, expected_x(images), rtol=1e-6)
+    np.testing.assert_array_equal(y, labels)
+
+
+@pytest.mark.parametrize("name,pixels,found", [
+    ("int8", [-1, 9], "int8 pixels range from -1 to 9, expected 0..255 for integer pixels"),
+    ("int16", [0, 256], "int16 pixels range from 0 to 256, expected 0..255 for integer pixels"),
+    ("int32", [-70000, 9], "int32 pixels range from -70000 to 9, expected 0..255"),
+    ("float32", [0, 255], "float32 pixels range from 0.0 to 255.0, expected [0, 1] for float pixels"),
+    ("float64", [-0.5, 0.5], "float64 pixels range from -0.5 to 0.5, expected [0, 1]"),
+    ("float32", [np.nan, 0.5], "float32 pixels include NaN or infinity, expected [0, 1]"),
+    ("float64", [0.5, np.inf], "float64 pixels include NaN or infinity, expected [0, 1]"),
+])
+def test_pixels_outside_their_range_are_refused(tmp_path, name, pixels, found):
+    images = np.array(pixels, name).reshape(2, 1, 1)
+    path = write(tmp_path / "train-images-idx3-ubyte", idx_bytes(images, name))
+    write(tmp_path / "train-labels-idx1-ubyte", idx_bytes([1, 2]))
+    assert_data_error(lambda: datasets.load_mnist(tmp_path), path, found)
+
+
+@pytest.mark.parametrize("name", ["float32", "float64"])
+def test_float_labels_are_refused_by_name(tmp_path, name):
+    images, labels = sample_digits(3)
+    _, labels_path = write_split(tmp_path, images, labels)
+    write(labels_path, idx_bytes(labels, name))
+    assert_data_error(lambda: datasets.load_mnist(tmp_path), labels_path,
+                      f"labels are {name}, expected integers (digits 0..9)")
+
+
+def test_signed_labels_out_of_range(tmp_path):
+    images, labels = sample_digits(3)
+    _, labels_path = write_split(tmp_path, images, labels)
+    write(labels_path, idx_bytes([3, -1, 2], "int8"))
+    assert_data_error(lambda: datasets.load_mnist(tmp_path), labels_path,
+                      "labels range from -1 to 3, expected digits 0..9")
+
+
+def test_npz_pixels_follow_the_same_rules(tmp_path):
+    images, labels = sample_digits(3, 4, 4)
+    floats = write(tmp_path / "floats.npz", npz_bytes(x_train=images / 255.0, y_train=labels))
+    np.testing.assert_allclose(datasets.load_mnist(floats)[0], expected_x(images), rtol=1e-6)
+    wide = write(tmp_path / "wide.npz", npz_bytes(x_train=images.astype(">i2"), y_train=labels))
+    np.testing.assert_array_equal(datasets.load_mnist(wide)[0], expected_x(images))
+    bright = write(tmp_path / "bright.npz", npz_bytes(x_train=images * 2.0, y_train=labels))
+    assert_data_error(lambda: datasets.load_mnist(bright), f"{bright}[x_train]",
+                      "float64 pixels range from", "expected [0, 1]")
+    float_labels = write(tmp_path / "labels.npz", npz_bytes(x_train=images, y_train=labels * 1.0))
+    assert_data_error(lambda: datasets.load_mnist(float_labels), f"{float_labels}[y_train]",
+                      "labels are float64")
+
+
 # Bad arguments and missing files ------------------------------------------
 
 def test_unknown_split_is_config_error(tmp_path):
@@ -207,10 +337,13 @@ CORRUPT_IMAGE_FILES = {
     "dims cut short": (VALID_IMAGES[:9], "truncated header"),
     "labels magic": (VALID_LABELS, "2049"),
     "two dimensions": (idx_bytes(np.zeros((3, 16), np.uint8)), "2050"),
-    "float32 type": (b"\0\0\x0d\x03" + VALID_IMAGES[4:], "0x00000D03"),
+    "unknown type": (b"\0\0\x0a\x03" + VALID_IMAGES[4:], "0x0A is not one of the IDX types"),
+    "float32 cut short": (b"\0\0\x0d\x03" + VALID_IMAGES[4:], "truncated data"),
     "truncated data": (VALID_IMAGES[:-1], "truncated data"),
     "trailing data": (VALID_IMAGES + b"\0", "trailing data"),
     "huge count": (struct.pack(">IIII", 2051, 2**32 - 1, 28, 28) + bytes(84), "truncated data"),
+    "huge float64 count": (struct.pack(">IIII", 0x0E03, 2**32 - 1, 28, 28) + bytes(84),
+                           "truncated data"),
 }
 
 
@@ -231,8 +364,8 @@ def test_corrupt_images_file_is_data_error_naming_it(tmp_path, case, compress):
 
 def test_wrong_magic_says_found_and_expected(tmp_path):
     path = write(tmp_path / "train-images-idx3-ubyte", VALID_LABELS)
-    message = assert_data_error(lambda: datasets.read_idx(path, datasets.IMAGES_MAGIC), path)
-    assert message.index("2049") < message.index("expected 2051")
+    message = assert_data_error(lambda: datasets.read_idx(path, datasets.IMAGES_NDIM), path)
+    assert message.index("2049") < message.index("expected 3-dimensional")
 
 
 def test_empty_but_unrepresentable_shape(tmp_path):
@@ -243,8 +376,8 @@ def test_empty_but_unrepresentable_shape(tmp_path):
 def test_non_idx_and_unsupported_type_via_read_idx(tmp_path):
     path = write(tmp_path / "x.idx", b"\x01\x02\x08\x01\0\0\0\0")
     assert_data_error(lambda: datasets.read_idx(path), path, "two zero bytes")
-    path = write(tmp_path / "y.idx", b"\0\0\x0b\x01\0\0\0\0")
-    assert_data_error(lambda: datasets.read_idx(path), path, "0x0B", "0x08")
+    path = write(tmp_path / "y.idx", b"\0\0\x0a\x01\0\0\0\0")
+    assert_data_error(lambda: datasets.read_idx(path), path, "0x0A", "0x08 uint8")
     path = write(tmp_path / "z.idx", b"\0\0\x08\0")
     assert_data_error(lambda: datasets.read_idx(path), path, "0 dimensions")
 
@@ -319,10 +452,8 @@ def test_npz_wrong_dims_and_dtypes(tmp_path):
     images, labels = sample_digits()
     flat = write(tmp_path / "flat.npz", npz_bytes(x_train=images.reshape(5, -1), y_train=labels))
     assert_data_error(lambda: datasets.load_mnist(flat), flat, "x_train", "expected 3")
-    floats = write(tmp_path / "floats.npz", npz_bytes(x_train=images / 255.0, y_train=labels))
-    assert_data_error(lambda: datasets.load_mnist(floats), floats, "float64")
-    wide = write(tmp_path / "wide.npz", npz_bytes(x_train=images.astype(np.int16), y_train=labels))
-    assert_data_error(lambda: datasets.load_mnist(wide), wide, "int16", "uint8")
+    bools = write(tmp_path / "bools.npz", npz_bytes(x_train=images > 9, y_train=labels))
+    assert_data_error(lambda: datasets.load_mnist(bools), bools, "x_train", "dtype bool")
     matrix = write(tmp_path / "matrix.npz", npz_bytes(x_train=images, y_train=labels[:, None]))
     assert_data_error(lambda: datasets.load_mnist(matrix), matrix, "y_train")
 
@@ -377,7 +508,7 @@ def test_random_bytes_load_or_data_error(scratch, data, compress):
     path = write(scratch / "random.idx", data, compress)
     result = load_or_data_error(lambda: datasets.read_idx(path))
     if result is not None:
-        assert result.dtype == np.uint8
+        assert result.dtype in IDX_TYPE_CODES
 
 
 @PROPERTY_SETTINGS

@@ -1,4 +1,5 @@
-"""Pictures of digits become model inputs the way MNIST and the 8x8 digits were made."""
+"""Pictures of digits become model inputs the way MNIST and the 8x8 digits were made; what
+cannot be a picture of a digit is a DataError naming the file and the problem."""
 
 import json
 import re
@@ -103,6 +104,12 @@ def test_mnist_style_layout():
 def test_blank_and_malformed_inputs():
     with pytest.raises(nn.DataError, match="no digit found"):
         images.preprocess_digit(np.full((40, 40), 200, np.uint8))
+    with pytest.raises(nn.DataError, match="the picture is 7x9 pixels, too small"):
+        images.preprocess_digit(np.eye(9, 7))
+    speck = np.eye(10)
+    speck[4, 4] = np.nan
+    with pytest.raises(nn.DataError, match="the picture has 1 NaN or infinite pixel$"):
+        images.preprocess_digit(speck)
     with pytest.raises(nn.ShapeError, match="got shape"):
         images.preprocess_digit(np.zeros((4, 4, 2)))
     with pytest.raises(nn.ConfigError, match="size must be 28"):
@@ -113,13 +120,94 @@ def test_file_errors_name_the_file(tmp_path, monkeypatch):
     with pytest.raises(nn.DataError, match="missing.png: no such image file"):
         images.load_image(tmp_path / "missing.png")
     (tmp_path / "notes.png").write_text("not a picture")
-    with pytest.raises(nn.DataError, match="notes.png: not a readable image"):
+    with pytest.raises(nn.DataError, match=r"notes.png: not a picture Pillow can read \(cannot identify"):
         images.load_image(tmp_path / "notes.png")
     with pytest.raises(nn.ConfigError, match="784 .* or 64"):
         images.prepare_for_model(tmp_path / "notes.png", 100)
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(nn.ConfigError, match=r"pip install 'nnaccel\[image\]'"):
         images.load_image(tmp_path / "notes.png")
+
+
+PNG_TAIL = 20  # the pixel data's Adler-32, the IDAT chunk's CRC and IEND: cutting only these loses no pixel
+
+
+def data_error(call):
+    """The message of the DataError ``call`` raises, checked to be one line."""
+    with pytest.raises(nn.DataError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, I am a text file\n", np.random.default_rng(0).bytes(1000),
+                                     b"\x89PNG\r\n\x1a\n"], ids=["empty", "text", "random", "png magic only"])
+def test_files_that_are_not_pictures(tmp_path, content):
+    path = tmp_path / "x.png"
+    path.write_bytes(content)
+    message = data_error(lambda: images.prepare_for_model(path, 784))
+    assert message == f"{path}: not a picture Pillow can read (cannot identify image file)"
+
+
+def test_truncated_png_anywhere_in_its_pixels(tmp_path):
+    save_png(np.random.default_rng(0).integers(0, 256, (40, 30), dtype=np.uint8), tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    path = tmp_path / "cut.png"
+    for cut in np.linspace(0, len(data) - PNG_TAIL - 1, 40).astype(int):
+        path.write_bytes(data[:cut])
+        message = data_error(lambda: images.prepare_for_model(path, 64))
+        assert message.startswith(f"{path}: not a picture Pillow can read ("), (cut, message)
+
+
+def test_folders_and_missing_files(tmp_path):
+    assert data_error(lambda: images.prepare_for_model(tmp_path, 784)) == f"{tmp_path}: a folder, not an image file"
+    missing = tmp_path / "gone.png"
+    assert data_error(lambda: images.prepare_for_model(missing, 784)) == f"{missing}: no such image file"
+
+
+@pytest.mark.parametrize("colour", [0, 255, 128, (200, 30, 30)], ids=["black", "white", "grey", "red"])
+@pytest.mark.parametrize("n_inputs", [784, 64])
+def test_blank_pictures(tmp_path, colour, n_inputs):
+    shape = (50, 40, 3) if isinstance(colour, tuple) else (50, 40)
+    path = save_png(np.full(shape, colour, np.uint8), tmp_path / "blank.png")
+    message = data_error(lambda: images.prepare_for_model(path, n_inputs))
+    assert message == f"{path}: no digit found: the picture is one uniform colour"
+
+
+def test_fully_transparent_picture_is_blank(tmp_path):
+    path = save_png(np.zeros((30, 30, 4), np.uint8), tmp_path / "clear.png")
+    assert "no digit found: the picture is one uniform colour" in data_error(
+        lambda: images.prepare_for_model(path, 784))
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (1, 200), (7, 7)])
+def test_too_small_pictures(tmp_path, height, width):
+    pixels = np.full((height, width), 255, np.uint8)
+    pixels[0, 0] = 0
+    path = save_png(pixels, tmp_path / "tiny.png")
+    message = data_error(lambda: images.prepare_for_model(path, 784))
+    assert message == (f"{path}: the picture is {width}x{height} pixels, too small to show a digit "
+                       f"(at least 8x8 needed)")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_arrays_with_nan_or_infinity(bad):
+    pixels = np.zeros((20, 20, 3))
+    pixels[5:15, 8:12] = 1.0
+    pixels[3, 3, 1] = pixels[4, 4, 0] = bad
+    assert data_error(lambda: images.preprocess_digit(pixels)) == "the picture has 2 NaN or infinite pixels"
+
+
+def test_16_bit_picture_keeps_its_ink(tmp_path):
+    """A 16-bit grey PNG is not clipped to 0..255 (which would turn a light page and its ink
+    into one white): it gives what its 8-bit version does."""
+    picture = np.full((60, 40), 255, np.uint8)
+    picture[10:50, 15:25] = 100
+    deep = save_png((picture.astype(np.uint16) * 257), tmp_path / "deep.png")
+    assert images.load_image(deep).dtype == np.uint16
+    np.testing.assert_allclose(images.prepare_for_model(deep, 784),
+                               images.prepare_for_model(save_png(picture, tmp_path / "flat.png"), 784), atol=1e-6)
 
 
 def test_transparent_picture_is_read_over_white(tmp_path):
@@ -154,9 +242,17 @@ def test_predict_errors_are_one_line(tmp_path):
     nn.Sequential(nn.Dense(10, 10), device="cpu").save(tmp_path / "ten.npz")
     nn.Sequential(nn.Dense(64, 10), device="cpu").save(tmp_path / "digits.npz")
     save_png(np.zeros((8, 8), np.uint8), tmp_path / "black.png")
-    for args, message in [((tmp_path / "digits.npz", tmp_path / "nope.png"), "nope.png: no such image file"),
-                          ((tmp_path / "ten.npz", tmp_path / "black.png"), "the model takes 10 inputs"),
-                          ((tmp_path / "digits.npz", tmp_path / "black.png"), "black.png: no digit found")]:
+    save_png(np.full((1, 1), 90, np.uint8), tmp_path / "dot.png")
+    (tmp_path / "notes.png").write_text("not a picture")
+    digits = tmp_path / "digits.npz"
+    for args, message in [
+            ((digits, tmp_path / "nope.png"), "nope.png: no such image file"),
+            ((tmp_path / "ten.npz", tmp_path / "black.png"), "the model takes 10 inputs"),
+            ((digits, tmp_path / "black.png"), "black.png: no digit found: the picture is one uniform colour"),
+            ((digits, tmp_path / "notes.png"), "notes.png: not a picture Pillow can read (cannot identify image file)"),
+            ((digits, tmp_path / "dot.png"), "dot.png: the picture is 1x1 pixels, too small to show a digit"),
+            ((digits, tmp_path), f"{tmp_path}: a folder, not an image file")]:
         run = nnaccel("predict", *args)
         assert run.returncode == 2 and "Traceback" not in run.stderr
         assert len(run.stderr.splitlines()) == 1 and message in run.stderr, run.stderr
+        assert run.stderr.startswith("nnaccel predict: error: ")

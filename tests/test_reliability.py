@@ -720,15 +720,16 @@ def test_nonsense_options_raise_nnaccel_errors_naming_them(case, make, message):
 
 
 def test_nonsense_cli_numbers_are_one_line_errors(capsys, tmp_path, monkeypatch):
-    """Values argparse lets through (NaN, inf, negative momentum) still fail as one line, exit 2."""
+    """Nonsense numbers (NaN, inf, negative momentum) fail as one line, exit 2, before any training."""
     monkeypatch.chdir(tmp_path)
-    for args, message in [(["--momentum", "-0.5"], "momentum must be"), (["--momentum", "nan"], "momentum must be"),
-                          (["--validation-split", "nan"], "--validation-split must be between 0 and 1"),
+    for args, message in [(["--validation-split", "nan"], "--validation-split must be between 0 and 1"),
                           (["--validation-split", "1"], "--validation-split must be between 0 and 1")]:
         assert cli.main(["train", "--data", "synthetic", "--epochs", "1", "--device", "cpu", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, err
-    for args, message in [(["--lr", "nan"], "--lr: must be a positive number"),
+    for args, message in [(["--momentum", "-0.5"], "--momentum: must be a finite number >= 0"),
+                          (["--momentum", "nan"], "--momentum: must be a finite number >= 0"),
+                          (["--lr", "nan"], "--lr: must be a positive number"),
                           (["--lr", "inf"], "--lr: must be a positive number"),
                           (["--epochs", "-1"], "--epochs: must be a positive integer")]:
         with pytest.raises(SystemExit) as stop:
