@@ -9,6 +9,7 @@ and thread count) runs in rounds alternating with nnaccel's, so both see the
 same machine noise, and the ratio is the median over the paired rounds.
 """
 
+import contextlib
 import datetime
 import json
 import math
@@ -291,11 +292,9 @@ def _cpu_model():
 
 def machine_info(devices, torch=None):
     """Where and with what the numbers were measured, for the JSON report."""
-    from threadpoolctl import threadpool_info
-
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
-            "cores": os.cpu_count(), "threadpools": threadpool_info(), "gpus": {},
+            "cores": os.cpu_count(), "threadpools": _threadpool_info(), "gpus": {},
             "versions": {"nnaccel": __version__, "numpy": numpy.__version__}}
     if torch is not None:
         info["versions"]["torch"] = torch.__version__
@@ -421,12 +420,10 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False
 
     Returns ``({device: {"size", "gflops"}}, [Result, ...])``.
     """
-    from threadpoolctl import threadpool_limits
-
     peaks, results = {}, []
     saved_torch_threads = torch.get_num_threads() if torch is not None else None
     try:
-        with threadpool_limits(limits=threads):
+        with _blas_threads(threads):
             if torch is not None:
                 torch.set_num_threads(threads)
             for device, sizes, batches in grid:
@@ -449,6 +446,27 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False
         if torch is not None:
             torch.set_num_threads(saved_torch_threads)
     return peaks, results
+
+
+def _threadpool_info():
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "threadpoolctl not installed (pip install 'nnaccel[bench]')"
+    return threadpool_info()
+
+
+def _blas_threads(threads):
+    """A context in which NumPy's BLAS uses ``threads`` threads (threadpoolctl, the ``bench`` extra); without
+    it, the thread count BLAS started with, which must then be ``threads``."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        if threads != default_threads():
+            raise ConfigError(f"--threads {threads} needs threadpoolctl to set BLAS's threads: "
+                              f"pip install 'nnaccel[bench]' (or set OPENBLAS_NUM_THREADS={threads})") from None
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=threads)
 
 
 def _say(message):

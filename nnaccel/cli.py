@@ -23,6 +23,10 @@ from .model import Sequential
 from .trainer import Trainer, TrainingDiverged
 
 DEFAULT_LR = {"sgd": 0.1, "adam": 0.001, "adamw": 0.001}
+DEFAULT_EPOCHS = 20
+# What `nnaccel train` trains on 28x28 images when no architecture is given: the best recipe found for
+# the MNIST sample within 2 minutes on a 2-core CPU (benchmarks/recipes.py; README, "The default recipe").
+DEFAULT_RECIPE = {"model": "default", "augment": 2, "schedule": "cosine", "lr": 0.05, "epochs": 15}
 
 
 def _int_from(minimum, meaning):
@@ -82,7 +86,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"nnaccel {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a network (default: 8x8 digits on the CPU or GPU)",
+    train = commands.add_parser("train", help="train a network (default: a small CNN on the MNIST sample)",
                                 description="Train a network and report its accuracy on a held-out part of the "
                                             "data. " + architectures.__doc__.split("Grammar:")[0].strip(),
                                 epilog="--layers grammar, comma-separated, input to output: N (Dense of N units), "
@@ -92,9 +96,10 @@ def build_parser():
                                        "image layers). E.g. conv6k5p2,maxpool2,conv16k5,maxpool2,120,84,10. "
                                        f"Presets (--model): {', '.join(f'{k} = {v}' for k, v in architectures.PRESETS.items())}.")
     data = train.add_argument_group("data")
-    data.add_argument("--data", default="digits",
-                      help="'digits' (scikit-learn's 8x8 digits, default), 'synthetic', an MNIST folder "
-                           "of IDX files, or a Keras mnist.npz")
+    data.add_argument("--data", default="mnist",
+                      help="'mnist' (the 7,996 real 28x28 MNIST digits nnaccel ships, default), 'digits' "
+                           "(scikit-learn's 8x8 digits: pip install 'nnaccel[digits]'), 'synthetic', an MNIST "
+                           "folder of IDX files, or a Keras mnist.npz")
     data.add_argument("--validation-split", type=float, default=0.2,
                       help="fraction of the training split held out for validation (default 0.2)")
     data.add_argument("--augment", type=_non_negative_int, nargs="?", const=2, metavar="PIXELS",
@@ -103,14 +108,17 @@ def build_parser():
     net = train.add_argument_group("network")
     shape = net.add_mutually_exclusive_group()
     shape.add_argument("--layers", help="the architecture, e.g. 784,256,10 or conv6k5p2,maxpool2,120,10 (grammar "
-                                        "below; default: inputs,256,classes)")
+                                        "below; default: on 28x28 images the default recipe, " +
+                                        ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEFAULT_RECIPE.items()) +
+                                        "; on other data inputs,256,classes)")
     shape.add_argument("--model", choices=sorted(architectures.PRESETS), help="a named architecture")
     net.add_argument("--activation", default="relu", help="hidden-layer activation (default relu)")
     net.add_argument("--dropout", type=_rate, metavar="RATE", help="Dropout of RATE after every hidden Dense layer")
     fit = train.add_argument_group("optimisation")
     fit.add_argument("--loss", default="softmax_cross_entropy", choices=sorted(losses.LOSSES))
     fit.add_argument("--optimizer", default="sgd", choices=sorted(optimizers.OPTIMIZERS))
-    fit.add_argument("--lr", type=_positive_float, help="learning rate (default 0.1 for SGD, 0.001 for Adam)")
+    fit.add_argument("--lr", type=_positive_float, help="learning rate (default 0.1 for SGD, 0.001 for Adam; "
+                                                        "the default recipe's on 28x28 images)")
     fit.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum (default 0.9)")
     fit.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
     fit.add_argument("--weight-decay", type=_non_negative_float, default=None,
@@ -120,7 +128,8 @@ def build_parser():
     fit.add_argument("--gamma", type=_positive_float, default=0.1, help="step schedule: the decay factor (default 0.1)")
     fit.add_argument("--eta-min", type=_non_negative_float, default=0.0,
                      help="cosine schedule: the final learning rate (default 0; over --epochs epochs)")
-    fit.add_argument("--epochs", type=_positive_int, default=20, help="total epochs (default 20)")
+    fit.add_argument("--epochs", type=_positive_int, help="total epochs (default 20; the default recipe's on 28x28 "
+                                                          "images)")
     fit.add_argument("--batch-size", type=_positive_int, default=64)
     fit.add_argument("--seed", type=_non_negative_int, default=0)
     run = train.add_argument_group("the run")
@@ -141,8 +150,13 @@ def build_parser():
 
     evaluate = commands.add_parser("evaluate", help="loss and accuracy of a saved model on a data set")
     evaluate.add_argument("model", help="a checkpoint written by 'nnaccel train --save'")
-    evaluate.add_argument("--data", default="digits", help="'digits', an MNIST folder or a mnist.npz")
-    evaluate.add_argument("--split", default="test", choices=["test", "train"])
+    evaluate.add_argument("--data", default="mnist", help="'mnist' (the sample nnaccel ships, default), 'digits', an "
+                                                        "MNIST folder or a mnist.npz")
+    evaluate.add_argument("--split", choices=["test", "train", "validation"],
+                          help="default: test where the data has one, else validation: the part 'nnaccel train' "
+                               "held out (--validation-split of the train split, with the checkpoint's seed)")
+    evaluate.add_argument("--validation-split", type=float, default=0.2,
+                          help="the fraction --split validation holds out, as in training (default 0.2)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--confusion", metavar="FILE", help="draw the confusion matrix to a PNG and list "
@@ -163,6 +177,10 @@ def build_parser():
     show.add_argument("--out", metavar="FILE", help="the PNG for --activations")
     show.add_argument("--device", default="auto")
 
+    export = commands.add_parser("export", help="write a saved model as ONNX (pip install 'nnaccel[onnx]')")
+    export.add_argument("model", help="a checkpoint written by 'nnaccel train --save'")
+    export.add_argument("onnx_path", metavar="OUT.onnx", help="the ONNX file to write (batch dimension dynamic)")
+
     commands.add_parser("info", help="versions, devices found, and why a GPU is not usable")
     bench.add_parser(commands)
     return parser
@@ -171,6 +189,17 @@ def build_parser():
 def _say(args, message):
     if not getattr(args, "quiet", False):
         print(message, file=sys.stderr, flush=True)
+
+
+def _apply_default_recipe(args, features):
+    """With no architecture given on 28x28 images, the default recipe fills the options left unset."""
+    if args.model or args.layers or args.resume or features != 28 * 28:
+        return
+    for option, value in DEFAULT_RECIPE.items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    _say(args, "the default recipe: " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in DEFAULT_RECIPE)
+         + f" ({architectures.PRESETS['default']})")
 
 
 def _build_model(args, features, classes, device):
@@ -291,6 +320,8 @@ def _train(args):
     if not 0.0 < args.validation_split < 1.0:
         raise ConfigError(f"--validation-split must be between 0 and 1, got {args.validation_split}")
     x, y = datasets.load(args.data, split="train")
+    _apply_default_recipe(args, x.shape[1])
+    args.epochs = args.epochs or DEFAULT_EPOCHS
     if args.resume:
         trainer = _trainer_from_checkpoint(args, device)
         _say(args, f"resuming {args.resume} after epoch {trainer.epoch}"
@@ -332,12 +363,28 @@ def _train(args):
     return 0
 
 
+def _evaluation_data(args, meta):
+    """``(x, y, split)``: ``--split``, or the test split where there is one, else the validation part
+    ``nnaccel train`` held out (same fraction, the checkpoint's seed)."""
+    split = args.split
+    if split is None:
+        try:
+            return (*datasets.load(args.data, split="test"), "test")
+        except NnaccelError:
+            split = "validation"
+    if split != "validation":
+        return (*datasets.load(args.data, split=split), split)
+    seed = int((meta.get("trainer") or {}).get("seed", 0))
+    x, y = datasets.load(args.data, split="train")
+    return (*datasets.train_val_split(x, y, args.validation_split, seed=seed)[1], "validation")
+
+
 def cmd_evaluate(args):
     device = resolve_device(args.device)
     meta, arrays = checkpoint.read(args.model)
     model = checkpoint.model_from(meta, arrays, args.model, device)
     loss = losses.get((meta.get("trainer") or {}).get("loss"))
-    x, y = datasets.load(args.data, split=args.split)
+    x, y, args.split = _evaluation_data(args, meta)
     result = Trainer(model, loss=loss, quiet=True).evaluate(x, y)
     if args.confusion or args.errors:
         probs = visualize.predict_proba(model, x)
@@ -388,6 +435,16 @@ def cmd_show(args):
     return 0
 
 
+def cmd_export(args):
+    from . import onnx
+
+    model = checkpoint.load(args.model, device="cpu")
+    path = onnx.export(model, args.onnx_path)
+    print(f"{args.model} written to {path} (ONNX: input 'input' of shape [batch, "
+          f"{', '.join(map(str, model.input_shape))}], output 'logits' [batch, {model.out_features}])")
+    return 0
+
+
 def cmd_info(args):
     print(f"nnaccel {__version__}")
     print(f"python {platform.python_version()} on {platform.machine()} {platform.system()}")
@@ -416,7 +473,7 @@ def cmd_info(args):
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "show": cmd_show,
-            "info": cmd_info, "bench": bench.run}
+            "export": cmd_export, "info": cmd_info, "bench": bench.run}
 
 
 PICTURE_OPTIONS = ("plot", "weights", "out", "confusion", "errors")

@@ -311,6 +311,30 @@ def _read_npz_array(archive, path, key, ndim):
     return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
+SAMPLE = "mnist"  # the name of the embedded data set
+
+
+def _sample_folder():
+    from importlib.resources import files
+
+    return files("nnaccel").joinpath("data", "mnist-sample")
+
+
+def load_mnist_sample(split="train"):
+    """The 7,996 real MNIST training images that ship inside nnaccel (CC BY-SA 3.0: see
+    ``nnaccel/data/mnist-sample``), 28x28, as ``(x, y)`` like ``load_mnist``; nothing is downloaded.
+
+    The sample has no test split: hold out part of it with ``train_val_split``.
+    """
+    if split != "train":
+        raise DataError(f"the embedded MNIST sample has only a train split (7,996 images), not {split!r}: "
+                        f"hold out part of it (nnaccel train does: --validation-split)")
+    folder = _sample_folder()
+    images = read_idx(folder.joinpath("train-images-idx3-ubyte.gz"), IMAGES_NDIM)
+    labels = read_idx(folder.joinpath("train-labels-idx1-ubyte.gz"), LABELS_NDIM)
+    return _to_xy(images, labels, "the MNIST sample's images", "the MNIST sample's labels")
+
+
 def load_digits(split="train"):
     """scikit-learn's 8x8 digits (1,797 images) as float32 in [0, 1].
 
@@ -323,8 +347,8 @@ def load_digits(split="train"):
         from sklearn.datasets import load_digits as sklearn_load_digits
     except ImportError as exc:
         raise DataError(
-            "the digits data set needs scikit-learn: pip install scikit-learn"
-        ) from exc
+            "the digits data set needs scikit-learn, an optional extra: pip install 'nnaccel[digits]'"
+        ) from None
     digits = sklearn_load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int64)
@@ -337,10 +361,13 @@ def load_digits(split="train"):
 
 
 def load(name_or_path, split="train"):
-    """Load a data set by name ("digits", "synthetic") or from a path (MNIST).
+    """Load a data set by name ("mnist", the embedded sample; "digits"; "synthetic") or from a path
+    (MNIST IDX files or a Keras mnist.npz).
 
-    The synthetic set has no test split: hold out data with train_val_split.
+    The sample and the synthetic set have no test split: hold out data with train_val_split.
     """
+    if name_or_path == SAMPLE:
+        return load_mnist_sample(split)
     if name_or_path == "digits":
         return load_digits(split)
     if name_or_path == "synthetic":
@@ -353,7 +380,7 @@ def load(name_or_path, split="train"):
     path = Path(name_or_path)
     if not path.exists():
         raise DataError(
-            f"{path}: no such file or folder (nor a built-in data set: 'digits', 'synthetic')"
+            f"{path}: no such file or folder (nor a built-in data set: 'mnist', 'digits', 'synthetic')"
         )
     return load_mnist(path, split)
 

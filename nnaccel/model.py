@@ -252,3 +252,16 @@ class Sequential:
 
     def __repr__(self):
         return self.summary()
+
+    @classmethod
+    def from_torch(cls, module, input_shape=None, device="cpu", seed=0):
+        """The model of a ``torch.nn.Sequential``, its weights and running statistics copied (needs PyTorch)."""
+        from .torch_interop import from_torch
+
+        return from_torch(module, input_shape, device, seed)
+
+    def to_torch(self):
+        """A ``torch.nn.Sequential`` computing what this model computes, its weights copied (needs PyTorch)."""
+        from .torch_interop import to_torch
+
+        return to_torch(self)

@@ -84,8 +84,7 @@ class Trainer:
         """
         model, ops = self.model, self.model.backend
         label_what = "y" if what == "x" else f"{what} labels"
-        if array_device(x) is None or array_device(y) is None:
-            x, y = numpy.asarray(x), numpy.asarray(y)
+        x, y = (numpy.asarray(a) if array_device(a) is None else a for a in (x, y))  # lists; arrays stay
         x = ops.asarray(x, what=what)
         y = ops.asarray(y, what=label_what)
         if x.ndim > 2 and tuple(x.shape[1:]) == model.input_shape:

@@ -13,18 +13,23 @@ def nnaccel(*args, cwd=None):
 
 
 def test_train_with_no_arguments_works(tmp_path):
-    """The README's first command: `nnaccel train` on the shipped digits (20 epochs)."""
-    run = nnaccel("train", cwd=tmp_path)
+    """The README's first command: `nnaccel train` trains the default recipe on the MNIST sample it ships, and
+    the model it saves scores like the README says on the fifth it held out (`evaluate --split validation`)."""
+    run = nnaccel("train", "--save", "m.npz", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "epoch 20/20" in run.stderr and "on cpu" in run.stderr
+    assert "the default recipe: --model default" in run.stderr and "on mnist (6397 train, 1599 validation)" in run.stderr
+    assert "epoch 15/15" in run.stderr and "on cpu" in run.stderr
     accuracy = float(run.stdout.split("validation accuracy")[1].split()[0])
-    assert accuracy >= 0.96
+    assert accuracy >= 0.98
+    run = nnaccel("evaluate", "m.npz", "--json", cwd=tmp_path)  # no test split in the sample: the held-out fifth
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["accuracy"] == pytest.approx(accuracy, abs=1e-4)
 
 
 def test_train_save_evaluate_json(tmp_path):
     model = tmp_path / "m.npz"
-    run = nnaccel("train", "--epochs", 3, "--layers", "64,32,10", "--save", model, "--json", "--quiet",
-                  "--plot", tmp_path / "curves.png", "--device", "cpu")
+    run = nnaccel("train", "--data", "digits", "--epochs", 3, "--layers", "64,32,10", "--save", model, "--json",
+                  "--quiet", "--plot", tmp_path / "curves.png", "--device", "cpu")
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["epochs"] == 3 and 0.5 < result["accuracy"] <= 1.0
@@ -32,8 +37,59 @@ def test_train_save_evaluate_json(tmp_path):
     run = nnaccel("evaluate", model, "--data", "digits", "--split", "test", "--json")
     assert run.returncode == 0, run.stderr
     assert set(json.loads(run.stdout)) == {"accuracy", "loss"}
-    run = nnaccel("evaluate", model)
+    run = nnaccel("evaluate", model, "--data", "digits")
     assert run.returncode == 0 and "test accuracy" in run.stdout
+
+
+def test_a_conv_net_from_the_command_line_predicts_and_shows(tmp_path):
+    """--layers with image layers and --augment; predict, show --weights (filters) and --activations (maps)."""
+    run = nnaccel("train", "--layers", "conv4k5p2,maxpool2,bn,conv8k3,avgpool2,32,10", "--augment", "--epochs", 1,
+                  "--save", "c.npz", "--quiet", "--device", "cpu", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    from nnaccel import load
+
+    model = load(tmp_path / "c.npz")
+    assert model.input_shape == (1, 28, 28) and type(model.layers[0]).__name__ == "RandomShift"
+    picture = "docs/images/three.png"
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    run = nnaccel("predict", tmp_path / "c.npz", root / picture, "--json", cwd=tmp_path)
+    assert run.returncode == 0 and json.loads(run.stdout)["digit"] in range(10), run.stderr
+    run = nnaccel("show", tmp_path / "c.npz", "--weights", tmp_path / "w.png", "--activations", root / picture,
+                  "--out", tmp_path / "a.png", "--device", "cpu", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "w.png").stat().st_size > 1000 and (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_training_options_reach_the_library(tmp_path):
+    run = nnaccel("train", "--data", "digits", "--layers", "64,32,16,10", "--dropout", "0.2", "--optimizer", "sgd",
+                  "--nesterov", "--weight-decay", "1e-4", "--schedule", "step", "--step-size", 1, "--gamma", "0.5",
+                  "--loss", "mse", "--early-stopping", 2, "--csv", "log.csv", "--epochs", 3, "--save", "m.npz",
+                  "--quiet", "--device", "cpu", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    from nnaccel import checkpoint
+
+    meta = checkpoint.read(tmp_path / "m.npz")[0]
+    assert [layer["type"] for layer in meta["model"]["layers"]] == ["Dense", "Dropout", "Dense", "Dropout", "Dense"]
+    assert meta["optimizer"]["config"] == {"type": "SGD", "lr": 0.1, "momentum": 0.9, "nesterov": True,
+                                           "weight_decay": 1e-4}
+    assert meta["trainer"]["schedule"] == {"type": "StepLR", "step_size": 1, "gamma": 0.5}
+    assert meta["trainer"]["loss"] == "mse" and meta["trainer"]["history"]["lr"] == [0.1, 0.05, 0.025]
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 4
+
+
+def test_train_help_groups_the_options():
+    run = nnaccel("train", "--help")
+    for group in ("data:", "network:", "optimisation:", "the run:", "output:", "--layers grammar"):
+        assert group in run.stdout, run.stdout
+
+
+def test_digits_without_scikit_learn_names_the_extra(tmp_path):
+    code = ("import sys; sys.modules['sklearn'] = None; from nnaccel import cli; "
+            "sys.exit(cli.main(['train', '--data', 'digits', '--epochs', '1', '--device', 'cpu']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "nnaccel train: error: the digits data set needs scikit-learn, an optional extra: pip install "
+        "'nnaccel[digits]'"], run.stderr
 
 
 def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
@@ -48,8 +104,11 @@ def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
     (["train", "--epochs", "0"], "--epochs: must be a positive integer"),
     (["train", "--batch-size", "-3"], "--batch-size: must be a positive integer"),
     (["train", "--lr", "0"], "--lr: must be a positive number"),
-    (["train", "--layers", "64,32"], "ends with 32 outputs but the data has 10 classes"),
-    (["train", "--layers", "784,32,10"], "starts with 784 inputs but the data has 64 features"),
+    (["train", "--layers", "784,32"], "ends with 32 outputs but the data has 10 classes"),
+    (["train", "--layers", "64,32,10"], "starts with 64 inputs but the data has 784 features"),
+    (["train", "--model", "lenet5", "--data", "digits"], "--model lenet5: 'conv16k5'"),
+    (["train", "--layers", "conv6k5,bogus,10"], "'bogus' is not a layer; the grammar"),
+    (["train", "--augment", "--data", "synthetic", "--layers", "784,10", "--epochs", "1"], "train"),
     (["train", "--activation", "swishy"], "unknown activation 'swishy'; valid: linear, relu"),
     (["train", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["train", "--device", "tpu"], "unknown device 'tpu'"),

@@ -48,3 +48,24 @@ def test_installed_wheel_loads_its_own_kernels(wheel, tmp_path):
     assert Path(module).is_relative_to(target) and Path(folder).is_relative_to(target)
     assert sorted(p.name for p in Path(folder).iterdir() if p.suffix in (".cu", ".cuh")) == SOURCES
     assert int(size) > 1000  # the header is inlined into the source CuPy compiles
+
+
+def test_the_wheel_needs_numpy_alone_and_ships_the_mnist_sample(wheel, tmp_path):
+    """`pip install nnaccel` brings numpy and nothing else; the sample and its licence are inside, and load from
+    the installed wheel with no network and none of the extras."""
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "LICENSE", "README.md"):
+        assert f"nnaccel/data/mnist-sample/{name}" in names, names
+    metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    required = [line.split(":", 1)[1].strip() for line in metadata.splitlines()
+                if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    assert required == ["numpy>=1.24"], required
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, timeout=300)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); sys.modules['sklearn'] = sys.modules['scipy'] = None; "
+            "from nnaccel import datasets; x, y = datasets.load_mnist_sample(); print(x.shape, y.shape, y[:5].tolist())")
+    run = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "(7996, 784) (7996,) [5, 0, 4, 1, 9]"

@@ -14,12 +14,20 @@ import numpy
 from ..errors import DeviceError
 
 
+DLPACK_DEVICES = {1: "cpu", 2: "cuda"}  # DLPack's device types: kDLCPU, kDLCUDA
+
+
 def array_device(array):
-    """``"cpu"`` for a NumPy array, ``"cuda:N"`` for a CuPy one, None otherwise."""
+    """``"cpu"`` for a NumPy array, ``"cuda:N"`` for a CuPy one, the device of any other array that
+    speaks DLPack (a torch tensor), None otherwise."""
     if isinstance(array, numpy.ndarray):
         return "cpu"
     if type(array).__module__.startswith("cupy"):
         return f"cuda:{array.device.id}"
+    if hasattr(array, "__dlpack_device__") and not isinstance(array, numpy.generic):
+        kind, index = array.__dlpack_device__()
+        name = DLPACK_DEVICES.get(int(kind), f"DLPack device type {int(kind)}")
+        return f"cuda:{int(index)}" if name == "cuda" else name
     return None
 
 
@@ -75,6 +83,13 @@ class Backend:
         where = array_device(array)
         if where not in (None, "cpu", self.name):
             raise DeviceError(f"{what} is on {where} but the model is on {self.name}")
+        native = numpy if where == "cpu" else self.xp
+        if where is not None and not isinstance(array, native.ndarray):  # another framework's array:
+            try:  # shared through DLPack, no copy
+                array = native.from_dlpack(array)
+            except (BufferError, RuntimeError, TypeError, ValueError) as error:
+                raise DeviceError(f"{what}: a {type(array).__name__} on {where} could not be shared through DLPack "
+                                  f"({error})") from None
         return self.xp.asarray(array, dtype=dtype)
 
     def check(self, array, what="array"):

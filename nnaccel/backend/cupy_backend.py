@@ -124,10 +124,10 @@ class CupyBackend(Backend):
             return super().im2col(x, window, out)
         return cuda_kernels.im2col(x, window, out)
 
-    def col2im(self, rows, window, out):
-        if not _fused(rows, out):
-            return super().col2im(rows, window, out)
-        return cuda_kernels.col2im(rows, window, out)
+    def col2im(self, columns, window, out):
+        if not _fused(columns, out):
+            return super().col2im(columns, window, out)
+        return cuda_kernels.col2im(columns, window, out)
 
     def bias_act_to_nchw(self, z, bias, activation, rows, out):
         if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused(z, bias, rows, out):

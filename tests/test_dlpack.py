@@ -1,0 +1,50 @@
+"""Arrays of other frameworks (anything with ``__dlpack__``): predict and fit take them on the model's device,
+sharing the memory where the device allows (a torch CPU tensor on the CPU); on another device they are
+refused naming both."""
+
+import numpy as np
+import pytest
+
+import nnaccel as nn
+
+torch = pytest.importorskip("torch")
+
+
+def model(device="cpu"):
+    return nn.Sequential(nn.Dense(6, 8, activation="relu"), nn.Dense(8, 3), device=device, seed=0)
+
+
+def test_a_torch_cpu_tensor_is_shared_not_copied():
+    ops = model().backend
+    tensor = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    shared = ops.asarray(tensor)
+    assert isinstance(shared, np.ndarray) and np.shares_memory(shared, tensor.numpy())
+
+
+def test_predict_and_fit_take_torch_tensors():
+    x, y = nn.datasets.synthetic(n=64, features=6, classes=3, seed=1)
+    reference = model()
+    np.testing.assert_array_equal(reference.predict(torch.from_numpy(x)), reference.predict(x))
+    a, b = model(), model()
+    nn.Trainer(a, batch_size=16, quiet=True).fit(torch.from_numpy(x), torch.from_numpy(y), epochs=2)
+    nn.Trainer(b, batch_size=16, quiet=True).fit(x, y, epochs=2)
+    np.testing.assert_array_equal(a.flat_params, b.flat_params)
+
+
+def test_a_tensor_that_cannot_be_shared_is_a_clear_error():
+    tensor = torch.zeros(2, 6, requires_grad=True)
+    with pytest.raises(nn.DeviceError, match="x: a Tensor on cpu could not be shared through DLPack"):
+        model().predict(tensor)
+
+
+def test_a_host_tensor_goes_to_the_emulated_gpu_and_a_device_mismatch_names_both(emulated):
+    x = torch.rand(5, 6)
+    on_gpu = model("cuda")
+    np.testing.assert_allclose(on_gpu.predict(x), model().predict(x.numpy()), rtol=1e-5, atol=1e-6)
+
+    class CudaTensor:  # what a torch CUDA tensor of GPU 1 answers
+        def __dlpack_device__(self):
+            return (2, 1)
+
+    with pytest.raises(nn.DeviceError, match="x is on cuda:1 but the model is on cuda:0"):
+        on_gpu.predict(CudaTensor())
