@@ -53,7 +53,7 @@ def backend(device):
 
 @pytest.fixture
 def sizes(device, network):
-    """The network's layer sizes; the largest network is skipped on the CPU unless asked for."""
+    """The network's name (layer sizes or a preset); the largest network is skipped on the CPU unless asked for."""
     if device == "cpu" and network in bench.GPU_ONLY_NETWORKS and not LARGE_ON_CPU:
         pytest.skip(f"{network} takes minutes on the CPU: set NNACCEL_BENCH_LARGE=1 to run it")
     return bench.parse_network(network)
@@ -99,6 +99,8 @@ class DenseOperands:
 @pytest.fixture
 def layers(backend, model, batch):
     """Every Dense layer's operands: the model's parameters, seeded activations and gradients."""
+    if not all(type(layer).__name__ == "Dense" for layer in model.layers):
+        pytest.skip("the per-op benchmarks take networks of Dense layers")
     operands = []
     for index, layer in enumerate(model.layers):
         weight, bias = layer.params["weight"], layer.params["bias"]

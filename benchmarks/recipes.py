@@ -23,9 +23,9 @@ from nnaccel import architectures, datasets
 
 RECIPES = {  # name: (architecture, optimizer, lr, epochs, batch, augment, schedule)
     "lenet5": ("lenet5", "sgd", 0.05, 15, 64, 0, None),
-    "lenet5-bn-shift-cosine": ("lenet5-bn", "sgd", 0.05, 15, 64, 2, "cosine"),
-    "lenet5-bn-shift-cosine-30": ("lenet5-bn", "sgd", 0.05, 30, 64, 2, "cosine"),
-    "wide-bn-shift-cosine-25": ("conv12k5p2,bn,maxpool2,conv24k5,bn,maxpool2,120,bn,84,10", "sgd", 0.05, 25, 64, 2,
+    "default": ("default", "sgd", 0.05, 15, 64, 2, "cosine"),  # nnaccel train's default recipe
+    "default-25-epochs": ("lenet5-bn", "sgd", 0.05, 25, 64, 2, "cosine"),
+    "wide-20-epochs": ("conv12k5p2,bn,maxpool2,conv24k5,bn,maxpool2,120,bn,84,10", "sgd", 0.05, 20, 64, 2,
                                 "cosine"),
 }
 
@@ -75,10 +75,10 @@ def run_torch(recipe, seed, data, threads):
         for begin in range(0, len(y), batch):
             chosen = order[begin:begin + batch]
             xb = tx[chosen]
-            if augment:  # the same kind of shifts (their draws differ)
-                shifts = torch.randint(-augment, augment + 1, (2,))
-                xb = torch.roll(torch.nn.functional.pad(xb, (augment,) * 4), tuple(shifts.tolist()), (2, 3))
-                xb = xb[:, :, augment:-augment, augment:-augment]
+            if augment:  # the same shifts, per image, zeros coming in (their draws differ)
+                padded = torch.nn.functional.pad(xb, (augment,) * 4)
+                corners = torch.randint(0, 2 * augment + 1, (len(xb), 2)).tolist()
+                xb = torch.stack([padded[i, :, a:a + shape[1], b:b + shape[2]] for i, (a, b) in enumerate(corners)])
             opt.zero_grad()
             torch.nn.functional.cross_entropy(twin(xb), ty[chosen]).backward()
             opt.step()

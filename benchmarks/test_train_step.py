@@ -5,5 +5,6 @@ from nnaccel import bench
 
 def test_train_step(measure, benchmark, backend, sizes, batch):
     """``Trainer.train_step`` on one synthetic batch kept on the device; samples and FLOPs go in extra_info."""
-    benchmark.extra_info.update(samples=batch, flops=bench.step_flops(sizes, batch))
-    measure(bench.training_step(sizes, batch, backend.name).run)
+    model, step = bench.training_step(sizes, batch, backend.name)
+    benchmark.extra_info.update(samples=batch, flops=bench.step_flops(model, batch))
+    measure(step.run)

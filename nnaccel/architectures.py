@@ -29,7 +29,7 @@ PRESETS = {
     "lenet5": "conv6k5p2,maxpool2,conv16k5,maxpool2,120,84,10",
     "lenet5-bn": "conv6k5p2,bn,maxpool2,conv16k5,bn,maxpool2,120,bn,84,10",
     "mlp": "256,10",
-    "default": "conv16k5p2,bn,maxpool2,conv32k5,bn,maxpool2,128,10",  # nnaccel train's on 28x28 images
+    "default": "conv6k5p2,bn,maxpool2,conv16k5,bn,maxpool2,120,bn,84,10",  # nnaccel train's on 28x28 images
 }
 _NUMBER = r"(\d+(?:x\d+)?)"
 _CONV = re.compile(rf"conv(\d+)k{_NUMBER}(?:s{_NUMBER})?(?:p{_NUMBER})?")

@@ -24,10 +24,10 @@ from typing import Callable, NamedTuple
 
 import numpy
 
-from . import __version__, datasets
+from . import __version__, architectures, datasets
 from .backend import cuda_status, get_backend, resolve_device
 from .errors import ConfigError
-from .layers import Dense
+from .layers import Conv2D, Dense, Maxout
 from .losses import SoftmaxCrossEntropy
 from .model import Sequential
 from .optimizers import SGD
@@ -35,13 +35,15 @@ from .trainer import Trainer
 
 LR, MOMENTUM = 0.01, 0.9
 # The networks and batch sizes the CPU ratio targets are judged on.
-TARGET_BATCHES = {"784-16-16-10": 32, "784-128-64-10": 64, "784-1024-1024-10": 256, "784-2048-2048-10": 512}
+TARGET_BATCHES = {"784-16-16-10": 32, "784-128-64-10": 64, "784-1024-1024-10": 256, "784-2048-2048-10": 512,
+                  "lenet5": 64}
 DEFAULT_BATCHES = {
     "784-16-16-10": (32, 128, 512),
     "784-128-64-10": (64, 256, 1024),
     "784-1024-1024-10": (64, 256, 1024),
     "784-2048-2048-10": (128, 512, 2048),
     "784-4096-4096-10": (512, 2048, 8192),
+    "lenet5": (64, 256),
 }
 OTHER_BATCHES = (32, 256, 1024)  # for networks given with --networks but not listed above
 GPU_ONLY_NETWORKS = ("784-4096-4096-10",)  # minutes per configuration on a CPU
@@ -81,60 +83,73 @@ class Result:
 
 # ----- what is measured --------------------------------------------------------------
 def parse_network(text):
-    """Layer sizes from ``"784-128-64-10"``: input, hidden layers, classes."""
+    """A network's name: layer sizes like ``784-128-64-10`` (ReLU hidden layers, a linear output) or an
+    architecture preset of ``nnaccel train --model`` (``lenet5``) on 28x28 images."""
+    name = text.strip().lower()
+    if name in architectures.PRESETS:
+        return name
     try:
-        sizes = tuple(int(part) for part in text.strip().split("-"))
+        sizes = tuple(int(part) for part in name.split("-"))
     except ValueError:
         sizes = ()
     if len(sizes) < 2 or min(sizes) <= 0:
-        raise ConfigError(f"network {text!r} is not a list of positive layer sizes like 784-128-64-10")
-    return sizes
-
-
-def network_name(sizes):
+        raise ConfigError(f"network {text!r} is not a list of positive layer sizes like 784-128-64-10 nor one of "
+                          f"{', '.join(architectures.PRESETS)}")
     return "-".join(map(str, sizes))
 
 
-def step_flops(sizes, batch):
-    """Floating-point operations of one training step.
-
-    Each layer costs 2*batch*in*out forward and twice that backward (weight
-    and input gradients), but the first layer's input gradient is not computed.
-    """
-    weights = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
-    return 6 * batch * weights - 2 * batch * sizes[0] * sizes[1]
-
-
-def build_network(sizes, device):
-    """ReLU hidden layers and a linear output, float32, on ``device``."""
+def build_network(name, device):
+    """The network ``name`` stands for, float32, on ``device``."""
+    if name in architectures.PRESETS:
+        layers, shape = architectures.build(name, 28 * 28, 10)
+        return Sequential(*layers, input_shape=shape, device=device, seed=0, dtype=numpy.float32)
+    sizes = [int(size) for size in name.split("-")]
     layers = [Dense(a, b, activation="relu") for a, b in zip(sizes[:-2], sizes[1:-1])]
     layers.append(Dense(sizes[-2], sizes[-1]))
     return Sequential(*layers, device=device, seed=0, dtype=numpy.float32)
 
 
-def synthetic_batch(sizes, batch):
-    """One seeded float32 batch (host arrays) with ``sizes[0]`` features and ``sizes[-1]`` classes."""
-    return datasets.synthetic(batch, sizes[0], sizes[-1], seed=0, dtype=numpy.float32)
+def step_flops(model, batch):
+    """Floating-point operations of one training step: its weighted sums.
+
+    Each weighted layer costs 2*batch*(multiply-adds per sample) forward and
+    twice that backward (weight and input gradients), but the first layer's
+    input gradient is not computed.
+    """
+    total = 0
+    for index, (layer, shape) in enumerate(zip(model.layers, model.shapes[1:])):
+        if isinstance(layer, Conv2D):
+            per_sample = math.prod(shape) * layer.in_channels * math.prod(layer.kernel_size)
+        elif isinstance(layer, (Dense, Maxout)):
+            per_sample = math.prod(layer.params["weight"].shape)
+        else:
+            continue
+        total += 2 * batch * per_sample * (3 if index else 2)
+    return total
 
 
-def training_step(sizes, batch, device):
+def synthetic_batch(model, batch):
+    """One seeded float32 batch (host arrays) of the model's inputs and classes."""
+    return datasets.synthetic(batch, model.in_features, model.out_features, seed=0, dtype=numpy.float32)
+
+
+def training_step(name, batch, device):
     """nnaccel's training step (softmax cross-entropy, SGD with momentum) on a batch kept on ``device``."""
-    model = build_network(sizes, device).train()
+    model = build_network(name, device).train()
     trainer = Trainer(model, loss=SoftmaxCrossEntropy(), optimizer=SGD(lr=LR, momentum=MOMENTUM),
                       batch_size=batch, quiet=True)
-    x, y = trainer.prepare(*synthetic_batch(sizes, batch))
-    return Step(lambda: trainer.train_step(x, y), model.backend.synchronize)
+    x, y = trainer.prepare(*synthetic_batch(model, batch))
+    return model, Step(lambda: trainer.train_step(x, y), model.backend.synchronize)
 
 
-def torch_training_step(torch, sizes, batch, device):
-    """The same step in PyTorch; the input tensor needs no gradient, as in nnaccel."""
-    torch.manual_seed(0)
-    layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
-    net = torch.nn.Sequential(*layers[:-1]).to(device)
+def torch_training_step(torch, name, batch, device):
+    """The same step in PyTorch, the same weights (``to_torch``); the input needs no gradient, as in nnaccel."""
+    model = build_network(name, "cpu")
+    net = model.to_torch().to(device).train()
     optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
-    x, y = (torch.from_numpy(array).to(device) for array in synthetic_batch(sizes, batch))
+    x, y = synthetic_batch(model, batch)
+    x = torch.from_numpy(x.reshape((batch,) + model.input_shape)).to(device)
+    y = torch.from_numpy(y).to(device)
 
     def run():
         optimizer.zero_grad()
@@ -180,13 +195,13 @@ def gemm_peak(backend, size, rounds, warmup_s):
     return 2 * size ** 3 * calls / seconds / 1e9
 
 
-def measure(sizes, batch, device, peak, rounds, steps, warmup_s, torch=None):
+def measure(name, batch, device, peak, rounds, steps, warmup_s, torch=None):
     """Time nnaccel's step (and PyTorch's, alternating rounds, when ``torch`` is given)."""
-    ours = training_step(sizes, batch, device)
+    model, ours = training_step(name, batch, device)
     per_step = warm_up(ours, warmup_s)
     theirs = None
     if torch is not None:
-        theirs = torch_training_step(torch, sizes, batch, device)
+        theirs = torch_training_step(torch, name, batch, device)
         warm_up(theirs, warmup_s)
     steps = steps or max(1, math.ceil(ROUND_SECONDS / per_step))
     seconds, torch_seconds = [], []
@@ -195,8 +210,7 @@ def measure(sizes, batch, device, peak, rounds, steps, warmup_s, torch=None):
         if theirs is not None:
             torch_seconds.append(time_round(theirs, steps))
     samples_per_s = batch * steps / statistics.median(seconds)
-    gflops = step_flops(sizes, batch) * samples_per_s / batch / 1e9
-    name = network_name(sizes)
+    gflops = step_flops(model, batch) * samples_per_s / batch / 1e9
     result = Result(device, name, batch, steps, seconds, samples_per_s, gflops, gflops / peak,
                     target=device == "cpu" and TARGET_BATCHES.get(name) == batch)
     if theirs is not None:
@@ -243,11 +257,10 @@ def plan(args, devices):
     batches = parse_batches(args.batches) if args.batches else QUICK["batches"] if args.quick else None
     grid = []
     for device in devices:
-        for sizes in networks:
-            name = network_name(sizes)
+        for name in networks:
             if not args.networks and device == "cpu" and name in GPU_ONLY_NETWORKS:
                 continue
-            grid.append((device, sizes, batches or DEFAULT_BATCHES.get(name, OTHER_BATCHES)))
+            grid.append((device, name, batches or DEFAULT_BATCHES.get(name, OTHER_BATCHES)))
     return grid
 
 
