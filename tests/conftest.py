@@ -1,12 +1,17 @@
 """Shared fixtures: every device (the CPU, the emulated CUDA device, a real GPU where one answers),
 and the real MNIST subset when present."""
 
+import os
 from pathlib import Path
 
-import pytest
+if "PYTEST_XDIST_WORKER" in os.environ:  # one BLAS thread per test process: several share the cores
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
 
-from emulated_cuda import emulated_cuda, emulator_seed
-from nnaccel.backend import cuda_status
+import pytest  # noqa: E402
+
+from emulated_cuda import emulated_cuda, emulator_seed  # noqa: E402
+from nnaccel.backend import cuda_status  # noqa: E402
 
 MNIST_SUBSET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-subset"
 GPU_COUNT, GPU_REASON = cuda_status()
@@ -49,6 +54,19 @@ def mnist_path():
     if not MNIST_SUBSET.is_dir():
         pytest.skip(f"real MNIST subset not found at {MNIST_SUBSET}")
     return MNIST_SUBSET
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (minutes each)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_report_header(config):

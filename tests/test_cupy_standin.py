@@ -104,13 +104,13 @@ def test_cuda_1_computes_on_the_second_device(cp):
 
 
 def test_nnaccel_train_on_the_emulated_gpu_end_to_end(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "nnaccel.cli", "train", "--device", "cuda", "--epochs", "3",
+    run = subprocess.run([sys.executable, "-m", "nnaccel.cli", "train", "--data", "digits", "--device", "cuda", "--epochs", "3",
                           "--layers", "64,32,10", "--save", "m.npz", "--json", "--quiet"], env=ENV, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     result = __import__("json").loads(run.stdout)
     assert result["device"] == "cuda:0" and result["accuracy"] > 0.85
-    evaluate = subprocess.run([sys.executable, "-m", "nnaccel.cli", "evaluate", "m.npz", "--device", "cuda",
+    evaluate = subprocess.run([sys.executable, "-m", "nnaccel.cli", "evaluate", "m.npz", "--data", "digits", "--device", "cuda",
                                "--json"], env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert evaluate.returncode == 0 and __import__("json").loads(evaluate.stdout)["accuracy"] > 0.85, evaluate.stderr
     info = subprocess.run([sys.executable, "-m", "nnaccel.cli", "info"], env=ENV, capture_output=True, text=True,

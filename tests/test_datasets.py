@@ -595,7 +595,7 @@ def test_digits_without_scikit_learn(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
-    assert_data_error(datasets.load_digits, "pip install scikit-learn")
+    assert_data_error(datasets.load_digits, "pip install 'nnaccel[digits]'")
 
 
 # Synthetic -----------------------------------------------------------------

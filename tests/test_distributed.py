@@ -253,7 +253,8 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(mpi, tmp_path, chec
 
 
 def test_cli_divergence_is_one_error_from_rank_0(mpi, tmp_path):
-    run = mpiexec(2, *NNACCEL, "train", "--distributed", "--layers", "64,32,10", "--lr", "1e30", "--quiet",
+    run = mpiexec(2, *NNACCEL, "train", "--distributed", "--data", "digits", "--layers", "64,32,10", "--lr", "1e30",
+                  "--quiet",
                   "--save", "c.npz", cwd=tmp_path, timeout=60)
     assert run.returncode == 2
     errors = [line for line in run.stderr.splitlines() if "error" in line]
@@ -326,7 +327,7 @@ def test_a_killed_rank_ends_the_job(mpi, tmp_path):
 
 
 def test_cli_checkpoints_move_between_two_ranks_and_one_process(mpi, tmp_path):
-    common = ["--layers", "64,32,10", "--quiet", "--device", "cpu"]
+    common = ["--data", "digits", "--layers", "64,32,10", "--quiet", "--device", "cpu"]
 
     def single(*args):
         run = subprocess.run([*NNACCEL, "train", *common, *map(str, args)], env=ENV, cwd=tmp_path,
@@ -363,7 +364,8 @@ def test_cli_resume_needs_ranks_that_share_the_global_batch(mpi, tmp_path):
 
 
 def test_cli_ctrl_c_stops_every_rank_with_a_checkpoint(mpi, tmp_path):
-    process = subprocess.Popen([MPIEXEC, "-n", "2", *NNACCEL, "train", "--distributed", "--layers", "64,32,10",
+    process = subprocess.Popen([MPIEXEC, "-n", "2", *NNACCEL, "train", "--distributed", "--data", "digits", "--layers",
+                                "64,32,10",
                                 "--epochs", "1000", "--batch-size", "8", "--save", "c.npz"],
                                env=ENV, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines, reader = _follow(process.stderr)
@@ -385,7 +387,8 @@ def test_cli_ctrl_c_stops_every_rank_with_a_checkpoint(mpi, tmp_path):
 
 
 def test_cli_user_error_on_every_rank_ends_the_job(mpi, tmp_path):
-    run = mpiexec(2, *NNACCEL, "train", "--distributed", "--layers", "784,32,10", cwd=tmp_path, timeout=60)
+    run = mpiexec(2, *NNACCEL, "train", "--distributed", "--data", "digits", "--layers", "784,32,10", cwd=tmp_path,
+                  timeout=60)
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert re.search(r"nnaccel train: rank [01]: error: --layers starts with 784 inputs", run.stderr), run.stderr

@@ -25,8 +25,8 @@ def test_digits_reach_96_percent(device):
 def test_mnist_subset_reaches_94_percent(device, mnist_path):
     (x, y), (xv, yv) = datasets.train_val_split(*datasets.load_mnist(mnist_path), fraction=0.2, seed=0)
     model = nn.Sequential(nn.Dense(784, 256, activation="relu"), nn.Dense(256, 10), device=device, seed=0)
-    trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=64, seed=0, quiet=True)
-    trainer.fit(x, y, epochs=20, validation_data=(xv, yv))
+    trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=128, seed=0, quiet=True)
+    trainer.fit(x, y, epochs=10, validation_data=(xv, yv))  # 500 steps: 96.6% on the CPU
     assert trainer.evaluate(xv, yv)["accuracy"] >= 0.94
 
 

@@ -86,7 +86,8 @@ def test_show_weights_and_activations(digits_model, tmp_path):
 
 def test_evaluate_confusion_and_errors(digits_model, tmp_path):
     _, model_path, _ = digits_model
-    run = nnaccel("evaluate", model_path, "--confusion", tmp_path / "c.png", "--errors", tmp_path / "e.png")
+    run = nnaccel("evaluate", model_path, "--data", "digits", "--confusion", tmp_path / "c.png", "--errors",
+                  tmp_path / "e.png")
     assert run.returncode == 0, run.stderr
     assert "test accuracy" in run.stdout and "most confused (true -> predicted: count): " in run.stdout
     assert_picture(tmp_path / "c.png", (446, 388))
