@@ -12,18 +12,31 @@ def nnaccel(*args, cwd=None):
                           text=True, cwd=cwd, timeout=300)
 
 
-def test_train_with_no_arguments_works(tmp_path):
-    """The README's first command: `nnaccel train` trains the default recipe on the MNIST sample it ships, and
-    the model it saves scores like the README says on the fifth it held out (`evaluate --split validation`)."""
-    run = nnaccel("train", "--save", "m.npz", cwd=tmp_path)
+def _train_the_default_recipe(tmp_path, *epochs):
+    """`nnaccel train` as the README's first command runs it (optionally fewer epochs); the validation accuracy."""
+    run = nnaccel("train", *epochs, "--save", "m.npz", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "the default recipe: --model default" in run.stderr and "on mnist (6397 train, 1599 validation)" in run.stderr
-    assert "epoch 15/15" in run.stderr and "on cpu" in run.stderr
+    assert "on cpu" in run.stderr
     accuracy = float(run.stdout.split("validation accuracy")[1].split()[0])
-    assert accuracy >= 0.98
     run = nnaccel("evaluate", "m.npz", "--json", cwd=tmp_path)  # no test split in the sample: the held-out fifth
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["accuracy"] == pytest.approx(accuracy, abs=1e-4)
+    return accuracy
+
+
+def test_the_default_recipe_trains_on_the_sample_it_ships(tmp_path):
+    """The README's first command, 3 of its 15 epochs (the whole run is the slow test below and
+    benchmarks/recipes.py): the recipe and data it picks, and a model that has learned (97.7% here)."""
+    accuracy = _train_the_default_recipe(tmp_path, "--epochs", "3")
+    assert accuracy >= 0.95
+
+
+@pytest.mark.slow
+def test_train_with_no_arguments_reaches_98_percent(tmp_path):
+    """The README's first command as it is, 15 epochs (about 40 s on 2 cores): 98.5% over 3 seeds."""
+    accuracy = _train_the_default_recipe(tmp_path)
+    assert accuracy >= 0.98
 
 
 def test_train_save_evaluate_json(tmp_path):
