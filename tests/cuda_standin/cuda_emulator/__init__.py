@@ -392,11 +392,17 @@ class Kernel:
                 raise LaunchError("CUDA_ERROR_INVALID_VALUE", f"{where} got {arg.what}, {arg.dtype.itemsize} "
                                   f"bytes of {arg.dtype} for a {param.size}-byte {param.ctype}")
 
-    def launch(self, grid, block, args, shared_mem=0):
-        """Run the kernel over ``grid`` blocks of ``block`` threads with ``args`` (Argument values)."""
+    def validate(self, grid, block, args, shared_mem=0):
+        """``(grid, block)`` as three dimensions each, after the checks a launch makes before it runs (what a
+        graph capture does instead of launching); LaunchError for a launch a GPU would refuse."""
         grid, block = _dims(grid, "grid"), _dims(block, "block")
         self._check_configuration(grid, block, shared_mem)
         self._check_arguments(args)
+        return grid, block
+
+    def launch(self, grid, block, args, shared_mem=0):
+        """Run the kernel over ``grid`` blocks of ``block`` threads with ``args`` (Argument values)."""
+        grid, block = self.validate(grid, block, args, shared_mem)
         values = [ctypes.create_string_buffer(arg.value, len(arg.value)) for arg in args]
         params = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
         number = next(_launch_numbers)

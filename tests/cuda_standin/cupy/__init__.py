@@ -11,7 +11,12 @@ kernels are compiled by the host C++ compiler and run by the CUDA emulator
 block concurrently and reports what a GPU would get wrong. Like CuPy, the
 stand-in refuses implicit host conversion (``numpy.asarray(device_array)``)
 and mixing NumPy arrays with device arrays (``TypeError``), and an array must
-be used on the device it lives on. ``CUPY_STANDIN_DEVICES`` (default 2) and
+be used on the device it lives on. Memory comes from CuPy's allocator API
+(``cupy.cuda.alloc``, ``set_allocator``, ``using_allocator``, ``ndarray(...,
+memptr=...)``), and ``Stream.begin_capture``/``end_capture`` capture CUDA
+graphs with CUDA's rules (see ``_core`` and ``cuda/graph.py``): captured work
+runs only when the graph is launched, and what CUDA refuses while capturing
+raises and invalidates the capture. ``CUPY_STANDIN_DEVICES`` (default 2) and
 ``CUPY_STANDIN_SMS`` (multiprocessors per device, default 2, so that
 grid-stride loops take several passes) shape the emulated machine.
 """
@@ -148,10 +153,23 @@ def __getattr__(name):
 
 
 class RawKernel:
-    """One kernel of a RawModule, called like CuPy's: ``kernel(grid, block, args)``."""
+    """A CUDA kernel, called like CuPy's: ``kernel(grid, block, args)``.
 
-    def __init__(self, module, name):
-        self._module, self.name = module, name
+    ``RawKernel(code, name, options=())`` compiles ``code`` as CuPy's does (on first use); ``RawModule.get_function``
+    returns one of its module. During a graph capture on the current stream a call is recorded, not run: its
+    configuration and arguments are checked now, scalars are kept by value and arrays by address, as CUDA keeps a
+    kernel node's parameters.
+    """
+
+    def __init__(self, code, name, options=(), backend="nvrtc", translate_cucomplex=False, *,
+                 enable_cooperative_groups=False, jitify=False):
+        self._module = code if isinstance(code, RawModule) else RawModule(code=code, options=options,
+                                                                        backend=backend)
+        self.name = name
+
+    @property
+    def code(self):
+        return self._module.code
 
     @property
     def kernel(self):
@@ -160,15 +178,31 @@ class RawKernel:
     def __call__(self, grid, block, args, *, shared_mem=0, stream=None, enable_cooperative_groups=False):
         import cuda_emulator
 
+        from . import _core
         from .cuda.driver import CUDADriverError
 
         if not isinstance(args, tuple):
             raise TypeError(f"kernel arguments must be a tuple, got {type(args).__name__}")
         arguments = [_kernel_argument(value, index, self.name) for index, value in enumerate(args)]
+        capture = _core.recording(stream)
         try:
-            self.kernel.launch(grid, block, arguments, shared_mem)
+            kernel = self.kernel
+            if capture is None:
+                kernel.launch(grid, block, arguments, shared_mem)
+                return
+            grid, block = kernel.validate(grid, block, arguments, shared_mem)
         except cuda_emulator.LaunchError as error:
+            if capture is not None and capture.invalidated is None:  # a failed call in a capture invalidates it
+                capture.invalidated = f"the refused launch of kernel {self.name}"
             raise CUDADriverError(str(error)) from None
+
+        def run():
+            try:
+                kernel.launch(grid, block, arguments, shared_mem)
+            except cuda_emulator.LaunchError as error:
+                raise CUDADriverError(str(error)) from None
+
+        capture.add(f"kernel {self.name} <<<{grid}, {block}>>>", run, [a for a in args if isinstance(a, ndarray)])
 
 
 def _kernel_argument(value, index, kernel):

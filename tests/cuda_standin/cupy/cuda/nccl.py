@@ -35,6 +35,17 @@ def _buffer(pointer, count, datatype):
     return numpy.frombuffer((ctypes.c_char * (count * dtype.itemsize)).from_address(pointer), dtype=dtype)
 
 
+def _issue(stream, label, run):
+    """Run a collective now, or record it into the graph that ``stream`` (its pointer) captures, as NCCL can."""
+    from .. import _core
+
+    capture = _core.recording(stream)
+    if capture is None:
+        run()
+    else:
+        capture.add(label, run)
+
+
 class NcclCommunicator:
     def __init__(self, ndev, commId, rank):
         if not available:
@@ -52,10 +63,11 @@ class NcclCommunicator:
         ops = {NCCL_SUM: mpi.SUM, NCCL_PROD: mpi.PROD, NCCL_MAX: mpi.MAX, NCCL_MIN: mpi.MIN}
         receive = _buffer(recvbuf, count, datatype)
         send = mpi.IN_PLACE if sendbuf == recvbuf else _buffer(sendbuf, count, datatype)
-        self._comm.Allreduce(send, receive, op=ops[op])
+        _issue(stream, "ncclAllReduce", lambda: self._comm.Allreduce(send, receive, op=ops[op]))
 
     def bcast(self, buff, count, datatype, root, stream):
-        self._comm.Bcast(_buffer(buff, count, datatype), root=root)
+        buffer = _buffer(buff, count, datatype)
+        _issue(stream, "ncclBcast", lambda: self._comm.Bcast(buffer, root=root))
 
     def abort(self):
         pass

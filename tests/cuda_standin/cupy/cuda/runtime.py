@@ -3,8 +3,22 @@
 from .. import _core
 
 
+_STATUS = {"cudaErrorInvalidValue": 1, "cudaErrorMemoryAllocation": 2, "cudaErrorInvalidDevice": 101,
+           "cudaErrorIllegalState": 401, "cudaErrorIllegalAddress": 700, "cudaErrorStreamCaptureUnsupported": 900,
+           "cudaErrorStreamCaptureInvalidated": 901, "cudaErrorStreamCaptureImplicit": 906,
+           "cudaErrorStreamCaptureWrongThread": 908}
+
+
 class CUDARuntimeError(RuntimeError):
-    pass
+    """A CUDA runtime error: the message starts with the error's name; ``status`` is its code, as in CuPy."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.status = _STATUS.get(str(message).split(":", 1)[0], 0)
+
+
+streamCaptureModeGlobal, streamCaptureModeThreadLocal, streamCaptureModeRelaxed = 0, 1, 2
+streamCaptureStatusNone, streamCaptureStatusActive, streamCaptureStatusInvalidated = 0, 1, 2
 
 
 cudaDevAttrMaxThreadsPerBlock = 1
