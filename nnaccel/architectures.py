@@ -54,10 +54,16 @@ def _layer(token, shape, activation):
         return L.Flatten()
     if token.startswith("drop"):
         try:
-            return L.Dropout(float(token[4:]))
+            rate = float(token[4:])
         except ValueError:
-            raise ConfigError(f"--layers: {token!r} needs a rate, like drop0.5") from None
-    if token.startswith("shift") and token[5:].isdigit():
+            raise ConfigError(f"--layers: {token!r} needs a rate in [0, 1), like drop0.5") from None
+        return L.Dropout(rate)  # NaN, infinities and rates outside [0, 1) refused with the range
+    if token.startswith("shift"):
+        widest = (min(shape[1:]) - 1) // 2 if len(shape) == 3 else None
+        if not token[5:].isdigit() or (widest is not None and int(token[5:]) > widest):
+            valid = f"0 to {widest} pixels on {L.describe_shape(shape)} images" if widest is not None else "pixels"
+            raise ConfigError(f"--layers: {token!r} needs a whole number of {valid} (below half the side: each "
+                              f"image's centre stays in it), like shift2")
         return L.RandomShift(int(token[5:]))
     conv = _CONV.fullmatch(token)
     if conv:
@@ -105,14 +111,19 @@ def _build(text, features, classes, activation):
         raise ConfigError(f"--layers ends with {tokens[-1]} outputs but the data has {classes} classes")
     layers, shape = [], input_shape
     for index, token in enumerate(tokens):
-        if token.isdigit():
-            if len(shape) > 1:
-                layers.append(L.Flatten())
-                shape = layers[-1].output_shape(shape)
-            last = index == len(tokens) - 1
-            layer = L.Dense(shape[0], int(token), activation=None if last else activation)
-        else:
-            layer = _layer(token, shape, activation)
+        try:
+            if token.isdigit():
+                if len(shape) > 1:
+                    layers.append(L.Flatten())
+                    shape = layers[-1].output_shape(shape)
+                last = index == len(tokens) - 1
+                layer = L.Dense(shape[0], int(token), activation=None if last else activation)
+            else:
+                layer = _layer(token, shape, activation)
+        except ConfigError as error:  # a number out of its range: 0 units, conv0k5, maxpool2s0, drop1.5
+            message = str(error)
+            raise ConfigError(message if message.startswith("--layers") else
+                              f"--layers: {token!r}: {message}") from None
         try:
             shape = layer.output_shape(shape)
         except ConfigError as error:

@@ -7,7 +7,7 @@ import csv
 import math
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError, check_int, check_number
 
 
 class Callback:
@@ -34,7 +34,9 @@ class _Monitor:
             raise ConfigError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
         self.monitor = monitor
         self.sign = -1.0 if mode == "max" or (mode == "auto" and "acc" in monitor) else 1.0
-        self.min_delta = abs(min_delta)
+        # Keras takes a negative min_delta as its size
+        self.min_delta = check_number(abs(min_delta) if isinstance(min_delta, (int, float)) else min_delta,
+                                      "min_delta", allow_zero=True)
         self.best = math.inf
 
     def improved(self, logs):
@@ -57,7 +59,7 @@ class EarlyStopping(Callback, _Monitor):
 
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto", restore_best_weights=True):
         _Monitor.__init__(self, monitor, mode, min_delta)
-        self.patience = int(patience)
+        self.patience = check_int(patience, "patience")
         self.restore_best_weights = restore_best_weights
 
     def on_train_begin(self, trainer):
@@ -108,11 +110,14 @@ class CSVLogger(Callback):
 
     def on_epoch_end(self, trainer, logs):
         new = not self.path.exists()
-        with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(logs))
-            if new:
-                writer.writeheader()
-            writer.writerow(logs)
+        try:
+            with open(self.path, "a", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(logs))
+                if new:
+                    writer.writeheader()
+                writer.writerow(logs)
+        except OSError as error:
+            raise OutputError(f"cannot write the CSV log {self.path}: {error.strerror or error}") from None
 
 
 class PlotCurves(Callback):

@@ -4,41 +4,109 @@ A checkpoint is written to a temporary file in the destination folder,
 flushed to disk and renamed over the old one, so a process killed at any
 moment leaves either the old checkpoint or the new one, never half of one.
 Arrays are stored on the host and load on any device.
+
+A checkpoint is a file from anyone, and loading one is safe. Nothing is
+unpickled, ever: members are parsed as plain ``.npy`` arrays of numbers and
+an object dtype is refused. The ``meta`` entry (at most ``META_LIMIT``
+bytes) is read and checked first, and from the architecture it describes
+the loader derives every array the file must hold: each parameter and
+buffer with its shape in the model's dtype, and the optimizer's buffers
+(SGD's velocity when it has momentum, Adam's m and v), one value per
+parameter. Before reading any array data it refuses a file whose members
+are missing, extra, duplicated, compressed or encrypted (no zip bombs),
+whose zip sizes disagree with their ``.npy`` headers, whose headers give
+another shape or dtype, or whose architecture needs more bytes than the file
+holds (a small file claiming 10^12 parameters is refused before anything is
+allocated): a load allocates about the file's size, plus the model it
+describes. Nonsense metadata (sizes that are zero, negative, not integers
+or above ``MAX_SIZE``, NaN, unknown layers, optimizers, losses or
+schedules, a malformed trainer state) is refused too. Every refusal is a
+CheckpointError naming the file and the problem; no other exception
+escapes ``read``, ``load``, ``model_from`` or ``Trainer.restore`` for a bad
+file (``tests/test_hostile_checkpoints.py`` fuzzes them).
 """
 
+import io
 import json
+import math
 import os
+import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy
+from numpy.lib import format as npy_format
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, OutputError
 
 FORMAT = "nnaccel-checkpoint"
 VERSION = 1
+
+# What a checkpoint may ask for; each is checked before anything is read or built.
+META_LIMIT = 8 * 2**20  # bytes of the 'meta' entry (a JSON string: a real one holds a few KiB)
+HEADER_LIMIT = 4096  # bytes of one member's .npy header (numpy writes about 128)
+MAX_SIZE = 2**31 - 1  # any integer in a layer's config, and the values per sample anywhere in the model
+MAX_LAYERS = 10_000
+MAX_COUNT = 2**63 - 1  # epochs, steps, seeds, batch sizes, dropout counters
+_CHUNK = 2**20  # array data is read in pieces of this many bytes straight into its array
+FLOAT_NAMES = ("float32", "float64")
 
 
 def _host(array):
     return array.get() if hasattr(array, "get") else numpy.asarray(array)
 
 
+def expected_size(model, optimizer=None):
+    """About how many bytes ``save`` writes for ``model`` and ``optimizer``'s state."""
+    slots = len(optimizer.state_names) if optimizer is not None else 0
+    return model.flat_params.nbytes * (1 + slots) + model.flat_buffers.nbytes + 2**14  # and the metadata
+
+
+def check_writable(path, what="checkpoint", size=0):
+    """Refuse, before any work is done, an output file that could not be written: ``path`` is a
+    folder, its folder does not exist or cannot be written, or holds less than ``size`` bytes free.
+    The folder is probed with a real temporary file (permissions alone do not say, for root or on a
+    read-only mount)."""
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; name a file in it, such as {path / 'model.npz'}")
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {what} {path}: folder {folder} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise OutputError(f"cannot write {what} {path}: {error.strerror} (folder {folder})") from None
+    free = shutil.disk_usage(folder).free
+    if free < size:
+        raise OutputError(f"cannot write {what} {path}: {folder} has {free / 2**20:.1f} MiB free, and "
+                              f"the file takes about {size / 2**20:.1f} MiB")
+
+
 def atomic_write(path, write):
-    """Call ``write(file)`` on a temporary file, fsync it, and rename it to ``path``."""
+    """Call ``write(file)`` on a temporary file, fsync it, and rename it to ``path``; on any
+    failure (a full disk, a signal) the temporary file is removed and ``path`` is as it was."""
     path = Path(path)
     folder = path.parent
     if not folder.is_dir():
-        raise CheckpointError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        raise OutputError(f"cannot write {path}: folder {folder} does not exist")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as error:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            previous = "; the previous file is intact" if path.exists() else ""
+            raise OutputError(f"cannot write {path}: {error.strerror or error}{previous}") from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -59,7 +127,9 @@ def save(path, model, optimizer=None, trainer_state=None):
     if optimizer is not None:
         state = optimizer.state_dict()
         meta["optimizer"] = {"config": optimizer.config(), "steps": state["steps"], "lr": state["lr"]}
-        arrays.update({f"optim/{name}": buf for name, buf in state["buffers"].items()})
+        # In the model's dtype, as the loader expects (state restored from another dtype's checkpoint
+        # is converted at the next step anyway).
+        arrays.update({f"optim/{name}": numpy.asarray(buf, model.dtype) for name, buf in state["buffers"].items()})
     if trainer_state is not None:
         meta["trainer"] = trainer_state
     arrays["meta"] = numpy.array(json.dumps(meta))
@@ -67,29 +137,334 @@ def save(path, model, optimizer=None, trainer_state=None):
 
 
 def read(path):
-    """``(meta, arrays)`` from a checkpoint file, or a CheckpointError saying what is wrong."""
+    """``(meta, arrays)`` from a checkpoint file, or a CheckpointError saying what is wrong.
+
+    The metadata is read and checked first, and the arrays only once every
+    member's zip entry and ``.npy`` header agree with the architecture it
+    describes (see the module docstring): a file from anyone is safe here.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        with open(path, "rb") as handle, numpy.load(handle, allow_pickle=False) as archive:
-            if "meta" not in archive.files:
-                raise CheckpointError(f"{path} is not an nnaccel checkpoint (no 'meta' entry)")
-            arrays = {name: archive[name] for name in archive.files}
+        with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
+            return _read_checked(path, os.fstat(handle.fileno()).st_size, archive)
     except CheckpointError:
         raise
     except Exception as error:  # an untrusted file fails in zipfile, zlib or numpy in many ways
         raise CheckpointError(f"{path} is not a readable nnaccel checkpoint (truncated or corrupt: "
-                              f"{type(error).__name__}: {error})") from None
+                              f"{type(error).__name__}: {_brief(error)})") from None
+
+
+def _brief(value, limit=200):
+    """``value`` in words, cut to ``limit`` characters: hostile files hold megabyte-long strings."""
+    text = value if isinstance(value, str) else str(value) if isinstance(value, BaseException) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _shown(value):
+    """A value from the file as Python writes it (strings quoted), cut short."""
+    return _brief(repr(value))
+
+
+def _read_checked(path, size, archive):
+    """``read`` on an open zip of ``size`` bytes: zip entries, then meta, then headers, then data."""
+    members = {}
+    for info in archive.infolist():
+        if info.filename in members:
+            raise CheckpointError(f"{path} holds two members named {_brief(info.filename)}")
+        members[info.filename] = info
+    claimed = sum(info.compress_size for info in members.values())
+    if claimed > size:
+        raise CheckpointError(f"{path}: its zip entries claim {claimed:,} bytes but the file holds {size:,} "
+                              f"(overlapping or forged entries)")
+    if "meta.npy" not in members:
+        raise CheckpointError(f"{path} is not an nnaccel checkpoint (no 'meta' entry)")
+    meta = _read_meta(path, archive, members["meta.npy"])
+    expected = _expected_arrays(path, meta, members, size)
+    unexpected = sorted(set(members) - set(expected) - {"meta.npy"})
+    if unexpected:
+        raise CheckpointError(f"{path} holds {len(unexpected)} member(s) its architecture has no place for: "
+                              f"{_brief(', '.join(unexpected))}")
+    missing = [name[:-4] for name in expected if name not in members]
+    if missing:
+        raise CheckpointError(f"{path} lacks {len(missing)} array(s) its architecture needs: "
+                              f"{_brief(', '.join(missing))}")
+    headers = {name: _check_member(path, archive, members[name], *spec) for name, spec in expected.items()}
+    return meta, {spec[0]: _read_array(path, archive, members[name], *spec, headers[name])
+                  for name, spec in expected.items()}
+
+
+def _check_entry(path, info, what):
+    """Refuse a zip entry nnaccel does not write: encrypted, compressed, or sized inconsistently."""
+    if info.flag_bits & 0x1:
+        raise CheckpointError(f"{path}: member {what!r} is encrypted")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(f"{path}: member {what!r} is compressed (zip method {info.compress_type}); "
+                              f"nnaccel stores members uncompressed and refuses compressed ones, which could "
+                              f"expand without bound (a zip bomb)")
+    if info.file_size != info.compress_size:
+        raise CheckpointError(f"{path}: member {what!r} claims {info.file_size:,} bytes but stores "
+                              f"{info.compress_size:,}")
+
+
+def _read_exactly(path, stream, count, what):
+    data = b""
+    while len(data) < count:
+        chunk = stream.read(count - len(data))
+        if not chunk:
+            raise CheckpointError(f"{path}: member {what!r} is truncated")
+        data += chunk
+    return data
+
+
+def _npy_header(path, stream, what):
+    """``(shape, fortran_order, dtype, data offset)`` from a member's ``.npy`` header, its length bounded."""
     try:
-        meta = json.loads(str(arrays.pop("meta")))
-    except ValueError:
+        version = npy_format.read_magic(stream)
+    except ValueError as error:  # not .npy: a pickle, another format, garbage
+        raise CheckpointError(f"{path}: member {what!r} is not a .npy array ({_brief(error)})") from None
+    if version not in ((1, 0), (2, 0)):
+        raise CheckpointError(f"{path}: member {what!r} is .npy version {version[0]}.{version[1]}; "
+                              f"nnaccel reads 1.0 and 2.0")
+    prefix = _read_exactly(path, stream, 2 if version == (1, 0) else 4, what)
+    length = int.from_bytes(prefix, "little")
+    if length > HEADER_LIMIT:
+        raise CheckpointError(f"{path}: member {what!r} has a {length:,}-byte .npy header, over the limit of "
+                              f"{HEADER_LIMIT:,}")
+    header = prefix + _read_exactly(path, stream, length, what)
+    parse = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+    try:
+        shape, fortran_order, dtype = parse(io.BytesIO(header), max_header_size=HEADER_LIMIT)
+    except Exception as error:  # ValueError, SyntaxError, TypeError... from a literal_eval of anything
+        raise CheckpointError(f"{path}: member {what!r} has a corrupt .npy header ({_brief(error)})") from None
+    return shape, fortran_order, dtype, npy_format.MAGIC_LEN + len(header)
+
+
+def _read_meta(path, archive, info):
+    """The parsed JSON of the 'meta' entry: one string, bounded by ``META_LIMIT``."""
+    _check_entry(path, info, "meta")
+    if info.file_size > META_LIMIT:
+        raise CheckpointError(f"{path}: its 'meta' entry is {info.file_size:,} bytes, over the limit of "
+                              f"{META_LIMIT:,}")
+    with archive.open(info) as stream:
+        shape, _, dtype, offset = _npy_header(path, stream, "meta")
+        if shape != () or dtype.str != f"<U{dtype.itemsize // 4}" or offset + dtype.itemsize != info.file_size:
+            raise CheckpointError(f"{path} has a corrupt 'meta' entry (a {_brief(dtype.str)} array of shape "
+                                  f"{_brief(shape)}, not one JSON string)")
+        data = _read_exactly(path, stream, dtype.itemsize, "meta")
+        if stream.read(1):  # (also where the zip's CRC is checked)
+            raise CheckpointError(f"{path} has a corrupt 'meta' entry (data after its string)")
+    try:  # UTF-32 as numpy stores it, trailing NULs dropped as numpy does; invalid code points refused
+        return json.loads(data.decode("utf-32-le").rstrip("\0"))
+    except (ValueError, RecursionError):  # bad JSON or code points; nesting deeper than Python's stack
         raise CheckpointError(f"{path} has a corrupt 'meta' entry") from None
+
+
+def _check_member(path, archive, info, key, shape, dtype):
+    """The data offset of member ``key`` once its entry and header say ``shape`` and ``dtype``."""
+    _check_entry(path, info, key)
+    with archive.open(info) as stream:
+        found_shape, fortran_order, found, offset = _npy_header(path, stream, key)
+    if found.hasobject:
+        raise CheckpointError(f"{path}: member {key!r} holds Python objects (dtype {_brief(found.descr)}); a "
+                              f"checkpoint holds numbers, and nnaccel never unpickles")
+    if found != dtype:
+        raise CheckpointError(f"{path}: member {key!r} has dtype {_brief(found.str)} but the model computes in "
+                              f"{dtype} ({dtype.str})")
+    if found_shape != shape:
+        raise CheckpointError(f"{path}: member {key!r} has shape {_brief(found_shape)} but the architecture in "
+                              f"its metadata implies {shape}")
+    implied = offset + math.prod(shape) * dtype.itemsize
+    if info.file_size != implied:
+        raise CheckpointError(f"{path}: member {key!r} is {info.file_size:,} bytes but its header implies "
+                              f"{implied:,} ({shape} of {dtype})")
+    return offset, fortran_order
+
+
+def _read_array(path, archive, info, key, shape, dtype, header):
+    """Member ``key``'s data, read in pieces into its array: no copy of the whole, nothing unpickled."""
+    offset, fortran_order = header
+    storage = numpy.empty(shape[::-1] if fortran_order else shape, dtype)  # the bytes in file order
+    array = storage.T if fortran_order else storage
+    view = memoryview(storage.reshape(-1)).cast("B")
+    with archive.open(info) as stream:
+        _read_exactly(path, stream, offset, key)
+        position = 0
+        while position < len(view):
+            chunk = stream.read(min(_CHUNK, len(view) - position))
+            if not chunk:
+                raise CheckpointError(f"{path}: member {key!r} is truncated")
+            view[position:position + len(chunk)] = chunk
+            position += len(chunk)
+        if stream.read(1):  # (also where the zip's CRC is checked)
+            raise CheckpointError(f"{path}: member {key!r} has data after its array")
+    return array
+
+
+def _expected_arrays(path, meta, members, size):
+    """``{member: (array name, shape, dtype)}`` of every array the metadata implies, once the metadata is
+    checked and the architecture shown to fit in the file's ``size`` bytes (nothing is allocated)."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an nnaccel checkpoint")
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path} is checkpoint version {meta.get('version')}; this nnaccel reads {VERSION}")
-    return meta, arrays
+        raise CheckpointError(f"{path} is checkpoint version {_shown(meta.get('version'))}; "
+                              f"this nnaccel reads {VERSION}")
+    parameters, buffers, dtype = _check_model(path, meta.get("model"))
+    counters = meta.get("dropout_counters", [])
+    if not isinstance(counters, list) or len(counters) != len(meta["model"]["layers"]):
+        raise CheckpointError(f"{path}: its 'dropout_counters' must be a list of one counter per layer, found "
+                              f"{_shown(counters)}")
+    for counter in counters:
+        _count(path, counter, "a dropout counter")
+    state_names = () if meta.get("optimizer") is None else _check_optimizer(path, meta["optimizer"])
+    if meta.get("trainer") is not None:
+        _check_trainer(path, meta["trainer"])
+    count = sum(math.prod(shape) for _, shape in parameters)
+    needed = (count + sum(math.prod(shape) for _, shape in buffers)) * dtype.itemsize
+    if needed > size:
+        raise CheckpointError(f"{path} describes a network of {count:,} parameters ({needed:,} bytes of {dtype} "
+                              f"weights and buffers) but the file holds {size:,} bytes; refused before "
+                              f"allocating anything")
+    expected = {f"param/{name}.npy": (f"param/{name}", shape, dtype) for name, shape in parameters}
+    expected.update({f"buffer/{name}.npy": (f"buffer/{name}", shape, dtype) for name, shape in buffers})
+    if any(name.startswith("optim/") for name in members):  # none before the first step: all or none
+        expected.update({f"optim/{name}.npy": (f"optim/{name}", (count,), dtype) for name in state_names})
+    return expected
+
+
+def _count(path, value, what, minimum=0):
+    """``value`` if it is an int in [minimum, MAX_COUNT] (bools refused), else a CheckpointError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_COUNT:
+        raise CheckpointError(f"{path}: {what} must be an integer from {minimum} to 2**63 - 1, found "
+                              f"{_shown(value)}")
+    return value
+
+
+def _real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_numbers(path, what, value):
+    """Refuse integers above MAX_SIZE and non-finite floats anywhere in a layer's config."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, int) and abs(value) > MAX_SIZE:
+        raise CheckpointError(f"{path}: {what} is {_shown(value)}, over the limit of {MAX_SIZE:,}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CheckpointError(f"{path}: {what} is {value}, not a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_numbers(path, f"{what} {_brief(key, 40)}", item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_numbers(path, what, item)
+
+
+def _check_model(path, config):
+    """``(parameters, buffers, dtype)`` of the architecture ``config``, checked, with nothing allocated."""
+    from .model import Sequential
+
+    if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
+        raise CheckpointError(f"{path} has an unreadable architecture: its 'model' needs a list of 'layers'")
+    layers = config["layers"]
+    if not 1 <= len(layers) <= MAX_LAYERS:
+        raise CheckpointError(f"{path} has an unreadable architecture: {len(layers):,} layers (1 to "
+                              f"{MAX_LAYERS:,} allowed)")
+    if config.get("dtype", "float32") not in FLOAT_NAMES:
+        raise CheckpointError(f"{path} has an unreadable architecture: dtype {_shown(config.get('dtype'))}, "
+                              f"not float32 or float64")
+    _count(path, config.get("seed", 0), "the model's seed")
+    _check_numbers(path, "the input shape", config.get("input_shape"))
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, dict) or not isinstance(layer.get("type"), str):
+            raise CheckpointError(f"{path} has an unreadable architecture: layer {index} is "
+                                  f"{_shown(layer)}, not a layer's config")
+        for key, value in layer.items():
+            _check_numbers(path, f"layer {index} ({_brief(layer['type'], 40)}) {key}", value)
+    try:
+        parameters, buffers, shapes = Sequential.layout(config)
+    except Exception as error:  # ConfigError mostly; TypeError and ValueError from constructors given nonsense
+        what = "" if isinstance(error, ConfigError) else f"{type(error).__name__}: "
+        raise CheckpointError(f"{path} has an unreadable architecture: {what}{_brief(error, 400)}") from None
+    for index, shape in enumerate(shapes):
+        if math.prod(shape) > MAX_SIZE:
+            where = "its input" if index == 0 else f"layer {index - 1}'s output"
+            raise CheckpointError(f"{path} has an unreadable architecture: {where} holds {math.prod(shape):,} "
+                                  f"values per sample, over the limit of {MAX_SIZE:,}")
+    return parameters, buffers, numpy.dtype(config.get("dtype", "float32"))
+
+
+def _check_optimizer(path, saved):
+    """The names of the buffers the saved optimizer keeps, once its config builds and its counts are sane."""
+    from . import optimizers
+
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or \
+            not isinstance(saved["config"].get("type"), str):
+        raise CheckpointError(f"{path} has an unreadable optimizer state: {_shown(saved)}")
+    _count(path, saved.get("steps"), "the optimizer's step count")
+    lr = saved.get("lr")
+    if not _real(lr) or not 0 <= lr < math.inf:
+        raise CheckpointError(f"{path}: the optimizer's learning rate must be a finite number >= 0, found "
+                              f"{_shown(lr)}")
+    try:
+        return optimizers.get(saved["config"]).state_names
+    except Exception as error:  # ConfigError; TypeError for unknown or mistyped options
+        raise CheckpointError(f"{path} has an unreadable optimizer config: {_brief(error, 400)}") from None
+
+
+def _check_rng(path, state, what):
+    try:
+        numpy.random.PCG64(0).state = state
+    except Exception as error:  # TypeError, ValueError, KeyError, OverflowError for a forged state
+        raise CheckpointError(f"{path}: {what} is not a PCG64 generator state ({type(error).__name__}: "
+                              f"{_brief(error)})") from None
+
+
+def _check_trainer(path, state):
+    """Refuse a trainer state that ``Trainer.restore`` or ``nnaccel train --resume`` could not use."""
+    from . import losses, optimizers
+
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} has an unreadable trainer state: {_shown(state)}")
+    for key in ("epoch", "seed", "batch_size", "rng", "history", "loss"):
+        if key not in state:
+            raise CheckpointError(f"{path}: its trainer state has no {key!r}")
+    _count(path, state["epoch"], "the trainer's epoch")
+    _count(path, state["seed"], "the trainer's seed")
+    _count(path, state["batch_size"], "the trainer's batch size", minimum=1)
+    if "world_size" in state:
+        _count(path, state["world_size"], "the trainer's world size", minimum=1)
+    if state["loss"] is not None:
+        try:
+            if not isinstance(state["loss"], str):
+                raise ConfigError(f"a loss name, not {_shown(state['loss'])}")
+            losses.get(state["loss"])
+        except ConfigError as error:
+            raise CheckpointError(f"{path}: its trainer state has an unreadable loss: {_brief(error)}") from None
+    _check_rng(path, state["rng"], "the trainer's random state")
+    history = state["history"]
+    if not isinstance(history, dict) or not all(isinstance(values, list) and all(_real(v) for v in values)
+                                                for values in history.values()):
+        raise CheckpointError(f"{path}: its trainer history must map names to lists of numbers, found "
+                              f"{_shown(history)}")
+    point = state.get("resume_point")
+    if point is not None:
+        if not isinstance(point, dict) or not all(key in point for key in ("step", "rng", "loss_sum", "correct_sum")) \
+                or not _real(point["loss_sum"]) or not _real(point["correct_sum"]):
+            raise CheckpointError(f"{path}: its resume point must hold a step, a random state and two sums, found "
+                                  f"{_shown(point)}")
+        _count(path, point["step"], "the resume point's step")
+        _check_rng(path, point["rng"], "the resume point's random state")
+    schedule = state.get("schedule")
+    if schedule is not None:
+        try:
+            if not isinstance(schedule, dict):
+                raise ConfigError(f"a schedule's config, not {_shown(schedule)}")
+            optimizers.schedule_from(schedule)
+        except Exception as error:  # ConfigError; TypeError for unknown or mistyped options
+            raise CheckpointError(f"{path}: its trainer state has an unreadable schedule: "
+                                  f"{_brief(error)}") from None
 
 
 def describe(config):
@@ -143,9 +518,11 @@ def model_from(meta, arrays, path, device="cpu"):
     """The model described by a checkpoint already ``read``, on ``device``."""
     from .model import Sequential
 
-    try:
+    try:  # meta from ``read`` builds; these guard a meta made or changed by hand
         model = Sequential.from_config(meta["model"], device=device)
-    except (KeyError, TypeError) as error:
-        raise CheckpointError(f"{path} has an unreadable architecture: {error}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:  # ConfigError is a ValueError
+        raise CheckpointError(f"{path} has an unreadable architecture: {_brief(error, 400)}") from None
+    except MemoryError:
+        raise CheckpointError(f"{path} holds a network too large for this machine's memory") from None
     restore_model(model, meta, arrays, path)
     return model

@@ -4,7 +4,9 @@ Every message names the problem: which argument, array or file, what was
 found and what was expected. The command line prints them as one line.
 """
 
+import argparse
 import math
+import numbers
 
 
 class NnaccelError(Exception):
@@ -31,6 +33,10 @@ class CheckpointError(NnaccelError):
     """A checkpoint is missing, truncated, or belongs to another model."""
 
 
+class OutputError(NnaccelError):
+    """An output file cannot be written: its folder is missing or read-only, or the disk is full."""
+
+
 def check_int(value, what, minimum=1):
     """``value`` as an int of at least ``minimum`` (bools refused), or a ConfigError naming ``what``."""
     if isinstance(value, bool) or not hasattr(value, "__index__") or value < minimum:
@@ -48,3 +54,66 @@ def check_number(value, what, allow_zero=False):
     if not (number >= 0.0 if allow_zero else number > 0.0) or not math.isfinite(number):
         raise ConfigError(f"{what} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return number
+
+
+def _plain(number):
+    """``1`` for 1.0, ``0.05`` for 0.05: a bound as a message writes it."""
+    return int(number) if float(number).is_integer() and abs(number) < 2**53 else number
+
+
+def describe_range(low=None, high=None, low_open=False, high_open=False, integer=False):
+    """The valid range in words, as the error messages give it: ``a finite number >= 0 and < 1``,
+    ``a positive number (finite, > 0)``, ``a positive integer up to 1437``. Integer bounds are inclusive."""
+    if integer:
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(low)
+        if kind is None:
+            return f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+        return kind if high is None else f"{kind} up to {high}"
+    if low == 0 and low_open and high is None:
+        return "a positive number (finite, > 0)"
+    bounds = [f"{'>' if low_open else '>='} {_plain(low)}"] if low is not None else []
+    bounds += [f"{'<' if high_open else '<='} {_plain(high)}"] if high is not None else []
+    return "a finite number " + " and ".join(bounds) if bounds else "a finite number"
+
+
+def range_problem(value, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """None when ``value`` lies in the range (NaN and infinities never do), else what is wrong with it:
+    ``must be a finite number >= 0 and < 1, got nan``."""
+    if integer:
+        fits = (not isinstance(value, bool) and hasattr(value, "__index__") and value >= low
+                and (high is None or value <= high))
+    else:
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool)  # not "0.5", not True
+        try:
+            number = float(value) if real else math.nan
+        except OverflowError:  # an int beyond float's range
+            number = math.inf
+        fits = (math.isfinite(number) and (low is None or (number > low if low_open else number >= low))
+                and (high is None or (number < high if high_open else number <= high)))
+    return None if fits else f"must be {describe_range(low, high, low_open, high_open, integer)}, got {value!r}"
+
+
+def check_range(value, what, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """``value`` (an int, or a float) when it lies in the range, else a ConfigError naming ``what`` and
+    the range."""
+    problem = range_problem(value, low, high, low_open, high_open, integer)
+    if problem:
+        raise ConfigError(f"{what} {problem}")
+    return int(value) if integer else float(value)
+
+
+def number_option(low=None, high=None, low_open=False, high_open=False, integer=False):
+    """An argparse ``type=``: the option's text as a number in the range, else an error argparse prints
+    as ``argument --lr: must be a positive number (finite, > 0), got nan``."""
+    words = describe_range(low, high, low_open, high_open, integer)
+
+    def parse(text):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}") from None
+        if range_problem(value, low, high, low_open, high_open, integer):
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text}")
+        return value
+
+    return parse

@@ -14,7 +14,7 @@ import numpy
 
 from . import activations
 from .backend.base import Window
-from .errors import ConfigError, ShapeError, check_int, check_number
+from .errors import ConfigError, ShapeError, check_int, check_number, check_range
 
 
 class Parameter:
@@ -54,6 +54,13 @@ def init_weight(kind, shape, fan_in, fan_out, rng, dtype):
     raise ConfigError(f"unknown init {kind!r}; valid: 'he', 'glorot'")
 
 
+def _check_init(kind, what):
+    """``kind`` if ``init_weight`` knows it, else a ConfigError now rather than when the model is built."""
+    if not isinstance(kind, str) or kind not in ("he", "glorot"):
+        raise ConfigError(f"{what}: unknown init {kind!r}; valid: 'auto', 'he', 'glorot'")
+    return kind
+
+
 def describe_shape(shape):
     """A sample's shape in words: ``16x5x5`` or ``400``."""
     return "x".join(map(str, shape))
@@ -88,7 +95,9 @@ class Layer:
         return []
 
     def buffer_specs(self):
-        """``[(name, shape, host array)]``: state that is not trained (BatchNorm's running statistics)."""
+        """``[(name, shape, host array)]``: state that is not trained (BatchNorm's running statistics). The
+        array may be a broadcast view (``numpy.broadcast_to``), so that asking for the specs allocates nothing
+        (the checkpoint loader sizes a file against them before building the model)."""
         return []
 
     def output_shape(self, input_shape):
@@ -157,7 +166,7 @@ class Dense(Layer):
         self.in_features = check_int(in_features, "Dense in_features")
         self.out_features = check_int(out_features, "Dense out_features")
         self.activation = activations.get(activation)
-        self.init = self.activation.init if init == "auto" else init
+        self.init = _check_init(self.activation.init if init == "auto" else init, "Dense init")
 
     def param_specs(self):
         fan_in, fan_out = self.in_features, self.out_features
@@ -269,10 +278,7 @@ class Dropout(RandomLayer):
 
     def __init__(self, rate=0.5):
         super().__init__()
-        rate = float(rate)
-        if not 0.0 <= rate < 1.0:
-            raise ConfigError(f"Dropout rate must be in [0, 1), got {rate}")
-        self.rate = rate
+        self.rate = check_range(rate, "Dropout rate", 0.0, 1.0, high_open=True)  # NaN and "0.5" refused too
 
     @property
     def draws(self):
@@ -352,7 +358,7 @@ class Conv2D(Layer):
         self.padding = _pair(padding, "Conv2D padding", minimum=0)
         self.window = Window(*self.kernel_size, *self.stride, *self.padding)
         self.activation = activations.get(activation)
-        self.init = self.activation.init if init == "auto" else init
+        self.init = _check_init(self.activation.init if init == "auto" else init, "Conv2D init")
 
     def param_specs(self):
         shape = (self.out_channels, self.in_channels, *self.kernel_size)
@@ -503,7 +509,8 @@ class BatchNorm(Layer):
 
     def buffer_specs(self):
         c = self.num_features
-        return [("running_mean", (c,), numpy.zeros(c)), ("running_var", (c,), numpy.ones(c))]
+        return [("running_mean", (c,), numpy.broadcast_to(0.0, (c,))),
+                ("running_var", (c,), numpy.broadcast_to(1.0, (c,)))]
 
     def output_shape(self, input_shape):
         if input_shape[0] != self.num_features or len(input_shape) not in (1, 3):

@@ -1,0 +1,266 @@
+"""Nonsense numbers: every numeric option of every command refuses NaN, infinities, zero or negative sizes
+where they make no sense, and sizes beyond what the data allows, in one line that names the option and
+its valid range (exit code 2, no traceback).
+
+Ranges: --validation-split in (0, 1) and holding out 1 to N-1 of the N samples; --dropout and --momentum
+in [0, 1); --gamma in (0, 1]; --lr > 0; --weight-decay and --eta-min >= 0 (and --eta-min below the
+learning rate for the cosine schedule); --epochs, --batch-size, --step-size, --early-stopping >= 1 (the
+batch at most the training samples); --seed 0 to 2**32 - 1; --augment from 0 to below half the image's
+side; the numbers in --layers as each layer takes them. The library stays as permissive as PyTorch
+(a batch larger than the data trains one short batch, SGD takes momentum >= 1); the command line does not.
+"""
+
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+import nnaccel as nn
+from nnaccel import cli
+from nnaccel.errors import check_range, describe_range
+
+TRAIN = ["train", "--data", "synthetic", "--layers", "784,10", "--epochs", "1", "--device", "cpu", "--quiet"]
+SYNTHETIC, HELD_OUT, TRAIN_SAMPLES = 1024, 205, 819  # the synthetic set; round(0.2 * 1024) held out
+NAN, INF = float("nan"), float("inf")
+
+
+def _exit_code(argv):
+    """The exit code of ``nnaccel ARGV``, run in this process: argparse's refusals exit, the commands return."""
+    try:
+        return cli.main(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+def _refused(capsys, argv, *expected):
+    """Exit code 2 and one error line on stderr, ``nnaccel COMMAND: error: ...``, holding each ``expected``
+    (bench's progress lines may come before it)."""
+    code = _exit_code(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if "error" in line]
+    assert len(lines) == 1 and err.strip().endswith(lines[0]), err
+    assert lines[0].startswith(f"nnaccel {argv[0]}: error: ")
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+# ----- the options' own ranges, refused by argparse before anything loads -----------------------------
+POSITIVE_INT = "must be a positive integer"
+SIZES = [(option, value, POSITIVE_INT) for option in ("--epochs", "--batch-size", "--step-size", "--early-stopping")
+         for value in ("0", "-1")]
+SIZES += [(option, value, "expected a positive integer") for option in ("--epochs", "--batch-size")
+          for value in ("nan", "inf", "-inf", "1.5")]
+FLOATS = [
+    *[("--lr", value, "must be a positive number (finite, > 0)") for value in ("nan", "inf", "-inf", "0", "-0.1",
+                                                                             "1e400")],
+    *[("--momentum", value, "must be a finite number >= 0 and < 1") for value in ("nan", "inf", "-inf", "-0.5",
+                                                                                 "1", "5")],
+    *[("--dropout", value, "must be a finite number >= 0 and < 1") for value in ("nan", "inf", "-inf", "-0.1",
+                                                                                "1")],
+    *[("--weight-decay", value, "must be a finite number >= 0") for value in ("nan", "inf", "-inf", "-1e-3")],
+    *[("--gamma", value, "must be a finite number > 0 and <= 1") for value in ("nan", "inf", "-inf", "0", "-0.5",
+                                                                              "1.5")],
+    *[("--eta-min", value, "must be a finite number >= 0") for value in ("nan", "inf", "-inf", "-1")],
+    *[("--seed", value, "must be a non-negative integer up to 4294967295") for value in ("-1", str(2**32),
+                                                                                        str(10**30))],
+    ("--seed", "nan", "expected a non-negative integer up to 4294967295"),
+    *[("--augment", value, "expected a non-negative integer") for value in ("nan", "inf", "1.5")],
+    ("--augment", "-1", "must be a non-negative integer"),
+    ("--validation-split", "abc", "expected a finite number > 0 and < 1"),  # its range: with the data, below
+]
+
+
+@pytest.mark.parametrize("option, value, expected", SIZES + FLOATS, ids=[f"{o} {v}" for o, v, _ in SIZES + FLOATS])
+def test_train_refuses_nonsense_numbers_with_the_range(option, value, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = _refused(capsys, [*TRAIN, option, value], f"argument {option}: {expected}, got", value)
+    assert "expected one argument" not in line  # '-inf' and '-1e-3' are values, not option names
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "1", "-0.5", "1.5"])
+def test_evaluate_refuses_a_validation_split_outside_0_1(value, capsys):
+    _refused(capsys, ["evaluate", "missing.npz", "--validation-split", value],
+             "argument --validation-split: must be a finite number > 0 and < 1, got", value)
+
+
+@pytest.mark.parametrize("option", ["--rounds", "--steps", "--threads"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1.5"])
+def test_bench_refuses_counts_that_are_not_integers(option, value, capsys):
+    _refused(capsys, ["bench", "--quick", option, value], f"argument {option}: expected a positive integer, got")
+
+
+@pytest.mark.parametrize("option", ["--rounds", "--steps", "--threads"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_bench_refuses_counts_below_1(option, value, capsys):
+    _refused(capsys, ["bench", "--quick", option, value], f"{option} must be a positive integer, got {value}")
+
+
+def test_bench_sizes_beyond_memory_are_one_line(capsys):
+    # 784 x 10**14 float64 weights: beyond any address space (2**57 bytes), within numpy's size limit (2**63)
+    _refused(capsys, ["bench", "--quick", "--devices", "cpu", "--networks", f"784-{10**14}-10"],
+             "does not fit in memory", "--networks")
+
+
+# ----- ranges that depend on the data or on other options, checked once the data is loaded --------------
+BEYOND_THE_DATA = [
+    (["--batch-size", str(TRAIN_SAMPLES + 1)],
+     f"--batch-size must be a positive integer up to {TRAIN_SAMPLES} (the {TRAIN_SAMPLES} training samples), "
+     f"got {TRAIN_SAMPLES + 1}"),
+    (["--batch-size", "100000"], f"up to {TRAIN_SAMPLES}"),
+    (["--validation-split", "0.0001"],
+     f"--validation-split 0.0001 holds out 0 of the {SYNTHETIC} samples: it must be from 1/{SYNTHETIC} to "
+     f"{SYNTHETIC - 1}/{SYNTHETIC}"),
+    (["--validation-split", "0.9999"], f"holds out {SYNTHETIC} of the {SYNTHETIC} samples"),
+    (["--validation-split", "nan"], "--validation-split must be between 0 and 1, got nan"),
+    (["--validation-split", "inf"], "--validation-split must be between 0 and 1, got inf"),
+    (["--validation-split", "0"], "--validation-split must be between 0 and 1, got 0"),
+    (["--validation-split=-0.5"], "--validation-split must be between 0 and 1, got -0.5"),
+    (["--layers", "conv4k3,10", "--augment", "14"],
+     "--augment must be a non-negative integer up to 13 on 28x28 images (below half the side"),
+    (["--layers", "conv4k3,10", "--augment", "1000"], "up to 13 on 28x28 images"),
+    (["--schedule", "cosine", "--lr", "0.1", "--eta-min", "0.1"],
+     "--eta-min must be a finite number >= 0 and < 0.1 (below the learning rate"),
+    (["--schedule", "cosine", "--optimizer", "adam", "--eta-min", "0.5"], "--eta-min must be a finite number >= 0 "
+                                                                          "and < 0.001"),
+]
+
+
+@pytest.mark.parametrize("args, expected", BEYOND_THE_DATA, ids=[" ".join(args) for args, _ in BEYOND_THE_DATA])
+def test_sizes_beyond_what_the_data_allows(args, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, [*TRAIN, *args], expected)
+
+
+LAYERS = [
+    ("784,0,10", "--layers: '0': Dense out_features must be a positive integer, got 0"),
+    ("conv0k5,10", "--layers: 'conv0k5': Conv2D out_channels must be a positive integer, got 0"),
+    ("conv4k0,10", "--layers: 'conv4k0': Conv2D kernel_size must be a positive integer"),
+    ("conv4k3s0,10", "--layers: 'conv4k3s0': Conv2D stride must be a positive integer"),
+    ("maxpool0,10", "--layers: 'maxpool0': MaxPool2D kernel_size must be a positive integer"),
+    ("drop1.5,784,10", "--layers: 'drop1.5': Dropout rate must be a finite number >= 0 and < 1, got 1.5"),
+    ("dropnan,784,10", "--layers: 'dropnan': Dropout rate must be a finite number >= 0 and < 1, got nan"),
+    ("dropinf,784,10", "Dropout rate must be a finite number >= 0 and < 1, got inf"),
+    ("drop-1,784,10", "Dropout rate must be a finite number >= 0 and < 1, got -1"),
+    ("dropx,784,10", "--layers: 'dropx' needs a rate in [0, 1)"),
+    ("shift-1,conv4k3,10", "--layers: 'shift-1' needs a whole number of 0 to 13 pixels on 1x28x28 images"),
+    ("shift14,conv4k3,10", "--layers: 'shift14' needs a whole number of 0 to 13 pixels on 1x28x28 images"),
+    ("conv4k3,maxpool2,shift7,10", "--layers: 'shift7' needs a whole number of 0 to 6 pixels on 4x13x13 images"),
+]
+
+
+@pytest.mark.parametrize("layers, expected", LAYERS, ids=[layers for layers, _ in LAYERS])
+def test_numbers_in_layers_out_of_range(layers, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [*TRAIN, "--layers", layers]
+    del argv[argv.index("784,10")], argv[argv.index("--layers")]
+    _refused(capsys, argv, expected)
+
+
+EDGES = [
+    ["--batch-size", str(TRAIN_SAMPLES)],
+    ["--validation-split", str(1 / SYNTHETIC)],
+    ["--validation-split", str((SYNTHETIC - 1) / SYNTHETIC), "--batch-size", "1"],
+    ["--layers", "shift13,conv4k3,10"],
+    ["--layers", "conv4k3,10", "--augment", "13"],
+    ["--schedule", "cosine", "--lr", "0.1", "--eta-min", "0.099"],
+    ["--momentum", "0", "--gamma", "1", "--schedule", "step", "--seed", str(2**32 - 1), "--dropout", "0"],
+]
+
+
+@pytest.mark.parametrize("args", EDGES, ids=[" ".join(args) for args in EDGES])
+def test_the_edges_of_the_ranges_train(args, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [*TRAIN, *args]
+    if argv.count("--layers") == 2:
+        del argv[argv.index("784,10")], argv[argv.index("--layers")]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+
+
+def test_settings_that_cannot_take_effect_are_warned_about(capsys, tmp_path, monkeypatch):
+    """Valid, as in Keras and PyTorch, but said: patience >= the epochs never stops, a step size >= the epochs
+    never decays."""
+    monkeypatch.chdir(tmp_path)
+    argv = [option for option in TRAIN if option != "--quiet"]
+    assert cli.main([*argv, "--epochs", "2", "--early-stopping", "1", "--schedule", "step", "--step-size", "1"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert cli.main([*argv, "--early-stopping", "3", "--schedule", "step", "--step-size", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --early-stopping 3 cannot stop a run of 1 more epoch(s)" in err
+    assert "warning: --step-size 5 >= --epochs 1: the step schedule never lowers the learning rate" in err
+
+
+# ----- end to end: the installed command ----------------------------------------------------------------
+@pytest.mark.parametrize("args, expected", [
+    (["train", "--lr", "-inf"], "nnaccel train: error: argument --lr: must be a positive number (finite, > 0), "
+                                "got -inf (see 'nnaccel train --help')"),
+    ([*TRAIN, "--batch-size", "5000"], "nnaccel train: error: --batch-size must be a positive integer up to 819 "
+                                       "(the 819 training samples), got 5000"),
+])
+def test_the_command_says_the_range_in_one_line(args, expected, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "nnaccel.cli", *args], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [expected]
+
+
+def test_a_network_too_large_for_memory_is_one_line(capsys):
+    assert cli.main(["train", "--data", "digits", "--layers", "64,99999999999999,10", "--device", "cpu"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("nnaccel train: error: out of memory: ") and "(a smaller --layers or --batch-size fits)" in line
+
+
+# ----- the library: the constructors the options reach ----------------------------------------------------
+LIBRARY = [
+    ("Dropout('0.5')", lambda: nn.Dropout("0.5"), "Dropout rate"),
+    ("Dropout(None)", lambda: nn.Dropout(None), "Dropout rate"),
+    ("Dropout(True)", lambda: nn.Dropout(True), "Dropout rate"),
+    ("Dropout(-inf)", lambda: nn.Dropout(-INF), "Dropout rate"),
+    ("Adam(betas=None)", lambda: nn.Adam(betas=None), "Adam betas"),
+    ("Adam(betas=('a', 0.9))", lambda: nn.Adam(betas=("a", 0.9)), "Adam betas"),
+    ("Adam(betas=(inf, 0.9))", lambda: nn.Adam(betas=(INF, 0.9)), "Adam betas"),
+    ("AdamW(eps=nan)", lambda: nn.AdamW(eps=NAN), "eps"),
+    ("RandomShift(nan)", lambda: nn.RandomShift(NAN), "RandomShift max_shift"),
+    ("BatchNorm(momentum=nan)", lambda: nn.BatchNorm(4, momentum=NAN), "BatchNorm momentum"),
+    ("BatchNorm(eps=inf)", lambda: nn.BatchNorm(4, eps=INF), "BatchNorm eps"),
+    ("CosineAnnealing(inf)", lambda: nn.CosineAnnealing(INF), "t_max"),
+    ("Trainer(batch_size=inf)", lambda: nn.Trainer(nn.Sequential(nn.Dense(4, 3)), batch_size=INF), "batch_size"),
+    ("EarlyStopping(patience=nan)", lambda: nn.EarlyStopping(patience=NAN), "patience"),
+    ("EarlyStopping(patience=-1)", lambda: nn.EarlyStopping(patience=-1), "patience"),
+    ("EarlyStopping(min_delta=nan)", lambda: nn.EarlyStopping(min_delta=NAN), "min_delta"),
+]
+
+
+@pytest.mark.parametrize("case, make, name", LIBRARY, ids=[case for case, _, _ in LIBRARY])
+def test_library_constructors_refuse_nonsense_naming_the_argument(case, make, name):
+    with pytest.raises(nn.ConfigError, match=name):
+        make()
+
+
+def test_the_library_keeps_pytorchs_latitude():
+    """What PyTorch accepts, the library accepts; only the command line is strict."""
+    assert nn.SGD(lr=0.1, momentum=1.5).momentum == 1.5
+    assert nn.StepLR(3, gamma=2.0).gamma == 2.0
+    assert nn.Dropout(0.0).rate == 0.0
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(4, 3)), batch_size=100, quiet=True)
+    history = trainer.fit(numpy.ones((5, 4)), numpy.array([0, 1, 2, 0, 1]), epochs=1)  # one short batch
+    assert len(history["loss"]) == 1
+
+
+@pytest.mark.parametrize("value, kwargs, words", [
+    (NAN, {"low": 0, "high": 1, "high_open": True}, "a finite number >= 0 and < 1"),
+    (-INF, {"low": 0, "low_open": True}, "a positive number (finite, > 0)"),
+    (2.0, {"low": 0, "high": 1, "low_open": True}, "a finite number > 0 and <= 1"),
+    (0, {"low": 1, "integer": True}, "a positive integer"),
+    (5000, {"low": 1, "high": 819, "integer": True}, "a positive integer up to 819"),
+    (-1, {"low": 0, "high": 2**32 - 1, "integer": True}, "a non-negative integer up to 4294967295"),
+    (1.0, {"low": 1, "integer": True}, "a positive integer"),  # a float is not an integer
+])
+def test_check_range_names_the_argument_and_the_range(value, kwargs, words):
+    assert describe_range(**kwargs) == words
+    with pytest.raises(nn.ConfigError) as error:
+        check_range(value, "the option", **kwargs)
+    assert str(error.value) == f"the option must be {words}, got {value!r}"

@@ -1,0 +1,283 @@
+"""Storage: a full disk, a folder that cannot be written, a --save that is a folder, and two
+processes at one file. Each loses nothing: one line naming the path and the reason, the previous
+checkpoint intact, no temporary file left; what can be known before training is refused before
+the first epoch.
+
+A full disk is a real one where this machine lets a test mount a small tmpfs in its own user and
+mount namespace (``unshare -rm``, no root needed), and an ``OSError(ENOSPC)`` injected at each step
+of a save everywhere. A read-only folder is a read-only mount there, and permissions where the
+tests do not run as root (root writes through them).
+"""
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy
+import pytest
+
+import nnaccel as nn
+from nnaccel import checkpoint, cli
+
+SMALL = ["train", "--data", "digits", "--device", "cpu", "--layers", "64,16,10", "--batch-size", "32", "--quiet"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def _one_error_line(capsys):
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nnaccel train: error: "), lines
+    return lines[0]
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+# ----- a full disk, injected ------------------------------------------------------------------
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _half_then_enospc(handle, **arrays):
+    handle.write(b"PK\x03\x04" + b"\0" * 1000)  # the start of a zip, as a full disk would cut it
+    _enospc()
+
+
+FAULTS = {"write": ("nnaccel.checkpoint.numpy.savez", _half_then_enospc),
+          "fsync": ("nnaccel.checkpoint.os.fsync", _enospc),
+          "rename": ("nnaccel.checkpoint.os.replace", _enospc),
+          "temporary file": ("nnaccel.checkpoint.tempfile.mkstemp", _enospc)}
+
+
+@pytest.mark.parametrize("where", FAULTS)
+def test_a_disk_that_fills_mid_run_ends_with_one_line_and_the_last_checkpoint(tmp_path, monkeypatch, capsys, where):
+    """Epoch 1's checkpoint is written; the disk is full at epoch 2's: exit 2, one line naming the
+    file and the reason, epoch 1's checkpoint intact and loadable, no temporary file."""
+    target, fault = FAULTS[where]
+    monkeypatch.chdir(tmp_path)
+
+    class FullAfterEpoch1(nn.ModelCheckpoint):
+        def on_epoch_end(self, trainer, logs):
+            if logs["epoch"] == 2:
+                monkeypatch.setattr(target, fault)
+            super().on_epoch_end(trainer, logs)
+
+    monkeypatch.setattr(cli, "ModelCheckpoint", FullAfterEpoch1)
+    assert cli.main([*SMALL, "--epochs", "3", "--save", "ck.npz"]) == 2
+    monkeypatch.undo()
+    line = _one_error_line(capsys)
+    assert line == "nnaccel train: error: cannot write ck.npz: No space left on device; the previous file is intact"
+    assert checkpoint.read(tmp_path / "ck.npz")[0]["trainer"]["epoch"] == 1
+    assert nn.load(tmp_path / "ck.npz").num_parameters() == 64 * 16 + 16 + 16 * 10 + 10
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_full_disk_on_the_first_save_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("nnaccel.checkpoint.numpy.savez", _half_then_enospc)
+    model = nn.Sequential(nn.Dense(4, 3))
+    with pytest.raises(nn.OutputError, match=r"cannot write .*m\.npz: No space left on device$"):
+        model.save(tmp_path / "m.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_to_a_full_disk_leaves_no_half_file(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnx")
+    nn.Sequential(nn.Dense(4, 3)).save(tmp_path / "m.npz")
+    monkeypatch.setattr("nnaccel.checkpoint.os.fsync", _enospc)
+    assert cli.main(["export", str(tmp_path / "m.npz"), str(tmp_path / "m.onnx")]) == 2
+    assert "cannot write" in capsys.readouterr().err and sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
+
+
+def test_a_csv_log_on_a_full_disk_names_the_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    real_open = open
+
+    def full_csv(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".csv") and "a" in mode:
+            _enospc()
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_csv)
+    assert cli.main([*SMALL, "--epochs", "1", "--csv", "log.csv"]) == 2
+    monkeypatch.undo()
+    assert _one_error_line(capsys) == "nnaccel train: error: cannot write the CSV log log.csv: No space left on device"
+
+
+# ----- refused before the first epoch ---------------------------------------------------------
+def _no_data_read(monkeypatch):
+    """Fail the test if training reads its data: the refusal must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was read before the output path was checked")
+
+    monkeypatch.setattr(cli.datasets, "load", refuse)
+
+
+@pytest.mark.parametrize("option, path, message", [
+    ("--save", ".", "--save . is a folder; name a file in it, such as model.npz"),
+    ("--save", "no/such/ck.npz", "cannot write --save no/such/ck.npz: folder no/such does not exist"),
+    ("--csv", "no/such/log.csv", "cannot write --csv no/such/log.csv: folder no/such does not exist"),
+    ("--csv", ".", "--csv . is a folder; name a file in it, such as model.npz"),
+])
+def test_an_output_path_that_cannot_work_is_refused_before_training(tmp_path, monkeypatch, capsys, option, path,
+                                                                     message):
+    monkeypatch.chdir(tmp_path)
+    _no_data_read(monkeypatch)
+    assert cli.main([*SMALL, option, path]) == 2
+    assert _one_error_line(capsys) == f"nnaccel train: error: {message}"
+
+
+def test_a_folder_that_refuses_files_is_found_before_training(tmp_path, monkeypatch, capsys):
+    """Injected: the folder refuses new files (EACCES), as a read-only share does for everyone."""
+    monkeypatch.chdir(tmp_path)
+    _no_data_read(monkeypatch)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    assert cli.main([*SMALL, "--save", "ck.npz"]) == 2
+    assert _one_error_line(capsys) == "nnaccel train: error: cannot write --save ck.npz: Permission denied (folder .)"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes through permissions")
+def test_a_folder_without_write_permission_is_found_before_training(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        run = subprocess.run([sys.executable, "-m", "nnaccel.cli", *SMALL, "--save", str(folder / "ck.npz")],
+                             capture_output=True, text=True, env=ENV, timeout=300)
+    finally:
+        folder.chmod(0o700)
+    assert run.returncode == 2 and f"cannot write --save {folder / 'ck.npz'}: Permission denied" in run.stderr
+
+
+def test_no_writable_working_folder_warns_that_an_interrupt_would_have_no_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    real_mkstemp = tempfile.mkstemp
+
+    def denied_here(*args, dir=None, **kwargs):
+        if dir is not None and os.path.abspath(dir) == str(tmp_path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied_here)
+    assert cli.main([*SMALL[:-1], "--epochs", "1"]) == 0
+    assert "warning: cannot write the interrupted-run checkpoint nnaccel-interrupted.npz: Permission denied" \
+           in capsys.readouterr().err
+
+
+# ----- a real full disk and a read-only folder: a small tmpfs of our own --------------------------
+def _can_mount():
+    if shutil.which("unshare") is None:
+        return "no unshare command"
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
+                           capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"cannot mount a tmpfs here: {probe.stderr.strip()}"
+
+
+NO_MOUNT = _can_mount()
+needs_mount = pytest.mark.skipif(NO_MOUNT is not None, reason=str(NO_MOUNT))
+MID = ["train", "--data", "digits", "--device", "cpu", "--layers", "64,256,10", "--batch-size", "32", "--quiet"]
+CHECK = ("import sys; from nnaccel import checkpoint; print('epoch', "
+         "checkpoint.read(sys.argv[1])[0]['trainer']['epoch'])")
+
+
+def _in_a_tmpfs(tmp_path, size, options, *args, then=""):
+    """``nnaccel ARGS`` with a tmpfs of ``size`` at tmp_path/disk (mounted ``options``), then ``then``,
+    all in a private mount namespace; (returncode of nnaccel, stdout and stderr of it all)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (f'mount -t tmpfs -o size={size} tmpfs "$0" && mount -o remount,{options} "$0" && '
+              f'python="$1"; shift; "$python" -m nnaccel.cli "$@"; echo "rc=$?"; ls -a "$0"; {then}')
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", script, str(disk), sys.executable, *args],
+                         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    rc = int(run.stdout.split("rc=")[1].split()[0])
+    return rc, run.stdout, run.stderr
+
+
+@needs_mount
+def test_a_real_full_tmpfs_keeps_the_last_checkpoint(tmp_path):
+    """240 KiB: room for one checkpoint of 64-256-10 with momentum (about 160 KiB), not two."""
+    rc, out, err = _in_a_tmpfs(tmp_path, "240k", "rw", *MID, "--epochs", "3", "--save", str(tmp_path / "disk/ck.npz"),
+                               then=f'"{sys.executable}" -c "{CHECK}" "$0/ck.npz"')
+    assert rc == 2, err
+    assert f"nnaccel train: error: cannot write {tmp_path / 'disk/ck.npz'}: No space left on device; the previous " \
+           f"file is intact" in err.splitlines()
+    assert "epoch 1" in out.splitlines()  # epoch 1's checkpoint, readable
+    assert [name for name in out.splitlines() if name.endswith(".tmp")] == []
+
+
+@needs_mount
+def test_a_tmpfs_too_small_for_one_checkpoint_is_refused_before_training(tmp_path):
+    rc, out, err = _in_a_tmpfs(tmp_path, "64k", "rw", *MID, "--epochs", "3", "--save", str(tmp_path / "disk/ck.npz"))
+    assert rc == 2 and "epoch 1/" not in err
+    assert f"cannot write --save {tmp_path / 'disk/ck.npz'}: {tmp_path / 'disk'} has 0.1 MiB free, and the file " \
+           f"takes about 0.2 MiB" in err
+
+
+@needs_mount
+def test_a_read_only_folder_is_refused_before_training(tmp_path):
+    rc, out, err = _in_a_tmpfs(tmp_path, "1m", "ro", *MID, "--save", str(tmp_path / "disk/ck.npz"))
+    assert rc == 2 and "epoch 1/" not in err
+    assert f"cannot write --save {tmp_path / 'disk/ck.npz'}: Read-only file system (folder {tmp_path / 'disk'})" in err
+
+
+# ----- two processes, one file ----------------------------------------------------------------
+WRITER = """
+import sys
+import nnaccel as nn
+path, tag, count = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+model = nn.Sequential(nn.Dense(64, 256), nn.Dense(256, 10), seed=0)
+for i in range(count):
+    model.flat_params[...] = tag + i
+    model.save(path)
+"""
+
+
+def test_two_writers_and_a_reader_always_see_one_whole_checkpoint(tmp_path):
+    """Two processes save 40 checkpoints each to one file while this one loads it over and over:
+    every load is one whole checkpoint (every weight from the same save), never a mixture or an
+    error, and the file left is one writer's last. The rename is atomic and an open file keeps the
+    contents it had: last writer wins, and a reader sees the file before or after a save."""
+    path, count = tmp_path / "shared.npz", 40
+    first = nn.Sequential(nn.Dense(64, 256), nn.Dense(256, 10), seed=0)
+    first.flat_params[...] = 0.0
+    first.save(path)
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(tag), str(count)], env=ENV)
+               for tag in (1000.0, 2000.0)]
+    expected = {0.0} | {tag + i for tag in (1000.0, 2000.0) for i in range(count)}
+    reads = 0
+    try:
+        while reads < 5 or any(writer.poll() is None for writer in writers):
+            weights = nn.load(path).flat_params
+            assert numpy.all(weights == weights[0]) and float(weights[0]) in expected, "a mixed checkpoint"
+            reads += 1
+    finally:
+        for writer in writers:
+            writer.wait(timeout=300)
+    assert [writer.returncode for writer in writers] == [0, 0]
+    assert float(nn.load(path).flat_params[0]) in {1000.0 + count - 1, 2000.0 + count - 1}
+    assert _leftovers(tmp_path) == []
+
+
+def test_two_training_runs_saving_to_one_file_leave_a_checkpoint_that_resumes(tmp_path):
+    """Two ``nnaccel train --save same.npz`` at once: the file is always one run's whole checkpoint
+    (whichever saved last), and it resumes."""
+    runs = [subprocess.Popen([sys.executable, "-m", "nnaccel.cli", *SMALL, "--epochs", "4", "--seed", str(seed),
+                              "--save", "same.npz"], cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True)
+            for seed in (1, 2)]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read()
+        run.stderr.close()
+    meta = checkpoint.read(tmp_path / "same.npz")[0]
+    assert meta["trainer"]["seed"] in (1, 2) and meta["trainer"]["epoch"] == 4
+    resumed = subprocess.run([sys.executable, "-m", "nnaccel.cli", "train", "--resume", "same.npz", "--data", "digits",
+                              "--epochs", "5", "--device", "cpu", "--quiet", "--save", "same.npz"],
+                             cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint.read(tmp_path / "same.npz")[0]["trainer"]["epoch"] == 5
+    assert _leftovers(tmp_path) == []
