@@ -11,7 +11,7 @@ from .activations import ELU, GELU, LeakyReLU, Linear, ReLU, SiLU, Sigmoid, Soft
 from .backend import cuda_status, get_backend, resolve_device
 from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves
 from .checkpoint import load
-from .errors import CheckpointError, ConfigError, DataError, DeviceError, NnaccelError, ShapeError
+from .errors import CheckpointError, ConfigError, DataError, DeviceError, NnaccelError, OutputError, ShapeError
 from .layers import AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, Maxout, MaxPool2D, Parameter, RandomShift
 from .losses import MSE, MeanSquaredError, SigmoidCrossEntropy, SoftmaxCrossEntropy
 from .model import Sequential

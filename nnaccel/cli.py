@@ -5,9 +5,11 @@ exit non-zero, with no traceback.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import platform
+import re
 import signal
 import sys
 
@@ -17,7 +19,7 @@ from . import (__version__, activations, architectures, bench, checkpoint, datas
                plotting, visualize)
 from .backend import cuda_status, resolve_device
 from .callbacks import CSVLogger, EarlyStopping, ModelCheckpoint
-from .errors import CheckpointError, ConfigError, NnaccelError
+from .errors import CheckpointError, ConfigError, NnaccelError, OutputError, describe_range, number_option
 from .layers import Dense, Dropout, RandomShift
 from .model import Sequential
 from .trainer import Trainer, TrainingDiverged
@@ -26,56 +28,47 @@ DEFAULT_LR = {"sgd": 0.1, "adam": 0.001, "adamw": 0.001}
 DEFAULT_EPOCHS = 20
 # What `nnaccel train` trains on 28x28 images when no architecture is given: the best recipe found for
 # the MNIST sample within 2 minutes on a 2-core CPU (benchmarks/recipes.py; README, "The default recipe").
+INTERRUPTED_RUN_FILE = "nnaccel-interrupted.npz"  # where a stopped run without --save is checkpointed
 DEFAULT_RECIPE = {"model": "default", "augment": 2, "schedule": "cosine", "lr": 0.05, "epochs": 15}
 
 
-def _int_from(minimum, meaning):
-    """An argparse type for integers >= ``minimum``."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {meaning} integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be a {meaning} integer, got {value}")
-        return value
-
-    return parse
+def _int_from(minimum, maximum=None):
+    """An argparse type for integers from ``minimum`` (to ``maximum``)."""
+    return number_option(minimum, maximum, integer=True)
 
 
-_positive_int = _int_from(1, "positive")
-_non_negative_int = _int_from(0, "non-negative")
+# The numeric options' types: each refuses NaN, infinities and what is out of its range, and says the range.
+_positive_int = _int_from(1)
+_non_negative_int = _int_from(0)
+# Only the seed's low 32 bits reach the Dropout and RandomShift streams (backend.base.uniform): a larger
+# seed would repeat a smaller one's draws.
+_seed = _int_from(0, 2**32 - 1)
+_positive_float = number_option(0, low_open=True)
+_non_negative_float = number_option(0)
+_rate = number_option(0, 1, high_open=True)  # dropout; momentum too: at >= 1 SGD's velocity never decays
+_fraction = number_option(0, 1, low_open=True, high_open=True)  # --validation-split
+_decay = number_option(0, 1, low_open=True)  # the step schedule's gamma: above 1 it would raise the rate
 
 
-def _positive_float(text):
+def _split_text(text):
+    """``train --validation-split`` as argparse reads it: a number (its range, which depends on the data too,
+    is checked once the data is loaded)."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0 and < 1, got {text!r}") from None
 
 
-def _non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _rate(text):
-    value = _non_negative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+# argparse takes '-inf', '-nan' and '-1e-3' for option names ("expected one argument"); these are values.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and a hint), not the whole usage."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER  # argparse's own: -5 and -.5 only
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
@@ -100,11 +93,11 @@ def build_parser():
                       help="'mnist' (the 7,996 real 28x28 MNIST digits nnaccel ships, default), 'digits' "
                            "(scikit-learn's 8x8 digits: pip install 'nnaccel[digits]'), 'synthetic', an MNIST "
                            "folder of IDX files, or a Keras mnist.npz")
-    data.add_argument("--validation-split", type=float, default=0.2,
-                      help="fraction of the training split held out for validation (default 0.2)")
+    data.add_argument("--validation-split", type=_split_text, default=0.2,
+                      help="fraction of the training split held out for validation, in (0, 1) (default 0.2)")
     data.add_argument("--augment", type=_non_negative_int, nargs="?", const=2, metavar="PIXELS",
                       help="shift each training image by up to PIXELS (default 2) in each direction, drawn per "
-                           "image and epoch (a RandomShift layer first; images only)")
+                           "image and epoch (a RandomShift layer first; images only; below half the side)")
     net = train.add_argument_group("network")
     shape = net.add_mutually_exclusive_group()
     shape.add_argument("--layers", help="the architecture, e.g. 784,256,10 or conv6k5p2,maxpool2,120,10 (grammar "
@@ -113,25 +106,29 @@ def build_parser():
                                         "; on other data inputs,256,classes)")
     shape.add_argument("--model", choices=sorted(architectures.PRESETS), help="a named architecture")
     net.add_argument("--activation", default="relu", help="hidden-layer activation (default relu)")
-    net.add_argument("--dropout", type=_rate, metavar="RATE", help="Dropout of RATE after every hidden Dense layer")
+    net.add_argument("--dropout", type=_rate, metavar="RATE",
+                     help="Dropout of RATE, in [0, 1), after every hidden Dense layer")
     fit = train.add_argument_group("optimisation")
     fit.add_argument("--loss", default="softmax_cross_entropy", choices=sorted(losses.LOSSES))
     fit.add_argument("--optimizer", default="sgd", choices=sorted(optimizers.OPTIMIZERS))
-    fit.add_argument("--lr", type=_positive_float, help="learning rate (default 0.1 for SGD, 0.001 for Adam; "
+    fit.add_argument("--lr", type=_positive_float, help="learning rate, > 0 (default 0.1 for SGD, 0.001 for Adam; "
                                                         "the default recipe's on 28x28 images)")
-    fit.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum (default 0.9)")
+    fit.add_argument("--momentum", type=_rate, default=0.9, help="SGD momentum, in [0, 1) (default 0.9)")
     fit.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
     fit.add_argument("--weight-decay", type=_non_negative_float, default=None,
-                     help="L2 weight decay (SGD, Adam) or decoupled decay (AdamW; its default 0.01)")
+                     help="L2 weight decay (SGD, Adam) or decoupled decay (AdamW; its default 0.01), >= 0")
     fit.add_argument("--schedule", choices=["step", "cosine"], help="learning-rate schedule over the epochs")
     fit.add_argument("--step-size", type=_positive_int, default=10, help="step schedule: epochs per decay (default 10)")
-    fit.add_argument("--gamma", type=_positive_float, default=0.1, help="step schedule: the decay factor (default 0.1)")
+    fit.add_argument("--gamma", type=_decay, default=0.1,
+                     help="step schedule: the decay factor, in (0, 1] (default 0.1)")
     fit.add_argument("--eta-min", type=_non_negative_float, default=0.0,
-                     help="cosine schedule: the final learning rate (default 0; over --epochs epochs)")
+                     help="cosine schedule: the final learning rate, >= 0 and below --lr (default 0; over "
+                          "--epochs epochs)")
     fit.add_argument("--epochs", type=_positive_int, help="total epochs (default 20; the default recipe's on 28x28 "
                                                           "images)")
-    fit.add_argument("--batch-size", type=_positive_int, default=64)
-    fit.add_argument("--seed", type=_non_negative_int, default=0)
+    fit.add_argument("--batch-size", type=_positive_int, default=64,
+                     help="samples per step, at most the training samples (default 64)")
+    fit.add_argument("--seed", type=_seed, default=0, help=f"0 to {2**32 - 1} (default 0)")
     run = train.add_argument_group("the run")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     run.add_argument("--save", metavar="FILE", help="checkpoint (.npz) written after every epoch")
@@ -139,6 +136,8 @@ def build_parser():
     run.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE",
                      help="stop when the validation loss has not improved for PATIENCE epochs (the best weights "
                           "are kept)")
+    run.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                     help="on CUDA, run every step eagerly instead of replaying it from a CUDA graph")
     run.add_argument("--distributed", action="store_true",
                      help="data-parallel over the processes of 'mpiexec -n N' (MPI on CPUs, NCCL between "
                           "GPUs, one GPU per rank); --batch-size is per rank; only rank 0 prints and saves")
@@ -155,8 +154,8 @@ def build_parser():
     evaluate.add_argument("--split", choices=["test", "train", "validation"],
                           help="default: test where the data has one, else validation: the part 'nnaccel train' "
                                "held out (--validation-split of the train split, with the checkpoint's seed)")
-    evaluate.add_argument("--validation-split", type=float, default=0.2,
-                          help="the fraction --split validation holds out, as in training (default 0.2)")
+    evaluate.add_argument("--validation-split", type=_fraction, default=0.2,
+                          help="the fraction --split validation holds out, in (0, 1), as in training (default 0.2)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--confusion", metavar="FILE", help="draw the confusion matrix to a PNG and list "
@@ -184,6 +183,50 @@ def build_parser():
     commands.add_parser("info", help="versions, devices found, and why a GPU is not usable")
     bench.add_parser(commands)
     return parser
+
+
+def _refusal(message):
+    """A ConfigError that every rank of a distributed run raises alike, so rank 0 says it once."""
+    error = ConfigError(message)
+    error.all_ranks = True
+    return error
+
+
+def _check_ranges_against_data(args, trainer, samples):
+    """The ranges of ``nnaccel train``'s options that depend on the data (``samples``, before the validation
+    split) or on other options: a ConfigError naming the option and its valid range; a warning where a
+    setting is valid but cannot take effect."""
+    held_out = round(samples * args.validation_split)  # as datasets.train_val_split rounds
+    if not 0 < held_out < samples:
+        raise _refusal(f"--validation-split {args.validation_split} holds out {held_out} of the {samples} samples: "
+                       f"it must be from 1/{samples} to {samples - 1}/{samples}, to leave at least 1 sample for "
+                       f"training and 1 for validation")
+    train_samples, ranks, batch = samples - held_out, trainer.world_size, trainer.batch_size
+    if train_samples < ranks:
+        raise _refusal(f"--validation-split {args.validation_split} leaves {train_samples} training samples for "
+                       f"{ranks} ranks: each rank needs at least 1")
+    if batch * ranks > train_samples:
+        option = f"the batch size of {args.resume}" if args.resume else "--batch-size"
+        within = f"the {train_samples} training samples" + (f" over {ranks} ranks" if ranks > 1 else "")
+        raise _refusal(f"{option} must be {describe_range(1, train_samples // ranks, integer=True)} ({within}), "
+                       f"got {batch}")
+    if args.augment and not args.resume:
+        height, width = trainer.model.input_shape[1:]
+        widest = (min(height, width) - 1) // 2
+        if args.augment > widest:
+            raise _refusal(f"--augment must be {describe_range(0, widest, integer=True)} on {height}x{width} "
+                           f"images (below half the side: each image's centre stays in it), got {args.augment}")
+    lr = trainer.optimizer.base_lr
+    if args.schedule == "cosine" and not args.resume and not args.eta_min < lr:
+        raise _refusal(f"--eta-min must be {describe_range(0, lr, high_open=True)} (below the learning rate, "
+                       f"which the cosine schedule lowers to --eta-min), got {args.eta_min}")
+    epochs = args.epochs - trainer.epoch
+    if args.early_stopping and 0 < epochs <= args.early_stopping:
+        _say(args, f"warning: --early-stopping {args.early_stopping} cannot stop a run of {epochs} more epoch(s): "
+                   f"it stops after {args.early_stopping} epochs without improvement")
+    if args.schedule == "step" and not args.resume and args.step_size >= args.epochs:
+        _say(args, f"warning: --step-size {args.step_size} >= --epochs {args.epochs}: the step schedule never "
+                   f"lowers the learning rate")
 
 
 def _say(args, message):
@@ -239,7 +282,7 @@ def _trainer_from_options(args, features, classes, device):
         options["weight_decay"] = args.weight_decay
     return Trainer(model, loss=args.loss, optimizer=optimizers.get(args.optimizer, lr=lr, **options),
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet, schedule=_schedule(args),
-                   communicator=getattr(args, "communicator", None))
+                   communicator=getattr(args, "communicator", None), cuda_graphs=args.cuda_graphs)
 
 
 def _trainer_from_checkpoint(args, device):
@@ -252,32 +295,74 @@ def _trainer_from_checkpoint(args, device):
                       optimizer=optimizers.get(meta["optimizer"]["config"]),
                       batch_size=_rank_batch(args, state["batch_size"]), seed=state["seed"], quiet=args.quiet,
                       schedule=optimizers.schedule_from(state.get("schedule")),
-                      communicator=getattr(args, "communicator", None))
+                      communicator=getattr(args, "communicator", None), cuda_graphs=args.cuda_graphs)
     return trainer.restore(meta, arrays, args.resume)
 
 
-def _fit_until_done_or_interrupted(trainer, args, data, validation_data):
-    """fit(), with Ctrl-C finishing the current step and the checkpoint always written."""
+# Ctrl-C, and what Slurm, Kubernetes and spot-instance reclaims send before they kill.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stopping_on_signals(trainer):
+    """While training and saving: the first SIGINT or SIGTERM asks ``trainer`` to stop after the
+    current step (yields the list that receives it); a second one stops at once, exiting 128 + its
+    number through the ``finally`` blocks, so a save it cuts short removes its temporary file."""
+    received = []
+
+    def stop_at_once(signum, frame):
+        raise SystemExit(128 + signum)
+
+    def stop_after_the_step(signum, frame):
+        for number in STOP_SIGNALS:
+            signal.signal(number, stop_at_once)
+        received.append(signum)
+        trainer.request_stop()
+
+    previous = {number: signal.signal(number, stop_after_the_step) for number in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _fit_and_save(trainer, args, data, validation_data):
+    """fit(), with Ctrl-C or SIGTERM finishing the current step and the checkpoint always written;
+    the signal that stopped it, else None."""
     callbacks = [ModelCheckpoint(args.save)] if args.save else []
     if args.early_stopping:
         callbacks.append(EarlyStopping(patience=args.early_stopping))
     if args.csv:
         callbacks.append(CSVLogger(args.csv, append=bool(args.resume)))
+    with _stopping_on_signals(trainer) as received:
+        try:
+            trainer.fit(*data, epochs=max(args.epochs - trainer.epoch, 0), validation_data=validation_data,
+                        callbacks=callbacks)
+        except TrainingDiverged:
+            if args.save:
+                trainer.save_checkpoint(args.save)
+            raise
+        if trainer.interrupted:
+            trainer.save_checkpoint(args.save or INTERRUPTED_RUN_FILE)
+    return received[0] if trainer.interrupted else None
 
-    def on_interrupt(signum, frame):
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        trainer.request_stop()
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        trainer.fit(*data, epochs=max(args.epochs - trainer.epoch, 0), validation_data=validation_data,
-                    callbacks=callbacks)
-    except TrainingDiverged:
-        if args.save:
-            trainer.save_checkpoint(args.save)
-        raise
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _check_outputs(args, model=None, optimizer=None):
+    """Refuse the output files that could not be written: before the data is read, the paths;
+    once the model is built, the free space its checkpoint needs too."""
+    if args.communicator is not None and args.communicator.rank != 0:  # rank 0 writes for every rank
+        return
+    if args.save:
+        size = checkpoint.expected_size(model, optimizer) if model is not None else 0
+        checkpoint.check_writable(args.save, "--save", size)
+    elif model is None:
+        try:
+            checkpoint.check_writable(INTERRUPTED_RUN_FILE, "the interrupted-run checkpoint")
+        except OutputError as error:
+            _say(args, f"warning: {error}; an interrupted run will end without a checkpoint (use --save)")
+    if args.csv and model is None:
+        checkpoint.check_writable(args.csv, "--csv")
 
 
 def cmd_train(args):
@@ -319,6 +404,7 @@ def _train(args):
                        f"each trains alone")
     if not 0.0 < args.validation_split < 1.0:
         raise ConfigError(f"--validation-split must be between 0 and 1, got {args.validation_split}")
+    _check_outputs(args)
     x, y = datasets.load(args.data, split="train")
     _apply_default_recipe(args, x.shape[1])
     args.epochs = args.epochs or DEFAULT_EPOCHS
@@ -329,23 +415,24 @@ def _train(args):
     else:
         trainer = _trainer_from_options(args, x.shape[1], int(y.max()) + 1, device)
     model = trainer.model
+    _check_ranges_against_data(args, trainer, x.shape[0])
     (x_train, y_train), (x_val, y_val) = datasets.train_val_split(x, y, args.validation_split, seed=trainer.seed)
     _say(args, f"training {checkpoint.describe(model.config())} ({model.num_parameters():,} parameters) on "
                f"{args.data} ({x_train.shape[0]} train, {x_val.shape[0]} validation) on {device}")
-    _fit_until_done_or_interrupted(trainer, args, (x_train, y_train), (x_val, y_val))
-    if trainer.interrupted:
-        path = args.save or "nnaccel-interrupted.npz"
-        trainer.save_checkpoint(path)
+    _check_outputs(args, model, trainer.optimizer)
+    stopped_by = _fit_and_save(trainer, args, (x_train, y_train), (x_val, y_val))
+    if stopped_by is not None:
+        path = args.save or INTERRUPTED_RUN_FILE
         step = trainer._resume_point["step"] if trainer._resume_point else 0
         launch = f"mpiexec -n {trainer.world_size} nnaccel train --distributed" if args.distributed else "nnaccel train"
         if trainer.rank == 0:
-            print(f"nnaccel train: interrupted in epoch {trainer.epoch + 1} after step {step}; checkpoint written "
-                  f"to {path}; resume with: {launch} --resume {path} --save {path} --data {args.data} "
-                  f"--validation-split {args.validation_split} --epochs {args.epochs}"
+            print(f"nnaccel train: interrupted by {signal.Signals(stopped_by).name} in epoch {trainer.epoch + 1} after step "
+                  f"{step}; checkpoint written to {path}; resume with: {launch} --resume {path} --save {path} "
+                  f"--data {args.data} --validation-split {args.validation_split} --epochs {args.epochs}"
                   + (f" --early-stopping {args.early_stopping}" if args.early_stopping else "")
                   + (f" --csv {args.csv}" if args.csv else ""),
                   file=sys.stderr)
-        return 130
+        return 128 + stopped_by
     if trainer.rank != 0:  # the other ranks are done; rank 0 reports
         return 0
     if args.plot:
@@ -485,6 +572,7 @@ def main(argv=None):
         for option in PICTURE_OPTIONS:
             if getattr(args, option, None):
                 plotting.check_picture_path(getattr(args, option), f"--{option}")
+                checkpoint.check_writable(getattr(args, option), f"--{option}")
         if getattr(args, "activation", None):
             activations.get(args.activation)
         return COMMANDS[args.command](args)
@@ -493,6 +581,10 @@ def main(argv=None):
         return 2
     except OSError as error:  # unwritable output paths and the like
         print(f"nnaccel {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except MemoryError as error:  # a network too large for this machine, before training
+        print(f"nnaccel {args.command}: error: out of memory{f': {error}' if str(error) else ''} (a smaller "
+              f"--layers or --batch-size fits)", file=sys.stderr)
         return 2
 
 

@@ -131,6 +131,11 @@ class Sequential:
     def num_parameters(self):
         return int(self.flat_params.size)
 
+    def work_arrays(self):
+        """The work arrays the layers keep between calls (a larger batch replaces them): what a
+        captured CUDA graph that writes into them must keep alive."""
+        return [array for layer in self.layers for array in layer._work.values()]
+
     def train(self, mode=True):
         """Training mode (Dropout active) or not; returns self."""
         self.training = bool(mode)
@@ -220,6 +225,25 @@ class Sequential:
         return cls(*[layers_module.from_config(c) for c in config["layers"]], device=device,
                    seed=config.get("seed", 0), dtype=config.get("dtype", "float32"),
                    input_shape=config.get("input_shape"))
+
+    @classmethod
+    def layout(cls, config):
+        """``(parameters, buffers, shapes)`` of the model ``from_config(config)`` would build, with nothing
+        allocated: the ``(name, shape)`` of every parameter and buffer, named as ``parameters()`` and
+        ``buffers()`` name them, and each layer's output shape after the input's. The layers and their chain
+        are checked as the constructor checks them (dtype and seed are not); the checkpoint loader sizes a
+        file against this before it builds anything."""
+        plan = cls.__new__(cls)  # the constructor's checks, without its allocations
+        plan.layers = [layers_module.from_config(c) for c in config["layers"]]
+        if not plan.layers:
+            raise ConfigError("Sequential needs at least one layer")
+        plan.input_shape = plan._input_shape(config.get("input_shape"))
+        shapes = plan._check_chain()
+        parameters = [(f"{index}.{name}", tuple(shape)) for index, layer in enumerate(plan.layers)
+                      for name, shape, _ in layer.param_specs()]
+        buffers = [(f"{index}.{name}", tuple(shape)) for index, layer in enumerate(plan.layers)
+                   for name, shape, _ in layer.buffer_specs()]
+        return parameters, buffers, shapes
 
     def rng_state(self):
         """The counters of Dropout and RandomShift: all the random state a model carries."""

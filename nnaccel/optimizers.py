@@ -17,6 +17,7 @@ class Optimizer:
 
     name = ""
     state_names = ()
+    per_step_scalars = False  # a number of the update changes every step (CUDA graphs cannot bake it)
 
     def __init__(self, lr, weight_decay=0.0):
         self.lr = self.base_lr = check_number(lr, "learning rate")
@@ -93,10 +94,14 @@ class Adam(Optimizer):
     name = "adam"
     state_names = ("m", "v")
     decoupled = False
+    per_step_scalars = True  # the bias correction of step t
 
     def __init__(self, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(lr, weight_decay)
-        self.betas = tuple(float(b) for b in betas)
+        try:
+            self.betas = tuple(float(b) for b in betas)
+        except (TypeError, ValueError):  # None, ("a", 0.9)
+            self.betas = ()
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"Adam betas must be two numbers in [0, 1), got {betas}")
         self.eps = check_number(eps, "eps")

@@ -40,10 +40,14 @@ class Trainer:
     training is data parallel over its ranks: ``batch_size`` is per rank,
     every rank passes the whole training set to ``fit``, and only rank 0
     prints and writes checkpoints and logs.
+
+    On CUDA each step is replayed from a CUDA graph (``cuda_graphs=True``,
+    the default; see ``nnaccel.graphs``) where the step allows it; False
+    runs every step eagerly. On the CPU the option changes nothing.
     """
 
     def __init__(self, model, loss=None, optimizer=None, batch_size=32, seed=0, schedule=None,
-                 callbacks=(), quiet=False, communicator=None):
+                 callbacks=(), quiet=False, communicator=None, cuda_graphs=True):
         batch_size = check_int(batch_size, "batch_size")
         self.model = model
         self.loss = losses.get(loss)
@@ -56,10 +60,11 @@ class Trainer:
         self.quiet = quiet
         self.epoch = 0
         self.history = {}
-        self.stop_training = self.interrupted = False
+        self.stop_training = self.interrupted = self._stop_requested = False
         self.nan_check_every = None  # steps between finiteness checks; None: 1 on CPU, 100 on GPU
         self._resume_point = None
         self.communicator = communicator
+        self.cuda_graphs = bool(cuda_graphs)
         if communicator is not None:
             self.quiet = quiet or communicator.rank != 0
 
@@ -112,23 +117,17 @@ class Trainer:
     # ----- training ------------------------------------------------------------------
     def train_step(self, x, y):
         """One forward, backward and update on a prepared batch; ``(loss, correct)`` on the device."""
-        value, correct = self._loss_step(x, y)
-        self._update_step()
-        return value, correct
+        return _Step(self, _ONE_PROCESS)(x, y)
 
     def _loss_step(self, x, y):
         model, loss = self.model, self.loss
         out = model._forward(x)
         return loss._forward(model.backend, out, y), loss.count_correct(model.backend, out, y)
 
-    def _update_step(self):
-        self.model._backward(self.loss._grad)
-        self.optimizer.step(self.model)
-
     def request_stop(self):
-        """Stop after the current step and remember where, so training can resume there (Ctrl-C)."""
-        self.stop_training = True
-        self.interrupted = True
+        """Stop after the current step and remember where, so training can resume there (Ctrl-C,
+        SIGTERM). A request made before ``fit`` starts stops it before its first step."""
+        self.stop_training = self.interrupted = self._stop_requested = True
 
     def _working(self):
         """Work on the model's device (``cuda:N`` computes on GPU N), without NumPy's overflow
@@ -159,21 +158,22 @@ class Trainer:
         if validation_data is not None:
             validation_data = self.prepare(*validation_data, what="validation x")
         callbacks = self.callbacks + list(callbacks)
-        self.stop_training = self.interrupted = False
+        self.stop_training = self.interrupted = self._stop_requested
         last_epoch = self.epoch + epochs
-        train_epoch, agreed = self._train_epoch, None
+        comm = self.communicator or _ONE_PROCESS
         if self.communicator is not None:
             callbacks = self._start_distributed(x, callbacks)
-            # (stop, interrupted) as the ranks last agreed: a rank's own flags, set by a signal
-            # at any moment, would have one rank leave the loop while the others train on.
-            train_epoch, agreed = self._train_epoch_distributed, (False, False)
+        # (stop, interrupted) as the ranks last agreed: a rank's own flags, set by a signal
+        # at any moment, would have one rank leave the loop while the others train on.
+        agreed = (self.stop_training, self.interrupted) if comm is _ONE_PROCESS else (False, False)
+        step, graphed = self._steps(comm)
         for callback in callbacks:
             callback.on_train_begin(self)
         try:
-            while self.epoch < last_epoch and not (self.stop_training if agreed is None else agreed[0]):
-                logs = train_epoch(x, y, shuffle, last_epoch, callbacks)
+            while self.epoch < last_epoch and not agreed[0]:
+                logs = self._train_epoch(x, y, shuffle, last_epoch, callbacks, comm, step, graphed)
                 if logs is None:  # interrupted mid-epoch
-                    agreed = None if agreed is None else (True, True)
+                    agreed = (True, True)
                     break
                 if validation_data is not None:
                     evaluate = self._evaluate if self.communicator is None else self._evaluate_distributed
@@ -186,12 +186,11 @@ class Trainer:
                     print(_epoch_line(logs, last_epoch), file=sys.stderr, flush=True)
                 for callback in callbacks:
                     callback.on_epoch_end(self, logs)
-                if agreed is not None:
-                    agreed = tuple(self.communicator.any_flags(self.stop_training or self.interrupted,
-                                                               self.interrupted))
-            if agreed is not None:
-                self.stop_training, self.interrupted = agreed
+                agreed = tuple(comm.any_flags(self.stop_training or self.interrupted, self.interrupted))
+            self.stop_training, self.interrupted = agreed
         finally:
+            step.finish()
+            self._stop_requested = False
             self.model.eval()
             for callback in callbacks:
                 callback.on_train_end(self)
@@ -206,47 +205,6 @@ class Trainer:
         if self.schedule is not None:
             self.optimizer.lr = self.schedule.lr_at(self.epoch, self.optimizer.base_lr)
         return point
-
-    def _train_epoch(self, x, y, shuffle, last_epoch, callbacks):
-        """One epoch (or its rest, after an interruption); None if interrupted again."""
-        model, ops, n, batch = self.model, self.model.backend, x.shape[0], self.batch_size
-        point = self._start_epoch()
-        if shuffle:
-            order = ops.asarray(self.rng.permutation(n))
-            x, y = x[order], y[order]
-        model.train()
-        loss_sum = ops.asarray(numpy.float64(point["loss_sum"]))
-        correct_sum = ops.asarray(numpy.float64(point["correct_sum"]))
-        guard = _DivergenceGuard(self, self.nan_check_every or (1 if ops.name == "cpu" else 100))
-        progress = _Progress(self.epoch + 1, last_epoch, n, quiet=self.quiet)
-        batch_hooks = [c for c in callbacks if type(c).on_batch_end is not Callback.on_batch_end]
-        start = time.perf_counter()
-        steps = -(-n // batch)
-        step = point["step"] - 1  # a run interrupted after its last step resumes with no step to do
-        for step in range(point["step"], steps):
-            xb, yb = x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch]
-            value, correct = self._loss_step(xb, yb)
-            guard.before_update(step, value, loss_sum)
-            self._update_step()
-            loss_sum += value * xb.shape[0]
-            correct_sum += correct
-            for callback in batch_hooks:
-                callback.on_batch_end(self, step, value)
-            if self.interrupted:
-                self._resume_point = {"step": step + 1, "rng": point["rng"],
-                                      "loss_sum": float(loss_sum), "correct_sum": float(correct_sum)}
-                return None
-            if self.stop_training:
-                break
-            progress.update(min(n, (step + 1) * batch), loss_sum, correct_sum)
-        guard.before_update(steps, None, loss_sum)
-        ops.synchronize()
-        elapsed = time.perf_counter() - start
-        seen = min(n, (step + 1) * batch)
-        self.epoch += 1
-        return {"epoch": self.epoch, "loss": float(loss_sum) / seen, "accuracy": float(correct_sum) / seen,
-                "lr": self.optimizer.lr, "samples_per_s": (seen - point["step"] * batch) / elapsed,
-                "time_s": elapsed}
 
     # ----- data-parallel training ---------------------------------------------------
     def _start_distributed(self, x, callbacks):
@@ -276,89 +234,80 @@ class Trainer:
                          if not isinstance(c, RANK_ZERO_CALLBACKS) and not getattr(c, "rank_zero_only", False)]
         return callbacks
 
-    def _train_epoch_distributed(self, x, y, shuffle, last_epoch, callbacks):
-        """``_train_epoch`` over the ranks of ``self.communicator``; None if interrupted.
+    def _steps(self, comm):
+        """The step unit of this fit, and on CUDA (``cuda_graphs``) the same step replayed from CUDA
+        graphs, or None where it runs eagerly (the CPU; a step graphs cannot replay, said once)."""
+        from . import graphs
+
+        step = _Step(self, comm)
+        if not (self.cuda_graphs and self.model.backend.name.startswith("cuda")):
+            return step, None
+        reason = graphs.unsupported(self, comm)
+        if reason is None:
+            return step, graphs.GraphedStep(step)
+        if not self.quiet:
+            print(f"CUDA graphs off: {reason}; the steps run eagerly", file=sys.stderr, flush=True)
+        return step, None
+
+    def _train_epoch(self, x, y, shuffle, last_epoch, callbacks, comm, step_of_training, graphed):
+        """One epoch (or its rest, after an interruption) of ``step_of_training`` (or its replays
+        from CUDA graphs, ``graphed``) over the global batches; None if interrupted again.
 
         Every rank draws the same permutation (same seed, same RNG state) and
         cuts it into global batches of ``batch_size * size`` rows; rank r
         takes part r of each (``numpy.array_split`` parts, so a short last
-        batch still splits). Its gradient, a mean over its part, is scaled by
-        its share of the global batch before the all-reduce sums the ranks'
-        gradients: the result is the mean over the global batch, as one
-        process training on the global batch would compute. Steps count
-        global batches, so a resume point means the same in any world size
-        that keeps the global batch.
+        batch still splits). Steps count global batches, so a resume point
+        means the same in any world size that keeps the global batch. In one
+        process (size 1) the part is the whole batch.
         """
-        comm, model, ops, n = self.communicator, self.model, self.model.backend, x.shape[0]
+        model, ops, n = self.model, self.model.backend, x.shape[0]
         size, rank, batch = comm.size, comm.rank, self.batch_size * comm.size
         point = self._start_epoch()
-        order = self.rng.permutation(n) if shuffle else numpy.arange(n)
         steps = -(-n // batch)
         rows = numpy.minimum(batch, n - numpy.arange(steps) * batch)  # global rows per step
         base, extra = numpy.divmod(rows, size)
         counts = base + (rank < extra)  # this rank's rows per step
         firsts = rank * base + numpy.minimum(rank, extra)  # where they start in the global batch
-        within = numpy.arange(n) % batch
-        step_of = numpy.arange(n) // batch
-        mine = order[(within >= firsts[step_of]) & (within < firsts[step_of] + counts[step_of])]
-        ends = numpy.concatenate([[0], numpy.cumsum(counts)])
-        index = ops.asarray(mine)
-        x, y = x[index], y[index]
+        if shuffle or size > 1:  # this rank's rows of every global batch, in order: one gather
+            order = self.rng.permutation(n) if shuffle else numpy.arange(n)
+            within, step_of = numpy.arange(n) % batch, numpy.arange(n) // batch
+            mine = order[(within >= firsts[step_of]) & (within < firsts[step_of] + counts[step_of])]
+            index = ops.asarray(mine)
+            x, y = x[index], y[index]
+        ends = numpy.concatenate([[0], numpy.cumsum(counts)]).tolist()
+        rows, firsts = rows.tolist(), firsts.tolist()
         model.train()
         # The sums of a resumed epoch are global: rank 0 carries them, the others start from 0.
-        loss_sum = ops.asarray(numpy.float64(point["loss_sum"] if rank == 0 else 0.0))
-        correct_sum = ops.asarray(numpy.float64(point["correct_sum"] if rank == 0 else 0.0))
+        step_of_training.loss_sum.fill(point["loss_sum"] if rank == 0 else 0.0)
+        step_of_training.correct_sum.fill(point["correct_sum"] if rank == 0 else 0.0)
         guard = _DivergenceGuard(self, self.nan_check_every or (1 if ops.name == "cpu" else 100))
         progress = _Progress(self.epoch + 1, last_epoch, n, quiet=self.quiet)
         batch_hooks = [c for c in callbacks if type(c).on_batch_end is not Callback.on_batch_end]
-        masks = _GlobalDropoutMasks(model) if size > 1 else None
-        grads = model.flat_grads
         start = time.perf_counter()
-        step = point["step"] - 1
-        try:
-            for step in range(point["step"], steps):
-                lo, hi = int(ends[step]), int(ends[step + 1])
-                check = guard.due(step)
-                if hi > lo:
-                    if masks is not None:
-                        masks.select(int(rows[step]), int(firsts[step]))
-                    value, correct = self._loss_step(x[lo:hi], y[lo:hi])
-                    model._backward(self.loss._grad)
-                    if hi - lo != rows[step]:
-                        grads *= (hi - lo) / int(rows[step])
-                    if check:
-                        guard.flag_if_diverged(value, loss_sum, grads)
-                else:  # a short last batch left this rank nothing: it adds zeros
-                    value = correct = None
-                    grads.fill(0)
-                    if masks is not None:
-                        masks.skip()
-                comm.allreduce_sum_(grads)
-                if check:
-                    guard.after_allreduce(step, value, grads)
-                self.optimizer.step(model)
-                if value is not None:
-                    loss_sum += value * (hi - lo)
-                    correct_sum += correct
-                    for callback in batch_hooks:
-                        callback.on_batch_end(self, step, value)
-                stop, interrupted = comm.any_flags(self.stop_training, self.interrupted)
-                if interrupted:  # Ctrl-C reaches the ranks at different steps: they stop at the same one
-                    self.stop_training = self.interrupted = True
-                    loss_total, correct_total = comm.allreduce_scalars([loss_sum, correct_sum])
-                    self._resume_point = {"step": step + 1, "rng": point["rng"],
-                                          "loss_sum": loss_total, "correct_sum": correct_total}
-                    return None
-                if stop:
-                    self.stop_training = True
-                    break
-                if progress.enabled:  # rank 0's running mean stands for the global one
-                    done = min(n, (step + 1) * batch)
-                    progress.update(done, loss_sum * (done / max(hi, 1)), correct_sum * (done / max(hi, 1)))
-        finally:
-            if masks is not None:
-                masks.restore()
-        loss_total, correct_total = comm.allreduce_scalars([loss_sum, correct_sum])
+        step = point["step"] - 1  # a run interrupted after its last step resumes with no step to do
+        for step in range(point["step"], steps):
+            lo, hi = ends[step], ends[step + 1]
+            if graphed is not None:
+                value, _ = graphed(x[lo:hi], y[lo:hi], guard, step)
+            else:
+                value, _ = step_of_training(x[lo:hi], y[lo:hi], rows[step], firsts[step], guard, step)
+            if value is not None:
+                for callback in batch_hooks:
+                    callback.on_batch_end(self, step, value)
+            stop, interrupted = comm.any_flags(self.stop_training, self.interrupted)
+            if interrupted:  # Ctrl-C reaches the ranks at different steps: they stop at the same one
+                self.stop_training = self.interrupted = True
+                loss_total, correct_total = comm.allreduce_scalars(step_of_training.sums())
+                self._resume_point = {"step": step + 1, "rng": point["rng"],
+                                      "loss_sum": loss_total, "correct_sum": correct_total}
+                return None
+            if stop:
+                self.stop_training = True
+                break
+            if progress.enabled:  # rank 0's running mean stands for the global one
+                done, scale = min(n, (step + 1) * batch), min(n, (step + 1) * batch) / max(hi, 1)
+                progress.update(done, step_of_training.loss_sum * scale, step_of_training.correct_sum * scale)
+        loss_total, correct_total = comm.allreduce_scalars(step_of_training.sums())
         guard.check_total(steps, loss_total)
         ops.synchronize()
         elapsed = time.perf_counter() - start
@@ -446,6 +395,78 @@ class Trainer:
         return self
 
 
+class _OneProcess:
+    """The communicator of a run in one process: a world of one, every collective the identity."""
+
+    size, rank = 1, 0
+
+    def allreduce_sum_(self, array):
+        return array
+
+    def any_flags(self, *flags):
+        return [bool(flag) for flag in flags]
+
+    def allreduce_scalars(self, values):
+        return [float(value) for value in values]
+
+
+_ONE_PROCESS = _OneProcess()
+
+
+class _Step:
+    """One training step, the unit every loop runs: forward and loss on this process's part of
+    the global batch, backward, the divergence flag, the gradient all-reduce, the optimizer update
+    and the device-side metric sums (``loss_sum``, ``correct_sum``; read only when reported).
+
+    A part smaller than the global batch scales its gradient (a mean over the part) by its share,
+    so the all-reduced sum is the global batch's mean; a rank whose part of a short last batch is
+    empty adds zeros. Random layers draw for the global batch and keep their rows.
+    """
+
+    def __init__(self, trainer, comm):
+        self.trainer, self.comm = trainer, comm
+        ops = trainer.model.backend
+        self.loss_sum, self.correct_sum = ops.zeros((), numpy.float64), ops.zeros((), numpy.float64)
+        self.masks = _GlobalDropoutMasks(trainer.model) if comm.size > 1 else None
+
+    def __call__(self, x, y, rows=None, first=0, guard=None, step=None):
+        """The step on ``x, y`` (``rows`` in the global batch, this part starting at ``first``);
+        the loss as a device scalar (None for an empty part). ``guard`` checks it at ``step``."""
+        trainer, model = self.trainer, self.trainer.model
+        grads, part = model.flat_grads, x.shape[0]
+        rows = part if rows is None else rows
+        check = guard is not None and guard.due(step)
+        value = correct = None
+        if part:
+            if self.masks is not None:
+                self.masks.select(rows, first)
+            value, correct = trainer._loss_step(x, y)
+            model._backward(trainer.loss._grad)
+            if part != rows:
+                grads *= part / rows
+            if check:
+                guard.flag_if_diverged(value, self.loss_sum, grads)
+        else:
+            grads.fill(0)
+            self.masks.skip()
+        self.comm.allreduce_sum_(grads)
+        if check:
+            guard.after_allreduce(step, value, grads)
+        trainer.optimizer.step(model)
+        if part:
+            self.loss_sum += value * part
+            self.correct_sum += correct
+        return value, correct
+
+    def sums(self):
+        return [self.loss_sum, self.correct_sum]
+
+    def finish(self):
+        """Give the random layers their own draws back."""
+        if self.masks is not None:
+            self.masks.restore()
+
+
 class TrainingDiverged(NnaccelError):
     """The loss became NaN or inf; the weights are from before it (see ``Trainer.fit``)."""
 
@@ -472,23 +493,9 @@ class _DivergenceGuard:
         self.trainer, self.every = trainer, every
         self.snapshot, self.checked_step = None, None
 
-    def before_update(self, step, value, loss_sum):
-        if self.every == 1:
-            if value is not None and not math.isfinite(float(value)):
-                self._fail(step, float(value), step)
-            return
-        if self.snapshot is not None and step % self.every and value is not None:
-            return
-        total = float(loss_sum if value is None else loss_sum + value)
-        if math.isfinite(total):
-            self._take_snapshot(step)
-            return
-        self._restore()
-        self._fail(step, total, self.checked_step)
-
-    # The distributed loop asks the same questions, but every rank must get the same answer:
-    # a rank that finds its loss non-finite writes NaN into its gradient buffer, so after the
-    # all-reduce every rank reads NaN in the first element and fails at the same step.
+    # Every rank must get the same answer: a rank that finds its loss non-finite writes NaN into
+    # its gradient buffer, so after the all-reduce every rank reads NaN in the first element and
+    # fails at the same step (in one process the all-reduce is the identity).
     def due(self, step):
         """Whether ``step`` is checked (every step on the CPU; each ``every``-th on a GPU)."""
         return self.every == 1 or self.snapshot is None or not step % self.every
@@ -507,6 +514,19 @@ class _DivergenceGuard:
         self._restore()
         self._fail(step, getattr(self, "local_value", math.nan), step if self.every == 1 else self.checked_step,
                    all_ranks=True)
+
+    def after_replay(self, step, loss_sum):
+        """A step replayed from a CUDA graph has made its update: at the steps due, a finite running
+        loss is the new snapshot (the weights from before the next step), a non-finite one returns to
+        the last and fails."""
+        if not self.due(step):
+            return
+        total = float(loss_sum)
+        if math.isfinite(total):
+            self._take_snapshot(step + 1)
+            return
+        self._restore()
+        self._fail(step, total, self.checked_step)
 
     def check_total(self, step, total):
         """End of a distributed epoch: ``total`` is the all-reduced loss sum, the same on every rank."""

@@ -363,27 +363,48 @@ def test_cli_resume_needs_ranks_that_share_the_global_batch(mpi, tmp_path):
                       "resume it on a number of ranks that divides 64"], run.stderr
 
 
-def test_cli_ctrl_c_stops_every_rank_with_a_checkpoint(mpi, tmp_path):
-    process = subprocess.Popen([MPIEXEC, "-n", "2", *NNACCEL, "train", "--distributed", "--data", "digits", "--layers",
-                                "64,32,10",
-                                "--epochs", "1000", "--batch-size", "8", "--save", "c.npz"],
-                               env=ENV, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _interrupt_job(command, signum, cwd):
+    """Start ``command`` (an mpiexec job), send ``signum`` to mpiexec once epoch 1 is reported
+    (hydra passes SIGINT and SIGTERM to the ranks); the job's whole stderr once it has exited."""
+    process = subprocess.Popen(command, env=ENV, cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines, reader = _follow(process.stderr)
     seen, deadline = [], time.monotonic() + TIMEOUT
     try:
         while not any(line.startswith("epoch 1/") for line in seen):
             seen.append(lines.get(timeout=max(deadline - time.monotonic(), 0.1)))
-        process.send_signal(signal.SIGINT)  # what Ctrl-C does to mpiexec; hydra passes it to the ranks
+        process.send_signal(signum)
         process.wait(timeout=TIMEOUT)
     except (queue.Empty, subprocess.TimeoutExpired):
         _stop(process)
-        pytest.fail("the job did not stop on SIGINT:\n" + "".join(seen))
+        pytest.fail(f"the job did not stop on {signal.Signals(signum).name}:\n" + "".join(seen))
     text = _rest(lines, reader, seen)
-    assert process.returncode == 130, text
-    assert text.count("nnaccel train: interrupted in epoch") == 1 and "mpiexec -n 2 nnaccel train --distributed " \
-           "--resume c.npz" in text
+    assert process.returncode == 128 + signum, text
+    return text
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_a_stop_signal_stops_every_rank_at_one_step_and_resumes_bit_for_bit(mpi, tmp_path, signum):
+    """Ctrl-C, or the SIGTERM a batch scheduler sends, to ``mpiexec``: every rank stops at the same
+    step, one checkpoint and one resume command; the resumed job ends with the weights of a job
+    never interrupted, bit for bit."""
+    epochs = 20
+    train = [MPIEXEC, "-n", "2", *NNACCEL, "train", "--distributed", "--data", "digits", "--layers", "64,32,10",
+             "--device", "cpu", "--batch-size", "8", "--epochs", str(epochs)]
+    text = _interrupt_job([*train, "--save", "c.npz"], signum, tmp_path)
+    notes = [line for line in text.splitlines() if line.startswith("nnaccel train: interrupted by ")]
+    assert len(notes) == 1 and notes[0].startswith(f"nnaccel train: interrupted by {signal.Signals(signum).name} "), text
+    resume = notes[0].split("resume with: ")[1].split()
+    assert resume[:6] == ["mpiexec", "-n", "2", "nnaccel", "train", "--distributed"] and "--resume" in resume
     state = checkpoint.read(tmp_path / "c.npz")[0]["trainer"]
-    assert state["world_size"] == 2 and state["batch_size"] == 16
+    assert state["world_size"] == 2 and state["batch_size"] == 16 and 1 <= state["epoch"] < epochs
+    run = mpiexec(2, *NNACCEL, *resume[4:], "--device", "cpu", cwd=tmp_path)
+    assert run.returncode == 0 and f"after {epochs} epochs" in run.stdout, run.stderr
+    straight = mpiexec(2, *train[3:], "--save", "straight.npz", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    (_, resumed), (_, expected) = checkpoint.read(tmp_path / "c.npz"), checkpoint.read(tmp_path / "straight.npz")
+    assert sorted(resumed) == sorted(expected)
+    for name in expected:
+        numpy.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)
 
 
 def test_cli_user_error_on_every_rank_ends_the_job(mpi, tmp_path):

@@ -122,6 +122,18 @@ class Backend:
     def erf(self, x):
         raise NotImplementedError
 
+    # ----- graphs: work recorded once and replayed ---------------------------------
+    def recording_allocations(self):
+        """A context yielding the list of the sizes of the device allocations made inside it
+        (empty where nothing is captured: the CPU)."""
+        return contextlib.nullcontext([])
+
+    def capture(self, run, sizes):
+        """``run()`` captured as a graph whose ``replay()`` does its device work again, drawing the
+        memory it allocates from blocks of ``sizes`` set aside first; None where there are no graphs
+        (the CPU, whose work runs as it is issued)."""
+        return None
+
     def memory_report(self, error, batch_size):
         """What to tell a user whose training ran out of memory."""
         return (f"out of memory on {self.name} during training with batch size {batch_size} ({error}); "

@@ -3,7 +3,10 @@
 Each override routes one op to a kernel of ``kernels/`` (see
 ``cuda_kernels``) and falls back to the generic CuPy version for what the
 kernels do not cover (dtypes other than float32/float64, strided arrays).
+It also captures work into CUDA graphs (``capture``), for the Trainer's step.
 """
+
+import contextlib
 
 import numpy
 
@@ -54,6 +57,36 @@ class CupyBackend(Backend):
         from cupyx.scipy.special import erf
 
         return erf(x)
+
+    @contextlib.contextmanager
+    def recording_allocations(self):
+        sizes, pool = [], self.xp.get_default_memory_pool()
+
+        def malloc(size):
+            sizes.append(size)
+            return pool.malloc(size)
+
+        with self.device, self.xp.cuda.using_allocator(malloc):
+            yield sizes
+
+    def capture(self, run, sizes):
+        """CUDA stream capture of ``run()`` on a stream of its own. CUDA refuses synchronisation, host
+        transfers and memory-pool allocation while it captures, so the memory ``run`` allocates comes
+        from an arena of ``sizes`` allocated before the capture, which lives as long as the graph."""
+        cupy = self.xp
+        with self.device:
+            arena = _Arena(cupy, sizes)
+            stream = cupy.cuda.Stream(non_blocking=True)
+            with stream, cupy.cuda.using_allocator(arena.malloc):
+                stream.begin_capture()
+                try:
+                    outputs = run()
+                except BaseException:
+                    with contextlib.suppress(Exception):  # leave capture mode; the first error is the one
+                        stream.end_capture()
+                    raise
+                graph = stream.end_capture()
+        return _Graph(graph, arena, outputs, self.device)
 
     def memory_report(self, error, batch_size):
         pool = self.xp.get_default_memory_pool()
@@ -173,3 +206,36 @@ class CupyBackend(Backend):
         if not _fused(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta):
             return super().batchnorm_backward(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta, training)
         return cuda_kernels.batchnorm_backward(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta, training)
+
+
+class _Arena:
+    """Device memory set aside before a capture and handed out during it: a block of each size
+    asked for when the work ran eagerly, in one allocation that the graph keeps."""
+
+    ALIGN = 512
+
+    def __init__(self, cupy, sizes):
+        rounded = [-(-size // self.ALIGN) * self.ALIGN for size in sizes]
+        self.base = cupy.get_default_memory_pool().malloc(max(sum(rounded), self.ALIGN))
+        self.free, offset = {}, 0
+        for size, room in zip(sizes, rounded):
+            self.free.setdefault(size, []).append(offset)
+            offset += room
+
+    def malloc(self, size):
+        blocks = self.free.get(size)
+        if not blocks:
+            raise MemoryError(f"the captured work asked for {size:,} bytes, which it did not ask for when it "
+                              f"ran eagerly")
+        return self.base + blocks.pop(0)
+
+
+class _Graph:
+    """A captured CUDA graph with what it needs alive: its arena and the arrays it wrote."""
+
+    def __init__(self, graph, arena, outputs, device):
+        self.graph, self.arena, self.outputs, self.device = graph, arena, outputs, device
+
+    def replay(self):
+        with self.device:
+            self.graph.launch()

@@ -1,0 +1,93 @@
+"""Training steps replayed from CUDA graphs: one launch per step instead of dozens.
+
+A step of a small network is a few dozen kernel launches, each costing the
+host more time than the GPU spends on it. ``GraphedStep`` captures the whole
+step (forward, loss, backward, the optimizer update and the metric sums)
+into a CUDA graph once per batch shape and learning rate, and then replays
+it: the batch is copied into the graph's input buffers, one launch runs the
+step, and nothing crosses to the host.
+
+The first step of each (batch rows, learning rate) runs eagerly, on the
+graph's input buffers, and records the sizes of the memory it allocates; the
+capture then draws the same sizes from one arena set aside before it (CUDA
+refuses memory-pool allocation while capturing). Replays do what an eager
+step does, kernel for kernel on the same memory, so the weights after N
+steps are the same, bit for bit where the kernels are deterministic.
+
+If a capture fails (an operation CUDA does not allow while capturing),
+the warning says which and the run goes on with eager steps.
+
+A step whose host-side numbers change every step cannot be one graph:
+Dropout and RandomShift draw from a counter the host advances, Adam's bias
+correction depends on the step count, and a distributed step all-reduces
+through NCCL between ranks that may capture at different moments. Such runs
+step eagerly, and ``unsupported`` says why.
+"""
+
+import sys
+
+from .layers import RandomLayer
+
+
+def unsupported(trainer, comm):
+    """Why ``trainer``'s step cannot be replayed from a graph, or None if it can."""
+    if comm.size > 1:
+        return "a distributed step all-reduces between ranks; it runs eagerly"
+    drawing = [type(layer).__name__ for layer in trainer.model.layers if isinstance(layer, RandomLayer)
+               and layer.draws]
+    if drawing:
+        return f"{' and '.join(dict.fromkeys(drawing))} draw from a counter that changes every step"
+    if trainer.optimizer.per_step_scalars:
+        return f"{type(trainer.optimizer).__name__}'s bias correction changes every step"
+    return None
+
+
+class GraphedStep:
+    """``step`` (a ``trainer._Step``) replayed from a CUDA graph per (batch rows, learning rate)."""
+
+    def __init__(self, step):
+        self.step = step
+        self.graphs = {}  # (rows, lr) -> (graph, x buffer, y buffer, the work arrays it uses)
+        self.failed = None  # why a capture failed: the steps then run eagerly
+        self.replays = 0
+
+    def __call__(self, x, y, guard, index):
+        """One step on ``x, y`` (step ``index`` of the epoch); ``(loss, correct)`` as device arrays
+        that the next step overwrites."""
+        trainer = self.step.trainer
+        key = (x.shape[0], trainer.optimizer.lr)
+        if self.failed is not None:
+            return self.step(x, y, guard=guard, step=index)
+        if key not in self.graphs:
+            return self._run_and_capture(key, x, y, guard, index)
+        graph, x_in, y_in, _ = self.graphs[key]
+        x_in[...] = x
+        y_in[...] = y
+        graph.replay()
+        self.replays += 1
+        trainer.optimizer.steps += 1  # the host's part of the step: the graph does the device's
+        guard.after_replay(index, self.step.loss_sum)
+        return graph.outputs
+
+    def _run_and_capture(self, key, x, y, guard, index):
+        trainer, backend = self.step.trainer, self.step.trainer.model.backend
+        x_in, y_in = x.copy(), y.copy()
+        with backend.recording_allocations() as sizes:
+            result = self.step(x_in, y_in, guard=guard, step=index)
+        steps = trainer.optimizer.steps
+        try:
+            graph = backend.capture(lambda: self.step(x_in, y_in), sizes)  # records the step, runs none of it
+        except Exception as error:  # CUDA refused an operation of the step while capturing
+            self.failed = f"{type(error).__name__}: {error}"
+            if not trainer.quiet:
+                print(f"warning: CUDA graphs off: capturing the step failed ({self.failed}); the steps run "
+                      f"eagerly", file=sys.stderr, flush=True)
+            return result
+        finally:
+            trainer.optimizer.steps = steps
+        # Graphs of an earlier learning rate (the schedule moved on) are not replayed again.
+        self.graphs = {k: v for k, v in self.graphs.items() if k[1] == key[1]}
+        # The layers and the loss replace a work array when a larger batch comes (evaluation, a
+        # new shape); the graph still writes into the old one, so it keeps the old one alive.
+        self.graphs[key] = (graph, x_in, y_in, [*trainer.model.work_arrays(), trainer.loss._grad])
+        return result

@@ -1,0 +1,139 @@
+"""CUDA graphs: the training step captured once per batch shape and learning rate and replayed
+ends with the weights of eager steps, bit for bit, on the emulated device, whose stand-in refuses
+what CUDA refuses while capturing (synchronisation, host transfers, memory-pool allocation)."""
+
+import numpy
+import pytest
+
+import nnaccel as nn
+from nnaccel import datasets
+from nnaccel.backend import cupy_backend
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """The number of graph replays so far (a list of one count)."""
+    count = [0]
+    replay = cupy_backend._Graph.replay
+
+    def counted(self):
+        count[0] += 1
+        return replay(self)
+
+    monkeypatch.setattr(cupy_backend._Graph, "replay", counted)
+    return count
+
+
+def _mlp(device):
+    return nn.Sequential(nn.Dense(20, 32, activation="tanh"), nn.BatchNorm(32), nn.Dense(32, 16, activation="relu"),
+                         nn.Dense(16, 4), seed=5, device=device)
+
+
+def _conv(device):
+    return nn.Sequential(nn.Conv2D(1, 4, 3, padding=1), nn.BatchNorm(4), nn.MaxPool2D(2), nn.Conv2D(4, 6, 3),
+                         nn.AvgPool2D(2), nn.Flatten(), nn.Dense(6, 5), input_shape=(1, 8, 8), seed=5,
+                         device=device)
+
+
+def _trainer(model, cuda_graphs=True, t_max=3, quiet=True):
+    return nn.Trainer(model, optimizer=nn.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+                      batch_size=32, seed=3, quiet=quiet, cuda_graphs=cuda_graphs, schedule=nn.CosineAnnealing(t_max))
+
+
+def _train(build, device, x, y, cuda_graphs, epochs=3, t_max=None):
+    model = build(device)
+    trainer = _trainer(model, cuda_graphs, t_max or epochs)
+    history = trainer.fit(x, y, epochs=epochs)
+    host = model.backend.to_host
+    return trainer, history, {"params": host(model.flat_params), "buffers": host(model.flat_buffers),
+                              **{name: host(buf) for name, buf in trainer.optimizer.state.items()}}
+
+
+@pytest.mark.parametrize("build, features, classes", [(_mlp, 20, 4), (_conv, 64, 5)], ids=["mlp-bn", "conv-bn-pool"])
+def test_replayed_steps_end_with_the_eager_weights_bit_for_bit(emulated, replays, build, features, classes):
+    """333 samples in batches of 32 (a short last batch: a graph of its own) over 3 epochs of a
+    cosine schedule (a new learning rate each epoch: graphs captured again)."""
+    x, y = datasets.synthetic(n=333, features=features, classes=classes, seed=1)
+    trainer, history, eager = _train(build, emulated, x, y, cuda_graphs=False)
+    assert replays[0] == 0
+    graphed_trainer, graphed_history, graphed = _train(build, emulated, x, y, cuda_graphs=True)
+    steps = 3 * 11
+    assert replays[0] == steps - 3 * 2  # each epoch: one eager step per batch shape, then replays
+    for name in eager:
+        numpy.testing.assert_array_equal(graphed[name], eager[name], err_msg=name)
+    assert graphed_trainer.optimizer.steps == trainer.optimizer.steps == steps
+    assert graphed_history["loss"] == history["loss"] and graphed_history["accuracy"] == history["accuracy"]
+
+
+def test_a_graphed_run_resumes_bit_for_bit(emulated, replays, tmp_path):
+    x, y = datasets.synthetic(n=200, features=20, classes=4, seed=2)
+    _, _, expected = _train(_mlp, emulated, x, y, cuda_graphs=True, epochs=4)
+    first, _, _ = _train(_mlp, emulated, x, y, cuda_graphs=True, epochs=2, t_max=4)
+    first.save_checkpoint(tmp_path / "ck.npz")
+    model = _mlp(emulated)
+    resumed = _trainer(model, t_max=4)
+    resumed.load_checkpoint(tmp_path / "ck.npz")
+    resumed.fit(x, y, epochs=2)
+    numpy.testing.assert_array_equal(model.backend.to_host(model.flat_params), expected["params"])
+    assert replays[0] > 0
+
+
+def test_a_step_graphs_cannot_replay_runs_eagerly_and_says_why(emulated, replays, capsys):
+    x, y = datasets.synthetic(n=100, features=20, classes=4, seed=1)
+    for model, why in [
+        (nn.Sequential(nn.Dense(20, 16), nn.Dropout(0.2), nn.Dense(16, 4), device=emulated),
+         "Dropout draw from a counter that changes every step"),
+    ]:
+        nn.Trainer(model, batch_size=32).fit(x, y, epochs=1)
+        assert f"CUDA graphs off: {why}; the steps run eagerly" in capsys.readouterr().err
+    model = nn.Sequential(nn.Dense(20, 4), device=emulated)
+    nn.Trainer(model, optimizer=nn.Adam(), batch_size=32).fit(x, y, epochs=1)
+    assert "CUDA graphs off: Adam's bias correction changes every step" in capsys.readouterr().err
+    assert replays[0] == 0
+
+
+def test_a_step_that_breaks_capture_warns_and_runs_eagerly(emulated, replays, capsys, monkeypatch):
+    """A host read inside the step (here planted in the loss) is what CUDA refuses while capturing:
+    the stand-in refuses it as CUDA would, and the run goes on eagerly with the same weights."""
+    x, y = datasets.synthetic(n=100, features=20, classes=4, seed=1)
+    _, _, eager = _train(_mlp, emulated, x, y, cuda_graphs=False, epochs=1)
+    forward = nn.SoftmaxCrossEntropy._forward
+
+    def reads_the_loss(self, ops, out, targets):
+        value = forward(self, ops, out, targets)
+        float(value)  # a device-to-host read: a synchronisation
+        return value
+
+    monkeypatch.setattr(nn.SoftmaxCrossEntropy, "_forward", reads_the_loss)
+    model = _mlp(emulated)
+    _trainer(model, t_max=1, quiet=False).fit(x, y, epochs=1)
+    err = capsys.readouterr().err
+    assert "warning: CUDA graphs off: capturing the step failed (CUDARuntimeError: " \
+           "cudaErrorStreamCaptureUnsupported" in err and err.count("CUDA graphs off") == 1
+    assert replays[0] == 0
+    numpy.testing.assert_array_equal(model.backend.to_host(model.flat_params), eager["params"])
+
+
+def test_divergence_in_replayed_steps_returns_to_the_last_check_as_eager_steps_do(emulated, replays):
+    """The update of step 4 of epoch 2 blows the weights up; the replayed steps' running loss is
+    checked every 3 steps on the device, and the run stops where an eager one does, with its weights."""
+
+    class Explode(nn.Callback):
+        def on_batch_end(self, trainer, step, loss):
+            if trainer.epoch == 1 and step == 2:
+                trainer.optimizer.lr = 1e38
+
+    x, y = datasets.synthetic(n=320, features=20, classes=4, seed=1)
+    outcomes = []
+    for cuda_graphs in (False, True):
+        model = nn.Sequential(nn.Dense(20, 32, activation="relu"), nn.Dense(32, 4), device=emulated, seed=1)
+        trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1), batch_size=32, quiet=True, cuda_graphs=cuda_graphs)
+        trainer.nan_check_every = 3
+        with pytest.raises(nn.TrainingDiverged, match="kept the weights from before step 4, the last check") as error:
+            trainer.fit(x, y, epochs=5, callbacks=[Explode()])
+        outcomes.append((error.value.epoch, error.value.step, model.backend.to_host(model.flat_params)))
+    assert replays[0] > 0
+    (eager_epoch, eager_step, eager), (epoch, step, graphed) = outcomes
+    assert (epoch, step) == (eager_epoch, eager_step) == (2, 7)
+    assert numpy.isfinite(graphed).all()
+    numpy.testing.assert_array_equal(graphed, eager)
