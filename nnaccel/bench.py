@@ -1,4 +1,4 @@
-"""``nnaccel bench``: training-step throughput per device, against the GEMM peak and PyTorch.
+"""``nnaccel bench``: training throughput per device, against the GEMM peak and PyTorch.
 
 Each configuration (device, network, batch size) is warmed up, then timed in
 rounds of training steps on one synthetic batch kept on the device; the
@@ -7,8 +7,15 @@ float32 GEMM peak measured on the same device in the same run. With
 ``--compare torch`` the same step in PyTorch (same network, batch, optimizer
 and thread count) runs in rounds alternating with nnaccel's, so both see the
 same machine noise, and the ratio is the median over the paired rounds.
+
+With ``--fit`` a round is instead a whole ``Trainer.fit`` call, as a user
+runs it, over the MNIST sample nnaccel ships (moving the data to the device,
+its checks, the shuffles, every step and the metrics), against a plain
+PyTorch loop doing the same training: the same initial weights, the same
+shuffle of every epoch, the same batches and thread count.
 """
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -52,7 +59,12 @@ ROUNDS = 5
 ROUND_SECONDS = 0.25  # a round's length when --steps is not given
 WARMUP_SECONDS = 0.5  # untimed runs before the rounds: caches, allocators, clocks and thread pools settle
 QUICK = {"networks": ("784-16-16-10",), "batches": (16, 64), "rounds": 1, "steps": 2, "warmup_s": 0.0,
-         "gemm_size": 256}
+         "gemm_size": 256, "fit_samples": 512}
+FIT_EPOCHS = 2
+# The --fit configurations: the CPU's target networks at their target batches; on a GPU the ones its
+# targets are judged on.
+FIT_BATCHES = {"cpu": {name: (batch,) for name, batch in TARGET_BATCHES.items() if name != "lenet5"},
+               "cuda": {"784-128-64-10": (128,), "784-4096-4096-10": (4096,)}}
 
 
 class Step(NamedTuple):
@@ -79,6 +91,8 @@ class Result:
     torch_samples_per_s: float = None
     ratio: float = None  # nnaccel samples/s over PyTorch samples/s, median of the paired rounds
     speedup: float = None  # this GPU's samples/s over the CPU's, same network and batch
+    mode: str = "step"  # "step": rounds of steps on one batch; "fit": whole Trainer.fit calls of `epochs`
+    epochs: int = None
 
 
 # ----- what is measured --------------------------------------------------------------
@@ -220,6 +234,73 @@ def measure(name, batch, device, peak, rounds, steps, warmup_s, torch=None):
     return result
 
 
+def fit_flops(model, samples, batch, epochs):
+    """Floating-point operations of ``epochs`` epochs over ``samples`` in batches of ``batch``."""
+    full, rest = divmod(samples, batch)
+    return epochs * (full * step_flops(model, batch) + (step_flops(model, rest) if rest else 0))
+
+
+def _timed(run, synchronize):
+    synchronize()
+    start = time.perf_counter()
+    run()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def nnaccel_fit(name, batch, device, epochs, x, y):
+    """Seconds of one ``Trainer.fit`` call of ``epochs`` epochs from fresh weights (seed 0)."""
+    model = build_network(name, device)
+    trainer = Trainer(model, loss=SoftmaxCrossEntropy(), optimizer=SGD(lr=LR, momentum=MOMENTUM),
+                      batch_size=batch, seed=0, quiet=True)
+    return _timed(lambda: trainer.fit(x, y, epochs=epochs), model.backend.synchronize)
+
+
+def torch_fit(torch, name, batch, device, epochs, x, y):
+    """The same training as ``nnaccel_fit`` in a plain PyTorch loop: the same initial weights
+    (``to_torch``) and every epoch's shuffle drawn as the Trainer draws it (``default_rng(seed)``)."""
+    net = build_network(name, "cpu").to_torch().to(device).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    synchronize = (lambda: None) if device == "cpu" else (lambda: torch.cuda.synchronize(device))
+
+    def loop():
+        inputs, labels = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        rng = numpy.random.default_rng(0)
+        for _ in range(epochs):
+            order = torch.from_numpy(rng.permutation(len(x))).to(device)
+            for begin in range(0, len(x), batch):
+                rows = order[begin:begin + batch]
+                optimizer.zero_grad()
+                loss = torch.nn.functional.cross_entropy(net(inputs[rows]), labels[rows])
+                loss.backward()
+                optimizer.step()
+
+    return _timed(loop, synchronize)
+
+
+def measure_fit(name, batch, device, peak, rounds, epochs, data, torch=None):
+    """Time whole fit calls (and PyTorch's loop, alternating rounds, when ``torch`` is given);
+    one untimed call of each first warms caches, allocators and thread pools."""
+    x, y = data
+    calls = [lambda: nnaccel_fit(name, batch, device, epochs, x, y)]
+    if torch is not None:
+        calls.append(lambda: torch_fit(torch, name, batch, device, epochs, x, y))
+    for call in calls:
+        call()
+    rounds_of = list(zip(*[[call() for call in calls] for _ in range(rounds)]))
+    seconds = list(rounds_of[0])
+    model = build_network(name, "cpu")
+    samples_per_s = epochs * len(x) / statistics.median(seconds)
+    gflops = fit_flops(model, len(x), batch, epochs) / statistics.median(seconds) / 1e9
+    result = Result(device, name, batch, epochs * -(-len(x) // batch), seconds, samples_per_s, gflops, gflops / peak,
+                    target=device == "cpu" and TARGET_BATCHES.get(name) == batch, mode="fit", epochs=epochs)
+    if torch is not None:
+        result.torch_seconds = list(rounds_of[1])
+        result.torch_samples_per_s = epochs * len(x) / statistics.median(result.torch_seconds)
+        result.ratio = statistics.median(t / s for s, t in zip(seconds, result.torch_seconds))
+    return result
+
+
 def add_speedups(results):
     """Fill each GPU result's speed-up over the CPU result of the same network and batch."""
     cpu = {(r.network, r.batch): r.samples_per_s for r in results if r.device == "cpu"}
@@ -252,16 +333,25 @@ def parse_batches(text):
 
 def plan(args, devices):
     """``(device, sizes, batches)`` for every network to run on every device."""
-    names = args.networks.split(",") if args.networks else QUICK["networks"] if args.quick else DEFAULT_BATCHES
-    networks = [parse_network(name) for name in names]
     batches = parse_batches(args.batches) if args.batches else QUICK["batches"] if args.quick else None
     grid = []
     for device in devices:
-        for name in networks:
+        defaults = FIT_BATCHES[device.split(":")[0]] if args.fit else DEFAULT_BATCHES
+        names = args.networks.split(",") if args.networks else QUICK["networks"] if args.quick else defaults
+        for name in map(parse_network, names):
             if not args.networks and device == "cpu" and name in GPU_ONLY_NETWORKS:
                 continue
-            grid.append((device, name, batches or DEFAULT_BATCHES.get(name, OTHER_BATCHES)))
+            grid.append((device, name, batches or defaults.get(name) or DEFAULT_BATCHES.get(name, OTHER_BATCHES)))
     return grid
+
+
+def _integer(text):
+    """``--rounds``, ``--steps`` and ``--threads`` as argparse reads them (NaN, 1.5 refused with the range);
+    ``_positive`` then refuses 0 and below, naming the option."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
 
 
 def _positive(value, option):
@@ -377,15 +467,20 @@ def add_parser(subparsers):
                                            "(default: the four CPU target networks, and 784-4096-4096-10 on GPUs)")
     parser.add_argument("--batches", help="comma-separated batch sizes for every network "
                                           "(default: three per network, its target batch among them)")
-    parser.add_argument("--rounds", type=int,
+    parser.add_argument("--rounds", type=_integer,
                         help=f"timed rounds per configuration; the median counts (default {ROUNDS})")
-    parser.add_argument("--steps", type=int,
+    parser.add_argument("--steps", type=_integer,
                         help=f"training steps per round (default: enough for about {ROUND_SECONDS} s)")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=_integer,
                         help=f"CPU threads for NumPy's BLAS and for PyTorch (default: {default_threads()}, "
                              "the cores available)")
     parser.add_argument("--compare", choices=["torch"],
                         help="also time the same step in PyTorch, in alternating rounds, and add the ratio")
+    parser.add_argument("--fit", action="store_true",
+                        help="time whole Trainer.fit calls on the MNIST sample instead of steps, against a plain "
+                             "PyTorch loop with the same weights and shuffles (default networks: the CPU targets "
+                             "at their target batches; on GPUs 784-128-64-10/128 and 784-4096-4096-10/4096)")
+    parser.add_argument("--epochs", type=_integer, help=f"--fit: epochs per fit call (default {FIT_EPOCHS})")
     parser.add_argument("--json", metavar="FILE", help="write the results and machine information as JSON")
     parser.add_argument("--plot", metavar="FILE", help="draw samples/s against batch size to a PNG")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one round: a smoke test for CI")
@@ -398,6 +493,9 @@ def run(args):
     rounds = _positive(args.rounds, "--rounds") or (QUICK["rounds"] if args.quick else ROUNDS)
     steps = _positive(args.steps, "--steps") or (QUICK["steps"] if args.quick else None)
     warmup_s = QUICK["warmup_s"] if args.quick else WARMUP_SECONDS
+    epochs = _positive(args.epochs, "--epochs") or (1 if args.quick else FIT_EPOCHS)
+    if args.epochs is not None and not args.fit:
+        raise ConfigError("--epochs counts the epochs of --fit; without --fit bench times steps (--steps)")
     devices = parse_devices(args.devices)
     grid = plan(args, devices)
     torch = _import_torch() if args.compare == "torch" else None
@@ -407,10 +505,17 @@ def run(args):
         from .plotting import pyplot
 
         pyplot()  # a missing matplotlib is reported now, not after the measurements
-    peaks, results = measure_grid(grid, threads, rounds, steps, warmup_s, torch, quick=args.quick)
+    try:
+        fit = _fit_data(args.quick, epochs) if args.fit else None
+        peaks, results = measure_grid(grid, threads, rounds, steps, warmup_s, torch, quick=args.quick, fit=fit)
+    except MemoryError as error:  # a batch or layer size beyond what the device holds (CuPy's OOM is one too)
+        raise ConfigError(f"a network or batch size does not fit in memory ({error}); choose smaller --networks "
+                          f"or --batches") from None
     add_speedups(results)
     gemm = ", ".join(f"{d} {p['gflops']:,.1f} GFLOP/s ({p['size']}x{p['size']})" for d, p in peaks.items())
-    print(f"nnaccel {__version__} bench: float32, SGD(lr={LR}, momentum={MOMENTUM}), {threads} CPU "
+    what = (f"whole fit calls of {epochs} epoch(s) on {len(fit[1][0]):,} MNIST images against a plain PyTorch "
+            f"loop" if args.fit else "training steps")
+    print(f"nnaccel {__version__} bench: {what}, float32, SGD(lr={LR}, momentum={MOMENTUM}), {threads} CPU "
           f"thread{'s' * (threads > 1)}, median of {rounds} round(s); % peak is of the float32 GEMM "
           f"measured in this run: {gemm}")
     print(format_table(results))
@@ -418,7 +523,10 @@ def run(args):
         report = {"machine": machine_info(devices, torch),
                   "settings": {"dtype": "float32", "optimizer": {"type": "SGD", "lr": LR, "momentum": MOMENTUM},
                                "loss": "softmax_cross_entropy", "threads": threads, "rounds": rounds,
-                               "steps": steps or "auto", "warmup_seconds": warmup_s, "compare": args.compare},
+                               "steps": steps or "auto", "warmup_seconds": warmup_s, "compare": args.compare,
+                               "mode": "fit" if args.fit else "step",
+                               **({"epochs": epochs, "data": "mnist sample", "samples": len(fit[1][0])}
+                                  if args.fit else {})},
                   "gemm_peak": peaks, "results": [asdict(result) for result in results]}
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         _say(f"results written to {args.json}")
@@ -428,8 +536,17 @@ def run(args):
     return 0
 
 
-def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False):
-    """Each device's GEMM peak, then every configuration, all under one CPU thread count.
+def _fit_data(quick, epochs):
+    """``(epochs, (x, y))`` for --fit: the MNIST sample (its first images with --quick)."""
+    x, y = datasets.load_mnist_sample()
+    if quick:
+        x, y = x[:QUICK["fit_samples"]], y[:QUICK["fit_samples"]]
+    return epochs, (x, y)
+
+
+def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False, fit=None):
+    """Each device's GEMM peak, then every configuration (steps, or with ``fit = (epochs, data)``
+    whole fit calls), all under one CPU thread count.
 
     Returns ``({device: {"size", "gflops"}}, [Result, ...])``.
     """
@@ -450,8 +567,11 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False
                     if torch is not None and peer is None:
                         _say(f"{device}: PyTorch {torch.__version__} has no CUDA here, so no comparison on it")
                     for batch in batches:
-                        result = measure(sizes, batch, device, peaks[device]["gflops"], rounds, steps, warmup_s,
-                                         peer)
+                        if fit is not None:
+                            result = measure_fit(sizes, batch, device, peaks[device]["gflops"], rounds, *fit, peer)
+                        else:
+                            result = measure(sizes, batch, device, peaks[device]["gflops"], rounds, steps, warmup_s,
+                                             peer)
                         results.append(result)
                         _say(f"{device} {result.network} batch {batch}: {result.samples_per_s:,.0f} samples/s"
                              + (f", PyTorch ratio {result.ratio:.2f}" if result.ratio else ""))

@@ -62,6 +62,22 @@ def test_bench_plot(quick_bench):
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
 
 
+def test_bench_fit_times_whole_fit_calls(tmp_path):
+    """``bench --fit``: whole ``Trainer.fit`` calls (beside a plain PyTorch loop where it imports)."""
+    compare = ["--compare", "torch"] if HAS_TORCH else []
+    done = run("-m", "nnaccel.cli", "bench", "--fit", "--quick", "--epochs", "2", "--devices", "cpu", *compare,
+               "--json", tmp_path / "fit.json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "fit.json").read_text())
+    assert report["settings"]["mode"] == "fit" and report["settings"]["epochs"] == 2
+    assert report["settings"]["samples"] == 512  # the quick run's MNIST images
+    for result in report["results"]:
+        assert result["mode"] == "fit" and result["epochs"] == 2 and result["samples_per_s"] > 0
+        assert result["steps"] == 2 * -(-512 // result["batch"])
+        assert (result["ratio"] is not None and result["torch_samples_per_s"] > 0) == HAS_TORCH
+    assert "784-16-16-10" in done.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--networks", "784-x-10"], "network '784-x-10' is not a list of positive layer sizes"),
     (["--networks", "784"], "network '784' is not a list of positive layer sizes"),
