@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The prepared command for the day a GPU is lent: in one call, the GPU tests, the fused-kernel benchmark
-# and nnaccel's training-step benchmark against PyTorch, with the machine's description, results (JSON)
-# and logs in OUTDIR (8 files at most). About 6 minutes on an H100/H200; each part has its own time limit.
+# (against device copy bandwidth), nnaccel's training steps against PyTorch in fp32, TF32 and bf16 (against
+# autocast) with the share of the GEMM peak in each, and whole fit calls (CUDA graphs) against a PyTorch
+# loop, with the machine's description, results (JSON) and logs in OUTDIR (8 files at most). At most
+# 9.5 minutes on an H100/H200; each part has its own time limit.
 #
 #   benchmarks/gpu_check.sh OUTDIR            # on the GPU machine, from the repository root or anywhere
 #   PYTHONPATH=tests/cuda_standin benchmarks/gpu_check.sh --quick OUTDIR
@@ -46,15 +48,19 @@ part() {
 grep -E "^(cupy|cuda:|GPU not usable|torch)" "$out/machine.txt" | sed 's/^/   /'
 
 if [ "$quick" = 1 ]; then
-  part gpu-tests 300 "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_kernels.py -k "relu and float32" \
-    --junitxml="$out/gpu-tests.xml"
+  part gpu-tests 300 "$python" -m pytest -q -rfE -p no:cacheprovider -m gpu tests/test_cuda_kernels.py \
+    -k "relu and float32"
   part fused-kernels 120 "$python" benchmarks/fused_kernels.py --rows 256 --cols 256 --repeat 3 \
     --json "$out/fused-kernels.json"
-  part bench 300 "$python" -m nnaccel.cli bench --quick --devices cpu,cuda --compare torch --json "$out/bench.json"
+  part bench 300 "$python" -m nnaccel.cli bench --quick --devices cpu,cuda --compare torch --precision fp32,bf16 \
+    --json "$out/bench.json"
+  part fit 300 "$python" -m nnaccel.cli bench --fit --quick --devices cuda --compare torch --json "$out/fit.json"
 else
-  part gpu-tests 240 "$python" -m pytest -q -p no:cacheprovider -m gpu tests --junitxml="$out/gpu-tests.xml"
+  part gpu-tests 180 "$python" -m pytest -q -rfE -p no:cacheprovider -m gpu tests
   part fused-kernels 60 "$python" benchmarks/fused_kernels.py --json "$out/fused-kernels.json"
-  part bench 180 "$python" -m nnaccel.cli bench --devices cpu,cuda --compare torch --json "$out/bench.json"
+  part bench 240 "$python" -m nnaccel.cli bench --devices cpu,cuda --compare torch --precision fp32,tf32,bf16 \
+    --json "$out/bench.json"
+  part fit 90 "$python" -m nnaccel.cli bench --fit --devices cuda --compare torch --json "$out/fit.json"
 fi
 
 echo "results in $out: $(cd "$out" && ls | tr '\n' ' ')"

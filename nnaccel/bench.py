@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 import numpy
 
 from . import __version__, architectures, datasets
-from .backend import cuda_status, get_backend, resolve_device
+from .backend import PRECISIONS, cuda_status, get_backend, resolve_device
 from .errors import ConfigError
 from .layers import Conv2D, Dense, Maxout
 from .losses import SoftmaxCrossEntropy
@@ -49,7 +49,7 @@ DEFAULT_BATCHES = {
     "784-128-64-10": (64, 256, 1024),
     "784-1024-1024-10": (64, 256, 1024),
     "784-2048-2048-10": (128, 512, 2048),
-    "784-4096-4096-10": (512, 2048, 8192),
+    "784-4096-4096-10": (512, 4096, 8192),
     "lenet5": (64, 256),
 }
 OTHER_BATCHES = (32, 256, 1024)  # for networks given with --networks but not listed above
@@ -93,6 +93,7 @@ class Result:
     speedup: float = None  # this GPU's samples/s over the CPU's, same network and batch
     mode: str = "step"  # "step": rounds of steps on one batch; "fit": whole Trainer.fit calls of `epochs`
     epochs: int = None
+    precision: str = "fp32"  # how the weighted sums computed (Trainer precision; PyTorch's equivalent)
 
 
 # ----- what is measured --------------------------------------------------------------
@@ -147,17 +148,20 @@ def synthetic_batch(model, batch):
     return datasets.synthetic(batch, model.in_features, model.out_features, seed=0, dtype=numpy.float32)
 
 
-def training_step(name, batch, device):
-    """nnaccel's training step (softmax cross-entropy, SGD with momentum) on a batch kept on ``device``."""
+def training_step(name, batch, device, precision="fp32"):
+    """nnaccel's training step (softmax cross-entropy, SGD with momentum) on a batch kept on ``device``,
+    its weighted sums in ``precision``."""
     model = build_network(name, device).train()
     trainer = Trainer(model, loss=SoftmaxCrossEntropy(), optimizer=SGD(lr=LR, momentum=MOMENTUM),
-                      batch_size=batch, quiet=True)
+                      batch_size=batch, quiet=True, precision=precision)
     x, y = trainer.prepare(*synthetic_batch(model, batch))
     return model, Step(lambda: trainer.train_step(x, y), model.backend.synchronize)
 
 
-def torch_training_step(torch, name, batch, device):
-    """The same step in PyTorch, the same weights (``to_torch``); the input needs no gradient, as in nnaccel."""
+def torch_training_step(torch, name, batch, device, precision="fp32"):
+    """The same step in PyTorch, the same weights (``to_torch``); the input needs no gradient, as in nnaccel.
+    On a GPU "tf32" allows TF32 matmuls and "bf16" runs forward and loss under ``torch.autocast``
+    (bfloat16), PyTorch's ways to the tensor cores."""
     model = build_network(name, "cpu")
     net = model.to_torch().to(device).train()
     optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
@@ -174,7 +178,13 @@ def torch_training_step(torch, name, batch, device):
 
     if device == "cpu":
         return Step(run, lambda: None)
-    return Step(run, lambda: torch.cuda.synchronize(device))
+
+    def run_on_gpu():
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return run()
+
+    return Step(run_on_gpu, lambda: torch.cuda.synchronize(device))
 
 
 # ----- timing -------------------------------------------------------------------------
@@ -209,13 +219,13 @@ def gemm_peak(backend, size, rounds, warmup_s):
     return 2 * size ** 3 * calls / seconds / 1e9
 
 
-def measure(name, batch, device, peak, rounds, steps, warmup_s, torch=None):
+def measure(name, batch, device, peak, rounds, steps, warmup_s, torch=None, precision="fp32"):
     """Time nnaccel's step (and PyTorch's, alternating rounds, when ``torch`` is given)."""
-    model, ours = training_step(name, batch, device)
+    model, ours = training_step(name, batch, device, precision)
     per_step = warm_up(ours, warmup_s)
     theirs = None
     if torch is not None:
-        theirs = torch_training_step(torch, name, batch, device)
+        theirs = torch_training_step(torch, name, batch, device, precision)
         warm_up(theirs, warmup_s)
     steps = steps or max(1, math.ceil(ROUND_SECONDS / per_step))
     seconds, torch_seconds = [], []
@@ -226,7 +236,7 @@ def measure(name, batch, device, peak, rounds, steps, warmup_s, torch=None):
     samples_per_s = batch * steps / statistics.median(seconds)
     gflops = step_flops(model, batch) * samples_per_s / batch / 1e9
     result = Result(device, name, batch, steps, seconds, samples_per_s, gflops, gflops / peak,
-                    target=device == "cpu" and TARGET_BATCHES.get(name) == batch)
+                    target=device == "cpu" and TARGET_BATCHES.get(name) == batch, precision=precision)
     if theirs is not None:
         result.torch_seconds = torch_seconds
         result.torch_samples_per_s = batch * steps / statistics.median(torch_seconds)
@@ -318,6 +328,15 @@ def parse_devices(text):
     if not devices:
         raise ConfigError("--devices names no device; expected e.g. cpu,cuda")
     return list(dict.fromkeys(devices))
+
+
+def parse_precisions(text):
+    """Precisions from ``"fp32,tf32,bf16"``, each one of ``PRECISIONS``."""
+    precisions = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if not precisions or unknown:
+        raise ConfigError(f"--precision {text!r} is not a list of {', '.join(PRECISIONS)}")
+    return precisions
 
 
 def parse_batches(text):
@@ -420,10 +439,11 @@ def _cell(value, spec):
 def format_table(results):
     """Aligned text columns; those empty in every row (no PyTorch, one device) are left out."""
     header = ("device", "network", "batch", "samples/s", "GFLOP/s", "% peak", "torch samples/s",
-              "ratio", "GPU/CPU")
+              "ratio", "GPU/CPU", "precision")
+    mixed = any(r.precision != "fp32" for r in results)
     rows = [(r.device, r.network, str(r.batch), _cell(r.samples_per_s, ",.0f"), _cell(r.gflops, ".1f"),
              _cell(100 * r.peak_share, ".1f"), _cell(r.torch_samples_per_s, ",.0f"), _cell(r.ratio, ".2f"),
-             _cell(r.speedup, ".1f")) for r in results]
+             _cell(r.speedup, ".1f"), r.precision if mixed else "-") for r in results]
     shown = [i for i in range(len(header)) if i < 6 or any(row[i] != "-" for row in rows)]
     widths = {i: max(len(row[i]) for row in [header, *rows]) for i in shown}
     lines = ["  ".join(row[i].ljust(widths[i]) if i < 2 else row[i].rjust(widths[i]) for i in shown).rstrip()
@@ -481,6 +501,10 @@ def add_parser(subparsers):
                              "PyTorch loop with the same weights and shuffles (default networks: the CPU targets "
                              "at their target batches; on GPUs 784-128-64-10/128 and 784-4096-4096-10/4096)")
     parser.add_argument("--epochs", type=_integer, help=f"--fit: epochs per fit call (default {FIT_EPOCHS})")
+    parser.add_argument("--precision", default="fp32",
+                        help="comma-separated precisions of the GPU steps, e.g. fp32,tf32,bf16 (nnaccel's Trainer "
+                             "precision; PyTorch with TF32 allowed or under autocast(bfloat16)); each against the "
+                             "GEMM peak in that precision; the CPU computes fp32 (default fp32)")
     parser.add_argument("--json", metavar="FILE", help="write the results and machine information as JSON")
     parser.add_argument("--plot", metavar="FILE", help="draw samples/s against batch size to a PNG")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one round: a smoke test for CI")
@@ -497,6 +521,9 @@ def run(args):
     if args.epochs is not None and not args.fit:
         raise ConfigError("--epochs counts the epochs of --fit; without --fit bench times steps (--steps)")
     devices = parse_devices(args.devices)
+    precisions = parse_precisions(args.precision)
+    if args.fit and precisions != ("fp32",):
+        raise ConfigError("--precision applies to the step benchmark; --fit times fp32 fit calls")
     grid = plan(args, devices)
     torch = _import_torch() if args.compare == "torch" else None
     _check_output(args.json, "--json")
@@ -507,7 +534,8 @@ def run(args):
         pyplot()  # a missing matplotlib is reported now, not after the measurements
     try:
         fit = _fit_data(args.quick, epochs) if args.fit else None
-        peaks, results = measure_grid(grid, threads, rounds, steps, warmup_s, torch, quick=args.quick, fit=fit)
+        peaks, results = measure_grid(grid, threads, rounds, steps, warmup_s, torch, quick=args.quick, fit=fit,
+                                      precisions=precisions)
     except MemoryError as error:  # a batch or layer size beyond what the device holds (CuPy's OOM is one too)
         raise ConfigError(f"a network or batch size does not fit in memory ({error}); choose smaller --networks "
                           f"or --batches") from None
@@ -524,7 +552,7 @@ def run(args):
                   "settings": {"dtype": "float32", "optimizer": {"type": "SGD", "lr": LR, "momentum": MOMENTUM},
                                "loss": "softmax_cross_entropy", "threads": threads, "rounds": rounds,
                                "steps": steps or "auto", "warmup_seconds": warmup_s, "compare": args.compare,
-                               "mode": "fit" if args.fit else "step",
+                               "mode": "fit" if args.fit else "step", "precisions": list(precisions),
                                **({"epochs": epochs, "data": "mnist sample", "samples": len(fit[1][0])}
                                   if args.fit else {})},
                   "gemm_peak": peaks, "results": [asdict(result) for result in results]}
@@ -544,40 +572,46 @@ def _fit_data(quick, epochs):
     return epochs, (x, y)
 
 
-def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False, fit=None):
+def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False, fit=None, precisions=("fp32",)):
     """Each device's GEMM peak, then every configuration (steps, or with ``fit = (epochs, data)``
-    whole fit calls), all under one CPU thread count.
+    whole fit calls), all under one CPU thread count; steps on a GPU in each of ``precisions``,
+    each against the GEMM peak in that precision (the CPU computes fp32 only).
 
-    Returns ``({device: {"size", "gflops"}}, [Result, ...])``.
+    Returns ``({device or "device precision": {"size", "gflops"}}, [Result, ...])``.
     """
     peaks, results = {}, []
     saved_torch_threads = torch.get_num_threads() if torch is not None else None
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32 if torch is not None else None
     try:
         with _blas_threads(threads):
             if torch is not None:
                 torch.set_num_threads(threads)
             for device, sizes, batches in grid:
                 backend = get_backend(device)
-                with backend.activate():  # cuda:N computes on GPU N
-                    if device not in peaks:
-                        size = QUICK["gemm_size"] if quick else GEMM_SIZE[device.split(":")[0]]
-                        peaks[device] = {"size": size, "gflops": gemm_peak(backend, size, rounds, warmup_s)}
-                        _say(f"{device}: float32 GEMM {size}x{size}: {peaks[device]['gflops']:,.1f} GFLOP/s")
-                    peer = torch if torch is not None and (device == "cpu" or torch.cuda.is_available()) else None
-                    if torch is not None and peer is None:
-                        _say(f"{device}: PyTorch {torch.__version__} has no CUDA here, so no comparison on it")
-                    for batch in batches:
-                        if fit is not None:
-                            result = measure_fit(sizes, batch, device, peaks[device]["gflops"], rounds, *fit, peer)
-                        else:
-                            result = measure(sizes, batch, device, peaks[device]["gflops"], rounds, steps, warmup_s,
-                                             peer)
-                        results.append(result)
-                        _say(f"{device} {result.network} batch {batch}: {result.samples_per_s:,.0f} samples/s"
-                             + (f", PyTorch ratio {result.ratio:.2f}" if result.ratio else ""))
+                peer = torch if torch is not None and (device == "cpu" or torch.cuda.is_available()) else None
+                if torch is not None and peer is None:
+                    _say(f"{device}: PyTorch {torch.__version__} has no CUDA here, so no comparison on it")
+                for precision in ("fp32",) if device == "cpu" or fit is not None else precisions:
+                    key = device if precision == "fp32" else f"{device} {precision}"
+                    with backend.activate(), backend.matmul_precision(precision):  # cuda:N computes on GPU N
+                        if key not in peaks:
+                            size = QUICK["gemm_size"] if quick else GEMM_SIZE[device.split(":")[0]]
+                            peaks[key] = {"size": size, "gflops": gemm_peak(backend, size, rounds, warmup_s)}
+                            _say(f"{key}: float32 GEMM {size}x{size}: {peaks[key]['gflops']:,.1f} GFLOP/s")
+                    with backend.activate():
+                        for batch in batches:
+                            if fit is not None:
+                                result = measure_fit(sizes, batch, device, peaks[key]["gflops"], rounds, *fit, peer)
+                            else:
+                                result = measure(sizes, batch, device, peaks[key]["gflops"], rounds, steps,
+                                                 warmup_s, peer, precision)
+                            results.append(result)
+                            _say(f"{key} {result.network} batch {batch}: {result.samples_per_s:,.0f} samples/s"
+                                 + (f", PyTorch ratio {result.ratio:.2f}" if result.ratio else ""))
     finally:
         if torch is not None:
             torch.set_num_threads(saved_torch_threads)
+            torch.backends.cuda.matmul.allow_tf32 = saved_tf32
     return peaks, results
 
 

@@ -17,7 +17,7 @@ import numpy
 
 from . import (__version__, activations, architectures, bench, checkpoint, datasets, images, losses, optimizers,
                plotting, visualize)
-from .backend import cuda_status, resolve_device
+from .backend import PRECISIONS, cuda_status, resolve_device
 from .callbacks import CSVLogger, EarlyStopping, ModelCheckpoint
 from .errors import CheckpointError, ConfigError, NnaccelError, OutputError, describe_range, number_option
 from .layers import Dense, Dropout, RandomShift
@@ -138,6 +138,9 @@ def build_parser():
                           "are kept)")
     run.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                      help="on CUDA, run every step eagerly instead of replaying it from a CUDA graph")
+    run.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                     help="how a GPU computes the float32 weighted sums: fp32 (default), tf32 or bf16 on the "
+                          "tensor cores (inputs rounded, fp32 accumulation); the CPU computes fp32")
     run.add_argument("--distributed", action="store_true",
                      help="data-parallel over the processes of 'mpiexec -n N' (MPI on CPUs, NCCL between "
                           "GPUs, one GPU per rank); --batch-size is per rank; only rank 0 prints and saves")
@@ -282,7 +285,13 @@ def _trainer_from_options(args, features, classes, device):
         options["weight_decay"] = args.weight_decay
     return Trainer(model, loss=args.loss, optimizer=optimizers.get(args.optimizer, lr=lr, **options),
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet, schedule=_schedule(args),
-                   communicator=getattr(args, "communicator", None), cuda_graphs=args.cuda_graphs)
+                   **_run_settings(args))
+
+
+def _run_settings(args):
+    """The Trainer's settings of how this run computes, the same for a new run and a resumed one."""
+    return {"communicator": getattr(args, "communicator", None), "cuda_graphs": args.cuda_graphs,
+            "precision": args.precision}
 
 
 def _trainer_from_checkpoint(args, device):
@@ -295,7 +304,7 @@ def _trainer_from_checkpoint(args, device):
                       optimizer=optimizers.get(meta["optimizer"]["config"]),
                       batch_size=_rank_batch(args, state["batch_size"]), seed=state["seed"], quiet=args.quiet,
                       schedule=optimizers.schedule_from(state.get("schedule")),
-                      communicator=getattr(args, "communicator", None), cuda_graphs=args.cuda_graphs)
+                      **_run_settings(args))
     return trainer.restore(meta, arrays, args.resume)
 
 

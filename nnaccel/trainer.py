@@ -20,7 +20,7 @@ import numpy
 
 from . import checkpoint, losses, optimizers
 from .callbacks import Callback, CSVLogger, ModelCheckpoint, PlotCurves
-from .backend import array_device
+from .backend import PRECISIONS, array_device
 from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError, check_int
 from .layers import RandomLayer
 
@@ -44,10 +44,16 @@ class Trainer:
     On CUDA each step is replayed from a CUDA graph (``cuda_graphs=True``,
     the default; see ``nnaccel.graphs``) where the step allows it; False
     runs every step eagerly. On the CPU the option changes nothing.
+
+    ``precision`` says how a GPU computes the float32 weighted sums of
+    training and evaluation: "fp32" (default), "tf32" (cuBLAS rounds the
+    inputs to TensorFloat-32 for the tensor cores) or "bf16" (to bfloat16);
+    products accumulate in float32, and weights, activations, the fused
+    kernels and the loss stay float32. The CPU computes fp32 and says so.
     """
 
     def __init__(self, model, loss=None, optimizer=None, batch_size=32, seed=0, schedule=None,
-                 callbacks=(), quiet=False, communicator=None, cuda_graphs=True):
+                 callbacks=(), quiet=False, communicator=None, cuda_graphs=True, precision="fp32"):
         batch_size = check_int(batch_size, "batch_size")
         self.model = model
         self.loss = losses.get(loss)
@@ -65,8 +71,14 @@ class Trainer:
         self._resume_point = None
         self.communicator = communicator
         self.cuda_graphs = bool(cuda_graphs)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision {precision!r} is not one of {', '.join(map(repr, PRECISIONS))}")
+        self.precision = precision
         if communicator is not None:
             self.quiet = quiet or communicator.rank != 0
+        if precision != "fp32" and model.backend.name == "cpu" and not self.quiet:
+            print(f"precision {precision!r} is a GPU feature (tensor-core weighted sums); on the CPU the steps "
+                  f"compute in fp32", file=sys.stderr, flush=True)
 
     @property
     def rank(self):
@@ -117,7 +129,8 @@ class Trainer:
     # ----- training ------------------------------------------------------------------
     def train_step(self, x, y):
         """One forward, backward and update on a prepared batch; ``(loss, correct)`` on the device."""
-        return _Step(self, _ONE_PROCESS)(x, y)
+        with self.model.backend.matmul_precision(self.precision):
+            return _Step(self, _ONE_PROCESS)(x, y)
 
     def _loss_step(self, x, y):
         model, loss = self.model, self.loss
@@ -130,11 +143,12 @@ class Trainer:
         self.stop_training = self.interrupted = self._stop_requested = True
 
     def _working(self):
-        """Work on the model's device (``cuda:N`` computes on GPU N), without NumPy's overflow
-        warnings (a non-finite loss is reported by the divergence guard)."""
+        """Work on the model's device (``cuda:N`` computes on GPU N) in the trainer's precision,
+        without NumPy's overflow warnings (a non-finite loss is reported by the divergence guard)."""
         stack = contextlib.ExitStack()
         stack.enter_context(self.model.backend.activate())
         stack.enter_context(numpy.errstate(over="ignore", invalid="ignore"))
+        stack.enter_context(self.model.backend.matmul_precision(self.precision))
         return stack
 
     def fit(self, x, y, epochs=1, validation_data=None, callbacks=(), shuffle=True):

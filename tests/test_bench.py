@@ -84,6 +84,8 @@ def test_bench_fit_times_whole_fit_calls(tmp_path):
     (["--batches", "32,0"], "--batches '32,0' is not a list of positive batch sizes"),
     (["--devices", "tpu"], "unknown device 'tpu'"),
     (["--rounds", "0"], "--rounds must be a positive integer, got 0"),
+    (["--precision", "fp32,fp16"], "--precision 'fp32,fp16' is not a list of fp32, tf32, bf16"),
+    (["--fit", "--precision", "bf16"], "--precision applies to the step benchmark; --fit times fp32 fit calls"),
     (["--json", "no/such/dir/b.json"], "--json no/such/dir/b.json: folder no/such/dir does not exist"),
 ])
 def test_bench_user_errors_are_one_line(args, message, capsys):
@@ -129,9 +131,13 @@ def test_the_gpu_check_script_runs_on_the_emulated_device(tmp_path):
                           env={**ENV, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     files = sorted(path.name for path in (tmp_path / "out").iterdir())
-    assert files == ["bench.json", "bench.log", "fused-kernels.json", "fused-kernels.log", "gpu-tests.log",
-                     "gpu-tests.xml", "machine.txt"]  # at most 8 files come back from the device machine
+    assert files == ["bench.json", "bench.log", "fit.json", "fit.log", "fused-kernels.json", "fused-kernels.log",
+                     "gpu-tests.log", "machine.txt"]  # at most 8 files come back from the device machine
     bench = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert {r["device"] for r in bench["results"]} == {"cpu", "cuda:0"}
+    assert {(r["device"], r["precision"]) for r in bench["results"]} == {("cpu", "fp32"), ("cuda:0", "fp32"),
+                                                                         ("cuda:0", "bf16")}
+    assert set(bench["gemm_peak"]) == {"cpu", "cuda:0", "cuda:0 bf16"}
+    fit = json.loads((tmp_path / "out" / "fit.json").read_text())
+    assert {(r["device"], r["mode"]) for r in fit["results"]} == {("cuda:0", "fit")}
     assert "nnaccel CUDA emulator" in (tmp_path / "out" / "machine.txt").read_text()
     assert ' passed' in (tmp_path / "out" / "gpu-tests.log").read_text()

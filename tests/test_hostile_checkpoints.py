@@ -160,7 +160,7 @@ def _load(path):
 
 def _resume(path):
     """``nnaccel train --resume``'s way in: read, model_from, Trainer(...) and Trainer.restore."""
-    trainer = cli._trainer_from_checkpoint(SimpleNamespace(resume=str(path), quiet=True, cuda_graphs=True), "cpu")
+    trainer = cli._trainer_from_checkpoint(SimpleNamespace(resume=str(path), quiet=True, cuda_graphs=True, precision="fp32"), "cpu")
     _matches_architecture(trainer.model, *checkpoint.read(path))
     for buffer in trainer.optimizer.state.values():
         assert buffer.shape == trainer.model.flat_params.shape

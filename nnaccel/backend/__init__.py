@@ -9,10 +9,10 @@ a driver and fails at the first allocation, so both are checked.
 import functools
 
 from ..errors import DeviceError
-from .base import Backend, array_device
+from .base import PRECISIONS, Backend, array_device
 from .numpy_backend import NumpyBackend
 
-__all__ = ["Backend", "array_device", "cuda_status", "get_backend", "resolve_device"]
+__all__ = ["PRECISIONS", "Backend", "array_device", "cuda_status", "get_backend", "resolve_device"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,6 +15,7 @@ from ..errors import DeviceError
 
 
 DLPACK_DEVICES = {1: "cpu", 2: "cuda"}  # DLPack's device types: kDLCPU, kDLCUDA
+PRECISIONS = ("fp32", "tf32", "bf16")  # how float32 weighted sums may compute (Backend.matmul_precision)
 
 
 def array_device(array):
@@ -121,6 +122,12 @@ class Backend:
 
     def erf(self, x):
         raise NotImplementedError
+
+    def matmul_precision(self, precision):
+        """A context in which float32 weighted sums compute in ``precision`` (one of
+        ``PRECISIONS``): "tf32" and "bf16" let a GPU's tensor cores round the inputs; the CPU
+        computes fp32 whatever is asked (the Trainer says so)."""
+        return contextlib.nullcontext()
 
     # ----- graphs: work recorded once and replayed ---------------------------------
     def recording_allocations(self):

@@ -21,6 +21,8 @@ def _fused(*arrays):
     return all(a.dtype in KERNEL_DTYPES and a.flags.c_contiguous for a in arrays if a is not None)
 
 
+_COMPUTE_TYPES = {"tf32": "COMPUTE_TYPE_TF32", "bf16": "COMPUTE_TYPE_BF16"}  # cuBLAS compute types
+
 class CupyBackend(Backend):
     """Ops on one CUDA device through CuPy and the fused kernels."""
 
@@ -57,6 +59,22 @@ class CupyBackend(Backend):
         from cupyx.scipy.special import erf
 
         return erf(x)
+
+    @contextlib.contextmanager
+    def matmul_precision(self, precision):
+        """cuBLAS's compute type for float32 GEMMs, set for the context: TF32 or bfloat16 inputs on the
+        tensor cores (GPUs of compute capability 8.0 or later), float32 accumulation either way."""
+        if precision == "fp32":
+            yield
+            return
+        from cupy._core import _routines_linalg as linalg
+
+        previous = linalg.get_compute_type(numpy.float32)
+        linalg.set_compute_type(numpy.float32, getattr(linalg, _COMPUTE_TYPES[precision]))
+        try:
+            yield
+        finally:
+            linalg.set_compute_type(numpy.float32, previous)
 
     @contextlib.contextmanager
     def recording_allocations(self):

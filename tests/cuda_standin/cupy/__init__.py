@@ -26,6 +26,7 @@ import numpy
 from . import cuda, random  # noqa: F401  (CuPy's submodules)
 from ._core import get_default_memory_pool, ndarray  # noqa: F401
 from ._core import _apply, _operand, _to_device
+from . import _routines_linalg
 from .cuda import Device  # noqa: F401
 
 __version__ = "14.0.0+cpu.standin"
@@ -141,6 +142,15 @@ def _numpy_function(name):
     call.__name__ = call.__qualname__ = name
     call.__doc__ = f"``numpy.{name}`` on device arrays."
     return call
+
+
+def matmul(a, b, out=None, **kwargs):
+    """``numpy.matmul`` on device arrays; float32 inputs rounded first as the compute type set with
+    ``cupy._core._routines_linalg.set_compute_type`` lets cuBLAS round them (TF32, bfloat16)."""
+    bits = _routines_linalg.mantissa_bits(numpy.result_type(_operand(a).dtype, _operand(b).dtype))
+    if bits is not None:
+        a, b = (_apply(_routines_linalg.round_mantissa, (operand, bits), {}) for operand in (a, b))
+    return _apply(numpy.matmul, (a, b), {**kwargs, **({} if out is None else {"out": out})})
 
 
 def __getattr__(name):

@@ -21,6 +21,7 @@ raise and invalidate the capture, as in CUDA's global capture mode.
 """
 
 import contextlib
+import sys
 import ctypes
 import threading
 import weakref
@@ -899,3 +900,9 @@ def _apply(function, args, kwargs):
                 _reject_host(o)
         kw["out"] = tuple(_check_device(o) for o in outs) if isinstance(out, tuple) else _check_device(out)
     return _run(function, unwrapped, kw, _sources(args) + _sources(kwargs.values()), out)
+
+
+# CuPy's ``cupy._core._routines_linalg`` (cuBLAS compute types), importable by that name.
+from . import _routines_linalg  # noqa: E402
+
+sys.modules[__name__ + "._routines_linalg"] = _routines_linalg

@@ -1,0 +1,59 @@
+"""CuPy's ``cupy._core._routines_linalg`` compute types: how cuBLAS may compute float32 products.
+
+``set_compute_type(numpy.float32, COMPUTE_TYPE_TF32)`` lets cuBLAS round the
+inputs of a float32 GEMM to TensorFloat-32 (10 explicit mantissa bits) and
+``COMPUTE_TYPE_BF16`` to bfloat16 (7 bits), for the tensor cores; products are
+accumulated in float32 either way. The stand-in's ``cupy.matmul`` does the same
+rounding (to nearest, ties to even) before NumPy's float32 product, so a run
+with a compute type computes what a GPU's tensor cores would, within float32
+accumulation order.
+"""
+
+import numpy
+
+COMPUTE_TYPE_TBD, COMPUTE_TYPE_DEFAULT, COMPUTE_TYPE_PEDANTIC = 0, 1, 2
+COMPUTE_TYPE_FP16, COMPUTE_TYPE_FP32, COMPUTE_TYPE_FP64 = 3, 4, 5
+COMPUTE_TYPE_BF16, COMPUTE_TYPE_TF32 = 6, 7
+_NAMES = {0: "COMPUTE_TYPE_TBD", 1: "COMPUTE_TYPE_DEFAULT", 2: "COMPUTE_TYPE_PEDANTIC", 3: "COMPUTE_TYPE_FP16",
+          4: "COMPUTE_TYPE_FP32", 5: "COMPUTE_TYPE_FP64", 6: "COMPUTE_TYPE_BF16", 7: "COMPUTE_TYPE_TF32"}
+_MANTISSA_BITS = {COMPUTE_TYPE_TF32: 10, COMPUTE_TYPE_BF16: 7}
+_compute_types = {}  # dtype character -> compute type
+
+
+def _index(dtype):
+    char = numpy.dtype(dtype).char
+    if char not in "efFdD":
+        raise TypeError(f"dtype is not supported: {dtype}")
+    return {"F": "f", "D": "d"}.get(char, char)
+
+
+def set_compute_type(dtype, compute_type):
+    if compute_type not in _NAMES:
+        raise ValueError(f"Unknown compute type: {compute_type}")
+    _compute_types[_index(dtype)] = compute_type
+
+
+def get_compute_type(dtype):
+    return _compute_types.setdefault(_index(dtype), COMPUTE_TYPE_DEFAULT)
+
+
+def compute_type_to_str(compute_type):
+    return _NAMES.get(compute_type, compute_type)
+
+
+def mantissa_bits(dtype):
+    """The explicit mantissa bits float32 GEMM inputs are rounded to now (None: not rounded)."""
+    if numpy.dtype(dtype) != numpy.float32:
+        return None
+    return _MANTISSA_BITS.get(get_compute_type(dtype))
+
+
+def round_mantissa(x, bits):
+    """float32 ``x`` rounded to ``bits`` explicit mantissa bits, to nearest with ties to even, as the
+    tensor cores' input conversion does (NaN and infinities stay what they are)."""
+    x = numpy.ascontiguousarray(x, numpy.float32)
+    drop = 23 - bits
+    word = x.view(numpy.uint32).astype(numpy.uint64)
+    rounded = ((word + ((word >> drop) & 1) + (1 << (drop - 1)) - 1) >> drop) << drop
+    result = rounded.astype(numpy.uint32).view(numpy.float32)
+    return numpy.where(numpy.isfinite(x), result, x)
