@@ -320,7 +320,7 @@ class Trainer:
                 break
             if progress.enabled:  # rank 0's running mean stands for the global one
                 done, scale = min(n, (step + 1) * batch), min(n, (step + 1) * batch) / max(hi, 1)
-                progress.update(done, step_of_training.loss_sum * scale, step_of_training.correct_sum * scale)
+                progress.update(done, scale, *step_of_training.sums())
         loss_total, correct_total = comm.allreduce_scalars(step_of_training.sums())
         guard.check_total(steps, loss_total)
         ops.synchronize()
@@ -647,7 +647,8 @@ class _Progress:
         self.epoch, self.last_epoch, self.total, self.width = epoch, last_epoch, total, width
         self.start = self.shown = time.perf_counter()
 
-    def update(self, done, loss_sum, correct_sum):
+    def update(self, done, scale, loss_sum, correct_sum):
+        """Show ``done`` samples of the epoch, with the running sums (device scalars) times ``scale``."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -658,7 +659,7 @@ class _Progress:
         bar = "=" * filled + ">" * (filled < self.width) + " " * (self.width - filled - 1)
         rate = done / max(now - self.start, 1e-9)
         line = (f"\repoch {self.epoch}/{self.last_epoch} [{bar}] {done}/{self.total}  "
-                f"loss {float(loss_sum) / done:.4f}  accuracy {float(correct_sum) / done:.4f}  "
+                f"loss {float(loss_sum) * scale / done:.4f}  accuracy {float(correct_sum) * scale / done:.4f}  "
                 f"{rate:,.0f} samples/s")
         end = "\r\033[K" if done >= self.total else ""
         print(line + end, end="", file=sys.stderr, flush=True)
