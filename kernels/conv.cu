@@ -11,6 +11,22 @@
 
 constexpr int CONV_THREADS = 256;  // act_backward_from_nchw's block: the loader launches this many threads
 
+// Calls visit(di, j, oy, ox) for each window offset (di, j), in increasing order, whose window at position
+// (oy, ox) covers input row y, column x: the gather every adjoint below makes.
+template <typename Visit>
+__device__ inline void windows_covering(int y, int x, int kh, int kw, int sh, int sw, int ph, int pw, int oh, int ow,
+                                        Visit visit) {
+  for (int di = 0; di < kh; ++di) {
+    const int ty = y + ph - di;
+    if (ty < 0 || ty % sh || ty / sh >= oh) continue;
+    for (int j = 0; j < kw; ++j) {
+      const int tx = x + pw - j;
+      if (tx < 0 || tx % sw || tx / sw >= ow) continue;
+      visit(di, j, ty / sh, tx / sw);
+    }
+  }
+}
+
 // columns[(ch, i, j), (img, oy, ox)] = x[img, ch, oy sh - ph + i, ox sw - pw + j], 0 in the padding.
 template <typename T>
 __global__ void im2col(const T* x, T* columns, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
@@ -36,16 +52,10 @@ __global__ void col2im(const T* columns, T* dx, int n, int c, int h, int w, int 
     const int xx = (int)(i % w), y = (int)(i / w % h), ch = (int)(i / ((long long)w * h) % c);
     const int img = (int)(i / ((long long)w * h * c));
     T acc = T(0);
-    for (int di = 0; di < kh; ++di) {
-      const int ty = y + ph - di;
-      if (ty < 0 || ty % sh || ty / sh >= oh) continue;
-      for (int j = 0; j < kw; ++j) {
-        const int tx = xx + pw - j;
-        if (tx < 0 || tx % sw || tx / sw >= ow) continue;
-        const long long k = ((long long)ch * kh + di) * kw + j;
-        acc += columns[k * positions + ((long long)img * oh + ty / sh) * ow + tx / sw];
-      }
-    }
+    windows_covering(y, xx, kh, kw, sh, sw, ph, pw, oh, ow, [&](int di, int j, int oy, int ox) {
+      const long long k = ((long long)ch * kh + di) * kw + j;
+      acc += columns[k * positions + ((long long)img * oh + oy) * ow + ox];
+    });
     dx[i] = acc;
   }
 }
@@ -138,16 +148,10 @@ __global__ void maxpool_backward(const T* dy, const int* idx, T* dx, int n, int 
     const long long plane = i / ((long long)w * h);
     const int self = y * w + xx;
     T acc = T(0);
-    for (int di = 0; di < kh; ++di) {
-      const int ty = y + ph - di;
-      if (ty < 0 || ty % sh || ty / sh >= oh) continue;
-      for (int j = 0; j < kw; ++j) {
-        const int tx = xx + pw - j;
-        if (tx < 0 || tx % sw || tx / sw >= ow) continue;
-        const long long o = (plane * oh + ty / sh) * ow + tx / sw;
-        if (idx[o] == self) acc += dy[o];
-      }
-    }
+    windows_covering(y, xx, kh, kw, sh, sw, ph, pw, oh, ow, [&](int, int, int oy, int ox) {
+      const long long o = (plane * oh + oy) * ow + ox;
+      if (idx[o] == self) acc += dy[o];
+    });
     dx[i] = acc;
   }
 }
@@ -183,15 +187,8 @@ __global__ void avgpool_backward(const T* dy, T* dx, int n, int c, int h, int w,
     const int xx = (int)(i % w), y = (int)(i / w % h);
     const long long plane = i / ((long long)w * h);
     T acc = T(0);
-    for (int di = 0; di < kh; ++di) {
-      const int ty = y + ph - di;
-      if (ty < 0 || ty % sh || ty / sh >= oh) continue;
-      for (int j = 0; j < kw; ++j) {
-        const int tx = xx + pw - j;
-        if (tx < 0 || tx % sw || tx / sw >= ow) continue;
-        acc += dy[(plane * oh + ty / sh) * ow + tx / sw] * scale;
-      }
-    }
+    windows_covering(y, xx, kh, kw, sh, sw, ph, pw, oh, ow,
+                     [&](int, int, int oy, int ox) { acc += dy[(plane * oh + oy) * ow + ox] * scale; });
     dx[i] = acc;
   }
 }
