@@ -69,6 +69,7 @@ class Trainer:
         self.stop_training = self.interrupted = self._stop_requested = False
         self.nan_check_every = None  # steps between finiteness checks; None: 1 on CPU, 100 on GPU
         self._resume_point = None
+        self._train_step = None  # the step unit train_step reuses (its sums are never read)
         self.communicator = communicator
         self.cuda_graphs = bool(cuda_graphs)
         if precision not in PRECISIONS:
@@ -129,8 +130,10 @@ class Trainer:
     # ----- training ------------------------------------------------------------------
     def train_step(self, x, y):
         """One forward, backward and update on a prepared batch; ``(loss, correct)`` on the device."""
+        if self._train_step is None:
+            self._train_step = _Step(self, _ONE_PROCESS)
         with self.model.backend.matmul_precision(self.precision):
-            return _Step(self, _ONE_PROCESS)(x, y)
+            return self._train_step(x, y)
 
     def _loss_step(self, x, y):
         model, loss = self.model, self.loss
