@@ -51,9 +51,10 @@ class GraphedStep:
         self.failed = None  # why a capture failed: the steps then run eagerly
         self.replays = 0
 
-    def __call__(self, x, y, guard, index):
-        """One step on ``x, y`` (step ``index`` of the epoch); ``(loss, correct)`` as device arrays
-        that the next step overwrites."""
+    def __call__(self, x, y, rows, first, guard, index):
+        """One step on ``x, y`` (step ``index`` of the epoch; ``rows`` and ``first`` as ``_Step`` takes
+        them, the whole batch in one process); ``(loss, correct)`` as device arrays that the next step
+        overwrites."""
         trainer = self.step.trainer
         key = (x.shape[0], trainer.optimizer.lr)
         if self.failed is not None:

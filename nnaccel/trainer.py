@@ -287,9 +287,10 @@ class Trainer:
         firsts = rank * base + numpy.minimum(rank, extra)  # where they start in the global batch
         if shuffle or size > 1:  # this rank's rows of every global batch, in order: one gather
             order = self.rng.permutation(n) if shuffle else numpy.arange(n)
-            within, step_of = numpy.arange(n) % batch, numpy.arange(n) // batch
-            mine = order[(within >= firsts[step_of]) & (within < firsts[step_of] + counts[step_of])]
-            index = ops.asarray(mine)
+            if size > 1:
+                within, step_of = numpy.arange(n) % batch, numpy.arange(n) // batch
+                order = order[(within >= firsts[step_of]) & (within < firsts[step_of] + counts[step_of])]
+            index = ops.asarray(order)
             x, y = x[index], y[index]
         ends = numpy.concatenate([[0], numpy.cumsum(counts)]).tolist()
         rows, firsts = rows.tolist(), firsts.tolist()
@@ -301,13 +302,11 @@ class Trainer:
         progress = _Progress(self.epoch + 1, last_epoch, n, quiet=self.quiet)
         batch_hooks = [c for c in callbacks if type(c).on_batch_end is not Callback.on_batch_end]
         start = time.perf_counter()
+        run = graphed or step_of_training
         step = point["step"] - 1  # a run interrupted after its last step resumes with no step to do
         for step in range(point["step"], steps):
             lo, hi = ends[step], ends[step + 1]
-            if graphed is not None:
-                value, _ = graphed(x[lo:hi], y[lo:hi], guard, step)
-            else:
-                value, _ = step_of_training(x[lo:hi], y[lo:hi], rows[step], firsts[step], guard, step)
+            value, _ = run(x[lo:hi], y[lo:hi], rows[step], firsts[step], guard, step)
             if value is not None:
                 for callback in batch_hooks:
                     callback.on_batch_end(self, step, value)
