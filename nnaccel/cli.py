@@ -316,7 +316,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def _stopping_on_signals(trainer):
     """While training and saving: the first SIGINT or SIGTERM asks ``trainer`` to stop after the
     current step (yields the list that receives it); a second one stops at once, exiting 128 + its
-    number through the ``finally`` blocks, so a save it cuts short removes its temporary file."""
+    number through the ``finally`` blocks, so a save it cuts short removes its temporary file.
+    Once a stopped run is saved, more stop signals are ignored while the command ends (``main``
+    restores the handlers when called from Python): Python's own would raise KeyboardInterrupt
+    anywhere, even in the interpreter's shutdown."""
     received = []
 
     def stop_at_once(signum, frame):
@@ -333,7 +336,7 @@ def _stopping_on_signals(trainer):
         yield received
     finally:
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, signal.SIG_IGN if received else handler)
 
 
 def _fit_and_save(trainer, args, data, validation_data):
@@ -577,6 +580,7 @@ PICTURE_OPTIONS = ("plot", "weights", "out", "confusion", "errors")
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
     try:
         for option in PICTURE_OPTIONS:
             if getattr(args, option, None):
@@ -595,6 +599,10 @@ def main(argv=None):
         print(f"nnaccel {args.command}: error: out of memory{f': {error}' if str(error) else ''} (a smaller "
               f"--layers or --batch-size fits)", file=sys.stderr)
         return 2
+    finally:
+        if argv is not None:  # called from Python, which goes on: its signal handlers as they were
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
 
 
 if __name__ == "__main__":
