@@ -17,11 +17,13 @@ steps are the same, bit for bit where the kernels are deterministic.
 If a capture fails (an operation CUDA does not allow while capturing),
 the warning says which and the run goes on with eager steps.
 
-A step whose host-side numbers change every step cannot be one graph:
-Dropout and RandomShift draw from a counter the host advances, Adam's bias
-correction depends on the step count, and a distributed step all-reduces
-through NCCL between ranks that may capture at different moments. Such runs
-step eagerly, and ``unsupported`` says why.
+A number that changes every step cannot be baked into a graph. Adam's bias
+correction depends on the step count, so with Adam the graph holds the
+step up to the update and the update (one kernel) runs after each replay.
+Dropout and RandomShift draw from a counter the host advances inside the
+forward pass, and a distributed step all-reduces through NCCL between ranks
+that may capture at different moments: such runs step eagerly, and
+``unsupported`` says why.
 """
 
 import sys
@@ -36,9 +38,8 @@ def unsupported(trainer, comm):
     drawing = [type(layer).__name__ for layer in trainer.model.layers if isinstance(layer, RandomLayer)
                and layer.draws]
     if drawing:
-        return f"{' and '.join(dict.fromkeys(drawing))} draw from a counter that changes every step"
-    if trainer.optimizer.per_step_scalars:
-        return f"{type(trainer.optimizer).__name__}'s bias correction changes every step"
+        kinds = list(dict.fromkeys(drawing))
+        return f"{' and '.join(kinds)} draw{'s' * (len(kinds) == 1)} from a counter that changes every step"
     return None
 
 
@@ -49,7 +50,8 @@ class GraphedStep:
         self.step = step
         self.graphs = {}  # (rows, lr) -> (graph, x buffer, y buffer, the work arrays it uses)
         self.failed = None  # why a capture failed: the steps then run eagerly
-        self.replays = 0
+        # An update with numbers of its own each step (Adam's bias correction) runs after the replay.
+        self.eager_update = step.trainer.optimizer.per_step_scalars
 
     def __call__(self, x, y, rows, first, guard, index):
         """One step on ``x, y`` (step ``index`` of the epoch; ``rows`` and ``first`` as ``_Step`` takes
@@ -65,8 +67,10 @@ class GraphedStep:
         x_in[...] = x
         y_in[...] = y
         graph.replay()
-        self.replays += 1
-        trainer.optimizer.steps += 1  # the host's part of the step: the graph does the device's
+        if self.eager_update:
+            trainer.optimizer.step(trainer.model)
+        else:
+            trainer.optimizer.steps += 1  # the host's part of the step: the graph does the device's
         guard.after_replay(index, self.step.loss_sum)
         return graph.outputs
 
@@ -77,7 +81,8 @@ class GraphedStep:
             result = self.step(x_in, y_in, guard=guard, step=index)
         steps = trainer.optimizer.steps
         try:
-            graph = backend.capture(lambda: self.step(x_in, y_in), sizes)  # records the step, runs none of it
+            graph = backend.capture(lambda: self.step(x_in, y_in, update=not self.eager_update),
+                                    sizes)  # records the step, runs none of it
         except Exception as error:  # CUDA refused an operation of the step while capturing
             self.failed = f"{type(error).__name__}: {error}"
             if not trainer.quiet:

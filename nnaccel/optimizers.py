@@ -17,7 +17,7 @@ class Optimizer:
 
     name = ""
     state_names = ()
-    per_step_scalars = False  # a number of the update changes every step (CUDA graphs cannot bake it)
+    per_step_scalars = False  # a number of the update changes every step: a CUDA graph cannot bake it in
 
     def __init__(self, lr, weight_decay=0.0):
         self.lr = self.base_lr = check_number(lr, "learning rate")

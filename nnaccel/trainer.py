@@ -445,9 +445,10 @@ class _Step:
         self.loss_sum, self.correct_sum = ops.zeros((), numpy.float64), ops.zeros((), numpy.float64)
         self.masks = _GlobalDropoutMasks(trainer.model) if comm.size > 1 else None
 
-    def __call__(self, x, y, rows=None, first=0, guard=None, step=None):
+    def __call__(self, x, y, rows=None, first=0, guard=None, step=None, update=True):
         """The step on ``x, y`` (``rows`` in the global batch, this part starting at ``first``);
-        the loss as a device scalar (None for an empty part). ``guard`` checks it at ``step``."""
+        the loss as a device scalar (None for an empty part). ``guard`` checks it at ``step``.
+        ``update=False`` leaves the optimizer's update to the caller (after a graph's replay)."""
         trainer, model = self.trainer, self.trainer.model
         grads, part = model.flat_grads, x.shape[0]
         rows = part if rows is None else rows
@@ -468,7 +469,8 @@ class _Step:
         self.comm.allreduce_sum_(grads)
         if check:
             guard.after_allreduce(step, value, grads)
-        trainer.optimizer.step(model)
+        if update:
+            trainer.optimizer.step(model)
         if part:
             self.loss_sum += value * part
             self.correct_sum += correct
