@@ -17,16 +17,19 @@ steps are the same, bit for bit where the kernels are deterministic.
 If a capture fails (an operation CUDA does not allow while capturing),
 the warning says which and the run goes on with eager steps.
 
-A number that changes every step cannot be baked into a graph. Adam's bias
-correction depends on the step count, so with Adam the graph holds the
-step up to the update and the update (one kernel) runs after each replay.
-Dropout and RandomShift draw from a counter the host advances inside the
-forward pass, and a distributed step all-reduces through NCCL between ranks
-that may capture at different moments: such runs step eagerly, and
-``unsupported`` says why.
+A number that changes every step cannot be baked into a graph. Dropout and
+RandomShift draw from a counter the host advances: under a graph they draw
+with a copy of it on the device, set before each step (one small launch per
+layer), so the graph computes their keys there. Adam's bias correction
+depends on the step count, so with Adam the graph holds the step up to the
+update and the update (one kernel) runs after each replay. A distributed
+step all-reduces through NCCL between ranks that may capture at different
+moments: it steps eagerly, and ``unsupported`` says so.
 """
 
 import sys
+
+import numpy
 
 from .layers import RandomLayer
 
@@ -35,11 +38,6 @@ def unsupported(trainer, comm):
     """Why ``trainer``'s step cannot be replayed from a graph, or None if it can."""
     if comm.size > 1:
         return "a distributed step all-reduces between ranks; it runs eagerly"
-    drawing = [type(layer).__name__ for layer in trainer.model.layers if isinstance(layer, RandomLayer)
-               and layer.draws]
-    if drawing:
-        kinds = list(dict.fromkeys(drawing))
-        return f"{' and '.join(kinds)} draw{'s' * (len(kinds) == 1)} from a counter that changes every step"
     return None
 
 
@@ -52,6 +50,10 @@ class GraphedStep:
         self.failed = None  # why a capture failed: the steps then run eagerly
         # An update with numbers of its own each step (Adam's bias correction) runs after the replay.
         self.eager_update = step.trainer.optimizer.per_step_scalars
+        model = step.trainer.model
+        self.random_layers = [layer for layer in model.layers if isinstance(layer, RandomLayer)]
+        for layer in self.random_layers:
+            layer.device_counter = model.backend.zeros((), numpy.uint64)
 
     def __call__(self, x, y, rows, first, guard, index):
         """One step on ``x, y`` (step ``index`` of the epoch; ``rows`` and ``first`` as ``_Step`` takes
@@ -61,12 +63,17 @@ class GraphedStep:
         key = (x.shape[0], trainer.optimizer.lr)
         if self.failed is not None:
             return self.step(x, y, guard=guard, step=index)
+        for layer in self.random_layers:
+            layer.device_counter.fill(layer.counter)
         if key not in self.graphs:
             return self._run_and_capture(key, x, y, guard, index)
         graph, x_in, y_in, _ = self.graphs[key]
         x_in[...] = x
         y_in[...] = y
         graph.replay()
+        for layer in self.random_layers:  # the host's part of their draws
+            if layer.draws:
+                layer.counter += 1
         if self.eager_update:
             trainer.optimizer.step(trainer.model)
         else:
@@ -79,21 +86,29 @@ class GraphedStep:
         x_in, y_in = x.copy(), y.copy()
         with backend.recording_allocations() as sizes:
             result = self.step(x_in, y_in, guard=guard, step=index)
-        steps = trainer.optimizer.steps
+        steps, counters = trainer.optimizer.steps, [layer.counter for layer in self.random_layers]
         try:
             graph = backend.capture(lambda: self.step(x_in, y_in, update=not self.eager_update),
                                     sizes)  # records the step, runs none of it
         except Exception as error:  # CUDA refused an operation of the step while capturing
             self.failed = f"{type(error).__name__}: {error}"
+            self.finish()
             if not trainer.quiet:
                 print(f"warning: CUDA graphs off: capturing the step failed ({self.failed}); the steps run "
                       f"eagerly", file=sys.stderr, flush=True)
             return result
         finally:
             trainer.optimizer.steps = steps
+            for layer, counter in zip(self.random_layers, counters):
+                layer.counter = counter
         # Graphs of an earlier learning rate (the schedule moved on) are not replayed again.
         self.graphs = {k: v for k, v in self.graphs.items() if k[1] == key[1]}
         # The layers and the loss replace a work array when a larger batch comes (evaluation, a
         # new shape); the graph still writes into the old one, so it keeps the old one alive.
         self.graphs[key] = (graph, x_in, y_in, [*trainer.model.work_arrays(), trainer.loss._grad])
         return result
+
+    def finish(self):
+        """The random layers draw with their host counters again."""
+        for layer in self.random_layers:
+            layer.device_counter = None

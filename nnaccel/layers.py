@@ -259,13 +259,22 @@ class RandomLayer(Layer):
     It draws from the backend's counter-based generator: the sequence is
     fixed by the seed (the model sets it from its own seed and the layer's
     position) and the number of draws so far, ``counter``, which is all a
-    checkpoint needs to resume it exactly, on any device.
+    checkpoint needs to resume it exactly, on any device. Under a CUDA graph
+    it draws with ``device_counter``, a copy of ``counter`` on the device that
+    the graph reads at each replay (``nnaccel.graphs`` keeps it current).
     """
 
     def __init__(self):
         super().__init__()
         self.seed = 0
         self.counter = 0
+        self.device_counter = None
+
+    def _draw(self):
+        """The counter this step draws with; ``counter`` moves on."""
+        counter = self.counter if self.device_counter is None else self.device_counter
+        self.counter += 1
+        return counter
 
     @property
     def draws(self):
@@ -288,8 +297,7 @@ class Dropout(RandomLayer):
         self._mask = None
         if not training or not self.draws:
             return x
-        self._mask = self.ops.dropout_mask(x.shape, self.rate, self.seed, self.counter, x.dtype)
-        self.counter += 1
+        self._mask = self.ops.dropout_mask(x.shape, self.rate, self.seed, self._draw(), x.dtype)
         return self.ops.xp.multiply(x, self._mask, out=self._buffer("y", x.shape, x.dtype))
 
     def backward(self, dy, input_grad=True):
@@ -325,8 +333,7 @@ class RandomShift(RandomLayer):
         self._shifts = None
         if not training or not self.draws:
             return x
-        self._shifts = self.ops.random_shifts(x.shape[0], self.max_shift, self.seed, self.counter)
-        self.counter += 1
+        self._shifts = self.ops.random_shifts(x.shape[0], self.max_shift, self.seed, self._draw())
         return self.ops.shift_images(x, self._shifts, self._buffer("y", x.shape, x.dtype))
 
     def backward(self, dy, input_grad=True):

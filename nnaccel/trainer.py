@@ -206,7 +206,9 @@ class Trainer:
                 agreed = tuple(comm.any_flags(self.stop_training or self.interrupted, self.interrupted))
             self.stop_training, self.interrupted = agreed
         finally:
-            step.finish()
+            for unit in (step, graphed):
+                if unit is not None:
+                    unit.finish()
             self._stop_requested = False
             self.model.eval()
             for callback in callbacks:

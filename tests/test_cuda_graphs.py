@@ -90,19 +90,33 @@ def test_a_graphed_run_resumes_bit_for_bit(emulated, replays, tmp_path):
     assert replays[0] > 0
 
 
-def test_a_step_graphs_cannot_replay_runs_eagerly_and_says_why(emulated, replays, capsys):
-    x, y = datasets.synthetic(n=100, features=20, classes=4, seed=1)
-    images = datasets.synthetic(n=100, features=64, classes=4, seed=1)[0]
-    for model, data, why in [
-        (nn.Sequential(nn.Dense(20, 16), nn.Dropout(0.2), nn.Dense(16, 4), device=emulated), x,
-         "Dropout draws from a counter that changes every step"),
-        (nn.Sequential(nn.RandomShift(1), nn.Conv2D(1, 2, 3), nn.Flatten(), nn.Dropout(0.1), nn.Dense(72, 4),
-                       input_shape=(1, 8, 8), device=emulated), images,
-         "RandomShift and Dropout draw from a counter that changes every step"),
-    ]:
-        nn.Trainer(model, batch_size=32).fit(data, y, epochs=1)
-        assert f"CUDA graphs off: {why}; the steps run eagerly" in capsys.readouterr().err
-    assert replays[0] == 0
+def test_dropout_and_shifts_draw_in_replayed_steps_what_eager_steps_draw(emulated, replays):
+    """Dropout and RandomShift draw with a device copy of their counter under a graph: the same
+    masks and shifts as eager steps, so the same weights, and their counters end where eager ones do."""
+    x, y = datasets.synthetic(n=150, features=64, classes=4, seed=1)
+
+    def build(device):
+        return nn.Sequential(nn.RandomShift(1), nn.Conv2D(1, 2, 3), nn.Flatten(), nn.Dropout(0.3),
+                             nn.Dense(72, 4), input_shape=(1, 8, 8), seed=2, device=device)
+
+    _, _, eager = _train(build, emulated, x, y, cuda_graphs=False)
+    trainer, _, graphed = _train(build, emulated, x, y, cuda_graphs=True)
+    assert replays[0] == 3 * 5 - 3 * 2
+    for name in eager:
+        numpy.testing.assert_array_equal(graphed[name], eager[name], err_msg=name)
+    shift, dropout = trainer.model.layers[0], trainer.model.layers[3]
+    assert shift.counter == dropout.counter == 15 and shift.device_counter is None
+
+
+def test_a_distributed_step_runs_eagerly_and_says_why(emulated):
+    from nnaccel import graphs
+
+    class TwoRanks:
+        size, rank = 2, 0
+
+    model = nn.Sequential(nn.Dense(20, 4), device=emulated)
+    assert graphs.unsupported(nn.Trainer(model), TwoRanks()) == \
+        "a distributed step all-reduces between ranks; it runs eagerly"
 
 
 def test_a_step_that_breaks_capture_warns_and_runs_eagerly(emulated, replays, capsys, monkeypatch):

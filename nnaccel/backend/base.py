@@ -512,15 +512,20 @@ class Backend:
 
         The same numbers on every device, and the state to checkpoint is one
         integer, so resumed runs draw exactly what an uninterrupted run would.
+        ``counter`` is an int, or a 0-d uint64 device array (what a CUDA graph
+        reads at each replay): the keys are then computed on the device, the
+        same way (only their low 32 bits count, which wrapping keeps).
         """
         xp = self.xp
         size = math.prod(shape)
-        key_lo = (seed * 0x9E3779B9 + counter * 0x85EBCA6B) & 0xFFFFFFFF
-        key_hi = (counter * 0xC2B2AE35 + seed + 0x27D4EB2F) & 0xFFFFFFFF
+        key_lo = (counter * 0x85EBCA6B + seed * 0x9E3779B9) & 0xFFFFFFFF
+        key_hi = (counter * 0xC2B2AE35 + (seed + 0x27D4EB2F)) & 0xFFFFFFFF
+        key_lo, key_hi = (xp.uint32(key) if isinstance(key, int) else key.astype(xp.uint32)
+                          for key in (key_lo, key_hi))
         x = xp.arange(size, dtype=xp.uint32)
-        x += xp.uint32(key_lo)
+        x += key_lo
         _mix32(x, xp)
-        x ^= xp.uint32(key_hi)
+        x ^= key_hi
         _mix32(x, xp)
         x >>= 8
         return (x.astype(xp.float32) * (1.0 / (1 << 24))).reshape(shape)
