@@ -345,7 +345,7 @@ def load_digits(split="train"):
         raise ConfigError(f"split {split!r} is not known: expected 'train', 'test' or 'all'")
     try:
         from sklearn.datasets import load_digits as sklearn_load_digits
-    except ImportError as exc:
+    except ImportError:
         raise DataError(
             "the digits data set needs scikit-learn, an optional extra: pip install 'nnaccel[digits]'"
         ) from None
