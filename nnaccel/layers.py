@@ -83,6 +83,9 @@ class Layer:
 
     in_features = None
     out_features = None
+    # Whether forward and backward take arrays in any dtype and give them in the backend's storage
+    # dtype (Dense: bfloat16 under precision "bf16"); the model hands every other layer its dtype.
+    stores_narrow = False
 
     def __init__(self):
         self.ops = None
@@ -122,6 +125,13 @@ class Layer:
             buf = self._work[key] = self.ops.empty(shape, dtype)
         return buf[: shape[0]]
 
+    def in_dtype(self, array, dtype, key):
+        """``array`` in ``dtype``: itself, or converted into the work array ``key`` (between a storage
+        dtype and the model's)."""
+        if array.dtype == dtype:
+            return array
+        return self.ops.convert(array, self._buffer(key, array.shape, dtype))
+
     def forward(self, x, training=False):
         raise NotImplementedError
 
@@ -159,7 +169,14 @@ def _flat_input(layer, shape, width):
 
 
 class Dense(Layer):
-    """``y = activation(x @ W + b)`` with W of shape (in, out) and b of shape (out,)."""
+    """``y = activation(x @ W + b)`` with W of shape (in, out) and b of shape (out,).
+
+    Its activations, the gradients it passes on and the copies of ``x`` and W its
+    GEMMs read are in the backend's storage dtype (bfloat16 under precision "bf16"
+    on a GPU); W, b and their gradients stay in the model dtype.
+    """
+
+    stores_narrow = True
 
     def __init__(self, in_features, out_features, activation=None, init="auto"):
         super().__init__()
@@ -182,21 +199,24 @@ class Dense(Layer):
 
     def forward(self, x, training=False):
         ops, weight, bias = self.ops, self.params["weight"], self.params["bias"]
+        dtype = ops.storage_dtype(weight.data.dtype, self.activation)
         shape = (x.shape[0], self.out_features)
-        z = ops.matmul(x, weight.data, out=self._buffer("z", shape, x.dtype))
-        out = z if self.activation.uses_output else self._buffer("y", shape, x.dtype)
-        self._x, self._z = x, z
+        self._x, self._w = self.in_dtype(x, dtype, "x"), self.in_dtype(weight.data, dtype, "weight")
+        z = ops.matmul(self._x, self._w, out=self._buffer("z", shape, dtype))
+        out = z if self.activation.uses_output else self._buffer("y", shape, dtype)
+        self._z = z
         self._y = ops.bias_act(z, bias.data, self.activation, out)
         return self._y
 
     def backward(self, dy, input_grad=True):
         ops, weight, bias = self.ops, self.params["weight"], self.params["bias"]
+        dy = self.in_dtype(dy, self._z.dtype, "dy")
         dz = self._buffer("dz", dy.shape, dy.dtype)
         ops.act_backward(dy, self._y, self._z, self.activation, dz, bias_grad=bias.grad)
         ops.matmul(self._x, dz, out=weight.grad, trans_a=True)
         if not input_grad:
             return None
-        return ops.matmul(dz, weight.data, out=self._buffer("dx", self._x.shape, dy.dtype), trans_b=True)
+        return ops.matmul(dz, self._w, out=self._buffer("dx", self._x.shape, dy.dtype), trans_b=True)
 
     def config(self):
         return {"type": "Dense", "in_features": self.in_features, "out_features": self.out_features,

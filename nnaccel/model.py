@@ -172,9 +172,9 @@ class Sequential:
         if x.ndim == 2 and len(self.input_shape) > 1:
             x = x.reshape((x.shape[0],) + self.input_shape)  # flat rows viewed as images
         for layer in self.layers:
-            x = layer.forward(x, self.training)
+            x = layer.forward(x if layer.stores_narrow else layer.in_dtype(x, self.dtype, "input"), self.training)
         self._output_shape = tuple(x.shape)
-        return x
+        return self.layers[-1].in_dtype(x, self.dtype, "output")
 
     def backward(self, dy):
         """Fill every parameter's ``grad`` from ``dy``, the loss gradient w.r.t. the output."""
@@ -188,7 +188,9 @@ class Sequential:
 
     def _backward(self, dy):
         for index in range(len(self.layers) - 1, -1, -1):
-            dy = self.layers[index].backward(dy, input_grad=index > 0)
+            layer = self.layers[index]
+            dy = layer.backward(dy if layer.stores_narrow else layer.in_dtype(dy, self.dtype, "output_grad"),
+                                input_grad=index > 0)
 
     def predict(self, x, batch_size=1024):
         """Outputs for ``x`` (host or device array) as a NumPy array, in eval mode."""

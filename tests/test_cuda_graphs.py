@@ -39,14 +39,14 @@ def _sgd():
     return nn.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
 
 
-def _trainer(model, cuda_graphs=True, t_max=3, quiet=True, optimizer=_sgd):
+def _trainer(model, cuda_graphs=True, t_max=3, quiet=True, optimizer=_sgd, precision="fp32"):
     return nn.Trainer(model, optimizer=optimizer(), batch_size=32, seed=3, quiet=quiet, cuda_graphs=cuda_graphs,
-                      schedule=nn.CosineAnnealing(t_max))
+                      schedule=nn.CosineAnnealing(t_max), precision=precision)
 
 
-def _train(build, device, x, y, cuda_graphs, epochs=3, t_max=None, optimizer=_sgd):
+def _train(build, device, x, y, cuda_graphs, epochs=3, t_max=None, optimizer=_sgd, precision="fp32"):
     model = build(device)
-    trainer = _trainer(model, cuda_graphs, t_max or epochs, optimizer=optimizer)
+    trainer = _trainer(model, cuda_graphs, t_max or epochs, optimizer=optimizer, precision=precision)
     history = trainer.fit(x, y, epochs=epochs)
     host = model.backend.to_host
     return trainer, history, {"params": host(model.flat_params), "buffers": host(model.flat_buffers),
@@ -57,18 +57,21 @@ def _adamw():
     return nn.AdamW(lr=0.01, weight_decay=0.05)
 
 
-@pytest.mark.parametrize("build, features, classes, optimizer", [(_mlp, 20, 4, _sgd), (_conv, 64, 5, _sgd),
-                                                                 (_mlp, 20, 4, _adamw)],
-                         ids=["mlp-bn", "conv-bn-pool", "mlp-bn-adamw"])
+@pytest.mark.parametrize("build, features, classes, optimizer, precision",
+                         [(_mlp, 20, 4, _sgd, "fp32"), (_conv, 64, 5, _sgd, "fp32"), (_mlp, 20, 4, _adamw, "fp32"),
+                          (_mlp, 20, 4, _sgd, "bf16")],
+                         ids=["mlp-bn", "conv-bn-pool", "mlp-bn-adamw", "mlp-bn-bf16"])
 def test_replayed_steps_end_with_the_eager_weights_bit_for_bit(emulated, replays, build, features, classes,
-                                                               optimizer):
+                                                               optimizer, precision):
     """333 samples in batches of 32 (a short last batch: a graph of its own) over 3 epochs of a
     cosine schedule (a new learning rate each epoch: graphs captured again). With AdamW the graph
-    stops before the update, whose bias correction changes every step."""
+    stops before the update, whose bias correction changes every step. Under bf16 the graph holds
+    the storage conversions and cuBLAS's bfloat16 GEMMs."""
     x, y = datasets.synthetic(n=333, features=features, classes=classes, seed=1)
-    trainer, history, eager = _train(build, emulated, x, y, cuda_graphs=False, optimizer=optimizer)
+    kwargs = {"optimizer": optimizer, "precision": precision}
+    trainer, history, eager = _train(build, emulated, x, y, cuda_graphs=False, **kwargs)
     assert replays[0] == 0
-    graphed_trainer, graphed_history, graphed = _train(build, emulated, x, y, cuda_graphs=True, optimizer=optimizer)
+    graphed_trainer, graphed_history, graphed = _train(build, emulated, x, y, cuda_graphs=True, **kwargs)
     steps = 3 * 11
     assert replays[0] == steps - 3 * 2  # each epoch: one eager step per batch shape, then replays
     for name in eager:

@@ -14,7 +14,7 @@ from nnaccel import activations
 from nnaccel.backend import cuda_kernels as ck
 from nnaccel.errors import ConfigError, ShapeError
 
-SIGNATURE = re.compile(r"template <typename T>\s*__global__ void (\w+)\(([^)]*)\)")
+SIGNATURE = re.compile(r"template <typename [TS]>\s*__global__ void (\w+)\(([^)]*)\)")
 SCALARS = {"long long": numpy.int64, "int": numpy.int32, "double": numpy.float64}
 POINTEES = {"long long": numpy.int64, "int": numpy.int32}
 
@@ -37,7 +37,7 @@ def test_import_does_not_import_cupy():
 
 def test_kernel_folder_holds_every_source():
     folder = ck.kernels_dir()
-    for filename in [*ck.KERNELS, "activations.cuh"]:
+    for filename in [*ck.KERNELS, "activations.cuh", "bfloat16.cuh"]:
         assert folder.joinpath(filename).is_file(), f"{filename} missing from {folder}"
 
 
@@ -52,8 +52,12 @@ def test_name_expressions_match_the_templates():
     for filename, names in ck.KERNELS.items():
         templates = [name for name, _ in SIGNATURE.findall(ck.source(filename))]
         assert sorted(templates) == sorted(names), filename
-        assert ck.name_expressions(filename, numpy.float32) == [f"{n}<float>" for n in names]
-        assert ck.name_expressions(filename, numpy.float64) == [f"{n}<double>" for n in names]
+        floats = [n for n in names if n not in ("to_storage", "from_storage")]  # conversions: bf16 only
+        assert ck.name_expressions(filename, numpy.float32) == [f"{n}<float>" for n in floats]
+        assert ck.name_expressions(filename, numpy.float64) == [f"{n}<double>" for n in floats]
+        bf16 = [n for n in names if n in ("bias_act", "act_backward", "act_backward_bias_grad", "to_storage",
+                                          "from_storage")]  # the Dense layers' step on bfloat16 storage
+        assert ck.name_expressions(filename, numpy.uint16) == [f"{n}<nna::bf16>" for n in bf16]
 
 
 def test_activation_codes_match_header_and_activations():

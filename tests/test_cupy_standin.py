@@ -143,6 +143,7 @@ def test_every_cupy_backend_method_runs_here(monkeypatch):
         model.predict(x)
     plain = nn.Sequential(nn.Dense(8, 3), device="cuda")  # no random layer, SGD: a step CUDA graphs replay
     nn.Trainer(plain, batch_size=32, quiet=True).fit(x, y, epochs=1)
+    nn.Trainer(plain, batch_size=32, quiet=True, precision="bf16").fit(x, y, epochs=1)  # bfloat16 storage
     images = numpy.random.default_rng(0).random((96, 1, 8, 8)).astype(numpy.float32)
     for pool_layer in (nn.MaxPool2D(2), nn.AvgPool2D(3, stride=1, padding=1)):
         front = [nn.RandomShift(1), nn.Conv2D(1, 4, 3, padding=1, activation="silu"), nn.BatchNorm(4), pool_layer,

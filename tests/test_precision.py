@@ -52,21 +52,31 @@ def test_weighted_sums_round_their_inputs_and_accumulate_in_float32(emulated, pr
     assert rounded.dtype == numpy.float32
 
 
+SEEDS = (0, 1, 2)
+
+
 @pytest.fixture(scope="module")
 def mnist_runs():
-    """784-128-10 for 3 epochs of the MNIST sample on the emulated device in each precision:
-    (held-out accuracy, weights)."""
+    """784-128-10 for 3 epochs of the MNIST sample on the emulated device in each precision, from
+    three seeds (rounding makes each run's accuracy wander by a few tenths of a point; the mean
+    over seeds is what a precision costs): (mean held-out accuracy, seed 0's weights)."""
     from emulated_cuda import emulated_cuda
 
     (x, y), (xv, yv) = datasets.train_val_split(*datasets.load_mnist_sample())
     runs = {}
     with emulated_cuda():
         for precision in ("fp32", "tf32", "bf16"):
-            model = nn.Sequential(nn.Dense(784, 128, activation="relu"), nn.Dense(128, 10), device="cuda", seed=0)
-            trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=128, quiet=True,
-                                 precision=precision)
-            trainer.fit(x, y, epochs=3)
-            runs[precision] = (trainer.evaluate(xv, yv)["accuracy"], model.backend.to_host(model.flat_params))
+            accuracies = []
+            for seed in SEEDS:
+                model = nn.Sequential(nn.Dense(784, 128, activation="relu"), nn.Dense(128, 10), device="cuda",
+                                      seed=seed)
+                trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=128, quiet=True,
+                                     precision=precision, seed=seed)
+                trainer.fit(x, y, epochs=3)
+                accuracies.append(trainer.evaluate(xv, yv)["accuracy"])
+                if seed == SEEDS[0]:
+                    weights = model.backend.to_host(model.flat_params)
+            runs[precision] = (float(numpy.mean(accuracies)), weights)
     return runs
 
 

@@ -129,6 +129,17 @@ class Backend:
         computes fp32 whatever is asked (the Trainer says so)."""
         return contextlib.nullcontext()
 
+    def storage_dtype(self, dtype, activation):
+        """The dtype a Dense layer with ``activation`` keeps its activations and gradients in, its
+        weights being ``dtype``: ``dtype`` itself, except where a backend stores them in a narrower
+        type (bfloat16 on a GPU under ``matmul_precision("bf16")``)."""
+        return dtype
+
+    def convert(self, x, out):
+        """``out = x`` in ``out``'s dtype (to and from a storage dtype); returns ``out``."""
+        out[...] = x
+        return out
+
     # ----- graphs: work recorded once and replayed ---------------------------------
     def recording_allocations(self):
         """A context yielding the list of the sizes of the device allocations made inside it

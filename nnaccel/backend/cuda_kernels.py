@@ -32,7 +32,7 @@ GRAD_FROM_Z = frozenset(cls.code for cls in ACTIVATIONS.values() if not cls.uses
 # The kernel templates of each source file, instantiated per dtype.
 KERNELS = {
     "elementwise.cu": ("bias_act", "act_backward", "act_backward_bias_grad", "bias_grad_reduce",
-                       "softmax_rows", "softmax_backward"),
+                       "softmax_rows", "softmax_backward", "to_storage", "from_storage"),
     "loss.cu": ("softmax_cross_entropy",),
     "optimizer.cu": ("sgd_update", "adam_update"),
     "maxout.cu": ("maxout_forward", "maxout_backward"),
@@ -40,7 +40,15 @@ KERNELS = {
                 "maxpool_backward", "avgpool_forward", "avgpool_backward"),
     "batchnorm.cu": ("batchnorm_stats", "batchnorm_apply", "batchnorm_backward_reduce", "batchnorm_backward_apply"),
 }
-CTYPES = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float64): "double"}
+# bfloat16 values, held as their bits: CuPy has no bfloat16 dtype (bfloat16.cuh).
+BF16 = numpy.dtype(numpy.uint16)
+FLOATS = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+CTYPES = {FLOATS[0]: "float", FLOATS[1]: "double", BF16: "nna::bf16"}
+COMPUTE = {FLOATS[0]: FLOATS[0], FLOATS[1]: FLOATS[1], BF16: FLOATS[0]}  # the dtype a stored value computes in
+# The storage types of each kernel: the Dense layers' step also runs on bf16 storage; the
+# conversions exist for it only; every other kernel takes float32 and float64.
+STORAGE_DTYPES = {"bias_act": (*FLOATS, BF16), "act_backward": (*FLOATS, BF16),
+                  "act_backward_bias_grad": (*FLOATS, BF16), "to_storage": (BF16,), "from_storage": (BF16,)}
 OPTIONS = ("-std=c++17",)
 
 THREADS = 256  # threads per block of the 1-D launches
@@ -75,9 +83,10 @@ def source(filename):
 
 
 def name_expressions(filename, dtype):
-    """The instantiations of ``filename``'s kernels for ``dtype``, e.g. ``bias_act<float>``."""
-    ctype = CTYPES[numpy.dtype(dtype)]
-    return [f"{name}<{ctype}>" for name in KERNELS[filename]]
+    """The instantiations of ``filename``'s kernels for ``dtype``, e.g. ``bias_act<float>`` (none of a
+    kernel that does not take ``dtype``)."""
+    dtype = numpy.dtype(dtype)
+    return [f"{name}<{CTYPES[dtype]}>" for name in KERNELS[filename] if dtype in STORAGE_DTYPES.get(name, FLOATS)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,11 +124,12 @@ def _launch(name, anchor, grid, block, args):
 
 # ----- validation (no CuPy calls) ---------------------------------------------------
 
-def _float_array(what, array):
-    """Check the array whose dtype the others must share (float32 or float64,
+def _float_array(what, array, dtypes=FLOATS):
+    """Check the array whose dtype the others must share (one of ``dtypes``,
     contiguous); returns that dtype."""
-    if array.dtype not in CTYPES:
-        raise ShapeError(f"{what} has dtype {array.dtype}; the CUDA kernels take float32 or float64")
+    if array.dtype not in dtypes:
+        names = " or ".join("bfloat16 bits (uint16)" if d == BF16 else str(d) for d in dtypes)
+        raise ShapeError(f"{what} has dtype {array.dtype}; this CUDA kernel takes {names}")
     _contiguous(what, array)
     return array.dtype
 
@@ -162,10 +172,10 @@ def _i64(value):
 def bias_act(z, bias, act_code, param, out):
     """``out = act(z + bias)`` with the bias over the last axis (``bias=None``:
     no add); ``out`` may be ``z``. Returns ``out``."""
-    dtype = _float_array("z", z)
+    dtype = _float_array("z", z, STORAGE_DTYPES["bias_act"])
     rows, cols = _rows_cols("z", z)
     if bias is not None:
-        _like("bias", bias, dtype, (cols,))
+        _like("bias", bias, COMPUTE[dtype], (cols,))
     _like("out", out, dtype, z.shape)
     code = _act_code(act_code)
     if z.size:
@@ -179,7 +189,7 @@ def act_backward(dy, y, z, act_code, param, dz, db=None):
     activation needs (the other may be None); with ``db``, also the bias
     gradient ``db = dz.sum(axis=0)`` over all but the last axis, fused and
     deterministic. ``dz`` may be ``dy``. Returns ``dz``."""
-    dtype = _float_array("dy", dy)
+    dtype = _float_array("dy", dy, STORAGE_DTYPES["act_backward"])
     _like("dz", dz, dtype, dy.shape)
     code = _act_code(act_code)
     x = None
@@ -194,12 +204,63 @@ def act_backward(dy, y, z, act_code, param, dz, db=None):
                     (dy, x, dz, _i64(dy.size), numpy.int32(code), numpy.float64(param)))
         return dz
     rows, cols = _rows_cols("dy", dy)
-    _like("db", db, dtype, (cols,))
+    _like("db", db, COMPUTE[dtype], (cols,))
     if rows == 0:
         db.fill(0)
     elif cols:
         _bias_grad(dy, x, dz, db, rows, cols, code, param)
     return dz
+
+
+def convert(x, out):
+    """``out = x`` across storage types: float32 to bfloat16 bits (rounded to nearest, ties to even)
+    or back (exact). Returns ``out``."""
+    source, target = ((BF16,), (FLOATS[0],)) if x.dtype == BF16 else ((FLOATS[0],), (BF16,))
+    _float_array("x", x, source)
+    _float_array("out", out, target)
+    name, anchor = ("from_storage", x) if x.dtype == BF16 else ("to_storage", out)
+    if tuple(out.shape) != tuple(x.shape):
+        raise ShapeError(f"out has shape {tuple(out.shape)}; expected {tuple(x.shape)}")
+    if x.size:
+        _launch(name, anchor, (_grid(x, x.size),), (THREADS,), (x, out, _i64(x.size)))
+    return out
+
+
+def gemm_bf16(a, b, out, trans_a=False, trans_b=False):
+    """``out = op(a) @ op(b)`` for 2-D C-contiguous bfloat16 ``a`` and ``b`` through cuBLAS's
+    ``cublasGemmEx``: products accumulated in float32 (``CUBLAS_COMPUTE_32F``), ``out`` float32 or
+    bfloat16 (rounded once, at the end). Returns ``out``."""
+    for what, array in (("a", a), ("b", b)):
+        _float_array(what, array, (BF16,))
+        if array.ndim != 2:
+            raise ShapeError(f"{what} has shape {tuple(array.shape)}; the bfloat16 GEMM takes 2-D arrays")
+    rows, inner = a.shape[::-1] if trans_a else a.shape
+    inner_b, cols = b.shape[::-1] if trans_b else b.shape
+    if inner != inner_b:
+        raise ShapeError(f"op(a) is {rows}x{inner} but op(b) is {inner_b}x{cols}")
+    _float_array("out", out, (FLOATS[0], BF16))
+    if tuple(out.shape) != (rows, cols):
+        raise ShapeError(f"out has shape {tuple(out.shape)}; expected {(rows, cols)}")
+    if out.size == 0:
+        return out
+    if inner == 0:
+        out.fill(0)
+        return out
+    import cupy
+    from cupy.cuda import cublas, runtime
+
+    types = {BF16: runtime.CUDA_R_16BF, FLOATS[0]: runtime.CUDA_R_32F}
+    one, zero = numpy.ones(1, numpy.float32), numpy.zeros(1, numpy.float32)  # host scalars
+    # Row-major out = op(a) op(b) is column-major out^T = op(b)^T op(a)^T: b and a swap places.
+    with out.device:
+        handle = cupy.cuda.get_cublas_handle()
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        cublas.gemmEx(handle, cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N,
+                      cublas.CUBLAS_OP_T if trans_a else cublas.CUBLAS_OP_N, cols, rows, inner,
+                      one.ctypes.data, b.data.ptr, types[BF16], b.shape[1], a.data.ptr, types[BF16], a.shape[1],
+                      zero.ctypes.data, out.data.ptr, types[out.dtype], cols, cublas.CUBLAS_COMPUTE_32F,
+                      cublas.CUBLAS_GEMM_DEFAULT)
+    return out
 
 
 def bias_grad_chunks(rows, cols, sm_count):
@@ -222,12 +283,12 @@ def _bias_grad(dy, x, dz, db, rows, cols, code, param):
         import cupy
 
         with dy.device:
-            partial = cupy.empty((chunks, cols), dtype=dy.dtype)
+            partial = cupy.empty((chunks, cols), dtype=db.dtype)
     _launch("act_backward_bias_grad", dy, (-(-cols // BIAS_GRAD_BLOCK[0]), chunks), BIAS_GRAD_BLOCK,
             (dy, x, dz, partial, _i64(rows), _i64(cols), _i64(chunk_rows), numpy.int32(code),
              numpy.float64(param)))
     if chunks > 1:
-        _launch("bias_grad_reduce", dy, (_grid(dy, cols),), (THREADS,),
+        _launch("bias_grad_reduce", db, (_grid(dy, cols),), (THREADS,),
                 (partial, db, _i64(chunks), _i64(cols)))
 
 

@@ -4,6 +4,12 @@ Each override routes one op to a kernel of ``kernels/`` (see
 ``cuda_kernels``) and falls back to the generic CuPy version for what the
 kernels do not cover (dtypes other than float32/float64, strided arrays).
 It also captures work into CUDA graphs (``capture``), for the Trainer's step.
+
+Under ``matmul_precision("bf16")`` the Dense layers store their activations
+and gradients in bfloat16 (``storage_dtype``), held as uint16 bits because
+CuPy has no bfloat16 dtype: their GEMMs go to cuBLAS's ``gemmEx`` and their
+elementwise work to the kernels' bfloat16 instantiations, which compute in
+float32; weights, their gradients and the optimizer stay float32.
 """
 
 import contextlib
@@ -13,12 +19,17 @@ import numpy
 from . import cuda_kernels
 from .base import Backend
 
-KERNEL_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+BF16 = cuda_kernels.BF16
 
 
-def _fused(*arrays):
+def _fused(*arrays, dtypes=cuda_kernels.FLOATS):
     """True when the kernels take these arrays (float32/64, C-contiguous)."""
-    return all(a.dtype in KERNEL_DTYPES and a.flags.c_contiguous for a in arrays if a is not None)
+    return all(a.dtype in dtypes and a.flags.c_contiguous for a in arrays if a is not None)
+
+
+def _fused_storage(*arrays):
+    """``_fused`` for the kernels that also take bfloat16 storage."""
+    return _fused(*arrays, dtypes=(*cuda_kernels.FLOATS, BF16))
 
 
 _COMPUTE_TYPES = {"tf32": "COMPUTE_TYPE_TF32", "bf16": "COMPUTE_TYPE_BF16"}  # cuBLAS compute types
@@ -33,6 +44,7 @@ class CupyBackend(Backend):
         self.xp = cupy
         self.device = cupy.cuda.Device(device_id)
         self.name = f"cuda:{device_id}"
+        self.bf16_storage = False  # set by matmul_precision("bf16")
 
     def activate(self):
         return self.device
@@ -63,18 +75,36 @@ class CupyBackend(Backend):
     @contextlib.contextmanager
     def matmul_precision(self, precision):
         """cuBLAS's compute type for float32 GEMMs, set for the context: TF32 or bfloat16 inputs on the
-        tensor cores (GPUs of compute capability 8.0 or later), float32 accumulation either way."""
+        tensor cores (GPUs of compute capability 8.0 or later), float32 accumulation either way. Under
+        "bf16" the Dense layers also store bfloat16 (``storage_dtype``)."""
         if precision == "fp32":
             yield
             return
         from cupy._core import _routines_linalg as linalg
 
-        previous = linalg.get_compute_type(numpy.float32)
+        previous = linalg.get_compute_type(numpy.float32), self.bf16_storage
         linalg.set_compute_type(numpy.float32, getattr(linalg, _COMPUTE_TYPES[precision]))
+        self.bf16_storage = precision == "bf16"
         try:
             yield
         finally:
-            linalg.set_compute_type(numpy.float32, previous)
+            linalg.set_compute_type(numpy.float32, previous[0])
+            self.bf16_storage = previous[1]
+
+    def storage_dtype(self, dtype, activation):
+        if self.bf16_storage and dtype == numpy.float32 and activation.code in cuda_kernels.ACT_CODES.values():
+            return BF16
+        return dtype
+
+    def convert(self, x, out):
+        if BF16 not in (x.dtype, out.dtype):
+            return super().convert(x, out)
+        return cuda_kernels.convert(x, out)
+
+    def matmul(self, a, b, out, trans_a=False, trans_b=False):
+        if a.dtype != BF16:
+            return super().matmul(a, b, out, trans_a, trans_b)
+        return cuda_kernels.gemm_bf16(a, b, out, trans_a, trans_b)
 
     @contextlib.contextmanager
     def recording_allocations(self):
@@ -115,7 +145,7 @@ class CupyBackend(Backend):
                 f"try a smaller --batch-size")
 
     def bias_act(self, z, bias, activation, out):
-        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused(z, bias, out):
+        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused_storage(z, bias, out):
             return super().bias_act(z, bias, activation, out)
         if out is not z:  # the derivative needs z + bias: keep it, then activate
             cuda_kernels.bias_act(z, bias, cuda_kernels.ACT_CODES["linear"], 0.0, z)
@@ -123,7 +153,7 @@ class CupyBackend(Backend):
         return cuda_kernels.bias_act(z, bias, activation.code, activation.param, out)
 
     def act_backward(self, dy, y, z, activation, out, bias_grad=None):
-        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused(dy, y, z, out, bias_grad):
+        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused_storage(dy, y, z, out, bias_grad):
             return super().act_backward(dy, y, z, activation, out, bias_grad)
         return cuda_kernels.act_backward(dy, y, z, activation.code, activation.param, out, bias_grad)
 

@@ -57,3 +57,15 @@ def round_mantissa(x, bits):
     rounded = ((word + ((word >> drop) & 1) + (1 << (drop - 1)) - 1) >> drop) << drop
     result = rounded.astype(numpy.uint32).view(numpy.float32)
     return numpy.where(numpy.isfinite(x), result, x)
+
+
+def to_bfloat16_bits(x):
+    """float32 ``x`` as bfloat16 bits (uint16): rounded to nearest, ties to even; a NaN stays a NaN."""
+    x = numpy.ascontiguousarray(x, numpy.float32)
+    bits = (round_mantissa(x, 7).view(numpy.uint32) >> 16).astype(numpy.uint16)
+    return numpy.where(numpy.isnan(x), bits | numpy.uint16(0x40), bits)
+
+
+def from_bfloat16_bits(bits):
+    """bfloat16 bits (uint16) as float32, exactly."""
+    return (numpy.asarray(bits, numpy.uint16).astype(numpy.uint32) << 16).view(numpy.float32)

@@ -4,7 +4,7 @@ allocators."""
 import os
 
 from .. import _core
-from . import compiler, driver, graph, memory, runtime  # noqa: F401  (CuPy's submodules)
+from . import compiler, cublas, driver, graph, memory, runtime  # noqa: F401  (CuPy's submodules)
 from .graph import Graph  # noqa: F401
 from .memory import (BaseMemory, Memory, MemoryPointer, MemoryPool, OutOfMemoryError,  # noqa: F401
                      alloc, get_allocator, set_allocator, using_allocator)
@@ -168,6 +168,11 @@ def get_current_stream():
 
 def get_device_id():
     return _core.current_device_id()
+
+
+def get_cublas_handle():
+    """The current device's cuBLAS handle (an opaque number, as in CuPy)."""
+    return 0xC0B1A5 + _core.current_device_id()
 
 
 def is_available():

@@ -27,6 +27,7 @@ cudaDevAttrWarpSize = 10
 cudaDevAttrMultiProcessorCount = 16
 cudaDevAttrComputeCapabilityMajor = 75
 cudaDevAttrComputeCapabilityMinor = 76
+CUDA_R_32F, CUDA_R_16BF = 0, 14  # cudaDataType values (library_types.h)
 
 
 def getDeviceCount():

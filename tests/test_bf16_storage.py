@@ -1,0 +1,153 @@
+"""bfloat16 storage (precision="bf16" on a GPU): the Dense layers keep their activations and
+gradients in bfloat16 (uint16 bits, CuPy having no bfloat16 dtype) and compute in float32; the
+weights, their gradients, the optimizer and the loss stay float32. On the emulated device, against
+PyTorch's bfloat16 conversion and float32 references."""
+
+import numpy
+import pytest
+import torch
+
+import nnaccel as nn
+from nnaccel import activations, datasets
+from nnaccel.backend import cuda_kernels, get_backend
+
+BF16 = cuda_kernels.BF16
+
+
+def _bits(x):
+    """float32 ``x`` as bfloat16 bits, converted by PyTorch (to nearest, ties to even)."""
+    tensor = torch.from_numpy(numpy.ascontiguousarray(x, numpy.float32)).to(torch.bfloat16)
+    return tensor.view(torch.int16).numpy().view(numpy.uint16)
+
+
+def _widen(bits):
+    return (numpy.asarray(bits, numpy.uint16).astype(numpy.uint32) << 16).view(numpy.float32)
+
+
+def _ulp(values):
+    """A bfloat16 ulp at each of ``values`` (7 explicit mantissa bits)."""
+    return numpy.ldexp(1.0, numpy.frexp(numpy.abs(values).astype(numpy.float64))[1] - 8)
+
+
+def _on_device(ops, bits):
+    return ops.asarray(numpy.ascontiguousarray(bits, numpy.uint16))
+
+
+def test_storage_conversions_round_as_pytorch_does(emulated):
+    ops = get_backend(emulated)
+    rng = numpy.random.default_rng(0)
+    x = (rng.standard_normal(20_000) * 10.0 ** rng.integers(-42, 39, 20_000)).astype(numpy.float32)
+    ties = numpy.float32(1) + numpy.arange(16, dtype=numpy.float32) * numpy.float32(2.0 ** -8)
+    special = numpy.array([0.0, -0.0, numpy.inf, -numpy.inf, numpy.nan, 3.3961e38, -3.3961e38, 1e-45],
+                          numpy.float32)
+    x = numpy.concatenate([x, ties, -ties, special]).astype(numpy.float32)
+    bits = ops.to_host(ops.convert(ops.asarray(x), ops.empty(x.shape, BF16)))
+    assert bits.dtype == numpy.uint16
+    number = ~numpy.isnan(x)
+    numpy.testing.assert_array_equal(bits[number], _bits(x)[number])
+    assert numpy.isnan(_widen(bits[~number])).all()
+    back = ops.to_host(ops.convert(ops.asarray(bits), ops.empty(x.shape, numpy.float32)))
+    numpy.testing.assert_array_equal(back.view(numpy.uint32), _widen(bits).view(numpy.uint32))  # exact
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("out_dtype", [numpy.float32, BF16], ids=["float32-out", "bf16-out"])
+def test_bf16_weighted_sums_accumulate_in_float32(emulated, trans_a, trans_b, out_dtype):
+    ops = get_backend(emulated)
+    rng = numpy.random.default_rng(1)
+    a = _bits(rng.standard_normal((300, 33) if trans_a else (33, 300)))
+    b = _bits(rng.standard_normal((17, 300) if trans_b else (300, 17)))
+    out = ops.empty((33, 17), out_dtype)
+    ops.matmul(_on_device(ops, a), _on_device(ops, b), out, trans_a=trans_a, trans_b=trans_b)
+    wa, wb = _widen(a).astype(numpy.float64), _widen(b).astype(numpy.float64)
+    wa, wb = (wa.T if trans_a else wa), (wb.T if trans_b else wb)
+    exact, bound = wa @ wb, 300 * 2.0 ** -24 * (numpy.abs(wa) @ numpy.abs(wb))  # float32 accumulation
+    got = ops.to_host(out)
+    if out_dtype == BF16:
+        got, bound = _widen(got), bound + _ulp(exact) / 2  # rounded once, at the end
+    assert (numpy.abs(got - exact) <= bound).all()
+
+
+def test_a_bf16_weighted_sum_refuses_a_float32_operand_by_name(emulated):
+    ops = get_backend(emulated)
+    a, b = ops.empty((4, 3), BF16), ops.zeros((3, 2), numpy.float32)
+    with pytest.raises(nn.ShapeError, match=r"b has dtype float32; this CUDA kernel takes bfloat16 bits \(uint16\)"):
+        ops.matmul(a, b, ops.empty((4, 2), numpy.float32))
+
+
+@pytest.mark.parametrize("name", sorted(cuda_kernels.ACT_CODES))
+def test_bf16_activations_compute_in_float32_and_round_once(emulated, name):
+    """bias + activation, its derivative and the fused bias gradient on bfloat16 storage, against
+    NumPy in float32 on the widened values: within one bfloat16 ulp (float32 math libraries differ
+    in the last bits, which can move a rounding by one)."""
+    ops, cpu = get_backend(emulated), get_backend("cpu")
+    activation = activations.get(name)
+    rng = numpy.random.default_rng(2)
+    rows, cols = 300, 45  # several row chunks for the bias gradient
+    z, dy = _bits(rng.standard_normal((rows, cols)) * 3), _bits(rng.standard_normal((rows, cols)))
+    bias = rng.standard_normal(cols).astype(numpy.float32)
+    z_dev = _on_device(ops, z)
+    out = z_dev if activation.uses_output else ops.empty((rows, cols), BF16)
+    ops.bias_act(z_dev, ops.asarray(bias), activation, out)
+    z_kept = ops.to_host(z_dev)  # z + bias, as the derivative reads it
+    summed = _widen(z) + bias
+    if not activation.uses_output:  # the bias is added and stored first, then activated
+        summed = _widen(_bits(summed))
+        assert (numpy.abs(_widen(z_kept) - summed) == 0).all()
+    expected = _widen(_bits(activation.forward(cpu, summed, numpy.empty_like(summed))))
+    y = ops.to_host(out)
+    assert (numpy.abs(_widen(y) - expected) <= _ulp(expected)).all()
+
+    dz, db = ops.empty((rows, cols), BF16), ops.empty(cols, numpy.float32)
+    ops.act_backward(_on_device(ops, dy), out, z_dev, activation, dz, bias_grad=db)
+    grad = activation.backward(cpu, _widen(dy), _widen(y), _widen(z_kept), numpy.empty((rows, cols), numpy.float32))
+    expected = _widen(_bits(grad))
+    dz = _widen(ops.to_host(dz))
+    assert (numpy.abs(dz - expected) <= _ulp(expected)).all()
+    sums, magnitude = dz.astype(numpy.float64).sum(axis=0), numpy.abs(dz).astype(numpy.float64).sum(axis=0)
+    assert (numpy.abs(ops.to_host(db) - sums) <= rows * 2.0 ** -24 * magnitude).all()  # float32 sums of dz
+
+
+def _mixed_model(device):
+    """Dense layers between layers that compute in float32 (convolution, pooling, Dropout), and a
+    Dense softmax, which has no bfloat16 kernel."""
+    return nn.Sequential(nn.Conv2D(1, 4, 3, activation="tanh"), nn.MaxPool2D(2), nn.Flatten(),
+                         nn.Dense(36, 32, activation="gelu"), nn.Dropout(0.2), nn.Dense(32, 16, activation="sigmoid"),
+                         nn.Dense(16, 10), nn.Dense(10, 5, activation="softmax"), input_shape=(1, 8, 8), seed=4,
+                         device=device)
+
+
+def _one_step(device, precision):
+    x, y = datasets.synthetic(n=64, features=64, classes=5, seed=3)
+    model = _mixed_model(device)
+    trainer = nn.Trainer(model, loss="mse", optimizer=nn.SGD(lr=0.01), batch_size=64, quiet=True,
+                         precision=precision)
+    loss, _ = trainer.train_step(*trainer.prepare(x, y))
+    return model, loss
+
+
+def test_under_bf16_dense_layers_store_bfloat16_and_the_rest_stays_float32(emulated):
+    model, loss = _one_step(emulated, "bf16")
+    conv, dense_gelu, dense_sigmoid, dense_linear, dense_softmax = (model.layers[i] for i in (0, 3, 5, 6, 7))
+    for layer in (dense_gelu, dense_sigmoid, dense_linear):
+        assert {name: buf.dtype for name, buf in layer._work.items()} == dict.fromkeys(layer._work, BF16)
+        assert {"weight", "z", "dz"} <= set(layer._work)
+    assert "x" in dense_gelu._work and "x" not in dense_linear._work  # converted from Flatten's; a Dense's kept
+    assert all(buf.dtype == numpy.float32 for buf in (*conv._work.values(), *dense_softmax._work.values()))
+    assert model.layers[4]._work["input"].dtype == numpy.float32  # Dropout gets float32, and so on
+    assert model.flat_params.dtype == model.flat_grads.dtype == numpy.float32
+    assert loss.dtype == numpy.float32 and numpy.isfinite(float(loss))
+    with model.backend.matmul_precision("bf16"):
+        assert model.forward(model.backend.zeros((2, 64))).dtype == numpy.float32
+
+
+def test_bf16_gradients_are_the_float32_gradients_to_bfloat16_accuracy(emulated):
+    fp32, _ = _one_step(emulated, "fp32")
+    bf16, _ = _one_step(emulated, "bf16")
+    exact, rounded = fp32.backend.to_host(fp32.flat_grads), bf16.backend.to_host(bf16.flat_grads)
+    error = numpy.linalg.norm(rounded - exact) / numpy.linalg.norm(exact)
+    assert 0 < error < 0.03  # several bfloat16 roundings (2**-9 each) on the way; a wrong GEMM is ~1
+    for mine, theirs in zip(bf16.parameters(), fp32.parameters()):
+        a, b = bf16.backend.to_host(mine.grad), fp32.backend.to_host(theirs.grad)
+        cosine = float(a.ravel() @ b.ravel()) / (numpy.linalg.norm(a) * numpy.linalg.norm(b))
+        assert cosine > 0.99, mine.name  # a sum that cancels (the convolution's) loses more
