@@ -22,9 +22,17 @@ RandomShift draw from a counter the host advances: under a graph they draw
 with a copy of it on the device, set before each step (one small launch per
 layer), so the graph computes their keys there. Adam's bias correction
 depends on the step count, so with Adam the graph holds the step up to the
-update and the update (one kernel) runs after each replay. A distributed
-step all-reduces through NCCL between ranks that may capture at different
-moments: it steps eagerly, and ``unsupported`` says so.
+update and the update (one kernel) runs after each replay.
+
+A distributed step's graph holds its gradient all-reduce (NCCL, which may be
+captured since NCCL 2.9), and a graph is per (this rank's rows, the global
+rows, where they start, learning rate). Every rank steps the same way at
+each step, so that their collectives pair up and their divergence checks
+agree: a new shape comes to all of them at the same step (its first step
+runs, and all-reduces, eagerly; the capture only records), a step that
+leaves a rank without rows (a short last batch) runs eagerly on all, a
+capture that fails on one rank turns graphs off on all, and the check at a
+replayed step sums the ranks' running losses.
 """
 
 import sys
@@ -34,19 +42,12 @@ import numpy
 from .layers import RandomLayer
 
 
-def unsupported(trainer, comm):
-    """Why ``trainer``'s step cannot be replayed from a graph, or None if it can."""
-    if comm.size > 1:
-        return "a distributed step all-reduces between ranks; it runs eagerly"
-    return None
-
-
 class GraphedStep:
-    """``step`` (a ``trainer._Step``) replayed from a CUDA graph per (batch rows, learning rate)."""
+    """``step`` (a ``trainer._Step``) replayed from a CUDA graph per batch shape and learning rate."""
 
     def __init__(self, step):
         self.step = step
-        self.graphs = {}  # (rows, lr) -> (graph, x buffer, y buffer, the work arrays it uses)
+        self.graphs = {}  # (rows, global rows, first, lr) -> (graph, x buffer, y buffer, the work arrays it uses)
         self.failed = None  # why a capture failed: the steps then run eagerly
         # An update with numbers of its own each step (Adam's bias correction) runs after the replay.
         self.eager_update = step.trainer.optimizer.per_step_scalars
@@ -60,11 +61,13 @@ class GraphedStep:
         them, the whole batch in one process); ``(loss, correct)`` as device arrays that the next step
         overwrites."""
         trainer = self.step.trainer
-        key = (x.shape[0], trainer.optimizer.lr)
+        key = (x.shape[0], rows, first, trainer.optimizer.lr)
         if self.failed is not None:
-            return self.step(x, y, guard=guard, step=index)
+            return self.step(x, y, rows, first, guard=guard, step=index)
         for layer in self.random_layers:
             layer.device_counter.fill(layer.counter)
+        if rows < self.step.comm.size:  # a rank has no rows: every rank steps eagerly
+            return self.step(x, y, rows, first, guard=guard, step=index)
         if key not in self.graphs:
             return self._run_and_capture(key, x, y, guard, index)
         graph, x_in, y_in, _ = self.graphs[key]
@@ -78,31 +81,35 @@ class GraphedStep:
             trainer.optimizer.step(trainer.model)
         else:
             trainer.optimizer.steps += 1  # the host's part of the step: the graph does the device's
-        guard.after_replay(index, self.step.loss_sum)
+        guard.after_replay(index, self.step.loss_sum, self.step.comm)
         return graph.outputs
 
     def _run_and_capture(self, key, x, y, guard, index):
         trainer, backend = self.step.trainer, self.step.trainer.model.backend
+        _, rows, first, _ = key
         x_in, y_in = x.copy(), y.copy()
         with backend.recording_allocations() as sizes:
-            result = self.step(x_in, y_in, guard=guard, step=index)
+            result = self.step(x_in, y_in, rows, first, guard=guard, step=index)
         steps, counters = trainer.optimizer.steps, [layer.counter for layer in self.random_layers]
+        failed = None
         try:
-            graph = backend.capture(lambda: self.step(x_in, y_in, update=not self.eager_update),
+            graph = backend.capture(lambda: self.step(x_in, y_in, rows, first, update=not self.eager_update),
                                     sizes)  # records the step, runs none of it
         except Exception as error:  # CUDA refused an operation of the step while capturing
-            self.failed = f"{type(error).__name__}: {error}"
+            failed = f"{type(error).__name__}: {error}"
+        finally:
+            trainer.optimizer.steps = steps
+            for layer, counter in zip(self.random_layers, counters):
+                layer.counter = counter
+        if self.step.comm.any_flags(failed is not None)[0]:
+            self.failed = failed or "it failed on another rank"
             self.finish()
             if not trainer.quiet:
                 print(f"warning: CUDA graphs off: capturing the step failed ({self.failed}); the steps run "
                       f"eagerly", file=sys.stderr, flush=True)
             return result
-        finally:
-            trainer.optimizer.steps = steps
-            for layer, counter in zip(self.random_layers, counters):
-                layer.counter = counter
         # Graphs of an earlier learning rate (the schedule moved on) are not replayed again.
-        self.graphs = {k: v for k, v in self.graphs.items() if k[1] == key[1]}
+        self.graphs = {k: v for k, v in self.graphs.items() if k[-1] == key[-1]}
         # The layers and the loss replace a work array when a larger batch comes (evaluation, a
         # new shape); the graph still writes into the old one, so it keeps the old one alive.
         self.graphs[key] = (graph, x_in, y_in, [*trainer.model.work_arrays(), trainer.loss._grad])

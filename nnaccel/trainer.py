@@ -42,14 +42,15 @@ class Trainer:
     prints and writes checkpoints and logs.
 
     On CUDA each step is replayed from a CUDA graph (``cuda_graphs=True``,
-    the default; see ``nnaccel.graphs``) where the step allows it; False
+    the default; see ``nnaccel.graphs``), distributed runs included; False
     runs every step eagerly. On the CPU the option changes nothing.
 
     ``precision`` says how a GPU computes the float32 weighted sums of
     training and evaluation: "fp32" (default), "tf32" (cuBLAS rounds the
-    inputs to TensorFloat-32 for the tensor cores) or "bf16" (to bfloat16);
-    products accumulate in float32, and weights, activations, the fused
-    kernels and the loss stay float32. The CPU computes fp32 and says so.
+    inputs to TensorFloat-32 for the tensor cores) or "bf16" (to bfloat16,
+    and the Dense layers store their activations and gradients in bfloat16);
+    products accumulate in float32, and the weights, the optimizer and the
+    loss stay float32. The CPU computes fp32 and says so.
     """
 
     def __init__(self, model, loss=None, optimizer=None, batch_size=32, seed=0, schedule=None,
@@ -255,18 +256,13 @@ class Trainer:
 
     def _steps(self, comm):
         """The step unit of this fit, and on CUDA (``cuda_graphs``) the same step replayed from CUDA
-        graphs, or None where it runs eagerly (the CPU; a step graphs cannot replay, said once)."""
+        graphs, or None where it runs eagerly (the CPU)."""
         from . import graphs
 
         step = _Step(self, comm)
         if not (self.cuda_graphs and self.model.backend.name.startswith("cuda")):
             return step, None
-        reason = graphs.unsupported(self, comm)
-        if reason is None:
-            return step, graphs.GraphedStep(step)
-        if not self.quiet:
-            print(f"CUDA graphs off: {reason}; the steps run eagerly", file=sys.stderr, flush=True)
-        return step, None
+        return step, graphs.GraphedStep(step)
 
     def _train_epoch(self, x, y, shuffle, last_epoch, callbacks, comm, step_of_training, graphed):
         """One epoch (or its rest, after an interruption) of ``step_of_training`` (or its replays
@@ -535,18 +531,18 @@ class _DivergenceGuard:
         self._fail(step, getattr(self, "local_value", math.nan), step if self.every == 1 else self.checked_step,
                    all_ranks=True)
 
-    def after_replay(self, step, loss_sum):
+    def after_replay(self, step, loss_sum, comm):
         """A step replayed from a CUDA graph has made its update: at the steps due, a finite running
-        loss is the new snapshot (the weights from before the next step), a non-finite one returns to
-        the last and fails."""
+        loss (summed over the ranks of ``comm``, so that they agree) is the new snapshot (the weights
+        from before the next step), a non-finite one returns to the last and fails."""
         if not self.due(step):
             return
-        total = float(loss_sum)
+        total = comm.allreduce_scalars([loss_sum])[0]
         if math.isfinite(total):
             self._take_snapshot(step + 1)
             return
         self._restore()
-        self._fail(step, total, self.checked_step)
+        self._fail(step, total, self.checked_step, all_ranks=comm.size > 1)
 
     def check_total(self, step, total):
         """End of a distributed epoch: ``total`` is the all-reduced loss sum, the same on every rank."""

@@ -39,6 +39,8 @@ def parse(argv=None):
     parser.add_argument("--fail", nargs=3, metavar=("RANK", "STEP", "HOW"),
                         help="that rank fails after that step of its first epoch: raise, exit or kill")
     parser.add_argument("--check-every", type=int, help="Trainer.nan_check_every (5: the GPU strategy)")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="CUDA steps run eagerly")
+    parser.add_argument("--break-capture", type=int, metavar="RANK", help="that rank's CUDA graph captures fail")
     parser.add_argument("--nan", nargs=3, type=int, metavar=("RANK", "EPOCH", "STEP"),
                         help="that rank alone sees a NaN loss at that step (0-based epoch); the divergence "
                              "is recorded in OUT instead of raised")
@@ -59,7 +61,7 @@ def setup(args, device="cpu", communicator=None, batch=None):
 
         communicator = distributed.communicator_for(model)
     trainer = nn.Trainer(model, optimizer=optimizer, batch_size=batch or args.batch, seed=3, quiet=True,
-                         communicator=communicator)
+                         communicator=communicator, cuda_graphs=not args.no_cuda_graphs)
     return model, trainer, (x, y)
 
 
@@ -88,18 +90,39 @@ class FailAt(nn.Callback):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def poison_loss(trainer, rank, epoch, step):
-    """Make ``rank``'s loss NaN at one step, as a bad sample in its part of the batch would."""
-    original, calls = trainer._loss_step, {}
+class PoisonLoss(nn.Callback):
+    """Makes ``rank``'s loss NaN at one step (``step`` >= 1 of a 0-based epoch), as a bad sample in its
+    part of the batch would: the loss is multiplied by a device scalar, set to NaN after the step before,
+    so that steps replayed from CUDA graphs see it too."""
 
-    def loss_step(xb, yb):
-        value, correct = original(xb, yb)
-        calls[trainer.epoch] = calls.get(trainer.epoch, -1) + 1
-        if trainer.rank == rank and trainer.epoch == epoch and calls[epoch] == step:
-            value = value * float("nan")
-        return value, correct
+    def __init__(self, trainer, rank, epoch, step):
+        self.rank, self.epoch, self.step = rank, epoch, step
+        self.scale = trainer.model.backend.asarray(numpy.ones((), trainer.model.dtype))
+        original = trainer._loss_step
 
-    trainer._loss_step = loss_step
+        def loss_step(xb, yb):
+            value, correct = original(xb, yb)
+            return value * self.scale, correct
+
+        trainer._loss_step = loss_step
+
+    def on_batch_end(self, trainer, step, loss):
+        if trainer.rank == self.rank and trainer.epoch == self.epoch and step in (self.step - 1, self.step):
+            self.scale.fill(numpy.nan if step == self.step - 1 else 1.0)
+
+
+def count_replays():
+    """A list whose one item counts the CUDA graph replays of this process."""
+    from nnaccel.backend import cupy_backend
+
+    count, replay = [0], cupy_backend._Graph.replay
+
+    def counted(graph):
+        count[0] += 1
+        return replay(graph)
+
+    cupy_backend._Graph.replay = counted
+    return count
 
 
 def main(args):
@@ -119,7 +142,13 @@ def main(args):
     if args.resume:
         trainer.load_checkpoint(args.resume)
     if args.nan:
-        poison_loss(trainer, *args.nan)
+        callbacks.append(PoisonLoss(trainer, *args.nan))
+    replays = count_replays() if model.backend.name.startswith("cuda") else [0]
+    if args.break_capture == trainer.rank:
+        def refuse(run, sizes):
+            raise RuntimeError("cudaErrorStreamCaptureUnsupported: planted by the test")
+
+        model.backend.capture = refuse
     trainer.nan_check_every = args.check_every
     diverged = None
     try:
@@ -139,7 +168,7 @@ def main(args):
     if trainer.rank == 0:
         numpy.savez(args.out, weights=weights, identical=len(set(digests)) == 1, ranks=len(digests),
                     diverged=numpy.array(diverged if diverged is not None else []),
-                    epoch=trainer.epoch, interrupted=trainer.interrupted,
+                    epoch=trainer.epoch, interrupted=trainer.interrupted, replays=replays[0],
                     history_loss=numpy.array(trainer.history.get("loss", [])))
     return 0
 

@@ -111,17 +111,6 @@ def test_dropout_and_shifts_draw_in_replayed_steps_what_eager_steps_draw(emulate
     assert shift.counter == dropout.counter == 15 and shift.device_counter is None
 
 
-def test_a_distributed_step_runs_eagerly_and_says_why(emulated):
-    from nnaccel import graphs
-
-    class TwoRanks:
-        size, rank = 2, 0
-
-    model = nn.Sequential(nn.Dense(20, 4), device=emulated)
-    assert graphs.unsupported(nn.Trainer(model), TwoRanks()) == \
-        "a distributed step all-reduces between ranks; it runs eagerly"
-
-
 def test_a_step_that_breaks_capture_warns_and_runs_eagerly(emulated, replays, capsys, monkeypatch):
     """A host read inside the step (here planted in the loss) is what CUDA refuses while capturing:
     the stand-in refuses it as CUDA would, and the run goes on eagerly with the same weights."""

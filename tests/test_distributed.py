@@ -426,13 +426,7 @@ def test_info_reports_mpi_and_nccl(mpi):
 
 # ----- NCCL: between the emulated GPUs (the stand-in's NCCL carries it over MPI), and real ones -------------
 def test_nccl_ranks_train_like_one_process(mpi, cuda_device, tmp_path):
-    ok, text = distributed.nccl_status()
-    if not ok:
-        pytest.skip(text)
-    import cupy
-
-    ranks = cupy.cuda.runtime.getDeviceCount()
-    env = {**ENV, "PYTHONPATH": EMULATED_ENV["PYTHONPATH"]} if cupy.__version__.endswith("standin") else ENV
+    env, ranks = _emulated_nccl(cuda_device)
     options = ["--optimizer", "adam", "--dropout", "0.3"]
     run = worker(ranks, tmp_path / "w.npz", "--device", "cuda", *options, env=env)
     assert run.returncode == 0, run.stderr
@@ -441,3 +435,57 @@ def test_nccl_ranks_train_like_one_process(mpi, cuda_device, tmp_path):
     model, _ = reference(options, batch=16 * ranks)
     numpy.testing.assert_allclose(result["weights"], model.flat_params, rtol=1e-5,
                                   atol=1e-5 * float(numpy.abs(model.flat_params).max()))
+
+
+def _emulated_nccl(cuda_device):
+    """The environment of worker runs over NCCL between this machine's GPUs, emulated or real, and how
+    many ranks that is (skipped where NCCL does not load)."""
+    ok, text = distributed.nccl_status()
+    if not ok:
+        pytest.skip(text)
+    import cupy
+
+    env = {**ENV, "PYTHONPATH": EMULATED_ENV["PYTHONPATH"]} if cupy.__version__.endswith("standin") else ENV
+    return env, cupy.cuda.runtime.getDeviceCount()
+
+
+def test_nccl_ranks_replay_cuda_graphs_as_they_step_eagerly(mpi, cuda_device, tmp_path):
+    """The graphs hold the all-reduce; 193 samples in global batches of 32 end with a batch of one
+    row, which leaves a rank without rows: that step runs eagerly on every rank."""
+    env, ranks = _emulated_nccl(cuda_device)
+    options = ["--device", "cuda", "--optimizer", "adam", "--dropout", "0.3", "--n", "193"]
+    runs = {}
+    for mode in ("graphs", "eager"):
+        out = tmp_path / f"{mode}.npz"
+        run = worker(ranks, out, *options, *(["--no-cuda-graphs"] if mode == "eager" else []), env=env)
+        assert run.returncode == 0, run.stderr
+        runs[mode] = numpy.load(out)
+        assert runs[mode]["identical"]
+    steps = 3 * -(-193 // (16 * ranks))
+    assert runs["eager"]["replays"] == 0  # every step replayed but the first (captured) and the 3 short ones:
+    assert runs["graphs"]["replays"] == steps - 1 - 3
+    numpy.testing.assert_array_equal(runs["graphs"]["weights"], runs["eager"]["weights"])
+
+
+def test_a_capture_failing_on_one_rank_turns_graphs_off_on_every_rank(mpi, cuda_device, tmp_path):
+    env, ranks = _emulated_nccl(cuda_device)
+    options = ["--device", "cuda", "--dropout", "0.3"]
+    run = worker(ranks, tmp_path / "broken.npz", *options, "--break-capture", ranks - 1, env=env)
+    assert run.returncode == 0, run.stderr
+    broken = numpy.load(tmp_path / "broken.npz")
+    run = worker(ranks, tmp_path / "eager.npz", *options, "--no-cuda-graphs", env=env)
+    assert run.returncode == 0, run.stderr
+    assert broken["replays"] == 0 and broken["identical"]  # rank 0 captured, and stepped eagerly all the same
+    numpy.testing.assert_array_equal(broken["weights"], numpy.load(tmp_path / "eager.npz")["weights"])
+
+
+def test_a_nan_on_one_rank_stops_every_rank_replaying_graphs_at_the_same_check(mpi, cuda_device, tmp_path):
+    """Rank 1's loss is NaN in step 5 of epoch 2, a replayed step: the running losses are summed over
+    the ranks at each check, so both stop at the next check (step 6), with the same finite weights."""
+    env, ranks = _emulated_nccl(cuda_device)
+    run = worker(ranks, tmp_path / "w.npz", "--device", "cuda", "--nan", 1, 1, 4, "--check-every", 5, env=env)
+    assert run.returncode == 0, run.stderr
+    result = numpy.load(tmp_path / "w.npz")
+    assert result["replays"] > 0
+    assert result["diverged"].tolist() == [[2, 6, 1]] * ranks
+    assert result["identical"] and numpy.isfinite(result["weights"]).all()
