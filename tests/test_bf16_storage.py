@@ -1,7 +1,7 @@
 """bfloat16 storage (precision="bf16" on a GPU): the Dense layers keep their activations and
 gradients in bfloat16 (uint16 bits, CuPy having no bfloat16 dtype) and compute in float32; the
-weights, their gradients, the optimizer and the loss stay float32. On the emulated device, against
-PyTorch's bfloat16 conversion and float32 references."""
+weights, their gradients, the optimizer and the loss stay float32. On the CUDA devices (emulated,
+and real where one answers), against PyTorch's bfloat16 conversion and float32 references."""
 
 import numpy
 import pytest
@@ -33,8 +33,8 @@ def _on_device(ops, bits):
     return ops.asarray(numpy.ascontiguousarray(bits, numpy.uint16))
 
 
-def test_storage_conversions_round_as_pytorch_does(emulated):
-    ops = get_backend(emulated)
+def test_storage_conversions_round_as_pytorch_does(cuda_device):
+    ops = get_backend(cuda_device)
     rng = numpy.random.default_rng(0)
     x = (rng.standard_normal(20_000) * 10.0 ** rng.integers(-42, 39, 20_000)).astype(numpy.float32)
     ties = numpy.float32(1) + numpy.arange(16, dtype=numpy.float32) * numpy.float32(2.0 ** -8)
@@ -52,8 +52,8 @@ def test_storage_conversions_round_as_pytorch_does(emulated):
 
 @pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("out_dtype", [numpy.float32, BF16], ids=["float32-out", "bf16-out"])
-def test_bf16_weighted_sums_accumulate_in_float32(emulated, trans_a, trans_b, out_dtype):
-    ops = get_backend(emulated)
+def test_bf16_weighted_sums_accumulate_in_float32(cuda_device, trans_a, trans_b, out_dtype):
+    ops = get_backend(cuda_device)
     rng = numpy.random.default_rng(1)
     a = _bits(rng.standard_normal((300, 33) if trans_a else (33, 300)))
     b = _bits(rng.standard_normal((17, 300) if trans_b else (300, 17)))
@@ -68,19 +68,19 @@ def test_bf16_weighted_sums_accumulate_in_float32(emulated, trans_a, trans_b, ou
     assert (numpy.abs(got - exact) <= bound).all()
 
 
-def test_a_bf16_weighted_sum_refuses_a_float32_operand_by_name(emulated):
-    ops = get_backend(emulated)
+def test_a_bf16_weighted_sum_refuses_a_float32_operand_by_name(cuda_device):
+    ops = get_backend(cuda_device)
     a, b = ops.empty((4, 3), BF16), ops.zeros((3, 2), numpy.float32)
     with pytest.raises(nn.ShapeError, match=r"b has dtype float32; this CUDA kernel takes bfloat16 bits \(uint16\)"):
         ops.matmul(a, b, ops.empty((4, 2), numpy.float32))
 
 
 @pytest.mark.parametrize("name", sorted(cuda_kernels.ACT_CODES))
-def test_bf16_activations_compute_in_float32_and_round_once(emulated, name):
+def test_bf16_activations_compute_in_float32_and_round_once(cuda_device, name):
     """bias + activation, its derivative and the fused bias gradient on bfloat16 storage, against
     NumPy in float32 on the widened values: within one bfloat16 ulp (float32 math libraries differ
     in the last bits, which can move a rounding by one)."""
-    ops, cpu = get_backend(emulated), get_backend("cpu")
+    ops, cpu = get_backend(cuda_device), get_backend("cpu")
     activation = activations.get(name)
     rng = numpy.random.default_rng(2)
     rows, cols = 300, 45  # several row chunks for the bias gradient
@@ -126,8 +126,8 @@ def _one_step(device, precision):
     return model, loss
 
 
-def test_under_bf16_dense_layers_store_bfloat16_and_the_rest_stays_float32(emulated):
-    model, loss = _one_step(emulated, "bf16")
+def test_under_bf16_dense_layers_store_bfloat16_and_the_rest_stays_float32(cuda_device):
+    model, loss = _one_step(cuda_device, "bf16")
     conv, dense_gelu, dense_sigmoid, dense_linear, dense_softmax = (model.layers[i] for i in (0, 3, 5, 6, 7))
     for layer in (dense_gelu, dense_sigmoid, dense_linear):
         assert {name: buf.dtype for name, buf in layer._work.items()} == dict.fromkeys(layer._work, BF16)
@@ -141,9 +141,9 @@ def test_under_bf16_dense_layers_store_bfloat16_and_the_rest_stays_float32(emula
         assert model.forward(model.backend.zeros((2, 64))).dtype == numpy.float32
 
 
-def test_bf16_gradients_are_the_float32_gradients_to_bfloat16_accuracy(emulated):
-    fp32, _ = _one_step(emulated, "fp32")
-    bf16, _ = _one_step(emulated, "bf16")
+def test_bf16_gradients_are_the_float32_gradients_to_bfloat16_accuracy(cuda_device):
+    fp32, _ = _one_step(cuda_device, "fp32")
+    bf16, _ = _one_step(cuda_device, "bf16")
     exact, rounded = fp32.backend.to_host(fp32.flat_grads), bf16.backend.to_host(bf16.flat_grads)
     error = numpy.linalg.norm(rounded - exact) / numpy.linalg.norm(exact)
     assert 0 < error < 0.03  # several bfloat16 roundings (2**-9 each) on the way; a wrong GEMM is ~1
