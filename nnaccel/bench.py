@@ -3,7 +3,8 @@
 Each configuration (device, network, batch size) is warmed up, then timed in
 rounds of training steps on one synthetic batch kept on the device; the
 median round gives samples/s and achieved GFLOP/s, shown as a share of the
-float32 GEMM peak measured on the same device in the same run. With
+GEMM peak measured on the same device in the same run (in each precision:
+under bf16 a GEMM of bfloat16 operands, as the Dense layers then run). With
 ``--compare torch`` the same step in PyTorch (same network, batch, optimizer
 and thread count) runs in rounds alternating with nnaccel's, so both see the
 same machine noise, and the ratio is the median over the paired rounds.
@@ -31,7 +32,7 @@ from typing import Callable, NamedTuple
 
 import numpy
 
-from . import __version__, architectures, datasets
+from . import __version__, activations, architectures, datasets
 from .backend import PRECISIONS, cuda_status, get_backend, resolve_device
 from .errors import ConfigError
 from .layers import Conv2D, Dense, Maxout
@@ -209,10 +210,15 @@ def warm_up(step, seconds):
 
 
 def gemm_peak(backend, size, rounds, warmup_s):
-    """GFLOP/s of a ``size`` x ``size`` float32 matmul on ``backend``: the median round."""
-    a = backend.uniform((size, size), seed=1, counter=0)
-    b = backend.uniform((size, size), seed=2, counter=0)
-    out = backend.empty((size, size), numpy.float32)
+    """GFLOP/s of a ``size`` x ``size`` matmul on ``backend`` in the dtype its Dense layers store now
+    (float32; bfloat16 under bf16 storage): the median round."""
+    dtype = backend.storage_dtype(numpy.dtype(numpy.float32), activations.get(None))
+
+    def operand(seed):
+        x = backend.uniform((size, size), seed=seed, counter=0)
+        return x if x.dtype == dtype else backend.convert(x, backend.empty(x.shape, dtype))
+
+    a, b, out = operand(1), operand(2), backend.empty((size, size), dtype)
     step = Step(lambda: backend.matmul(a, b, out=out), backend.synchronize)
     calls = max(1, math.ceil(ROUND_SECONDS / warm_up(step, warmup_s)))
     seconds = statistics.median(time_round(step, calls) for _ in range(rounds))
@@ -544,8 +550,8 @@ def run(args):
     what = (f"whole fit calls of {epochs} epoch(s) on {len(fit[1][0]):,} MNIST images against a plain PyTorch "
             f"loop" if args.fit else "training steps")
     print(f"nnaccel {__version__} bench: {what}, float32, SGD(lr={LR}, momentum={MOMENTUM}), {threads} CPU "
-          f"thread{'s' * (threads > 1)}, median of {rounds} round(s); % peak is of the float32 GEMM "
-          f"measured in this run: {gemm}")
+          f"thread{'s' * (threads > 1)}, median of {rounds} round(s); % peak is of the GEMM (float32 "
+          f"operands; bfloat16 under bf16) measured in this run: {gemm}")
     print(format_table(results))
     if args.json:
         report = {"machine": machine_info(devices, torch),
@@ -597,7 +603,8 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False
                         if key not in peaks:
                             size = QUICK["gemm_size"] if quick else GEMM_SIZE[device.split(":")[0]]
                             peaks[key] = {"size": size, "gflops": gemm_peak(backend, size, rounds, warmup_s)}
-                            _say(f"{key}: float32 GEMM {size}x{size}: {peaks[key]['gflops']:,.1f} GFLOP/s")
+                            operands = "bfloat16" if precision == "bf16" else "float32"
+                            _say(f"{key}: {operands} GEMM {size}x{size}: {peaks[key]['gflops']:,.1f} GFLOP/s")
                     with backend.activate():
                         for batch in batches:
                             if fit is not None:
