@@ -428,17 +428,18 @@ class Backend:
         ``grad`` receives ``(softmax - onehot) / batch``; returns a 0-d array.
         """
         xp = self.xp
-        batch = logits.shape[0]
-        rows = xp.arange(batch)
+        (batch, classes), flat = logits.shape, grad.reshape(-1)
+        picks = labels + xp.arange(0, batch * classes, classes)  # the labels' places in the flat rows
         xp.subtract(logits, logits.max(axis=1, keepdims=True), out=grad)
-        picked = grad[rows, labels]
+        picked = flat.take(picks)
         xp.exp(grad, out=grad)
-        total = grad.sum(axis=1)
-        loss = (xp.log(total) - picked).mean()
-        grad /= total[:, None]
-        grad[rows, labels] -= 1.0
+        total = grad.sum(axis=1, keepdims=True)
+        grad /= total
+        losses = xp.log(total.reshape(-1))
+        losses -= picked
+        flat[picks] -= 1.0
         grad *= 1.0 / batch
-        return loss
+        return losses.sum() / batch
 
     def mse(self, y, target, grad):
         """Mean squared error over all elements and its gradient."""
