@@ -7,7 +7,12 @@
 // The adjoints (col2im, the pooling backwards) gather what each input position receives instead of
 // scattering it, so they need no atomics and add in a fixed order: the window offsets (i, j) in
 // increasing order, as the base backend's loops do.
+//
+// The kernels template on the storage type S (float, double or nna::bf16, see bfloat16.cuh) and
+// compute in nna::compute_t<S>: sums and maxima in float for bf16, rounded once when stored; the
+// bias and its gradient are master parameters, in the compute type.
 #include "activations.cuh"
+#include "bfloat16.cuh"
 
 constexpr int CONV_THREADS = 256;  // act_backward_from_nchw's block: the loader launches this many threads
 
@@ -28,8 +33,8 @@ __device__ inline void windows_covering(int y, int x, int kh, int kw, int sh, in
 }
 
 // columns[(ch, i, j), (img, oy, ox)] = x[img, ch, oy sh - ph + i, ox sw - pw + j], 0 in the padding.
-template <typename T>
-__global__ void im2col(const T* x, T* columns, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
+template <typename S>
+__global__ void im2col(const S* x, S* columns, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
                        int pw, int oh, int ow) {
   const long long positions = (long long)n * oh * ow;
   const long long total = positions * c * kh * kw;
@@ -38,14 +43,16 @@ __global__ void im2col(const T* x, T* columns, int n, int c, int h, int w, int k
     const int j = (int)(k % kw), di = (int)(k / kw % kh), ch = (int)(k / ((long long)kw * kh));
     const int ox = (int)(m % ow), oy = (int)(m / ow % oh), img = (int)(m / ((long long)ow * oh));
     const int y = oy * sh - ph + di, xx = ox * sw - pw + j;
-    columns[i] = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[(((long long)img * c + ch) * h + y) * w + xx] : T(0);
+    columns[i] = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[(((long long)img * c + ch) * h + y) * w + xx]
+                                                         : nna::store<S>(0);
   }
 }
 
 // dx[img, ch, y, x] = the sum of every column entry im2col took from there.
-template <typename T>
-__global__ void col2im(const T* columns, T* dx, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
+template <typename S>
+__global__ void col2im(const S* columns, S* dx, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
                        int pw, int oh, int ow) {
+  using T = nna::compute_t<S>;
   const long long total = (long long)n * c * h * w;
   const long long positions = (long long)n * oh * ow;
   for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
@@ -54,27 +61,28 @@ __global__ void col2im(const T* columns, T* dx, int n, int c, int h, int w, int 
     T acc = T(0);
     windows_covering(y, xx, kh, kw, sh, sw, ph, pw, oh, ow, [&](int di, int j, int oy, int ox) {
       const long long k = ((long long)ch * kh + di) * kw + j;
-      acc += columns[k * positions + ((long long)img * oh + oy) * ow + ox];
+      acc += nna::load(columns[k * positions + ((long long)img * oh + oy) * ow + ox]);
     });
-    dx[i] = acc;
+    dx[i] = nna::store<S>(acc);
   }
 }
 
 // A convolution's output from its matmul z (c, n l): rows = act(z + bias) with the bias per row
 // (channel), and y[img, ch, l] the same values in NCHW order. rows may alias z; otherwise z keeps
 // z + bias (gelu and silu's derivatives read it).
-template <typename T>
-__global__ void bias_act_to_nchw(T* z, const T* bias, T* rows, T* y, long long n, int c, long long l, int act,
-                                 double param) {
+template <typename S>
+__global__ void bias_act_to_nchw(S* z, const nna::compute_t<S>* bias, S* rows, S* y, long long n, int c, long long l,
+                                 int act, double param) {
+  using T = nna::compute_t<S>;
   const T p = T(param);
   const long long total = n * c * l;
   for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
     const long long pos = i % l, img = i / (l * c);
     const int ch = (int)(i / l % c);
     const long long at = ch * (n * l) + img * l + pos;
-    const T v = z[at] + bias[ch];
-    const T out = nna::act_forward(act, p, v);
-    if (rows != z) z[at] = v;
+    const T v = nna::load(z[at]) + bias[ch];
+    const S out = nna::store<S>(nna::act_forward(act, p, v));
+    if (rows != z) z[at] = nna::store<S>(v);
     rows[at] = out;
     y[i] = out;
   }
@@ -83,20 +91,22 @@ __global__ void bias_act_to_nchw(T* z, const T* bias, T* rows, T* y, long long n
 // One block per channel: dz[ch, img l + pos] = dy[img, ch, pos] * act'(x), x being rows (y) or z as the
 // activation needs (both (c, n l); null for linear), and db[ch] = the sum of the channel's dz, in a
 // fixed order (deterministic).
-template <typename T>
-__global__ void act_backward_from_nchw(const T* dy, const T* rows, const T* z, T* dz, T* db, long long n, int c,
-                                       long long l, int act, double param) {
+template <typename S>
+__global__ void act_backward_from_nchw(const S* dy, const S* rows, const S* z, S* dz, nna::compute_t<S>* db,
+                                       long long n, int c, long long l, int act, double param) {
+  using T = nna::compute_t<S>;
   __shared__ T part[CONV_THREADS];
   const T p = T(param);
   const int ch = blockIdx.x;
-  const T* x = nna::act_grad_uses_z(act) ? z : rows;
+  const S* x = nna::act_grad_uses_z(act) ? z : rows;
   const long long count = n * l;
   T acc = T(0);
   for (long long m = threadIdx.x; m < count; m += CONV_THREADS) {
     const long long at = ch * count + m;
-    const T d = dy[(m / l * c + ch) * l + m % l] * nna::act_derivative(act, p, x ? x[at] : T(0));
+    const S d = nna::store<S>(nna::load(dy[(m / l * c + ch) * l + m % l]) *
+                              nna::act_derivative(act, p, x ? nna::load(x[at]) : T(0)));
     dz[at] = d;
-    acc += d;
+    acc += nna::load(d);
   }
   part[threadIdx.x] = acc;
   __syncthreads();
@@ -109,15 +119,16 @@ __global__ void act_backward_from_nchw(const T* dy, const T* rows, const T* z, T
 
 // y = the maximum of each window (a NaN counts as the maximum, ties go to the first), idx = where it
 // is in the input plane (y w + x); the padding never wins.
-template <typename T>
-__global__ void maxpool_forward(const T* x, T* out, int* idx, int n, int c, int h, int w, int kh, int kw, int sh,
+template <typename S>
+__global__ void maxpool_forward(const S* x, S* out, int* idx, int n, int c, int h, int w, int kh, int kw, int sh,
                                 int sw, int ph, int pw, int oh, int ow) {
   const long long total = (long long)n * c * oh * ow;
   for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
     const int ox = (int)(i % ow), oy = (int)(i / ow % oh);
     const long long plane = i / ((long long)ow * oh);
-    const T* xp = x + plane * h * w;
+    const S* xp = x + plane * h * w;
     const int y0 = oy * sh - ph, x0 = ox * sw - pw;
+    using T = nna::compute_t<S>;
     T best = -nna::math::infinity<T>();
     int at = y0 * w + x0;
     for (int di = 0; di < kh; ++di) {
@@ -126,61 +137,63 @@ __global__ void maxpool_forward(const T* x, T* out, int* idx, int n, int c, int 
       for (int j = 0; j < kw; ++j) {
         const int xx = x0 + j;
         if (xx < 0 || xx >= w) continue;
-        const T v = xp[y * w + xx];
+        const T v = nna::load(xp[y * w + xx]);
         if (v > best || (v != v && best == best)) {
           best = v;
           at = y * w + xx;
         }
       }
     }
-    out[i] = best;
+    out[i] = nna::store<S>(best);  // exact: best is a stored value
     idx[i] = at;
   }
 }
 
 // dx[img, ch, y, x] = the sum of dy over the windows whose maximum came from (y, x).
-template <typename T>
-__global__ void maxpool_backward(const T* dy, const int* idx, T* dx, int n, int c, int h, int w, int kh, int kw,
+template <typename S>
+__global__ void maxpool_backward(const S* dy, const int* idx, S* dx, int n, int c, int h, int w, int kh, int kw,
                                  int sh, int sw, int ph, int pw, int oh, int ow) {
   const long long total = (long long)n * c * h * w;
   for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
     const int xx = (int)(i % w), y = (int)(i / w % h);
     const long long plane = i / ((long long)w * h);
     const int self = y * w + xx;
-    T acc = T(0);
+    nna::compute_t<S> acc = 0;
     windows_covering(y, xx, kh, kw, sh, sw, ph, pw, oh, ow, [&](int, int, int oy, int ox) {
       const long long o = (plane * oh + oy) * ow + ox;
-      if (idx[o] == self) acc += dy[o];
+      if (idx[o] == self) acc += nna::load(dy[o]);
     });
-    dx[i] = acc;
+    dx[i] = nna::store<S>(acc);
   }
 }
 
 // y = the mean of each window, the padding counted as zeros (PyTorch's count_include_pad).
-template <typename T>
-__global__ void avgpool_forward(const T* x, T* out, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
+template <typename S>
+__global__ void avgpool_forward(const S* x, S* out, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
                                 int pw, int oh, int ow) {
+  using T = nna::compute_t<S>;
   const T scale = T(1.0 / (kh * kw));
   const long long total = (long long)n * c * oh * ow;
   for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
     const int ox = (int)(i % ow), oy = (int)(i / ow % oh);
-    const T* xp = x + i / ((long long)ow * oh) * h * w;
+    const S* xp = x + i / ((long long)ow * oh) * h * w;
     T acc = T(0);
     for (int di = 0; di < kh; ++di) {
       const int y = oy * sh - ph + di;
       for (int j = 0; j < kw; ++j) {
         const int xx = ox * sw - pw + j;
-        if (y >= 0 && y < h && xx >= 0 && xx < w) acc += xp[y * w + xx];
+        if (y >= 0 && y < h && xx >= 0 && xx < w) acc += nna::load(xp[y * w + xx]);
       }
     }
-    out[i] = acc * scale;
+    out[i] = nna::store<S>(acc * scale);
   }
 }
 
 // dx[img, ch, y, x] = the sum over the windows covering (y, x) of dy / (kh kw).
-template <typename T>
-__global__ void avgpool_backward(const T* dy, T* dx, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
+template <typename S>
+__global__ void avgpool_backward(const S* dy, S* dx, int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph,
                                  int pw, int oh, int ow) {
+  using T = nna::compute_t<S>;
   const T scale = T(1.0 / (kh * kw));
   const long long total = (long long)n * c * h * w;
   for (long long i = nna::grid_start(); i < total; i += nna::grid_stride()) {
@@ -188,7 +201,7 @@ __global__ void avgpool_backward(const T* dy, T* dx, int n, int c, int h, int w,
     const long long plane = i / ((long long)w * h);
     T acc = T(0);
     windows_covering(y, xx, kh, kw, sh, sw, ph, pw, oh, ow,
-                     [&](int, int, int oy, int ox) { acc += dy[(plane * oh + oy) * ow + ox] * scale; });
-    dx[i] = acc;
+                     [&](int, int, int oy, int ox) { acc += nna::load(dy[(plane * oh + oy) * ow + ox]) * scale; });
+    dx[i] = nna::store<S>(acc);
   }
 }

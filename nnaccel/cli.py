@@ -140,8 +140,8 @@ def build_parser():
                      help="on CUDA, run every step eagerly instead of replaying it from a CUDA graph")
     run.add_argument("--precision", choices=PRECISIONS, default="fp32",
                      help="how a GPU computes the float32 weighted sums: fp32 (default), tf32 or bf16 on the "
-                          "tensor cores (inputs rounded, fp32 accumulation; bf16 also stores the Dense layers' "
-                          "activations and gradients in bfloat16); the CPU computes fp32")
+                          "tensor cores (inputs rounded, fp32 accumulation; bf16 also stores the Dense and conv "
+                          "layers' activations and gradients in bfloat16); the CPU computes fp32")
     run.add_argument("--distributed", action="store_true",
                      help="data-parallel over the processes of 'mpiexec -n N' (MPI on CPUs, NCCL between "
                           "GPUs, one GPU per rank); --batch-size is per rank; only rank 0 prints and saves")

@@ -83,8 +83,9 @@ class Layer:
 
     in_features = None
     out_features = None
-    # Whether forward and backward take arrays in any dtype and give them in the backend's storage
-    # dtype (Dense: bfloat16 under precision "bf16"); the model hands every other layer its dtype.
+    # Whether forward and backward take arrays in the backend's storage dtype (bfloat16 under precision
+    # "bf16" on a GPU) as well as in the model dtype: Dense and Conv2D then store that dtype, the poolings
+    # and Flatten keep what they get. The model hands every other layer its own dtype.
     stores_narrow = False
 
     def __init__(self):
@@ -373,7 +374,8 @@ class Conv2D(Layer):
     The batched weighted sum is the backend's one matmul: the windows of the
     batch become the columns of one matrix (``im2col``, C*kh*kw rows), the
     weight times it gives every output position, and one fused op adds the
-    bias per channel, applies the activation and writes the NCHW output.
+    bias per channel, applies the activation and writes the NCHW output. Its
+    work arrays are in the backend's storage dtype, as Dense's are.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, activation=None, init="auto"):
@@ -405,31 +407,36 @@ class Conv2D(Layer):
                               f"a {describe_shape(input_shape[1:])} image")
         return (self.out_channels, oh, ow)
 
+    stores_narrow = True
+
     def forward(self, x, training=False):
         ops, weight, bias = self.ops, self.params["weight"], self.params["bias"]
+        dtype = ops.storage_dtype(weight.data.dtype, self.activation)
         n = x.shape[0]
         oh, ow = self.window.output_size(*x.shape[2:])
         depth = self.in_channels * math.prod(self.kernel_size)
-        self._x = x
-        self._cols = ops.im2col(x, self.window, self._buffer("cols", (depth, n * oh * ow), x.dtype, batch_axis=1))
-        self._z = ops.matmul(weight.data.reshape(self.out_channels, depth), self._cols,
-                             out=self._buffer("z", (self.out_channels, n * oh * ow), x.dtype, batch_axis=1))
-        self._rows = self._z if self.activation.uses_output else self._buffer("rows", self._z.shape, x.dtype,
+        self._x = x = self.in_dtype(x, dtype, "x")
+        self._w = self.in_dtype(weight.data.reshape(self.out_channels, depth), dtype, "weight")
+        self._cols = ops.im2col(x, self.window, self._buffer("cols", (depth, n * oh * ow), dtype, batch_axis=1))
+        self._z = ops.matmul(self._w, self._cols,
+                             out=self._buffer("z", (self.out_channels, n * oh * ow), dtype, batch_axis=1))
+        self._rows = self._z if self.activation.uses_output else self._buffer("rows", self._z.shape, dtype,
                                                                              batch_axis=1)
         return ops.bias_act_to_nchw(self._z, bias.data, self.activation, self._rows,
-                                    self._buffer("y", (n, self.out_channels, oh, ow), x.dtype))
+                                    self._buffer("y", (n, self.out_channels, oh, ow), dtype))
 
     def backward(self, dy, input_grad=True):
         ops, weight, bias = self.ops, self.params["weight"], self.params["bias"]
         depth = self.in_channels * math.prod(self.kernel_size)
+        dy = self.in_dtype(dy, self._z.dtype, "dy")
         dz = ops.act_backward_from_nchw(dy, self._rows, self._z, self.activation,
                                         self._buffer("dz", self._z.shape, dy.dtype, batch_axis=1),
                                         bias_grad=bias.grad)
         ops.matmul(dz, self._cols, out=weight.grad.reshape(self.out_channels, depth), trans_b=True)
         if not input_grad:
             return None
-        dcols = ops.matmul(weight.data.reshape(self.out_channels, depth), dz,
-                           out=self._buffer("dcols", self._cols.shape, dy.dtype, batch_axis=1), trans_a=True)
+        dcols = ops.matmul(self._w, dz, out=self._buffer("dcols", self._cols.shape, dy.dtype, batch_axis=1),
+                           trans_a=True)
         return ops.col2im(dcols, self.window, self._buffer("dx", self._x.shape, dy.dtype))
 
     def config(self):
@@ -440,7 +447,9 @@ class Conv2D(Layer):
 
 class _Pool2D(Layer):
     """Pooling over windows of ``kernel_size`` moved by ``stride`` (default: the kernel size), with ``padding``
-    of at most half the kernel (as PyTorch allows)."""
+    of at most half the kernel (as PyTorch allows); in the dtype it gets."""
+
+    stores_narrow = True
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
@@ -499,6 +508,8 @@ class AvgPool2D(_Pool2D):
 
 class Flatten(Layer):
     """(N, C, H, W) to (N, C*H*W) in C order, as PyTorch's ``nn.Flatten``: a view, no copy."""
+
+    stores_narrow = True
 
     def output_shape(self, input_shape):
         return (math.prod(input_shape),)

@@ -48,9 +48,9 @@ class Trainer:
     ``precision`` says how a GPU computes the float32 weighted sums of
     training and evaluation: "fp32" (default), "tf32" (cuBLAS rounds the
     inputs to TensorFloat-32 for the tensor cores) or "bf16" (to bfloat16,
-    and the Dense layers store their activations and gradients in bfloat16);
-    products accumulate in float32, and the weights, the optimizer and the
-    loss stay float32. The CPU computes fp32 and says so.
+    and the Dense and Conv2D layers store their activations and gradients
+    in bfloat16); products accumulate in float32, and the weights, the
+    optimizer and the loss stay float32. The CPU computes fp32 and says so.
     """
 
     def __init__(self, model, loss=None, optimizer=None, batch_size=32, seed=0, schedule=None,

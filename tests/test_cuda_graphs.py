@@ -59,8 +59,8 @@ def _adamw():
 
 @pytest.mark.parametrize("build, features, classes, optimizer, precision",
                          [(_mlp, 20, 4, _sgd, "fp32"), (_conv, 64, 5, _sgd, "fp32"), (_mlp, 20, 4, _adamw, "fp32"),
-                          (_mlp, 20, 4, _sgd, "bf16")],
-                         ids=["mlp-bn", "conv-bn-pool", "mlp-bn-adamw", "mlp-bn-bf16"])
+                          (_mlp, 20, 4, _sgd, "bf16"), (_conv, 64, 5, _sgd, "bf16")],
+                         ids=["mlp-bn", "conv-bn-pool", "mlp-bn-adamw", "mlp-bn-bf16", "conv-bn-pool-bf16"])
 def test_replayed_steps_end_with_the_eager_weights_bit_for_bit(emulated, replays, build, features, classes,
                                                                optimizer, precision):
     """333 samples in batches of 32 (a short last batch: a graph of its own) over 3 epochs of a

@@ -45,10 +45,13 @@ BF16 = numpy.dtype(numpy.uint16)
 FLOATS = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 CTYPES = {FLOATS[0]: "float", FLOATS[1]: "double", BF16: "nna::bf16"}
 COMPUTE = {FLOATS[0]: FLOATS[0], FLOATS[1]: FLOATS[1], BF16: FLOATS[0]}  # the dtype a stored value computes in
-# The storage types of each kernel: the Dense layers' step also runs on bf16 storage; the
-# conversions exist for it only; every other kernel takes float32 and float64.
-STORAGE_DTYPES = {"bias_act": (*FLOATS, BF16), "act_backward": (*FLOATS, BF16),
-                  "act_backward_bias_grad": (*FLOATS, BF16), "to_storage": (BF16,), "from_storage": (BF16,)}
+# The storage types of each kernel: the steps of Dense, Conv2D and the poolings also run on bf16
+# storage; the conversions exist for it only; every other kernel takes float32 and float64.
+STORAGE = (*FLOATS, BF16)
+STORAGE_DTYPES = {**dict.fromkeys(("bias_act", "act_backward", "act_backward_bias_grad", "im2col", "col2im",
+                                   "bias_act_to_nchw", "act_backward_from_nchw", "maxpool_forward",
+                                   "maxpool_backward", "avgpool_forward", "avgpool_backward"), STORAGE),
+                  "to_storage": (BF16,), "from_storage": (BF16,)}
 OPTIONS = ("-std=c++17",)
 
 THREADS = 256  # threads per block of the 1-D launches
@@ -172,7 +175,7 @@ def _i64(value):
 def bias_act(z, bias, act_code, param, out):
     """``out = act(z + bias)`` with the bias over the last axis (``bias=None``:
     no add); ``out`` may be ``z``. Returns ``out``."""
-    dtype = _float_array("z", z, STORAGE_DTYPES["bias_act"])
+    dtype = _float_array("z", z, STORAGE)
     rows, cols = _rows_cols("z", z)
     if bias is not None:
         _like("bias", bias, COMPUTE[dtype], (cols,))
@@ -189,7 +192,7 @@ def act_backward(dy, y, z, act_code, param, dz, db=None):
     activation needs (the other may be None); with ``db``, also the bias
     gradient ``db = dz.sum(axis=0)`` over all but the last axis, fused and
     deterministic. ``dz`` may be ``dy``. Returns ``dz``."""
-    dtype = _float_array("dy", dy, STORAGE_DTYPES["act_backward"])
+    dtype = _float_array("dy", dy, STORAGE)
     _like("dz", dz, dtype, dy.shape)
     code = _act_code(act_code)
     x = None
@@ -402,8 +405,8 @@ def maxout_backward(dy, idx, dz3):
 # ----- convolution and pooling (NCHW) ------------------------------------------------------------------
 
 def _images(what, array, dtype=None):
-    """Check a contiguous (N, C, H, W) float array; returns its dtype."""
-    dtype = _float_array(what, array) if dtype is None else dtype
+    """Check a contiguous (N, C, H, W) array of a storage dtype; returns its dtype."""
+    dtype = _float_array(what, array, STORAGE) if dtype is None else dtype
     if array.ndim != 4:
         raise ShapeError(f"{what} has shape {tuple(array.shape)}; expected (batch, channels, height, width)")
     if array.dtype != dtype:
@@ -445,8 +448,8 @@ def col2im(columns, window, dx):
 
 
 def _nchw(what, array):
-    """(n, c, l) of a contiguous (N, C, *spatial) float array."""
-    dtype = _float_array(what, array)
+    """(dtype, n, c, l) of a contiguous (N, C, *spatial) array of a storage dtype."""
+    dtype = _float_array(what, array, STORAGE)
     if array.ndim < 2:
         raise ShapeError(f"{what} has shape {tuple(array.shape)}; expected (batch, channels, ...)")
     n, c = array.shape[:2]
@@ -459,7 +462,7 @@ def bias_act_to_nchw(z, bias, act_code, param, rows, y):
     dtype, n, c, l = _nchw("y", y)
     _like("z", z, dtype, (c, n * l))
     _like("rows", rows, dtype, (c, n * l))
-    _like("bias", bias, dtype, (c,))
+    _like("bias", bias, COMPUTE[dtype], (c,))
     code = _act_code(act_code)
     if y.size:
         _launch("bias_act_to_nchw", y, (_grid(y, y.size),), (THREADS,),
@@ -482,7 +485,7 @@ def act_backward_from_nchw(dy, rows, z, act_code, param, dz, db=None):
             raise ShapeError(f"act_backward_from_nchw: activation code {code} needs {what}, got None")
         _like(what, saved, dtype, (c, n * l))
     if db is not None:
-        _like("db", db, dtype, (c,))
+        _like("db", db, COMPUTE[dtype], (c,))
     if c:
         _launch("act_backward_from_nchw", dy, (c,), (CONV_THREADS,),
                 (dy, rows, z, dz, db, _i64(n), numpy.int32(c), _i64(l), numpy.int32(code), numpy.float64(param)))

@@ -5,17 +5,19 @@ Each override routes one op to a kernel of ``kernels/`` (see
 kernels do not cover (dtypes other than float32/float64, strided arrays).
 It also captures work into CUDA graphs (``capture``), for the Trainer's step.
 
-Under ``matmul_precision("bf16")`` the Dense layers store their activations
-and gradients in bfloat16 (``storage_dtype``), held as uint16 bits because
-CuPy has no bfloat16 dtype: their GEMMs go to cuBLAS's ``gemmEx`` and their
-elementwise work to the kernels' bfloat16 instantiations, which compute in
-float32; weights, their gradients and the optimizer stay float32.
+Under ``matmul_precision("bf16")`` the Dense and Conv2D layers store their
+activations and gradients in bfloat16 (``storage_dtype``), held as uint16
+bits because CuPy has no bfloat16 dtype: their GEMMs go to cuBLAS's
+``gemmEx`` and their elementwise and pooling work to the kernels' bfloat16
+instantiations, which compute in float32; weights, their gradients and the
+optimizer stay float32.
 """
 
 import contextlib
 
 import numpy
 
+from ..errors import ShapeError
 from . import cuda_kernels
 from .base import Backend
 
@@ -28,8 +30,13 @@ def _fused(*arrays, dtypes=cuda_kernels.FLOATS):
 
 
 def _fused_storage(*arrays):
-    """``_fused`` for the kernels that also take bfloat16 storage."""
-    return _fused(*arrays, dtypes=(*cuda_kernels.FLOATS, BF16))
+    """``_fused`` for the kernels that also take bfloat16 storage, which only they can compute on."""
+    if _fused(*arrays, dtypes=cuda_kernels.STORAGE):
+        return True
+    if any(a is not None and a.dtype == BF16 for a in arrays):
+        raise ShapeError("bfloat16 storage is computed by the CUDA kernels only, which need C-contiguous arrays "
+                         f"of bfloat16 and float32; got {[(a.dtype, a.shape) for a in arrays if a is not None]}")
+    return False
 
 
 _COMPUTE_TYPES = {"tf32": "COMPUTE_TYPE_TF32", "bf16": "COMPUTE_TYPE_BF16"}  # cuBLAS compute types
@@ -201,42 +208,42 @@ class CupyBackend(Backend):
         return out
 
     def im2col(self, x, window, out):
-        if not _fused(x, out):
+        if not _fused_storage(x, out):
             return super().im2col(x, window, out)
         return cuda_kernels.im2col(x, window, out)
 
     def col2im(self, columns, window, out):
-        if not _fused(columns, out):
+        if not _fused_storage(columns, out):
             return super().col2im(columns, window, out)
         return cuda_kernels.col2im(columns, window, out)
 
     def bias_act_to_nchw(self, z, bias, activation, rows, out):
-        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused(z, bias, rows, out):
+        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused_storage(z, bias, rows, out):
             return super().bias_act_to_nchw(z, bias, activation, rows, out)
         return cuda_kernels.bias_act_to_nchw(z, bias, activation.code, activation.param, rows, out)
 
     def act_backward_from_nchw(self, dy, y, z, activation, out, bias_grad=None):
-        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused(dy, y, z, out, bias_grad):
+        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused_storage(dy, y, z, out, bias_grad):
             return super().act_backward_from_nchw(dy, y, z, activation, out, bias_grad)
         return cuda_kernels.act_backward_from_nchw(dy, y, z, activation.code, activation.param, out, bias_grad)
 
     def maxpool_forward(self, x, window, out, index):
-        if not _fused(x, out):
+        if not _fused_storage(x, out):
             return super().maxpool_forward(x, window, out, index)
         return cuda_kernels.maxpool_forward(x, window, out, index)
 
     def maxpool_backward(self, dy, index, window, out):
-        if not _fused(dy, out):
+        if not _fused_storage(dy, out):
             return super().maxpool_backward(dy, index, window, out)
         return cuda_kernels.maxpool_backward(dy, index, window, out)
 
     def avgpool_forward(self, x, window, out):
-        if not _fused(x, out):
+        if not _fused_storage(x, out):
             return super().avgpool_forward(x, window, out)
         return cuda_kernels.avgpool_forward(x, window, out)
 
     def avgpool_backward(self, dy, window, out):
-        if not _fused(dy, out):
+        if not _fused_storage(dy, out):
             return super().avgpool_backward(dy, window, out)
         return cuda_kernels.avgpool_backward(dy, window, out)
 
