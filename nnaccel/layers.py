@@ -530,7 +530,9 @@ class BatchNorm(Layer):
     inputs, over batch and space per channel for (N, C, H, W); the batch's statistics while training
     (biased variance), running estimates otherwise (``momentum`` 0.1: running = 0.9 running + 0.1 batch,
     with the unbiased variance). Parameters: weight (gamma) then bias (beta); buffers: running_mean,
-    running_var."""
+    running_var. It normalises in the dtype it gets; the statistics stay in the model dtype."""
+
+    stores_narrow = True
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5):
         super().__init__()
@@ -563,7 +565,7 @@ class BatchNorm(Layer):
         n, c = x.shape[:2]
         x3 = x.reshape(n, c, -1)
         self._x3, self._training = x3, training
-        self._mean, self._invstd = self._buffer("mean", (c,), x.dtype), self._buffer("invstd", (c,), x.dtype)
+        self._mean, self._invstd = self._buffer("mean", (c,), gamma.dtype), self._buffer("invstd", (c,), gamma.dtype)
         if training:
             if n * x3.shape[2] < 2:
                 raise ShapeError(f"BatchNorm({c}) needs more than one value per channel to train, got a batch of "
@@ -581,6 +583,7 @@ class BatchNorm(Layer):
 
     def backward(self, dy, input_grad=True):
         gamma, beta = self.params["weight"], self.params["bias"]
+        dy = self.in_dtype(dy, self._x3.dtype, "dy")
         dx = self._buffer("dx", dy.shape, dy.dtype)
         self.ops.batchnorm_backward(dy.reshape(self._x3.shape), self._x3, self._mean, self._invstd, gamma.data,
                                     dx.reshape(self._x3.shape), gamma.grad, beta.grad, self._training)

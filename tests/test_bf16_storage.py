@@ -158,6 +158,31 @@ def test_bf16_convolution_and_pooling_kernels_round_the_float32_kernels_once(cud
     numpy.testing.assert_array_equal(_widen(ops.to_host(back16)), _rounded(ops, back32))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_bf16_batchnorm_kernels_round_the_float32_kernels_once(cuda_device, training):
+    """Statistics and parameter gradients in float32 from the widened values (equal to the float32
+    kernels'), the normalised values and the input gradient rounded once."""
+    ops = get_backend(cuda_device)
+    rng = numpy.random.default_rng(6)
+    x, dy = (_widen(_bits(rng.standard_normal((5, 3, 7)) * 2 + 1)) for _ in range(2))
+    gamma, beta = (rng.standard_normal(3).astype(numpy.float32) for _ in range(2))
+    results = []
+    for dtype, on_device in ((BF16, lambda a: _as_bf16(ops, a)), (numpy.float32, ops.asarray)):
+        mean, invstd, running_mean, running_var, dgamma, dbeta = (ops.zeros(3, numpy.float32) for _ in range(6))
+        running_var.fill(1.0)
+        x_dev = on_device(x)
+        ops.batchnorm_stats(x_dev, mean, invstd, 1e-5, running_mean, running_var, 0.1)
+        y = ops.batchnorm_apply(x_dev, mean, invstd, ops.asarray(gamma), ops.asarray(beta), ops.empty(x.shape, dtype))
+        dx = ops.batchnorm_backward(on_device(dy), x_dev, mean, invstd, ops.asarray(gamma), ops.empty(x.shape, dtype),
+                                    dgamma, dbeta, training)
+        results.append([ops.to_host(a) for a in (mean, invstd, running_mean, running_var, dgamma, dbeta, y, dx)])
+    (*stats16, y16, dx16), (*stats32, y32, dx32) = results
+    for mine, theirs in zip(stats16, stats32):
+        numpy.testing.assert_array_equal(mine, theirs)
+    numpy.testing.assert_array_equal(_widen(y16), _widen(_bits(y32)))
+    numpy.testing.assert_array_equal(_widen(dx16), _widen(_bits(dx32)))
+
+
 @pytest.mark.parametrize("name", ["relu", "gelu"])  # the derivative from the output, and from z
 def test_bf16_convolution_bias_and_activation_round_the_float32_kernels_once(cuda_device, name):
     ops = get_backend(cuda_device)
@@ -190,8 +215,8 @@ def test_bf16_convolution_bias_and_activation_round_the_float32_kernels_once(cud
 
 
 def _mixed_model(device):
-    """The layers that store bfloat16 (Conv2D, the poolings, Flatten, Dense) around layers that
-    compute in float32 (BatchNorm, Dropout), and a Dense softmax, which has no bfloat16 kernel."""
+    """The layers that store bfloat16 (Conv2D, BatchNorm, the poolings, Flatten, Dense) around one
+    that computes in float32 (Dropout), and a Dense softmax, which has no bfloat16 kernel."""
     return nn.Sequential(nn.Conv2D(1, 4, 3, padding=1, activation="tanh"), nn.BatchNorm(4), nn.MaxPool2D(2),
                          nn.Conv2D(4, 4, 3, padding=1, activation="silu"), nn.AvgPool2D(2), nn.Flatten(),
                          nn.Dense(16, 32, activation="gelu"), nn.Dropout(0.2), nn.Dense(32, 16, activation="sigmoid"),
@@ -208,21 +233,20 @@ def _one_step(device, precision):
     return model, loss
 
 
-def test_under_bf16_weighted_sums_and_poolings_store_bfloat16_and_the_rest_stays_float32(cuda_device):
+def test_under_bf16_the_layers_with_kernels_store_bfloat16_and_the_rest_stays_float32(cuda_device):
     model, loss = _one_step(cuda_device, "bf16")
     conv, batchnorm, maxpool, conv2, avgpool, _, gelu, dropout, sigmoid, linear, softmax = model.layers
     for layer in (conv, conv2, gelu, sigmoid, linear):
         assert {"weight", "z", "dz"} <= set(layer._work)
-    for layer in (conv, conv2, avgpool, gelu, sigmoid, linear):
-        kept = {name: buf.dtype for name, buf in layer._work.items()}
+    for layer in (conv, batchnorm, maxpool, conv2, avgpool, gelu, sigmoid, linear):
+        kept = {name: buf.dtype for name, buf in layer._work.items() if name not in ("index", "mean", "invstd")}
         assert kept == dict.fromkeys(kept, BF16), type(layer).__name__
-    # a pooling keeps what it gets: BatchNorm's float32 forward, the convolution's bfloat16 backward
-    assert (maxpool._work["y"].dtype, maxpool._work["dx"].dtype) == (numpy.float32, BF16)
-    # converted: the images, the max pooling's and Dropout's outputs; the rest come in bfloat16
-    assert {"x"} <= {*conv._work} & {*conv2._work} & {*sigmoid._work} and not {"x"} & {*gelu._work, *linear._work}
-    for layer in (batchnorm, dropout, softmax):  # they compute in float32; the model converts for them
+    assert batchnorm._work["mean"].dtype == batchnorm._work["invstd"].dtype == numpy.float32
+    # converted: the images, and Dropout's output for the Dense after it; the rest come in bfloat16
+    assert {"x"} <= {*conv._work} & {*sigmoid._work} and not {"x"} & {*conv2._work, *gelu._work, *linear._work}
+    for layer in (dropout, softmax):  # they compute in float32; the model converts for them
         assert all(buf.dtype == numpy.float32 for buf in layer._work.values()), type(layer).__name__
-    assert "input" in batchnorm._work and "output_grad" in dropout._work
+    assert "input" in dropout._work and "output_grad" in dropout._work
     assert model.flat_params.dtype == model.flat_grads.dtype == numpy.float32
     assert loss.dtype == numpy.float32 and numpy.isfinite(float(loss))
     with model.backend.matmul_precision("bf16"):

@@ -45,12 +45,15 @@ BF16 = numpy.dtype(numpy.uint16)
 FLOATS = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 CTYPES = {FLOATS[0]: "float", FLOATS[1]: "double", BF16: "nna::bf16"}
 COMPUTE = {FLOATS[0]: FLOATS[0], FLOATS[1]: FLOATS[1], BF16: FLOATS[0]}  # the dtype a stored value computes in
-# The storage types of each kernel: the steps of Dense, Conv2D and the poolings also run on bf16
-# storage; the conversions exist for it only; every other kernel takes float32 and float64.
+# The storage types of each kernel: the steps of Dense, Conv2D, the poolings and BatchNorm also run
+# on bf16 storage; the conversions exist for it only; the rest (softmax, the loss, the optimizers,
+# Maxout) take float32 and float64.
 STORAGE = (*FLOATS, BF16)
 STORAGE_DTYPES = {**dict.fromkeys(("bias_act", "act_backward", "act_backward_bias_grad", "im2col", "col2im",
                                    "bias_act_to_nchw", "act_backward_from_nchw", "maxpool_forward",
-                                   "maxpool_backward", "avgpool_forward", "avgpool_backward"), STORAGE),
+                                   "maxpool_backward", "avgpool_forward", "avgpool_backward", "batchnorm_stats",
+                                   "batchnorm_apply", "batchnorm_backward_reduce", "batchnorm_backward_apply"),
+                                  STORAGE),
                   "to_storage": (BF16,), "from_storage": (BF16,)}
 OPTIONS = ("-std=c++17",)
 
@@ -536,12 +539,13 @@ def avgpool_backward(dy, window, dx):
 # ----- batch normalisation over (n, c, l) ---------------------------------------------------------------
 
 def _channels(x3, *vectors):
-    """Check a contiguous (n, c, l) float array and its per-channel (c,) vectors (name, array)."""
-    dtype = _float_array("x", x3)
+    """Check a contiguous (n, c, l) array of a storage dtype and its per-channel (c,) vectors (name,
+    array) in its compute dtype."""
+    dtype = _float_array("x", x3, STORAGE)
     if x3.ndim != 3:
         raise ShapeError(f"x has shape {tuple(x3.shape)}; expected (batch, channels, values per channel)")
     for what, vector in vectors:
-        _like(what, vector, dtype, (x3.shape[1],))
+        _like(what, vector, COMPUTE[dtype], (x3.shape[1],))
     return dtype, (_i64(x3.shape[0]), numpy.int32(x3.shape[1]), _i64(x3.shape[2]))
 
 

@@ -248,17 +248,17 @@ class CupyBackend(Backend):
         return cuda_kernels.avgpool_backward(dy, window, out)
 
     def batchnorm_stats(self, x3, mean, invstd, eps, running_mean, running_var, momentum):
-        if not _fused(x3, mean, invstd, running_mean, running_var):
+        if not _fused_storage(x3, mean, invstd, running_mean, running_var):
             return super().batchnorm_stats(x3, mean, invstd, eps, running_mean, running_var, momentum)
         return cuda_kernels.batchnorm_stats(x3, mean, invstd, eps, running_mean, running_var, momentum)
 
     def batchnorm_apply(self, x3, mean, invstd, gamma, beta, out3):
-        if not _fused(x3, mean, invstd, gamma, beta, out3):
+        if not _fused_storage(x3, mean, invstd, gamma, beta, out3):
             return super().batchnorm_apply(x3, mean, invstd, gamma, beta, out3)
         return cuda_kernels.batchnorm_apply(x3, mean, invstd, gamma, beta, out3)
 
     def batchnorm_backward(self, dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta, training=True):
-        if not _fused(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta):
+        if not _fused_storage(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta):
             return super().batchnorm_backward(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta, training)
         return cuda_kernels.batchnorm_backward(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta, training)
 
