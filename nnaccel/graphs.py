@@ -7,7 +7,7 @@ into a CUDA graph once per batch shape and learning rate, and then replays
 it: the batch is copied into the graph's input buffers, one launch runs the
 step, and nothing crosses to the host.
 
-The first step of each (batch rows, learning rate) runs eagerly, on the
+The first step of each batch shape and learning rate runs eagerly, on the
 graph's input buffers, and records the sizes of the memory it allocates; the
 capture then draws the same sizes from one arena set aside before it (CUDA
 refuses memory-pool allocation while capturing). Replays do what an eager

@@ -84,9 +84,9 @@ class Layer:
     in_features = None
     out_features = None
     # Whether forward and backward take arrays in the backend's storage dtype (bfloat16 under precision
-    # "bf16" on a GPU) as well as in the model dtype: Dense and Conv2D then store that dtype, the poolings
-    # and Flatten keep what they get. The model hands every other layer its own dtype.
-    stores_narrow = False
+    # "bf16" on a GPU) as well as in the model dtype: Dense and Conv2D then store that dtype, BatchNorm,
+    # the poolings and Flatten keep what they get. The model hands every other layer its own dtype.
+    takes_storage_dtype = False
 
     def __init__(self):
         self.ops = None
@@ -177,7 +177,7 @@ class Dense(Layer):
     on a GPU); W, b and their gradients stay in the model dtype.
     """
 
-    stores_narrow = True
+    takes_storage_dtype = True
 
     def __init__(self, in_features, out_features, activation=None, init="auto"):
         super().__init__()
@@ -407,7 +407,7 @@ class Conv2D(Layer):
                               f"a {describe_shape(input_shape[1:])} image")
         return (self.out_channels, oh, ow)
 
-    stores_narrow = True
+    takes_storage_dtype = True
 
     def forward(self, x, training=False):
         ops, weight, bias = self.ops, self.params["weight"], self.params["bias"]
@@ -449,7 +449,7 @@ class _Pool2D(Layer):
     """Pooling over windows of ``kernel_size`` moved by ``stride`` (default: the kernel size), with ``padding``
     of at most half the kernel (as PyTorch allows); in the dtype it gets."""
 
-    stores_narrow = True
+    takes_storage_dtype = True
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
@@ -509,7 +509,7 @@ class AvgPool2D(_Pool2D):
 class Flatten(Layer):
     """(N, C, H, W) to (N, C*H*W) in C order, as PyTorch's ``nn.Flatten``: a view, no copy."""
 
-    stores_narrow = True
+    takes_storage_dtype = True
 
     def output_shape(self, input_shape):
         return (math.prod(input_shape),)
@@ -532,7 +532,7 @@ class BatchNorm(Layer):
     with the unbiased variance). Parameters: weight (gamma) then bias (beta); buffers: running_mean,
     running_var. It normalises in the dtype it gets; the statistics stay in the model dtype."""
 
-    stores_narrow = True
+    takes_storage_dtype = True
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5):
         super().__init__()
@@ -565,7 +565,7 @@ class BatchNorm(Layer):
         n, c = x.shape[:2]
         x3 = x.reshape(n, c, -1)
         self._x3, self._training = x3, training
-        self._mean, self._invstd = self._buffer("mean", (c,), gamma.dtype), self._buffer("invstd", (c,), gamma.dtype)
+        self._mean, self._invstd = (self._buffer(name, (c,), gamma.dtype) for name in ("mean", "invstd"))
         if training:
             if n * x3.shape[2] < 2:
                 raise ShapeError(f"BatchNorm({c}) needs more than one value per channel to train, got a batch of "

@@ -169,12 +169,19 @@ class Sequential:
 
     def _forward(self, x):
         """Forward without checks or copy: the output is a reused work array."""
+        for x in self._layer_outputs(x, self.training):
+            pass
+        self._output_shape = tuple(x.shape)
+        return self.layers[-1].in_dtype(x, self.dtype, "output")
+
+    def _layer_outputs(self, x, training):
+        """Each layer's output for ``x`` in turn: reused work arrays, in the dtype the layer stores (the
+        model converts for a layer that computes in the model dtype only)."""
         if x.ndim == 2 and len(self.input_shape) > 1:
             x = x.reshape((x.shape[0],) + self.input_shape)  # flat rows viewed as images
         for layer in self.layers:
-            x = layer.forward(x if layer.stores_narrow else layer.in_dtype(x, self.dtype, "input"), self.training)
-        self._output_shape = tuple(x.shape)
-        return self.layers[-1].in_dtype(x, self.dtype, "output")
+            x = layer.forward(x if layer.takes_storage_dtype else layer.in_dtype(x, self.dtype, "input"), training)
+            yield x
 
     def backward(self, dy):
         """Fill every parameter's ``grad`` from ``dy``, the loss gradient w.r.t. the output."""
@@ -189,7 +196,7 @@ class Sequential:
     def _backward(self, dy):
         for index in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[index]
-            dy = layer.backward(dy if layer.stores_narrow else layer.in_dtype(dy, self.dtype, "output_grad"),
+            dy = layer.backward(dy if layer.takes_storage_dtype else layer.in_dtype(dy, self.dtype, "output_grad"),
                                 input_grad=index > 0)
 
     def predict(self, x, batch_size=1024):

@@ -78,9 +78,9 @@ class Trainer:
         self.precision = precision
         if communicator is not None:
             self.quiet = quiet or communicator.rank != 0
-        if precision != "fp32" and model.backend.name == "cpu" and not self.quiet:
-            print(f"precision {precision!r} is a GPU feature (tensor-core weighted sums); on the CPU the steps "
-                  f"compute in fp32", file=sys.stderr, flush=True)
+        note = model.backend.precision_note(precision)
+        if note and not self.quiet:
+            print(note, file=sys.stderr, flush=True)
 
     @property
     def rank(self):

@@ -45,11 +45,8 @@ def layer_activations(model, x):
     if x.size != model.in_features:
         raise ShapeError(f"x has {x.size} values but the model takes {model.in_features} inputs")
     values = model.backend.asarray(x.reshape((1,) + model.input_shape))
-    outputs = []
-    for layer in model.layers:
-        values = layer.forward(values, training=False)
-        outputs.append(numpy.array(model.backend.to_host(values)[0]))  # a copy: layers reuse their buffers
-    return outputs
+    return [numpy.array(model.backend.to_host(layer.in_dtype(values, model.dtype, "output"))[0])  # a copy
+            for layer, values in zip(model.layers, model._layer_outputs(values, training=False))]
 
 
 def confusion_matrix(y_true, y_pred, classes):

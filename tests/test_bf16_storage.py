@@ -1,5 +1,5 @@
 """bfloat16 storage (precision="bf16" on a GPU): the Dense layers keep their activations and
-gradients in bfloat16 (uint16 bits, CuPy having no bfloat16 dtype) and compute in float32; the
+gradients in bfloat16 (as uint16 bits: ``cuda_kernels.BF16``) and compute in float32; the
 weights, their gradients, the optimizer and the loss stay float32. On the CUDA devices (emulated,
 and real where one answers), against PyTorch's bfloat16 conversion and float32 references."""
 
@@ -263,3 +263,42 @@ def test_bf16_gradients_are_the_float32_gradients_to_bfloat16_accuracy(cuda_devi
         a, b = bf16.backend.to_host(mine.grad), fp32.backend.to_host(theirs.grad)
         cosine = float(a.ravel() @ b.ravel()) / (numpy.linalg.norm(a) * numpy.linalg.norm(b))
         assert cosine > 0.998, mine.name
+
+
+def test_a_precision_nested_in_another_holds_inside_it(cuda_device):
+    from cupy._core import _routines_linalg as linalg
+
+    ops, linear = get_backend(cuda_device), activations.get(None)
+    outside = linalg.get_compute_type(numpy.float32)
+    with ops.matmul_precision("bf16"):
+        assert ops.storage_dtype(numpy.dtype(numpy.float32), linear) == BF16
+        with ops.matmul_precision("fp32"):
+            assert ops.storage_dtype(numpy.dtype(numpy.float32), linear) == numpy.float32
+            assert linalg.get_compute_type(numpy.float32) == outside
+        assert ops.storage_dtype(numpy.dtype(numpy.float32), linear) == BF16
+        assert linalg.get_compute_type(numpy.float32) == linalg.COMPUTE_TYPE_BF16
+    assert ops.storage_dtype(numpy.dtype(numpy.float32), linear) == numpy.float32
+    assert linalg.get_compute_type(numpy.float32) == outside
+
+
+def test_a_gpu_older_than_ampere_stores_float32_and_says_why(emulated, monkeypatch):
+    import cupy
+
+    from nnaccel.backend.cupy_backend import CupyBackend
+
+    assert get_backend(emulated).precision_note("bf16") is None  # the emulated device is an 8.0
+    monkeypatch.setattr(cupy.cuda.Device, "compute_capability", property(lambda self: "75"))
+    ops = CupyBackend(0)
+    assert ops.precision_note("bf16") == ("precision 'bf16': cuda:0 has compute capability 75, and cuBLAS's "
+                                          "bfloat16 GEMMs need 8.0 or later, so the layers store float32")
+    assert ops.precision_note("tf32") is None
+    with ops.matmul_precision("bf16"):
+        assert ops.storage_dtype(numpy.dtype(numpy.float32), activations.get("relu")) == numpy.float32
+
+
+def test_strided_inputs_are_converted_to_bf16_storage(cuda_device):
+    ops = get_backend(cuda_device)
+    wide = numpy.random.default_rng(7).standard_normal((6, 10)).astype(numpy.float32)
+    strided = ops.asarray(wide)[:, ::2]
+    bits = ops.to_host(ops.convert(strided, ops.empty(strided.shape, BF16)))
+    numpy.testing.assert_array_equal(bits, _bits(wide[:, ::2]))

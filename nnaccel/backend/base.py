@@ -129,10 +129,14 @@ class Backend:
         computes fp32 whatever is asked (the Trainer says so)."""
         return contextlib.nullcontext()
 
+    def precision_note(self, precision):
+        """What a user asking for ``precision`` should know of how this device computes it, or None."""
+        return None
+
     def storage_dtype(self, dtype, activation):
-        """The dtype a Dense layer with ``activation`` keeps its activations and gradients in, its
-        weights being ``dtype``: ``dtype`` itself, except where a backend stores them in a narrower
-        type (bfloat16 on a GPU under ``matmul_precision("bf16")``)."""
+        """The dtype a weighted-sum layer (Dense, Conv2D) with ``activation`` keeps its activations and
+        gradients in, its weights being ``dtype``: ``dtype`` itself, except where a backend stores them
+        in a narrower type (bfloat16 on a GPU under ``matmul_precision("bf16")``)."""
         return dtype
 
     def convert(self, x, out):
@@ -425,7 +429,8 @@ class Backend:
     def softmax_cross_entropy(self, logits, labels, grad):
         """Mean cross-entropy of softmax(logits) and its gradient, in one pass.
 
-        ``grad`` receives ``(softmax - onehot) / batch``; returns a 0-d array.
+        ``grad`` receives ``(softmax - onehot) / batch``; returns a 0-d array. The ``labels`` must be
+        class indices: the loss checks a data set's labels once, not every batch.
         """
         xp = self.xp
         (batch, classes), flat = logits.shape, grad.reshape(-1)

@@ -40,7 +40,8 @@ KERNELS = {
                 "maxpool_backward", "avgpool_forward", "avgpool_backward"),
     "batchnorm.cu": ("batchnorm_stats", "batchnorm_apply", "batchnorm_backward_reduce", "batchnorm_backward_apply"),
 }
-# bfloat16 values, held as their bits: CuPy has no bfloat16 dtype (bfloat16.cuh).
+# bfloat16 values, held as their bits (bfloat16.cuh): CuPy 13 has no bfloat16 dtype and CuPy 14's
+# (ml_dtypes.bfloat16) is a partial one on an extra dependency; the kernels and gemmEx read the bits.
 BF16 = numpy.dtype(numpy.uint16)
 FLOATS = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 CTYPES = {FLOATS[0]: "float", FLOATS[1]: "double", BF16: "nna::bf16"}

@@ -2,12 +2,13 @@
 
 Each override routes one op to a kernel of ``kernels/`` (see
 ``cuda_kernels``) and falls back to the generic CuPy version for what the
-kernels do not cover (dtypes other than float32/float64, strided arrays).
+kernels do not cover (dtypes other than float32/float64, strided arrays;
+bfloat16 storage, which only the kernels compute on, is refused instead).
 It also captures work into CUDA graphs (``capture``), for the Trainer's step.
 
 Under ``matmul_precision("bf16")`` the Dense and Conv2D layers store their
 activations and gradients in bfloat16 (``storage_dtype``), held as uint16
-bits because CuPy has no bfloat16 dtype: their GEMMs go to cuBLAS's
+bits (see ``cuda_kernels.BF16``): their GEMMs go to cuBLAS's
 ``gemmEx`` and their elementwise and pooling work to the kernels' bfloat16
 instantiations, which compute in float32; weights, their gradients and the
 optimizer stay float32.
@@ -25,7 +26,7 @@ BF16 = cuda_kernels.BF16
 
 
 def _fused(*arrays, dtypes=cuda_kernels.FLOATS):
-    """True when the kernels take these arrays (float32/64, C-contiguous)."""
+    """True when the kernels take these arrays (of ``dtypes``, C-contiguous)."""
     return all(a.dtype in dtypes and a.flags.c_contiguous for a in arrays if a is not None)
 
 
@@ -51,7 +52,10 @@ class CupyBackend(Backend):
         self.xp = cupy
         self.device = cupy.cuda.Device(device_id)
         self.name = f"cuda:{device_id}"
+        # cuBLAS's bfloat16 GEMMs need compute capability 8.0 (Ampere) or later
+        self.bf16_capable = int(self.device.compute_capability) >= 80
         self.bf16_storage = False  # set by matmul_precision("bf16")
+        self._outside_compute_type = None  # cuBLAS's float32 compute type outside any matmul_precision
 
     def activate(self):
         return self.device
@@ -82,21 +86,28 @@ class CupyBackend(Backend):
     @contextlib.contextmanager
     def matmul_precision(self, precision):
         """cuBLAS's compute type for float32 GEMMs, set for the context: TF32 or bfloat16 inputs on the
-        tensor cores (GPUs of compute capability 8.0 or later), float32 accumulation either way. Under
-        "bf16" the Dense layers also store bfloat16 (``storage_dtype``)."""
-        if precision == "fp32":
-            yield
-            return
+        tensor cores (GPUs of compute capability 8.0 or later), float32 accumulation either way; "fp32"
+        restores the type set outside every such context (nested in another precision, too). Under
+        "bf16" the Dense and Conv2D layers also store bfloat16 (``storage_dtype``)."""
         from cupy._core import _routines_linalg as linalg
 
-        previous = linalg.get_compute_type(numpy.float32), self.bf16_storage
-        linalg.set_compute_type(numpy.float32, getattr(linalg, _COMPUTE_TYPES[precision]))
-        self.bf16_storage = precision == "bf16"
+        previous = linalg.get_compute_type(numpy.float32), self.bf16_storage, self._outside_compute_type
+        if self._outside_compute_type is None:
+            self._outside_compute_type = previous[0]
+        linalg.set_compute_type(numpy.float32, self._outside_compute_type if precision == "fp32" else
+                                getattr(linalg, _COMPUTE_TYPES[precision]))
+        self.bf16_storage = precision == "bf16" and self.bf16_capable
         try:
             yield
         finally:
             linalg.set_compute_type(numpy.float32, previous[0])
-            self.bf16_storage = previous[1]
+            self.bf16_storage, self._outside_compute_type = previous[1:]
+
+    def precision_note(self, precision):
+        if precision != "bf16" or self.bf16_capable:
+            return None
+        return (f"precision 'bf16': {self.name} has compute capability {self.device.compute_capability}, and "
+                f"cuBLAS's bfloat16 GEMMs need 8.0 or later, so the layers store float32")
 
     def storage_dtype(self, dtype, activation):
         if self.bf16_storage and dtype == numpy.float32 and activation.code in cuda_kernels.ACT_CODES.values():
@@ -106,10 +117,10 @@ class CupyBackend(Backend):
     def convert(self, x, out):
         if BF16 not in (x.dtype, out.dtype):
             return super().convert(x, out)
-        return cuda_kernels.convert(x, out)
+        return cuda_kernels.convert(self.xp.ascontiguousarray(x), out)
 
     def matmul(self, a, b, out, trans_a=False, trans_b=False):
-        if a.dtype != BF16:
+        if BF16 not in (a.dtype, b.dtype, out.dtype):
             return super().matmul(a, b, out, trans_a, trans_b)
         return cuda_kernels.gemm_bf16(a, b, out, trans_a, trans_b)
 

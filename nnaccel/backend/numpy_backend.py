@@ -20,3 +20,9 @@ class NumpyBackend(Backend):
 
     def erf(self, x):
         return special.erf(x)
+
+    def precision_note(self, precision):
+        if precision == "fp32":
+            return None
+        return (f"precision {precision!r} is a GPU feature (tensor-core weighted sums); on the CPU the steps "
+                f"compute in fp32")
