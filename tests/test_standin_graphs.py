@@ -331,3 +331,26 @@ def test_cupys_allocator_api(cp):
         assert isinstance(raw.data.mem, cp.cuda.Memory) and pool.used_bytes() == used
     finally:
         cp.cuda.set_allocator(pool.malloc)
+
+
+def test_a_captured_gemm_into_memory_freed_since_is_caught(cp):
+    """cuBLAS's gemmEx takes raw pointers: the capture finds the allocations they lie in."""
+    from cupy.cuda.runtime import CUDARuntimeError
+
+    from nnaccel.backend import cuda_kernels
+
+    a, b = (cp.asarray(numpy.full(shape, 0x3F80, numpy.uint16)) for shape in ((2, 3), (3, 4)))  # bfloat16 ones
+    out = cp.zeros((2, 4), numpy.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        cuda_kernels.gemm_bf16(a, b, out)
+        graph = stream.end_capture()
+    assert out.get().tolist() == [[0] * 4] * 2  # recorded, not run
+    graph.launch()
+    assert out.get().tolist() == [[3] * 4] * 2
+    del b  # cuBLAS's A: a row-major product is the column-major one of the swapped operands
+    gc.collect()
+    with pytest.raises(CUDARuntimeError, match=r"freed since the capture: the 24-byte allocation at 0x[0-9a-f]+ "
+                                               r"\(gemmEx's A\).*cublasGemmEx"):
+        graph.launch()

@@ -329,6 +329,22 @@ class OutOfMemoryError(MemoryError):
         super().__init__(message)
 
 
+_live_allocations = weakref.WeakValueDictionary()  # address -> the Memory or PooledMemory there, while alive
+
+
+def touch_of(address, nbytes, what):
+    """The ``(weakref to the Memory, what it held)`` that a recorded operation reading or writing ``nbytes``
+    at device address ``address`` (a library call on raw pointers) touches; a CUDARuntimeError if no live
+    allocation holds them all."""
+    for memory in list(_live_allocations.values()):
+        if memory.ptr <= address and address + nbytes <= memory.ptr + memory.size:
+            return weakref.ref(memory), f"the {memory.size:,}-byte allocation at {memory.ptr:#x} ({what})"
+    from .cuda.runtime import CUDARuntimeError
+
+    raise CUDARuntimeError(f"cudaErrorIllegalAddress: {what}: {nbytes:,} bytes at {address:#x} are not inside one "
+                           f"live device allocation")
+
+
 class BaseMemory:
     """Memory on an emulated device: ``ptr``, ``size`` (bytes) and ``device_id``, as CuPy's."""
 
@@ -367,6 +383,7 @@ class Memory(BaseMemory):
 
                 raise CUDARuntimeError("cudaErrorMemoryAllocation: out of memory") from None
             weakref.finalize(self, cuda_emulator.free, self.ptr, self.size)
+            _live_allocations[self.ptr] = self
 
 
 class PooledMemory(BaseMemory):
@@ -375,6 +392,7 @@ class PooledMemory(BaseMemory):
     def __init__(self, pool, device_id, address, nbytes):
         self.device_id, self.ptr, self.size = device_id, address, nbytes
         weakref.finalize(self, pool._release, device_id, address, nbytes)
+        _live_allocations[address] = self
 
 
 class MemoryPointer:

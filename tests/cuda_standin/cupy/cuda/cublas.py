@@ -5,7 +5,8 @@ It computes what cuBLAS does for the types it takes (float32 and bfloat16
 inputs and outputs, ``CUBLAS_COMPUTE_32F``): the inputs widened exactly, the
 products accumulated in float32 (NumPy's order, not cuBLAS's), the result
 rounded once to the output type. On the current stream, as CuPy issues it:
-recorded while that stream captures a graph.
+recorded while that stream captures a graph, as touching the allocations its
+matrices lie in (a launch after one is freed is refused, as for kernels).
 """
 
 import ctypes
@@ -42,12 +43,12 @@ def getPointerMode(handle):
 
 def _matrix(pointer, dtype, rows, cols, ld, what):
     """The column-major ``rows x cols`` matrix at ``pointer`` with leading dimension ``ld``, as a NumPy
-    view (writes go to the device memory)."""
+    view (writes go to the device memory), and its size in bytes."""
     if ld < max(1, rows):
         raise CUBLASError("CUBLAS_STATUS_INVALID_VALUE", f"ld{what} = {ld} is less than its {rows} rows")
-    count = (cols - 1) * ld + rows
-    flat = numpy.frombuffer((ctypes.c_char * (count * dtype.itemsize)).from_address(pointer), dtype=dtype)
-    return numpy.lib.stride_tricks.as_strided(flat, (rows, cols), (dtype.itemsize, ld * dtype.itemsize))
+    nbytes = ((cols - 1) * ld + rows) * dtype.itemsize
+    flat = numpy.frombuffer((ctypes.c_char * nbytes).from_address(pointer), dtype=dtype)
+    return numpy.lib.stride_tricks.as_strided(flat, (rows, cols), (dtype.itemsize, ld * dtype.itemsize)), nbytes
 
 
 def _host_float(pointer):
@@ -68,9 +69,10 @@ def gemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
     if m == 0 or n == 0:
         return
     scale, keep = _host_float(alpha), _host_float(beta)  # read when the call is made, as cuBLAS does
-    a = _matrix(A, _TYPES[Atype], *((m, k) if transa == CUBLAS_OP_N else (k, m)), lda, "a")
-    b = _matrix(B, _TYPES[Btype], *((k, n) if transb == CUBLAS_OP_N else (n, k)), ldb, "b")
-    c = _matrix(C, _TYPES[Ctype], m, n, ldc, "c")
+    matrices = {"A": (A, *_matrix(A, _TYPES[Atype], *((m, k) if transa == CUBLAS_OP_N else (k, m)), lda, "a")),
+                "B": (B, *_matrix(B, _TYPES[Btype], *((k, n) if transb == CUBLAS_OP_N else (n, k)), ldb, "b")),
+                "C": (C, *_matrix(C, _TYPES[Ctype], m, n, ldc, "c"))}
+    (_, a, _), (_, b, _), (_, c, _) = matrices.values()
 
     def widened(matrix):
         return from_bfloat16_bits(matrix) if matrix.dtype == numpy.uint16 else numpy.asarray(matrix, numpy.float32)
@@ -87,4 +89,5 @@ def gemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
     if capture is None:
         run()
     else:
-        capture.add("cublasGemmEx", run)
+        capture.add("cublasGemmEx", run, touches=[_core.touch_of(pointer, nbytes, f"gemmEx's {name}")
+                                                  for name, (pointer, _, nbytes) in matrices.items()])
