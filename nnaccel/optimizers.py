@@ -42,8 +42,9 @@ class Optimizer:
     def step(self, model):
         """Update every parameter of ``model`` from its gradients."""
         self.steps += 1
-        with model.backend.activate():
-            self._update(model.backend, model.flat_params, model.flat_grads, self._state_for(model))
+        ops = model.backend
+        with ops.activate(), ops.flushing_subnormals():
+            self._update(ops, model.flat_params, model.flat_grads, self._state_for(model))
 
     def _update(self, ops, params, grads, state):
         raise NotImplementedError

@@ -1,6 +1,7 @@
 """Devices, backends and the ops every backend shares (run on each available device)."""
 
 import inspect
+import platform
 import subprocess
 import sys
 
@@ -149,3 +150,52 @@ def test_bias_grad_and_maxout_ops(device):
     expected = numpy.zeros_like(z3)
     numpy.put_along_axis(expected, z3.argmax(2)[..., None], dy[..., None], axis=2)
     numpy.testing.assert_array_equal(dz3, expected)
+
+
+X86_LINUX = platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _is_subnormal(x):
+    return x != 0 and abs(x) < numpy.finfo(x.dtype).tiny
+
+
+@pytest.mark.skipif(not X86_LINUX, reason="the CPU flushes subnormals through the MXCSR of x86-64 Linux")
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_cpu_flushes_subnormals_inside_the_block_only(dtype):
+    """Results (FTZ) and inputs (DAZ) in the subnormal range are zero inside; IEEE again after,
+    also after an exception and after a nested block."""
+    ops, tiny, quarter = NumpyBackend(), numpy.finfo(dtype).tiny, dtype(0.25)
+    subnormal = numpy.array([tiny * quarter])
+    assert _is_subnormal(subnormal[0]) and _is_subnormal(tiny * quarter)
+    with ops.flushing_subnormals():
+        assert tiny * quarter == 0 and subnormal[0] + dtype(0) == 0
+        with ops.flushing_subnormals():
+            assert tiny * quarter == 0
+        assert tiny * quarter == 0  # the inner block restored the outer's environment
+    assert _is_subnormal(tiny * quarter) and _is_subnormal(subnormal[0] + dtype(0))
+    with pytest.raises(ZeroDivisionError), ops.flushing_subnormals():
+        raise ZeroDivisionError
+    assert _is_subnormal(tiny * quarter)
+
+
+@pytest.mark.parametrize("optimizer", [lambda: nn.SGD(lr=0.1, momentum=0.5), lambda: nn.Adam(lr=0.1)],
+                         ids=["sgd-momentum", "adam"])
+def test_moments_of_a_parameter_without_gradient_leave_the_subnormal_range_on_the_cpu(device, optimizer):
+    """A moment decaying where the gradient stays zero (a dead ReLU unit) reaches the subnormal range,
+    where x86 arithmetic is about 100 times slower: the CPU update flushes it to zero (on x86-64
+    Linux), a GPU keeps it, as PyTorch does; the parameters are the same either way, and the
+    user's arithmetic after the step keeps its subnormals."""
+    model = nn.Sequential(nn.Dense(3, 2), device=device, dtype=numpy.float32)
+    ops, opt = model.backend, optimizer()
+    tiny = numpy.finfo(numpy.float32).tiny
+    names = ("velocity",) if isinstance(opt, nn.SGD) else ("m", "v")
+    opt.state = {name: ops.asarray(numpy.full(model.flat_params.shape, tiny, numpy.float32)) for name in names}
+    opt.steps = 10  # Adam: a late step, whose bias corrections are near 1
+    before = ops.to_host(model.flat_params).copy()
+    model.flat_grads[...] = 0
+    opt.step(model)
+    first = ops.to_host(opt.state[names[0]])  # tiny * 0.5 (momentum) or tiny * 0.9 (beta1): subnormal
+    flushed = ops.name == "cpu" and X86_LINUX
+    assert (first == 0).all() if flushed else all(_is_subnormal(value) for value in first)
+    numpy.testing.assert_allclose(ops.to_host(model.flat_params), before, rtol=0, atol=1e-6)
+    assert _is_subnormal(numpy.float32(tiny) * numpy.float32(0.5))

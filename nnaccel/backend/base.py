@@ -120,6 +120,14 @@ class Backend:
         enters it, so that ``cuda:1`` computes on GPU 1, not on the current device)."""
         return contextlib.nullcontext()
 
+    def flushing_subnormals(self):
+        """A context in which this thread's arithmetic flushes subnormal numbers to zero, where the
+        device pays for them (the CPU); the optimizers update in it. Momentum and Adam moments of
+        parameters whose gradient stays zero (dead ReLU units, blank pixels) decay geometrically
+        through the subnormal range, where x86 CPUs take microcode assists of about 100 cycles per
+        operation: without the flush such an update ran 17 times slower. GPUs need none."""
+        return contextlib.nullcontext()
+
     def erf(self, x):
         raise NotImplementedError
 

@@ -1,5 +1,9 @@
 """The CPU backend: NumPy, with BLAS doing the weighted sums."""
 
+import ctypes
+import functools
+import platform
+
 import numpy
 
 from .. import special
@@ -21,8 +25,59 @@ class NumpyBackend(Backend):
     def erf(self, x):
         return special.erf(x)
 
+    def flushing_subnormals(self):
+        return _SubnormalFlush() if _libm() is not None else super().flushing_subnormals()
+
     def precision_note(self, precision):
         if precision == "fp32":
             return None
         return (f"precision {precision!r} is a GPU feature (tensor-core weighted sums); on the CPU the steps "
                 f"compute in fp32")
+
+
+class _FloatEnvironment(ctypes.Structure):
+    """glibc's and musl's x86-64 ``fenv_t``: the 28-byte x87 environment, then the SSE control word."""
+
+    _fields_ = [("x87", ctypes.c_ubyte * 28), ("mxcsr", ctypes.c_uint32)]
+
+
+MXCSR_FLUSH = 0x8040  # FTZ (bit 15: subnormal results become 0) and DAZ (bit 6: subnormal inputs read as 0)
+
+
+@functools.cache
+def _libm():
+    """The C maths library, whose ``fegetenv``/``fesetenv`` reach the MXCSR, on x86-64 Linux; else None."""
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        libm = ctypes.CDLL("libm.so.6")
+    except OSError:  # musl names it otherwise; its libc holds the same functions
+        try:
+            libm = ctypes.CDLL(None)
+            libm.fegetenv  # noqa: B018 (an AttributeError where it is missing)
+        except (OSError, AttributeError):
+            return None
+    return libm  # both take a fenv_t* and return an int: ctypes' defaults, and faster unchecked
+
+
+class _SubnormalFlush:
+    """Sets FTZ and DAZ in this thread's MXCSR for the ``with`` block, then restores what was there,
+    so code outside it keeps IEEE subnormals (TensorFlow flushes in its compute threads likewise;
+    PyTorch leaves it to ``torch.set_flush_denormal``). About 3 microseconds a block."""
+
+    __slots__ = ("saved",)
+
+    def __enter__(self):
+        libm, self.saved = _libm(), _FloatEnvironment()
+        if libm.fegetenv(ctypes.byref(self.saved)) != 0 or self.saved.mxcsr & MXCSR_FLUSH == MXCSR_FLUSH:
+            self.saved = None  # nothing to change, or nothing known to restore
+            return self
+        flushing = _FloatEnvironment.from_buffer_copy(self.saved)
+        flushing.mxcsr |= MXCSR_FLUSH
+        libm.fesetenv(ctypes.byref(flushing))
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            _libm().fesetenv(ctypes.byref(self.saved))
+        return False
