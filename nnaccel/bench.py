@@ -3,8 +3,10 @@
 Each configuration (device, network, batch size) is warmed up, then timed in
 rounds of training steps on one synthetic batch kept on the device; the
 median round gives samples/s and achieved GFLOP/s, shown as a share of the
-GEMM peak measured on the same device in the same run (in each precision:
-under bf16 a GEMM of bfloat16 operands, as the Dense layers then run). With
+GEMM peak of the same device (in each precision: under bf16 a GEMM of
+bfloat16 operands, as the Dense layers then run), timed in a short GEMM
+round after each round of the configuration: the share is the median of the
+paired ratios, so a burst of load on a shared machine moves both. With
 ``--compare torch`` the same step in PyTorch (same network, batch, optimizer
 and thread count) runs in rounds alternating with nnaccel's, so both see the
 same machine noise, and the ratio is the median over the paired rounds.
@@ -58,6 +60,7 @@ GPU_ONLY_NETWORKS = ("784-4096-4096-10",)  # minutes per configuration on a CPU
 GEMM_SIZE = {"cpu": 2048, "cuda": 8192}
 ROUNDS = 5
 ROUND_SECONDS = 0.25  # a round's length when --steps is not given
+GEMM_ROUND_SECONDS = 0.1  # the GEMM round after each configuration round (at least one matmul)
 WARMUP_SECONDS = 0.5  # untimed runs before the rounds: caches, allocators, clocks and thread pools settle
 QUICK = {"networks": ("784-16-16-10",), "batches": (16, 64), "rounds": 1, "steps": 2, "warmup_s": 0.0,
          "gemm_size": 256, "fit_samples": 512}
@@ -86,8 +89,9 @@ class Result:
     seconds: list
     samples_per_s: float
     gflops: float
-    peak_share: float
+    peak_share: float  # of the GEMM peak: the median over the rounds of GFLOP/s over the next GEMM round's
     target: bool  # a configuration the CPU ratio targets are judged on
+    peak_gflops: list = field(default_factory=list)  # the GEMM rounds' GFLOP/s, one after each round
     torch_seconds: list = field(default_factory=list)
     torch_samples_per_s: float = None
     ratio: float = None  # nnaccel samples/s over PyTorch samples/s, median of the paired rounds
@@ -209,24 +213,31 @@ def warm_up(step, seconds):
     return elapsed / runs
 
 
-def gemm_peak(backend, size, rounds, warmup_s):
-    """GFLOP/s of a ``size`` x ``size`` matmul on ``backend`` in the dtype its Dense layers store now
-    (float32; bfloat16 under bf16 storage): the median round."""
-    dtype = backend.storage_dtype(numpy.dtype(numpy.float32), activations.get(None))
+def gemm_round(backend, size, warmup_s, precision="fp32"):
+    """A call that times one round (about ``GEMM_ROUND_SECONDS``) of ``size`` x ``size`` matmuls on
+    ``backend`` in ``precision``, in the dtype its Dense layers then store (float32; bfloat16 under
+    bf16), and returns its GFLOP/s."""
+    with backend.matmul_precision(precision):
+        dtype = backend.storage_dtype(numpy.dtype(numpy.float32), activations.get(None))
 
-    def operand(seed):
-        x = backend.uniform((size, size), seed=seed, counter=0)
-        return x if x.dtype == dtype else backend.convert(x, backend.empty(x.shape, dtype))
+        def operand(seed):
+            x = backend.uniform((size, size), seed=seed, counter=0)
+            return x if x.dtype == dtype else backend.convert(x, backend.empty(x.shape, dtype))
 
-    a, b, out = operand(1), operand(2), backend.empty((size, size), dtype)
-    step = Step(lambda: backend.matmul(a, b, out=out), backend.synchronize)
-    calls = max(1, math.ceil(ROUND_SECONDS / warm_up(step, warmup_s)))
-    seconds = statistics.median(time_round(step, calls) for _ in range(rounds))
-    return 2 * size ** 3 * calls / seconds / 1e9
+        a, b, out = operand(1), operand(2), backend.empty((size, size), dtype)
+        step = Step(lambda: backend.matmul(a, b, out=out), backend.synchronize)
+        calls = max(1, math.ceil(GEMM_ROUND_SECONDS / warm_up(step, warmup_s)))
+
+    def timed():
+        with backend.matmul_precision(precision):
+            return 2 * size ** 3 * calls / time_round(step, calls) / 1e9
+
+    return timed
 
 
-def measure(name, batch, device, peak, rounds, steps, warmup_s, torch=None, precision="fp32"):
-    """Time nnaccel's step (and PyTorch's, alternating rounds, when ``torch`` is given)."""
+def measure(name, batch, device, gemm, rounds, steps, warmup_s, torch=None, precision="fp32"):
+    """Time nnaccel's step (and PyTorch's, alternating rounds, when ``torch`` is given), each round
+    followed by a round of ``gemm`` (``gemm_round``)."""
     model, ours = training_step(name, batch, device, precision)
     per_step = warm_up(ours, warmup_s)
     theirs = None
@@ -234,15 +245,18 @@ def measure(name, batch, device, peak, rounds, steps, warmup_s, torch=None, prec
         theirs = torch_training_step(torch, name, batch, device, precision)
         warm_up(theirs, warmup_s)
     steps = steps or max(1, math.ceil(ROUND_SECONDS / per_step))
-    seconds, torch_seconds = [], []
+    seconds, torch_seconds, peaks = [], [], []
     for _ in range(rounds):
         seconds.append(time_round(ours, steps))
         if theirs is not None:
             torch_seconds.append(time_round(theirs, steps))
+        peaks.append(gemm())
     samples_per_s = batch * steps / statistics.median(seconds)
-    gflops = step_flops(model, batch) * samples_per_s / batch / 1e9
-    result = Result(device, name, batch, steps, seconds, samples_per_s, gflops, gflops / peak,
-                    target=device == "cpu" and TARGET_BATCHES.get(name) == batch, precision=precision)
+    flops = step_flops(model, batch) * steps / 1e9
+    result = Result(device, name, batch, steps, seconds, samples_per_s, flops / statistics.median(seconds),
+                    statistics.median(flops / s / p for s, p in zip(seconds, peaks)),
+                    target=device == "cpu" and TARGET_BATCHES.get(name) == batch, peak_gflops=peaks,
+                    precision=precision)
     if theirs is not None:
         result.torch_seconds = torch_seconds
         result.torch_samples_per_s = batch * steps / statistics.median(torch_seconds)
@@ -294,22 +308,25 @@ def torch_fit(torch, name, batch, device, epochs, x, y):
     return _timed(loop, synchronize)
 
 
-def measure_fit(name, batch, device, peak, rounds, epochs, data, torch=None):
-    """Time whole fit calls (and PyTorch's loop, alternating rounds, when ``torch`` is given);
-    one untimed call of each first warms caches, allocators and thread pools."""
+def measure_fit(name, batch, device, gemm, rounds, epochs, data, torch=None):
+    """Time whole fit calls (and PyTorch's loop, alternating rounds, when ``torch`` is given), each
+    round followed by a round of ``gemm``; one untimed call of each first warms caches, allocators
+    and thread pools."""
     x, y = data
     calls = [lambda: nnaccel_fit(name, batch, device, epochs, x, y)]
     if torch is not None:
         calls.append(lambda: torch_fit(torch, name, batch, device, epochs, x, y))
+    calls.append(gemm)
     for call in calls:
         call()
     rounds_of = list(zip(*[[call() for call in calls] for _ in range(rounds)]))
-    seconds = list(rounds_of[0])
-    model = build_network(name, "cpu")
-    samples_per_s = epochs * len(x) / statistics.median(seconds)
-    gflops = fit_flops(model, len(x), batch, epochs) / statistics.median(seconds) / 1e9
-    result = Result(device, name, batch, epochs * -(-len(x) // batch), seconds, samples_per_s, gflops, gflops / peak,
-                    target=device == "cpu" and TARGET_BATCHES.get(name) == batch, mode="fit", epochs=epochs)
+    seconds, peaks = list(rounds_of[0]), list(rounds_of[-1])
+    flops = fit_flops(build_network(name, "cpu"), len(x), batch, epochs) / 1e9
+    result = Result(device, name, batch, epochs * -(-len(x) // batch), seconds,
+                    epochs * len(x) / statistics.median(seconds), flops / statistics.median(seconds),
+                    statistics.median(flops / s / p for s, p in zip(seconds, peaks)),
+                    target=device == "cpu" and TARGET_BATCHES.get(name) == batch, peak_gflops=peaks,
+                    mode="fit", epochs=epochs)
     if torch is not None:
         result.torch_seconds = list(rounds_of[1])
         result.torch_samples_per_s = epochs * len(x) / statistics.median(result.torch_seconds)
@@ -551,7 +568,8 @@ def run(args):
             f"loop" if args.fit else "training steps")
     print(f"nnaccel {__version__} bench: {what}, float32, SGD(lr={LR}, momentum={MOMENTUM}), {threads} CPU "
           f"thread{'s' * (threads > 1)}, median of {rounds} round(s); % peak is of the GEMM (float32 "
-          f"operands; bfloat16 under bf16) measured in this run: {gemm}")
+          f"operands; bfloat16 under bf16) timed after each round, median of the paired ratios; at the "
+          f"start: {gemm}")
     print(format_table(results))
     if args.json:
         report = {"machine": machine_info(devices, torch),
@@ -579,13 +597,14 @@ def _fit_data(quick, epochs):
 
 
 def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False, fit=None, precisions=("fp32",)):
-    """Each device's GEMM peak, then every configuration (steps, or with ``fit = (epochs, data)``
-    whole fit calls), all under one CPU thread count; steps on a GPU in each of ``precisions``,
-    each against the GEMM peak in that precision (the CPU computes fp32 only).
+    """Each device's GEMM peak (the median of ``rounds`` GEMM rounds), then every configuration (steps,
+    or with ``fit = (epochs, data)`` whole fit calls), all under one CPU thread count; steps on a GPU
+    in each of ``precisions``, each against GEMM rounds in that precision beside its own rounds (the
+    CPU computes fp32 only).
 
     Returns ``({device or "device precision": {"size", "gflops"}}, [Result, ...])``.
     """
-    peaks, results = {}, []
+    peaks, gemms, results = {}, {}, []
     saved_torch_threads = torch.get_num_threads() if torch is not None else None
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32 if torch is not None else None
     try:
@@ -599,19 +618,20 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False
                     _say(f"{device}: PyTorch {torch.__version__} has no CUDA here, so no comparison on it")
                 for precision in ("fp32",) if device == "cpu" or fit is not None else precisions:
                     key = device if precision == "fp32" else f"{device} {precision}"
-                    with backend.activate(), backend.matmul_precision(precision):  # cuda:N computes on GPU N
+                    with backend.activate():  # cuda:N computes on GPU N
                         if key not in peaks:
                             size = QUICK["gemm_size"] if quick else GEMM_SIZE[device.split(":")[0]]
-                            peaks[key] = {"size": size, "gflops": gemm_peak(backend, size, rounds, warmup_s)}
+                            gemms[key] = gemm_round(backend, size, warmup_s, precision)
+                            gflops = statistics.median(gemms[key]() for _ in range(rounds))
+                            peaks[key] = {"size": size, "gflops": gflops}
                             operands = "bfloat16" if precision == "bf16" else "float32"
                             _say(f"{key}: {operands} GEMM {size}x{size}: {peaks[key]['gflops']:,.1f} GFLOP/s")
-                    with backend.activate():
                         for batch in batches:
                             if fit is not None:
-                                result = measure_fit(sizes, batch, device, peaks[key]["gflops"], rounds, *fit, peer)
+                                result = measure_fit(sizes, batch, device, gemms[key], rounds, *fit, peer)
                             else:
-                                result = measure(sizes, batch, device, peaks[key]["gflops"], rounds, steps,
-                                                 warmup_s, peer, precision)
+                                result = measure(sizes, batch, device, gemms[key], rounds, steps, warmup_s, peer,
+                                                 precision)
                             results.append(result)
                             _say(f"{key} {result.network} batch {batch}: {result.samples_per_s:,.0f} samples/s"
                                  + (f", PyTorch ratio {result.ratio:.2f}" if result.ratio else ""))

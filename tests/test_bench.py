@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,16 @@ def quick_bench(tmp_path_factory):
     return done.stdout, json.loads((folder / "bench.json").read_text()), folder / "bench.png"
 
 
+def assert_share_of_paired_gemm_rounds(result):
+    """The share of the GEMM peak is the median over the rounds of the round's GFLOP/s over the GEMM
+    round timed after it, not one peak measured at the start."""
+    seconds, peaks = result["seconds"], result["peak_gflops"]
+    assert len(peaks) == len(seconds) and all(p > 0 for p in peaks)
+    gflop = result["gflops"] * statistics.median(seconds)  # one round's work
+    assert math.isclose(result["peak_share"], statistics.median(gflop / s / p for s, p in zip(seconds, peaks)),
+                        rel_tol=1e-9)
+
+
 def test_bench_table(quick_bench):
     stdout, _, _ = quick_bench
     lines = stdout.splitlines()
@@ -53,6 +65,7 @@ def test_bench_json(quick_bench):
     for result in cpu:
         assert result["samples_per_s"] > 0 and result["gflops"] > 0 and 0 < result["peak_share"]
         assert len(result["seconds"]) == 1 and result["steps"] == 2
+        assert_share_of_paired_gemm_rounds(result)
         assert (result["ratio"] is not None and result["torch_samples_per_s"] > 0) == HAS_TORCH
 
 
@@ -66,7 +79,7 @@ def test_bench_fit_times_whole_fit_calls(tmp_path):
     """``bench --fit``: whole ``Trainer.fit`` calls (beside a plain PyTorch loop where it imports)."""
     compare = ["--compare", "torch"] if HAS_TORCH else []
     done = run("-m", "nnaccel.cli", "bench", "--fit", "--quick", "--epochs", "2", "--devices", "cpu", *compare,
-               "--json", tmp_path / "fit.json")
+               "--rounds", "3", "--json", tmp_path / "fit.json")
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "fit.json").read_text())
     assert report["settings"]["mode"] == "fit" and report["settings"]["epochs"] == 2
@@ -75,6 +88,8 @@ def test_bench_fit_times_whole_fit_calls(tmp_path):
         assert result["mode"] == "fit" and result["epochs"] == 2 and result["samples_per_s"] > 0
         assert result["steps"] == 2 * -(-512 // result["batch"])
         assert (result["ratio"] is not None and result["torch_samples_per_s"] > 0) == HAS_TORCH
+        assert len(result["seconds"]) == 3
+        assert_share_of_paired_gemm_rounds(result)
     assert "784-16-16-10" in done.stdout
 
 
