@@ -283,13 +283,14 @@ class Trainer:
         base, extra = numpy.divmod(rows, size)
         counts = base + (rank < extra)  # this rank's rows per step
         firsts = rank * base + numpy.minimum(rank, extra)  # where they start in the global batch
-        if shuffle or size > 1:  # this rank's rows of every global batch, in order: one gather
+        index = None  # without a shuffle, one process steps on views of the data set
+        if shuffle or size > 1:  # this rank's rows of every global batch, in order, gathered step by step
             order = self.rng.permutation(n) if shuffle else numpy.arange(n)
             if size > 1:
                 within, step_of = numpy.arange(n) % batch, numpy.arange(n) // batch
                 order = order[(within >= firsts[step_of]) & (within < firsts[step_of] + counts[step_of])]
-            index = ops.asarray(order)
-            x, y = x[index], y[index]
+            index, most = ops.asarray(order), int(counts.max())
+            batch_x, batch_y = (ops.empty((most,) + a.shape[1:], a.dtype) for a in (x, y))
         ends = numpy.concatenate([[0], numpy.cumsum(counts)]).tolist()
         rows, firsts = rows.tolist(), firsts.tolist()
         model.train()
@@ -304,7 +305,12 @@ class Trainer:
         step = point["step"] - 1  # a run interrupted after its last step resumes with no step to do
         for step in range(point["step"], steps):
             lo, hi = ends[step], ends[step + 1]
-            value, _ = run(x[lo:hi], y[lo:hi], rows[step], firsts[step], guard, step)
+            if index is None:
+                xs, ys = x[lo:hi], y[lo:hi]
+            else:  # into buffers of one batch: no copy of the whole set per epoch, no page faults
+                xs = ops.take_rows(x, index[lo:hi], batch_x[:hi - lo])
+                ys = ops.take_rows(y, index[lo:hi], batch_y[:hi - lo])
+            value, _ = run(xs, ys, rows[step], firsts[step], guard, step)
             if value is not None:
                 for callback in batch_hooks:
                     callback.on_batch_end(self, step, value)

@@ -134,6 +134,16 @@ def test_uniform_is_a_pure_function_of_seed_and_counter(device):
     assert abs(numpy.corrcoef(a.ravel()[1:], b[:-1])[0, 1]) < 0.01
 
 
+def test_take_rows_writes_the_rows_into_out(device):
+    ops = get_backend(device)
+    rng = numpy.random.default_rng(3)
+    x, labels, index = rng.standard_normal((9, 5)).astype(numpy.float32), rng.integers(0, 4, 9), rng.permutation(9)
+    for array in (x, labels):
+        out = ops.empty((6,) + array.shape[1:], array.dtype)
+        assert ops.take_rows(ops.asarray(array), ops.asarray(index[:6]), out) is out
+        numpy.testing.assert_array_equal(ops.to_host(out), array[index[:6]])
+
+
 def test_bias_grad_and_maxout_ops(device):
     ops = get_backend(device)
     rng = numpy.random.default_rng(2)

@@ -175,6 +175,10 @@ class Backend:
         and leading axes broadcast, one product per image of a convolution."""
         return self.xp.matmul(a.swapaxes(-1, -2) if trans_a else a, b.swapaxes(-1, -2) if trans_b else b, out=out)
 
+    def take_rows(self, x, index, out):
+        """``out = x[index]`` along the first axis, into ``out`` (a batch of a shuffled epoch)."""
+        return self.xp.take(x, index, axis=0, out=out)
+
     def bias_act(self, z, bias, activation, out):
         """``z += bias`` then ``out = activation(z)``; ``out`` may be ``z``."""
         self.xp.add(z, bias, out=z)

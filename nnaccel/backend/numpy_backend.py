@@ -25,6 +25,10 @@ class NumpyBackend(Backend):
     def erf(self, x):
         return special.erf(x)
 
+    def take_rows(self, x, index, out):
+        # "clip" (the indices are a permutation's) writes straight into ``out``; "raise" writes a copy first
+        return numpy.take(x, index, axis=0, out=out, mode="clip")
+
     def flushing_subnormals(self):
         return _SubnormalFlush() if _libm() is not None else super().flushing_subnormals()
 
