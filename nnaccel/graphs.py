@@ -71,8 +71,9 @@ class GraphedStep:
         if key not in self.graphs:
             return self._run_and_capture(key, x, y, guard, index)
         graph, x_in, y_in, _ = self.graphs[key]
-        x_in[...] = x
-        y_in[...] = y
+        if x is not x_in:  # (gathered into them by the epoch loop: ``inputs``)
+            x_in[...] = x
+            y_in[...] = y
         graph.replay()
         for layer in self.random_layers:  # the host's part of their draws
             if layer.draws:
@@ -83,6 +84,14 @@ class GraphedStep:
             trainer.optimizer.steps += 1  # the host's part of the step: the graph does the device's
         guard.after_replay(index, self.step.loss_sum, self.step.comm)
         return graph.outputs
+
+    def inputs(self, x, y, part, rows, first):
+        """``_Step.inputs``; once the step of this shape has a graph, the graph's own input buffers, so
+        that a gathered batch lands where the replay reads it."""
+        key = (part, rows, first, self.step.trainer.optimizer.lr)
+        if self.failed is None and key in self.graphs:
+            return self.graphs[key][1:3]
+        return self.step.inputs(x, y, part, rows, first)
 
     def _run_and_capture(self, key, x, y, guard, index):
         trainer, backend = self.step.trainer, self.step.trainer.model.backend

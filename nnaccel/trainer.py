@@ -289,8 +289,7 @@ class Trainer:
             if size > 1:
                 within, step_of = numpy.arange(n) % batch, numpy.arange(n) // batch
                 order = order[(within >= firsts[step_of]) & (within < firsts[step_of] + counts[step_of])]
-            index, most = ops.asarray(order), int(counts.max())
-            batch_x, batch_y = (ops.empty((most,) + a.shape[1:], a.dtype) for a in (x, y))
+            index = ops.asarray(order)
         ends = numpy.concatenate([[0], numpy.cumsum(counts)]).tolist()
         rows, firsts = rows.tolist(), firsts.tolist()
         model.train()
@@ -307,9 +306,10 @@ class Trainer:
             lo, hi = ends[step], ends[step + 1]
             if index is None:
                 xs, ys = x[lo:hi], y[lo:hi]
-            else:  # into buffers of one batch: no copy of the whole set per epoch, no page faults
-                xs = ops.take_rows(x, index[lo:hi], batch_x[:hi - lo])
-                ys = ops.take_rows(y, index[lo:hi], batch_y[:hi - lo])
+            else:  # into the step's input buffers: no copy of the whole set per epoch, no page faults
+                xs, ys = run.inputs(x, y, hi - lo, rows[step], firsts[step])
+                ops.take_rows(x, index[lo:hi], xs)
+                ops.take_rows(y, index[lo:hi], ys)
             value, _ = run(xs, ys, rows[step], firsts[step], guard, step)
             if value is not None:
                 for callback in batch_hooks:
@@ -448,6 +448,17 @@ class _Step:
         ops = trainer.model.backend
         self.loss_sum, self.correct_sum = ops.zeros((), numpy.float64), ops.zeros((), numpy.float64)
         self.masks = _GlobalDropoutMasks(trainer.model) if comm.size > 1 else None
+        self._inputs = {}
+
+    def inputs(self, x, y, part, rows, first):
+        """Buffers to gather the next call's part of ``part`` rows of ``x`` and ``y`` into (``rows`` and
+        ``first`` as the call takes them): the leading rows of buffers of the largest part yet."""
+        for name, data in (("x", x), ("y", y)):
+            buffer = self._inputs.get(name)
+            if buffer is None or buffer.shape[0] < part or buffer.shape[1:] != data.shape[1:] \
+                    or buffer.dtype != data.dtype:
+                self._inputs[name] = self.trainer.model.backend.empty((part,) + data.shape[1:], data.dtype)
+        return self._inputs["x"][:part], self._inputs["y"][:part]
 
     def __call__(self, x, y, rows=None, first=0, guard=None, step=None, update=True):
         """The step on ``x, y`` (``rows`` in the global batch, this part starting at ``first``);

@@ -80,6 +80,26 @@ def test_replayed_steps_end_with_the_eager_weights_bit_for_bit(emulated, replays
     assert graphed_history["loss"] == history["loss"] and graphed_history["accuracy"] == history["accuracy"]
 
 
+def test_a_replayed_step_has_its_batch_gathered_where_the_graph_reads_it(emulated, replays, monkeypatch):
+    """The epoch loop gathers each shuffled batch into the graph's own input buffers
+    (``GraphedStep.inputs``), so a replay copies no batch."""
+    from nnaccel import graphs
+
+    gathered_in_place = []
+    call = graphs.GraphedStep.__call__
+
+    def watched(self, x, y, rows, first, guard, index):
+        key = (x.shape[0], rows, first, self.step.trainer.optimizer.lr)
+        if key in self.graphs:
+            gathered_in_place.append(x is self.graphs[key][1] and y is self.graphs[key][2])
+        return call(self, x, y, rows, first, guard, index)
+
+    monkeypatch.setattr(graphs.GraphedStep, "__call__", watched)
+    x, y = datasets.synthetic(n=333, features=20, classes=4, seed=1)
+    _train(_mlp, emulated, x, y, cuda_graphs=True)
+    assert len(gathered_in_place) == replays[0] == 3 * 11 - 3 * 2 and all(gathered_in_place)
+
+
 def test_a_graphed_run_resumes_bit_for_bit(emulated, replays, tmp_path):
     x, y = datasets.synthetic(n=200, features=20, classes=4, seed=2)
     _, _, expected = _train(_mlp, emulated, x, y, cuda_graphs=True, epochs=4)
