@@ -26,12 +26,15 @@ escapes ``read``, ``load``, ``model_from`` or ``Trainer.restore`` for a bad
 file (``tests/test_hostile_checkpoints.py`` fuzzes them).
 """
 
+import contextlib
 import io
 import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -88,7 +91,8 @@ def check_writable(path, what="checkpoint", size=0):
 
 def atomic_write(path, write):
     """Call ``write(file)`` on a temporary file, fsync it, and rename it to ``path``; on any
-    failure (a full disk, a signal) the temporary file is removed and ``path`` is as it was."""
+    failure (a full disk, a signal) the temporary file is removed and ``path`` is as it was.
+    A stop signal arriving during ``write`` is delivered when it returns (``_stop_signals_held``)."""
     path = Path(path)
     folder = path.parent
     if not folder.is_dir():
@@ -97,7 +101,8 @@ def atomic_write(path, write):
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            with _stop_signals_held():
+                write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -116,6 +121,28 @@ def atomic_write(path, write):
             os.close(dir_fd)
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """A SIGINT or SIGTERM arriving in the block is handled when it ends, by the handler it would
+    have met (the command line's stops the run then). The writers are ``zipfile``'s: a stop raised
+    while it builds a member's handle leaves the archive counting that handle open, and its close
+    then raises ValueError (again when collected), hiding the exit asked for behind a traceback.
+    Python runs signal handlers in the main thread only, so only there is anything held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {number: signal.signal(number, lambda signum, frame: caught.append(signum))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def save(path, model, optimizer=None, trainer_state=None):

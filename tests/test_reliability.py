@@ -344,6 +344,35 @@ def test_a_second_signal_stops_at_once_and_leaves_a_valid_checkpoint(tmp_path, s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]  # no temporary file left
 
 
+def test_a_stop_signal_during_a_save_is_delivered_after_the_archive_is_written(tmp_path, monkeypatch):
+    """The second signal of the test above once landed inside ``zipfile`` while it built a member's
+    handle: the archive's close then raised ValueError and the run ended with a traceback. Held
+    back while the archive is written, the signal stops the save after it: the exit it asks for,
+    no temporary file, the previous checkpoint whole."""
+    model = nn.Sequential(nn.Dense(4, 3))
+    checkpoint.save(tmp_path / "ck.npz", model)
+    before = (tmp_path / "ck.npz").read_bytes()
+    savez, written = numpy.savez, []
+
+    def signalled_mid_write(handle, **arrays):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler would raise here, were it not held back
+        savez(handle, **arrays)
+        written.append(handle.tell())
+
+    def stop_at_once(signum, frame):
+        raise SystemExit(128 + signum)
+
+    monkeypatch.setattr(checkpoint.numpy, "savez", signalled_mid_write)
+    previous = signal.signal(signal.SIGTERM, stop_at_once)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            checkpoint.save(tmp_path / "ck.npz", model)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 143 and written and written[0] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"] and (tmp_path / "ck.npz").read_bytes() == before
+
+
 def _interrupted_in_process(tmp_path, monkeypatch, capsys, extra):
     """``nnaccel train`` in this process, with a Ctrl-C arriving right after epoch 1's checkpoint."""
 
