@@ -5,7 +5,7 @@ rounds of training steps on one synthetic batch kept on the device; the
 median round gives samples/s and achieved GFLOP/s, shown as a share of the
 GEMM peak of the same device (in each precision: under bf16 a GEMM of
 bfloat16 operands, as the Dense layers then run), timed in a short GEMM
-round after each round of the configuration: the share is the median of the
+round beside each round of the configuration: the share is the median of the
 paired ratios, so a burst of load on a shared machine moves both. With
 ``--compare torch`` the same step in PyTorch (same network, batch, optimizer
 and thread count) runs in rounds alternating with nnaccel's, so both see the
@@ -60,7 +60,7 @@ GPU_ONLY_NETWORKS = ("784-4096-4096-10",)  # minutes per configuration on a CPU
 GEMM_SIZE = {"cpu": 2048, "cuda": 8192}
 ROUNDS = 5
 ROUND_SECONDS = 0.25  # a round's length when --steps is not given
-GEMM_ROUND_SECONDS = 0.1  # the GEMM round after each configuration round (at least one matmul)
+GEMM_ROUND_SECONDS = 0.1  # the GEMM round beside each configuration round (at least one matmul)
 WARMUP_SECONDS = 0.5  # untimed runs before the rounds: caches, allocators, clocks and thread pools settle
 QUICK = {"networks": ("784-16-16-10",), "batches": (16, 64), "rounds": 1, "steps": 2, "warmup_s": 0.0,
          "gemm_size": 256, "fit_samples": 512}
@@ -91,7 +91,7 @@ class Result:
     gflops: float
     peak_share: float  # of the GEMM peak: the median over the rounds of GFLOP/s over the next GEMM round's
     target: bool  # a configuration the CPU ratio targets are judged on
-    peak_gflops: list = field(default_factory=list)  # the GEMM rounds' GFLOP/s, one after each round
+    peak_gflops: list = field(default_factory=list)  # the GEMM rounds' GFLOP/s, one beside each round
     torch_seconds: list = field(default_factory=list)
     torch_samples_per_s: float = None
     ratio: float = None  # nnaccel samples/s over PyTorch samples/s, median of the paired rounds
@@ -235,9 +235,21 @@ def gemm_round(backend, size, warmup_s, precision="fp32"):
     return timed
 
 
+def paired_rounds(rounds, ours, gemm, theirs=None):
+    """``rounds`` rounds of ``ours()``, ``gemm()`` and ``theirs()`` (each returns its measurement):
+    the GEMM round between the other two, and every other round in the opposite order, so that
+    neither always runs right after the GEMM (caches flushed, clocks lowered). Three lists."""
+    mine, peaks, others = [], [], []
+    for number in range(rounds):
+        order = [(mine, ours), (peaks, gemm)] + ([(others, theirs)] if theirs is not None else [])
+        for results, call in (reversed(order) if number % 2 else order):
+            results.append(call())
+    return mine, peaks, others
+
+
 def measure(name, batch, device, gemm, rounds, steps, warmup_s, torch=None, precision="fp32"):
-    """Time nnaccel's step (and PyTorch's, alternating rounds, when ``torch`` is given), each round
-    followed by a round of ``gemm`` (``gemm_round``)."""
+    """Time nnaccel's step (and PyTorch's, when ``torch`` is given) in rounds with ``gemm``'s
+    (``gemm_round``, ``paired_rounds``)."""
     model, ours = training_step(name, batch, device, precision)
     per_step = warm_up(ours, warmup_s)
     theirs = None
@@ -245,12 +257,8 @@ def measure(name, batch, device, gemm, rounds, steps, warmup_s, torch=None, prec
         theirs = torch_training_step(torch, name, batch, device, precision)
         warm_up(theirs, warmup_s)
     steps = steps or max(1, math.ceil(ROUND_SECONDS / per_step))
-    seconds, torch_seconds, peaks = [], [], []
-    for _ in range(rounds):
-        seconds.append(time_round(ours, steps))
-        if theirs is not None:
-            torch_seconds.append(time_round(theirs, steps))
-        peaks.append(gemm())
+    seconds, peaks, torch_seconds = paired_rounds(
+        rounds, lambda: time_round(ours, steps), gemm, None if theirs is None else lambda: time_round(theirs, steps))
     samples_per_s = batch * steps / statistics.median(seconds)
     flops = step_flops(model, batch) * steps / 1e9
     result = Result(device, name, batch, steps, seconds, samples_per_s, flops / statistics.median(seconds),
@@ -309,18 +317,17 @@ def torch_fit(torch, name, batch, device, epochs, x, y):
 
 
 def measure_fit(name, batch, device, gemm, rounds, epochs, data, torch=None):
-    """Time whole fit calls (and PyTorch's loop, alternating rounds, when ``torch`` is given), each
-    round followed by a round of ``gemm``; one untimed call of each first warms caches, allocators
-    and thread pools."""
+    """Time whole fit calls (and PyTorch's loop, when ``torch`` is given) in rounds with ``gemm``'s
+    (``paired_rounds``); one untimed call of each first warms caches, allocators and thread pools."""
     x, y = data
-    calls = [lambda: nnaccel_fit(name, batch, device, epochs, x, y)]
-    if torch is not None:
-        calls.append(lambda: torch_fit(torch, name, batch, device, epochs, x, y))
-    calls.append(gemm)
-    for call in calls:
-        call()
-    rounds_of = list(zip(*[[call() for call in calls] for _ in range(rounds)]))
-    seconds, peaks = list(rounds_of[0]), list(rounds_of[-1])
+    def ours():
+        return nnaccel_fit(name, batch, device, epochs, x, y)
+
+    theirs = None if torch is None else lambda: torch_fit(torch, name, batch, device, epochs, x, y)
+    for call in (ours, gemm, theirs):
+        if call is not None:
+            call()
+    seconds, peaks, torch_seconds = paired_rounds(rounds, ours, gemm, theirs)
     flops = fit_flops(build_network(name, "cpu"), len(x), batch, epochs) / 1e9
     result = Result(device, name, batch, epochs * -(-len(x) // batch), seconds,
                     epochs * len(x) / statistics.median(seconds), flops / statistics.median(seconds),
@@ -328,7 +335,7 @@ def measure_fit(name, batch, device, gemm, rounds, epochs, data, torch=None):
                     target=device == "cpu" and TARGET_BATCHES.get(name) == batch, peak_gflops=peaks,
                     mode="fit", epochs=epochs)
     if torch is not None:
-        result.torch_seconds = list(rounds_of[1])
+        result.torch_seconds = torch_seconds
         result.torch_samples_per_s = epochs * len(x) / statistics.median(result.torch_seconds)
         result.ratio = statistics.median(t / s for s, t in zip(seconds, result.torch_seconds))
     return result
@@ -568,7 +575,7 @@ def run(args):
             f"loop" if args.fit else "training steps")
     print(f"nnaccel {__version__} bench: {what}, float32, SGD(lr={LR}, momentum={MOMENTUM}), {threads} CPU "
           f"thread{'s' * (threads > 1)}, median of {rounds} round(s); % peak is of the GEMM (float32 "
-          f"operands; bfloat16 under bf16) timed after each round, median of the paired ratios; at the "
+          f"operands; bfloat16 under bf16) timed beside each round, median of the paired ratios; at the "
           f"start: {gemm}")
     print(format_table(results))
     if args.json:

@@ -126,23 +126,26 @@ def atomic_write(path, write):
 @contextlib.contextmanager
 def _stop_signals_held():
     """A SIGINT or SIGTERM arriving in the block is handled when it ends, by the handler it would
-    have met (the command line's stops the run then). The writers are ``zipfile``'s: a stop raised
-    while it builds a member's handle leaves the archive counting that handle open, and its close
-    then raises ValueError (again when collected), hiding the exit asked for behind a traceback.
-    Python runs signal handlers in the main thread only, so only there is anything held."""
+    have met, each one caught in turn (the command line's: a first stops after the step, a second
+    at once). The writers are ``zipfile``'s: a stop raised while it builds a member's handle leaves
+    the archive counting that handle open, and its close then raises ValueError (again when
+    collected), hiding the exit asked for behind a traceback. Python runs signal handlers in the
+    main thread only, so only there is anything held; a handler not set from Python (None) is
+    left alone, as it could not be put back."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught = []
-    previous = {number: signal.signal(number, lambda signum, frame: caught.append(signum))
-                for number in (signal.SIGINT, signal.SIGTERM)}
+    caught, previous = [], {}
     try:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(number) is not None:
+                previous[number] = signal.signal(number, lambda signum, frame: caught.append(signum))
         yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        if caught:
-            signal.raise_signal(caught[0])
+        for number in caught:
+            signal.raise_signal(number)
 
 
 def save(path, model, optimizer=None, trainer_state=None):

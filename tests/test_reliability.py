@@ -344,32 +344,39 @@ def test_a_second_signal_stops_at_once_and_leaves_a_valid_checkpoint(tmp_path, s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]  # no temporary file left
 
 
-def test_a_stop_signal_during_a_save_is_delivered_after_the_archive_is_written(tmp_path, monkeypatch):
+def test_stop_signals_during_a_save_are_handled_after_the_archive_is_written(tmp_path, monkeypatch):
     """The second signal of the test above once landed inside ``zipfile`` while it built a member's
     handle: the archive's close then raised ValueError and the run ended with a traceback. Held
-    back while the archive is written, the signal stops the save after it: the exit it asks for,
-    no temporary file, the previous checkpoint whole."""
+    back while the archive is written, two signals meet the command line's handlers after it, in
+    turn: the first asks for a stop after the step, the second stops at once; no temporary file
+    is left and the previous checkpoint is whole."""
     model = nn.Sequential(nn.Dense(4, 3))
     checkpoint.save(tmp_path / "ck.npz", model)
     before = (tmp_path / "ck.npz").read_bytes()
     savez, written = numpy.savez, []
 
     def signalled_mid_write(handle, **arrays):
-        os.kill(os.getpid(), signal.SIGTERM)  # the handler would raise here, were it not held back
+        signal.raise_signal(signal.SIGTERM)  # the handlers would act here, were they not held back
+        signal.raise_signal(signal.SIGINT)
         savez(handle, **arrays)
         written.append(handle.tell())
 
-    def stop_at_once(signum, frame):
-        raise SystemExit(128 + signum)
+    class Run:
+        stops = 0
 
+        def request_stop(self):
+            self.stops += 1
+
+    run = Run()
     monkeypatch.setattr(checkpoint.numpy, "savez", signalled_mid_write)
-    previous = signal.signal(signal.SIGTERM, stop_at_once)
+    handlers = {number: signal.getsignal(number) for number in cli.STOP_SIGNALS}
     try:
-        with pytest.raises(SystemExit) as stopped:
+        with pytest.raises(SystemExit) as stopped, cli._stopping_on_signals(run):
             checkpoint.save(tmp_path / "ck.npz", model)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert stopped.value.code == 143 and written and written[0] > 0
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert stopped.value.code == 128 + signal.SIGINT and run.stops == 1 and written and written[0] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"] and (tmp_path / "ck.npz").read_bytes() == before
 
 

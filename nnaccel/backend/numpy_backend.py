@@ -67,7 +67,9 @@ def _libm():
 class _SubnormalFlush:
     """Sets FTZ and DAZ in this thread's MXCSR for the ``with`` block, then restores what was there,
     so code outside it keeps IEEE subnormals (TensorFlow flushes in its compute threads likewise;
-    PyTorch leaves it to ``torch.set_flush_denormal``). About 3 microseconds a block."""
+    PyTorch leaves it to ``torch.set_flush_denormal``). About 3 microseconds a block. (A
+    KeyboardInterrupt landing in ``__enter__`` after its ``fesetenv``, a few bytecodes, would leave
+    this thread flushing: ``with`` runs no ``__exit__`` for an ``__enter__`` that raised.)"""
 
     __slots__ = ("saved",)
 
