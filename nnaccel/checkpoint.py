@@ -92,19 +92,21 @@ def check_writable(path, what="checkpoint", size=0):
 def atomic_write(path, write):
     """Call ``write(file)`` on a temporary file, fsync it, and rename it to ``path``; on any
     failure (a full disk, a signal) the temporary file is removed and ``path`` is as it was.
-    A stop signal arriving during ``write`` is delivered when it returns (``_stop_signals_held``)."""
+    A stop signal arriving while the temporary file is created and written is handled once it is
+    (``_stop_signals_held``): landing in ``mkstemp`` between the file's creation and its name's
+    return, it would leave a temporary file nobody knows of."""
     path = Path(path)
     folder = path.parent
     if not folder.is_dir():
         raise OutputError(f"cannot write {path}: folder {folder} does not exist")
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as handle:
-            with _stop_signals_held():
+        with _stop_signals_held():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+            with os.fdopen(fd, "wb") as handle:
                 write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as error:
         if tmp is not None and os.path.exists(tmp):
@@ -127,8 +129,8 @@ def atomic_write(path, write):
 def _stop_signals_held():
     """A SIGINT or SIGTERM arriving in the block is handled when it ends, by the handler it would
     have met, each one caught in turn (the command line's: a first stops after the step, a second
-    at once). The writers are ``zipfile``'s: a stop raised while it builds a member's handle leaves
-    the archive counting that handle open, and its close then raises ValueError (again when
+    at once). Among the writers are ``zipfile``'s: a stop raised while it builds a member's handle
+    leaves the archive counting that handle open, and its close then raises ValueError (again when
     collected), hiding the exit asked for behind a traceback. Python runs signal handlers in the
     main thread only, so only there is anything held; a handler not set from Python (None) is
     left alone, as it could not be put back."""

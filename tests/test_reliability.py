@@ -344,22 +344,25 @@ def test_a_second_signal_stops_at_once_and_leaves_a_valid_checkpoint(tmp_path, s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]  # no temporary file left
 
 
-def test_stop_signals_during_a_save_are_handled_after_the_archive_is_written(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["mkstemp", "savez"])
+def test_stop_signals_during_a_save_are_handled_after_the_file_is_written(tmp_path, monkeypatch, where):
     """The second signal of the test above once landed inside ``zipfile`` while it built a member's
-    handle: the archive's close then raised ValueError and the run ended with a traceback. Held
-    back while the archive is written, two signals meet the command line's handlers after it, in
-    turn: the first asks for a stop after the step, the second stops at once; no temporary file
-    is left and the previous checkpoint is whole."""
+    handle (the archive's close then raised ValueError, and the run ended with a traceback), and
+    once in ``mkstemp`` between the temporary file's creation and its name's return (the file was
+    left behind). Held back while the file is created and written, two signals meet the command
+    line's handlers after it, in turn: the first asks for a stop after the step, the second stops at
+    once; no temporary file is left and the previous checkpoint is whole."""
     model = nn.Sequential(nn.Dense(4, 3))
     checkpoint.save(tmp_path / "ck.npz", model)
     before = (tmp_path / "ck.npz").read_bytes()
-    savez, written = numpy.savez, []
+    real, done = getattr(checkpoint.tempfile if where == "mkstemp" else checkpoint.numpy, where), []
 
-    def signalled_mid_write(handle, **arrays):
+    def signalled(*args, **kwargs):
         signal.raise_signal(signal.SIGTERM)  # the handlers would act here, were they not held back
         signal.raise_signal(signal.SIGINT)
-        savez(handle, **arrays)
-        written.append(handle.tell())
+        result = real(*args, **kwargs)
+        done.append(where)
+        return result
 
     class Run:
         stops = 0
@@ -368,7 +371,7 @@ def test_stop_signals_during_a_save_are_handled_after_the_archive_is_written(tmp
             self.stops += 1
 
     run = Run()
-    monkeypatch.setattr(checkpoint.numpy, "savez", signalled_mid_write)
+    monkeypatch.setattr(checkpoint.tempfile if where == "mkstemp" else checkpoint.numpy, where, signalled)
     handlers = {number: signal.getsignal(number) for number in cli.STOP_SIGNALS}
     try:
         with pytest.raises(SystemExit) as stopped, cli._stopping_on_signals(run):
@@ -376,7 +379,7 @@ def test_stop_signals_during_a_save_are_handled_after_the_archive_is_written(tmp
     finally:
         for number, handler in handlers.items():
             signal.signal(number, handler)
-    assert stopped.value.code == 128 + signal.SIGINT and run.stops == 1 and written and written[0] > 0
+    assert stopped.value.code == 128 + signal.SIGINT and run.stops == 1 and done == [where]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"] and (tmp_path / "ck.npz").read_bytes() == before
 
 
