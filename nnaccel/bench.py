@@ -89,7 +89,7 @@ class Result:
     seconds: list
     samples_per_s: float
     gflops: float
-    peak_share: float  # of the GEMM peak: the median over the rounds of GFLOP/s over the next GEMM round's
+    peak_share: float  # of the GEMM peak: the median over the rounds of GFLOP/s over the GEMM round's beside it
     target: bool  # a configuration the CPU ratio targets are judged on
     peak_gflops: list = field(default_factory=list)  # the GEMM rounds' GFLOP/s, one beside each round
     torch_seconds: list = field(default_factory=list)
@@ -320,6 +320,7 @@ def measure_fit(name, batch, device, gemm, rounds, epochs, data, torch=None):
     """Time whole fit calls (and PyTorch's loop, when ``torch`` is given) in rounds with ``gemm``'s
     (``paired_rounds``); one untimed call of each first warms caches, allocators and thread pools."""
     x, y = data
+
     def ours():
         return nnaccel_fit(name, batch, device, epochs, x, y)
 
