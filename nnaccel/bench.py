@@ -9,7 +9,9 @@ round beside each round of the configuration: the share is the median of the
 paired ratios, so a burst of load on a shared machine moves both. With
 ``--compare torch`` the same step in PyTorch (same network, batch, optimizer
 and thread count) runs in rounds alternating with nnaccel's, so both see the
-same machine noise, and the ratio is the median over the paired rounds.
+same machine noise, and the ratio is the median over the paired rounds. Every
+round starts once this process's threads are idle: a BLAS thread pool spins
+for a while after its last call, and the round after it would lose a core.
 
 With ``--fit`` a round is instead a whole ``Trainer.fit`` call, as a user
 runs it, over the MNIST sample nnaccel ships (moving the data to the device,
@@ -62,8 +64,9 @@ ROUNDS = 5
 ROUND_SECONDS = 0.25  # a round's length when --steps is not given
 GEMM_ROUND_SECONDS = 0.1  # the GEMM round beside each configuration round (at least one matmul)
 WARMUP_SECONDS = 0.5  # untimed runs before the rounds: caches, allocators, clocks and thread pools settle
+SETTLE_SECONDS = 1.0  # at most, before each timed round, waiting for this process's threads to idle
 QUICK = {"networks": ("784-16-16-10",), "batches": (16, 64), "rounds": 1, "steps": 2, "warmup_s": 0.0,
-         "gemm_size": 256, "fit_samples": 512}
+         "settle_s": 0.0, "gemm_size": 256, "fit_samples": 512}
 FIT_EPOCHS = 2
 # The --fit configurations: the CPU's target networks at their target batches; on a GPU the ones its
 # targets are judged on.
@@ -235,19 +238,36 @@ def gemm_round(backend, size, warmup_s, precision="fp32"):
     return timed
 
 
-def paired_rounds(rounds, ours, gemm, theirs=None):
-    """``rounds`` rounds of ``ours()``, ``gemm()`` and ``theirs()`` (each returns its measurement):
-    the GEMM round between the other two, and every other round in the opposite order, so that
-    neither always runs right after the GEMM (caches flushed, clocks lowered). Three lists."""
+def wait_until_idle(limit_s, window_s=0.02, busy_share=0.1):
+    """Wait, at most ``limit_s`` seconds, until this process's threads use less than ``busy_share`` of
+    a core over ``window_s``; True once they do. A BLAS thread pool spins after its last call
+    (OpenBLAS's for about 0.1 s), and the other library's round, started beside it, had a core less:
+    PyTorch's fit ran 40% slower right after a GEMM round on 2 cores."""
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline:
+        wall, cpu = time.perf_counter(), time.process_time()
+        time.sleep(window_s)
+        if time.process_time() - cpu < busy_share * (time.perf_counter() - wall):
+            return True
+    return False
+
+
+def paired_rounds(rounds, ours, gemm, theirs, settle_s):
+    """``rounds`` rounds of ``ours()``, ``gemm()`` and ``theirs()`` (each returns its measurement;
+    ``theirs`` may be None): the GEMM round between the other two, and every other round in the
+    opposite order, so that neither always runs right after the GEMM (caches flushed, clocks
+    lowered); each starts once the thread pools idle (``wait_until_idle``, at most ``settle_s``).
+    Three lists."""
     mine, peaks, others = [], [], []
     for number in range(rounds):
         order = [(mine, ours), (peaks, gemm)] + ([(others, theirs)] if theirs is not None else [])
         for results, call in (reversed(order) if number % 2 else order):
+            wait_until_idle(settle_s)
             results.append(call())
     return mine, peaks, others
 
 
-def measure(name, batch, device, gemm, rounds, steps, warmup_s, torch=None, precision="fp32"):
+def measure(name, batch, device, gemm, rounds, steps, warmup_s, torch, precision, settle_s):
     """Time nnaccel's step (and PyTorch's, when ``torch`` is given) in rounds with ``gemm``'s
     (``gemm_round``, ``paired_rounds``)."""
     model, ours = training_step(name, batch, device, precision)
@@ -258,7 +278,8 @@ def measure(name, batch, device, gemm, rounds, steps, warmup_s, torch=None, prec
         warm_up(theirs, warmup_s)
     steps = steps or max(1, math.ceil(ROUND_SECONDS / per_step))
     seconds, peaks, torch_seconds = paired_rounds(
-        rounds, lambda: time_round(ours, steps), gemm, None if theirs is None else lambda: time_round(theirs, steps))
+        rounds, lambda: time_round(ours, steps), gemm, None if theirs is None else lambda: time_round(theirs, steps),
+        settle_s)
     samples_per_s = batch * steps / statistics.median(seconds)
     flops = step_flops(model, batch) * steps / 1e9
     result = Result(device, name, batch, steps, seconds, samples_per_s, flops / statistics.median(seconds),
@@ -316,7 +337,7 @@ def torch_fit(torch, name, batch, device, epochs, x, y):
     return _timed(loop, synchronize)
 
 
-def measure_fit(name, batch, device, gemm, rounds, epochs, data, torch=None):
+def measure_fit(name, batch, device, gemm, rounds, epochs, data, torch, settle_s):
     """Time whole fit calls (and PyTorch's loop, when ``torch`` is given) in rounds with ``gemm``'s
     (``paired_rounds``); one untimed call of each first warms caches, allocators and thread pools."""
     x, y = data
@@ -328,7 +349,7 @@ def measure_fit(name, batch, device, gemm, rounds, epochs, data, torch=None):
     for call in (ours, gemm, theirs):
         if call is not None:
             call()
-    seconds, peaks, torch_seconds = paired_rounds(rounds, ours, gemm, theirs)
+    seconds, peaks, torch_seconds = paired_rounds(rounds, ours, gemm, theirs, settle_s)
     flops = fit_flops(build_network(name, "cpu"), len(x), batch, epochs) / 1e9
     result = Result(device, name, batch, epochs * -(-len(x) // batch), seconds,
                     epochs * len(x) / statistics.median(seconds), flops / statistics.median(seconds),
@@ -613,6 +634,7 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False
     Returns ``({device or "device precision": {"size", "gflops"}}, [Result, ...])``.
     """
     peaks, gemms, results = {}, {}, []
+    settle_s = QUICK["settle_s"] if quick else SETTLE_SECONDS
     saved_torch_threads = torch.get_num_threads() if torch is not None else None
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32 if torch is not None else None
     try:
@@ -636,10 +658,10 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False
                             _say(f"{key}: {operands} GEMM {size}x{size}: {peaks[key]['gflops']:,.1f} GFLOP/s")
                         for batch in batches:
                             if fit is not None:
-                                result = measure_fit(sizes, batch, device, gemms[key], rounds, *fit, peer)
+                                result = measure_fit(sizes, batch, device, gemms[key], rounds, *fit, peer, settle_s)
                             else:
                                 result = measure(sizes, batch, device, gemms[key], rounds, steps, warmup_s, peer,
-                                                 precision)
+                                                 precision, settle_s)
                             results.append(result)
                             _say(f"{key} {result.network} batch {batch}: {result.samples_per_s:,.0f} samples/s"
                                  + (f", PyTorch ratio {result.ratio:.2f}" if result.ratio else ""))

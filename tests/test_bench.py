@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from emulated_cuda import ENV
-from nnaccel import cli
+from nnaccel import bench, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -91,6 +91,58 @@ def test_bench_fit_times_whole_fit_calls(tmp_path):
         assert len(result["seconds"]) == 3
         assert_share_of_paired_gemm_rounds(result)
     assert "784-16-16-10" in done.stdout
+
+
+class _Clocks:
+    """Wall and process CPU clocks that ``sleep`` advances: the process's other threads use
+    ``busy[i]`` of a core during the i-th sleep (the last value from then on)."""
+
+    def __init__(self, busy):
+        self.busy, self.wall, self.cpu, self.sleeps = list(busy), 0.0, 0.0, 0
+
+    def sleep(self, seconds):
+        self.wall += seconds
+        self.cpu += seconds * self.busy[min(self.sleeps, len(self.busy) - 1)]
+        self.sleeps += 1
+
+
+@pytest.fixture
+def clocks(monkeypatch):
+    def install(busy):
+        fake = _Clocks(busy)
+        monkeypatch.setattr(bench.time, "perf_counter", lambda: fake.wall)
+        monkeypatch.setattr(bench.time, "process_time", lambda: fake.cpu)
+        monkeypatch.setattr(bench.time, "sleep", fake.sleep)
+        return fake
+    return install
+
+
+def test_a_round_waits_until_the_thread_pools_idle(clocks):
+    """A BLAS pool spinning after its last call (a core busy for 0.13 s) is waited for."""
+    fake = clocks([1.0] * 6 + [0.7, 0.0])  # the spinner stops within the 7th window
+    assert bench.wait_until_idle(1.0, window_s=0.02)
+    assert fake.sleeps == 8 and math.isclose(fake.wall, 0.16)
+
+
+def test_the_wait_for_idle_threads_ends_at_its_limit(clocks):
+    fake = clocks([1.0])
+    assert not bench.wait_until_idle(0.5, window_s=0.02)
+    assert math.isclose(fake.wall, 0.5)
+    waited = fake.wall
+    assert bench.wait_until_idle(0.0) is False and fake.wall == waited  # no limit, no wait (--quick)
+
+
+def test_paired_rounds_wait_for_idle_threads_before_every_round(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "wait_until_idle", lambda limit_s: calls.append(("wait", limit_s)))
+
+    def call(name):
+        return lambda: calls.append(name) or len(calls)
+
+    mine, peaks, others = bench.paired_rounds(2, call("ours"), call("gemm"), call("theirs"), 0.75)
+    wait = ("wait", 0.75)
+    assert calls == [wait, "ours", wait, "gemm", wait, "theirs", wait, "theirs", wait, "gemm", wait, "ours"]
+    assert (mine, peaks, others) == ([2, 12], [4, 10], [6, 8])
 
 
 @pytest.mark.parametrize("args, message", [
