@@ -569,6 +569,7 @@ def run(args):
     rounds = _positive(args.rounds, "--rounds") or (QUICK["rounds"] if args.quick else ROUNDS)
     steps = _positive(args.steps, "--steps") or (QUICK["steps"] if args.quick else None)
     warmup_s = QUICK["warmup_s"] if args.quick else WARMUP_SECONDS
+    settle_s = QUICK["settle_s"] if args.quick else SETTLE_SECONDS
     epochs = _positive(args.epochs, "--epochs") or (1 if args.quick else FIT_EPOCHS)
     if args.epochs is not None and not args.fit:
         raise ConfigError("--epochs counts the epochs of --fit; without --fit bench times steps (--steps)")
@@ -586,8 +587,8 @@ def run(args):
         pyplot()  # a missing matplotlib is reported now, not after the measurements
     try:
         fit = _fit_data(args.quick, epochs) if args.fit else None
-        peaks, results = measure_grid(grid, threads, rounds, steps, warmup_s, torch, quick=args.quick, fit=fit,
-                                      precisions=precisions)
+        peaks, results = measure_grid(grid, threads, rounds, steps, warmup_s, settle_s, torch, quick=args.quick,
+                                      fit=fit, precisions=precisions)
     except MemoryError as error:  # a batch or layer size beyond what the device holds (CuPy's OOM is one too)
         raise ConfigError(f"a network or batch size does not fit in memory ({error}); choose smaller --networks "
                           f"or --batches") from None
@@ -604,7 +605,8 @@ def run(args):
         report = {"machine": machine_info(devices, torch),
                   "settings": {"dtype": "float32", "optimizer": {"type": "SGD", "lr": LR, "momentum": MOMENTUM},
                                "loss": "softmax_cross_entropy", "threads": threads, "rounds": rounds,
-                               "steps": steps or "auto", "warmup_seconds": warmup_s, "compare": args.compare,
+                               "steps": steps or "auto", "warmup_seconds": warmup_s,
+                               "settle_seconds_at_most": settle_s, "compare": args.compare,
                                "mode": "fit" if args.fit else "step", "precisions": list(precisions),
                                **({"epochs": epochs, "data": "mnist sample", "samples": len(fit[1][0])}
                                   if args.fit else {})},
@@ -625,7 +627,8 @@ def _fit_data(quick, epochs):
     return epochs, (x, y)
 
 
-def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False, fit=None, precisions=("fp32",)):
+def measure_grid(grid, threads, rounds, steps, warmup_s, settle_s, torch=None, quick=False, fit=None,
+                 precisions=("fp32",)):
     """Each device's GEMM peak (the median of ``rounds`` GEMM rounds), then every configuration (steps,
     or with ``fit = (epochs, data)`` whole fit calls), all under one CPU thread count; steps on a GPU
     in each of ``precisions``, each against GEMM rounds in that precision beside its own rounds (the
@@ -634,7 +637,6 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, torch=None, quick=False
     Returns ``({device or "device precision": {"size", "gflops"}}, [Result, ...])``.
     """
     peaks, gemms, results = {}, {}, []
-    settle_s = QUICK["settle_s"] if quick else SETTLE_SECONDS
     saved_torch_threads = torch.get_num_threads() if torch is not None else None
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32 if torch is not None else None
     try:

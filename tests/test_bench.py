@@ -59,6 +59,7 @@ def test_bench_json(quick_bench):
     assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
     assert report["machine"]["versions"]["nnaccel"] and report["machine"]["threadpools"]
     assert report["settings"]["optimizer"] == {"type": "SGD", "lr": 0.01, "momentum": 0.9}
+    assert report["settings"]["settle_seconds_at_most"] == 0.0  # --quick waits for no idle threads
     assert report["gemm_peak"]["cpu"]["gflops"] > 0
     cpu = [r for r in report["results"] if r["device"] == "cpu"]
     assert [r["batch"] for r in cpu] == [16, 64]
