@@ -10,6 +10,9 @@ from .. import special
 from .base import Backend
 
 
+LONG_REDUCTION = 8  # inner size, in multiples of the product's larger side, from which ``matmul`` turns it
+
+
 class NumpyBackend(Backend):
     """Generic ops on NumPy arrays; overrides only what NumPy lacks.
 
@@ -24,6 +27,18 @@ class NumpyBackend(Backend):
 
     def erf(self, x):
         return special.erf(x)
+
+    def matmul(self, a, b, out, trans_a=False, trans_b=False):
+        # OpenBLAS runs a long reduction ``a @ b.T`` up to twice as fast with the longer side of the
+        # product as its rows (measured 1.4-1.9x for convolutions' weight gradients, whose filters are
+        # fewer than their inputs' C*kh*kw): such a product is computed transposed and copied back.
+        if trans_b and not trans_a and a.ndim == b.ndim == 2 and out.shape[0] < out.shape[1] \
+                and a.shape[1] >= LONG_REDUCTION * out.shape[1]:
+            transposed = self._work(out.shape[::-1], out.dtype, "matmul_transposed")
+            numpy.matmul(b, a.T, out=transposed)
+            out[...] = transposed.T
+            return out
+        return super().matmul(a, b, out, trans_a, trans_b)
 
     def take_rows(self, x, index, out):
         # "clip" (the indices are a permutation's) writes straight into ``out``; "raise" writes a copy first
