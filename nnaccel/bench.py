@@ -241,8 +241,8 @@ def gemm_round(backend, size, warmup_s, precision="fp32"):
 def wait_until_idle(limit_s, window_s=0.02, busy_share=0.1):
     """Wait, at most ``limit_s`` seconds, until this process's threads use less than ``busy_share`` of
     a core over ``window_s``; True once they do. A BLAS thread pool spins after its last call
-    (OpenBLAS's for about 0.1 s), and the other library's round, started beside it, had a core less:
-    PyTorch's fit ran 40% slower right after a GEMM round on 2 cores."""
+    (OpenBLAS's for about 0.13 s), and the other library's round, started beside it, had a core less:
+    PyTorch's fit took 40% longer right after a GEMM round on 2 cores."""
     deadline = time.perf_counter() + limit_s
     while time.perf_counter() < deadline:
         wall, cpu = time.perf_counter(), time.process_time()
