@@ -398,9 +398,12 @@ def run_guarded(main, *args, prog="nnaccel"):
             return 2
         print(f"{prog}: rank {here.rank}: error: {error}", file=sys.stderr, flush=True)
         code = 2
-    except BaseException:
-        text = traceback.format_exc().rstrip().splitlines()
-        print("\n".join(f"{prog}: rank {here.rank}: {line}" for line in text), file=sys.stderr, flush=True)
+    except BaseException as error:
+        if isinstance(error, mpi().Exception):  # a collective failed: another rank died (killed, out of memory)
+            print(f"{prog}: rank {here.rank}: error: {_collective_failure(error)}", file=sys.stderr, flush=True)
+        else:
+            text = traceback.format_exc().rstrip().splitlines()
+            print("\n".join(f"{prog}: rank {here.rank}: {line}" for line in text), file=sys.stderr, flush=True)
         code = 1
     if here.size == 1:
         return code
@@ -408,6 +411,15 @@ def run_guarded(main, *args, prog="nnaccel"):
         communicator.abort_engine()
     here.comm.Abort(code)
     return code  # not reached
+
+
+def _collective_failure(error):
+    """One line for an MPI error: its class and its deepest cause (MPICH's stack has a line per layer)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or ["MPI error"]
+    what = lines[0].removesuffix(", error stack:")
+    cause = f": {lines[-1].rsplit(': ', 1)[-1]}" if len(lines) > 1 else ""
+    return (f"MPI failed talking to the other ranks ({what}{cause}); another rank has probably died "
+            f"(the job's first line names each rank's pid)")
 
 
 # ----- status, for ``nnaccel info`` -------------------------------------------------------------

@@ -37,7 +37,7 @@ def parse(argv=None):
     parser.add_argument("--stop", nargs=3, type=int, metavar=("RANK", "EPOCH", "STEP"),
                         help="that rank alone requests a stop (as Ctrl-C would) after that step (0-based epoch)")
     parser.add_argument("--fail", nargs=3, metavar=("RANK", "STEP", "HOW"),
-                        help="that rank fails after that step of its first epoch: raise, exit or kill")
+                        help="that rank fails after that step of its first epoch: raise, exit, mpi-error or kill")
     parser.add_argument("--check-every", type=int, help="Trainer.nan_check_every (5: the GPU strategy)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="CUDA steps run eagerly")
     parser.add_argument("--break-capture", type=int, metavar="RANK", help="that rank's CUDA graph captures fail")
@@ -87,6 +87,9 @@ class FailAt(nn.Callback):
             raise RuntimeError(f"boom in step {step}")
         if self.how == "exit":
             sys.exit(3)
+        if self.how == "mpi-error":  # what a collective raises when a peer has died
+            from mpi4py import MPI
+            raise MPI.Exception(MPI.ERR_OTHER)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
