@@ -377,8 +377,9 @@ def run_guarded(main, *args, prog="nnaccel"):
 
     Without this, a rank that raises would leave the others waiting forever
     in the next all-reduce. User errors print one line and end the job with
-    exit status 2; anything else prints its traceback and ends it with 1; a
-    second Ctrl-C ends it with 130.
+    exit status 2; an MPI error (another rank died) prints one line and
+    anything else its traceback, and ends it with 1; a second Ctrl-C ends it
+    with 130.
     """
     here = world()
     try:
