@@ -240,9 +240,8 @@ def gemm_round(backend, size, warmup_s, precision="fp32"):
 
 def wait_until_idle(limit_s, window_s=0.02, busy_share=0.1):
     """Wait, at most ``limit_s`` seconds, until this process's threads use less than ``busy_share`` of
-    a core over ``window_s``; True once they do. A BLAS thread pool spins after its last call
-    (OpenBLAS's for about 0.13 s), and the other library's round, started beside it, had a core less:
-    PyTorch's fit took 40% longer right after a GEMM round on 2 cores."""
+    a core over ``window_s``; True once they do. (A BLAS pool spins after its last call, OpenBLAS's
+    for about 0.13 s, and a round started beside it has a core less.)"""
     deadline = time.perf_counter() + limit_s
     while time.perf_counter() < deadline:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -259,15 +258,19 @@ def paired_rounds(rounds, ours, gemm, theirs, settle_s):
     lowered); each starts once the thread pools idle (``wait_until_idle``, at most ``settle_s``).
     Three lists."""
     mine, peaks, others = [], [], []
+    busy = 0
     for number in range(rounds):
         order = [(mine, ours), (peaks, gemm)] + ([(others, theirs)] if theirs is not None else [])
         for results, call in (reversed(order) if number % 2 else order):
-            wait_until_idle(settle_s)
+            busy += settle_s > 0 and not wait_until_idle(settle_s)
             results.append(call())
+    if busy:
+        _say(f"{busy} round(s) started with this process still busy after {settle_s} s (a thread that keeps "
+             f"spinning, e.g. OMP_WAIT_POLICY=active): those rounds may have had a core less")
     return mine, peaks, others
 
 
-def measure(name, batch, device, gemm, rounds, steps, warmup_s, torch, precision, settle_s):
+def measure(name, batch, device, gemm, rounds, steps, warmup_s, torch, precision, *, settle_s):
     """Time nnaccel's step (and PyTorch's, when ``torch`` is given) in rounds with ``gemm``'s
     (``gemm_round``, ``paired_rounds``)."""
     model, ours = training_step(name, batch, device, precision)
@@ -337,7 +340,7 @@ def torch_fit(torch, name, batch, device, epochs, x, y):
     return _timed(loop, synchronize)
 
 
-def measure_fit(name, batch, device, gemm, rounds, epochs, data, torch, settle_s):
+def measure_fit(name, batch, device, gemm, rounds, epochs, data, torch, *, settle_s):
     """Time whole fit calls (and PyTorch's loop, when ``torch`` is given) in rounds with ``gemm``'s
     (``paired_rounds``); one untimed call of each first warms caches, allocators and thread pools."""
     x, y = data
@@ -660,10 +663,11 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, settle_s, torch=None, q
                             _say(f"{key}: {operands} GEMM {size}x{size}: {peaks[key]['gflops']:,.1f} GFLOP/s")
                         for batch in batches:
                             if fit is not None:
-                                result = measure_fit(sizes, batch, device, gemms[key], rounds, *fit, peer, settle_s)
+                                result = measure_fit(sizes, batch, device, gemms[key], rounds, *fit, peer,
+                                                     settle_s=settle_s)
                             else:
                                 result = measure(sizes, batch, device, gemms[key], rounds, steps, warmup_s, peer,
-                                                 precision, settle_s)
+                                                 precision, settle_s=settle_s)
                             results.append(result)
                             _say(f"{key} {result.network} batch {batch}: {result.samples_per_s:,.0f} samples/s"
                                  + (f", PyTorch ratio {result.ratio:.2f}" if result.ratio else ""))

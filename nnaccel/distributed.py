@@ -29,6 +29,7 @@ first use only; ``pip install 'nnaccel[mpi]'`` installs it with MPICH.
 
 import atexit
 import os
+import re
 import shutil
 import socket
 import sys
@@ -377,11 +378,11 @@ def run_guarded(main, *args, prog="nnaccel"):
 
     Without this, a rank that raises would leave the others waiting forever
     in the next all-reduce. User errors print one line and end the job with
-    exit status 2; an MPI error (another rank died) prints one line and
-    anything else its traceback, and ends it with 1; a second Ctrl-C ends it
-    with 130.
+    exit status 2; an MPI error from a lost peer (another rank died) prints
+    one line and anything else its traceback, and ends it with 1; a second
+    Ctrl-C ends it with 130.
     """
-    here = world()
+    here, MPI = world(), mpi()
     try:
         return main(*args)
     except SystemExit as error:
@@ -400,8 +401,8 @@ def run_guarded(main, *args, prog="nnaccel"):
         print(f"{prog}: rank {here.rank}: error: {error}", file=sys.stderr, flush=True)
         code = 2
     except BaseException as error:
-        if isinstance(error, mpi().Exception):  # a collective failed: another rank died (killed, out of memory)
-            print(f"{prog}: rank {here.rank}: error: {_collective_failure(error)}", file=sys.stderr, flush=True)
+        if isinstance(error, MPI.Exception) and error.Get_error_class() in _peer_lost_classes(MPI):
+            print(f"{prog}: rank {here.rank}: error: {_collective_failure(error, here)}", file=sys.stderr, flush=True)
         else:
             text = traceback.format_exc().rstrip().splitlines()
             print("\n".join(f"{prog}: rank {here.rank}: {line}" for line in text), file=sys.stderr, flush=True)
@@ -414,13 +415,20 @@ def run_guarded(main, *args, prog="nnaccel"):
     return code  # not reached
 
 
-def _collective_failure(error):
-    """One line for an MPI error: its class and its deepest cause (MPICH's stack has a line per layer)."""
+def _peer_lost_classes(MPI):
+    """The MPI error classes of a collective whose peer died (killed, out of memory): MPICH's generic one,
+    and ULFM's where the library has it; other classes (a count or type mismatch) keep their traceback."""
+    return {MPI.ERR_OTHER, getattr(MPI, "ERR_PROC_FAILED", MPI.ERR_OTHER)}
+
+
+def _collective_failure(error, here):
+    """One line for an MPI error from a lost peer: its class, its deepest cause (MPICH's stack has a line
+    per layer, ``function(line)....: cause``) and every rank's pid."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or ["MPI error"]
     what = lines[0].removesuffix(", error stack:")
-    cause = f": {lines[-1].rsplit(': ', 1)[-1]}" if len(lines) > 1 else ""
-    return (f"MPI failed talking to the other ranks ({what}{cause}); another rank has probably died "
-            f"(the job's first line names each rank's pid)")
+    cause = re.sub(r"^\S+\(\d+\)\.*:\s*", "", lines[-1]) if len(lines) > 1 else ""
+    return (f"MPI failed talking to the other ranks ({what}{': ' + cause if cause else ''}); another rank has "
+            f"probably died ({here.describe()})")
 
 
 # ----- status, for ``nnaccel info`` -------------------------------------------------------------

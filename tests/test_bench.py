@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -111,9 +112,8 @@ class _Clocks:
 def clocks(monkeypatch):
     def install(busy):
         fake = _Clocks(busy)
-        monkeypatch.setattr(bench.time, "perf_counter", lambda: fake.wall)
-        monkeypatch.setattr(bench.time, "process_time", lambda: fake.cpu)
-        monkeypatch.setattr(bench.time, "sleep", fake.sleep)
+        monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: fake.wall,
+                                                          process_time=lambda: fake.cpu, sleep=fake.sleep))
         return fake
     return install
 
@@ -133,9 +133,9 @@ def test_the_wait_for_idle_threads_ends_at_its_limit(clocks):
     assert bench.wait_until_idle(0.0) is False and fake.wall == waited  # no limit, no wait (--quick)
 
 
-def test_paired_rounds_wait_for_idle_threads_before_every_round(monkeypatch):
+def test_paired_rounds_wait_for_idle_threads_before_every_round(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(bench, "wait_until_idle", lambda limit_s: calls.append(("wait", limit_s)))
+    monkeypatch.setattr(bench, "wait_until_idle", lambda limit_s: calls.append(("wait", limit_s)) or len(calls) > 1)
 
     def call(name):
         return lambda: calls.append(name) or len(calls)
@@ -144,6 +144,7 @@ def test_paired_rounds_wait_for_idle_threads_before_every_round(monkeypatch):
     wait = ("wait", 0.75)
     assert calls == [wait, "ours", wait, "gemm", wait, "theirs", wait, "theirs", wait, "gemm", wait, "ours"]
     assert (mine, peaks, others) == ([2, 12], [4, 10], [6, 8])
+    assert "1 round(s) started with this process still busy after 0.75 s" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

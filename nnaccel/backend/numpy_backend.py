@@ -11,6 +11,7 @@ from .base import Backend
 
 
 LONG_REDUCTION = 8  # inner size, in multiples of the product's larger side, from which ``matmul`` turns it
+TURN_FROM = 1 << 16  # multiply-adds below which turning a product costs more than it saves
 
 
 class NumpyBackend(Backend):
@@ -33,7 +34,7 @@ class NumpyBackend(Backend):
         # product as its rows (measured 1.4-1.9x for convolutions' weight gradients, whose filters are
         # fewer than their inputs' C*kh*kw): such a product is computed transposed and copied back.
         if trans_b and not trans_a and a.ndim == b.ndim == 2 and out.shape[0] < out.shape[1] \
-                and a.shape[1] >= LONG_REDUCTION * out.shape[1]:
+                and a.shape[1] >= LONG_REDUCTION * out.shape[1] and out.size * a.shape[1] >= TURN_FROM:
             transposed = self._work(out.shape[::-1], out.dtype, "matmul_transposed")
             numpy.matmul(b, a.T, out=transposed)
             out[...] = transposed.T
