@@ -60,8 +60,7 @@ class GraphedStep:
         """One step on ``x, y`` (step ``index`` of the epoch; ``rows`` and ``first`` as ``_Step`` takes
         them, the whole batch in one process); ``(loss, correct)`` as device arrays that the next step
         overwrites."""
-        trainer = self.step.trainer
-        key = (x.shape[0], rows, first, trainer.optimizer.lr)
+        trainer, key = self.step.trainer, self._key(x.shape[0], rows, first)
         if self.failed is not None:
             return self.step(x, y, rows, first, guard=guard, step=index)
         for layer in self.random_layers:
@@ -88,10 +87,14 @@ class GraphedStep:
     def inputs(self, x, y, part, rows, first):
         """``_Step.inputs``; once the step of this shape has a graph, the graph's own input buffers, so
         that a gathered batch lands where the replay reads it."""
-        key = (part, rows, first, self.step.trainer.optimizer.lr)
+        key = self._key(part, rows, first)
         if self.failed is None and key in self.graphs:
             return self.graphs[key][1:3]
         return self.step.inputs(x, y, part, rows, first)
+
+    def _key(self, part, rows, first):
+        """A step's graph: per (this rank's rows, the global rows, where they start, learning rate)."""
+        return part, rows, first, self.step.trainer.optimizer.lr
 
     def _run_and_capture(self, key, x, y, guard, index):
         trainer, backend = self.step.trainer, self.step.trainer.model.backend

@@ -117,14 +117,12 @@ class Layer:
     def _buffer(self, key, shape, dtype, batch_axis=0):
         """A reusable work array of ``shape``: a contiguous view of the largest seen (leading rows, or with
         ``batch_axis=1`` of a 2-D array, the first columns: a buffer for the exact shape then)."""
+        if not batch_axis:
+            return self.ops.leading_rows(self._work, key, shape, dtype)
         buf = self._work.get(key)
-        if batch_axis:
-            if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
-                buf = self._work[key] = self.ops.empty(shape, dtype)
-            return buf
-        if buf is None or buf.shape[1:] != tuple(shape[1:]) or buf.shape[0] < shape[0] or buf.dtype != dtype:
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
             buf = self._work[key] = self.ops.empty(shape, dtype)
-        return buf[: shape[0]]
+        return buf
 
     def in_dtype(self, array, dtype, key):
         """``array`` in ``dtype``: itself, or converted into the work array ``key`` (between a storage

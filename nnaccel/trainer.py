@@ -453,12 +453,9 @@ class _Step:
     def inputs(self, x, y, part, rows, first):
         """Buffers to gather the next call's part of ``part`` rows of ``x`` and ``y`` into (``rows`` and
         ``first`` as the call takes them): the leading rows of buffers of the largest part yet."""
-        for name, data in (("x", x), ("y", y)):
-            buffer = self._inputs.get(name)
-            if buffer is None or buffer.shape[0] < part or buffer.shape[1:] != data.shape[1:] \
-                    or buffer.dtype != data.dtype:
-                self._inputs[name] = self.trainer.model.backend.empty((part,) + data.shape[1:], data.dtype)
-        return self._inputs["x"][:part], self._inputs["y"][:part]
+        ops = self.trainer.model.backend
+        return tuple(ops.leading_rows(self._inputs, name, (part,) + data.shape[1:], data.dtype)
+                     for name, data in (("x", x), ("y", y)))
 
     def __call__(self, x, y, rows=None, first=0, guard=None, step=None, update=True):
         """The step on ``x, y`` (``rows`` in the global batch, this part starting at ``first``);

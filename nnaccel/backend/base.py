@@ -490,6 +490,14 @@ class Backend:
             self._scratch_arrays[key] = self.empty(shape, dtype)
         return self._scratch_arrays[key]
 
+    def leading_rows(self, store, key, shape, dtype):
+        """The first ``shape[0]`` rows of the work array ``store[key]``, made anew (of ``shape``) when it has
+        fewer rows, other trailing axes or another dtype: a short last batch reuses the full batch's."""
+        buf = store.get(key)
+        if buf is None or buf.shape[1:] != tuple(shape[1:]) or buf.shape[0] < shape[0] or buf.dtype != dtype:
+            buf = store[key] = self.empty(shape, dtype)
+        return buf[: shape[0]]
+
     def _scratch(self, like, slot):
         """Work array number ``slot`` shaped like ``like`` (the optimizers' temporaries)."""
         return self._work(like.shape, like.dtype, slot)
