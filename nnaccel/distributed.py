@@ -104,7 +104,31 @@ def world():
         local = comm.Split_type(MPI.COMM_TYPE_SHARED)
         hosts = tuple(tuple(item) for item in comm.allgather((socket.gethostname(), os.getpid())))
         _WORLD = World(comm, comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size(), hosts)
+        if _WORLD.size > 1:
+            _end_the_job_on_uncaught_errors(_WORLD)
     return _WORLD
+
+
+def _end_the_job_on_uncaught_errors(here):
+    """Make an exception that a script leaves uncaught on one rank end the whole job (as ``python -m
+    mpi4py`` does): its traceback, a line naming the rank, then MPI_Abort, instead of the other ranks
+    waiting forever in the next all-reduce (the command line's ``run_guarded`` catches its own)."""
+    previous = sys.excepthook
+
+    def hook(kind, error, trace):
+        previous(kind, error, trace)
+        print(f"rank {here.rank}: uncaught {kind.__name__}; ending all {here.size} ranks ({here.describe()})",
+              file=sys.stderr, flush=True)
+        _end_the_job(here, 130 if issubclass(kind, KeyboardInterrupt) else 1)
+
+    sys.excepthook = hook
+
+
+def _end_the_job(here, code):
+    """Free what the engines hold blocked, then MPI_Abort every rank with exit status ``code``."""
+    for communicator in _COMMUNICATORS.values():
+        communicator.abort_engine()
+    here.comm.Abort(code)
 
 
 def rank_device(device="auto"):
@@ -409,9 +433,7 @@ def run_guarded(main, *args, prog="nnaccel"):
         code = 1
     if here.size == 1:
         return code
-    for communicator in _COMMUNICATORS.values():
-        communicator.abort_engine()
-    here.comm.Abort(code)
+    _end_the_job(here, code)
     return code  # not reached
 
 

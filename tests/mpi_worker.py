@@ -38,6 +38,8 @@ def parse(argv=None):
                         help="that rank alone requests a stop (as Ctrl-C would) after that step (0-based epoch)")
     parser.add_argument("--fail", nargs=3, metavar=("RANK", "STEP", "HOW"),
                         help="that rank fails after that step of its first epoch: raise, exit, mpi-error or kill")
+    parser.add_argument("--unguarded", action="store_true",
+                        help="run main() bare, as a user's script does, not under distributed.run_guarded")
     parser.add_argument("--check-every", type=int, help="Trainer.nan_check_every (5: the GPU strategy)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="CUDA steps run eagerly")
     parser.add_argument("--break-capture", type=int, metavar="RANK", help="that rank's CUDA graph captures fail")
@@ -178,7 +180,7 @@ def main(args):
 
 if __name__ == "__main__":
     arguments = parse()
-    if arguments.distributed:
+    if arguments.distributed and not arguments.unguarded:
         from nnaccel import distributed
 
         sys.exit(distributed.run_guarded(main, arguments, prog="mpi_worker"))

@@ -289,6 +289,16 @@ def test_a_failing_rank_ends_the_job_naming_it(mpi, tmp_path, how, says):
     assert not (tmp_path / "w.npz").exists()
 
 
+def test_an_uncaught_error_in_a_script_ends_the_job_naming_the_rank(mpi, tmp_path):
+    """A user's script, with no run_guarded around it: rank 1's exception must not leave rank 0 waiting."""
+    run = worker(2, tmp_path / "w.npz", "--epochs", 1000, "--fail", 1, 3, "raise", "--unguarded")
+    assert run.returncode == 1, run.stderr
+    assert "RuntimeError: boom in step 3" in run.stderr, run.stderr
+    assert re.search(r"^rank 1: uncaught RuntimeError; ending all 2 ranks \(rank 0 pid \d+ on .*, rank 1 pid \d+",
+                     run.stderr, re.M), run.stderr
+    assert not (tmp_path / "w.npz").exists()
+
+
 @pytest.mark.parametrize("last, cause", [
     ("copy_iovs(224)....................................: process_vm_readv failed (errno 3)",
      ": process_vm_readv failed (errno 3)"),
