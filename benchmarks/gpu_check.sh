@@ -2,8 +2,8 @@
 # The prepared command for the day a GPU is lent: in one call, the GPU tests, the fused-kernel benchmark
 # (against device copy bandwidth), nnaccel's training steps against PyTorch in fp32, TF32 and bf16 (against
 # autocast) with the share of the GEMM peak in each, and whole fit calls (CUDA graphs) against a PyTorch
-# loop, with the machine's description, results (JSON) and logs in OUTDIR (8 files at most). At most
-# 9.5 minutes on an H100/H200; each part has its own time limit.
+# loop, with the machine's description, results (JSON) and logs in OUTDIR (8 files at most). Under
+# 8 minutes on an H100/H200: each part has its own time limit, 470 s together.
 #
 #   benchmarks/gpu_check.sh OUTDIR            # on the GPU machine, from the repository root or anywhere
 #   PYTHONPATH=tests/cuda_standin benchmarks/gpu_check.sh --quick OUTDIR
@@ -56,11 +56,11 @@ if [ "$quick" = 1 ]; then
     --json "$out/bench.json"
   part fit 300 "$python" -m nnaccel.cli bench --fit --quick --devices cuda --compare torch --json "$out/fit.json"
 else
-  part gpu-tests 180 "$python" -m pytest -q -rfE -p no:cacheprovider -m gpu tests
-  part fused-kernels 60 "$python" benchmarks/fused_kernels.py --json "$out/fused-kernels.json"
-  part bench 240 "$python" -m nnaccel.cli bench --devices cpu,cuda --compare torch --precision fp32,tf32,bf16 \
+  part gpu-tests 150 "$python" -m pytest -q -rfE -p no:cacheprovider -m gpu tests
+  part fused-kernels 45 "$python" benchmarks/fused_kernels.py --json "$out/fused-kernels.json"
+  part bench 200 "$python" -m nnaccel.cli bench --devices cpu,cuda --compare torch --precision fp32,tf32,bf16 \
     --json "$out/bench.json"
-  part fit 90 "$python" -m nnaccel.cli bench --fit --devices cuda --compare torch --json "$out/fit.json"
+  part fit 75 "$python" -m nnaccel.cli bench --fit --devices cuda --compare torch --json "$out/fit.json"
 fi
 
 echo "results in $out: $(cd "$out" && ls | tr '\n' ' ')"
