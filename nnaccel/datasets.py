@@ -297,12 +297,13 @@ def _read_npz_array(archive, path, key, ndim):
     name = f"{path}[{key}]"
     with archive.open(info) as member, _checksum_first(member):
         version = np.lib.format.read_magic(member)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
-        else:
+        if version not in ((1, 0), (2, 0)):
             raise DataError(f"{name}: .npy format version {version} is not supported")
+        parse = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        try:
+            shape, fortran_order, dtype = parse(member)
+        except Exception as exc:  # ValueError, SyntaxError, tokenize.TokenError... from a literal_eval of anything
+            raise DataError(f"{name}: corrupt .npy header ({_detail(exc)})") from None
         if dtype.kind not in "iuf":
             raise DataError(f"{name}: dtype {dtype}, expected integers or floats")
         if len(shape) != ndim or min(shape) < 0:

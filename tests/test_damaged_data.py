@@ -181,3 +181,20 @@ def test_npz_damaged_member_is_corrupt(tmp_path, save, member, damage):
     path = write(tmp_path / "mnist.npz", bytes(data))
     message = one_line(assert_data_error(lambda: datasets.load_mnist(path), path))
     assert message.startswith(f"{path}: corrupt or truncated .npz archive ("), message
+
+
+@pytest.mark.parametrize("header", [
+    "{'descr': '|u1', 'fortran_order': False, 'shape': (20, 8, 8",  # tokenize.TokenError in numpy's parser
+    "{'descr': '|u1', 'fortran_order': False, 'shape': (20, 8, 8)) }",  # SyntaxError
+    "{'descr': 'bogus', 'fortran_order': False, 'shape': (20, 8, 8), }",  # ValueError
+])
+def test_npz_member_with_a_corrupt_header_and_a_good_crc_is_a_data_error(tmp_path, header):
+    """The member's CRC is right, so only the header parse sees the damage (a file written wrong)."""
+    text = header.encode("latin1")
+    text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
+    path = tmp_path / "mnist.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x_train.npy", b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + IMAGES.tobytes())
+        archive.writestr("y_train.npy", b"")
+    message = one_line(assert_data_error(lambda: datasets.load_mnist(path), path))
+    assert message.startswith(f"{path}[x_train]: corrupt .npy header ("), message
