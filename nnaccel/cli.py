@@ -313,6 +313,12 @@ def _trainer_from_checkpoint(args, device):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def _stop_at_once(signum, frame):
+    """Outside training's own handling: stop now, through the ``finally`` blocks, with exit status
+    128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as training does."""
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def _stopping_on_signals(trainer):
     """While training and saving: the first SIGINT or SIGTERM asks ``trainer`` to stop after the
@@ -323,12 +329,9 @@ def _stopping_on_signals(trainer):
     anywhere, even in the interpreter's shutdown."""
     received = []
 
-    def stop_at_once(signum, frame):
-        raise SystemExit(128 + signum)
-
     def stop_after_the_step(signum, frame):
         for number in STOP_SIGNALS:
-            signal.signal(number, stop_at_once)
+            signal.signal(number, _stop_at_once)
         received.append(signum)
         trainer.request_stop()
 
@@ -583,6 +586,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
     try:
+        for number in STOP_SIGNALS:  # from the start (imports, data, the checkpoint read), not only in fit
+            signal.signal(number, _stop_at_once)
         for option in PICTURE_OPTIONS:
             if getattr(args, option, None):
                 plotting.check_picture_path(getattr(args, option), f"--{option}")

@@ -318,6 +318,34 @@ def test_resume_after_epoch_2_equals_4_epochs_straight(tmp_path):
     _assert_same_run(tmp_path / "a.npz", tmp_path / "b.npz")
 
 
+# nnaccel train, its data load held until the test's signal: the window before training starts.
+HELD_LOAD = """
+import sys, threading
+from nnaccel import cli, datasets
+def held(*args, **kwargs):
+    print("loading", file=sys.stderr, flush=True)
+    threading.Event().wait()
+datasets.load = held
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_before_training_starts_exits_128_plus_it(tmp_path, signum):
+    """Before fit's handlers (the imports, the data load, the checkpoint read): 130 or 143 too, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-c", HELD_LOAD, *TRAIN, "--save", str(tmp_path / "ck.npz")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=ENV, bufsize=0)
+    try:
+        err = _read_until(proc, proc.stderr, bytearray(), lambda b: b"loading" in b, 120, "the data load")
+        proc.send_signal(signum)
+        err += proc.communicate(timeout=60)[1]
+    finally:
+        _stop(proc)
+    assert proc.returncode == 128 + signum, err
+    assert b"Traceback" not in err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_second_signal_stops_at_once_and_leaves_a_valid_checkpoint(tmp_path, signum):
     """A second Ctrl-C or SIGTERM (0-30 ms after the first) stops at once; whatever it interrupts,
