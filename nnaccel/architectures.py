@@ -13,8 +13,8 @@ Grammar: comma-separated layers, input to output.
 ``flatten``               Flatten; put before the first Dense after an image layer when left out
 ========================  ==========================================================================
 
-A list without image layers may start with the input width (``784,256,10``,
-as before). Image layers take one-channel square images, as MNIST's; their
+A list of yours without image layers starts with the input width when it
+has more than one number (``784,256,10``, as before); the presets do not. Image layers take one-channel square images, as MNIST's; their
 side comes from the data's width. The last Dense width must be the number of
 classes.
 """
@@ -81,13 +81,13 @@ def build(text, features, classes, activation="relu"):
     """``(layers, input_shape)`` for the architecture ``text`` (or a preset's name) on data of ``features``
     values per sample and ``classes`` classes."""
     try:
-        return _build(PRESETS.get(text, text), features, classes, activation)
+        return _build(PRESETS.get(text, text), features, classes, activation, text not in PRESETS)
     except ConfigError as error:
         name = f"--model {text}" if text in PRESETS else "--layers"
         raise ConfigError(str(error).replace("--layers", name, 1)) from None
 
 
-def _build(text, features, classes, activation):
+def _build(text, features, classes, activation, starts_with_inputs):
     tokens = [token.strip().lower() for token in text.split(",") if token.strip()]
     if not tokens:
         raise ConfigError(f"--layers names no layer; {_GRAMMAR}")
@@ -100,9 +100,11 @@ def _build(text, features, classes, activation):
         input_shape = (1, side, side)
     else:
         input_shape = (features,)
-        if len([t for t in tokens if t.isdigit()]) > 1 and tokens[0].isdigit():
+        if starts_with_inputs and len([t for t in tokens if t.isdigit()]) > 1 and tokens[0].isdigit():
             if int(tokens[0]) != features:
-                raise ConfigError(f"--layers starts with {tokens[0]} inputs but the data has {features} features")
+                raise ConfigError(f"--layers starts with {tokens[0]} inputs but the data has {features} features "
+                                  f"(a list of Dense widths starts with the input width: {features},"
+                                  f"{','.join(tokens)} puts {tokens[0]} units first)")
             tokens = tokens[1:]
     widths = [index for index, token in enumerate(tokens) if token.isdigit()]
     if not widths or widths[-1] != len(tokens) - 1:

@@ -20,7 +20,7 @@ from . import (__version__, activations, architectures, bench, checkpoint, datas
 from .backend import PRECISIONS, cuda_status, resolve_device
 from .callbacks import CSVLogger, EarlyStopping, ModelCheckpoint
 from .errors import CheckpointError, ConfigError, NnaccelError, OutputError, describe_range, number_option
-from .layers import Dense, Dropout, RandomShift
+from .layers import Dense, Dropout, Flatten, RandomShift
 from .model import Sequential
 from .trainer import Trainer, TrainingDiverged
 
@@ -97,7 +97,8 @@ def build_parser():
                       help="fraction of the training split held out for validation, in (0, 1) (default 0.2)")
     data.add_argument("--augment", type=_non_negative_int, nargs="?", const=2, metavar="PIXELS",
                       help="shift each training image by up to PIXELS (default 2) in each direction, drawn per "
-                           "image and epoch (a RandomShift layer first; images only; below half the side)")
+                           "image and epoch (a RandomShift layer first, and a Flatten after it for an MLP; square images only; "
+                           "below half the side)")
     net = train.add_argument_group("network")
     shape = net.add_mutually_exclusive_group()
     shape.add_argument("--layers", help="the architecture, e.g. 784,256,10 or conv6k5p2,maxpool2,120,10 (grammar "
@@ -264,6 +265,7 @@ def _build_model(args, features, classes, device):
                 raise ConfigError(f"--augment shifts images, but the data's {features} values per sample are not "
                                   f"a square image")
             input_shape = (1, side, side)
+            layers.insert(0, Flatten())  # the shifted images go on flat to the first Dense
         layers.insert(0, RandomShift(args.augment))
     return Sequential(*layers, device=device, seed=args.seed, input_shape=input_shape)
 

@@ -54,6 +54,22 @@ def test_train_save_evaluate_json(tmp_path):
     assert run.returncode == 0 and "test accuracy" in run.stdout
 
 
+@pytest.mark.parametrize("net", [["--layers", "784,32,10"], ["--model", "mlp"]], ids=["layers", "preset"])
+def test_an_mlp_trains_with_augment_and_the_mlp_preset_fits_any_width(tmp_path, net):
+    """--augment puts RandomShift and a Flatten before an MLP; the mlp preset takes the data's width."""
+    run = nnaccel("train", "--data", "synthetic", *net, "--augment", "2", "--epochs", 1, "--save", "m.npz",
+                  "--quiet", "--device", "cpu", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    from nnaccel import load
+
+    model = load(tmp_path / "m.npz")
+    assert model.input_shape == (1, 28, 28)
+    assert [type(layer).__name__ for layer in model.layers[:3]] == ["RandomShift", "Flatten", "Dense"]
+    run = nnaccel("train", "--data", "digits", "--model", "mlp", "--epochs", 1, "--quiet", "--device", "cpu",
+                  cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+
+
 def test_a_conv_net_from_the_command_line_predicts_and_shows(tmp_path):
     """--layers with image layers and --augment; predict, show --weights (filters) and --activations (maps)."""
     run = nnaccel("train", "--layers", "conv4k5p2,maxpool2,bn,conv8k3,avgpool2,32,10", "--augment", "--epochs", 1,
@@ -121,7 +137,6 @@ def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
     (["train", "--layers", "64,32,10"], "starts with 64 inputs but the data has 784 features"),
     (["train", "--model", "lenet5", "--data", "digits"], "--model lenet5: 'conv16k5'"),
     (["train", "--layers", "conv6k5,bogus,10"], "'bogus' is not a layer; the grammar"),
-    (["train", "--augment", "--data", "synthetic", "--layers", "784,10", "--epochs", "1"], "train"),
     (["train", "--activation", "swishy"], "unknown activation 'swishy'; valid: linear, relu"),
     (["train", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["train", "--device", "tpu"], "unknown device 'tpu'"),
