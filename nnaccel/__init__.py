@@ -19,3 +19,5 @@ from .optimizers import SGD, Adam, AdamW, CosineAnnealing, StepLR
 from .trainer import OutOfMemory, Trainer, TrainingDiverged
 
 __version__ = "0.1.0"
+
+from . import onnx  # noqa: E402  (nnaccel.onnx.export; it needs __version__; the onnx package loads on first use)

@@ -269,8 +269,15 @@ class Sequential:
 
         save(path, self)
 
-    def summary(self):
-        """Each layer with its output shape and parameter count, and the totals."""
+    def summary(self, print_fn=print):
+        """Each layer with its output shape and parameter count, and the totals: printed (through
+        ``print_fn``, as Keras's ``summary``; None prints nothing) and returned as text."""
+        text = self._summary_text()
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    def _summary_text(self):
         counts = [sum(math.prod(shape) for i, _, shape in self._specs if i == index)
                   for index in range(len(self.layers))]
         rows = [("layer", "output shape", "parameters"), ("input", describe_shape(self.input_shape), "")]
@@ -284,7 +291,7 @@ class Sequential:
         return "\n".join(lines)
 
     def __repr__(self):
-        return self.summary()
+        return self._summary_text()
 
     @classmethod
     def from_torch(cls, module, input_shape=None, device="cpu", seed=0):

@@ -224,7 +224,9 @@ def test_the_api_of_the_issue(device):
     images, flat = model.forward(model.backend.asarray(x)), model.forward(model.backend.asarray(x.reshape(3, 784)))
     assert images.shape == (3, 10) and images.dtype == np.float32
     np.testing.assert_array_equal(host(model, images), host(model, flat))
-    summary = model.summary()
+    printed = []
+    summary = model.summary(print_fn=printed.append)
+    assert printed == [summary] == [repr(model)]
     for line in ("Conv2D(1, 6, 5, padding=2, activation='relu')  6x28x28", "MaxPool2D(2)", "16x5x5", "BatchNorm(120)",
                  "52,142 parameters and 240 buffer values"):
         assert line in summary, summary

@@ -69,3 +69,10 @@ def test_the_wheel_needs_numpy_alone_and_ships_the_mnist_sample(wheel, tmp_path)
     run = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "(7996, 784) (7996,) [5, 0, 4, 1, 9]"
+
+
+def test_nnaccel_onnx_export_is_there_after_import_nnaccel_without_loading_onnx():
+    """The issue's spelling, ``nnaccel.onnx.export(model, path)``, after a plain ``import nnaccel``."""
+    code = "import sys, nnaccel; assert callable(nnaccel.onnx.export); print('onnx' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert run.stdout.strip() == "False"  # the onnx package itself is imported by export, on first use
