@@ -391,6 +391,24 @@ def cmd_train(args):
     return _train(args)
 
 
+def _plan_resumed_epochs(args, trainer):
+    """--epochs of a resumed run: a cosine schedule runs over its run's total epochs, so without --epochs
+    the run goes on to that total, and a different --epochs plans the schedule again over the new total
+    (the rates of the epochs left are then those of a run started with it), saying so, instead of
+    training the epochs past the old total at the schedule's last rate."""
+    schedule = trainer.schedule
+    if not isinstance(schedule, optimizers.CosineAnnealing):
+        args.epochs = args.epochs or DEFAULT_EPOCHS
+    elif args.epochs is None:
+        args.epochs = schedule.t_max
+    elif args.epochs != schedule.t_max:
+        trainer.schedule = optimizers.CosineAnnealing(args.epochs, schedule.eta_min)
+        rate = trainer.schedule.lr_at(trainer.epoch, trainer.optimizer.base_lr)
+        _say(args, f"the cosine schedule of {args.resume} runs over {schedule.t_max} epochs; --epochs "
+                   f"{args.epochs} plans it again over {args.epochs}: learning rate {rate:.4g} in epoch "
+                   f"{trainer.epoch + 1}")
+
+
 def _rank_batch(args, global_batch):
     """The per-rank batch that keeps a checkpoint's samples per step (its global batch)."""
     communicator = getattr(args, "communicator", None)
@@ -425,12 +443,13 @@ def _train(args):
     _check_outputs(args)
     x, y = datasets.load(args.data, split="train")
     _apply_default_recipe(args, x.shape[1])
-    args.epochs = args.epochs or DEFAULT_EPOCHS
     if args.resume:
         trainer = _trainer_from_checkpoint(args, device)
         _say(args, f"resuming {args.resume} after epoch {trainer.epoch}"
                    + (f", step {trainer._resume_point['step']}" if trainer._resume_point else ""))
+        _plan_resumed_epochs(args, trainer)
     else:
+        args.epochs = args.epochs or DEFAULT_EPOCHS
         trainer = _trainer_from_options(args, x.shape[1], int(y.max()) + 1, device)
     model = trainer.model
     _check_ranges_against_data(args, trainer, x.shape[0])

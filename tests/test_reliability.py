@@ -429,6 +429,27 @@ def _interrupted_in_process(tmp_path, monkeypatch, capsys, extra):
     return shlex.split(note.split("resume with: ")[1])
 
 
+def test_a_cosine_run_resumed_to_more_epochs_plans_its_schedule_over_them(tmp_path, monkeypatch, capsys):
+    """A cosine schedule runs over --epochs: a finished 2-epoch run resumed with --epochs 4 trains epochs 3-4
+    at the rates of a 4-epoch run (not at the old schedule's last rate, 0), saying so; resumed without
+    --epochs, a cosine run goes on to the total it was started with."""
+    monkeypatch.chdir(tmp_path)
+    cosine = [*SMALL, "--schedule", "cosine", "--lr", "0.1", "--quiet"]
+    assert cli.main([*cosine, "--epochs", "2", "--save", "a.npz"]) == 0
+    assert cli.main(["train", "--resume", "a.npz", "--data", "digits", "--device", "cpu", "--save", "a.npz"]) == 0
+    assert checkpoint.read(tmp_path / "a.npz")[0]["trainer"]["epoch"] == 2  # its own total: nothing more
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "a.npz", "--data", "digits", "--device", "cpu", "--epochs", "4",
+                     "--save", "a.npz"]) == 0
+    assert ("the cosine schedule of a.npz runs over 2 epochs; --epochs 4 plans it again over 4: learning rate "
+            "0.05 in epoch 3") in capsys.readouterr().err
+    assert cli.main([*cosine, "--epochs", "4", "--save", "b.npz"]) == 0
+    resumed, straight = (checkpoint.read(tmp_path / name)[0]["trainer"] for name in ("a.npz", "b.npz"))
+    assert resumed["history"]["lr"][:2] == [0.1, 0.05]  # planned over 2 epochs
+    assert resumed["history"]["lr"][2:] == straight["history"]["lr"][2:]
+    assert resumed["epoch"] == 4 and resumed["schedule"] == straight["schedule"]
+
+
 def test_printed_resume_command_keeps_saving_the_checkpoint(tmp_path, monkeypatch, capsys):
     command = _interrupted_in_process(tmp_path, monkeypatch, capsys, [])
     assert command[:2] == ["nnaccel", "train"]
