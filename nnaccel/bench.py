@@ -394,6 +394,9 @@ def parse_precisions(text):
     return precisions
 
 
+MAX_BATCH = 2 ** 20  # a synthetic batch of 784 floats a sample: 3 GiB
+
+
 def parse_batches(text):
     """Batch sizes from ``"32,64,256"``."""
     try:
@@ -402,6 +405,8 @@ def parse_batches(text):
         batches = ()
     if not batches or min(batches) <= 0:
         raise ConfigError(f"--batches {text!r} is not a list of positive batch sizes like 32,64,256")
+    if max(batches) > MAX_BATCH:
+        raise ConfigError(f"--batches: each batch size must be from 1 to {MAX_BATCH:,}, got {max(batches):,}")
     return batches
 
 
@@ -590,6 +595,10 @@ def run(args):
         pyplot()  # a missing matplotlib is reported now, not after the measurements
     try:
         fit = _fit_data(args.quick, epochs) if args.fit else None
+        largest = max(batch for _, _, batches in grid for batch in batches)
+        if fit and largest > len(fit[1][0]):
+            raise ConfigError(f"--batches: a fit's batch size must be from 1 to {len(fit[1][0]):,} (the images it "
+                              f"trains on), got {largest:,}")
         peaks, results = measure_grid(grid, threads, rounds, steps, warmup_s, settle_s, torch, quick=args.quick,
                                       fit=fit, precisions=precisions)
     except MemoryError as error:  # a batch or layer size beyond what the device holds (CuPy's OOM is one too)

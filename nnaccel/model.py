@@ -1,6 +1,7 @@
 """Sequential: layers in a row, with all parameters in one flat buffer per device."""
 
 import math
+import sys
 
 import numpy
 
@@ -88,6 +89,7 @@ class Sequential:
     def _initial_state(self, rng):
         """Initial values of every parameter (drawn on the host so every device starts alike) and buffer."""
         self._specs, self._buffer_specs = [], []
+        self._check_size()
         values, buffers = [numpy.zeros(0, self.dtype)], [numpy.zeros(0, self.dtype)]
         for index, layer in enumerate(self.layers):
             if isinstance(layer, layers_module.RandomLayer):
@@ -99,6 +101,16 @@ class Sequential:
                 self._buffer_specs.append((index, name, tuple(shape)))
                 buffers.append(numpy.asarray(value, self.dtype).ravel())
         return numpy.concatenate(values), numpy.concatenate(buffers)
+
+    def _check_size(self):
+        """A ConfigError naming the largest layer when the parameters need more bytes than an address space
+        holds (numpy would fail with 'Maximum allowed dimension exceeded'); what merely exceeds this
+        machine's memory fails as a MemoryError."""
+        counts = [sum(math.prod(shape) for _, shape, _ in layer.param_specs()) for layer in self.layers]
+        if sum(counts) * self.dtype.itemsize > sys.maxsize:
+            index = max(range(len(counts)), key=counts.__getitem__)
+            raise ConfigError(f"the model has {sum(counts):,} parameters, more than any memory holds in {self.dtype}: "
+                              f"layer {index}, {self.layers[index]!r}, has {counts[index]:,}")
 
     def _place(self, backend, host_params, host_buffers):
         """Allocate the flat buffers on ``backend`` and hand each layer its views."""

@@ -213,6 +213,23 @@ def test_a_network_too_large_for_memory_is_one_line(capsys):
     assert line.startswith("nnaccel train: error: out of memory: ") and "(a smaller --layers or --batch-size fits)" in line
 
 
+@pytest.mark.parametrize("layers", [f"64,{10**20},10", f"conv{10**20}k3,10", f"conv4k3p{10**20},10"])
+def test_a_network_beyond_any_address_space_is_one_line(capsys, layers):
+    """Sizes past numpy's own limit (it raises 'Maximum allowed dimension exceeded'): the largest layer named."""
+    assert cli.main(["train", "--data", "digits", "--layers", layers, "--device", "cpu"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("nnaccel train: error: the model has ") and "more than any memory holds in float32: " \
+        "layer " in line, line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batches", str(10**20)], "--batches: each batch size must be from 1 to 1,048,576, got 100,000,000,000,000"),
+    (["--fit", "--batches", "100000"], "--batches: a fit's batch size must be from 1 to 512 (the images it trains on)"),
+])
+def test_bench_batches_beyond_their_range_are_one_line(capsys, args, message):
+    _refused(capsys, ["bench", "--quick", "--devices", "cpu", *args], message)
+
+
 # ----- the library: the constructors the options reach ----------------------------------------------------
 LIBRARY = [
     ("Dropout('0.5')", lambda: nn.Dropout("0.5"), "Dropout rate"),
