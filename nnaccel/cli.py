@@ -433,7 +433,7 @@ def _train(args):
                    f"{args.communicator.world.describe()}")
     else:
         device = resolve_device(args.device)
-        if args.device == "auto" and device == "cpu":
+        if args.device.strip().lower() == "auto" and device == "cpu":
             _say(args, f"device auto: training on the CPU ({cuda_status()[1]})")
         if distributed.launched_size() > 1:
             _say(args, f"warning: {distributed.launched_size()} processes were started but without --distributed "
