@@ -211,13 +211,25 @@ class Sequential:
             dy = layer.backward(dy if layer.takes_storage_dtype else layer.in_dtype(dy, self.dtype, "output_grad"),
                                 input_grad=index > 0)
 
+    def to_model_dtype(self, x, what="x"):
+        """Device array ``x`` in the model's float type: floats rounded (as Keras does), integers converted
+        only where that is exact (float32 holds every integer up to 2**24; wider values are refused)."""
+        mantissa = numpy.finfo(self.dtype).nmant + 1
+        if x.dtype.kind in "iu" and x.dtype.itemsize * 8 - (x.dtype.kind == "i") > mantissa and x.size:
+            low, high = int(self.backend.xp.min(x)), int(self.backend.xp.max(x))
+            if max(-low, high) > 2 ** mantissa:
+                raise ShapeError(f"{what} has {x.dtype} values from {low:,} to {high:,}, but {self.dtype} holds "
+                                 f"integers exactly only up to {2 ** mantissa:,} in size; scale {what} or convert "
+                                 f"it to floats yourself")
+        return x if x.dtype == self.dtype else x.astype(self.dtype)
+
     def predict(self, x, batch_size=1024):
         """Outputs for ``x`` (host or device array) as a NumPy array, in eval mode."""
         batch_size = check_int(batch_size, "predict batch_size")
         ops = self.backend
         x = ops.asarray(x, what="x")
-        if x.dtype != self.dtype and x.dtype.kind in "fiu":
-            x = x.astype(self.dtype)
+        if x.dtype.kind in "fiu":
+            x = self.to_model_dtype(x, "x")
         self.check_input(x)
         was_training, self.training = self.training, False
         try:

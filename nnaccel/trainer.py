@@ -96,8 +96,9 @@ class Trainer:
         """Validate a data set once and move it to the model's device.
 
         Integer and float16 inputs are converted to the model's float type
-        (exactly, for the usual 8- and 16-bit pixel types); float64 inputs
-        are rounded to float32 like Keras does. NaN or inf in the inputs,
+        when that is exact (always for 8- and 16-bit pixel types; wider
+        integers beyond 2**24 for float32 are refused); float64 inputs are
+        rounded to float32 like Keras does. NaN or inf in the inputs,
         labels out of range, and lengths that disagree are refused here, so
         the training loop itself needs no checks.
         """
@@ -118,8 +119,7 @@ class Trainer:
             raise ShapeError(f"{label_what} has {y.shape[0]} entries but {what} has {x.shape[0]} samples")
         if x.dtype.kind not in "fiu":
             raise ShapeError(f"{what} has dtype {x.dtype}; expected a float array")
-        if x.dtype != model.dtype:
-            x = x.astype(model.dtype)
+        x = model.to_model_dtype(x, what)
         if not bool(ops.xp.isfinite(x).all()):
             raise ShapeError(f"{what} contains NaN or inf values")
         y = self.loss.prepare_targets(ops, y, model.out_features, model.dtype, label_what)
@@ -679,3 +679,4 @@ class _Progress:
                 f"{rate:,.0f} samples/s")
         end = "\r\033[K" if done >= self.total else ""
         print(line + end, end="", file=sys.stderr, flush=True)
+

@@ -249,3 +249,24 @@ def test_resumed_optimizer_state_takes_model_dtype(device, tmp_path, opt_name, s
     assert_model_dtype(resumed.model, dtype)
     for key, buf in resumed.optimizer.state.items():
         assert_dtype(buf, dtype, f"optimizer state {key!r}")
+
+
+@pytest.mark.parametrize("x_dtype, value, exact", [
+    (np.int16, -2 ** 15, True), (np.uint16, 2 ** 16 - 1, True), (np.int32, 2 ** 24, True),
+    (np.int32, 2 ** 24 + 1, False), (np.int64, -(2 ** 31), False), (np.uint32, 2 ** 25, False),
+])
+def test_integer_inputs_convert_to_float32_only_where_exact(device, x_dtype, value, exact):
+    """float32 holds every integer up to 2**24: wider integer inputs beyond it are refused, not rounded."""
+    model = make_model(device, np.float32)
+    trainer = nn.Trainer(model, quiet=True)
+    x, y = np.full((4, 6), value, x_dtype), np.zeros(4, np.int64)
+    if exact:
+        prepared, _ = trainer.prepare(x, y)
+        assert_dtype(prepared, np.float32, "prepared x")
+        assert np.array_equal(host(model, prepared), x.astype(np.float64))
+        assert_dtype(model.predict(x), np.float32, "predict output")
+        return
+    for call in (lambda: trainer.prepare(x, y), lambda: model.predict(x)):
+        with pytest.raises(nn.ShapeError, match=rf"x has {np.dtype(x_dtype).name} values from .* but float32 holds "
+                                                r"integers exactly only up to 16,777,216"):
+            call()
