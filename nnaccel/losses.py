@@ -110,6 +110,7 @@ class MeanSquaredError(Loss):
 
     def prepare_targets(self, ops, target, outputs, dtype, what="target"):
         if target.ndim == 1 and target.dtype.kind in "iu" and outputs > 1:
+            check_labels(ops.to_host(target), outputs, what)  # an out-of-range label would be an all-zero row
             return one_hot(ops, target, outputs, dtype)
         return _float_targets(ops, target, outputs, dtype, what)
 
@@ -127,6 +128,12 @@ class SigmoidCrossEntropy(Loss):
 
     def prepare_targets(self, ops, target, outputs, dtype, what="target"):
         return _float_targets(ops, target, outputs, dtype, what)
+
+    def check_values(self, target, outputs, what="target"):
+        target = get_backend(array_device(target)).to_host(target)
+        if target.size and (target.min() < 0 or target.max() > 1):
+            raise ShapeError(f"{what} range from {target.min():g} to {target.max():g}; binary cross-entropy "
+                             f"takes targets in [0, 1]")
 
     def _forward(self, ops, y, target):
         return ops.sigmoid_cross_entropy(y, target, self._grad_buffer(ops, y))
