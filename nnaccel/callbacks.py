@@ -84,12 +84,17 @@ class EarlyStopping(Callback, _Monitor):
 class ModelCheckpoint(Callback, _Monitor):
     """Write a resumable checkpoint after every epoch, or only when ``monitor`` improves.
 
-    ``path`` may contain ``{epoch}`` to keep one file per epoch.
+    ``path`` may contain ``{epoch}`` to keep one file per epoch (``{{`` and ``}}`` for braces).
     """
 
     def __init__(self, path, monitor="val_loss", save_best_only=False, mode="auto"):
         _Monitor.__init__(self, monitor, mode, 0.0)
         self.path = str(path)
+        try:
+            self.path.format(epoch=1)
+        except (IndexError, KeyError, ValueError) as error:
+            raise ConfigError(f"ModelCheckpoint path {self.path!r} is not a template of {{epoch}} only "
+                              f"({type(error).__name__}: {error}); write {{{{ and }}}} for braces") from None
         self.save_best_only = save_best_only
 
     def on_epoch_end(self, trainer, logs):

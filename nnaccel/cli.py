@@ -348,7 +348,8 @@ def _stopping_on_signals(trainer):
 def _fit_and_save(trainer, args, data, validation_data):
     """fit(), with Ctrl-C or SIGTERM finishing the current step and the checkpoint always written;
     the signal that stopped it, else None."""
-    callbacks = [ModelCheckpoint(args.save)] if args.save else []
+    # --save is a plain file name: its braces are not ModelCheckpoint's {epoch} template
+    callbacks = [ModelCheckpoint(args.save.replace("{", "{{").replace("}", "}}"))] if args.save else []
     if args.early_stopping:
         callbacks.append(EarlyStopping(patience=args.early_stopping))
     if args.csv:

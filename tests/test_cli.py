@@ -159,3 +159,16 @@ def test_info():
     run = nnaccel("info")
     assert run.returncode == 0 and "nnaccel" in run.stdout and "numpy" in run.stdout
     assert "resolves to" in run.stdout
+
+
+def test_save_takes_a_file_name_with_braces_as_it_is(tmp_path):
+    """--save is a plain name; only ModelCheckpoint's own path is an {epoch} template, checked when made."""
+    run = nnaccel("train", "--data", "synthetic", "--layers", "784,10", "--epochs", 1, "--save", "m{}{a}.npz",
+                  "--quiet", "--device", "cpu", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["m{}{a}.npz"]
+    import nnaccel as nn
+
+    with pytest.raises(nn.ConfigError, match=r"ModelCheckpoint path 'm\{a\}.npz' is not a template of \{epoch\} only"):
+        nn.ModelCheckpoint("m{a}.npz")
+    assert nn.ModelCheckpoint("m{{a}}-{epoch}.npz").path.format(epoch=3) == "m{a}-3.npz"
