@@ -103,6 +103,7 @@ def atomic_write(path, write):
     try:
         with _stop_signals_held():
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+            os.chmod(fd, _new_file_mode())  # mkstemp's is 0600: give what open() would
             with os.fdopen(fd, "wb") as handle:
                 write(handle)
                 handle.flush()
@@ -123,6 +124,18 @@ def atomic_write(path, write):
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _new_file_mode():
+    """The permissions ``open()`` gives a new file: 0666 less the umask (read from /proc where there is
+    one, as setting it to learn it would race with other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ tests do not run as root (root writes through them).
 import errno
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -281,3 +282,14 @@ def test_two_training_runs_saving_to_one_file_leave_a_checkpoint_that_resumes(tm
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint.read(tmp_path / "same.npz")[0]["trainer"]["epoch"] == 5
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_a_written_file_has_the_permissions_open_would_give(tmp_path, umask):
+    """Not mkstemp's 0600: a checkpoint others in the group may read where the umask lets them."""
+    previous = os.umask(umask)
+    try:
+        checkpoint.atomic_write(tmp_path / "m.npz", lambda handle: handle.write(b"x"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "m.npz").stat().st_mode) == 0o666 & ~umask
