@@ -15,6 +15,7 @@ was found versus expected.
 import contextlib
 import gzip
 import math
+import re
 import struct
 import zipfile
 import zlib
@@ -191,6 +192,9 @@ def load_mnist(path, split="train"):
         labels = read_idx(labels_path, LABELS_NDIM)
         return _to_xy(images, labels, str(images_path), str(labels_path))
     if path.is_file():
+        if re.search(r"idx\d-ubyte(\.gz)?$", path.name):
+            raise DataError(f"{path} is one IDX file; give the folder that holds it ({path.parent}), where its "
+                            f"images and labels files are found by name")
         return _load_npz(path, split)
     raise DataError(f"{path}: no such file or folder")
 
@@ -209,9 +213,12 @@ def _find_idx_pair(folder, split):
     images, images_looked_for = _find_idx(folder, prefix, "images", 3)
     labels, labels_looked_for = _find_idx(folder, prefix, "labels", 1)
     if images is None and labels is None:
+        other = "test" if split == "train" else "train"
+        there = (f" (it holds only the {other} split, {_SPLIT_PREFIX[other]}-*)" if any(_find_idx(folder, _SPLIT_PREFIX[other], kind, dims)[0]
+                                     for kind, dims in (("images", 3), ("labels", 1))) else "")
         raise DataError(
             f"no {split} split in {folder}: looked for {images_looked_for} "
-            f"and {labels_looked_for}"
+            f"and {labels_looked_for}{there}"
         )
     if images is None:
         raise DataError(

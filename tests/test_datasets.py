@@ -309,7 +309,14 @@ def test_missing_paths_are_named(tmp_path):
 def test_missing_split_names_folder_split_and_files(tmp_path):
     write_split(tmp_path, *sample_digits())
     assert_data_error(lambda: datasets.load_mnist(tmp_path, "test"),
-                      "no test split", tmp_path, "t10k-images-idx3-ubyte[.gz]")
+                      "no test split", tmp_path, "t10k-images-idx3-ubyte[.gz]", "(it holds only the train split, train-*)")
+
+
+def test_one_idx_file_given_for_a_folder_says_to_give_the_folder(tmp_path):
+    write_split(tmp_path, *sample_digits())
+    images = tmp_path / "train-images-idx3-ubyte"
+    assert images.is_file()
+    assert_data_error(lambda: datasets.load_mnist(images), images, "is one IDX file; give the folder that holds it")
 
 
 def test_missing_half_of_a_pair(tmp_path):
