@@ -29,6 +29,7 @@ PRESETS = {
     "lenet5": "conv6k5p2,maxpool2,conv16k5,maxpool2,120,84,10",
     "lenet5-bn": "conv6k5p2,bn,maxpool2,conv16k5,bn,maxpool2,120,bn,84,10",
     "mlp": "256,10",
+    "wide-cnn": "conv64k3p1,conv64k3p1,maxpool2,conv128k3p1,conv128k3p1,maxpool2,512,10",  # VGG-like, for GPUs
     "default": "conv6k5p2,bn,maxpool2,conv16k5,bn,maxpool2,120,bn,84,10",  # nnaccel train's on 28x28 images
 }
 _NUMBER = r"(\d+(?:x\d+)?)"

@@ -56,9 +56,10 @@ DEFAULT_BATCHES = {
     "784-2048-2048-10": (128, 512, 2048),
     "784-4096-4096-10": (512, 4096, 8192),
     "lenet5": (64, 256),
+    "wide-cnn": (128, 512),
 }
 OTHER_BATCHES = (32, 256, 1024)  # for networks given with --networks but not listed above
-GPU_ONLY_NETWORKS = ("784-4096-4096-10",)  # minutes per configuration on a CPU
+GPU_ONLY_NETWORKS = ("784-4096-4096-10", "wide-cnn")  # minutes per configuration on a CPU
 GEMM_SIZE = {"cpu": 2048, "cuda": 8192}
 ROUNDS = 5
 ROUND_SECONDS = 0.25  # a round's length when --steps is not given
