@@ -66,15 +66,15 @@ def expected_size(model, optimizer=None):
     return model.flat_params.nbytes * (1 + slots) + model.flat_buffers.nbytes + 2**14  # and the metadata
 
 
-def check_writable(path, what="checkpoint", size=0):
+def check_writable(path, what="checkpoint", size=0, example="model.npz"):
     """Refuse, before any work is done, an output file that could not be written: ``path`` is a
     folder, its folder does not exist or cannot be written, or holds less than ``size`` bytes free.
     The folder is probed with a real temporary file (permissions alone do not say, for root or on a
-    read-only mount)."""
+    read-only mount). ``example`` is the file name suggested when ``path`` is a folder."""
     path = Path(path)
     folder = path.parent
     if path.is_dir():
-        raise OutputError(f"{what} {path} is a folder; name a file in it, such as {path / 'model.npz'}")
+        raise OutputError(f"{what} {path} is a folder; name a file in it, such as {path / example}")
     if not folder.is_dir():
         raise OutputError(f"cannot write {what} {path}: folder {folder} does not exist")
     try:
@@ -113,7 +113,7 @@ def atomic_write(path, write):
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(error, OSError):
-            previous = "; the previous file is intact" if path.exists() else ""
+            previous = "; the previous file is intact" if path.is_file() else ""
             raise OutputError(f"cannot write {path}: {error.strerror or error}{previous}") from None
         raise
     try:  # make the rename itself durable
@@ -189,6 +189,8 @@ def read(path):
     describes (see the module docstring): a file from anyone is safe here.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

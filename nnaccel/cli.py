@@ -381,7 +381,7 @@ def _check_outputs(args, model=None, optimizer=None):
         except OutputError as error:
             _say(args, f"warning: {error}; an interrupted run will end without a checkpoint (use --save)")
     if args.csv and model is None:
-        checkpoint.check_writable(args.csv, "--csv")
+        checkpoint.check_writable(args.csv, "--csv", example="log.csv")
 
 
 def cmd_train(args):
@@ -563,6 +563,7 @@ def cmd_show(args):
 def cmd_export(args):
     from . import onnx
 
+    checkpoint.check_writable(args.onnx_path, "the ONNX file", example="model.onnx")
     model = checkpoint.load(args.model, device="cpu")
     path = onnx.export(model, args.onnx_path)
     print(f"{args.model} written to {path} (ONNX: input 'input' of shape [batch, "
@@ -613,7 +614,7 @@ def main(argv=None):
         for option in PICTURE_OPTIONS:
             if getattr(args, option, None):
                 plotting.check_picture_path(getattr(args, option), f"--{option}")
-                checkpoint.check_writable(getattr(args, option), f"--{option}")
+                checkpoint.check_writable(getattr(args, option), f"--{option}", example="picture.png")
         if getattr(args, "activation", None):
             activations.get(args.activation)
         return COMMANDS[args.command](args)

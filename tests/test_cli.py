@@ -142,6 +142,8 @@ def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
     (["train", "--device", "tpu"], "unknown device 'tpu'"),
     (["train", "--data", "no/such/folder"], "no/such/folder"),
     (["evaluate", "missing.npz"], "checkpoint missing.npz does not exist"),
+    (["evaluate", "."], "checkpoint . is a folder, not a checkpoint file"),
+    (["export", "missing.npz", "."], "the ONNX file . is a folder; name a file in it, such as model.onnx"),
     (["train", "--save", "no/such/dir/m.npz", "--epochs", "1"], "folder no/such/dir does not exist"),
     (["train", "--plot", "curves.xyz"], "--plot curves.xyz: cannot draw a '.xyz' file; use one of"),
     (["train", "--plot", "no/such/dir/c.png"], "--plot no/such/dir/c.png: folder no/such/dir does not exist"),

@@ -120,7 +120,7 @@ def _no_data_read(monkeypatch):
     ("--save", ".", "--save . is a folder; name a file in it, such as model.npz"),
     ("--save", "no/such/ck.npz", "cannot write --save no/such/ck.npz: folder no/such does not exist"),
     ("--csv", "no/such/log.csv", "cannot write --csv no/such/log.csv: folder no/such does not exist"),
-    ("--csv", ".", "--csv . is a folder; name a file in it, such as model.npz"),
+    ("--csv", ".", "--csv . is a folder; name a file in it, such as log.csv"),
 ])
 def test_an_output_path_that_cannot_work_is_refused_before_training(tmp_path, monkeypatch, capsys, option, path,
                                                                      message):
