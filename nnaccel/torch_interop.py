@@ -229,12 +229,37 @@ def _specs(torch, module):
     return specs
 
 
+def _image_shape(specs, built, sides=range(1, 257)):
+    """The input shape of a net that starts with image layers, given none: square images of the first
+    Conv2d's channels (one where a Flatten comes first), 28x28 (the digits') when the layers chain on it,
+    else the one side on which they do; a ConfigError when no side or several do."""
+    channels = next((spec.options["in_channels"] for spec in specs if spec.cls is layers.Conv2D), 1)
+
+    def chains(side):
+        shape = (channels, side, side)
+        try:
+            for layer in built:
+                shape = layer.output_shape(shape)
+        except ConfigError:
+            return False
+        return len(shape) == 1
+
+    fitting = [side for side in sides if chains(side)]
+    if 28 in fitting or len(fitting) == 1:
+        return (channels, 28, 28) if 28 in fitting else (channels, fitting[0], fitting[0])
+    found = (f"the layers chain on {channels}x{fitting[0]}x{fitting[0]} to {channels}x{fitting[-1]}x{fitting[-1]}"
+             if fitting else f"the layers chain on no {channels}-channel square image up to {sides[-1]}x{sides[-1]}")
+    raise ConfigError(f"from_torch needs input_shape, e.g. ({channels}, 28, 28), for a net that starts with "
+                      f"{specs[0].source!r}: {found}")
+
+
 def from_torch(module, input_shape=None, device="cpu", seed=0):
     """The nnaccel Sequential of a ``torch.nn.Sequential``, with its weights, biases and BatchNorm running
     statistics copied, in the dtype of its parameters (float32 or float64).
 
-    ``input_shape`` is one sample's shape, e.g. (1, 28, 28); it may be left out for a net that starts with a
-    Linear. ``seed`` seeds the Dropout draws. Unsupported modules and options are a ConfigError naming them.
+    ``input_shape`` is one sample's shape, e.g. (1, 28, 28); left out, it is the first Linear's inputs, or
+    for a net that starts with image layers square images of the first Conv2d's channels: 28x28 where the
+    layers chain on it, else the one side on which they do. ``seed`` seeds the Dropout draws. Unsupported modules and options are a ConfigError naming them.
     """
     torch = _import_torch()
     if not isinstance(module, torch.nn.Sequential):
@@ -242,12 +267,11 @@ def from_torch(module, input_shape=None, device="cpu", seed=0):
     specs = _specs(torch, module)
     if not specs:
         raise ConfigError("from_torch needs at least one layer other than Identity")
+    built = [spec.cls(**spec.options) for spec in specs]
     first = next((spec for spec in specs if spec.cls is not layers.Dropout), specs[0])
     if input_shape is None and first.cls is not layers.Dense:
-        raise ConfigError(f"from_torch needs input_shape, e.g. (1, 28, 28), for a net that starts with "
-                          f"{first.source!r}: only a Linear says what it takes")
-    model = Sequential(*[spec.cls(**spec.options) for spec in specs], input_shape=input_shape, device=device,
-                       seed=seed, dtype=_dtype(module))
+        input_shape = _image_shape(specs, built)
+    model = Sequential(*built, input_shape=input_shape, device=device, seed=seed, dtype=_dtype(module))
     index_of = {id(child): index for index, child in enumerate(module)}
     for spec, layer, shape in zip(specs, model.layers, model.shapes):
         rank, axes = BATCHNORM_SAMPLES.get(type(spec.source).__name__, (len(shape), ""))

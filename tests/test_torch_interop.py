@@ -211,10 +211,24 @@ def test_unsupported_torch_modules_and_options_are_named(modules, message):
         nn.Sequential.from_torch(torch.nn.Sequential(*modules()), input_shape=IMAGE)
 
 
-def test_from_torch_needs_a_sequential_and_the_input_shape_of_a_conv_net():
+def test_from_torch_finds_the_input_shape_of_a_conv_net_or_asks_for_it():
+    """Left out: 28x28 (the digits') where the layers chain on it, else the one square side that fits the
+    first Linear; a ConfigError naming the net when no side fits."""
+    conv = [torch.nn.Conv2d(3, 2, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten()]
+    assert nn.Sequential.from_torch(torch.nn.Sequential(*conv)).input_shape == (3, 28, 28)
+    assert nn.Sequential.from_torch(torch.nn.Sequential(*conv, torch.nn.Linear(2 * 13 * 13, 10))).input_shape == \
+        (3, 28, 28)
+    unpooled = [torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 10 * 10, 10)]
+    assert nn.Sequential.from_torch(torch.nn.Sequential(*unpooled)).input_shape == (3, 12, 12)
+    assert nn.Sequential.from_torch(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 4))).input_shape == \
+        (1, 12, 12)
+    with pytest.raises(nn.ConfigError, match=r"needs input_shape, e.g. \(3, 28, 28\), .*: the layers chain on "
+                                             r"3x12x12 to 3x13x13"):  # 13x13 pools to 5x5 too: not a guess
+        nn.Sequential.from_torch(torch.nn.Sequential(*conv, torch.nn.Linear(2 * 5 * 5, 10)))
     with pytest.raises(nn.ConfigError, match=r"needs input_shape, e.g. \(1, 28, 28\), for a net that starts with "
-                                             r"Conv2d"):
-        nn.Sequential.from_torch(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten()))
+                                             r"Conv2d\(1, 2, .*: the layers chain on no 1-channel square image"):
+        nn.Sequential.from_torch(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(),
+                                                     torch.nn.Linear(7, 2)))
     with pytest.raises(nn.ConfigError, match="takes a torch.nn.Sequential, got a Linear"):
         nn.Sequential.from_torch(torch.nn.Linear(3, 2))
     with pytest.raises(nn.ConfigError, match="all float32 or all float64, got float16"):
