@@ -429,9 +429,10 @@ def _train(args):
     if args.distributed:
         device = distributed.rank_device(args.device)
         args.communicator = distributed.communicator_for(device)
+        if args.communicator.rank == 0:  # even with --quiet: mpiexec names a killed rank by its pid only
+            print(f"distributed over {args.communicator.size} rank(s) with {args.communicator.kind.upper()}: "
+                  f"{args.communicator.world.describe()}", file=sys.stderr, flush=True)
         args.quiet = args.quiet or args.communicator.rank != 0
-        _say(args, f"distributed over {args.communicator.size} rank(s) with {args.communicator.kind.upper()}: "
-                   f"{args.communicator.world.describe()}")
     else:
         device = resolve_device(args.device)
         if args.device.strip().lower() == "auto" and device == "cpu":

@@ -342,15 +342,17 @@ def _rest(lines, reader, seen):
     return "".join(seen)
 
 
-def test_a_killed_rank_ends_the_job(mpi, tmp_path):
-    """mpiexec names the killed process by pid; nnaccel's first line maps every pid to its rank."""
+@pytest.mark.parametrize("quiet", [[], ["--quiet"]], ids=["", "quiet"])
+def test_a_killed_rank_ends_the_job(mpi, tmp_path, quiet):
+    """mpiexec names the killed process by pid; nnaccel's first line maps every pid to its rank (with
+    --quiet too, which prints no epoch lines: the kill may come before training then)."""
     process = subprocess.Popen([MPIEXEC, "-n", "2", *NNACCEL, "train", "--distributed", "--data", "synthetic",
-                                "--layers", "784,64,10", "--epochs", "1000", "--batch-size", "8"],
+                                "--layers", "784,64,10", "--epochs", "1000", "--batch-size", "8", *quiet],
                                env=ENV, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines, reader = _follow(process.stdout)  # hydra writes its BAD TERMINATION report to stdout: read both
     seen, pid, deadline = [], None, time.monotonic() + TIMEOUT
     try:
-        while pid is None or not any(line.startswith("epoch 1/") for line in seen):
+        while pid is None or not (quiet or any(line.startswith("epoch 1/") for line in seen)):
             seen.append(lines.get(timeout=max(deadline - time.monotonic(), 0.1)))
             match = re.search(r"rank 1 pid (\d+) on", seen[-1])
             pid = int(match.group(1)) if match else pid
