@@ -3,7 +3,8 @@
 # (against device copy bandwidth), nnaccel's training steps against PyTorch in fp32, TF32 and bf16 (against
 # autocast) with the share of the GEMM peak in each, and whole fit calls (CUDA graphs) against a PyTorch
 # loop, with the machine's description, results (JSON) and logs in OUTDIR (8 files at most). Under
-# 8 minutes on an H100/H200: each part has its own time limit, 470 s together.
+# 8 minutes on an H100/H200: each part has its own time limit, 470 s together; a bench part stopped
+# by its limit (SIGTERM) still writes the configurations it measured, marked "stopped_early".
 #
 #   benchmarks/gpu_check.sh OUTDIR            # on the GPU machine, from the repository root or anywhere
 #   PYTHONPATH=tests/cuda_standin benchmarks/gpu_check.sh --quick OUTDIR

@@ -56,7 +56,7 @@ DEFAULT_BATCHES = {
     "784-2048-2048-10": (128, 512, 2048),
     "784-4096-4096-10": (512, 4096, 8192),
     "lenet5": (64, 256),
-    "wide-cnn": (128, 512),
+    "wide-cnn": (256,),
 }
 OTHER_BATCHES = (32, 256, 1024)  # for networks given with --networks but not listed above
 GPU_ONLY_NETWORKS = ("784-4096-4096-10", "wide-cnn")  # minutes per configuration on a CPU
@@ -600,8 +600,8 @@ def run(args):
         if fit and largest > len(fit[1][0]):
             raise ConfigError(f"--batches: a fit's batch size must be from 1 to {len(fit[1][0]):,} (the images it "
                               f"trains on), got {largest:,}")
-        peaks, results = measure_grid(grid, threads, rounds, steps, warmup_s, settle_s, torch, quick=args.quick,
-                                      fit=fit, precisions=precisions)
+        peaks, results, stopped = measure_grid(grid, threads, rounds, steps, warmup_s, settle_s, torch,
+                                               quick=args.quick, fit=fit, precisions=precisions)
     except MemoryError as error:  # a batch or layer size beyond what the device holds (CuPy's OOM is one too)
         raise ConfigError(f"a network or batch size does not fit in memory ({error}); choose smaller --networks "
                           f"or --batches") from None
@@ -620,6 +620,7 @@ def run(args):
                                "loss": "softmax_cross_entropy", "threads": threads, "rounds": rounds,
                                "steps": steps or "auto", "warmup_seconds": warmup_s,
                                "settle_seconds_at_most": settle_s, "compare": args.compare,
+                               "stopped_early": stopped is not None,
                                "mode": "fit" if args.fit else "step", "precisions": list(precisions),
                                **({"epochs": epochs, "data": "mnist sample", "samples": len(fit[1][0])}
                                   if args.fit else {})},
@@ -629,7 +630,7 @@ def run(args):
     if args.plot:
         plot_results(results, args.plot)
         _say(f"plot written to {args.plot}")
-    return 0
+    return 0 if stopped is None else stopped
 
 
 def _fit_data(quick, epochs):
@@ -647,9 +648,11 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, settle_s, torch=None, q
     in each of ``precisions``, each against GEMM rounds in that precision beside its own rounds (the
     CPU computes fp32 only).
 
-    Returns ``({device or "device precision": {"size", "gflops"}}, [Result, ...])``.
+    Returns ``({device or "device precision": {"size", "gflops"}}, [Result, ...], stopped)``: ``stopped`` is
+    None, or the exit status of a Ctrl-C or SIGTERM (a time limit's) that ended the grid after at least one
+    configuration, whose results are kept.
     """
-    peaks, gemms, results = {}, {}, []
+    peaks, gemms, results, stopped = {}, {}, [], None
     saved_torch_threads = torch.get_num_threads() if torch is not None else None
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32 if torch is not None else None
     try:
@@ -681,11 +684,16 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, settle_s, torch=None, q
                             results.append(result)
                             _say(f"{key} {result.network} batch {batch}: {result.samples_per_s:,.0f} samples/s"
                                  + (f", PyTorch ratio {result.ratio:.2f}" if result.ratio else ""))
+    except SystemExit as stop:  # the command line's Ctrl-C and SIGTERM handler: keep what was measured
+        if not results:
+            raise
+        stopped = stop.code
+        _say(f"stopped (exit status {stop.code}) after {len(results)} configuration(s): reporting those")
     finally:
         if torch is not None:
             torch.set_num_threads(saved_torch_threads)
             torch.backends.cuda.matmul.allow_tf32 = saved_tf32
-    return peaks, results
+    return peaks, results, stopped
 
 
 def _threadpool_info():

@@ -210,3 +210,22 @@ def test_the_gpu_check_script_runs_on_the_emulated_device(tmp_path):
     assert {(r["device"], r["mode"]) for r in fit["results"]} == {("cuda:0", "fit")}
     assert "nnaccel CUDA emulator" in (tmp_path / "out" / "machine.txt").read_text()
     assert ' passed' in (tmp_path / "out" / "gpu-tests.log").read_text()
+
+
+def test_a_stop_signal_keeps_the_configurations_measured(tmp_path, monkeypatch, capsys):
+    """gpu_check.sh's time limit sends SIGTERM (the command line's handler raises SystemExit(143)): the
+    configurations measured by then are reported and written, marked stopped, and the exit status is kept."""
+    measure, calls = bench.measure, []
+
+    def stopped_at_the_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise SystemExit(143)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", stopped_at_the_second)
+    assert cli.main(["bench", "--quick", "--devices", "cpu", "--json", str(tmp_path / "b.json")]) == 143
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert calls == [16, 64] and [r["batch"] for r in report["results"]] == [16]
+    assert report["settings"]["stopped_early"] is True
+    assert "stopped (exit status 143) after 1 configuration(s)" in capsys.readouterr().err
