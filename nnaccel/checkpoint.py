@@ -33,6 +33,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import zipfile
@@ -103,8 +104,8 @@ def atomic_write(path, write):
     try:
         with _stop_signals_held():
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-            os.chmod(fd, _new_file_mode())  # mkstemp's is 0600: give what open() would
             with os.fdopen(fd, "wb") as handle:
+                _give_mode_of_open(handle, path)
                 write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -126,16 +127,24 @@ def atomic_write(path, write):
         pass
 
 
-def _new_file_mode():
-    """The permissions ``open()`` gives a new file: 0666 less the umask (read from /proc where there is
-    one, as setting it to learn it would race with other threads)."""
+def _give_mode_of_open(handle, path):
+    """Give the temporary file what ``open(path, "w")`` would leave: the mode of the file it replaces,
+    else 0666 less the umask (read from /proc where there is one: setting it to learn it races with other
+    threads), not mkstemp's 0600. Best effort: a file system that refuses modes keeps the write."""
     try:
-        with open("/proc/self/status") as status:
-            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        try:
+            with open("/proc/self/status") as status:
+                umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            umask = os.umask(0o022)
+            os.umask(umask)
+        mode = 0o666 & ~umask
+    try:
+        os.fchmod(handle.fileno(), mode)
+    except (OSError, AttributeError):  # FAT, some network mounts; no fchmod on Windows
+        pass
 
 
 @contextlib.contextmanager

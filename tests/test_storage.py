@@ -293,3 +293,12 @@ def test_a_written_file_has_the_permissions_open_would_give(tmp_path, umask):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "m.npz").stat().st_mode) == 0o666 & ~umask
+
+
+def test_an_overwritten_file_keeps_its_permissions(tmp_path):
+    """As open(path, "w") does: a checkpoint made private stays private when saved again."""
+    path = tmp_path / "m.npz"
+    checkpoint.atomic_write(path, lambda handle: handle.write(b"x"))
+    os.chmod(path, 0o600)
+    checkpoint.atomic_write(path, lambda handle: handle.write(b"y"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_bytes() == b"y"
