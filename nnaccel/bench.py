@@ -451,7 +451,10 @@ def _import_torch():
 
 
 def _check_output(path, option):
-    """Refuse an output file in a missing folder before the benchmark runs, not after."""
+    """Refuse an output file in a missing folder, or a folder, before the benchmark runs, not after."""
+    if path and Path(path).is_dir():
+        example = "bench.json" if option == "--json" else "bench.png"
+        raise ConfigError(f"{option} {path} is a folder; name a file in it, such as {Path(path) / example}")
     if path and not Path(path).resolve().parent.is_dir():
         raise ConfigError(f"{option} {path}: folder {Path(path).parent} does not exist")
 

@@ -92,7 +92,7 @@ class ModelCheckpoint(Callback, _Monitor):
         self.path = str(path)
         try:
             self.path.format(epoch=1)
-        except (IndexError, KeyError, ValueError) as error:
+        except (IndexError, KeyError, ValueError, TypeError, AttributeError) as error:  # {}, {a}, {epoch[0]}...
             raise ConfigError(f"ModelCheckpoint path {self.path!r} is not a template of {{epoch}} only "
                               f"({type(error).__name__}: {error}); write {{{{ and }}}} for braces") from None
         self.save_best_only = save_best_only

@@ -10,6 +10,7 @@ import json
 import math
 import platform
 import re
+import shlex
 import signal
 import sys
 
@@ -126,7 +127,7 @@ def build_parser():
                      help="cosine schedule: the final learning rate, >= 0 and below --lr (default 0; over "
                           "--epochs epochs)")
     fit.add_argument("--epochs", type=_positive_int, help="total epochs (default 20; the default recipe's on 28x28 "
-                                                          "images)")
+                                                          "images; with --resume, a cosine run's own total)")
     fit.add_argument("--batch-size", type=_positive_int, default=64,
                      help="samples per step, at most the training samples (default 64)")
     fit.add_argument("--seed", type=_seed, default=0, help=f"0 to {2**32 - 1} (default 0)")
@@ -402,7 +403,7 @@ def _plan_resumed_epochs(args, trainer):
         args.epochs = args.epochs or DEFAULT_EPOCHS
     elif args.epochs is None:
         args.epochs = schedule.t_max
-    elif args.epochs != schedule.t_max:
+    elif trainer.epoch < args.epochs != schedule.t_max:
         trainer.schedule = optimizers.CosineAnnealing(args.epochs, schedule.eta_min)
         rate = trainer.schedule.lr_at(trainer.epoch, trainer.optimizer.base_lr)
         _say(args, f"the cosine schedule of {args.resume} runs over {schedule.t_max} epochs; --epochs "
@@ -464,12 +465,13 @@ def _train(args):
         path = args.save or INTERRUPTED_RUN_FILE
         step = trainer._resume_point["step"] if trainer._resume_point else 0
         launch = f"mpiexec -n {trainer.world_size} nnaccel train --distributed" if args.distributed else "nnaccel train"
-        if trainer.rank == 0:
+        if trainer.rank == 0:  # the command's paths quoted for the shell it is pasted into
+            quoted = shlex.quote(str(path))
             print(f"nnaccel train: interrupted by {signal.Signals(stopped_by).name} in epoch {trainer.epoch + 1} after step "
-                  f"{step}; checkpoint written to {path}; resume with: {launch} --resume {path} --save {path} "
-                  f"--data {args.data} --validation-split {args.validation_split} --epochs {args.epochs}"
+                  f"{step}; checkpoint written to {path}; resume with: {launch} --resume {quoted} --save {quoted} "
+                  f"--data {shlex.quote(str(args.data))} --validation-split {args.validation_split} --epochs {args.epochs}"
                   + (f" --early-stopping {args.early_stopping}" if args.early_stopping else "")
-                  + (f" --csv {args.csv}" if args.csv else ""),
+                  + (f" --csv {shlex.quote(str(args.csv))}" if args.csv else ""),
                   file=sys.stderr)
         return 128 + stopped_by
     if trainer.rank != 0:  # the other ranks are done; rank 0 reports
@@ -614,8 +616,8 @@ def main(argv=None):
             signal.signal(number, _stop_at_once)
         for option in PICTURE_OPTIONS:
             if getattr(args, option, None):
-                plotting.check_picture_path(getattr(args, option), f"--{option}")
                 checkpoint.check_writable(getattr(args, option), f"--{option}", example="picture.png")
+                plotting.check_picture_path(getattr(args, option), f"--{option}")
         if getattr(args, "activation", None):
             activations.get(args.activation)
         return COMMANDS[args.command](args)

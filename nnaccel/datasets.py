@@ -17,6 +17,7 @@ import gzip
 import math
 import re
 import struct
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -309,7 +310,7 @@ def _read_npz_array(archive, path, key, ndim):
         parse = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         try:
             shape, fortran_order, dtype = parse(member)
-        except Exception as exc:  # ValueError, SyntaxError, tokenize.TokenError... from a literal_eval of anything
+        except (ValueError, SyntaxError, TypeError, tokenize.TokenError) as exc:  # a literal_eval of anything
             raise DataError(f"{name}: corrupt .npy header ({_detail(exc)})") from None
         if dtype.kind not in "iuf":
             raise DataError(f"{name}: dtype {dtype}, expected integers or floats")

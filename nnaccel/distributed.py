@@ -116,8 +116,13 @@ def _end_the_job_on_uncaught_errors(here):
     previous = sys.excepthook
 
     def hook(kind, error, trace):
-        previous(kind, error, trace)
-        print(f"rank {here.rank}: uncaught {kind.__name__}; ending all {here.size} ranks ({here.describe()})",
+        # One write: mpiexec may stop forwarding a rank's output as soon as it aborts, mid-traceback.
+        told = ""
+        if previous is sys.__excepthook__:
+            told = "".join(traceback.format_exception(kind, error, trace))
+        else:  # a hook of the script's own prints as it likes
+            previous(kind, error, trace)
+        print(f"{told}rank {here.rank}: uncaught {kind.__name__}; ending all {here.size} ranks ({here.describe()})",
               file=sys.stderr, flush=True)
         _end_the_job(here, 130 if issubclass(kind, KeyboardInterrupt) else 1)
 

@@ -110,7 +110,9 @@ class MeanSquaredError(Loss):
 
     def prepare_targets(self, ops, target, outputs, dtype, what="target"):
         if target.ndim == 1 and target.dtype.kind in "iu" and outputs > 1:
-            check_labels(ops.to_host(target), outputs, what)  # an out-of-range label would be an all-zero row
+            # An out-of-range label would be an all-zero row. The check needs the labels on the host: the
+            # Trainer prepares a data set once; a direct forward() with integer labels on a GPU pays it each call.
+            check_labels(ops.to_host(target), outputs, what)
             return one_hot(ops, target, outputs, dtype)
         return _float_targets(ops, target, outputs, dtype, what)
 

@@ -294,8 +294,8 @@ class Sequential:
         save(path, self)
 
     def summary(self, print_fn=print):
-        """Each layer with its output shape and parameter count, and the totals: printed (through
-        ``print_fn``, as Keras's ``summary``; None prints nothing) and returned as text."""
+        """Each layer with its output shape and parameter count, and the totals: printed through
+        ``print_fn`` (None prints nothing) and returned as text."""
         text = self._summary_text()
         if print_fn is not None:
             print_fn(text)

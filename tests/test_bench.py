@@ -156,6 +156,7 @@ def test_paired_rounds_wait_for_idle_threads_before_every_round(monkeypatch, cap
     (["--precision", "fp32,fp16"], "--precision 'fp32,fp16' is not a list of fp32, tf32, bf16"),
     (["--fit", "--precision", "bf16"], "--precision applies to the step benchmark; --fit times fp32 fit calls"),
     (["--json", "no/such/dir/b.json"], "--json no/such/dir/b.json: folder no/such/dir does not exist"),
+    (["--json", "."], "--json . is a folder; name a file in it, such as bench.json"),
 ])
 def test_bench_user_errors_are_one_line(args, message, capsys):
     assert cli.main(["bench", "--quick", *args]) == 2

@@ -1,6 +1,7 @@
 """The command line: the README's main job works, user errors are one line and non-zero."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -171,6 +172,8 @@ def test_save_takes_a_file_name_with_braces_as_it_is(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m{}{a}.npz"]
     import nnaccel as nn
 
-    with pytest.raises(nn.ConfigError, match=r"ModelCheckpoint path 'm\{a\}.npz' is not a template of \{epoch\} only"):
-        nn.ModelCheckpoint("m{a}.npz")
+    for template in ("m{a}.npz", "m{}.npz", "m{epoch[0]}.npz", "m{epoch.real.x}.npz", "m{epoch:q}.npz"):
+        with pytest.raises(nn.ConfigError, match=rf"ModelCheckpoint path '{re.escape(template)}' is not a template of "
+                                                 r"\{epoch\} only"):
+            nn.ModelCheckpoint(template)
     assert nn.ModelCheckpoint("m{{a}}-{epoch}.npz").path.format(epoch=3) == "m{a}-3.npz"

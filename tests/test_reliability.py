@@ -457,6 +457,13 @@ def test_printed_resume_command_keeps_saving_the_checkpoint(tmp_path, monkeypatc
     assert checkpoint.read(tmp_path / "ck.npz")[0]["trainer"]["epoch"] == 3
 
 
+def test_printed_resume_command_quotes_paths_for_the_shell(tmp_path, monkeypatch, capsys):
+    command = _interrupted_in_process(tmp_path, monkeypatch, capsys, ["--save", "my run.npz"])
+    assert command[command.index("--resume") + 1] == command[command.index("--save") + 1] == "my run.npz"
+    assert cli.main([*command[1:], "--device", "cpu", "--quiet"]) == 0
+    assert checkpoint.read(tmp_path / "my run.npz")[0]["trainer"]["epoch"] == 3
+
+
 def test_printed_resume_command_keeps_the_validation_split(tmp_path, monkeypatch, capsys):
     command = _interrupted_in_process(tmp_path, monkeypatch, capsys, ["--validation-split", "0.1"])
     assert cli.main([*command[1:], "--device", "cpu", "--quiet", "--save", "ck.npz"]) == 0
