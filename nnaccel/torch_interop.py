@@ -229,10 +229,11 @@ def _specs(torch, module):
     return specs
 
 
-def _image_shape(specs, built, sides=range(1, 257)):
-    """The input shape of a net that starts with image layers, given none: square images of the first
-    Conv2d's channels (one where a Flatten comes first), 28x28 (the digits') when the layers chain on it,
-    else the one side on which they do; a ConfigError when no side or several do."""
+def _image_shape(specs, first, built, sides=range(1, 257)):
+    """The input shape of a net that starts with other layers than a Linear, given none: square images of
+    the first Conv2d's channels (one where there is none), 28x28 (the digits') when the layers chain on it,
+    else the one side on which they do; with no Conv2d and no such side, flat samples of the first Linear's
+    inputs (a BatchNorm1d first, say); a ConfigError when several sides fit, or none in a conv net."""
     channels = next((spec.options["in_channels"] for spec in specs if spec.cls is layers.Conv2D), 1)
 
     def chains(side):
@@ -247,10 +248,13 @@ def _image_shape(specs, built, sides=range(1, 257)):
     fitting = [side for side in sides if chains(side)]
     if 28 in fitting or len(fitting) == 1:
         return (channels, 28, 28) if 28 in fitting else (channels, fitting[0], fitting[0])
+    dense = next((spec for spec in specs if spec.cls is layers.Dense), None)
+    if not fitting and dense and not any(spec.cls is layers.Conv2D for spec in specs):
+        return (dense.options["in_features"],)
     found = (f"the layers chain on {channels}x{fitting[0]}x{fitting[0]} to {channels}x{fitting[-1]}x{fitting[-1]}"
              if fitting else f"the layers chain on no {channels}-channel square image up to {sides[-1]}x{sides[-1]}")
     raise ConfigError(f"from_torch needs input_shape, e.g. ({channels}, 28, 28), for a net that starts with "
-                      f"{specs[0].source!r}: {found}")
+                      f"{first.source!r}: {found}")
 
 
 def from_torch(module, input_shape=None, device="cpu", seed=0):
@@ -258,8 +262,10 @@ def from_torch(module, input_shape=None, device="cpu", seed=0):
     statistics copied, in the dtype of its parameters (float32 or float64).
 
     ``input_shape`` is one sample's shape, e.g. (1, 28, 28); left out, it is the first Linear's inputs, or
-    for a net that starts with image layers square images of the first Conv2d's channels: 28x28 where the
-    layers chain on it, else the one side on which they do. ``seed`` seeds the Dropout draws. Unsupported modules and options are a ConfigError naming them.
+    for a net that starts with other layers square images of the first Conv2d's channels: 28x28 where the
+    layers chain on it, else the one side on which they do (flat samples of the first Linear's inputs
+    where there is no Conv2d and no side fits). ``seed`` seeds the Dropout draws. Unsupported modules and
+    options are a ConfigError naming them.
     """
     torch = _import_torch()
     if not isinstance(module, torch.nn.Sequential):
@@ -270,7 +276,7 @@ def from_torch(module, input_shape=None, device="cpu", seed=0):
     built = [spec.cls(**spec.options) for spec in specs]
     first = next((spec for spec in specs if spec.cls is not layers.Dropout), specs[0])
     if input_shape is None and first.cls is not layers.Dense:
-        input_shape = _image_shape(specs, built)
+        input_shape = _image_shape(specs, first, built)
     model = Sequential(*built, input_shape=input_shape, device=device, seed=seed, dtype=_dtype(module))
     index_of = {id(child): index for index, child in enumerate(module)}
     for spec, layer, shape in zip(specs, model.layers, model.shapes):

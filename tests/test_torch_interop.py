@@ -222,6 +222,13 @@ def test_from_torch_finds_the_input_shape_of_a_conv_net_or_asks_for_it():
     assert nn.Sequential.from_torch(torch.nn.Sequential(*unpooled)).input_shape == (3, 12, 12)
     assert nn.Sequential.from_torch(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 4))).input_shape == \
         (1, 12, 12)
+    batchnorm_first = [torch.nn.BatchNorm1d(20), torch.nn.Linear(20, 4)]  # no Conv2d, no square side: flat
+    assert nn.Sequential.from_torch(torch.nn.Sequential(*batchnorm_first)).input_shape == (20,)
+    assert nn.Sequential.from_torch(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(10, 4))).input_shape == \
+        (10,)
+    dropout_first = [torch.nn.Dropout(0.1), torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(7, 2)]
+    with pytest.raises(nn.ConfigError, match=r"for a net that starts with Conv2d\(1, 2, "):  # the first real layer
+        nn.Sequential.from_torch(torch.nn.Sequential(*dropout_first))
     with pytest.raises(nn.ConfigError, match=r"needs input_shape, e.g. \(3, 28, 28\), .*: the layers chain on "
                                              r"3x12x12 to 3x13x13"):  # 13x13 pools to 5x5 too: not a guess
         nn.Sequential.from_torch(torch.nn.Sequential(*conv, torch.nn.Linear(2 * 5 * 5, 10)))
