@@ -106,11 +106,15 @@ class Sequential:
         """A ConfigError naming the largest layer when the parameters need more bytes than an address space
         holds (numpy would fail with 'Maximum allowed dimension exceeded'); what merely exceeds this
         machine's memory fails as a MemoryError."""
-        counts = [sum(math.prod(shape) for _, shape, _ in layer.param_specs()) for layer in self.layers]
+        counts = self._parameter_counts()
         if sum(counts) * self.dtype.itemsize > sys.maxsize:
             index = max(range(len(counts)), key=counts.__getitem__)
             raise ConfigError(f"the model has {sum(counts):,} parameters, more than any memory holds in {self.dtype}: "
                               f"layer {index}, {self.layers[index]!r}, has {counts[index]:,}")
+
+    def _parameter_counts(self):
+        """How many parameters each layer has."""
+        return [sum(math.prod(shape) for _, shape, _ in layer.param_specs()) for layer in self.layers]
 
     def _place(self, backend, host_params, host_buffers):
         """Allocate the flat buffers on ``backend`` and hand each layer its views."""
@@ -302,8 +306,7 @@ class Sequential:
         return text
 
     def _summary_text(self):
-        counts = [sum(math.prod(shape) for i, _, shape in self._specs if i == index)
-                  for index in range(len(self.layers))]
+        counts = self._parameter_counts()
         rows = [("layer", "output shape", "parameters"), ("input", describe_shape(self.input_shape), "")]
         rows += [(f"{index}: {layer!r}", describe_shape(shape), f"{count:,}")
                  for index, (layer, shape, count) in enumerate(zip(self.layers, self.shapes[1:], counts))]
