@@ -409,6 +409,15 @@ def _plan_resumed_epochs(args, trainer):
         _say(args, f"the cosine schedule of {args.resume} runs over {schedule.t_max} epochs; --epochs "
                    f"{args.epochs} plans it again over {args.epochs}: learning rate {rate:.4g} in epoch "
                    f"{trainer.epoch + 1}")
+    if args.epochs <= trainer.epoch:
+        _say(args, f"{args.resume} has trained {trainer.epoch} epochs and --epochs is {args.epochs}: nothing is "
+                   f"left to train (a larger --epochs goes on)")
+
+
+def _shell_path(path):
+    """``path`` as a word of a command to paste into a shell: quoted, and not taken for an option."""
+    path = str(path)
+    return shlex.quote(f"./{path}" if path.startswith("-") else path)
 
 
 def _rank_batch(args, global_batch):
@@ -465,13 +474,13 @@ def _train(args):
         path = args.save or INTERRUPTED_RUN_FILE
         step = trainer._resume_point["step"] if trainer._resume_point else 0
         launch = f"mpiexec -n {trainer.world_size} nnaccel train --distributed" if args.distributed else "nnaccel train"
-        if trainer.rank == 0:  # the command's paths quoted for the shell it is pasted into
-            quoted = shlex.quote(str(path))
+        if trainer.rank == 0:
+            quoted = _shell_path(path)
             print(f"nnaccel train: interrupted by {signal.Signals(stopped_by).name} in epoch {trainer.epoch + 1} after step "
                   f"{step}; checkpoint written to {path}; resume with: {launch} --resume {quoted} --save {quoted} "
-                  f"--data {shlex.quote(str(args.data))} --validation-split {args.validation_split} --epochs {args.epochs}"
+                  f"--data {_shell_path(args.data)} --validation-split {args.validation_split} --epochs {args.epochs}"
                   + (f" --early-stopping {args.early_stopping}" if args.early_stopping else "")
-                  + (f" --csv {shlex.quote(str(args.csv))}" if args.csv else ""),
+                  + (f" --csv {_shell_path(args.csv)}" if args.csv else ""),
                   file=sys.stderr)
         return 128 + stopped_by
     if trainer.rank != 0:  # the other ranks are done; rank 0 reports

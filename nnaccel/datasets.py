@@ -310,7 +310,8 @@ def _read_npz_array(archive, path, key, ndim):
         parse = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         try:
             shape, fortran_order, dtype = parse(member)
-        except (ValueError, SyntaxError, TypeError, tokenize.TokenError) as exc:  # a literal_eval of anything
+        except (ValueError, SyntaxError, TypeError, tokenize.TokenError, RecursionError, MemoryError) as exc:
+            # what a literal_eval of any text raises
             raise DataError(f"{name}: corrupt .npy header ({_detail(exc)})") from None
         if dtype.kind not in "iuf":
             raise DataError(f"{name}: dtype {dtype}, expected integers or floats")

@@ -122,8 +122,9 @@ def _end_the_job_on_uncaught_errors(here):
             told = "".join(traceback.format_exception(kind, error, trace))
         else:  # a hook of the script's own prints as it likes
             previous(kind, error, trace)
-        print(f"{told}rank {here.rank}: uncaught {kind.__name__}; ending all {here.size} ranks ({here.describe()})",
-              file=sys.stderr, flush=True)
+        sys.stderr.write(f"{told}rank {here.rank}: uncaught {kind.__name__}; ending all {here.size} ranks "
+                         f"({here.describe()})\n")
+        sys.stderr.flush()
         _end_the_job(here, 130 if issubclass(kind, KeyboardInterrupt) else 1)
 
     sys.excepthook = hook

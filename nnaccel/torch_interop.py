@@ -231,10 +231,14 @@ def _specs(torch, module):
 
 def _image_shape(specs, first, built, sides=range(1, 257)):
     """The input shape of a net that starts with other layers than a Linear, given none: square images of
-    the first Conv2d's channels (one where there is none), 28x28 (the digits') when the layers chain on it,
-    else the one side on which they do; with no Conv2d and no such side, flat samples of the first Linear's
-    inputs (a BatchNorm1d first, say); a ConfigError when several sides fit, or none in a conv net."""
-    channels = next((spec.options["in_channels"] for spec in specs if spec.cls is layers.Conv2D), 1)
+    the channels of its first Conv2d or BatchNorm2d (one where there is none), 28x28 (the digits') when the
+    layers chain on it, else the one side on which they do; with no image layer (Conv2d, BatchNorm2d, a
+    pool) and no such side, flat samples of the first Linear's or BatchNorm1d's features; a
+    ConfigError when several sides fit, or none in a net with image layers."""
+    images = [spec for spec in specs if spec.cls in (layers.Conv2D, layers.MaxPool2D, layers.AvgPool2D)
+              or type(spec.source).__name__ == "BatchNorm2d"]
+    channels = next((spec.options.get("in_channels", spec.options.get("num_features")) for spec in images
+                     if spec.cls in (layers.Conv2D, layers.BatchNorm)), 1)
 
     def chains(side):
         shape = (channels, side, side)
@@ -248,12 +252,14 @@ def _image_shape(specs, first, built, sides=range(1, 257)):
     fitting = [side for side in sides if chains(side)]
     if 28 in fitting or len(fitting) == 1:
         return (channels, 28, 28) if 28 in fitting else (channels, fitting[0], fitting[0])
-    dense = next((spec for spec in specs if spec.cls is layers.Dense), None)
-    if not fitting and dense and not any(spec.cls is layers.Conv2D for spec in specs):
-        return (dense.options["in_features"],)
+    flat = next((spec.options.get("in_features", spec.options.get("num_features")) for spec in specs
+                 if spec.cls in (layers.Dense, layers.BatchNorm)), None)
+    if not fitting and flat and not images:
+        return (flat,)
     found = (f"the layers chain on {channels}x{fitting[0]}x{fitting[0]} to {channels}x{fitting[-1]}x{fitting[-1]}"
              if fitting else f"the layers chain on no {channels}-channel square image up to {sides[-1]}x{sides[-1]}")
-    raise ConfigError(f"from_torch needs input_shape, e.g. ({channels}, 28, 28), for a net that starts with "
+    example = f"({channels}, 28, 28)" if images or not flat else f"({flat},)"
+    raise ConfigError(f"from_torch needs input_shape, e.g. {example}, for a net that starts with "
                       f"{first.source!r}: {found}")
 
 

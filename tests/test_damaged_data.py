@@ -187,6 +187,7 @@ def test_npz_damaged_member_is_corrupt(tmp_path, save, member, damage):
     "{'descr': '|u1', 'fortran_order': False, 'shape': (20, 8, 8",  # tokenize.TokenError in numpy's parser
     "{'descr': '|u1', 'fortran_order': False, 'shape': (20, 8, 8)) }",  # SyntaxError
     "{'descr': 'bogus', 'fortran_order': False, 'shape': (20, 8, 8), }",  # ValueError
+    "{'descr': '|u1', 'fortran_order': False, 'shape': (" + "-" * 5000 + "20, 8, 8), }",  # RecursionError
 ])
 def test_npz_member_with_a_corrupt_header_and_a_good_crc_is_a_data_error(tmp_path, header):
     """The member's CRC is right, so only the header parse sees the damage (a file written wrong)."""

@@ -448,6 +448,12 @@ def test_a_cosine_run_resumed_to_more_epochs_plans_its_schedule_over_them(tmp_pa
     assert resumed["history"]["lr"][:2] == [0.1, 0.05]  # planned over 2 epochs
     assert resumed["history"]["lr"][2:] == straight["history"]["lr"][2:]
     assert resumed["epoch"] == 4 and resumed["schedule"] == straight["schedule"]
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "a.npz", "--data", "digits", "--device", "cpu", "--epochs", "3",
+                     "--save", "a.npz"]) == 0  # fewer epochs than trained: neither re-planned nor trained
+    err = capsys.readouterr().err
+    assert "a.npz has trained 4 epochs and --epochs is 3: nothing is left to train" in err
+    assert "plans it again" not in err and checkpoint.read(tmp_path / "a.npz")[0]["trainer"] == resumed
 
 
 def test_printed_resume_command_keeps_saving_the_checkpoint(tmp_path, monkeypatch, capsys):
@@ -457,11 +463,13 @@ def test_printed_resume_command_keeps_saving_the_checkpoint(tmp_path, monkeypatc
     assert checkpoint.read(tmp_path / "ck.npz")[0]["trainer"]["epoch"] == 3
 
 
-def test_printed_resume_command_quotes_paths_for_the_shell(tmp_path, monkeypatch, capsys):
-    command = _interrupted_in_process(tmp_path, monkeypatch, capsys, ["--save", "my run.npz"])
-    assert command[command.index("--resume") + 1] == command[command.index("--save") + 1] == "my run.npz"
+@pytest.mark.parametrize("name, word", [("my run.npz", "my run.npz"), ("-run.npz", "./-run.npz")])
+def test_printed_resume_command_quotes_paths_for_the_shell(tmp_path, monkeypatch, capsys, name, word):
+    """Spaces are quoted, and a name that starts with '-' is not taken for an option."""
+    command = _interrupted_in_process(tmp_path, monkeypatch, capsys, [f"--save={name}"])
+    assert command[command.index("--resume") + 1] == command[command.index("--save") + 1] == word
     assert cli.main([*command[1:], "--device", "cpu", "--quiet"]) == 0
-    assert checkpoint.read(tmp_path / "my run.npz")[0]["trainer"]["epoch"] == 3
+    assert checkpoint.read(tmp_path / name)[0]["trainer"]["epoch"] == 3
 
 
 def test_printed_resume_command_keeps_the_validation_split(tmp_path, monkeypatch, capsys):

@@ -226,6 +226,10 @@ def test_from_torch_finds_the_input_shape_of_a_conv_net_or_asks_for_it():
     assert nn.Sequential.from_torch(torch.nn.Sequential(*batchnorm_first)).input_shape == (20,)
     assert nn.Sequential.from_torch(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(10, 4))).input_shape == \
         (10,)
+    assert nn.Sequential.from_torch(torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Flatten(),
+                                                        torch.nn.Linear(75, 10))).input_shape == (3, 5, 5)
+    with pytest.raises(nn.ConfigError, match=r"e.g. \(1, 28, 28\), for a net that starts with MaxPool2d"):
+        nn.Sequential.from_torch(torch.nn.Sequential(torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(10, 4)))
     dropout_first = [torch.nn.Dropout(0.1), torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(7, 2)]
     with pytest.raises(nn.ConfigError, match=r"for a net that starts with Conv2d\(1, 2, "):  # the first real layer
         nn.Sequential.from_torch(torch.nn.Sequential(*dropout_first))
