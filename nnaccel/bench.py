@@ -36,7 +36,7 @@ from typing import Callable, NamedTuple
 
 import numpy
 
-from . import __version__, activations, architectures, datasets
+from . import __version__, activations, architectures, checkpoint, datasets
 from .backend import PRECISIONS, cuda_status, get_backend, resolve_device
 from .errors import ConfigError
 from .layers import Conv2D, Dense, Maxout
@@ -450,15 +450,6 @@ def _import_torch():
     return torch
 
 
-def _check_output(path, option):
-    """Refuse an output file in a missing folder, or a folder, before the benchmark runs, not after."""
-    if path and Path(path).is_dir():
-        example = "bench.json" if option == "--json" else "bench.png"
-        raise ConfigError(f"{option} {path} is a folder; name a file in it, such as {Path(path) / example}")
-    if path and not Path(path).resolve().parent.is_dir():
-        raise ConfigError(f"{option} {path}: folder {Path(path).parent} does not exist")
-
-
 def default_threads():
     """The CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -591,8 +582,8 @@ def run(args):
         raise ConfigError("--precision applies to the step benchmark; --fit times fp32 fit calls")
     grid = plan(args, devices)
     torch = _import_torch() if args.compare == "torch" else None
-    _check_output(args.json, "--json")
-    _check_output(args.plot, "--plot")
+    if args.json:  # --plot is checked with the other pictures' options (cli.main)
+        checkpoint.check_writable(args.json, "--json", example="bench.json")
     if args.plot:
         from .plotting import pyplot
 

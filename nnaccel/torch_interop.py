@@ -268,10 +268,9 @@ def from_torch(module, input_shape=None, device="cpu", seed=0):
     statistics copied, in the dtype of its parameters (float32 or float64).
 
     ``input_shape`` is one sample's shape, e.g. (1, 28, 28); left out, it is the first Linear's inputs, or
-    for a net that starts with other layers square images of the first Conv2d's channels: 28x28 where the
-    layers chain on it, else the one side on which they do (flat samples of the first Linear's inputs
-    where there is no Conv2d and no side fits). ``seed`` seeds the Dropout draws. Unsupported modules and
-    options are a ConfigError naming them.
+    for a net that starts with other layers what ``_image_shape`` finds (square images, 28x28 where the
+    layers chain on them). ``seed`` seeds the Dropout draws. Unsupported modules and options are a
+    ConfigError naming them.
     """
     torch = _import_torch()
     if not isinstance(module, torch.nn.Sequential):
