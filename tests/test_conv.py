@@ -15,7 +15,7 @@ TOL = {np.float32: {"rtol": 1e-4, "atol": 1e-5}, np.float64: {"rtol": 1e-10, "at
 DTYPE_IDS = ["float32", "float64"]
 TORCH_ACT = {"linear": torch.nn.Identity, "relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "gelu": torch.nn.GELU,
              "sigmoid": torch.nn.Sigmoid, "silu": torch.nn.SiLU, "softplus": torch.nn.Softplus,
-             "elu": torch.nn.ELU}
+             "elu": torch.nn.ELU, "softmax": lambda: torch.nn.Softmax(dim=1)}
 
 
 def torch_twin(model, dtype):
@@ -110,7 +110,7 @@ def compare_with_torch(model, dtype, x, labels):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
 @pytest.mark.parametrize("conv", CONVS, ids=[str(c) for c in CONVS])
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "softmax"])  # softmax: over the channels at each pixel
 def test_conv2d_matches_torch(device, conv, activation, dtype):
     cin, cout, kernel, stride, padding, h, w = conv
     model = nn.Sequential(nn.Conv2D(cin, cout, kernel, stride=stride, padding=padding, activation=activation),
@@ -177,6 +177,7 @@ FD_NETS = {
                                      nn.MaxPool2D(3, stride=2, padding=1), nn.Flatten(), nn.Dense(18, 3)],
     "avgpool-batchnorm2d": lambda: [nn.Conv2D(2, 3, 2, activation="sigmoid"), nn.BatchNorm(3),
                                     nn.AvgPool2D(2, stride=1, padding=1), nn.Flatten(), nn.Dense(75, 3)],
+    "conv-softmax": lambda: [nn.Conv2D(2, 3, 2, activation="softmax"), nn.Flatten(), nn.Dense(48, 3)],
     "batchnorm1d": lambda: [nn.Flatten(), nn.Dense(50, 4, activation="gelu"), nn.BatchNorm(4), nn.Dense(4, 3)],
 }
 

@@ -279,7 +279,7 @@ class Backend:
         (C, N*L) like ``out``) as ``out`` (C, N*L), and the bias gradient, a sum per channel."""
         n, c = dy.shape[:2]
         out.reshape(c, n, -1)[...] = dy.reshape(n, c, -1).transpose(1, 0, 2)
-        activation.backward(self, out, y, z, out)
+        activation.backward(self, out.T, y.T, z.T, out.T)  # (N*L, C) views, as forward: softmax runs over C
         if bias_grad is not None:
             out.sum(axis=1, out=bias_grad)
         return out
