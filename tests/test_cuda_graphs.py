@@ -113,16 +113,20 @@ def test_a_graphed_run_resumes_bit_for_bit(emulated, replays, tmp_path):
     assert replays[0] > 0
 
 
-def test_dropout_and_shifts_draw_in_replayed_steps_what_eager_steps_draw(emulated, replays):
+@pytest.mark.parametrize("seed", [2, 10 ** 7], ids=["seed-2", "seed-1e7"])  # 1e7: layer seeds past 2**32
+def test_dropout_and_shifts_draw_in_replayed_steps_what_eager_steps_draw(emulated, replays, seed):
     """Dropout and RandomShift draw with a device copy of their counter under a graph: the same
-    masks and shifts as eager steps, so the same weights, and their counters end where eager ones do."""
+    masks and shifts as eager steps (and the CPU's), so the same weights, and their counters end
+    where eager ones do."""
     x, y = datasets.synthetic(n=150, features=64, classes=4, seed=1)
 
     def build(device):
         return nn.Sequential(nn.RandomShift(1), nn.Conv2D(1, 2, 3), nn.Flatten(), nn.Dropout(0.3),
-                             nn.Dense(72, 4), input_shape=(1, 8, 8), seed=2, device=device)
+                             nn.Dense(72, 4), input_shape=(1, 8, 8), seed=seed, device=device)
 
     _, _, eager = _train(build, emulated, x, y, cuda_graphs=False)
+    _, _, on_cpu = _train(build, "cpu", x, y, cuda_graphs=False)
+    numpy.testing.assert_allclose(eager["params"], on_cpu["params"], rtol=1e-4, atol=1e-5)
     trainer, _, graphed = _train(build, emulated, x, y, cuda_graphs=True)
     assert replays[0] == 3 * 5 - 3 * 2
     for name in eager:

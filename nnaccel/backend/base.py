@@ -555,8 +555,10 @@ class Backend:
         """
         xp = self.xp
         size = math.prod(shape)
-        key_lo = (counter * 0x85EBCA6B + seed * 0x9E3779B9) & 0xFFFFFFFF
-        key_hi = (counter * 0xC2B2AE35 + (seed + 0x27D4EB2F)) & 0xFFFFFFFF
+        # the seed's terms are cut to 32 bits on the host: a large seed times a uint64 device counter
+        # would overflow before the mask (an OverflowError from NumPy's and CuPy's promotion rules)
+        key_lo = (counter * 0x85EBCA6B + ((seed * 0x9E3779B9) & 0xFFFFFFFF)) & 0xFFFFFFFF
+        key_hi = (counter * 0xC2B2AE35 + ((seed + 0x27D4EB2F) & 0xFFFFFFFF)) & 0xFFFFFFFF
         key_lo, key_hi = (xp.uint32(key) if isinstance(key, int) else key.astype(xp.uint32)
                           for key in (key_lo, key_hi))
         x = xp.arange(size, dtype=xp.uint32)
