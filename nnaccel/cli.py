@@ -507,7 +507,7 @@ def _evaluation_data(args, meta):
     if split is None:
         try:
             return (*datasets.load(args.data, split="test"), "test")
-        except NnaccelError:
+        except datasets.MissingSplit:  # a damaged test split is an error, not a reason to score another
             split = "validation"
     if split != "validation":
         return (*datasets.load(args.data, split=split), split)
@@ -627,8 +627,11 @@ def main(argv=None):
             if getattr(args, option, None):
                 checkpoint.check_writable(getattr(args, option), f"--{option}", example="picture.png")
                 plotting.check_picture_path(getattr(args, option), f"--{option}")
-        if getattr(args, "activation", None):
-            activations.get(args.activation)
+        if getattr(args, "activation", None) is not None:  # '' too: named here, not as a --layers entry
+            try:
+                activations.get(args.activation)
+            except ConfigError as error:
+                raise ConfigError(f"--activation: {error}") from None
         return COMMANDS[args.command](args)
     except NnaccelError as error:
         print(f"nnaccel {args.command}: error: {error}", file=sys.stderr)

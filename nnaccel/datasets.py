@@ -45,6 +45,11 @@ _CHECKSUM_READ_CHUNKS = 64  # at most 64 MiB read on to reach a damaged stream's
 _PIXEL_TOP = {"u": 255, "i": 255, "f": 1}  # integer pixels are 0..255, float pixels 0..1
 _MNIST_CLASSES = 10
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+
+
+class MissingSplit(DataError):
+    """The data set has no such split at all (a damaged one raises a plain DataError): what
+    ``nnaccel evaluate`` checks to fall back from the test split to the validation part."""
 _DIGITS_TRAIN_FRACTION = 0.8
 _SYNTHETIC_NOISE = 0.25  # std of the noise around centroids drawn from [0, 1]
 
@@ -217,7 +222,7 @@ def _find_idx_pair(folder, split):
         other = "test" if split == "train" else "train"
         there = (f" (it holds only the {other} split, {_SPLIT_PREFIX[other]}-*)" if any(_find_idx(folder, _SPLIT_PREFIX[other], kind, dims)[0]
                                      for kind, dims in (("images", 3), ("labels", 1))) else "")
-        raise DataError(
+        raise MissingSplit(
             f"no {split} split in {folder}: looked for {images_looked_for} "
             f"and {labels_looked_for}{there}"
         )
@@ -283,6 +288,8 @@ def _load_npz(path, split):
     suffix = "train" if split == "train" else "test"
     try:
         with zipfile.ZipFile(path) as archive:
+            if not {f"x_{suffix}.npy", f"y_{suffix}.npy"} & set(archive.namelist()):
+                raise MissingSplit(f"{path}: no {split} split (no x_{suffix} or y_{suffix} array)")
             images = _read_npz_array(archive, path, f"x_{suffix}", 3)
             labels = _read_npz_array(archive, path, f"y_{suffix}", 1)
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError,
@@ -337,7 +344,7 @@ def load_mnist_sample(split="train"):
     The sample has no test split: hold out part of it with ``train_val_split``.
     """
     if split != "train":
-        raise DataError(f"the embedded MNIST sample has only a train split (7,996 images), not {split!r}: "
+        raise MissingSplit(f"the embedded MNIST sample has only a train split (7,996 images), not {split!r}: "
                         f"hold out part of it (nnaccel train does: --validation-split)")
     folder = _sample_folder()
     images = read_idx(folder.joinpath("train-images-idx3-ubyte.gz"), IMAGES_NDIM)
@@ -382,7 +389,7 @@ def load(name_or_path, split="train"):
         return load_digits(split)
     if name_or_path == "synthetic":
         if split not in ("train", "all"):
-            raise DataError(
+            raise MissingSplit(
                 f"no {split} split in the synthetic data set: "
                 "use train_val_split to hold out data"
             )

@@ -140,7 +140,8 @@ def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
     (["train", "--layers", "64,32,10"], "starts with 64 inputs but the data has 784 features"),
     (["train", "--model", "lenet5", "--data", "digits"], "--model lenet5: 'conv16k5'"),
     (["train", "--layers", "conv6k5,bogus,10"], "'bogus' is not a layer; the grammar"),
-    (["train", "--activation", "swishy"], "unknown activation 'swishy'; valid: linear, relu"),
+    (["train", "--activation", "swishy"], "--activation: unknown activation 'swishy'; valid: linear, relu"),
+    (["train", "--activation", "", "--layers", "784,16,10"], "--activation: unknown activation ''"),
     (["train", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["train", "--device", "tpu"], "unknown device 'tpu'"),
     (["train", "--data", "no/such/folder"], "no/such/folder"),
@@ -158,6 +159,29 @@ def test_user_errors_are_one_line(args, message, tmp_path):
     assert "Traceback" not in run.stderr
     lines = [line for line in run.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and message in lines[0], run.stderr
+
+
+def test_evaluate_refuses_a_damaged_test_split_rather_than_score_the_validation_part(tmp_path, monkeypatch, capsys):
+    """With no --split, evaluate falls back to the held-out part only where the data has no test split."""
+    import numpy as np
+
+    from nnaccel import cli
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    train = {"x_train": rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), "y_train": np.arange(40) % 10}
+    np.savez("no-test.npz", **train)
+    np.savez("bad-test.npz", **train, x_test=np.full((10, 28, 28), 300, np.uint16), y_test=np.arange(10))
+    np.savez("half-test.npz", **train, x_test=train["x_train"][:10])
+    assert cli.main(["train", "--data", "no-test.npz", "--layers", "784,10", "--epochs", "1", "--batch-size", "8",
+                     "--save", "m.npz", "--quiet", "--device", "cpu"]) == 0
+    assert cli.main(["evaluate", "m.npz", "--data", "no-test.npz", "--device", "cpu"]) == 0
+    assert "validation accuracy" in capsys.readouterr().out
+    for data, message in (("bad-test.npz", "bad-test.npz[x_test]: uint16 pixels range from 300 to 300"),
+                          ("half-test.npz", "half-test.npz: no 'y_test' array")):
+        assert cli.main(["evaluate", "m.npz", "--data", data, "--device", "cpu"]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and not captured.out, captured
 
 
 def test_info():
