@@ -78,6 +78,7 @@ def check_writable(path, what="checkpoint", size=0, example="model.npz"):
         raise OutputError(f"{what} {path} is a folder; name a file in it, such as {path / example}")
     if not folder.is_dir():
         raise OutputError(f"cannot write {what} {path}: folder {folder} does not exist")
+    _refuse_special_file(path, what)
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         os.close(fd)
@@ -90,6 +91,13 @@ def check_writable(path, what="checkpoint", size=0, example="model.npz"):
                               f"the file takes about {size / 2**20:.1f} MiB")
 
 
+def _refuse_special_file(path, what):
+    """The rename that writes a file would replace a device, pipe or socket there (/dev/null, for root)."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise OutputError(f"cannot write {what} {path}: it exists and is not a regular file (a device, pipe or "
+                          f"socket); name a new file or a regular one")
+
+
 def atomic_write(path, write):
     """Call ``write(file)`` on a temporary file, fsync it, and rename it to ``path``; on any
     failure (a full disk, a signal) the temporary file is removed and ``path`` is as it was.
@@ -100,6 +108,7 @@ def atomic_write(path, write):
     folder = path.parent
     if not folder.is_dir():
         raise OutputError(f"cannot write {path}: folder {folder} does not exist")
+    _refuse_special_file(path, "file")
     tmp = None
     try:
         with _stop_signals_held():

@@ -130,6 +130,19 @@ def test_an_output_path_that_cannot_work_is_refused_before_training(tmp_path, mo
     assert _one_error_line(capsys) == f"nnaccel train: error: {message}"
 
 
+def test_a_device_pipe_or_socket_is_not_replaced_by_a_file(tmp_path, monkeypatch, capsys):
+    """The rename that writes a file would replace what is there: a FIFO stands for /dev/null here."""
+    monkeypatch.chdir(tmp_path)
+    _no_data_read(monkeypatch)
+    os.mkfifo("pipe")
+    assert cli.main([*SMALL, "--save", "pipe"]) == 2
+    assert _one_error_line(capsys) == ("nnaccel train: error: cannot write --save pipe: it exists and is not a regular "
+                                       "file (a device, pipe or socket); name a new file or a regular one")
+    with pytest.raises(nn.OutputError, match="cannot write file pipe: it exists and is not a regular file"):
+        checkpoint.atomic_write("pipe", lambda handle: handle.write(b"x"))
+    assert stat.S_ISFIFO(os.stat("pipe").st_mode) and os.listdir() == ["pipe"]
+
+
 def test_a_folder_that_refuses_files_is_found_before_training(tmp_path, monkeypatch, capsys):
     """Injected: the folder refuses new files (EACCES), as a read-only share does for everyone."""
     monkeypatch.chdir(tmp_path)
