@@ -143,6 +143,7 @@ def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
     (["train", "--activation", "swishy"], "--activation: unknown activation 'swishy'; valid: linear, relu"),
     (["train", "--activation", "", "--layers", "784,16,10"], "--activation: unknown activation ''"),
     (["train", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["train", "--loss", "sigmoid_cross_entropy"], "invalid choice: 'sigmoid_cross_entropy' (choose from 'mse', "),
     (["train", "--device", "tpu"], "unknown device 'tpu'"),
     (["train", "--data", "no/such/folder"], "no/such/folder"),
     (["evaluate", "missing.npz"], "checkpoint missing.npz does not exist"),
