@@ -438,6 +438,18 @@ def _rank_batch(args, global_batch):
     return global_batch // size
 
 
+# What a resumed run takes from its checkpoint, not from the command line.
+SAVED_WITH_THE_RUN = ("layers", "model", "activation", "dropout", "augment", "loss", "optimizer", "lr", "momentum",
+                      "nesterov", "weight_decay", "schedule", "step_size", "gamma", "eta_min", "batch_size", "seed")
+
+
+def _options_a_resume_ignores(args):
+    """The options of ``SAVED_WITH_THE_RUN`` given other than their defaults, as ``--name value``."""
+    defaults = vars(build_parser().parse_args(["train"]))
+    return [f"--{name.replace('_', '-')}" + ("" if getattr(args, name) is True else f" {getattr(args, name)}")
+            for name in SAVED_WITH_THE_RUN if getattr(args, name) != defaults[name]]
+
+
 def _train(args):
     from . import distributed
 
@@ -462,6 +474,11 @@ def _train(args):
     x, y = datasets.load(args.data, split="train")
     _apply_default_recipe(args, x.shape[1])
     if args.resume:
+        ignored = _options_a_resume_ignores(args)
+        if ignored:
+            _say(args, f"warning: --resume continues {args.resume} with its own model, loss, optimizer, schedule, "
+                       f"batch size and seed; {', '.join(ignored)} given here {'is' if len(ignored) == 1 else 'are'} "
+                       f"not used")
         trainer = _trainer_from_checkpoint(args, device)
         _say(args, f"resuming {args.resume} after epoch {trainer.epoch}"
                    + (f", step {trainer._resume_point['step']}" if trainer._resume_point else ""))

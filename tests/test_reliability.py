@@ -429,6 +429,23 @@ def _interrupted_in_process(tmp_path, monkeypatch, capsys, extra):
     return shlex.split(note.split("resume with: ")[1])
 
 
+def test_a_resume_says_which_options_it_does_not_use(tmp_path, monkeypatch, capsys):
+    """--resume continues the saved run: options the checkpoint holds, given anyway, are named as unused."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*SMALL, "--epochs", "1", "--quiet", "--save", "a.npz"]) == 0
+    capsys.readouterr()
+    resume = ["train", "--resume", "a.npz", "--data", "digits", "--device", "cpu", "--epochs", "2"]
+    assert cli.main([*resume, "--lr", "5", "--optimizer", "adam", "--nesterov", "--batch-size", "7", "--save",
+                     "a.npz"]) == 0
+    assert ("warning: --resume continues a.npz with its own model, loss, optimizer, schedule, batch size and seed; "
+            "--optimizer adam, --lr 5.0, --nesterov, --batch-size 7 given here are not used") in capsys.readouterr().err
+    meta = checkpoint.read(tmp_path / "a.npz")[0]
+    assert meta["trainer"]["epoch"] == 2 and meta["trainer"]["batch_size"] == 32
+    assert meta["optimizer"]["config"]["type"] == "SGD" and meta["optimizer"]["config"]["lr"] != 5
+    assert cli.main([*resume, "--epochs", "3"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_cosine_run_resumed_to_more_epochs_plans_its_schedule_over_them(tmp_path, monkeypatch, capsys):
     """A cosine schedule runs over --epochs: a finished 2-epoch run resumed with --epochs 4 trains epochs 3-4
     at the rates of a 4-epoch run (not at the old schedule's last rate, 0), saying so; resumed without
