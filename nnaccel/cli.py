@@ -143,7 +143,7 @@ def build_parser():
     run.add_argument("--resume", metavar="CHECKPOINT", help="continue training from a checkpoint")
     run.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE",
                      help="stop when the validation loss has not improved for PATIENCE epochs (the best weights "
-                          "are kept)")
+                          "are kept, and --save ends with them)")
     run.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                      help="on CUDA, run every step eagerly instead of replaying it from a CUDA graph")
     run.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -371,6 +371,8 @@ def _fit_and_save(trainer, args, data, validation_data):
             raise
         if trainer.interrupted:
             trainer.save_checkpoint(args.save or INTERRUPTED_RUN_FILE)
+        elif args.save and args.early_stopping:  # the best epoch's weights, put back: what train reports
+            trainer.save_checkpoint(args.save)
     return received[0] if trainer.interrupted else None
 
 
@@ -480,6 +482,9 @@ def _train(args):
                        f"batch size and seed; {', '.join(ignored)} given here {'is' if len(ignored) == 1 else 'are'} "
                        f"not used")
         trainer = _trainer_from_checkpoint(args, device)
+        if args.early_stopping:
+            _say(args, f"warning: a checkpoint does not hold early stopping's count: --early-stopping "
+                       f"{args.early_stopping} counts its patience (and the best epoch) from epoch {trainer.epoch + 1}")
         _say(args, f"resuming {args.resume} after epoch {trainer.epoch}"
                    + (f", step {trainer._resume_point['step']}" if trainer._resume_point else ""))
         _plan_resumed_epochs(args, trainer)

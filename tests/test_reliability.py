@@ -27,6 +27,7 @@ failed with a bare ValueError.
 
 import gc
 import io
+import json
 import os
 import random
 import re
@@ -427,6 +428,26 @@ def _interrupted_in_process(tmp_path, monkeypatch, capsys, extra):
     note = capsys.readouterr().err.strip()
     assert "resume with: " in note
     return shlex.split(note.split("resume with: ")[1])
+
+
+def test_early_stopping_saves_the_best_epoch_it_reports(tmp_path, monkeypatch, capsys):
+    """--early-stopping puts the best epoch's weights back: --save ends with them, so evaluate scores
+    what train reported; a resume says the patience counts again from there."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*SMALL, "--epochs", "10", "--early-stopping", "1", "--lr", "1", "--save", "es.npz",
+                     "--json"]) == 0
+    err, out = capsys.readouterr()[::-1]
+    losses = [float(line.split("val_loss")[1].split()[0]) for line in err.splitlines() if line.startswith("epoch ")]
+    trained = json.loads(out)
+    assert len(losses) < 10 and min(losses) < losses[-1]  # stopped early, after a worse epoch
+    assert trained["loss"] == pytest.approx(min(losses), abs=1e-4)
+    assert cli.main(["evaluate", "es.npz", "--data", "digits", "--split", "validation", "--json",
+                     "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == trained["loss"]
+    assert cli.main(["train", "--resume", "es.npz", "--data", "digits", "--device", "cpu", "--epochs", "12",
+                     "--early-stopping", "1"]) == 0
+    assert (f"--early-stopping 1 counts its patience (and the best epoch) from epoch {len(losses) + 1}"
+            in capsys.readouterr().err)
 
 
 def test_a_resume_says_which_options_it_does_not_use(tmp_path, monkeypatch, capsys):
