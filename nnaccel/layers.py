@@ -32,6 +32,9 @@ class Parameter:
     @data.setter
     def data(self, value):
         """Assigning copies into the view, so the flat buffer stays shared."""
+        if not hasattr(value, "shape"):
+            raise ShapeError(f"parameter {self.name} takes an array of shape {self._data.shape}, got a "
+                             f"{type(value).__name__}; convert it with model.backend.asarray(...)")
         if tuple(value.shape) != self._data.shape:
             raise ShapeError(f"parameter {self.name} has shape {self._data.shape}, got {tuple(value.shape)}")
         self._data[...] = value
@@ -87,6 +90,7 @@ class Layer:
     # "bf16" on a GPU) as well as in the model dtype: Dense and Conv2D then store that dtype, BatchNorm,
     # the poolings and Flatten keep what they get. The model hands every other layer its own dtype.
     takes_storage_dtype = False
+    _model = None  # a weak reference to the Sequential whose views the layer holds (it takes one place)
 
     def __init__(self):
         self.ops = None

@@ -2,6 +2,7 @@
 
 import math
 import sys
+import weakref
 
 import numpy
 
@@ -35,6 +36,10 @@ class Sequential:
     convolutional net (NCHW, as in PyTorch); a Dense-only model takes it from
     its first layer. Inputs may come as ``(batch, *input_shape)`` or flat,
     ``(batch, prod(input_shape))``, viewed as ``input_shape``.
+
+    A layer computes with the views of one model, so it takes one place in one
+    model: a layer object given twice, or one still in another model, is refused
+    (a layer of a model that no longer exists may join a new one).
     """
 
     def __init__(self, *layers, device="cpu", seed=0, dtype=numpy.float32, input_shape=None):
@@ -45,7 +50,15 @@ class Sequential:
         for index, layer in enumerate(layers):
             if not isinstance(layer, Layer):
                 raise ConfigError(f"layer {index} is a {type(layer).__name__}, not an nnaccel layer")
-        self.dtype = numpy.dtype(dtype)
+            twice = any(layer is earlier for earlier in layers[:index])
+            if twice or layer._model is not None and layer._model() is not None:
+                where = "this model" if twice else "another model"
+                raise ConfigError(f"layer {index} {layer!r} is already in {where}: its weights live in one model's "
+                                  f"buffers, so make a new layer per place")
+        try:
+            self.dtype = numpy.dtype(dtype)
+        except (TypeError, ValueError):
+            raise ConfigError(f"dtype must be float32 or float64, got {dtype!r}") from None
         if self.dtype not in FLOAT_DTYPES:
             raise ConfigError(f"dtype must be float32 or float64, got {self.dtype}")
         self.layers = list(layers)
@@ -133,6 +146,7 @@ class Sequential:
             per_layer[index][1][name] = view
         for layer, (params, buffers) in zip(self.layers, per_layer):
             layer.bind(backend, params, buffers)
+            layer._model = weakref.ref(self)  # weak: a layer does not keep its model alive
 
     # ----- the public API -------------------------------------------------------
     def parameters(self):

@@ -113,10 +113,9 @@ def compare_with_torch(model, dtype, x, labels):
 @pytest.mark.parametrize("activation", ["relu", "gelu", "softmax"])  # softmax: over the channels at each pixel
 def test_conv2d_matches_torch(device, conv, activation, dtype):
     cin, cout, kernel, stride, padding, h, w = conv
-    model = nn.Sequential(nn.Conv2D(cin, cout, kernel, stride=stride, padding=padding, activation=activation),
-                          nn.Flatten(), input_shape=(cin, h, w), device=device, seed=1, dtype=dtype)
-    model = nn.Sequential(*model.layers, nn.Dense(model.out_features, 4), input_shape=(cin, h, w), device=device,
-                          seed=1, dtype=dtype)
+    layers = [nn.Conv2D(cin, cout, kernel, stride=stride, padding=padding, activation=activation), nn.Flatten()]
+    width = nn.Sequential(*layers, input_shape=(cin, h, w)).out_features  # gone once read: the layers are free
+    model = nn.Sequential(*layers, nn.Dense(width, 4), input_shape=(cin, h, w), device=device, seed=1, dtype=dtype)
     rng = np.random.default_rng(2)
     randomise(model, rng)
     x = rng.standard_normal((5, cin, h, w)).astype(dtype)
@@ -130,9 +129,8 @@ def test_pooling_matches_torch(device, kind, pool, dtype):
     """Windows that overlap (stride < kernel), skip inputs (stride > kernel), and reach into the padding."""
     kernel, stride, padding = pool
     layers = [nn.Conv2D(2, 3, 3, padding=1, activation="tanh"), kind(kernel, stride, padding), nn.Flatten()]
-    probe = nn.Sequential(*layers, input_shape=(2, 9, 11))
-    model = nn.Sequential(*layers, nn.Dense(probe.out_features, 3), input_shape=(2, 9, 11), device=device, seed=3,
-                          dtype=dtype)
+    width = nn.Sequential(*layers, input_shape=(2, 9, 11)).out_features
+    model = nn.Sequential(*layers, nn.Dense(width, 3), input_shape=(2, 9, 11), device=device, seed=3, dtype=dtype)
     rng = np.random.default_rng(4)
     randomise(model, rng)
     x = rng.standard_normal((4, 2, 9, 11)).astype(dtype)
@@ -148,9 +146,8 @@ def test_batchnorm_matches_torch_in_training_and_eval(device, spatial, dtype):
         layers, shape = [nn.Conv2D(2, 3, 3, activation="relu"), nn.BatchNorm(3, momentum=0.3), nn.Flatten()], (2, 6, 7)
     else:
         layers, shape = [nn.Flatten(), nn.Dense(84, 6, activation="tanh"), nn.BatchNorm(6)], (2, 6, 7)
-    probe = nn.Sequential(*layers, input_shape=shape)
-    model = nn.Sequential(*layers, nn.Dense(probe.out_features, 3), input_shape=shape, device=device, seed=6,
-                          dtype=dtype)
+    width = nn.Sequential(*layers, input_shape=shape).out_features
+    model = nn.Sequential(*layers, nn.Dense(width, 3), input_shape=shape, device=device, seed=6, dtype=dtype)
     randomise(model, rng)
     x = (rng.standard_normal((8, *shape)) * 2 + 0.5).astype(dtype)
     labels = rng.integers(0, 3, 8)
