@@ -4,9 +4,11 @@ Stopping on a NaN loss is built into the Trainer (it must act before the update)
 """
 
 import csv
+import io
 import math
 from pathlib import Path
 
+from .checkpoint import atomic_write
 from .errors import ConfigError, OutputError, check_int, check_number
 
 
@@ -32,6 +34,8 @@ class _Monitor:
     def __init__(self, monitor, mode, min_delta):
         if mode not in ("auto", "min", "max"):
             raise ConfigError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        if not isinstance(monitor, str):
+            raise ConfigError(f"monitor must name a logged metric such as 'val_loss', got {monitor!r}")
         self.monitor = monitor
         self.sign = -1.0 if mode == "max" or (mode == "auto" and "acc" in monitor) else 1.0
         # Keras takes a negative min_delta as its size
@@ -54,7 +58,9 @@ class EarlyStopping(Callback, _Monitor):
     """Stop when ``monitor`` has not improved for ``patience`` epochs.
 
     With ``restore_best_weights`` (the default here, unlike Keras) the model
-    ends with the weights of its best epoch.
+    ends with the weights of its best epoch, whether it stopped early or ran
+    all its epochs; not after an interruption (its checkpoint must match the
+    optimizer state) nor an error (TrainingDiverged keeps the weights it names).
     """
 
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto", restore_best_weights=True):
@@ -76,8 +82,8 @@ class EarlyStopping(Callback, _Monitor):
             trainer.stop_training = True
 
     def on_train_end(self, trainer):
-        # Not on an interruption: the checkpoint written then must match the optimizer state.
-        if self.best_weights is not None and trainer.stop_training and not trainer.interrupted:
+        if (self.best_weights is not None and self.best_epoch != trainer.epoch and trainer._fit_finished
+                and not trainer.interrupted):
             trainer.model.flat_params[...], trainer.model.flat_buffers[...] = self.best_weights
 
 
@@ -103,7 +109,12 @@ class ModelCheckpoint(Callback, _Monitor):
 
 
 class CSVLogger(Callback):
-    """Append one row of metrics per epoch to a CSV file."""
+    """Append one row of metrics per epoch to a CSV file.
+
+    With ``append`` an existing file keeps its columns; a metric it lacks (``val_loss`` in a
+    later fit with validation data) widens the header, the file rewritten atomically with
+    empty cells in the rows before.
+    """
 
     def __init__(self, path, append=False):
         self.path = Path(path)
@@ -114,15 +125,41 @@ class CSVLogger(Callback):
             self.path.unlink()
 
     def on_epoch_end(self, trainer, logs):
-        new = not self.path.exists()
+        columns = self._columns()
+        added = [key for key in logs if key not in columns]
         try:
-            with open(self.path, "a", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(logs))
-                if new:
-                    writer.writeheader()
-                writer.writerow(logs)
+            if columns and added:
+                self._rewrite(columns + added, logs)
+                return
+            with open(self.path, "a", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                if not columns:
+                    writer.writerow(list(logs))
+                writer.writerow([logs.get(column, "") for column in columns or logs])
         except OSError as error:
             raise OutputError(f"cannot write the CSV log {self.path}: {error.strerror or error}") from None
+
+    def _columns(self):
+        """The header of the file there, or [] when there is none."""
+        try:
+            with open(self.path, newline="", encoding="utf-8") as handle:
+                return next(csv.reader(handle), [])
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            raise OutputError(f"cannot read the CSV log {self.path}: {error.strerror or error}") from None
+
+    def _rewrite(self, columns, logs):
+        """The file under the wider header ``columns``, its rows given empty cells in the new ones, then
+        ``logs``: written atomically, so a failure leaves the old file."""
+        with open(self.path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))[1:]
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(columns)
+        writer.writerows(row + [""] * (len(columns) - len(row)) for row in rows)
+        writer.writerow([logs.get(column, "") for column in columns])
+        atomic_write(self.path, lambda handle: handle.write(text.getvalue().encode("utf-8")))
 
 
 class PlotCurves(Callback):
