@@ -13,7 +13,7 @@ as weak, so float32 stays float32.
 
 import math
 
-from .errors import ConfigError
+from .errors import ConfigError, check_number
 
 
 class Activation:
@@ -75,10 +75,7 @@ class LeakyReLU(Activation):
     name, code, init = "leaky_relu", 2, "he"
 
     def __init__(self, slope=0.01):
-        slope = float(slope)
-        if not 0.0 <= slope < math.inf:
-            raise ConfigError(f"leaky_relu slope must be a finite number >= 0, got {slope}")
-        self.param = self.slope = slope
+        self.param = self.slope = check_number(slope, "leaky_relu slope", allow_zero=True)
 
     def config(self):
         return {"slope": self.slope}
@@ -96,10 +93,7 @@ class ELU(Activation):
     name, code, init = "elu", 3, "he"
 
     def __init__(self, alpha=1.0):
-        alpha = float(alpha)
-        if not 0.0 < alpha < math.inf:
-            raise ConfigError(f"elu alpha must be a finite number > 0, got {alpha}")
-        self.param = self.alpha = alpha
+        self.param = self.alpha = check_number(alpha, "elu alpha")
 
     def config(self):
         return {"alpha": self.alpha}

@@ -4,6 +4,7 @@ Each step is one backend op over every parameter at once: the update rules
 are PyTorch's, so the same hyper-parameters give the same trajectory.
 """
 
+import inspect
 import math
 
 import numpy
@@ -136,12 +137,28 @@ def get(optimizer=None, **params):
     if isinstance(optimizer, Optimizer):
         return optimizer
     if isinstance(optimizer, dict):
+        if "type" not in optimizer:
+            raise ConfigError(f"optimizer config {optimizer!r} has no 'type'; give one of {', '.join(OPTIMIZERS)}")
         params = {k: v for k, v in optimizer.items() if k != "type"}
         optimizer = optimizer["type"]
     key = str(optimizer).lower()
     if key not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[key](**params)
+    return _build(OPTIMIZERS[key], params, f"optimizer {key!r}")
+
+
+def _build(cls, options, what):
+    """``cls(**options)``, or a ConfigError naming ``what`` and the options it does not take or lacks
+    (rather than Python's TypeError)."""
+    known = inspect.signature(cls).parameters
+    unknown = [name for name in options if name not in known]
+    if unknown:
+        raise ConfigError(f"{what} takes no option {', '.join(map(repr, unknown))}; its options: {', '.join(known)}")
+    missing = [name for name, parameter in known.items()
+               if parameter.default is parameter.empty and name not in options]
+    if missing:
+        raise ConfigError(f"{what} needs the option {', '.join(map(repr, missing))}")
+    return cls(**options)
 
 
 class StepLR:
@@ -184,4 +201,4 @@ def schedule_from(config):
     kind = config.pop("type", None)
     if kind not in SCHEDULES:
         raise ConfigError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
-    return SCHEDULES[kind](**config)
+    return _build(SCHEDULES[kind], config, f"schedule {kind}")

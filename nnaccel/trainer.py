@@ -23,6 +23,7 @@ from .callbacks import Callback, CSVLogger, ModelCheckpoint, PlotCurves
 from .backend import PRECISIONS, array_device
 from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError, check_int
 from .layers import RandomLayer
+from .model import Sequential
 
 # Callbacks that write files: in a distributed run only rank 0 runs them (as does any callback
 # with a true ``rank_zero_only`` attribute); the others run on every rank.
@@ -55,6 +56,8 @@ class Trainer:
 
     def __init__(self, model, loss=None, optimizer=None, batch_size=32, seed=0, schedule=None,
                  callbacks=(), quiet=False, communicator=None, cuda_graphs=True, precision="fp32"):
+        if not isinstance(model, Sequential):
+            raise ConfigError(f"Trainer trains an nnaccel Sequential model, got a {type(model).__name__}")
         batch_size = check_int(batch_size, "batch_size")
         self.model = model
         self.loss = losses.get(loss)
@@ -62,8 +65,11 @@ class Trainer:
         self.batch_size = int(batch_size)
         self.seed = check_int(seed, "seed", minimum=0)
         self.rng = numpy.random.default_rng(self.seed)
+        if schedule is not None and (isinstance(schedule, type) or not callable(getattr(schedule, "lr_at", None))):
+            raise ConfigError(f"schedule must be a schedule such as nn.StepLR(10) or nn.CosineAnnealing(20) (an "
+                              f"object with lr_at), got {_described(schedule)}")
         self.schedule = schedule
-        self.callbacks = list(callbacks)
+        self.callbacks = _callback_list(callbacks, "Trainer callbacks")
         self.quiet = quiet
         self.epoch = 0
         self.history = {}
@@ -71,6 +77,8 @@ class Trainer:
         self.nan_check_every = None  # steps between finiteness checks; None: 1 on CPU, 100 on GPU
         self._resume_point = None
         self._train_step = None  # the step unit train_step reuses (its sums are never read)
+        self._checked_batch = None  # (x, y, backend, loss, y as the loss takes it): the batch train_step last checked
+        self._fit_finished = False  # whether the last fit ran to its end (all epochs or an early stop), not an error
         self.communicator = communicator
         self.cuda_graphs = bool(cuda_graphs)
         if precision not in PRECISIONS:
@@ -104,7 +112,8 @@ class Trainer:
         """
         model, ops = self.model, self.model.backend
         label_what = "y" if what == "x" else f"{what} labels"
-        x, y = (numpy.asarray(a) if array_device(a) is None else a for a in (x, y))  # lists; arrays stay
+        x, y = (_host_array(a, name) if array_device(a) is None else a  # lists; arrays stay
+                for a, name in ((x, what), (y, label_what)))
         x = ops.asarray(x, what=what)
         y = ops.asarray(y, what=label_what)
         if x.ndim > 2 and tuple(x.shape[1:]) == model.input_shape:
@@ -115,8 +124,9 @@ class Trainer:
                              f"(samples, {model.in_features}){images}")
         if x.shape[0] == 0:
             raise ShapeError(f"{what} is empty: no samples to train or evaluate on")
-        if y.shape[0] != x.shape[0]:
-            raise ShapeError(f"{label_what} has {y.shape[0]} entries but {what} has {x.shape[0]} samples")
+        if y.ndim == 0 or y.shape[0] != x.shape[0]:
+            raise ShapeError(f"{label_what} has {y.shape[0] if y.ndim else 'no'} entries but {what} has "
+                             f"{x.shape[0]} samples")
         if x.dtype.kind not in "fiu":
             raise ShapeError(f"{what} has dtype {x.dtype}; expected a float array")
         x = model.to_model_dtype(x, what)
@@ -130,11 +140,39 @@ class Trainer:
 
     # ----- training ------------------------------------------------------------------
     def train_step(self, x, y):
-        """One forward, backward and update on a prepared batch; ``(loss, correct)`` on the device."""
+        """One forward, backward and update on a prepared batch (device arrays, as ``prepare`` gives
+        them); ``(loss, correct)`` on the device.
+
+        A batch is checked the first time it comes: shapes and dtypes, and on the CPU the label range
+        (on a GPU reading the labels would synchronise every step; ``prepare`` checks them). The same
+        arrays given again are trusted, as ``fit`` trusts its prepared set, so a loop over one batch
+        (the bench's timed steps) pays no checks per step.
+        """
+        model, loss, checked = self.model, self.loss, self._checked_batch
+        if checked is None or not (checked[0] is x and checked[1] is y and checked[2] is model.backend
+                                   and checked[3] is loss):
+            checked = self._checked_batch = (x, y, model.backend, loss, self._check_batch(x, y))
         if self._train_step is None:
             self._train_step = _Step(self, _ONE_PROCESS)
-        with self.model.backend.matmul_precision(self.precision):
-            return self._train_step(x, y)
+        with model.backend.matmul_precision(self.precision):
+            return self._train_step(x, checked[4])
+
+    def _check_batch(self, x, y):
+        """``y`` as the loss takes it, or a clear error unless ``x, y`` are a batch of device arrays that fit
+        the model and the loss."""
+        model, ops = self.model, self.model.backend
+        for name, array in (("x", x), ("y", y)):
+            if array_device(array) is None:
+                raise ShapeError(f"train_step takes a batch of device arrays (Trainer.prepare(x, y) gives them), "
+                                 f"got {name} as a {type(array).__name__}")
+        model.check_input(x, "x")
+        ops.check(y, "y")
+        if y.ndim == 0 or y.shape[0] != x.shape[0]:
+            raise ShapeError(f"y has shape {tuple(y.shape)} but x has {x.shape[0]} samples")
+        y = self.loss.prepare_targets(ops, y, model.out_features, model.dtype, "y")
+        if ops.name == "cpu":
+            self.loss.check_values(y, model.out_features, "y")
+        return y
 
     def _loss_step(self, x, y):
         model, loss = self.model, self.loss
@@ -172,10 +210,14 @@ class Trainer:
 
     def _fit(self, x, y, epochs, validation_data, callbacks, shuffle):
         epochs = check_int(epochs, "epochs", minimum=0)
+        callbacks = self.callbacks + _callback_list(callbacks, "fit callbacks")
+        if validation_data is not None and not (isinstance(validation_data, (tuple, list))
+                                                and len(validation_data) == 2):
+            raise ConfigError(f"validation_data must be a pair (x, y), got {_described(validation_data)}")
         x, y = self.prepare(x, y, "x")
         if validation_data is not None:
             validation_data = self.prepare(*validation_data, what="validation x")
-        callbacks = self.callbacks + list(callbacks)
+        self._fit_finished = False
         self.stop_training = self.interrupted = self._stop_requested
         last_epoch = self.epoch + epochs
         comm = self.communicator or _ONE_PROCESS
@@ -206,6 +248,7 @@ class Trainer:
                     callback.on_epoch_end(self, logs)
                 agreed = tuple(comm.any_flags(self.stop_training or self.interrupted, self.interrupted))
             self.stop_training, self.interrupted = agreed
+            self._fit_finished = True
         finally:
             for unit in (step, graphed):
                 if unit is not None:
@@ -641,6 +684,46 @@ class _RowsOfMask:
     def random_shifts(self, batch, max_shift, seed, counter):
         masks = self._masks
         return self._ops.random_shifts(masks.rows, max_shift, seed, counter)[masks.first:masks.first + batch]
+
+
+def _described(value):
+    """A value as an error message shows it: ``None``, ``'cosine'``, ``the class StepLR``, ``a tuple of 1``,
+    ``an array of shape (3, 4)``, ``a builtin_function_or_method``."""
+    if isinstance(value, type):
+        return f"the class {value.__name__} (call it to make one)"
+    if value is None or isinstance(value, (str, int, float)):
+        return repr(value)
+    if hasattr(value, "shape"):
+        return f"an array of shape {tuple(value.shape)}"
+    kind = type(value).__name__
+    return f"a {kind} of {len(value)}" if isinstance(value, (tuple, list)) else f"a {kind}"
+
+
+def _callback_list(callbacks, what):
+    """``callbacks`` as a list of Callback objects (one Callback alone is a list of one), or a ConfigError
+    naming the entry that is not one."""
+    if isinstance(callbacks, Callback):
+        return [callbacks]
+    if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
+        raise ConfigError(f"{what} must be a list of callbacks, got {_described(callbacks)}")
+    callbacks = list(callbacks)
+    for index, callback in enumerate(callbacks):
+        if not isinstance(callback, Callback):
+            raise ConfigError(f"{what}[{index}] is {_described(callback)}, not an nnaccel Callback "
+                              f"(a subclass of nn.Callback)")
+    return callbacks
+
+
+def _host_array(data, what):
+    """A host data set (a list, nested lists) as a NumPy array, or a ShapeError naming ``what`` for one
+    that is none (rows of different lengths, a scalar, None)."""
+    try:
+        array = numpy.asarray(data)
+    except (TypeError, ValueError) as error:
+        raise ShapeError(f"{what} is not an array of numbers: {error}") from None
+    if array.ndim == 0:
+        raise ShapeError(f"{what} must be an array with one entry per sample, got {data!r}")
+    return array
 
 
 def _epoch_line(logs, last_epoch):

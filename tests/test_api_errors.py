@@ -1,0 +1,234 @@
+"""The Python API's answers to mistakes, and the fixes behind them: a layer takes one place in one model,
+EarlyStopping ends every run with its best weights, CSVLogger keeps its columns across fits, train_step
+checks its batch, and bad arguments are ConfigErrors or ShapeErrors that name them."""
+
+import csv
+
+import numpy
+import pytest
+
+import nnaccel as nn
+
+X = numpy.random.default_rng(0).standard_normal((12, 4)).astype(numpy.float32)
+Y = numpy.arange(12) % 3
+
+
+def _trainer(**options):
+    return nn.Trainer(nn.Sequential(nn.Dense(4, 3)), quiet=True, **options)
+
+
+def _set_data(parameter, value):
+    parameter.data = value
+
+
+# (case, call, error class, a phrase of the message)
+API_ERRORS = [
+    ("optimizer unknown option", lambda: _trainer(optimizer={"type": "sgd", "foo": 1}), nn.ConfigError,
+     "optimizer 'sgd' takes no option 'foo'; its options: lr, momentum"),
+    ("optimizer config without type", lambda: _trainer(optimizer={"lr": 1}), nn.ConfigError, "has no 'type'"),
+    ("schedule missing option", lambda: nn.optimizers.schedule_from({"type": "StepLR"}), nn.ConfigError,
+     "schedule StepLR needs the option 'step_size'"),
+    ("schedule a name", lambda: _trainer(schedule="cosine"), nn.ConfigError,
+     "schedule must be a schedule.*got 'cosine'"),
+    ("schedule a class", lambda: _trainer(schedule=nn.StepLR), nn.ConfigError, "got the class StepLR"),
+    ("callback print", lambda: _trainer(callbacks=[print]), nn.ConfigError,
+     r"Trainer callbacks\[0\] is a builtin_function_or_method, not an nnaccel Callback"),
+    ("callback a class", lambda: _trainer(callbacks=[nn.EarlyStopping]), nn.ConfigError,
+     r"callbacks\[0\] is the class EarlyStopping"),
+    ("fit callbacks a class", lambda: _trainer().fit(X, Y, callbacks=nn.EarlyStopping), nn.ConfigError,
+     "fit callbacks must be a list of callbacks, got the class EarlyStopping"),
+    ("Trainer of a string", lambda: nn.Trainer("model"), nn.ConfigError, "Sequential model, got a str"),
+    ("fit y None", lambda: _trainer().fit(X, None), nn.ShapeError, "y must be an array.*got None"),
+    ("fit y 3", lambda: _trainer().fit(X, 3), nn.ShapeError, "y must be an array.*got 3"),
+    ("evaluate y None", lambda: _trainer().evaluate(X, None), nn.ShapeError, "y must be an array.*got None"),
+    ("validation_data (x,)", lambda: _trainer().fit(X, Y, validation_data=(X,)), nn.ConfigError,
+     r"validation_data must be a pair \(x, y\), got a tuple of 1"),
+    ("validation_data x", lambda: _trainer().fit(X, Y, validation_data=X), nn.ConfigError,
+     r"validation_data must be a pair \(x, y\), got an array of shape \(12, 4\)"),
+    ("ragged x", lambda: _trainer().fit([[1, 2, 3, 4], [1, 2]], [0, 1]), nn.ShapeError, "x is not an array of numbers"),
+    ("dtype foo", lambda: nn.Sequential(nn.Dense(4, 3), dtype="foo"), nn.ConfigError,
+     "dtype must be float32 or float64, got 'foo'"),
+    ("Parameter.data a list", lambda: _set_data(nn.Sequential(nn.Dense(2, 1)).parameters()[1], [0.5]),
+     nn.ShapeError, r"parameter 0.bias takes an array of shape \(1,\), got a list"),
+    ("LeakyReLU('x')", lambda: nn.LeakyReLU("x"), nn.ConfigError, "leaky_relu slope must be a finite number >= 0"),
+    ("ELU(None)", lambda: nn.ELU(None), nn.ConfigError, "elu alpha must be a finite number > 0, got None"),
+    ("activations.get slope 'x'", lambda: nn.activations.get("leaky_relu", slope="x"), nn.ConfigError,
+     "leaky_relu slope"),
+    ("EarlyStopping monitor None", lambda: nn.EarlyStopping(monitor=None), nn.ConfigError,
+     "monitor must name a logged metric"),
+    ("ModelCheckpoint monitor 3", lambda: nn.ModelCheckpoint("m.npz", monitor=3), nn.ConfigError, "monitor"),
+]
+
+
+@pytest.mark.parametrize("case, make, error, message", API_ERRORS, ids=[case for case, *_ in API_ERRORS])
+def test_bad_api_arguments_raise_errors_naming_them(case, make, error, message):
+    with pytest.raises(error, match=message) as raised:
+        make()
+    assert "\n" not in str(raised.value)
+
+
+def test_a_single_callback_counts_as_a_list_of_one():
+    class Count(nn.Callback):
+        epochs = 0
+
+        def on_epoch_end(self, trainer, logs):
+            self.epochs += 1
+
+    given, passed = Count(), Count()
+    trainer = _trainer(callbacks=given)
+    trainer.fit(X, Y, epochs=2, callbacks=passed)
+    assert trainer.callbacks == [given] and given.epochs == passed.epochs == 2
+
+
+# ----- a layer takes one place in one model ------------------------------------------------------
+def test_a_layer_in_a_living_model_is_refused_and_the_model_stays_as_it_was():
+    base = nn.Dense(4, 8, activation="relu")
+    first = nn.Sequential(base, nn.Dense(8, 3))
+    before = first.predict(X)
+    with pytest.raises(nn.ConfigError, match=r"layer 0 Dense\(4, 8, activation='relu'\) is already in another "
+                                             r"model: .* make a new layer per place"):
+        nn.Sequential(base, nn.Dense(8, 2))
+    numpy.testing.assert_array_equal(first.predict(X), before)
+    weight = base.params["weight"].data.copy()
+    nn.Trainer(first, optimizer=nn.SGD(lr=0.5), quiet=True).fit(X, Y, epochs=1)
+    assert not numpy.array_equal(base.params["weight"].data, weight)  # its layer 0 still trains
+
+
+def test_a_layer_twice_in_one_model_is_refused():
+    dense = nn.Dense(4, 4)
+    with pytest.raises(nn.ConfigError, match=r"layer 1 Dense\(4, 4\) is already in this model"):
+        nn.Sequential(dense, dense, nn.Dense(4, 2))
+
+
+def test_a_layer_of_a_model_gone_joins_a_new_one():
+    layers = [nn.Dense(4, 6, activation="tanh"), nn.Dense(6, 5)]
+    width = nn.Sequential(*layers).out_features  # the model is gone once this line ends
+    model = nn.Sequential(*layers, nn.Dense(width, 3))
+    assert all(layer._model() is model for layer in model.layers)
+
+
+def test_moving_a_model_rebinds_its_own_layers(device):
+    model = nn.Sequential(nn.Dense(4, 6, activation="relu"), nn.Dense(6, 3), seed=2)
+    expected = model.predict(X)
+    model.to(device)
+    numpy.testing.assert_allclose(model.predict(X), expected, rtol=1e-6, atol=1e-6)
+    nn.Trainer(model, quiet=True).fit(X, Y, epochs=1)
+    model.to("cpu")
+    assert model.layers[0].params["weight"].data.base is model.flat_params  # views of the model's own buffer
+
+
+# ----- EarlyStopping keeps the best epoch's weights ----------------------------------------------
+class _Weights(nn.Callback):
+    """Each epoch's weights, after its update."""
+
+    def __init__(self):
+        self.epochs = {}
+
+    def on_epoch_end(self, trainer, logs):
+        self.epochs[logs["epoch"]] = trainer.model.flat_params.copy()
+
+
+def test_early_stopping_restores_the_best_epoch_of_a_run_that_does_not_stop():
+    """mode="max" on the training loss makes an early epoch the best; patience 10 never stops 4 epochs."""
+    model = nn.Sequential(nn.Dense(4, 3))
+    weights, stop = _Weights(), nn.EarlyStopping(monitor="loss", mode="max", patience=10)
+    history = nn.Trainer(model, optimizer=nn.SGD(lr=0.2), quiet=True).fit(X, Y, epochs=4, callbacks=[weights, stop])
+    best = int(numpy.argmax(history["loss"])) + 1
+    assert best < 4 and stop.best_epoch == best and len(history["loss"]) == 4
+    numpy.testing.assert_array_equal(model.flat_params, weights.epochs[best])
+
+
+def test_early_stopping_keeps_the_last_weights_when_they_are_the_best_or_restoring_is_off():
+    for stop in (nn.EarlyStopping(monitor="loss", mode="min", patience=10),
+                 nn.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=False)):
+        model, weights = nn.Sequential(nn.Dense(4, 3)), _Weights()
+        nn.Trainer(model, optimizer=nn.SGD(lr=0.2), quiet=True).fit(X, Y, epochs=3, callbacks=[weights, stop])
+        numpy.testing.assert_array_equal(model.flat_params, weights.epochs[3])
+
+
+def test_early_stopping_does_not_restore_after_an_error():
+    class Fail(nn.Callback):
+        def on_epoch_end(self, trainer, logs):
+            if logs["epoch"] == 3:
+                raise RuntimeError("a callback failed")
+
+    model, weights = nn.Sequential(nn.Dense(4, 3)), _Weights()
+    stop = nn.EarlyStopping(monitor="loss", mode="max", patience=10)
+    with pytest.raises(RuntimeError):
+        nn.Trainer(model, optimizer=nn.SGD(lr=0.2), quiet=True).fit(X, Y, epochs=4, callbacks=[weights, stop, Fail()])
+    assert stop.best_epoch < 3
+    numpy.testing.assert_array_equal(model.flat_params, weights.epochs[3])
+
+
+# ----- CSVLogger keeps its columns across fits -----------------------------------------------------
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def test_csv_log_appended_by_fits_with_other_metrics_stays_aligned(tmp_path):
+    path = tmp_path / "log.csv"
+    trainer = _trainer()
+    log = nn.CSVLogger(path, append=True)
+    trainer.fit(X, Y, callbacks=[log])
+    plain = _rows(path)[0]
+    trainer.fit(X, Y, validation_data=(X, Y), callbacks=[log])  # widens the header
+    trainer.fit(X, Y, callbacks=[log])  # keeps it
+    header, *rows = _rows(path)
+    assert header[:len(plain)] == plain and {"val_loss", "val_accuracy"} <= set(header)
+    assert [len(row) for row in rows] == [len(header)] * 3
+    table = [dict(zip(header, row)) for row in rows]
+    assert [row["epoch"] for row in table] == ["1", "2", "3"]
+    assert [row["val_loss"] != "" for row in table] == [False, True, False]
+    assert float(table[1]["val_loss"]) == pytest.approx(trainer.history["val_loss"][0])
+    assert not list(tmp_path.glob(".log.csv.*"))  # the rewrite left no temporary file
+
+
+def test_csv_log_started_with_validation_leaves_the_missing_cells_empty(tmp_path):
+    path = tmp_path / "log.csv"
+    trainer = _trainer()
+    trainer.fit(X, Y, validation_data=(X, Y), callbacks=[nn.CSVLogger(path)])
+    trainer.fit(X, Y, callbacks=[nn.CSVLogger(path, append=True)])
+    header, first, second = _rows(path)
+    assert len(first) == len(second) == len(header)
+    assert second[header.index("val_loss")] == "" and second[header.index("epoch")] == "2"
+
+
+# ----- train_step checks its batch ---------------------------------------------------------------------
+TRAIN_STEP_ERRORS = [
+    ("label 3 of 3 outputs", lambda: (X, numpy.full(12, 3)), r"y range from 3 to 3 .* labels must be in \[0, 2\]"),
+    ("label -1", lambda: (X, Y - 1), r"y range from -1 to 1"),
+    ("5 features", lambda: (numpy.ones((12, 5), numpy.float32), Y), r"x has shape \(12, 5\) but the first layer "
+                                                                      r"expects \(batch, 4\)"),
+    ("float labels", lambda: (X, Y.astype(numpy.float32)), "y have dtype float32; expected integer class indices"),
+    ("lists", lambda: (X.tolist(), Y.tolist()), "train_step takes a batch of device arrays.*got x as a list"),
+    ("float64 x", lambda: (X.astype(numpy.float64), Y), "x has dtype float64 but the model computes in float32"),
+    ("11 labels", lambda: (X, Y[:11]), r"y has shape \(11,\) but x has 12 samples"),
+]
+
+
+@pytest.mark.parametrize("case, batch, message", TRAIN_STEP_ERRORS, ids=[case for case, *_ in TRAIN_STEP_ERRORS])
+def test_train_step_refuses_a_bad_batch_before_any_update(case, batch, message):
+    trainer = _trainer()
+    trainer.train_step(*trainer.prepare(X, Y))  # a good batch first: the next one is checked all the same
+    before = trainer.model.flat_params.copy()
+    with pytest.raises(nn.ShapeError, match=message):
+        trainer.train_step(*batch())
+    numpy.testing.assert_array_equal(trainer.model.flat_params, before)
+
+
+def test_train_step_on_a_checked_batch_trains_as_fit_does():
+    """Steps on one prepared batch (checked once, then trusted) follow fit's trajectory on it."""
+    stepped, fitted = _trainer(batch_size=12), _trainer(batch_size=12)
+    x, y = stepped.prepare(X, Y)
+    for _ in range(3):
+        stepped.train_step(x, y)
+    fitted.fit(X, Y, epochs=3, shuffle=False)
+    numpy.testing.assert_allclose(stepped.model.flat_params, fitted.model.flat_params, rtol=1e-6, atol=1e-7)
+
+
+def test_train_step_takes_integer_labels_for_mse_as_one_hot():
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(4, 3)), loss="mse", quiet=True)
+    loss, _ = trainer.train_step(X, Y)
+    expected = numpy.mean((nn.Sequential(nn.Dense(4, 3)).predict(X) - numpy.eye(3)[Y]) ** 2)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
