@@ -500,6 +500,8 @@ def _check_trainer(path, state):
     _count(path, state["batch_size"], "the trainer's batch size", minimum=1)
     if "world_size" in state:
         _count(path, state["world_size"], "the trainer's world size", minimum=1)
+    if state.get("samples") is not None:
+        _count(path, state["samples"], "the trainer's training samples", minimum=1)
     if state["loss"] is not None:
         try:
             if not isinstance(state["loss"], str):

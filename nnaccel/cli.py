@@ -452,6 +452,20 @@ def _options_a_resume_ignores(args):
             for name in SAVED_WITH_THE_RUN if getattr(args, name) != defaults[name]]
 
 
+def _check_resumed_data(args, trainer, samples):
+    """A resumed run trains on the samples its checkpoint trained on: mid-epoch it must (else a
+    ConfigError); at an epoch's end other data is a warning (its validation part may hold samples the
+    model trained on)."""
+    saved = trainer._samples
+    if saved is None or saved == samples:
+        return
+    message = (f"{args.resume} trained on {saved:,} samples, but --data {args.data} with --validation-split "
+               f"{args.validation_split} leaves {samples:,}")
+    if trainer._resume_point is not None:
+        raise ConfigError(f"{message}; it stopped in the middle of an epoch: resume it on the same data and split")
+    _say(args, f"warning: {message}: its validation part may hold samples it trained on")
+
+
 def _train(args):
     from . import distributed
 
@@ -494,6 +508,8 @@ def _train(args):
     model = trainer.model
     _check_ranges_against_data(args, trainer, x.shape[0])
     (x_train, y_train), (x_val, y_val) = datasets.train_val_split(x, y, args.validation_split, seed=trainer.seed)
+    if args.resume:
+        _check_resumed_data(args, trainer, x_train.shape[0])
     _say(args, f"training {checkpoint.describe(model.config())} ({model.num_parameters():,} parameters) on "
                f"{args.data} ({x_train.shape[0]} train, {x_val.shape[0]} validation) on {device}")
     _check_outputs(args, model, trainer.optimizer)
@@ -539,9 +555,15 @@ def _evaluation_data(args, meta):
             split = "validation"
     if split != "validation":
         return (*datasets.load(args.data, split=split), split)
-    seed = int((meta.get("trainer") or {}).get("seed", 0))
+    state = meta.get("trainer") or {}
     x, y = datasets.load(args.data, split="train")
-    return (*datasets.train_val_split(x, y, args.validation_split, seed=seed)[1], "validation")
+    (x_train, _), validation = datasets.train_val_split(x, y, args.validation_split, seed=int(state.get("seed", 0)))
+    if state.get("samples") not in (None, x_train.shape[0]):
+        raise ConfigError(f"{args.model} trained on {state['samples']:,} samples, but --validation-split "
+                          f"{args.validation_split} of {args.data} leaves {x_train.shape[0]:,} to train on: give "
+                          f"the --validation-split (and --data) it was trained with, or the validation part would "
+                          f"hold samples it trained on")
+    return (*validation, "validation")
 
 
 def cmd_evaluate(args):

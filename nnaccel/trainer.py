@@ -78,6 +78,7 @@ class Trainer:
         self._resume_point = None
         self._train_step = None  # the step unit train_step reuses (its sums are never read)
         self._checked_batch = None  # (x, y, backend, loss, y as the loss takes it): the batch train_step last checked
+        self._samples = None  # the training samples of the last fit: a resumed epoch must step over as many
         self._fit_finished = False  # whether the last fit ran to its end (all epochs or an early stop), not an error
         self.communicator = communicator
         self.cuda_graphs = bool(cuda_graphs)
@@ -215,6 +216,11 @@ class Trainer:
                                                 and len(validation_data) == 2):
             raise ConfigError(f"validation_data must be a pair (x, y), got {_described(validation_data)}")
         x, y = self.prepare(x, y, "x")
+        if self._resume_point is not None and self._samples not in (None, x.shape[0]):
+            raise ConfigError(f"this run stopped in the middle of epoch {self.epoch + 1} (after step "
+                              f"{self._resume_point['step']}) of an epoch over {self._samples} samples, but fit got "
+                              f"{x.shape[0]}: resume it on the same training data")
+        self._samples = x.shape[0]
         if validation_data is not None:
             validation_data = self.prepare(*validation_data, what="validation x")
         self._fit_finished = False
@@ -420,9 +426,11 @@ class Trainer:
         ``batch_size * world_size`` of a distributed run. A run resumed with
         the same global batch continues the same trajectory in any number of
         processes (one process, or ``world_size`` ranks of batch_size each).
+        ``samples`` is the size of the last fit's training set, which a run
+        resumed mid-epoch must step over again.
         """
         return {"epoch": self.epoch, "seed": self.seed, "batch_size": self.batch_size * self.world_size,
-                "world_size": self.world_size,
+                "world_size": self.world_size, "samples": self._samples,
                 "rng": self.rng.bit_generator.state, "history": self.history,
                 "loss": self.loss.name, "resume_point": self._resume_point,
                 "schedule": self.schedule.config() if self.schedule is not None else None}
@@ -448,6 +456,7 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         self.history = {k: list(v) for k, v in state["history"].items()}
         self._resume_point = state.get("resume_point")
+        self._samples = state.get("samples")
         saved_batch, batch = int(state.get("batch_size", self.batch_size)), self.batch_size * self.world_size
         if self._resume_point is not None and saved_batch != batch:
             raise CheckpointError(

@@ -927,3 +927,37 @@ def test_cli_negative_seed_is_a_one_line_error(capsys, tmp_path, monkeypatch):
         cli.main(["train", "--data", "synthetic", "--epochs", "1", "--device", "cpu", "--seed", "-1"])
     assert stop.value.code == 2
     assert "--seed: must be a non-negative integer" in capsys.readouterr().err
+
+
+def test_a_run_resumed_on_other_data_is_refused_mid_epoch_and_named_at_an_epoch_end(tmp_path, monkeypatch, capsys):
+    """A checkpoint records how many samples it trains on: a resume mid-epoch on another number (other data,
+    another --validation-split) is refused, at an epoch's end it is a warning, and evaluate's validation
+    part must be the one the model did not train on."""
+    from nnaccel import datasets
+
+    monkeypatch.chdir(tmp_path)
+    x, y = datasets.load("digits")
+    (x_train, y_train), _ = datasets.train_val_split(x, y, 0.2, seed=0)
+    other = datasets.train_val_split(x, y, 0.3, seed=0)[0][0].shape[0]
+    assert cli.main([*SMALL, "--epochs", "1", "--quiet", "--save", "a.npz"]) == 0
+    assert checkpoint.read(tmp_path / "a.npz")[0]["trainer"]["samples"] == x_train.shape[0]
+    capsys.readouterr()
+    resume = ["train", "--resume", "a.npz", "--data", "digits", "--device", "cpu", "--epochs", "2",
+              "--validation-split", "0.3"]
+    assert cli.main(resume) == 0
+    assert (f"warning: a.npz trained on {x_train.shape[0]:,} samples, but --data digits with --validation-split 0.3 "
+            f"leaves {other:,}: its validation part may hold samples it trained on") in capsys.readouterr().err
+    assert cli.main(["evaluate", "a.npz", "--data", "digits", "--split", "validation", "--validation-split", "0.3",
+                     "--device", "cpu"]) == 2
+    assert "give the --validation-split (and --data) it was trained with" in capsys.readouterr().err
+
+    trainer = nn.Trainer(nn.load("a.npz"), batch_size=32, quiet=True)
+    trainer.fit(x_train, y_train, callbacks=[_StopAfter(3)])
+    trainer.save_checkpoint("mid.npz")
+    with pytest.raises(nn.ConfigError, match=rf"stopped in the middle of epoch 1 \(after step 3\) of an epoch over "
+                                             rf"{x_train.shape[0]} samples, but fit got 100: resume it on the same"):
+        trainer.fit(x_train[:100], y_train[:100])
+    assert trainer._resume_point["step"] == 3  # nothing lost: the same data still resumes
+    assert cli.main(["train", "--resume", "mid.npz", *resume[3:]]) == 2
+    assert "it stopped in the middle of an epoch: resume it on the same data and split" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", "mid.npz", *resume[3:-2]]) == 0
