@@ -33,6 +33,7 @@ LUMA = numpy.array([0.299, 0.587, 0.114])  # ITU-R 601 grey, as Pillow's convert
 SIZE_FOR_INPUTS = {784: 28, 64: 8}
 MIN_SIDE = 8  # scikit-learn's digits, the smallest the nets learn from, are 8x8
 DEEP_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # convert("L") would clip these to 0..255
+DEEP_WHITE = 65535  # white paper under a deep picture's transparent pixels: only 16-bit PNGs have them
 # What Pillow raises for malformed files, besides OSError: its plugins parse with struct and
 # indexing and signal broken headers with SyntaxError.
 PILLOW_ERRORS = (OSError, ValueError, TypeError, IndexError, SyntaxError, EOFError, struct.error)
@@ -44,10 +45,11 @@ def load_image(path):
     Pixels are uint8, except that 16-bit and float grey pictures keep their
     depth (preprocess_digit takes any range; squeezing them into 0..255
     would clip a light page and its ink to the same white). Transparent
-    pixels are laid over white paper. Needs Pillow, imported only here.
+    pixels are laid over white paper. A photo's EXIF orientation is applied,
+    so a phone picture comes upright. Needs Pillow, imported only here.
     """
     try:
-        from PIL import Image
+        from PIL import Image, ImageOps
     except ImportError:
         raise ConfigError("reading images needs Pillow: pip install 'nnaccel[image]' (or pip install pillow)") from None
     path = Path(path)
@@ -56,11 +58,15 @@ def load_image(path):
         raise DataError(f"{path}: {problem}")
     try:
         with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in DEEP_MODES:  # before RGBA below, which turns all their pixels white
+                pixels = numpy.asarray(image)
+                if "transparency" in image.info:  # a 16-bit PNG's tRNS: one see-through grey
+                    pixels = numpy.where(pixels == image.info["transparency"], DEEP_WHITE, pixels)
+                return pixels
             if "A" in image.getbands() or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-            if image.mode in DEEP_MODES:
-                return numpy.asarray(image)
             return numpy.asarray(image.convert("L" if len(image.getbands()) == 1 else "RGB"))
     except Image.UnidentifiedImageError:  # its message repeats the path
         raise DataError(f"{path}: not a picture Pillow can read (cannot identify image file)") from None

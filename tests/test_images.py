@@ -210,6 +210,35 @@ def test_16_bit_picture_keeps_its_ink(tmp_path):
                                images.prepare_for_model(save_png(picture, tmp_path / "flat.png"), 784), atol=1e-6)
 
 
+@pytest.mark.parametrize("transparent", [0, 65535], ids=["black", "white"])
+def test_16_bit_picture_with_a_transparent_grey(tmp_path, transparent):
+    """A 16-bit grey PNG whose tRNS makes one grey see-through is laid over white in its own
+    range (Pillow's RGBA of it is all white): it gives what its 8-bit version on white does."""
+    picture = np.full((60, 40), 255, np.uint8)
+    picture[10:50, 15:25] = 100
+    deep = np.where(picture == 255, transparent, picture.astype(np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "clear.png", transparency=transparent)
+    pixels = images.load_image(tmp_path / "clear.png")
+    assert pixels.dtype == np.uint16 and pixels[0, 0] == 65535 and pixels[30, 20] == 100 * 257
+    np.testing.assert_allclose(images.prepare_for_model(tmp_path / "clear.png", 784),
+                               images.prepare_for_model(save_png(picture, tmp_path / "flat.png"), 784), atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_exif_orientation_is_applied(tmp_path, suffix):
+    """A phone photo stored on its side with EXIF orientation 6 (turn 90 degrees clockwise to view)
+    is read upright: exactly in a PNG, within JPEG's noise in a JPEG."""
+    upright = np.full((60, 40), 255, np.uint8)
+    upright[10:50, 15:25] = upright[10:20, 15:35] = 0  # a 7: not the same turned
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / f"side{suffix}", exif=exif,
+                                                                       quality=95)
+    pixels = images.load_image(tmp_path / f"side{suffix}")
+    assert pixels.shape == upright.shape
+    assert np.abs(pixels.astype(int) - upright).max() <= (0 if suffix == ".png" else 16)
+
+
 def test_transparent_picture_is_read_over_white(tmp_path):
     rgba = np.zeros((60, 60, 4), np.uint8)
     rgba[10:50, 25:35] = (0, 0, 0, 255)  # a black bar; the rest is transparent
