@@ -575,14 +575,14 @@ def cmd_evaluate(args):
     result = Trainer(model, loss=loss, quiet=True).evaluate(x, y)
     if args.confusion or args.errors:
         probs = visualize.predict_proba(model, x)
+    if args.errors:  # first: only this picture can be refused for the data (images that are not square)
+        visualize.plot_errors(x, y, probs, args.errors)
+        _say(args, f"worst-classified images written to {args.errors}")
     if args.confusion:
         cm = visualize.confusion_matrix(y, probs.argmax(axis=1), classes=probs.shape[1])
         visualize.plot_confusion(cm, args.confusion)
         _say(args, f"confusion matrix written to {args.confusion}")
         result["most_confused"] = [{"true": t, "predicted": p, "count": n} for t, p, n in visualize.most_confused(cm)]
-    if args.errors:
-        visualize.plot_errors(x, y, probs, args.errors)
-        _say(args, f"worst-classified images written to {args.errors}")
     if args.json:
         print(json.dumps(result))
     else:

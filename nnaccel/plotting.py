@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from .checkpoint import atomic_write
 from .errors import ConfigError
 
 
@@ -47,5 +48,12 @@ def plot_history(history, path):
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path, dpi=100)
     plt.close(figure)
+
+
+def save_figure(figure, path, **options):
+    """Write ``figure`` to ``path`` in the format its extension names, whole or not at all: a full
+    disk leaves an older file there as it was, and the error names the file."""
+    file_format = Path(path).suffix.lower().lstrip(".") or None  # None: matplotlib's default, PNG
+    atomic_write(path, lambda handle: figure.savefig(handle, format=file_format, **options))

@@ -11,9 +11,10 @@ import math
 
 import numpy
 
+from .checkpoint import atomic_write
 from .errors import ConfigError, ShapeError
-from .layers import Conv2D
-from .plotting import pyplot
+from .layers import Conv2D, Dense, Maxout, RandomLayer
+from .plotting import pyplot, save_figure
 
 
 def softmax(logits):
@@ -30,10 +31,15 @@ def predict_proba(model, x):
 
 
 def _as_probabilities(model, outputs):
-    """A model's outputs as probabilities: their softmax, unless the last layer already applies one."""
-    if getattr(getattr(model.layers[-1], "activation", None), "name", None) == "softmax":
+    """A model's outputs as probabilities: their softmax, unless the output layer already applies one."""
+    if getattr(getattr(_output_layer(model), "activation", None), "name", None) == "softmax":
         return numpy.asarray(outputs, dtype=numpy.float64)
     return softmax(outputs)
+
+
+def _output_layer(model):
+    """The last layer that changes values at inference: the Dropout or RandomShift after it pass them on."""
+    return next((layer for layer in reversed(model.layers) if not isinstance(layer, RandomLayer)), None)
 
 
 def layer_activations(model, x):
@@ -92,14 +98,18 @@ def plot_weights(model, path):
     scale (clipped at the 99.5th percentile of the weights' size), so neurons
     that learned little look faint.
     """
-    layer = next(layer for layer in model.layers if "weight" in layer.params)
+    # not BatchNorm's: one weight per feature is no picture of the input
+    layer = next((layer for layer in model.layers if isinstance(layer, (Dense, Maxout, Conv2D))), None)
+    if layer is None:
+        raise ConfigError(f"cannot draw {path}: only the weights of a Dense, Maxout or Conv2D layer can be "
+                          f"drawn, and the model has none")
     weights = numpy.asarray(model.backend.to_host(layer.params["weight"].data), dtype=numpy.float64)
     if isinstance(layer, Conv2D):
         tiles = list(weights.mean(axis=1))
         title = (f"first-layer filters: {len(tiles)} of {layer.kernel_size[0]}x{layer.kernel_size[1]}"
                  + (f", the mean over {layer.in_channels} input channels" if layer.in_channels > 1 else ""))
     else:
-        side = _image_side(layer.in_features)
+        side = _image_side(layer.in_features, path)
         weights = weights.reshape(layer.in_features, -1)
         tiles = [weights[:, index].reshape(side, side) for index in range(weights.shape[1])]
         title = f"first-layer weights of {len(tiles)} neurons, as {side}x{side} images"
@@ -132,7 +142,7 @@ def plot_activations(model, x, path):
     figure, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4),
                                 gridspec_kw={"width_ratios": [1] * len(panels) + [1.4]})
     axes[0].imshow(numpy.asarray(x).reshape(model.input_shape[-2:] if len(model.input_shape) == 3 else
-                                            (_image_side(model.in_features),) * 2), cmap="gray", vmin=0, vmax=1)
+                                            (_image_side(model.in_features, path),) * 2), cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("input, as the model sees it")
     axes[0].axis("off")
     for axis, (index, layer, values) in zip(axes[1:], panels):
@@ -143,7 +153,7 @@ def plot_activations(model, x, path):
             figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
             axis.set_title(f"layer {index}: {type(layer).__name__}\n{values.shape[0]} maps of "
                            f"{values.shape[1]}x{values.shape[2]}")
-        elif layer is model.layers[-1]:
+        elif layer is _output_layer(model):
             predicted = int(values.argmax())
             colours = ["tab:red" if c == predicted else "tab:gray" for c in range(values.size)]
             axis.bar(range(values.size), values, color=colours)
@@ -206,7 +216,7 @@ def plot_errors(x, y_true, probs, path, count=25):
         raise ShapeError(f"x, y_true and probs hold {len(x)}, {len(y_true)} and {len(probs)} samples")
     true_probability = probs[numpy.arange(len(y_true)), y_true]
     worst = numpy.argsort(true_probability, kind="stable")[:count]
-    side = _image_side(x.shape[1])
+    side = _image_side(x.shape[1], path)
     rows, cols = _grid(len(worst))
     plt = pyplot()
     figure, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.55 + 0.3), squeeze=False,
@@ -225,27 +235,30 @@ def plot_errors(x, y_true, probs, path, count=25):
 
 
 def _save(figure, path):
-    """Write ``figure`` to ``path``; a PNG gets a 256-colour palette, a fraction of the size.
+    """Write ``figure`` to ``path``, whole or not at all (``save_figure``); a PNG gets a 256-colour
+    palette, a fraction of the size.
 
     A colour map has 256 colours, so the weights' noise costs a byte a pixel
     instead of three. Pillow is there: matplotlib needs it.
     """
     if not str(path).lower().endswith(".png"):
-        figure.savefig(path, dpi=72)
+        save_figure(figure, path, dpi=72)
         return
     from PIL import Image
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=72)
     with Image.open(buffer) as picture:
-        picture.convert("RGB").quantize(256).save(path, optimize=True)
+        palette = picture.convert("RGB").quantize(256)
+    atomic_write(path, lambda handle: palette.save(handle, format="PNG", optimize=True))
 
 
-def _image_side(features):
-    """The side of the square image that ``features`` inputs make."""
+def _image_side(features, path):
+    """The side of the square image that ``features`` inputs make, or a ShapeError naming the
+    picture ``path`` that needs it."""
     side = math.isqrt(features)
     if side * side != features:
-        raise ShapeError(f"{features} inputs do not make a square image")
+        raise ShapeError(f"cannot draw {path}: {features} inputs do not make a square image")
     return side
 
 

@@ -1,0 +1,118 @@
+"""Pictures are drawn from the right layers and written whole: a failed write leaves an older
+picture as it was and names the file; what cannot be drawn names the picture."""
+
+import errno
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import nnaccel as nn
+from nnaccel import plotting, visualize
+
+HISTORY = {"epoch": [1, 2], "loss": [0.9, 0.5], "accuracy": [0.6, 0.8], "val_loss": [1.0, 0.7],
+           "val_accuracy": [0.5, 0.7]}
+
+
+def nnaccel(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "nnaccel.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
+
+
+def test_weights_of_a_model_that_starts_with_batchnorm(tmp_path):
+    """BatchNorm has one weight per feature: the picture shows the Dense layer after it, the same
+    picture as that Dense layer alone gives."""
+    with_norm = nn.Sequential(nn.BatchNorm(784), nn.Dense(784, 10), input_shape=(784,), device="cpu", seed=1)
+    alone = nn.Sequential(nn.Dense(784, 10), device="cpu", seed=2)
+    alone.layers[0].params["weight"].data[...] = with_norm.layers[1].params["weight"].data
+    visualize.plot_weights(with_norm, tmp_path / "norm.png")
+    visualize.plot_weights(alone, tmp_path / "alone.png")
+    assert (tmp_path / "norm.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
+    only_norm = nn.Sequential(nn.BatchNorm(784), input_shape=(784,), device="cpu")
+    with pytest.raises(nn.ConfigError, match=f"^cannot draw {tmp_path / 'w.png'}: only the weights of a Dense, "
+                                             f"Maxout or Conv2D layer can be drawn, and the model has none$"):
+        visualize.plot_weights(only_norm, tmp_path / "w.png")
+    assert not (tmp_path / "w.png").exists()
+
+
+def test_softmax_before_a_trailing_dropout_is_not_applied_twice():
+    model = nn.Sequential(nn.Dense(64, 10, activation="softmax"), nn.Dropout(0.2), device="cpu", seed=0)
+    x = np.random.default_rng(0).random((5, 64), dtype=np.float32)
+    probabilities = visualize.predict_proba(model, x)
+    np.testing.assert_allclose(probabilities, model.predict(x), rtol=1e-6)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-6)
+
+
+class FullDisk:
+    """A file that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, handle, room):
+        self.handle, self.room = handle, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.handle.write(bytes(data[:self.room]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+DRAWINGS = {
+    "weights png": (lambda path: visualize.plot_weights(nn.Sequential(nn.Dense(64, 10), device="cpu"), path), "png"),
+    "confusion svg": (lambda path: visualize.plot_confusion(np.eye(3, dtype=int), path), "svg"),
+    "history png": (lambda path: plotting.plot_history(HISTORY, path), "png"),
+}
+
+
+@pytest.mark.parametrize("name", DRAWINGS)
+def test_full_disk_leaves_the_old_picture_whole(tmp_path, monkeypatch, name):
+    draw, suffix = DRAWINGS[name]
+    path = tmp_path / f"picture.{suffix}"
+    draw(path)
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kwargs: FullDisk(real_fdopen(fd, *args, **kwargs), 100))
+    with pytest.raises(nn.OutputError, match=f"^cannot write {path}: No space left on device; the previous file "
+                                             f"is intact$"):
+        draw(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == [path.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("suffix,start", [(".svg", b"<?xml"), (".pdf", b"%PDF"), (".jpg", b"\xff\xd8\xff")])
+def test_pictures_are_written_in_the_format_their_name_says(tmp_path, suffix, start):
+    plotting.plot_history(HISTORY, tmp_path / f"curves{suffix}")
+    visualize.plot_confusion(np.eye(3, dtype=int), tmp_path / f"confusion{suffix}")
+    assert (tmp_path / f"curves{suffix}").read_bytes().startswith(start)
+    assert (tmp_path / f"confusion{suffix}").read_bytes().startswith(start)
+
+
+def test_errors_of_images_that_are_not_square_name_the_picture(tmp_path):
+    """20x30 images make 600 inputs, which ``--errors`` cannot lay out as square tiles."""
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 600), dtype=np.float32)
+    probs = visualize.softmax(rng.normal(size=(20, 10)))
+    with pytest.raises(nn.ShapeError, match=f"^cannot draw {tmp_path / 'e.png'}: 600 inputs do not make a square "
+                                            f"image$"):
+        visualize.plot_errors(x, np.arange(20) % 10, probs, tmp_path / "e.png")
+    assert not (tmp_path / "e.png").exists()
+    np.savez(tmp_path / "wide.npz", x_train=rng.integers(0, 256, (40, 20, 30), dtype=np.uint8),
+             y_train=np.arange(40, dtype=np.uint8) % 10, x_test=rng.integers(0, 256, (20, 20, 30), dtype=np.uint8),
+             y_test=np.arange(20, dtype=np.uint8) % 10)
+    nn.Sequential(nn.Dense(600, 10), device="cpu").save(tmp_path / "wide_model.npz")
+    run = nnaccel("evaluate", "wide_model.npz", "--data", "wide.npz", "--errors", "e.png", "--confusion", "c.png",
+                  cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr == "nnaccel evaluate: error: cannot draw e.png: 600 inputs do not make a square image\n"
+    assert not (tmp_path / "e.png").exists() and not (tmp_path / "c.png").exists()
