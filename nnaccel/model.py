@@ -1,5 +1,6 @@
 """Sequential: layers in a row, with all parameters in one flat buffer per device."""
 
+import gc
 import math
 import sys
 import weakref
@@ -51,6 +52,8 @@ class Sequential:
             if not isinstance(layer, Layer):
                 raise ConfigError(f"layer {index} is a {type(layer).__name__}, not an nnaccel layer")
             twice = any(layer is earlier for earlier in layers[:index])
+            if not twice and layer._model is not None and layer._model() is not None:
+                gc.collect()  # a model only a reference cycle keeps (a Trainer's) is gone, not in use
             if twice or layer._model is not None and layer._model() is not None:
                 where = "this model" if twice else "another model"
                 raise ConfigError(f"layer {index} {layer!r} is already in {where}: its weights live in one model's "

@@ -77,7 +77,7 @@ class Trainer:
         self.nan_check_every = None  # steps between finiteness checks; None: 1 on CPU, 100 on GPU
         self._resume_point = None
         self._train_step = None  # the step unit train_step reuses (its sums are never read)
-        self._checked_batch = None  # (x, y, backend, loss, y as the loss takes it): the batch train_step last checked
+        self._checked_batch = None  # (x, y, backend, loss): the batch arrays train_step last checked
         self._samples = None  # the training samples of the last fit: a resumed epoch must step over as many
         self._fit_finished = False  # whether the last fit ran to its end (all epochs or an early stop), not an error
         self.communicator = communicator
@@ -144,23 +144,26 @@ class Trainer:
         """One forward, backward and update on a prepared batch (device arrays, as ``prepare`` gives
         them); ``(loss, correct)`` on the device.
 
-        A batch is checked the first time it comes: shapes and dtypes, and on the CPU the label range
-        (on a GPU reading the labels would synchronise every step; ``prepare`` checks them). The same
-        arrays given again are trusted, as ``fit`` trusts its prepared set, so a loop over one batch
-        (the bench's timed steps) pays no checks per step.
+        A batch's shapes, dtypes and device are checked the first time its arrays come (the same arrays
+        refilled in place keep them, so a loop over one batch, as the bench's timed steps, skips that);
+        its labels every call: converted as the loss takes them and, on the CPU, their range (on a GPU
+        that would synchronise every step; ``prepare`` checks a data set's once).
         """
-        model, loss, checked = self.model, self.loss, self._checked_batch
-        if checked is None or not (checked[0] is x and checked[1] is y and checked[2] is model.backend
-                                   and checked[3] is loss):
-            checked = self._checked_batch = (x, y, model.backend, loss, self._check_batch(x, y))
+        model, ops, checked = self.model, self.model.backend, self._checked_batch
+        if checked is None or not (checked[0] is x and checked[1] is y and checked[2] is ops
+                                   and checked[3] is self.loss):
+            self._check_batch(x, y)
+            self._checked_batch = (x, y, ops, self.loss)
+        y = self.loss.prepare_targets(ops, y, model.out_features, model.dtype, "y")
+        if ops.name == "cpu":
+            self.loss.check_values(y, model.out_features, "y")
         if self._train_step is None:
             self._train_step = _Step(self, _ONE_PROCESS)
-        with model.backend.matmul_precision(self.precision):
-            return self._train_step(x, checked[4])
+        with ops.matmul_precision(self.precision):
+            return self._train_step(x, y)
 
     def _check_batch(self, x, y):
-        """``y`` as the loss takes it, or a clear error unless ``x, y`` are a batch of device arrays that fit
-        the model and the loss."""
+        """A clear error unless ``x, y`` are a batch of device arrays whose shapes fit the model."""
         model, ops = self.model, self.model.backend
         for name, array in (("x", x), ("y", y)):
             if array_device(array) is None:
@@ -170,10 +173,6 @@ class Trainer:
         ops.check(y, "y")
         if y.ndim == 0 or y.shape[0] != x.shape[0]:
             raise ShapeError(f"y has shape {tuple(y.shape)} but x has {x.shape[0]} samples")
-        y = self.loss.prepare_targets(ops, y, model.out_features, model.dtype, "y")
-        if ops.name == "cpu":
-            self.loss.check_values(y, model.out_features, "y")
-        return y
 
     def _loss_step(self, x, y):
         model, loss = self.model, self.loss

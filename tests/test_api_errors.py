@@ -107,6 +107,15 @@ def test_a_layer_of_a_model_gone_joins_a_new_one():
     assert all(layer._model() is model for layer in model.layers)
 
 
+def test_a_layer_of_a_model_only_a_trainer_cycle_kept_joins_a_new_one():
+    """A Trainer and its step unit refer to each other: their model is gone once nothing else holds it."""
+    layers = [nn.Dense(4, 3)]
+    trainer = nn.Trainer(nn.Sequential(*layers), quiet=True)
+    trainer.train_step(*trainer.prepare(X, Y))
+    del trainer
+    assert nn.Sequential(*layers).layers == layers
+
+
 def test_moving_a_model_rebinds_its_own_layers(device):
     model = nn.Sequential(nn.Dense(4, 6, activation="relu"), nn.Dense(6, 3), seed=2)
     expected = model.predict(X)
@@ -225,6 +234,24 @@ def test_train_step_on_a_checked_batch_trains_as_fit_does():
         stepped.train_step(x, y)
     fitted.fit(X, Y, epochs=3, shuffle=False)
     numpy.testing.assert_allclose(stepped.model.flat_params, fitted.model.flat_params, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss, dtype", [(None, numpy.int32), ("mse", numpy.int64)], ids=["int32-labels", "mse"])
+def test_train_step_on_a_batch_refilled_in_place_reads_its_new_labels(loss, dtype):
+    """Labels that the loss converts (int32 to int64, integers to one-hot) are converted every call: a batch
+    buffer refilled in place trains on its new contents, as fresh arrays do; a bad refill is still refused."""
+    rng = numpy.random.default_rng(3)
+    batches = [(rng.random((12, 4), dtype=numpy.float32), rng.integers(0, 3, 12).astype(dtype)) for _ in range(4)]
+    refilled, fresh = (nn.Trainer(nn.Sequential(nn.Dense(4, 3)), loss=loss, quiet=True) for _ in range(2))
+    xb, yb = numpy.empty((12, 4), numpy.float32), numpy.empty(12, dtype)
+    for x, y in batches:
+        xb[...], yb[...] = x, y
+        refilled.train_step(xb, yb)
+        fresh.train_step(x.copy(), y.copy())
+    numpy.testing.assert_array_equal(refilled.model.flat_params, fresh.model.flat_params)
+    yb[0] = 3
+    with pytest.raises(nn.ShapeError, match=r"y range from 0 to 3|labels range from"):
+        refilled.train_step(xb, yb)
 
 
 def test_train_step_takes_integer_labels_for_mse_as_one_hot():
