@@ -462,8 +462,11 @@ def _check_resumed_data(args, trainer, samples):
     message = (f"{args.resume} trained on {saved:,} samples, but --data {args.data} with --validation-split "
                f"{args.validation_split} leaves {samples:,}")
     if trainer._resume_point is not None:
-        raise ConfigError(f"{message}; it stopped in the middle of an epoch: resume it on the same data and split")
-    _say(args, f"warning: {message}: its validation part may hold samples it trained on")
+        error = ConfigError(f"{message}; it stopped in the middle of an epoch: resume it on the same data and split")
+        error.all_ranks = True  # every rank finds it: rank 0 says it once, none is left waiting
+        raise error
+    if samples < saved:  # a larger validation part: it takes in samples trained on (a smaller one does not)
+        _say(args, f"warning: {message}: its validation part may hold samples it trained on")
 
 
 def _train(args):
@@ -490,12 +493,12 @@ def _train(args):
     x, y = datasets.load(args.data, split="train")
     _apply_default_recipe(args, x.shape[1])
     if args.resume:
+        trainer = _trainer_from_checkpoint(args, device)
         ignored = _options_a_resume_ignores(args)
         if ignored:
             _say(args, f"warning: --resume continues {args.resume} with its own model, loss, optimizer, schedule, "
                        f"batch size and seed; {', '.join(ignored)} given here {'is' if len(ignored) == 1 else 'are'} "
                        f"not used")
-        trainer = _trainer_from_checkpoint(args, device)
         if args.early_stopping:
             _say(args, f"warning: a checkpoint does not hold early stopping's count: --early-stopping "
                        f"{args.early_stopping} counts its patience (and the best epoch) from epoch {trainer.epoch + 1}")
@@ -558,7 +561,8 @@ def _evaluation_data(args, meta):
     state = meta.get("trainer") or {}
     x, y = datasets.load(args.data, split="train")
     (x_train, _), validation = datasets.train_val_split(x, y, args.validation_split, seed=int(state.get("seed", 0)))
-    if state.get("samples") not in (None, x_train.shape[0]):
+    # the validation part is the permutation's head: a larger fraction than trained takes in trained samples
+    if state.get("samples") is not None and x_train.shape[0] < state["samples"]:
         raise ConfigError(f"{args.model} trained on {state['samples']:,} samples, but --validation-split "
                           f"{args.validation_split} of {args.data} leaves {x_train.shape[0]:,} to train on: give "
                           f"the --validation-split (and --data) it was trained with, or the validation part would "

@@ -950,6 +950,10 @@ def test_a_run_resumed_on_other_data_is_refused_mid_epoch_and_named_at_an_epoch_
     assert cli.main(["evaluate", "a.npz", "--data", "digits", "--split", "validation", "--validation-split", "0.3",
                      "--device", "cpu"]) == 2
     assert "give the --validation-split (and --data) it was trained with" in capsys.readouterr().err
+    assert cli.main(["evaluate", "a.npz", "--data", "digits", "--split", "validation", "--validation-split", "0.1",
+                     "--device", "cpu"]) == 0  # a part of the validation samples: none of them trained on
+    assert cli.main([*resume[:-1], "0.1"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
     trainer = nn.Trainer(nn.load("a.npz"), batch_size=32, quiet=True)
     trainer.fit(x_train, y_train, callbacks=[_StopAfter(3)])
