@@ -508,7 +508,7 @@ def format_table(results):
 
 def plot_results(results, path):
     """Samples/s against batch size, one line per device and network (PyTorch dashed), log axes."""
-    from .plotting import pyplot
+    from .plotting import pyplot, save_figure
 
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(9, 5.5))
@@ -527,7 +527,7 @@ def plot_results(results, path):
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path, dpi=100)
     plt.close(figure)
 
 

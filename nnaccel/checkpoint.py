@@ -103,22 +103,24 @@ def atomic_write(path, write):
     failure (a full disk, a signal) the temporary file is removed and ``path`` is as it was.
     A stop signal arriving while the temporary file is created and written is handled once it is
     (``_stop_signals_held``): landing in ``mkstemp`` between the file's creation and its name's
-    return, it would leave a temporary file nobody knows of."""
+    return, it would leave a temporary file nobody knows of. A symbolic link is written through,
+    as ``open`` does: the file it points to is replaced, the link stays."""
     path = Path(path)
-    folder = path.parent
+    target = path.resolve() if path.is_symlink() else path
+    folder = target.parent
     if not folder.is_dir():
         raise OutputError(f"cannot write {path}: folder {folder} does not exist")
     _refuse_special_file(path, "file")
     tmp = None
     try:
         with _stop_signals_held():
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
             with os.fdopen(fd, "wb") as handle:
-                _give_mode_of_open(handle, path)
+                _give_mode_of_open(handle, target)
                 write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as error:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

@@ -52,8 +52,15 @@ def plot_history(history, path):
     plt.close(figure)
 
 
+def picture_path(path):
+    """``path`` as matplotlib names a picture: one without an extension gets ``.png``."""
+    path = Path(path)
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
 def save_figure(figure, path, **options):
-    """Write ``figure`` to ``path`` in the format its extension names, whole or not at all: a full
-    disk leaves an older file there as it was, and the error names the file."""
-    file_format = Path(path).suffix.lower().lstrip(".") or None  # None: matplotlib's default, PNG
+    """Write ``figure`` to ``path`` (``picture_path``) in the format its extension names, whole or not at
+    all: a full disk leaves an older file there as it was, and the error names the file."""
+    path = picture_path(path)
+    file_format = path.suffix.lower().lstrip(".")
     atomic_write(path, lambda handle: figure.savefig(handle, format=file_format, **options))

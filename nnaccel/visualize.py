@@ -14,7 +14,7 @@ import numpy
 from .checkpoint import atomic_write
 from .errors import ConfigError, ShapeError
 from .layers import Conv2D, Dense, Maxout, RandomLayer
-from .plotting import pyplot, save_figure
+from .plotting import picture_path, pyplot, save_figure
 
 
 def softmax(logits):
@@ -241,7 +241,8 @@ def _save(figure, path):
     A colour map has 256 colours, so the weights' noise costs a byte a pixel
     instead of three. Pillow is there: matplotlib needs it.
     """
-    if not str(path).lower().endswith(".png"):
+    path = picture_path(path)
+    if path.suffix.lower() != ".png":
         save_figure(figure, path, dpi=72)
         return
     from PIL import Image

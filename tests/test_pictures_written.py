@@ -98,6 +98,21 @@ def test_pictures_are_written_in_the_format_their_name_says(tmp_path, suffix, st
     assert (tmp_path / f"confusion{suffix}").read_bytes().startswith(start)
 
 
+def test_a_picture_named_without_an_extension_is_a_png_as_matplotlib_names_it(tmp_path):
+    plotting.plot_history(HISTORY, tmp_path / "curves")
+    visualize.plot_confusion(np.eye(3, dtype=int), str(tmp_path / "confusion"))
+    assert sorted(os.listdir(tmp_path)) == ["confusion.png", "curves.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in tmp_path.iterdir())
+
+
+def test_a_picture_written_through_a_symbolic_link_keeps_the_link(tmp_path):
+    (tmp_path / "real.png").write_bytes(b"old")
+    (tmp_path / "link.png").symlink_to("real.png")
+    plotting.plot_history(HISTORY, tmp_path / "link.png")
+    assert (tmp_path / "link.png").is_symlink() and (tmp_path / "real.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(os.listdir(tmp_path)) == ["link.png", "real.png"]
+
+
 def test_errors_of_images_that_are_not_square_name_the_picture(tmp_path):
     """20x30 images make 600 inputs, which ``--errors`` cannot lay out as square tiles."""
     rng = np.random.default_rng(0)
