@@ -98,6 +98,10 @@ class Layer:
         self.buffers = {}
         self._work = {}
 
+    def in_a_model(self):
+        """Whether a model that still exists holds this layer's views."""
+        return self._model is not None and self._model() is not None
+
     def param_specs(self):
         """``[(name, shape, init(rng, dtype) -> host array)]`` for the model to allocate."""
         return []

@@ -52,9 +52,9 @@ class Sequential:
             if not isinstance(layer, Layer):
                 raise ConfigError(f"layer {index} is a {type(layer).__name__}, not an nnaccel layer")
             twice = any(layer is earlier for earlier in layers[:index])
-            if not twice and layer._model is not None and layer._model() is not None:
+            if not twice and layer.in_a_model():
                 gc.collect()  # a model only a reference cycle keeps (a Trainer's) is gone, not in use
-            if twice or layer._model is not None and layer._model() is not None:
+            if twice or layer.in_a_model():
                 where = "this model" if twice else "another model"
                 raise ConfigError(f"layer {index} {layer!r} is already in {where}: its weights live in one model's "
                                   f"buffers, so make a new layer per place")
