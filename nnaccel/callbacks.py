@@ -6,6 +6,7 @@ Stopping on a NaN loss is built into the Trainer (it must act before the update)
 import csv
 import io
 import math
+import sys
 from pathlib import Path
 
 from .checkpoint import atomic_write
@@ -61,6 +62,10 @@ class EarlyStopping(Callback, _Monitor):
     ends with the weights of its best epoch, whether it stopped early or ran
     all its epochs; not after an interruption (its checkpoint must match the
     optimizer state) nor an error (TrainingDiverged keeps the weights it names).
+
+    A checkpoint keeps what it needs to go on (``state``): the first fit
+    after ``Trainer.restore`` counts its patience and its best epoch on from
+    the saved run's, as an uninterrupted run would.
     """
 
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto", restore_best_weights=True):
@@ -70,21 +75,67 @@ class EarlyStopping(Callback, _Monitor):
 
     def on_train_begin(self, trainer):
         self.best, self.wait, self.best_weights, self.best_epoch = math.inf, 0, None, None
+        self.since = trainer.epoch  # it watches the epochs after this one
+        saved = trainer._saved_early_stopping(self)
+        if saved is not None:
+            self._resume(trainer, *saved)
 
     def on_epoch_end(self, trainer, logs):
-        if self.improved(logs):
-            self.wait, self.best_epoch = 0, logs["epoch"]
+        if self._count(logs):
             if self.restore_best_weights:
                 self.best_weights = (trainer.model.flat_params.copy(), trainer.model.flat_buffers.copy())
-            return
-        self.wait += 1
-        if self.wait >= self.patience:
+        elif self.wait >= self.patience:
             trainer.stop_training = True
+
+    def _count(self, logs):
+        """Whether ``logs``' epoch is the best yet; if not, one more epoch of waiting."""
+        if self.improved(logs):
+            self.wait, self.best_epoch = 0, logs["epoch"]
+            return True
+        self.wait += 1
+        return False
+
+    def state(self):
+        """``(state, best_weights)`` for a checkpoint: the epoch it began watching after (its best
+        and its wait follow from the trainer's history, which holds every epoch it saw) and the best
+        weights with the epoch they are from (None when it keeps none)."""
+        kept = self.best_weights is not None
+        return ({"monitor": self.monitor, "sign": self.sign, "since": self.since,
+                 "weights_epoch": self.best_epoch if kept else None}, self.best_weights)
+
+    def _resume(self, trainer, state, weights):
+        """Go on from a restored checkpoint's ``state``: count the epochs it watched again from the
+        history, and take the best weights from the checkpoint, or from the model when its last epoch
+        is the best (a checkpoint written before this callback saw that epoch holds older ones)."""
+        since, values = state["since"], trainer.history.get(self.monitor, [])
+        watched = trainer.epoch - since
+        if not 0 <= watched <= len(values):
+            _warn(trainer, f"the checkpoint's history lacks {self.monitor!r} for the epochs after {since}; "
+                           f"EarlyStopping counts its patience from epoch {trainer.epoch + 1}")
+            return
+        self.since = since
+        for epoch, value in zip(range(since + 1, trainer.epoch + 1), values[len(values) - watched:]):
+            self._count({"epoch": epoch, self.monitor: value})
+        if not self.restore_best_weights or self.best_epoch is None:
+            return
+        ops = trainer.model.backend
+        if weights is not None and state["weights_epoch"] == self.best_epoch:
+            self.best_weights = tuple(ops.asarray(w.astype(trainer.model.dtype, copy=False)) for w in weights)
+        elif self.best_epoch == trainer.epoch and trainer._resume_point is None:
+            self.best_weights = (trainer.model.flat_params.copy(), trainer.model.flat_buffers.copy())
+        else:
+            _warn(trainer, f"the checkpoint holds no weights of the best epoch ({self.best_epoch}); "
+                           f"EarlyStopping can end the run only with a later epoch's")
 
     def on_train_end(self, trainer):
         if (self.best_weights is not None and self.best_epoch != trainer.epoch and trainer._fit_finished
                 and not trainer.interrupted):
             trainer.model.flat_params[...], trainer.model.flat_buffers[...] = self.best_weights
+
+
+def _warn(trainer, message):
+    if not trainer.quiet:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class ModelCheckpoint(Callback, _Monitor):

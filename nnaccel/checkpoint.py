@@ -12,7 +12,8 @@ bytes) is read and checked first, and from the architecture it describes
 the loader derives every array the file must hold: each parameter and
 buffer with its shape in the model's dtype, and the optimizer's buffers
 (SGD's velocity when it has momentum, Adam's m and v), one value per
-parameter. Before reading any array data it refuses a file whose members
+parameter, and the best weights of each early stopping state that keeps
+them. Before reading any array data it refuses a file whose members
 are missing, extra, duplicated, compressed or encrypted (no zip bombs),
 whose zip sizes disagree with their ``.npy`` headers, whose headers give
 another shape or dtype, or whose architecture needs more bytes than the file
@@ -61,10 +62,12 @@ def _host(array):
     return array.get() if hasattr(array, "get") else numpy.asarray(array)
 
 
-def expected_size(model, optimizer=None):
-    """About how many bytes ``save`` writes for ``model`` and ``optimizer``'s state."""
+def expected_size(model, optimizer=None, weight_copies=0):
+    """About how many bytes ``save`` writes for ``model``, ``optimizer``'s state and ``weight_copies``
+    more copies of the weights (early stopping's best)."""
     slots = len(optimizer.state_names) if optimizer is not None else 0
-    return model.flat_params.nbytes * (1 + slots) + model.flat_buffers.nbytes + 2**14  # and the metadata
+    return (model.flat_params.nbytes * (1 + slots + weight_copies) + model.flat_buffers.nbytes * (1 + weight_copies)
+            + 2**14)  # and the metadata
 
 
 def check_writable(path, what="checkpoint", size=0, example="model.npz"):
@@ -183,8 +186,9 @@ def _stop_signals_held():
             signal.raise_signal(number)
 
 
-def save(path, model, optimizer=None, trainer_state=None):
-    """Write ``model`` (and optionally the optimizer and trainer state) to ``path``."""
+def save(path, model, optimizer=None, trainer_state=None, trainer_arrays=None):
+    """Write ``model`` (and optionally the optimizer and trainer state, with the trainer's arrays:
+    early stopping's best weights) to ``path``."""
     meta = {"format": FORMAT, "version": VERSION, "model": model.config(),
             "dropout_counters": model.rng_state()}
     arrays = {f"param/{p.name}": _host(p.data) for p in model.parameters()}
@@ -197,6 +201,7 @@ def save(path, model, optimizer=None, trainer_state=None):
         arrays.update({f"optim/{name}": numpy.asarray(buf, model.dtype) for name, buf in state["buffers"].items()})
     if trainer_state is not None:
         meta["trainer"] = trainer_state
+        arrays.update({name: numpy.asarray(_host(array), model.dtype) for name, array in (trainer_arrays or {}).items()})
     arrays["meta"] = numpy.array(json.dumps(meta))
     atomic_write(path, lambda handle: numpy.savez(handle, **arrays))
 
@@ -397,6 +402,11 @@ def _expected_arrays(path, meta, members, size):
     expected.update({f"buffer/{name}.npy": (f"buffer/{name}", shape, dtype) for name, shape in buffers})
     if any(name.startswith("optim/") for name in members):  # none before the first step: all or none
         expected.update({f"optim/{name}.npy": (f"optim/{name}", (count,), dtype) for name in state_names})
+    stopping = (meta.get("trainer") or {}).get("early_stopping", [])
+    sizes = {"params": count, "buffers": sum(math.prod(shape) for _, shape in buffers)}
+    expected.update({f"early_stopping/{index}/{part}.npy": (f"early_stopping/{index}/{part}", (size,), dtype)
+                     for index, saved in enumerate(stopping) if saved["weights_epoch"] is not None
+                     for part, size in sizes.items()})
     return expected
 
 
@@ -525,6 +535,20 @@ def _check_trainer(path, state):
                                   f"{_shown(point)}")
         _count(path, point["step"], "the resume point's step")
         _check_rng(path, point["rng"], "the resume point's random state")
+    stopping = state.get("early_stopping", [])
+    if not isinstance(stopping, list) or len(stopping) > MAX_LAYERS:
+        raise CheckpointError(f"{path}: its early stopping states must be a list, found {_shown(stopping)}")
+    for saved in stopping:
+        if not isinstance(saved, dict) or set(saved) != {"monitor", "sign", "since", "weights_epoch"} or \
+                not isinstance(saved["monitor"], str) or not _real(saved["sign"]) or saved["sign"] not in (1, -1):
+            raise CheckpointError(f"{path}: an early stopping state must hold a monitor, a sign of 1 or -1, the "
+                                  f"epoch it began after and its weights' epoch, found {_shown(saved)}")
+        _count(path, saved["since"], "the epoch early stopping began after")
+        if saved["since"] > state["epoch"]:
+            raise CheckpointError(f"{path}: early stopping began after epoch {saved['since']}, later than the "
+                                  f"trainer's epoch {state['epoch']}")
+        if saved["weights_epoch"] is not None:
+            _count(path, saved["weights_epoch"], "the epoch of early stopping's best weights", minimum=1)
     schedule = state.get("schedule")
     if schedule is not None:
         try:

@@ -382,7 +382,7 @@ def _check_outputs(args, model=None, optimizer=None):
     if args.communicator is not None and args.communicator.rank != 0:  # rank 0 writes for every rank
         return
     if args.save:
-        size = checkpoint.expected_size(model, optimizer) if model is not None else 0
+        size = checkpoint.expected_size(model, optimizer, bool(args.early_stopping)) if model is not None else 0
         checkpoint.check_writable(args.save, "--save", size)
     elif model is None:
         try:
@@ -499,9 +499,11 @@ def _train(args):
             _say(args, f"warning: --resume continues {args.resume} with its own model, loss, optimizer, schedule, "
                        f"batch size and seed; {', '.join(ignored)} given here {'is' if len(ignored) == 1 else 'are'} "
                        f"not used")
-        if args.early_stopping:
-            _say(args, f"warning: a checkpoint does not hold early stopping's count: --early-stopping "
-                       f"{args.early_stopping} counts its patience (and the best epoch) from epoch {trainer.epoch + 1}")
+        saved = [state["monitor"] for state, _ in trainer._restored_early_stopping]
+        if args.early_stopping and "val_loss" not in saved:
+            _say(args, f"warning: {args.resume} holds no early stopping state (trained without --early-stopping): "
+                       f"--early-stopping {args.early_stopping} counts its patience (and the best epoch) from epoch "
+                       f"{trainer.epoch + 1}")
         _say(args, f"resuming {args.resume} after epoch {trainer.epoch}"
                    + (f", step {trainer._resume_point['step']}" if trainer._resume_point else ""))
         _plan_resumed_epochs(args, trainer)

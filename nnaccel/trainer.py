@@ -19,7 +19,7 @@ import time
 import numpy
 
 from . import checkpoint, losses, optimizers
-from .callbacks import Callback, CSVLogger, ModelCheckpoint, PlotCurves
+from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves
 from .backend import PRECISIONS, array_device
 from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError, check_int
 from .layers import RandomLayer
@@ -80,6 +80,8 @@ class Trainer:
         self._checked_batch = None  # (x, y, backend, loss): the batch arrays train_step last checked
         self._samples = None  # the training samples of the last fit: a resumed epoch must step over as many
         self._fit_finished = False  # whether the last fit ran to its end (all epochs or an early stop), not an error
+        self._fit_callbacks = None  # the callbacks of the last fit: its EarlyStopping states go into checkpoints
+        self._restored_early_stopping = []  # (state, weights) of each a restored checkpoint holds, until a fit
         self.communicator = communicator
         self.cuda_graphs = bool(cuda_graphs)
         if precision not in PRECISIONS:
@@ -234,6 +236,7 @@ class Trainer:
         step, graphed = self._steps(comm)
         for callback in callbacks:
             callback.on_train_begin(self)
+        self._fit_callbacks = callbacks
         try:
             while self.epoch < last_epoch and not agreed[0]:
                 logs = self._train_epoch(x, y, shuffle, last_epoch, callbacks, comm, step, graphed)
@@ -418,6 +421,21 @@ class Trainer:
         return {"loss": float(loss_sum) / n, "accuracy": float(correct_sum) / n}
 
     # ----- checkpoints ---------------------------------------------------------------
+    def _early_stopping_states(self):
+        """``(state, best_weights)`` of each EarlyStopping of the last fit, or of a restored checkpoint
+        while no fit has run since."""
+        if self._fit_callbacks is None:
+            return self._restored_early_stopping
+        return [c.state() for c in self._fit_callbacks if isinstance(c, EarlyStopping)]
+
+    def _saved_early_stopping(self, callback):
+        """The restored ``(state, best_weights)`` that ``callback`` goes on from (the first with its
+        monitor and mode, taken once), or None."""
+        for index, (state, _) in enumerate(self._restored_early_stopping):
+            if (state["monitor"], state["sign"]) == (callback.monitor, callback.sign):
+                return self._restored_early_stopping.pop(index)
+        return None
+
     def state(self):
         """What, besides weights and optimizer buffers, a resumed run needs.
 
@@ -426,19 +444,24 @@ class Trainer:
         the same global batch continues the same trajectory in any number of
         processes (one process, or ``world_size`` ranks of batch_size each).
         ``samples`` is the size of the last fit's training set, which a run
-        resumed mid-epoch must step over again.
+        resumed mid-epoch must step over again; ``early_stopping`` the state
+        of each EarlyStopping (its best weights go in as arrays).
         """
         return {"epoch": self.epoch, "seed": self.seed, "batch_size": self.batch_size * self.world_size,
                 "world_size": self.world_size, "samples": self._samples,
                 "rng": self.rng.bit_generator.state, "history": self.history,
                 "loss": self.loss.name, "resume_point": self._resume_point,
-                "schedule": self.schedule.config() if self.schedule is not None else None}
+                "schedule": self.schedule.config() if self.schedule is not None else None,
+                "early_stopping": [state for state, _ in self._early_stopping_states()]}
 
     def save_checkpoint(self, path):
         """Write a resumable checkpoint (atomically) to ``path`` (in a distributed run: rank 0 only)."""
         if self.rank != 0:
             return
-        checkpoint.save(path, self.model, self.optimizer, self.state())
+        weights = {f"early_stopping/{index}/{part}": array
+                   for index, (_, best) in enumerate(self._early_stopping_states()) if best is not None
+                   for part, array in zip(("params", "buffers"), best)}
+        checkpoint.save(path, self.model, self.optimizer, self.state(), weights)
 
     def load_checkpoint(self, path):
         """Restore weights, optimizer, RNG, epoch and history from ``path``."""
@@ -456,6 +479,11 @@ class Trainer:
         self.history = {k: list(v) for k, v in state["history"].items()}
         self._resume_point = state.get("resume_point")
         self._samples = state.get("samples")
+        self._fit_callbacks = None
+        self._restored_early_stopping = [
+            (saved, None if saved["weights_epoch"] is None else
+             tuple(arrays[f"early_stopping/{index}/{part}"] for part in ("params", "buffers")))
+            for index, saved in enumerate(state.get("early_stopping", []))]
         saved_batch, batch = int(state.get("batch_size", self.batch_size)), self.batch_size * self.world_size
         if self._resume_point is not None and saved_batch != batch:
             raise CheckpointError(

@@ -63,7 +63,8 @@ def _peak_limit(size):
 
 @lru_cache(maxsize=None)
 def _real(kind):
-    """The bytes of a small real checkpoint, saved by ``Trainer.save_checkpoint`` or ``model.save``."""
+    """The bytes of a small real checkpoint, saved by ``Trainer.save_checkpoint`` (the SGD one with early
+    stopping's best weights) or ``model.save``."""
     if kind.startswith("mlp"):
         model = nn.Sequential(nn.Dense(6, 5, activation="relu"), nn.Dropout(0.2), nn.Dense(5, 3), seed=1,
                               dtype=numpy.float64 if "float64" in kind else numpy.float32)
@@ -74,7 +75,7 @@ def _real(kind):
         optimizer = nn.Adam()
     trainer = nn.Trainer(model, optimizer=optimizer, batch_size=4, quiet=True)
     x = numpy.random.default_rng(0).random((12, model.in_features)).astype(model.dtype)
-    trainer.fit(x, numpy.arange(12) % 3, epochs=1)
+    trainer.fit(x, numpy.arange(12) % 3, epochs=1, callbacks=[nn.EarlyStopping("loss")] if "sgd" in kind else [])
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "ck.npz"
         model.save(path) if kind.endswith("model-only") else trainer.save_checkpoint(path)
@@ -148,7 +149,7 @@ def _matches_architecture(model, meta, arrays):
         numpy.testing.assert_array_equal(b, arrays[f"buffer/{name}"])
     for key, value in arrays.items():
         assert value.dtype == model.dtype, key
-        if key.startswith("optim/"):
+        if key.startswith("optim/") or key.endswith("/params"):
             assert value.shape == (model.num_parameters(),), key
 
 
@@ -384,6 +385,7 @@ def _set(*keys_and_value):
 
 
 CONV = ("model", "layers", 0)
+STOPPING = {"monitor": "loss", "sign": 1.0, "since": 0, "weights_epoch": None}
 DENSE = ("model", "layers", 4)
 NONSENSE_META = [
     ("conv in_channels -1", _set(*CONV, "in_channels", -1), "in_channels must be a positive integer"),
@@ -456,6 +458,16 @@ NONSENSE_META = [
      "unreadable schedule: StepLR step_size must be a positive integer"),
     ("schedule unknown", _set("trainer", "schedule", {"type": "Chaos"}), "unknown schedule 'Chaos'"),
     ("schedule a string", _set("trainer", "schedule", "StepLR"), "unreadable schedule"),
+    ("early stopping a string", _set("trainer", "early_stopping", "x"), "early stopping states must be a list"),
+    ("early stopping sign 0", _set("trainer", "early_stopping", [dict(STOPPING, sign=0)]), "a sign of 1 or -1"),
+    ("early stopping sign true", _set("trainer", "early_stopping", [dict(STOPPING, sign=True)]), "a sign of 1 or -1"),
+    ("early stopping unknown key", _set("trainer", "early_stopping", [dict(STOPPING, code="x")]), "must hold a monitor"),
+    ("early stopping after the epoch", _set("trainer", "early_stopping", [dict(STOPPING, since=2)]),
+     "early stopping began after epoch 2, later than the trainer's epoch 1"),
+    ("early stopping weights epoch 0", _set("trainer", "early_stopping", [dict(STOPPING, weights_epoch=0)]),
+     "the epoch of early stopping's best weights must be an integer from 1"),
+    ("early stopping weights not there", _set("trainer", "early_stopping", [dict(STOPPING, weights_epoch=1)]),
+     "lacks 2 array(s) its architecture needs: early_stopping/0/params, early_stopping/0/buffers"),
 ]
 
 

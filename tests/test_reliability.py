@@ -432,7 +432,9 @@ def _interrupted_in_process(tmp_path, monkeypatch, capsys, extra):
 
 def test_early_stopping_saves_the_best_epoch_it_reports(tmp_path, monkeypatch, capsys):
     """--early-stopping puts the best epoch's weights back: --save ends with them, so evaluate scores
-    what train reported; a resume says the patience counts again from there."""
+    what train reported; the checkpoint holds early stopping's state, so a resume goes on from its best
+    epoch (and its weights) and wait, while one from a run without --early-stopping says it starts
+    counting there."""
     monkeypatch.chdir(tmp_path)
     assert cli.main([*SMALL, "--epochs", "10", "--early-stopping", "1", "--lr", "1", "--save", "es.npz",
                      "--json"]) == 0
@@ -444,10 +446,18 @@ def test_early_stopping_saves_the_best_epoch_it_reports(tmp_path, monkeypatch, c
     assert cli.main(["evaluate", "es.npz", "--data", "digits", "--split", "validation", "--json",
                      "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == trained["loss"]
-    assert cli.main(["train", "--resume", "es.npz", "--data", "digits", "--device", "cpu", "--epochs", "12",
-                     "--early-stopping", "1"]) == 0
-    assert (f"--early-stopping 1 counts its patience (and the best epoch) from epoch {len(losses) + 1}"
-            in capsys.readouterr().err)
+    resume = ["train", "--resume", "es.npz", "--data", "digits", "--device", "cpu", "--epochs", "12",
+              "--early-stopping", "1", "--json"]
+    assert cli.main([*resume, "--save", "es.npz"]) == 0
+    err, out = capsys.readouterr()[::-1]
+    assert "warning" not in err
+    resumed = [float(line.split("val_loss")[1].split()[0]) for line in err.splitlines() if line.startswith("epoch ")]
+    assert json.loads(out)["loss"] == pytest.approx(min(losses + resumed), abs=1e-4)  # the best of the whole run
+    assert checkpoint.read(tmp_path / "es.npz")[0]["trainer"]["early_stopping"][0]["since"] == 0
+    assert cli.main([*SMALL, "--epochs", "1", "--quiet", "--save", "plain.npz"]) == 0
+    assert cli.main([*resume[:2], "plain.npz", *resume[3:]]) == 0
+    assert ("warning: plain.npz holds no early stopping state (trained without --early-stopping): --early-stopping 1 "
+            "counts its patience (and the best epoch) from epoch 2") in capsys.readouterr().err
 
 
 def test_a_resume_says_which_options_it_does_not_use(tmp_path, monkeypatch, capsys):

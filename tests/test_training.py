@@ -263,6 +263,40 @@ def test_target_shapes_are_checked_when_data_is_handed_over(loss, target, messag
         trainer.fit(x, target(y), epochs=1)
 
 
+def test_early_stopping_goes_on_from_a_checkpoint_as_the_uninterrupted_run(tmp_path):
+    """A checkpoint keeps early stopping's state: resumed from an epoch's checkpoint written before or
+    after the callback saw that epoch, or from the middle of an epoch after the best one, the run stops
+    at the same epoch and ends with the same best weights, bit for bit."""
+    (x, y), (xv, yv) = datasets.train_val_split(*datasets.load_digits("train"))
+
+    class CtrlC(nn.Callback):
+        def on_batch_end(self, trainer, step, loss):
+            if trainer.epoch == 3 and step == 5:
+                trainer.request_stop()
+
+    def run(*callbacks, resume=None):
+        trainer = nn.Trainer(_digits_net("cpu"), optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=16, quiet=True)
+        if resume is not None:
+            trainer.load_checkpoint(resume)
+        stop = nn.EarlyStopping(patience=2)
+        trainer.fit(x, y, epochs=30 - trainer.epoch, validation_data=(xv, yv), callbacks=[*callbacks, stop])
+        return trainer, stop
+
+    whole, stop = run()
+    assert (stop.best_epoch, whole.epoch) == (3, 5)  # two epochs without a gain after the third
+    before, _ = run(nn.ModelCheckpoint(tmp_path / "before-{epoch}.npz"))  # saved before the callback's turn
+    interrupted, _ = run(CtrlC())
+    assert interrupted._resume_point is not None
+    interrupted.save_checkpoint(tmp_path / "mid-4.npz")
+    after = nn.Trainer(_digits_net("cpu"), optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=16, quiet=True)
+    after_stop = nn.EarlyStopping(patience=2)
+    after.fit(x, y, epochs=4, validation_data=(xv, yv), callbacks=[after_stop, nn.ModelCheckpoint(tmp_path / "after.npz")])
+    for name in ("before-2.npz", "before-3.npz", "before-4.npz", "mid-4.npz", "after.npz"):
+        resumed, resumed_stop = run(resume=tmp_path / name)
+        assert (resumed_stop.best_epoch, resumed.epoch) == (3, 5), name
+        numpy.testing.assert_array_equal(resumed.model.flat_params, whole.model.flat_params, err_msg=name)
+
+
 def test_early_stopping_leaves_an_interrupted_run_as_it_is():
     """Restoring the best weights on Ctrl-C would mismatch the optimizer state the checkpoint saves."""
     (x, y), (xv, yv) = datasets.train_val_split(*datasets.load_digits("train"))
