@@ -385,7 +385,7 @@ class Trainer:
         seen = min(n, (step + 1) * batch)
         self.epoch += 1
         return {"epoch": self.epoch, "loss": loss_total / seen, "accuracy": correct_total / seen,
-                "lr": self.optimizer.lr, "samples_per_s": (seen - point["step"] * batch) / elapsed,
+                "lr": self.optimizer.lr, "samples_per_s": (seen - min(n, point["step"] * batch)) / elapsed,
                 "time_s": elapsed}
 
     def _evaluate_distributed(self, x, y, batch_size=None):

@@ -71,6 +71,26 @@ def test_resume_equals_uninterrupted_bit_for_bit(device, tmp_path):
     assert trainer.history["lr"] == [0.01, 0.005, 0.0025, 0.00125]
 
 
+def test_a_run_stopped_after_its_short_last_step_resumes_with_no_step_and_no_negative_rate(tmp_path):
+    """333 samples in steps of 32: the 11th step is short; stopped right after it, the resumed epoch has
+    nothing left to train and reports 0 samples/s, not the rows of a full 11th step taken off."""
+    x, y = datasets.synthetic(n=333, features=20, classes=4, seed=1)
+
+    class StopAfterTheLastStep(nn.Callback):
+        def on_batch_end(self, trainer, step, loss):
+            if step == 10:
+                trainer.request_stop()
+
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(20, 4), seed=5), batch_size=32, quiet=True)
+    trainer.fit(x, y, epochs=1, callbacks=[StopAfterTheLastStep()])
+    assert trainer._resume_point["step"] == 11
+    trainer.save_checkpoint(tmp_path / "ckpt.npz")
+    resumed = nn.Trainer(nn.Sequential(nn.Dense(20, 4), seed=5), batch_size=32, quiet=True)
+    resumed.load_checkpoint(tmp_path / "ckpt.npz")
+    resumed.fit(x, y, epochs=1)
+    assert resumed.history["epoch"] == [1] and resumed.history["samples_per_s"] == [0.0]
+
+
 def test_save_load_gives_same_predictions(device, tmp_path):
     x, y = datasets.load_digits("train")
     model = _digits_net(device, activation=nn.LeakyReLU(0.1))
