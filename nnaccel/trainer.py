@@ -212,6 +212,9 @@ class Trainer:
 
     def _fit(self, x, y, epochs, validation_data, callbacks, shuffle):
         epochs = check_int(epochs, "epochs", minimum=0)
+        if not self.model.num_parameters():  # as PyTorch's optimizers refuse an empty parameter list
+            raise ConfigError(f"the model has no parameters to train ({', '.join(map(repr, self.model.layers))}): "
+                              f"fit needs a layer with weights (Dense, Maxout, Conv2D, BatchNorm)")
         callbacks = self.callbacks + _callback_list(callbacks, "fit callbacks")
         if validation_data is not None and not (isinstance(validation_data, (tuple, list))
                                                 and len(validation_data) == 2):
