@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import platform
 import re
 import shlex
@@ -671,6 +672,41 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 
 
 PICTURE_OPTIONS = ("plot", "weights", "out", "confusion", "errors")
+# The files a command reads and writes, by argument name: how an error names each, as an option and as a file.
+INPUT_FILES = {"data": "the --data file", "resume": "the --resume checkpoint", "model": "the model",
+               "images": "the image", "activations": "the --activations image"}
+OUTPUT_FILES = {"save": ("--save", "the --save checkpoint"), "csv": ("--csv", "the --csv log"),
+                "onnx_path": ("the ONNX file", "the ONNX file"), "json": ("--json", "the --json file"),
+                **{option: (f"--{option}", f"the --{option} picture") for option in PICTURE_OPTIONS}}
+
+
+def _files(args, names):
+    """``(argument, path)`` of each file named by the arguments ``names`` (flags and unset ones left out)."""
+    for name in names:
+        value = getattr(args, name, None)
+        for path in value if isinstance(value, list) else [value]:
+            if isinstance(path, str) and path:
+                yield name, path
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is not there yet: the same path
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _refuse_outputs_over_inputs(args):
+    """A ConfigError when an output would be written over an input's file or another output's: it would
+    destroy that file (``--save`` over ``--resume`` is how a run goes on, and allowed)."""
+    inputs = [(name, path) for name, path in _files(args, INPUT_FILES) if os.path.exists(path)]
+    outputs = list(_files(args, OUTPUT_FILES))
+    for index, (name, path) in enumerate(outputs):
+        for other, other_path in inputs + outputs[:index]:
+            if (name, other) != ("save", "resume") and _same_file(path, other_path):
+                what = INPUT_FILES.get(other) or OUTPUT_FILES[other][1]
+                raise ConfigError(f"{OUTPUT_FILES[name][0]} {path} would overwrite {what} {other_path}; give "
+                                  f"another file")
 
 
 def main(argv=None):
@@ -679,6 +715,7 @@ def main(argv=None):
     try:
         for number in STOP_SIGNALS:  # from the start (imports, data, the checkpoint read), not only in fit
             signal.signal(number, _stop_at_once)
+        _refuse_outputs_over_inputs(args)
         for option in PICTURE_OPTIONS:
             if getattr(args, option, None):
                 checkpoint.check_writable(getattr(args, option), f"--{option}", example="picture.png")

@@ -185,6 +185,39 @@ def test_evaluate_refuses_a_damaged_test_split_rather_than_score_the_validation_
         assert message in captured.err and not captured.out, captured
 
 
+def test_an_output_over_an_input_or_another_output_is_refused_and_nothing_is_lost(tmp_path, monkeypatch, capsys):
+    """Writing the ONNX file, a checkpoint, a CSV log or a picture over a file the command reads (or another
+    output) would destroy it: refused up front, naming both; --save over --resume is how a run goes on."""
+    import numpy as np
+
+    from nnaccel import checkpoint, cli
+
+    monkeypatch.chdir(tmp_path)
+    train = ["train", "--layers", "64,16,10", "--epochs", "1", "--device", "cpu", "--quiet"]
+    assert cli.main([*train, "--data", "digits", "--save", "m.npz"]) == 0
+    np.savez("d.npz", x_train=np.zeros((20, 28, 28), np.uint8), y_train=np.arange(20) % 10)
+    (tmp_path / "link.npz").symlink_to("m.npz")
+    (tmp_path / "digit.png").write_bytes(b"a picture")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    for args, message in [
+            (["export", "m.npz", "./m.npz"], "the ONNX file ./m.npz would overwrite the model m.npz"),
+            (["export", "link.npz", "m.npz"], "the ONNX file m.npz would overwrite the model link.npz"),
+            ([*train, "--data", "d.npz", "--save", "d.npz"], "--save d.npz would overwrite the --data file d.npz"),
+            ([*train, "--data", "d.npz", "--csv", "d.npz"], "--csv d.npz would overwrite the --data file d.npz"),
+            ([*train, "--data", "digits", "--save", "new.npz", "--csv", "new.npz"],
+             "--csv new.npz would overwrite the --save checkpoint new.npz"),
+            ([*train, "--resume", "m.npz", "--data", "digits", "--csv", "m.npz"],
+             "--csv m.npz would overwrite the --resume checkpoint m.npz"),
+            (["show", "m.npz", "--activations", "digit.png", "--out", "digit.png"],
+             "--out digit.png would overwrite the --activations image digit.png")]:
+        assert cli.main(args) == 2, args
+        assert f"error: {message}; give another file" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert cli.main(["train", "--resume", "m.npz", "--save", "m.npz", "--data", "digits", "--epochs", "2", "--device",
+                     "cpu", "--quiet"]) == 0
+    assert checkpoint.read(tmp_path / "m.npz")[0]["trainer"]["epoch"] == 2
+
+
 def test_info():
     run = nnaccel("info")
     assert run.returncode == 0 and "nnaccel" in run.stdout and "numpy" in run.stdout
