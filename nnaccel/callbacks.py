@@ -174,37 +174,39 @@ class CSVLogger(Callback):
     def on_train_begin(self, trainer):
         if not self.append and self.path.exists():
             self.path.unlink()
+        self._rows()  # a file it could not append to is refused before the first epoch
 
     def on_epoch_end(self, trainer, logs):
-        columns = self._columns()
-        added = [key for key in logs if key not in columns]
+        header, *rows = self._rows() or [[]]
+        added = [key for key in logs if key not in header]
         try:
-            if columns and added:
-                self._rewrite(columns + added, logs)
+            if header and added:
+                self._rewrite(header + added, rows, logs)
                 return
             with open(self.path, "a", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)
-                if not columns:
+                if not header:
                     writer.writerow(list(logs))
-                writer.writerow([logs.get(column, "") for column in columns or logs])
+                writer.writerow([logs.get(column, "") for column in header or logs])
         except OSError as error:
             raise OutputError(f"cannot write the CSV log {self.path}: {error.strerror or error}") from None
 
-    def _columns(self):
-        """The header of the file there, or [] when there is none."""
+    def _rows(self):
+        """The rows of the file there, its header first, or [] when there is none (a log is small)."""
         try:
             with open(self.path, newline="", encoding="utf-8") as handle:
-                return next(csv.reader(handle), [])
+                return list(csv.reader(handle))
         except FileNotFoundError:
             return []
         except OSError as error:
             raise OutputError(f"cannot read the CSV log {self.path}: {error.strerror or error}") from None
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise OutputError(f"the CSV log {self.path} is not a UTF-8 CSV file to append to "
+                              f"({type(error).__name__}: {error}); give another file or remove it") from None
 
-    def _rewrite(self, columns, logs):
-        """The file under the wider header ``columns``, its rows given empty cells in the new ones, then
-        ``logs``: written atomically, so a failure leaves the old file."""
-        with open(self.path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))[1:]
+    def _rewrite(self, columns, rows, logs):
+        """The file under the wider header ``columns``, its ``rows`` given empty cells in the new ones,
+        then ``logs``: written atomically, so a failure leaves the old file."""
         text = io.StringIO(newline="")
         writer = csv.writer(text)
         writer.writerow(columns)

@@ -206,6 +206,19 @@ def test_csv_log_started_with_validation_leaves_the_missing_cells_empty(tmp_path
     assert second[header.index("val_loss")] == "" and second[header.index("epoch")] == "2"
 
 
+@pytest.mark.parametrize("content, error", [("epoch,loss\n1,0.5\n".encode("utf-16"), "UnicodeDecodeError"),
+                                            (b"epoch,loss\n1," + b"9" * 200_000 + b"\n", "field larger than")],
+                         ids=["utf-16", "a huge field"])
+def test_a_csv_log_it_cannot_append_to_is_refused_before_the_first_epoch_and_kept(tmp_path, content, error):
+    path = tmp_path / "log.csv"
+    path.write_bytes(content)
+    trainer = _trainer()
+    with pytest.raises(nn.OutputError, match=rf"the CSV log {path} is not a UTF-8 CSV file to append to "
+                                             rf"\(.*{error}.*\); give another file or remove it"):
+        trainer.fit(X, Y, callbacks=[nn.CSVLogger(path, append=True)])
+    assert trainer.epoch == 0 and path.read_bytes() == content
+
+
 # ----- train_step checks its batch ---------------------------------------------------------------------
 TRAIN_STEP_ERRORS = [
     ("label 3 of 3 outputs", lambda: (X, numpy.full(12, 3)), r"y range from 3 to 3 .* labels must be in \[0, 2\]"),
