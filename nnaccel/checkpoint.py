@@ -74,16 +74,19 @@ def check_writable(path, what="checkpoint", size=0, example="model.npz"):
     """Refuse, before any work is done, an output file that could not be written: ``path`` is a
     folder, its folder does not exist or cannot be written, or holds less than ``size`` bytes free.
     The folder is probed with a real temporary file (permissions alone do not say, for root or on a
-    read-only mount). ``example`` is the file name suggested when ``path`` is a folder."""
+    read-only mount). ``example`` is the file name suggested when ``path`` is a folder. A symbolic
+    link is checked where it leads, as ``atomic_write`` writes there."""
     path = Path(path)
-    folder = path.parent
-    if path.is_dir():
-        raise OutputError(f"{what} {path} is a folder; name a file in it, such as {path / example}")
+    target = _write_target(path, what)
+    folder = target.parent
+    shown = path if target == path else f"{path} (a link to {target})"
+    if target.is_dir():
+        raise OutputError(f"{what} {shown} is a folder; name a file in it, such as {path / example}")
     if not folder.is_dir():
-        raise OutputError(f"cannot write {what} {path}: folder {folder} does not exist")
+        raise OutputError(f"cannot write {what} {shown}: folder {folder} does not exist")
     _refuse_special_file(path, what)
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
@@ -92,6 +95,16 @@ def check_writable(path, what="checkpoint", size=0, example="model.npz"):
     if free < size:
         raise OutputError(f"cannot write {what} {path}: {folder} has {free / 2**20:.1f} MiB free, and "
                               f"the file takes about {size / 2**20:.1f} MiB")
+
+
+def _write_target(path, what):
+    """The file a write to ``path`` replaces: where a symbolic link leads (the link stays), else ``path``."""
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError before Python 3.13
+        raise OutputError(f"cannot write {what} {path}: it is a symbolic link that leads round in a loop") from None
 
 
 def _refuse_special_file(path, what):
@@ -109,7 +122,7 @@ def atomic_write(path, write):
     return, it would leave a temporary file nobody knows of. A symbolic link is written through,
     as ``open`` does: the file it points to is replaced, the link stays."""
     path = Path(path)
-    target = path.resolve() if path.is_symlink() else path
+    target = _write_target(path, "file")
     folder = target.parent
     if not folder.is_dir():
         raise OutputError(f"cannot write {path}: folder {folder} does not exist")

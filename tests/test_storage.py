@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy
 import pytest
@@ -128,6 +129,25 @@ def test_an_output_path_that_cannot_work_is_refused_before_training(tmp_path, mo
     _no_data_read(monkeypatch)
     assert cli.main([*SMALL, option, path]) == 2
     assert _one_error_line(capsys) == f"nnaccel train: error: {message}"
+
+
+def test_a_symbolic_link_is_checked_where_it_leads_before_training(tmp_path, monkeypatch, capsys):
+    """A link into a purged scratch folder, or a loop of links, fails before the data is read, not after
+    the first epoch (or as a traceback)."""
+    monkeypatch.chdir(tmp_path)
+    _no_data_read(monkeypatch)
+    Path("ck.npz").symlink_to("scratch/gone/ck.npz")
+    Path("log.csv").symlink_to("scratch/gone/log.csv")
+    Path("loop1").symlink_to("loop2")
+    Path("loop2").symlink_to("loop1")
+    gone = tmp_path.resolve() / "scratch" / "gone"
+    for option, path, message in [
+            ("--save", "ck.npz", f"cannot write --save ck.npz (a link to {gone / 'ck.npz'}): folder {gone} does not exist"),
+            ("--csv", "log.csv", f"cannot write --csv log.csv (a link to {gone / 'log.csv'}): folder {gone} does not "
+                                 f"exist"),
+            ("--save", "loop1", "cannot write --save loop1: it is a symbolic link that leads round in a loop")]:
+        assert cli.main([*SMALL, option, path]) == 2
+        assert _one_error_line(capsys) == f"nnaccel train: error: {message}"
 
 
 def test_a_device_pipe_or_socket_is_not_replaced_by_a_file(tmp_path, monkeypatch, capsys):
