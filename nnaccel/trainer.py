@@ -232,7 +232,7 @@ class Trainer:
         last_epoch = self.epoch + epochs
         comm = self.communicator or _ONE_PROCESS
         if self.communicator is not None:
-            callbacks = self._start_distributed(x, callbacks)
+            callbacks = self._start_distributed(x, callbacks, last_epoch, validation_data, shuffle)
         # (stop, interrupted) as the ranks last agreed: a rank's own flags, set by a signal
         # at any moment, would have one rank leave the loop while the others train on.
         agreed = (self.stop_training, self.interrupted) if comm is _ONE_PROCESS else (False, False)
@@ -246,6 +246,8 @@ class Trainer:
                 if logs is None:  # interrupted mid-epoch
                     agreed = (True, True)
                     break
+                if self.communicator is not None and self.model.flat_buffers.size:  # as DDP's broadcast_buffers
+                    self.communicator.broadcast_(self.model.flat_buffers)  # every rank: rank 0's BatchNorm estimates
                 if validation_data is not None:
                     evaluate = self._evaluate if self.communicator is None else self._evaluate_distributed
                     logs.update({f"val_{k}": v for k, v in evaluate(*validation_data).items()})
@@ -281,11 +283,14 @@ class Trainer:
         return point
 
     # ----- data-parallel training ---------------------------------------------------
-    def _start_distributed(self, x, callbacks):
-        """Check the ranks agree, give them rank 0's weights, keep file writers on rank 0 only."""
+    def _start_distributed(self, x, callbacks, last_epoch, validation_data, shuffle):
+        """Check the ranks agree (ranks that run other epochs or validate otherwise would wait on each
+        other's collectives for ever), give them rank 0's weights, keep file writers on rank 0 only."""
         comm, model, optimizer = self.communicator, self.model, self.optimizer
         comm.check_model(model)
-        mine = {"samples": int(x.shape[0]), "epoch": self.epoch, "batch_size": self.batch_size,
+        mine = {"samples": int(x.shape[0]), "epoch": self.epoch, "last_epoch": last_epoch,
+                "validation_samples": None if validation_data is None else int(validation_data[0].shape[0]),
+                "shuffle": bool(shuffle), "batch_size": self.batch_size,
                 "seed": self.seed, "parameters": model.num_parameters(), "optimizer_steps": optimizer.steps,
                 "resume_step": (self._resume_point or {}).get("step")}
         everyone = comm.allgather_object(mine)

@@ -32,6 +32,9 @@ def parse(argv=None):
     parser.add_argument("--epochs", type=int, default=3, help="total epochs")
     parser.add_argument("--optimizer", default="sgd")
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--batchnorm", action="store_true", help="a BatchNorm after the first layer")
+    parser.add_argument("--validation", type=int, help="validate on the first N training samples every epoch")
+    parser.add_argument("--no-shuffle", action="store_true")
     parser.add_argument("--resume", help="checkpoint to resume from")
     parser.add_argument("--save", help="checkpoint written (by rank 0) when training stops")
     parser.add_argument("--stop", nargs=3, type=int, metavar=("RANK", "EPOCH", "STEP"),
@@ -52,7 +55,7 @@ def parse(argv=None):
 def setup(args, device="cpu", communicator=None, batch=None):
     """The model, trainer and data of a run: identical in every process and in the tests."""
     x, y = datasets.synthetic(n=args.n, features=20, classes=4, seed=1)
-    layers = [nn.Dense(20, 32, activation="tanh")]
+    layers = [nn.Dense(20, 32, activation="tanh")] + ([nn.BatchNorm(32)] if args.batchnorm else [])
     if args.dropout:
         layers.append(nn.Dropout(args.dropout))
     layers += [nn.Dense(32, 16, activation="relu"), nn.Dense(16, 4)]
@@ -157,7 +160,8 @@ def main(args):
     trainer.nan_check_every = args.check_every
     diverged = None
     try:
-        trainer.fit(x, y, epochs=args.epochs - trainer.epoch, callbacks=callbacks)
+        trainer.fit(x, y, epochs=args.epochs - trainer.epoch, callbacks=callbacks, shuffle=not args.no_shuffle,
+                    validation_data=None if args.validation is None else (x[:args.validation], y[:args.validation]))
     except nn.TrainingDiverged as error:
         if not args.nan:
             raise
@@ -165,7 +169,7 @@ def main(args):
     if args.save:
         trainer.save_checkpoint(args.save)
     weights = model.backend.to_host(model.flat_params)
-    digests = [hashlib.sha256(weights.tobytes()).hexdigest()]
+    digests = [hashlib.sha256(weights.tobytes() + model.backend.to_host(model.flat_buffers).tobytes()).hexdigest()]
     if trainer.communicator is not None:
         digests = trainer.communicator.allgather_object(digests[0])
     if diverged is not None and trainer.communicator is not None:

@@ -263,14 +263,30 @@ def test_cli_divergence_is_one_error_from_rank_0(mpi, tmp_path):
     assert numpy.isfinite(checkpoint.load(tmp_path / "c.npz").flat_params).all()
 
 
-def test_ranks_given_different_runs_are_refused_by_every_rank(mpi, tmp_path):
-    """Each rank must pass the whole training set: a rank with other data is named, in one error line."""
+@pytest.mark.parametrize("rank_1, differs", [
+    (["--n", 200], "samples 200 (rank 0: 203)"),
+    (["--epochs", 4], "last_epoch 4 (rank 0: 3)"),  # one rank would train on alone, waiting for ever
+    (["--validation", 30], "validation_samples 30 (rank 0: None)"),  # one rank in an all-reduce the other never makes
+    (["--no-shuffle"], "shuffle False (rank 0: True)"),
+], ids=["other data", "other epochs", "validation on one rank", "no shuffle on one rank"])
+def test_ranks_given_different_runs_are_refused_by_every_rank(mpi, tmp_path, rank_1, differs):
+    """Each rank must pass the whole training set and fit with the same settings: a rank that does not is
+    named, in one error line, instead of a hang."""
     common = [sys.executable, WORKER, tmp_path / "w.npz", "--distributed"]
-    run = mpiexec(1, *common, ":", "-n", 1, *common, "--n", 200, timeout=60)
+    run = mpiexec(1, *common, ":", "-n", 1, *common, *rank_1, timeout=60)
     assert run.returncode == 2, run.stderr
     errors = [line for line in run.stderr.splitlines() if "error" in line]
-    assert errors == ["mpi_worker: error: rank 1 does not train the same run as rank 0: samples 200 (rank 0: 203); "
+    assert errors == [f"mpi_worker: error: rank 1 does not train the same run as rank 0: {differs}; "
                       "every rank must pass the whole training set and the same settings"], run.stderr
+
+
+def test_batchnorm_estimates_are_rank_0s_on_every_rank_after_each_epoch(mpi, tmp_path):
+    """Each rank normalises its part of the batch by its own statistics (no SyncBatchNorm), but at each
+    epoch's end, before validating, every rank takes rank 0's running estimates (DDP's broadcast_buffers):
+    the ranks validate, stop early and save one model."""
+    run = worker(2, tmp_path / "w.npz", "--batchnorm", "--validation", 40, "--n", 150)
+    assert run.returncode == 0, run.stderr
+    assert bool(numpy.load(tmp_path / "w.npz")["identical"])  # weights and buffers
 
 
 @pytest.mark.parametrize("how, says", [
