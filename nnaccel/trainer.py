@@ -22,7 +22,7 @@ from . import checkpoint, losses, optimizers
 from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves
 from .backend import PRECISIONS, array_device
 from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError, check_int
-from .layers import RandomLayer
+from .layers import BatchNorm, RandomLayer
 from .model import Sequential
 
 # Callbacks that write files: in a distributed run only rank 0 runs them (as does any callback
@@ -231,6 +231,7 @@ class Trainer:
         self.stop_training = self.interrupted = self._stop_requested
         last_epoch = self.epoch + epochs
         comm = self.communicator or _ONE_PROCESS
+        self._check_batchnorm_steps(x.shape[0], comm.size)
         if self.communicator is not None:
             callbacks = self._start_distributed(x, callbacks, last_epoch, validation_data, shuffle)
         # (stop, interrupted) as the ranks last agreed: a rank's own flags, set by a signal
@@ -271,6 +272,21 @@ class Trainer:
             for callback in callbacks:
                 callback.on_train_end(self)
         return self.history
+
+    def _check_batchnorm_steps(self, n, size):
+        """A ShapeError before training where a step of ``n`` samples over ``size`` ranks would give a
+        BatchNorm of features one value per channel, which it cannot train on (mid-epoch, otherwise)."""
+        model = self.model
+        layers = [layer for layer, shape in zip(model.layers, model.shapes)
+                  if isinstance(layer, BatchNorm) and math.prod(shape[1:]) == 1]
+        batch = self.batch_size * size
+        last = n - (-(-n // batch) - 1) * batch  # the rows of the last global batch
+        if layers and min(self.batch_size, last // size or 1) == 1:
+            where = "every step" if self.batch_size == 1 else f"the last step of each epoch over {n} samples"
+            raise ShapeError(f"{layers[0]!r} needs more than one value per channel to train, but batch size "
+                             f"{self.batch_size}{f' x {size} ranks' if size > 1 else ''} gives it 1 sample"
+                             f"{' on a rank' if size > 1 and self.batch_size > 1 else ''} in {where}: choose "
+                             f"another batch size")
 
     def _start_epoch(self):
         """This epoch's resume point (a fresh one unless resuming): restores its RNG state, sets the lr."""

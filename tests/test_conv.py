@@ -2,6 +2,8 @@
 on the same weights and against finite differences in float64; shapes through the model; BatchNorm's
 running statistics; the augmentation's draws."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -267,6 +269,25 @@ def test_bad_inputs_and_options_are_refused_by_name():
             make()
     with pytest.raises(nn.ShapeError, match=r"BatchNorm\(120\) needs more than one value per channel"):
         nn.Trainer(model, batch_size=1, quiet=True).fit(np.zeros((1, 784), np.float32), np.zeros(1, int), epochs=1)
+
+
+@pytest.mark.parametrize("batch, ranks, where", [(64, 1, "in the last step of each epoch over 65 samples"),
+                                                 (1, 1, "in every step"),
+                                                 (32, 2, "on a rank in the last step of each epoch over 65 samples")])
+def test_a_step_of_one_sample_for_a_batchnorm_of_features_is_refused_before_training(batch, ranks, where):
+    """65 samples in steps of 64 leave a last step of 1: refused before the first step, not mid-epoch; a
+    BatchNorm of images (many values per channel) and a last step of 2 train."""
+    x, y = np.zeros((65, 4), np.float32), np.arange(65) % 3
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(4, 8), nn.BatchNorm(8), nn.Dense(8, 3)), batch_size=batch, quiet=True)
+    trainer.communicator = SimpleNamespace(size=ranks)  # only its size counts, and this fails before it is used
+    with pytest.raises(nn.ShapeError, match=rf"^BatchNorm\(8\) needs more than one value per channel to train, "
+                                            rf"but batch size {batch}{' x 2 ranks' if ranks > 1 else ''} gives it 1 "
+                                            rf"sample {where}: choose another batch size$"):
+        trainer.fit(x, y)
+    assert trainer.epoch == 0
+    nn.Trainer(nn.Sequential(nn.Dense(4, 8), nn.BatchNorm(8), nn.Dense(8, 3)), batch_size=63, quiet=True).fit(x, y)
+    images = nn.Sequential(nn.Conv2D(1, 2, 3), nn.BatchNorm(2), nn.Flatten(), nn.Dense(8, 3), input_shape=(1, 4, 4))
+    nn.Trainer(images, batch_size=64, quiet=True).fit(np.zeros((65, 16), np.float32), y)
 
 
 # ----- BatchNorm state and the augmentation ----------------------------------------------------------------
