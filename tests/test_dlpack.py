@@ -37,6 +37,17 @@ def test_a_tensor_that_cannot_be_shared_is_a_clear_error():
         model().predict(tensor)
 
 
+def test_a_lazily_negated_view_is_refused_not_read_with_its_sign_lost():
+    """DLPack carries no negative bit: ``z.conj().imag`` would come in as -imag."""
+    z = torch.complex(torch.zeros(2, 6), torch.ones(2, 6))
+    view = z.conj().imag
+    assert view.is_neg()
+    with pytest.raises(nn.DeviceError, match=r"x: a Tensor with its lazy neg bit set cannot be shared through "
+                                             r"DLPack without losing it; pass its resolve_neg\(\)"):
+        model().predict(view)
+    np.testing.assert_array_equal(model().predict(view.resolve_neg()), model().predict(-np.ones((2, 6), np.float32)))
+
+
 def test_a_host_tensor_goes_to_the_emulated_gpu_and_a_device_mismatch_names_both(emulated):
     x = torch.rand(5, 6)
     on_gpu = model("cuda")

@@ -86,6 +86,10 @@ class Backend:
             raise DeviceError(f"{what} is on {where} but the model is on {self.name}")
         native = numpy if where == "cpu" else self.xp
         if where is not None and not isinstance(array, native.ndarray):  # another framework's array:
+            lazy = [bit for bit in ("neg", "conj") if getattr(array, f"is_{bit}", lambda: False)()]
+            if lazy:  # a view that negates (PyTorch's conj().imag) or conjugates when read: DLPack drops the bit
+                raise DeviceError(f"{what}: a {type(array).__name__} with its lazy {lazy[0]} bit set cannot be "
+                                  f"shared through DLPack without losing it; pass its resolve_{lazy[0]}()")
             try:  # shared through DLPack, no copy
                 array = native.from_dlpack(array)
             except (BufferError, RuntimeError, TypeError, ValueError) as error:
