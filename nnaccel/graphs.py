@@ -3,11 +3,12 @@
 A step of a small network is a few dozen kernel launches, each costing the
 host more time than the GPU spends on it. ``GraphedStep`` captures the whole
 step (forward, loss, backward, the optimizer update and the metric sums)
-into a CUDA graph once per batch shape and learning rate, and then replays
+into a CUDA graph once per batch shape and settings (the learning rate, the
+optimizer's and the layers' options: a callback may change any), and then replays
 it: the batch is copied into the graph's input buffers, one launch runs the
 step, and nothing crosses to the host.
 
-The first step of each batch shape and learning rate runs eagerly, on the
+The first step of each batch shape and settings runs eagerly, on the
 graph's input buffers, and records the sizes of the memory it allocates; the
 capture then draws the same sizes from one arena set aside before it (CUDA
 refuses memory-pool allocation while capturing). Replays do what an eager
@@ -26,7 +27,7 @@ update and the update (one kernel) runs after each replay.
 
 A distributed step's graph holds its gradient all-reduce (NCCL, which may be
 captured since NCCL 2.9), and a graph is per (this rank's rows, the global
-rows, where they start, learning rate). Every rank steps the same way at
+rows, where they start, settings). Every rank steps the same way at
 each step, so that their collectives pair up and their divergence checks
 agree: a new shape comes to all of them at the same step (its first step
 runs, and all-reduces, eagerly; the capture only records), a step that
@@ -42,12 +43,21 @@ import numpy
 from .layers import RandomLayer
 
 
+def _frozen(value):
+    """``value`` (configs: dicts, lists, numbers, strings) as nested tuples, to compare and hash."""
+    if isinstance(value, dict):
+        return tuple((key, _frozen(item)) for key, item in value.items())
+    if isinstance(value, list):
+        return tuple(map(_frozen, value))
+    return value
+
+
 class GraphedStep:
-    """``step`` (a ``trainer._Step``) replayed from a CUDA graph per batch shape and learning rate."""
+    """``step`` (a ``trainer._Step``) replayed from a CUDA graph per batch shape and settings."""
 
     def __init__(self, step):
         self.step = step
-        self.graphs = {}  # (rows, global rows, first, lr) -> (graph, x buffer, y buffer, the work arrays it uses)
+        self.graphs = {}  # (rows, global rows, first, settings) -> (graph, x buffer, y buffer, the work arrays it uses)
         self.failed = None  # why a capture failed: the steps then run eagerly
         # An update with numbers of its own each step (Adam's bias correction) runs after the replay.
         self.eager_update = step.trainer.optimizer.per_step_scalars
@@ -93,8 +103,14 @@ class GraphedStep:
         return self.step.inputs(x, y, part, rows, first)
 
     def _key(self, part, rows, first):
-        """A step's graph: per (this rank's rows, the global rows, where they start, learning rate)."""
-        return part, rows, first, self.step.trainer.optimizer.lr
+        """A step's graph: per (this rank's rows, the global rows, where they start, settings). The
+        settings are what a graph holds as numbers: the learning rate and every option of the optimizer
+        and of the layers (SGD's momentum and weight decay, Dropout's rate, BatchNorm's momentum), which
+        a callback may change between steps (a warm-up, a one-cycle momentum)."""
+        trainer = self.step.trainer
+        settings = _frozen([trainer.optimizer.lr, trainer.optimizer.config(),
+                            *(layer.config() for layer in trainer.model.layers)])
+        return part, rows, first, settings
 
     def _run_and_capture(self, key, x, y, guard, index):
         trainer, backend = self.step.trainer, self.step.trainer.model.backend
@@ -120,7 +136,7 @@ class GraphedStep:
                 print(f"warning: CUDA graphs off: capturing the step failed ({self.failed}); the steps run "
                       f"eagerly", file=sys.stderr, flush=True)
             return result
-        # Graphs of an earlier learning rate (the schedule moved on) are not replayed again.
+        # Graphs of earlier settings (the schedule moved on) are not replayed again.
         self.graphs = {k: v for k, v in self.graphs.items() if k[-1] == key[-1]}
         # The layers and the loss replace a work array when a larger batch comes (evaluation, a
         # new shape); the graph still writes into the old one, so it keeps the old one alive.

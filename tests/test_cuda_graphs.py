@@ -1,4 +1,4 @@
-"""CUDA graphs: the training step captured once per batch shape and learning rate and replayed
+"""CUDA graphs: the training step captured once per batch shape and settings and replayed
 ends with the weights of eager steps, bit for bit, on the emulated device, whose stand-in refuses
 what CUDA refuses while capturing (synchronisation, host transfers, memory-pool allocation)."""
 
@@ -80,6 +80,40 @@ def test_replayed_steps_end_with_the_eager_weights_bit_for_bit(emulated, replays
     assert graphed_history["loss"] == history["loss"] and graphed_history["accuracy"] == history["accuracy"]
 
 
+class _ChangeSettings(nn.Callback):
+    """Each epoch's end: another SGD momentum and weight decay, Dropout rate and BatchNorm momentum; at
+    step 4 of each epoch another momentum again (a one-cycle schedule changes it every step)."""
+
+    def on_epoch_end(self, trainer, logs):
+        optimizer, (_, dropout, _, batchnorm, _) = trainer.optimizer, trainer.model.layers
+        optimizer.momentum, optimizer.weight_decay = 0.5 / logs["epoch"], 0.02 * logs["epoch"]
+        dropout.rate, batchnorm.momentum = 0.1 * logs["epoch"], 0.3
+
+    def on_batch_end(self, trainer, step, loss):
+        if step == 4:
+            trainer.optimizer.momentum *= 0.5
+
+
+def test_settings_a_callback_changes_take_effect_in_replayed_steps(emulated, replays):
+    """A graph holds the optimizer's and the layers' options as numbers: changed between steps, they get
+    a graph of their own, and the run ends with the eager run's weights, bit for bit."""
+    x, y = datasets.synthetic(n=333, features=20, classes=4, seed=1)
+
+    def run(cuda_graphs):
+        model = nn.Sequential(nn.Dense(20, 32, activation="tanh"), nn.Dropout(0.3), nn.Dense(32, 16),
+                              nn.BatchNorm(16), nn.Dense(16, 4), seed=5, device=emulated)
+        trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.05, momentum=0.9), batch_size=32, seed=3, quiet=True,
+                             cuda_graphs=cuda_graphs)
+        trainer.fit(x, y, epochs=3, callbacks=[_ChangeSettings()])
+        return model.backend.to_host(model.flat_params), model.backend.to_host(model.flat_buffers)
+
+    eager = run(False)
+    graphed = run(True)
+    assert replays[0] == 3 * (11 - 3)  # each epoch: eager first steps of its 2 settings and of the short batch
+    for got, expected in zip(graphed, eager):
+        numpy.testing.assert_array_equal(got, expected)
+
+
 def test_a_replayed_step_has_its_batch_gathered_where_the_graph_reads_it(emulated, replays, monkeypatch):
     """The epoch loop gathers each shuffled batch into the graph's own input buffers
     (``GraphedStep.inputs``), so a replay copies no batch."""
@@ -89,7 +123,7 @@ def test_a_replayed_step_has_its_batch_gathered_where_the_graph_reads_it(emulate
     call = graphs.GraphedStep.__call__
 
     def watched(self, x, y, rows, first, guard, index):
-        key = (x.shape[0], rows, first, self.step.trainer.optimizer.lr)
+        key = self._key(x.shape[0], rows, first)
         if key in self.graphs:
             gathered_in_place.append(x is self.graphs[key][1] and y is self.graphs[key][2])
         return call(self, x, y, rows, first, guard, index)
