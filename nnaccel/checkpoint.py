@@ -562,6 +562,13 @@ def _check_trainer(path, state):
                                   f"trainer's epoch {state['epoch']}")
         if saved["weights_epoch"] is not None:
             _count(path, saved["weights_epoch"], "the epoch of early stopping's best weights", minimum=1)
+    plan = state.get("plan")
+    if plan is not None:
+        if not isinstance(plan, dict) or set(plan) != {"epochs", "validation_split"} or \
+                not _real(plan["validation_split"]) or not 0 < plan["validation_split"] < 1:
+            raise CheckpointError(f"{path}: the run's plan must hold its epochs and a validation split between 0 "
+                                  f"and 1, found {_shown(plan)}")
+        _count(path, plan["epochs"], "the run's planned epochs", minimum=1)
     schedule = state.get("schedule")
     if schedule is not None:
         try:

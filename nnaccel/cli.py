@@ -28,6 +28,7 @@ from .trainer import Trainer, TrainingDiverged
 
 DEFAULT_LR = {"sgd": 0.1, "adam": 0.001, "adamw": 0.001}
 DEFAULT_EPOCHS = 20
+DEFAULT_VALIDATION_SPLIT = 0.2
 # What `nnaccel train` trains on 28x28 images when no architecture is given: the best recipe found for
 # the MNIST sample within 2 minutes on a 2-core CPU (benchmarks/recipes.py; README, "The default recipe").
 INTERRUPTED_RUN_FILE = "nnaccel-interrupted.npz"  # where a stopped run without --save is checkpointed
@@ -99,8 +100,9 @@ def build_parser():
                       help="'mnist' (the 7,996 real 28x28 MNIST digits nnaccel ships, default), 'digits' "
                            "(scikit-learn's 8x8 digits: pip install 'nnaccel[digits]'), 'synthetic', an MNIST "
                            "folder of IDX files, or a Keras mnist.npz")
-    data.add_argument("--validation-split", type=_split_text, default=0.2,
-                      help="fraction of the training split held out for validation, in (0, 1) (default 0.2)")
+    data.add_argument("--validation-split", type=_split_text,
+                      help="fraction of the training split held out for validation, in (0, 1) (default 0.2; "
+                           "with --resume, the run's)")
     data.add_argument("--augment", type=_non_negative_int, nargs="?", const=2, metavar="PIXELS",
                       help="shift each training image by up to PIXELS (default 2) in each direction, drawn per "
                            "image and epoch (a RandomShift layer first, and a Flatten after it for an MLP; square images only; "
@@ -167,8 +169,9 @@ def build_parser():
     evaluate.add_argument("--split", choices=["test", "train", "validation"],
                           help="default: test where the data has one, else validation: the part 'nnaccel train' "
                                "held out (--validation-split of the train split, with the checkpoint's seed)")
-    evaluate.add_argument("--validation-split", type=_fraction, default=0.2,
-                          help="the fraction --split validation holds out, in (0, 1), as in training (default 0.2)")
+    evaluate.add_argument("--validation-split", type=_fraction,
+                          help="the fraction --split validation holds out, in (0, 1) (default: the one the "
+                               "checkpoint was trained with, else 0.2)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--confusion", metavar="FILE", help="draw the confusion matrix to a PNG and list "
@@ -403,13 +406,13 @@ def cmd_train(args):
 
 
 def _plan_resumed_epochs(args, trainer):
-    """--epochs of a resumed run: a cosine schedule runs over its run's total epochs, so without --epochs
-    the run goes on to that total, and a different --epochs plans the schedule again over the new total
+    """--epochs of a resumed run: without it, the run goes on to the total it planned (a checkpoint from
+    ``nnaccel train`` holds it; a cosine schedule's is its own), and with a cosine schedule a different --epochs plans the schedule again over the new total
     (the rates of the epochs left are then those of a run started with it), saying so, instead of
     training the epochs past the old total at the schedule's last rate."""
     schedule = trainer.schedule
     if not isinstance(schedule, optimizers.CosineAnnealing):
-        args.epochs = args.epochs or DEFAULT_EPOCHS
+        args.epochs = args.epochs or (trainer.plan or {}).get("epochs", DEFAULT_EPOCHS)
     elif args.epochs is None:
         args.epochs = schedule.t_max
     elif trainer.epoch < args.epochs != schedule.t_max:
@@ -488,7 +491,7 @@ def _train(args):
         if distributed.launched_size() > 1:
             _say(args, f"warning: {distributed.launched_size()} processes were started but without --distributed "
                        f"each trains alone")
-    if not 0.0 < args.validation_split < 1.0:
+    if args.validation_split is not None and not 0.0 < args.validation_split < 1.0:
         raise ConfigError(f"--validation-split must be between 0 and 1, got {args.validation_split}")
     _check_outputs(args)
     x, y = datasets.load(args.data, split="train")
@@ -511,6 +514,9 @@ def _train(args):
     else:
         args.epochs = args.epochs or DEFAULT_EPOCHS
         trainer = _trainer_from_options(args, x.shape[1], int(y.max()) + 1, device)
+    if args.validation_split is None:
+        args.validation_split = (trainer.plan or {}).get("validation_split", DEFAULT_VALIDATION_SPLIT)
+    trainer.plan = {"epochs": args.epochs, "validation_split": args.validation_split}
     model = trainer.model
     _check_ranges_against_data(args, trainer, x.shape[0])
     (x_train, y_train), (x_val, y_val) = datasets.train_val_split(x, y, args.validation_split, seed=trainer.seed)
@@ -563,6 +569,8 @@ def _evaluation_data(args, meta):
         return (*datasets.load(args.data, split=split), split)
     state = meta.get("trainer") or {}
     x, y = datasets.load(args.data, split="train")
+    if args.validation_split is None:
+        args.validation_split = (state.get("plan") or {}).get("validation_split", DEFAULT_VALIDATION_SPLIT)
     (x_train, _), validation = datasets.train_val_split(x, y, args.validation_split, seed=int(state.get("seed", 0)))
     # the validation part is the permutation's head: a larger fraction than trained takes in trained samples
     if state.get("samples") is not None and x_train.shape[0] < state["samples"]:

@@ -82,6 +82,7 @@ class Trainer:
         self._fit_finished = False  # whether the last fit ran to its end (all epochs or an early stop), not an error
         self._fit_callbacks = None  # the callbacks of the last fit: its EarlyStopping states go into checkpoints
         self._restored_early_stopping = []  # (state, weights) of each a restored checkpoint holds, until a fit
+        self.plan = None  # the command line's plan of the run ({"epochs", "validation_split"}), kept in checkpoints
         self.communicator = communicator
         self.cuda_graphs = bool(cuda_graphs)
         if precision not in PRECISIONS:
@@ -469,14 +470,16 @@ class Trainer:
         processes (one process, or ``world_size`` ranks of batch_size each).
         ``samples`` is the size of the last fit's training set, which a run
         resumed mid-epoch must step over again; ``early_stopping`` the state
-        of each EarlyStopping (its best weights go in as arrays).
+        of each EarlyStopping (its best weights go in as arrays); ``plan`` what
+        ``nnaccel train`` planned (total epochs, validation split), which a
+        resume and ``nnaccel evaluate`` default to.
         """
         return {"epoch": self.epoch, "seed": self.seed, "batch_size": self.batch_size * self.world_size,
                 "world_size": self.world_size, "samples": self._samples,
                 "rng": self.rng.bit_generator.state, "history": self.history,
                 "loss": self.loss.name, "resume_point": self._resume_point,
                 "schedule": self.schedule.config() if self.schedule is not None else None,
-                "early_stopping": [state for state, _ in self._early_stopping_states()]}
+                "early_stopping": [state for state, _ in self._early_stopping_states()], "plan": self.plan}
 
     def save_checkpoint(self, path):
         """Write a resumable checkpoint (atomically) to ``path`` (in a distributed run: rank 0 only)."""
@@ -503,6 +506,7 @@ class Trainer:
         self.history = {k: list(v) for k, v in state["history"].items()}
         self._resume_point = state.get("resume_point")
         self._samples = state.get("samples")
+        self.plan = state.get("plan")
         self._fit_callbacks = None
         self._restored_early_stopping = [
             (saved, None if saved["weights_epoch"] is None else

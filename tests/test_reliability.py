@@ -527,6 +527,26 @@ def test_printed_resume_command_keeps_the_validation_split(tmp_path, monkeypatch
     _assert_same_run(tmp_path / "ck.npz", tmp_path / "ref.npz")
 
 
+def test_a_resume_and_evaluate_default_to_the_runs_epochs_and_validation_split(tmp_path, monkeypatch, capsys):
+    """The checkpoint holds what train planned: resumed with neither --epochs nor --validation-split, the
+    run goes on to its total on its split (the weights of the uninterrupted run, bit for bit), and
+    evaluate's validation part is the one it held out."""
+    plan = ["--validation-split", "0.3", "--schedule", "step", "--step-size", "1"]
+    _interrupted_in_process(tmp_path, monkeypatch, capsys, plan)
+    assert checkpoint.read(tmp_path / "ck.npz")[0]["trainer"]["plan"] == {"epochs": 3, "validation_split": 0.3}
+    assert cli.main(["train", "--resume", "ck.npz", "--save", "ck.npz", "--data", "digits", "--device", "cpu",
+                     "--quiet"]) == 0
+    assert cli.main([*SMALL, "--epochs", "3", "--quiet", *plan, "--save", "ref.npz"]) == 0
+    _assert_same_run(tmp_path / "ck.npz", tmp_path / "ref.npz")
+    capsys.readouterr()
+    scores = []
+    for extra in ([], ["--validation-split", "0.3"]):
+        assert cli.main(["evaluate", "ck.npz", "--data", "digits", "--split", "validation", "--json", "--device",
+                         "cpu", *extra]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0] == scores[1]
+
+
 # ----- 3. Property tests ----------------------------------------------------------------------
 ACTIVATIONS = sorted(set(nn.activations.ACTIVATIONS) - {"softmax"})
 
