@@ -110,12 +110,16 @@ class EarlyStopping(Callback, _Monitor):
         since, values = state["since"], trainer.history.get(self.monitor, [])
         watched = trainer.epoch - since
         if not 0 <= watched <= len(values):
-            _warn(trainer, f"the checkpoint's history lacks {self.monitor!r} for the epochs after {since}; "
-                           f"EarlyStopping counts its patience from epoch {trainer.epoch + 1}")
+            _say(trainer, f"warning: the checkpoint's history lacks {self.monitor!r} for the epochs after {since}; "
+                          f"EarlyStopping counts its patience from epoch {trainer.epoch + 1}")
             return
         self.since = since
         for epoch, value in zip(range(since + 1, trainer.epoch + 1), values[len(values) - watched:]):
             self._count({"epoch": epoch, self.monitor: value})
+        if self.wait >= self.patience and trainer._resume_point is None:  # it had stopped the run (or was about to)
+            trainer.stop_training = True
+            _say(trainer, f"early stopping: {self.monitor} has not improved for {self.wait} epochs since epoch "
+                          f"{self.best_epoch} (patience {self.patience}); the resumed run stops before training")
         if not self.restore_best_weights or self.best_epoch is None:
             return
         ops = trainer.model.backend
@@ -124,8 +128,8 @@ class EarlyStopping(Callback, _Monitor):
         elif self.best_epoch == trainer.epoch and trainer._resume_point is None:
             self.best_weights = (trainer.model.flat_params.copy(), trainer.model.flat_buffers.copy())
         else:
-            _warn(trainer, f"the checkpoint holds no weights of the best epoch ({self.best_epoch}); "
-                           f"EarlyStopping can end the run only with a later epoch's")
+            _say(trainer, f"warning: the checkpoint holds no weights of the best epoch ({self.best_epoch}); "
+                          f"EarlyStopping can end the run only with a later epoch's")
 
     def on_train_end(self, trainer):
         if (self.best_weights is not None and self.best_epoch != trainer.epoch and trainer._fit_finished
@@ -133,9 +137,9 @@ class EarlyStopping(Callback, _Monitor):
             trainer.model.flat_params[...], trainer.model.flat_buffers[...] = self.best_weights
 
 
-def _warn(trainer, message):
+def _say(trainer, message):
     if not trainer.quiet:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        print(message, file=sys.stderr, flush=True)
 
 
 class ModelCheckpoint(Callback, _Monitor):

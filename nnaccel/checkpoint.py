@@ -102,9 +102,12 @@ def _write_target(path, what):
     if not path.is_symlink():
         return path
     try:
-        return path.resolve()
-    except (OSError, RuntimeError):  # RuntimeError before Python 3.13
-        raise OutputError(f"cannot write {what} {path}: it is a symbolic link that leads round in a loop") from None
+        target = path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError before Python 3.13, which returns a link of the loop
+        target = path
+    if target.is_symlink():
+        raise OutputError(f"cannot write {what} {path}: it is a symbolic link that leads round in a loop")
+    return target
 
 
 def _refuse_special_file(path, what):

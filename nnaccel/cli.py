@@ -406,8 +406,8 @@ def cmd_train(args):
 
 
 def _plan_resumed_epochs(args, trainer):
-    """--epochs of a resumed run: without it, the run goes on to the total it planned (a checkpoint from
-    ``nnaccel train`` holds it; a cosine schedule's is its own), and with a cosine schedule a different --epochs plans the schedule again over the new total
+    """--epochs of a resumed run: without it, the run goes on to the total it planned (a checkpoint
+    from ``nnaccel train`` holds it; a cosine schedule's is its own); with a cosine schedule a different --epochs plans the schedule again over the new total
     (the rates of the epochs left are then those of a run started with it), saying so, instead of
     training the epochs past the old total at the schedule's last rate."""
     schedule = trainer.schedule
@@ -514,8 +514,7 @@ def _train(args):
     else:
         args.epochs = args.epochs or DEFAULT_EPOCHS
         trainer = _trainer_from_options(args, x.shape[1], int(y.max()) + 1, device)
-    if args.validation_split is None:
-        args.validation_split = (trainer.plan or {}).get("validation_split", DEFAULT_VALIDATION_SPLIT)
+    _default_to_the_planned_split(args, trainer.plan)
     trainer.plan = {"epochs": args.epochs, "validation_split": args.validation_split}
     model = trainer.model
     _check_ranges_against_data(args, trainer, x.shape[0])
@@ -556,6 +555,12 @@ def _train(args):
     return 0
 
 
+def _default_to_the_planned_split(args, plan):
+    """--validation-split, left out: the one a checkpoint's ``plan`` was trained with, else the default."""
+    if args.validation_split is None:
+        args.validation_split = (plan or {}).get("validation_split", DEFAULT_VALIDATION_SPLIT)
+
+
 def _evaluation_data(args, meta):
     """``(x, y, split)``: ``--split``, or the test split where there is one, else the validation part
     ``nnaccel train`` held out (same fraction, the checkpoint's seed)."""
@@ -569,8 +574,7 @@ def _evaluation_data(args, meta):
         return (*datasets.load(args.data, split=split), split)
     state = meta.get("trainer") or {}
     x, y = datasets.load(args.data, split="train")
-    if args.validation_split is None:
-        args.validation_split = (state.get("plan") or {}).get("validation_split", DEFAULT_VALIDATION_SPLIT)
+    _default_to_the_planned_split(args, state.get("plan"))
     (x_train, _), validation = datasets.train_val_split(x, y, args.validation_split, seed=int(state.get("seed", 0)))
     # the validation part is the permutation's head: a larger fraction than trained takes in trained samples
     if state.get("samples") is not None and x_train.shape[0] < state["samples"]:
@@ -707,7 +711,8 @@ def _same_file(a, b):
 def _refuse_outputs_over_inputs(args):
     """A ConfigError when an output would be written over an input's file or another output's: it would
     destroy that file (``--save`` over ``--resume`` is how a run goes on, and allowed)."""
-    inputs = [(name, path) for name, path in _files(args, INPUT_FILES) if os.path.exists(path)]
+    inputs = [(name, path) for name, path in _files(args, INPUT_FILES)
+              if os.path.exists(path) and not (name == "data" and path in datasets.BUILT_IN)]
     outputs = list(_files(args, OUTPUT_FILES))
     for index, (name, path) in enumerate(outputs):
         for other, other_path in inputs + outputs[:index]:

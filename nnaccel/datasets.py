@@ -377,6 +377,9 @@ def load_digits(split="train"):
     return x[chosen], y[chosen]
 
 
+BUILT_IN = (SAMPLE, "digits", "synthetic")  # names ``load`` takes before any path
+
+
 def load(name_or_path, split="train"):
     """Load a data set by name ("mnist", the embedded sample; "digits"; "synthetic") or from a path
     (MNIST IDX files or a Keras mnist.npz).
@@ -397,7 +400,7 @@ def load(name_or_path, split="train"):
     path = Path(name_or_path)
     if not path.exists():
         raise DataError(
-            f"{path}: no such file or folder (nor a built-in data set: 'mnist', 'digits', 'synthetic')"
+            f"{path}: no such file or folder (nor a built-in data set: {', '.join(map(repr, BUILT_IN))})"
         )
     return load_mnist(path, split)
 

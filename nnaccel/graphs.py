@@ -59,6 +59,7 @@ class GraphedStep:
         self.step = step
         self.graphs = {}  # (rows, global rows, first, settings) -> (graph, x buffer, y buffer, the work arrays it uses)
         self.failed = None  # why a capture failed: the steps then run eagerly
+        self.key = None  # the graph key ``inputs`` made for the step about to run (settings take time to read)
         # An update with numbers of its own each step (Adam's bias correction) runs after the replay.
         self.eager_update = step.trainer.optimizer.per_step_scalars
         model = step.trainer.model
@@ -70,13 +71,16 @@ class GraphedStep:
         """One step on ``x, y`` (step ``index`` of the epoch; ``rows`` and ``first`` as ``_Step`` takes
         them, the whole batch in one process); ``(loss, correct)`` as device arrays that the next step
         overwrites."""
-        trainer, key = self.step.trainer, self._key(x.shape[0], rows, first)
+        trainer, key = self.step.trainer, self.key
+        self.key = None  # taken: the next step's ``inputs`` makes the next
         if self.failed is not None:
             return self.step(x, y, rows, first, guard=guard, step=index)
         for layer in self.random_layers:
             layer.device_counter.fill(layer.counter)
         if rows < self.step.comm.size:  # a rank has no rows: every rank steps eagerly
             return self.step(x, y, rows, first, guard=guard, step=index)
+        if key is None or key[:3] != (x.shape[0], rows, first):  # not the one ``inputs`` made for this step
+            key = self._key(x.shape[0], rows, first)
         if key not in self.graphs:
             return self._run_and_capture(key, x, y, guard, index)
         graph, x_in, y_in, _ = self.graphs[key]
@@ -97,9 +101,10 @@ class GraphedStep:
     def inputs(self, x, y, part, rows, first):
         """``_Step.inputs``; once the step of this shape has a graph, the graph's own input buffers, so
         that a gathered batch lands where the replay reads it."""
-        key = self._key(part, rows, first)
-        if self.failed is None and key in self.graphs:
-            return self.graphs[key][1:3]
+        if self.failed is None:
+            self.key = self._key(part, rows, first)  # the step's, which ``__call__`` takes
+            if self.key in self.graphs:
+                return self.graphs[self.key][1:3]
         return self.step.inputs(x, y, part, rows, first)
 
     def _key(self, part, rows, first):

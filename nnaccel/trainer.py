@@ -232,16 +232,16 @@ class Trainer:
         self.stop_training = self.interrupted = self._stop_requested
         last_epoch = self.epoch + epochs
         comm = self.communicator or _ONE_PROCESS
-        self._check_batchnorm_steps(x.shape[0], comm.size)
         if self.communicator is not None:
             callbacks = self._start_distributed(x, callbacks, last_epoch, validation_data, shuffle)
-        # (stop, interrupted) as the ranks last agreed: a rank's own flags, set by a signal
-        # at any moment, would have one rank leave the loop while the others train on.
-        agreed = (self.stop_training, self.interrupted) if comm is _ONE_PROCESS else (False, False)
+        self._check_batchnorm_steps(x.shape[0], comm.size)
         step, graphed = self._steps(comm)
         for callback in callbacks:
-            callback.on_train_begin(self)
-        self._fit_callbacks = callbacks
+            callback.on_train_begin(self)  # a resumed EarlyStopping whose patience is spent stops the run
+        self._fit_callbacks, self._restored_early_stopping = callbacks, []
+        # (stop, interrupted) as the ranks agree: a rank's own flags, set by a signal at any
+        # moment, would have one rank leave the loop while the others train on.
+        agreed = tuple(comm.any_flags(self.stop_training or self.interrupted, self.interrupted))
         try:
             while self.epoch < last_epoch and not agreed[0]:
                 logs = self._train_epoch(x, y, shuffle, last_epoch, callbacks, comm, step, graphed)

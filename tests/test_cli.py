@@ -216,6 +216,8 @@ def test_an_output_over_an_input_or_another_output_is_refused_and_nothing_is_los
     assert cli.main(["train", "--resume", "m.npz", "--save", "m.npz", "--data", "digits", "--epochs", "2", "--device",
                      "cpu", "--quiet"]) == 0
     assert checkpoint.read(tmp_path / "m.npz")[0]["trainer"]["epoch"] == 2
+    for _ in range(2):  # a built-in data set is not the file of its name
+        assert cli.main([*train, "--data", "digits", "--save", "digits"]) == 0
 
 
 def test_info():

@@ -432,9 +432,9 @@ def _interrupted_in_process(tmp_path, monkeypatch, capsys, extra):
 
 def test_early_stopping_saves_the_best_epoch_it_reports(tmp_path, monkeypatch, capsys):
     """--early-stopping puts the best epoch's weights back: --save ends with them, so evaluate scores
-    what train reported; the checkpoint holds early stopping's state, so a resume goes on from its best
-    epoch (and its weights) and wait, while one from a run without --early-stopping says it starts
-    counting there."""
+    what train reported; the checkpoint holds early stopping's state, so a resume of the stopped run
+    stops again at once with the best weights, while one from a run without --early-stopping says it
+    starts counting there."""
     monkeypatch.chdir(tmp_path)
     assert cli.main([*SMALL, "--epochs", "10", "--early-stopping", "1", "--lr", "1", "--save", "es.npz",
                      "--json"]) == 0
@@ -450,9 +450,10 @@ def test_early_stopping_saves_the_best_epoch_it_reports(tmp_path, monkeypatch, c
               "--early-stopping", "1", "--json"]
     assert cli.main([*resume, "--save", "es.npz"]) == 0
     err, out = capsys.readouterr()[::-1]
-    assert "warning" not in err
-    resumed = [float(line.split("val_loss")[1].split()[0]) for line in err.splitlines() if line.startswith("epoch ")]
-    assert json.loads(out)["loss"] == pytest.approx(min(losses + resumed), abs=1e-4)  # the best of the whole run
+    assert "warning" not in err and not [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert (f"early stopping: val_loss has not improved for 1 epochs since epoch {losses.index(min(losses)) + 1} "
+            f"(patience 1); the resumed run stops before training") in err  # as the run it goes on had
+    assert json.loads(out)["loss"] == trained["loss"]  # with the best epoch's weights, from the checkpoint
     assert checkpoint.read(tmp_path / "es.npz")[0]["trainer"]["early_stopping"][0]["since"] == 0
     assert cli.main([*SMALL, "--epochs", "1", "--quiet", "--save", "plain.npz"]) == 0
     assert cli.main([*resume[:2], "plain.npz", *resume[3:]]) == 0

@@ -311,10 +311,18 @@ def test_early_stopping_goes_on_from_a_checkpoint_as_the_uninterrupted_run(tmp_p
     after = nn.Trainer(_digits_net("cpu"), optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=16, quiet=True)
     after_stop = nn.EarlyStopping(patience=2)
     after.fit(x, y, epochs=4, validation_data=(xv, yv), callbacks=[after_stop, nn.ModelCheckpoint(tmp_path / "after.npz")])
-    for name in ("before-2.npz", "before-3.npz", "before-4.npz", "mid-4.npz", "after.npz"):
+    for name in ("before-2.npz", "before-3.npz", "before-4.npz", "mid-4.npz", "after.npz", "before-5.npz"):
         resumed, resumed_stop = run(resume=tmp_path / name)
         assert (resumed_stop.best_epoch, resumed.epoch) == (3, 5), name
         numpy.testing.assert_array_equal(resumed.model.flat_params, whole.model.flat_params, err_msg=name)
+    assert resumed.history["epoch"] == [1, 2, 3, 4, 5]  # from before-5: its patience spent, no epoch more
+
+    later = nn.Trainer(_digits_net("cpu"), optimizer=nn.SGD(lr=0.1, momentum=0.9), batch_size=16, quiet=True)
+    later.load_checkpoint(tmp_path / "before-4.npz")
+    later.fit(x, y, epochs=1, validation_data=(xv, yv))  # the state goes to the first fit after the restore
+    stop = nn.EarlyStopping(patience=2)
+    later.fit(x, y, epochs=1, validation_data=(xv, yv), callbacks=[stop])
+    assert stop.since == 5 and stop.best_epoch == 6
 
 
 def test_early_stopping_leaves_an_interrupted_run_as_it_is():
