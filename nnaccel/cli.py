@@ -407,9 +407,10 @@ def cmd_train(args):
 
 def _plan_resumed_epochs(args, trainer):
     """--epochs of a resumed run: without it, the run goes on to the total it planned (a checkpoint
-    from ``nnaccel train`` holds it; a cosine schedule's is its own); with a cosine schedule a different --epochs plans the schedule again over the new total
-    (the rates of the epochs left are then those of a run started with it), saying so, instead of
-    training the epochs past the old total at the schedule's last rate."""
+    from ``nnaccel train`` holds it; a cosine schedule's is its own). With a cosine schedule a different
+    --epochs plans the schedule again over the new total (the rates of the epochs left are then those of
+    a run started with it), saying so, instead of training the epochs past the old total at the
+    schedule's last rate."""
     schedule = trainer.schedule
     if not isinstance(schedule, optimizers.CosineAnnealing):
         args.epochs = args.epochs or (trainer.plan or {}).get("epochs", DEFAULT_EPOCHS)
