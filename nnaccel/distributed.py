@@ -32,7 +32,9 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
+import time
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -131,10 +133,46 @@ def _end_the_job_on_uncaught_errors(here):
 
 
 def _end_the_job(here, code):
-    """Free what the engines hold blocked, then MPI_Abort every rank with exit status ``code``."""
+    """Free what the engines hold blocked, then MPI_Abort every rank with exit status ``code``, once the
+    launcher has read what this rank printed (``_wait_until_read``)."""
     for communicator in _COMMUNICATORS.values():
         communicator.abort_engine()
+    _wait_until_read()
     here.comm.Abort(code)
+
+
+ABORT_OUTPUT_WAIT_S = 2.0  # at most, for the launcher to read a failing rank's last lines before MPI_Abort
+
+
+def _wait_until_read():
+    """Wait, up to ``ABORT_OUTPUT_WAIT_S``, until the pipes this rank's stdout and stderr go to are read:
+    hydra's proxy drops what it has not read when MPI_Abort reaches it first (one run in 15 lost its error
+    line here), and a pipe is read in order. Terminals and files need no wait."""
+    pipes = []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+            if stat.S_ISFIFO(os.fstat(stream.fileno()).st_mode):
+                pipes.append(stream.fileno())
+        except (OSError, ValueError, AttributeError):  # closed, or an object without a descriptor
+            pass
+    deadline, unread = time.monotonic() + ABORT_OUTPUT_WAIT_S, bytearray(4)
+    while pipes and time.monotonic() < deadline:
+        pipes = [fd for fd in pipes if _unread_bytes(fd, unread)]
+        if pipes:
+            time.sleep(0.001)
+
+
+def _unread_bytes(fd, buffer):
+    """How many bytes written to the pipe ``fd`` nobody has read yet (0 where the system cannot say)."""
+    try:
+        import fcntl  # POSIX only
+        import termios
+
+        fcntl.ioctl(fd, termios.FIONREAD, buffer)
+    except (ImportError, OSError):
+        return 0
+    return int.from_bytes(buffer, sys.byteorder)
 
 
 def rank_device(device="auto"):

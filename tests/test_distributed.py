@@ -315,6 +315,48 @@ def test_an_uncaught_error_in_a_script_ends_the_job_naming_the_rank(mpi, tmp_pat
     assert not (tmp_path / "w.npz").exists()
 
 
+def test_a_failing_rank_aborts_once_the_launcher_has_read_its_last_lines(monkeypatch):
+    """MPI_Abort reaching hydra's proxy before the rank's last lines lost them (one run in 15): the rank
+    waits until the pipe its stderr goes to is empty."""
+    read_end, write_end = os.pipe()
+    monkeypatch.setattr(sys, "stderr", open(write_end, "w"))
+    sys.stderr.write("mpi_worker: rank 1: exited with status 3\n")  # buffered: the wait flushes it
+    unread, read, reader = [], [], threading.Thread(target=lambda: read.append(os.read(read_end, 100)))
+    measure = distributed._unread_bytes
+
+    def reading_after_the_first_look(fd, buffer):
+        unread.append(measure(fd, buffer))
+        if len(unread) == 1:
+            reader.start()
+        return unread[-1]
+
+    monkeypatch.setattr(distributed, "ABORT_OUTPUT_WAIT_S", 600.0)
+    monkeypatch.setattr(distributed, "_unread_bytes", reading_after_the_first_look)
+    distributed._wait_until_read()
+    reader.join()
+    assert unread[0] == len("mpi_worker: rank 1: exited with status 3\n") and unread[-1] == 0
+    assert read == [b"mpi_worker: rank 1: exited with status 3\n"]
+    sys.stderr.close()
+    os.close(read_end)
+
+
+def test_output_to_a_file_or_a_pipe_nobody_reads_does_not_hold_an_abort_up(monkeypatch, tmp_path):
+    looked = []
+    monkeypatch.setattr(distributed, "_unread_bytes", lambda fd, buffer: looked.append(fd) or 0)
+    with open(tmp_path / "err.txt", "w") as log:
+        monkeypatch.setattr(sys, "stderr", log)
+        distributed._wait_until_read()
+    assert looked == []  # a file is never waited for
+    monkeypatch.undo()
+    read_end, write_end = os.pipe()
+    with open(write_end, "w") as stream:
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setattr(distributed, "ABORT_OUTPUT_WAIT_S", 0.05)
+        stream.write("nobody reads this\n")
+        distributed._wait_until_read()  # returns at the deadline: a launcher that reads nothing hangs no one
+    os.close(read_end)
+
+
 @pytest.mark.parametrize("last, cause", [
     ("copy_iovs(224)....................................: process_vm_readv failed (errno 3)",
      ": process_vm_readv failed (errno 3)"),
