@@ -60,6 +60,7 @@ class GraphedStep:
         self.graphs = {}  # (rows, global rows, first, settings) -> (graph, x buffer, y buffer, the work arrays it uses)
         self.failed = None  # why a capture failed: the steps then run eagerly
         self.key = None  # the graph key ``inputs`` made for the step about to run (settings take time to read)
+        self.settings = self.frozen_settings = None  # the last step's settings, as read and as hashed
         # An update with numbers of its own each step (Adam's bias correction) runs after the replay.
         self.eager_update = step.trainer.optimizer.per_step_scalars
         model = step.trainer.model
@@ -113,9 +114,11 @@ class GraphedStep:
         and of the layers (SGD's momentum and weight decay, Dropout's rate, BatchNorm's momentum), which
         a callback may change between steps (a warm-up, a one-cycle momentum)."""
         trainer = self.step.trainer
-        settings = _frozen([trainer.optimizer.lr, trainer.optimizer.config(),
-                            *(layer.config() for layer in trainer.model.layers)])
-        return part, rows, first, settings
+        settings = [trainer.optimizer.lr, trainer.optimizer.config(),
+                    *(layer.config() for layer in trainer.model.layers)]
+        if settings != self.settings:  # freezing them (to hash) takes 3-5 times as long as reading them
+            self.settings, self.frozen_settings = settings, _frozen(settings)
+        return part, rows, first, self.frozen_settings
 
     def _run_and_capture(self, key, x, y, guard, index):
         trainer, backend = self.step.trainer, self.step.trainer.model.backend
