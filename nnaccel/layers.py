@@ -536,12 +536,17 @@ class BatchNorm(Layer):
     inputs, over batch and space per channel for (N, C, H, W); the batch's statistics while training
     (biased variance), running estimates otherwise (``momentum`` 0.1: running = 0.9 running + 0.1 batch,
     with the unbiased variance). Parameters: weight (gamma) then bias (beta); buffers: running_mean,
-    running_var. It normalises in the dtype it gets; the statistics stay in the model dtype."""
+    running_var. It normalises in the dtype it gets (the model's where its activation has no kernel for a
+    storage dtype); the statistics stay in the model dtype.
+
+    ``activation`` (default linear) is applied to the normalised values, as Dense and Conv2D apply theirs:
+    PyTorch's Conv2d-BatchNorm2d-ReLU block is ``Conv2D(...)`` then ``BatchNorm(c, activation="relu")``."""
 
     takes_storage_dtype = True
 
-    def __init__(self, num_features, momentum=0.1, eps=1e-5):
+    def __init__(self, num_features, momentum=0.1, eps=1e-5, activation=None):
         super().__init__()
+        self.activation = activations.get(activation)
         self.num_features = check_int(num_features, "BatchNorm num_features")
         self.momentum = check_number(momentum, "BatchNorm momentum", allow_zero=True)
         if self.momentum > 1:
@@ -568,6 +573,8 @@ class BatchNorm(Layer):
 
     def forward(self, x, training=False):
         ops, gamma, beta = self.ops, self.params["weight"].data, self.params["bias"].data
+        if ops.storage_dtype(gamma.dtype, self.activation) == gamma.dtype:  # also where its activation has no
+            x = self.in_dtype(x, gamma.dtype, "x")  # kernel for a storage dtype (softmax, under bf16)
         n, c = x.shape[:2]
         x3 = x.reshape(n, c, -1)
         self._x3, self._training = x3, training
@@ -583,20 +590,27 @@ class BatchNorm(Layer):
             ops.xp.add(self.buffers["running_var"], self.eps, out=self._invstd)
             ops.xp.sqrt(self._invstd, out=self._invstd)
             ops.xp.divide(1.0, self._invstd, out=self._invstd)
-        y = self._buffer("y", x.shape, x.dtype)
-        ops.batchnorm_apply(x3, self._mean, self._invstd, gamma, beta, y.reshape(x3.shape))
-        return y
+        self._z = self._buffer("z", x.shape, x.dtype)
+        ops.batchnorm_apply(x3, self._mean, self._invstd, gamma, beta, self._z.reshape(x3.shape))
+        if self.activation.name == "linear":
+            return self._z
+        out = self._z if self.activation.uses_output else self._buffer("y", x.shape, x.dtype)
+        self._y = ops.bias_act(self._z, None, self.activation, out)
+        return self._y
 
     def backward(self, dy, input_grad=True):
-        gamma, beta = self.params["weight"], self.params["bias"]
+        ops, gamma, beta = self.ops, self.params["weight"], self.params["bias"]
         dy = self.in_dtype(dy, self._x3.dtype, "dy")
+        if self.activation.name != "linear":
+            dy = ops.act_backward(dy, self._y, self._z, self.activation, self._buffer("dz", dy.shape, dy.dtype))
         dx = self._buffer("dx", dy.shape, dy.dtype)
-        self.ops.batchnorm_backward(dy.reshape(self._x3.shape), self._x3, self._mean, self._invstd, gamma.data,
-                                    dx.reshape(self._x3.shape), gamma.grad, beta.grad, self._training)
+        ops.batchnorm_backward(dy.reshape(self._x3.shape), self._x3, self._mean, self._invstd, gamma.data,
+                               dx.reshape(self._x3.shape), gamma.grad, beta.grad, self._training)
         return dx if input_grad else None
 
     def config(self):
-        return {"type": "BatchNorm", "num_features": self.num_features, "momentum": self.momentum, "eps": self.eps}
+        return {"type": "BatchNorm", "num_features": self.num_features, "momentum": self.momentum, "eps": self.eps,
+                "activation": self.activation.name, "activation_params": self.activation.config()}
 
 
 LAYERS = {cls.__name__: cls for cls in (Dense, Maxout, Dropout, RandomShift, Conv2D, MaxPool2D, AvgPool2D, Flatten,

@@ -6,8 +6,9 @@ net trained there can be trained on or served with nnaccel.
 PyTorch is not a dependency of nnaccel: it is imported when one of these is called.
 
 The layouts differ in one place only: a Dense weight is (in, out), a Linear weight (out, in). An
-activation is part of a Dense or Conv2D layer here and a module of its own there, so in ``from_torch`` an
-activation module must directly follow a Linear or Conv2d.
+activation is part of a Dense, Conv2D or BatchNorm layer here and a module of its own there, so in
+``from_torch`` an activation module must directly follow a Linear, Conv2d or BatchNorm (Conv2d-BatchNorm2d-ReLU
+becomes ``Conv2D``, ``BatchNorm(activation="relu")``).
 """
 
 from typing import NamedTuple
@@ -182,6 +183,15 @@ LAYER_OF_MODULE = {"Linear": _linear, "Conv2d": _conv2d, "BatchNorm1d": _batchno
 BATCHNORM_SAMPLES = {"BatchNorm1d": (1, "(features)"), "BatchNorm2d": (3, "(channels, height, width)")}  # rank, axes
 
 
+ACTIVATED = (layers.Dense, layers.Conv2D, layers.BatchNorm)  # the layers that apply an activation of their own
+
+
+def _sample_rank(module):
+    """How many axes the samples of a Linear's, Conv2d's or BatchNorm's output have."""
+    kind = type(module).__name__
+    return BATCHNORM_SAMPLES[kind][0] if kind in BATCHNORM_SAMPLES else 1 if kind == "Linear" else 3
+
+
 def _activation(module, rank):
     """The nnaccel activation of a torch activation module after a layer whose samples have ``rank`` axes."""
     name = ACTIVATION_OF_MODULE[type(module).__name__]
@@ -203,7 +213,7 @@ def _dtype(module):
 
 
 def _specs(torch, module):
-    """The layers to build, one per module, each activation module folded into the Linear or Conv2d before it."""
+    """The layers to build, one per module, each activation module folded into the layer before it."""
     specs, previous = [], None
     for index, child in enumerate(module):
         kind = type(child).__name__
@@ -213,11 +223,11 @@ def _specs(torch, module):
             continue
         try:
             if kind in ACTIVATION_OF_MODULE:
-                if not specs or specs[-1].source is not previous or specs[-1].cls not in (layers.Dense, layers.Conv2D):
+                if not specs or specs[-1].source is not previous or specs[-1].cls not in ACTIVATED:
                     raise ConfigError(f"{child!r} comes {f'after {previous!r}' if previous else 'first'}: nnaccel "
-                                      f"applies an activation only as part of a Dense or Conv2D layer, so it must "
-                                      f"directly follow a Linear or Conv2d")
-                specs[-1].options["activation"] = _activation(child, 1 if specs[-1].cls is layers.Dense else 3)
+                                      f"applies an activation only as part of a Dense, Conv2D or BatchNorm layer, "
+                                      f"so it must directly follow a Linear, Conv2d or BatchNorm")
+                specs[-1].options["activation"] = _activation(child, _sample_rank(specs[-1].source))
             elif kind in LAYER_OF_MODULE:
                 specs.append(LAYER_OF_MODULE[kind](child))
             else:

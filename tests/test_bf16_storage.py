@@ -216,8 +216,9 @@ def test_bf16_convolution_bias_and_activation_round_the_float32_kernels_once(cud
 
 def _mixed_model(device):
     """The layers that store bfloat16 (Conv2D, BatchNorm, the poolings, Flatten, Dense) around one
-    that computes in float32 (Dropout), and a Dense softmax, which has no bfloat16 kernel."""
-    return nn.Sequential(nn.Conv2D(1, 4, 3, padding=1, activation="tanh"), nn.BatchNorm(4), nn.MaxPool2D(2),
+    that computes in float32 (Dropout), and a Dense softmax, which has no bfloat16 kernel; the BatchNorm applies a ReLU of its own."""
+    return nn.Sequential(nn.Conv2D(1, 4, 3, padding=1, activation="tanh"), nn.BatchNorm(4, activation="relu"),
+                         nn.MaxPool2D(2),
                          nn.Conv2D(4, 4, 3, padding=1, activation="silu"), nn.AvgPool2D(2), nn.Flatten(),
                          nn.Dense(16, 32, activation="gelu"), nn.Dropout(0.2), nn.Dense(32, 16, activation="sigmoid"),
                          nn.Dense(16, 10), nn.Dense(10, 5, activation="softmax"), input_shape=(1, 8, 8), seed=4,
@@ -251,6 +252,19 @@ def test_under_bf16_the_layers_with_kernels_store_bfloat16_and_the_rest_stays_fl
     assert loss.dtype == numpy.float32 and numpy.isfinite(float(loss))
     with model.backend.matmul_precision("bf16"):
         assert model.forward(model.backend.zeros((2, 64))).dtype == numpy.float32
+
+
+def test_a_batchnorm_whose_activation_has_no_bf16_kernel_normalises_in_float32(cuda_device):
+    """A softmax over the channels after a BatchNorm of bfloat16 images: the BatchNorm converts them."""
+    x, y = datasets.synthetic(n=16, features=64, classes=3, seed=3)
+    model = nn.Sequential(nn.Conv2D(1, 4, 3, padding=1), nn.BatchNorm(4, activation="softmax"), nn.Flatten(),
+                          nn.Dense(256, 3), input_shape=(1, 8, 8), seed=4, device=cuda_device)
+    trainer = nn.Trainer(model, batch_size=16, quiet=True, precision="bf16")
+    loss, _ = trainer.train_step(*trainer.prepare(x, y))
+    conv, batchnorm = model.layers[:2]
+    assert conv._work["z"].dtype == BF16 and numpy.isfinite(float(loss))
+    assert {name: buf.dtype for name, buf in batchnorm._work.items()} == dict.fromkeys(batchnorm._work, numpy.float32)
+    assert "x" in batchnorm._work  # the bfloat16 images, converted
 
 
 def test_bf16_gradients_are_the_float32_gradients_to_bfloat16_accuracy(cuda_device):

@@ -47,7 +47,7 @@ def torch_twin(model, dtype):
             module.bias.data.copy_(params["bias"])
             module.running_mean.copy_(torch.from_numpy(np.array(host(model, layer.buffers["running_mean"]))))
             module.running_var.copy_(torch.from_numpy(np.array(host(model, layer.buffers["running_var"]))))
-            modules.append(module)
+            modules += [module, TORCH_ACT[layer.activation.name]()]
         else:
             raise AssertionError(layer)
         shape = out_shape
@@ -138,14 +138,19 @@ def test_pooling_matches_torch(device, kind, pool, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
-@pytest.mark.parametrize("spatial", [True, False], ids=["2d", "1d"])
-def test_batchnorm_matches_torch_in_training_and_eval(device, spatial, dtype):
-    """Batch statistics while training, running estimates (PyTorch's momentum, unbiased variance) after."""
+@pytest.mark.parametrize("spatial, activations", [(True, ("relu", None)), (False, ("tanh", None)),
+                                                  (True, (None, "relu")), (False, (None, "gelu"))],
+                         ids=["2d", "1d", "conv-bn-relu", "dense-bn-gelu"])
+def test_batchnorm_matches_torch_in_training_and_eval(device, spatial, activations, dtype):
+    """Batch statistics while training, running estimates (PyTorch's momentum, unbiased variance) after;
+    an activation before the BatchNorm or after it (PyTorch's Conv2d-BatchNorm2d-ReLU)."""
     rng = np.random.default_rng(5)
+    before, after = activations
     if spatial:
-        layers, shape = [nn.Conv2D(2, 3, 3, activation="relu"), nn.BatchNorm(3, momentum=0.3), nn.Flatten()], (2, 6, 7)
+        layers, shape = [nn.Conv2D(2, 3, 3, activation=before), nn.BatchNorm(3, momentum=0.3, activation=after),
+                         nn.Flatten()], (2, 6, 7)
     else:
-        layers, shape = [nn.Flatten(), nn.Dense(84, 6, activation="tanh"), nn.BatchNorm(6)], (2, 6, 7)
+        layers, shape = [nn.Flatten(), nn.Dense(84, 6, activation=before), nn.BatchNorm(6, activation=after)], (2, 6, 7)
     width = nn.Sequential(*layers, input_shape=shape).out_features
     model = nn.Sequential(*layers, nn.Dense(width, 3), input_shape=shape, device=device, seed=6, dtype=dtype)
     randomise(model, rng)
@@ -176,6 +181,8 @@ FD_NETS = {
                                     nn.AvgPool2D(2, stride=1, padding=1), nn.Flatten(), nn.Dense(75, 3)],
     "conv-softmax": lambda: [nn.Conv2D(2, 3, 2, activation="softmax"), nn.Flatten(), nn.Dense(48, 3)],
     "batchnorm1d": lambda: [nn.Flatten(), nn.Dense(50, 4, activation="gelu"), nn.BatchNorm(4), nn.Dense(4, 3)],
+    "batchnorm2d-elu": lambda: [nn.Conv2D(2, 3, 2), nn.BatchNorm(3, activation="elu"), nn.Flatten(), nn.Dense(48, 3)],
+    "batchnorm1d-silu": lambda: [nn.Flatten(), nn.Dense(50, 4), nn.BatchNorm(4, activation="silu"), nn.Dense(4, 3)],
 }
 
 
@@ -314,6 +321,17 @@ def test_running_statistics_survive_checkpoints_and_resume_bit_for_bit(device, t
     np.testing.assert_array_equal(host(model, model.flat_buffers), straight[1])
     loaded = nn.load(tmp_path / "c.npz", device="cpu")
     assert loaded.input_shape == (1, 8, 8) and isinstance(loaded.layers[2], nn.BatchNorm)
+
+
+def test_a_batchnorm_activation_is_saved_with_the_model(tmp_path):
+    x, y = nn.datasets.synthetic(n=64, features=64, classes=3, seed=0)
+    model = nn.Sequential(nn.Conv2D(1, 3, 3), nn.BatchNorm(3, activation=nn.LeakyReLU(0.2)), nn.Flatten(),
+                          nn.Dense(108, 3), input_shape=(1, 8, 8), seed=4)
+    nn.Trainer(model, batch_size=16, quiet=True).fit(x, y, epochs=1)
+    model.save(tmp_path / "m.npz")
+    loaded = nn.load(tmp_path / "m.npz")
+    assert repr(loaded.layers[1]) == "BatchNorm(3, activation='leaky_relu')" and loaded.layers[1].activation.slope == 0.2
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
 
 
 def test_random_shifts_move_images_within_range_and_only_in_training(device):

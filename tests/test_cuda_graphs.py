@@ -30,8 +30,8 @@ def _mlp(device):
 
 
 def _conv(device):
-    return nn.Sequential(nn.Conv2D(1, 4, 3, padding=1), nn.BatchNorm(4), nn.MaxPool2D(2), nn.Conv2D(4, 6, 3),
-                         nn.AvgPool2D(2), nn.Flatten(), nn.Dense(6, 5), input_shape=(1, 8, 8), seed=5,
+    return nn.Sequential(nn.Conv2D(1, 4, 3, padding=1), nn.BatchNorm(4, activation="relu"), nn.MaxPool2D(2),
+                         nn.Conv2D(4, 6, 3), nn.AvgPool2D(2), nn.Flatten(), nn.Dense(6, 5), input_shape=(1, 8, 8), seed=5,
                          device=device)
 
 

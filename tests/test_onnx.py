@@ -61,7 +61,7 @@ def conv_net(activation, features=IMAGE):
                     nn.BatchNorm(4), nn.MaxPool2D(3, stride=2, padding=1), nn.Conv2D(4, 6, 3, activation="relu"),
                     nn.AvgPool2D(3, stride=2, padding=1), nn.MaxPool2D(2), nn.Flatten()]
     width = nn.Sequential(*convolutions, input_shape=features).out_features
-    return [*convolutions, nn.Dropout(0.3), nn.Dense(width, 24, activation="tanh"), nn.BatchNorm(24),
+    return [*convolutions, nn.Dropout(0.3), nn.Dense(width, 24), nn.BatchNorm(24, activation="tanh"),
             nn.Maxout(24, 12, pieces=3), nn.Dense(12, 10)]
 
 

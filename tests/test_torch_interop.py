@@ -178,6 +178,25 @@ def test_a_torch_lenet_comes_over(dtype):
     assert_same_function(model, net, x)
 
 
+def test_a_torch_conv_batchnorm_relu_net_comes_over_and_goes_back():
+    """PyTorch's block order, the activation after the BatchNorm (and a Conv2d without bias before it)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(144, 16), torch.nn.BatchNorm1d(16),
+        torch.nn.SiLU(), torch.nn.Linear(16, 10))
+    x = (np.random.default_rng(9).standard_normal((8, *IMAGE)) + 0.5).astype(np.float32)
+    model = nn.Sequential.from_torch(trained_in_torch(net, x), input_shape=IMAGE)
+    assert [repr(layer) for layer in model.layers] == [
+        "Conv2D(1, 4, 3, padding=1)", "BatchNorm(4, activation='relu')", "MaxPool2D(2)", "Flatten()",
+        "Dense(144, 16)", "BatchNorm(16, activation='silu')", "Dense(16, 10)"]
+    assert_same_function(model, net, x)
+    back = model.to_torch()  # with the Conv2d's bias (zeros), whose gradient is then compared too
+    assert [type(module).__name__ for module in back] == [type(module).__name__ for module in net]
+    assert_same_function(model, back, x)
+    assert_same_gradients(model, back, x, np.arange(8))
+
+
 # ----- what does not convert --------------------------------------------------------------------------------
 @pytest.mark.parametrize("modules, message", [
     (lambda: [torch.nn.Conv2d(2, 4, 3, groups=2)], r"module 0, Conv2d\(2, 4, .*groups=2\): groups=2 is not supported"),
@@ -197,8 +216,10 @@ def test_a_torch_lenet_comes_over(dtype):
     (lambda: [torch.nn.LSTM(12, 4)],
      r"module 0, LSTM\(12, 4\) has no nnaccel equivalent; from_torch supports Linear, Conv2d"),
     (lambda: [torch.nn.Flatten(), torch.nn.Sequential(torch.nn.Linear(144, 2))], r"(?s)Sequential\(.*has no nnaccel"),
-    (lambda: [torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU()],
-     r"module 2, ReLU\(\) comes after BatchNorm2d.*must directly follow a Linear or Conv2d"),
+    (lambda: [torch.nn.Conv2d(1, 2, 3), torch.nn.MaxPool2d(2), torch.nn.ReLU()],
+     r"module 2, ReLU\(\) comes after MaxPool2d.*must directly follow a Linear, Conv2d or BatchNorm"),
+    (lambda: [torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Softmax(dim=-1)],
+     r"module 2, Softmax\(dim=-1\): only a softmax over dim 1"),
     (lambda: [torch.nn.ReLU()], r"ReLU\(\) comes first"),
     (lambda: [torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Tanh()], r"module 2, Tanh\(\) comes after ReLU\(\)"),
     (lambda: [torch.nn.Flatten(), torch.nn.Linear(144, 4), torch.nn.GELU("tanh")],

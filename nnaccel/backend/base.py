@@ -184,8 +184,9 @@ class Backend:
         return self.xp.take(x, index, axis=0, out=out)
 
     def bias_act(self, z, bias, activation, out):
-        """``z += bias`` then ``out = activation(z)``; ``out`` may be ``z``."""
-        self.xp.add(z, bias, out=z)
+        """``z += bias`` (none where ``bias`` is None) then ``out = activation(z)``; ``out`` may be ``z``."""
+        if bias is not None:
+            self.xp.add(z, bias, out=z)
         return activation.forward(self, z, out)
 
     def act_backward(self, dy, y, z, activation, out, bias_grad=None):
