@@ -546,12 +546,12 @@ class BatchNorm(Layer):
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, activation=None):
         super().__init__()
-        self.activation = activations.get(activation)
         self.num_features = check_int(num_features, "BatchNorm num_features")
         self.momentum = check_number(momentum, "BatchNorm momentum", allow_zero=True)
         if self.momentum > 1:
             raise ConfigError(f"BatchNorm momentum must be in [0, 1], got {momentum!r}")
         self.eps = check_number(eps, "BatchNorm eps")
+        self.activation = activations.get(activation)
 
     def param_specs(self):
         c = self.num_features
