@@ -367,7 +367,7 @@ def _fit_and_save(trainer, args, data, validation_data):
         callbacks.append(CSVLogger(args.csv, append=bool(args.resume)))
     with _stopping_on_signals(trainer) as received:
         try:
-            trainer.fit(*data, epochs=max(args.epochs - trainer.epoch, 0), validation_data=validation_data,
+            trainer.fit(*data, epochs=args.epochs - trainer.epoch, validation_data=validation_data,
                         callbacks=callbacks)
         except TrainingDiverged:
             if args.save:
@@ -525,7 +525,9 @@ def _train(args):
     _say(args, f"training {checkpoint.describe(model.config())} ({model.num_parameters():,} parameters) on "
                f"{args.data} ({x_train.shape[0]} train, {x_val.shape[0]} validation) on {device}")
     _check_outputs(args, model, trainer.optimizer)
-    stopped_by = _fit_and_save(trainer, args, (x_train, y_train), (x_val, y_val))
+    stopped_by = None
+    if args.epochs > trainer.epoch:  # else nothing is left to train (_plan_resumed_epochs said so)
+        stopped_by = _fit_and_save(trainer, args, (x_train, y_train), (x_val, y_val))
     if stopped_by is not None:
         path = args.save or INTERRUPTED_RUN_FILE
         step = trainer._resume_point["step"] if trainer._resume_point else 0

@@ -212,7 +212,7 @@ class Trainer:
                 raise OutOfMemory(self.model.backend.memory_report(error, self.batch_size)) from None
 
     def _fit(self, x, y, epochs, validation_data, callbacks, shuffle):
-        epochs = check_int(epochs, "epochs", minimum=0)
+        epochs = check_int(epochs, "epochs")  # zero is nonsense, as a batch size of zero is
         if not self.model.num_parameters():  # as PyTorch's optimizers refuse an empty parameter list
             raise ConfigError(f"the model has no parameters to train ({', '.join(map(repr, self.model.layers))}): "
                               f"fit needs a layer with weights (Dense, Maxout, Conv2D, BatchNorm)")

@@ -42,6 +42,7 @@ API_ERRORS = [
      "fit callbacks must be a list of callbacks, got the class EarlyStopping"),
     ("Trainer of a string", lambda: nn.Trainer("model"), nn.ConfigError, "Sequential model, got a str"),
     ("fit y None", lambda: _trainer().fit(X, None), nn.ShapeError, "y must be an array.*got None"),
+    ("fit epochs 0", lambda: _trainer().fit(X, Y, epochs=0), nn.ConfigError, "epochs must be a positive integer, got 0"),
     ("fit y 3", lambda: _trainer().fit(X, 3), nn.ShapeError, "y must be an array.*got 3"),
     ("evaluate y None", lambda: _trainer().evaluate(X, None), nn.ShapeError, "y must be an array.*got None"),
     ("validation_data (x,)", lambda: _trainer().fit(X, Y, validation_data=(X,)), nn.ConfigError,

@@ -696,7 +696,8 @@ def test_checkpoint_round_trip(stack, classes, dtype, optimizer, schedule, n, ba
                          seed=seed, schedule=_schedule(schedule), quiet=True)
     try:
         with numpy.errstate(all="ignore"):
-            trainer.fit(x, y, epochs=epochs)
+            if epochs:  # (none: the checkpoint of an untrained run)
+                trainer.fit(x, y, epochs=epochs)
             if stop_after is not None:
                 trainer.fit(x, y, epochs=1, callbacks=[_StopAfter(stop_after)])
     except nn.TrainingDiverged:  # rare with these learning rates (a chain of 1-wide Maxouts...)
