@@ -89,9 +89,12 @@ def build(text, features, classes, activation="relu"):
 
 
 def _build(text, features, classes, activation, starts_with_inputs):
-    tokens = [token.strip().lower() for token in text.split(",") if token.strip()]
-    if not tokens:
+    tokens = [token.strip().lower() for token in text.split(",")]
+    if not any(tokens):
         raise ConfigError(f"--layers names no layer; {_GRAMMAR}")
+    if "" in tokens:  # a typo that would silently leave a layer out
+        raise ConfigError(f"--layers {text!r} has an empty entry (entry {tokens.index('') + 1}): remove the extra "
+                          f"comma or name the layer there")
     images = any(token.startswith(("conv", "maxpool", "avgpool", "shift")) for token in tokens)
     if images:
         side = math.isqrt(features)
