@@ -175,6 +175,13 @@ def _flat_input(layer, shape, width):
         raise ConfigError(f"takes {width} inputs but gets {shape[0]}: {name}({shape[0]}, ...) would fit")
 
 
+def _largest_window(window, input_shape):
+    """What would fit where ``window`` does not fit a (channels, height, width) input: the largest window
+    with its padding."""
+    height, width = (side + 2 * pad for side, pad in zip(input_shape[1:], (window.ph, window.pw)))
+    return f": at most {height}x{width} with {'that' if window.ph or window.pw else 'no'} padding would fit"
+
+
 class Dense(Layer):
     """``y = activation(x @ W + b)`` with W of shape (in, out) and b of shape (out,).
 
@@ -405,12 +412,13 @@ class Conv2D(Layer):
 
     def output_shape(self, input_shape):
         if len(input_shape) != 3 or input_shape[0] != self.in_channels:
+            fits = f": Conv2D({input_shape[0]}, {self.out_channels}, ...) would fit" if len(input_shape) == 3 else ""
             raise ConfigError(f"takes images of {self.in_channels} channel(s) (channels, height, width) but gets a "
-                              f"{describe_shape(input_shape)} input")
+                              f"{describe_shape(input_shape)} input{fits}")
         oh, ow = self.window.output_size(*input_shape[1:])
         if oh < 1 or ow < 1:
             raise ConfigError(f"a {describe_shape(self.kernel_size)} kernel with padding {self.padding} does not fit "
-                              f"a {describe_shape(input_shape[1:])} image")
+                              f"a {describe_shape(input_shape[1:])} image{_largest_window(self.window, input_shape)}")
         return (self.out_channels, oh, ow)
 
     takes_storage_dtype = True
@@ -473,7 +481,7 @@ class _Pool2D(Layer):
         oh, ow = self.window.output_size(*input_shape[1:])
         if oh < 1 or ow < 1:
             raise ConfigError(f"a {describe_shape(self.kernel_size)} window does not fit a "
-                              f"{describe_shape(input_shape[1:])} image")
+                              f"{describe_shape(input_shape[1:])} image{_largest_window(self.window, input_shape)}")
         return (input_shape[0], oh, ow)
 
     def _out_shape(self, x):

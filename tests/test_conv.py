@@ -245,8 +245,12 @@ def test_the_api_of_the_issue(device):
     (lambda: [nn.Conv2D(1, 6, 5, padding=2), nn.MaxPool2D(2), nn.Conv2D(6, 16, 5), nn.MaxPool2D(2), nn.Flatten(),
               nn.Dense(256, 10)],
      r"layer 5, Dense\(256, 10\), after layer 4, Flatten\(\): takes 256 inputs but gets 400: Dense\(400, ...\)"),
-    (lambda: [nn.Conv2D(3, 6, 5)], r"takes images of 3 channel\(s\) .* but gets a 1x28x28 input"),
-    (lambda: [nn.Conv2D(1, 6, 29)], r"a 29x29 kernel with padding \(0, 0\) does not fit a 28x28 image"),
+    (lambda: [nn.Conv2D(3, 6, 5)], r"takes images of 3 channel\(s\) .* but gets a 1x28x28 input: Conv2D\(1, 6, "
+                                   r"\.\.\.\) would fit"),
+    (lambda: [nn.Conv2D(1, 6, 29)], r"a 29x29 kernel with padding \(0, 0\) does not fit a 28x28 image: at most 28x28 "
+                                    r"with no padding would fit"),
+    (lambda: [nn.Conv2D(1, 6, (9, 3), padding=(1, 0)), nn.MaxPool2D(30, padding=(2, 1))],
+     r"layer 1, MaxPool2D\(.*\): a 30x30 window does not fit a 22x26 image: at most 26x28 with that padding would fit"),
     (lambda: [nn.Flatten(), nn.BatchNorm(10)], r"BatchNorm\(784\) would fit"),
     (lambda: [nn.Conv2D(1, 4, 3)], r"the last layer gives 4x26x26 outputs per sample; end with nn.Flatten\(\)"),
 ])
