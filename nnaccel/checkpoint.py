@@ -70,12 +70,14 @@ def expected_size(model, optimizer=None, weight_copies=0):
             + 2**14)  # and the metadata
 
 
-def check_writable(path, what="checkpoint", size=0, example="model.npz"):
+def check_writable(path, what="checkpoint", size=0, example="model.npz", rewritten=False):
     """Refuse, before any work is done, an output file that could not be written: ``path`` is a
-    folder, its folder does not exist or cannot be written, or holds less than ``size`` bytes free.
-    The folder is probed with a real temporary file (permissions alone do not say, for root or on a
-    read-only mount). ``example`` is the file name suggested when ``path`` is a folder. A symbolic
-    link is checked where it leads, as ``atomic_write`` writes there."""
+    folder, its folder does not exist or cannot be written, or holds less than ``size`` bytes free
+    (a file ``rewritten`` every epoch needs room for two, less the file there now: ``atomic_write``
+    keeps the last beside the new until the rename). The folder is probed with a real temporary
+    file (permissions alone do not say, for root or on a read-only mount). ``example`` is the file
+    name suggested when ``path`` is a folder. A symbolic link is checked where it leads, as
+    ``atomic_write`` writes there."""
     path = Path(path)
     target = _write_target(path, what)
     folder = target.parent
@@ -92,9 +94,12 @@ def check_writable(path, what="checkpoint", size=0, example="model.npz"):
     except OSError as error:
         raise OutputError(f"cannot write {what} {path}: {error.strerror} (folder {folder})") from None
     free = shutil.disk_usage(folder).free
-    if free < size:
+    there = target.stat().st_size if rewritten and target.is_file() else 0
+    needed = max(size, 2 * size - there) if rewritten else size
+    if free < needed:
+        twice = " (and as much again while each epoch's replaces the last)" if free >= size else ""
         raise OutputError(f"cannot write {what} {path}: {folder} has {free / 2**20:.1f} MiB free, and "
-                              f"the file takes about {size / 2**20:.1f} MiB")
+                          f"the file takes about {size / 2**20:.1f} MiB{twice}")
 
 
 def _write_target(path, what):

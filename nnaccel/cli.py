@@ -387,7 +387,7 @@ def _check_outputs(args, model=None, optimizer=None):
         return
     if args.save:
         size = checkpoint.expected_size(model, optimizer, bool(args.early_stopping)) if model is not None else 0
-        checkpoint.check_writable(args.save, "--save", size)
+        checkpoint.check_writable(args.save, "--save", size, rewritten=True)
     elif model is None:
         try:
             checkpoint.check_writable(INTERRUPTED_RUN_FILE, "the interrupted-run checkpoint")
