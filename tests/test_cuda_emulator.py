@@ -109,6 +109,18 @@ def test_shared_memory_starts_as_garbage(cp):
     assert not numpy.array_equal(values[0], values[1]), "every block saw the same shared memory"
 
 
+def test_shared_memory_a_kernel_never_writes_is_garbage_too(cp):
+    """The host compiler must not read a static array nothing writes as its zeros."""
+    source = r"""
+    extern "C" __global__ void peek(unsigned* out) {
+      __shared__ unsigned s[64];
+      out[threadIdx.x] = s[threadIdx.x];
+    }"""
+    out = cp.zeros(64, numpy.uint32)
+    kernel(cp, source, "peek")((1,), (64,), (out,))
+    assert (out.get() != 0).mean() > 0.9, "shared memory looked initialised"
+
+
 # ----- barriers reached by part of the block -------------------------------------------------------------
 def test_a_barrier_after_an_early_return_is_an_error(cp):
     source = r"""
@@ -277,6 +289,12 @@ def test_launch_limits(cp, grid, block, message):
 def test_too_much_static_shared_memory_does_not_compile(cp):
     source = ('extern "C" __global__ void big(float* y) { __shared__ float s[12289]; s[threadIdx.x] = 1; '
               '__syncthreads(); y[threadIdx.x] = s[threadIdx.x + 1]; }')
+    with pytest.raises(cp.cuda.compiler.CompileException, match="49156 bytes of static shared memory"):
+        kernel(cp, source, "big")
+
+
+def test_too_much_static_shared_memory_that_is_never_used_does_not_compile_either(cp):
+    source = 'extern "C" __global__ void big(float* y) { __shared__ float s[12289]; y[threadIdx.x] = 1; }'
     with pytest.raises(cp.cuda.compiler.CompileException, match="49156 bytes of static shared memory"):
         kernel(cp, source, "big")
 

@@ -32,8 +32,10 @@
 // table (device code has no other writable local statics); the runtime fills
 // them with garbage before each block, as shared memory starts uninitialised
 // on a GPU, and the rest of each one's page with a canary that a write past
-// the array's end changes (checked after each block).
-#define __shared__ static __attribute__((aligned(4096)))
+// the array's end changes (checked after each block). ``used`` keeps the
+// compiler from reading an array the kernel never writes as its zeros, or
+// dropping it (and its size) from the symbol table.
+#define __shared__ static __attribute__((aligned(4096), used))
 
 struct uint3 {
   unsigned int x, y, z;
