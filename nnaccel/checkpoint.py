@@ -600,8 +600,15 @@ def describe(config):
 
 
 def restore_model(model, meta, arrays, path):
-    """Copy the checkpoint's weights into ``model`` after checking the architecture."""
-    if meta["model"]["layers"] != model.config()["layers"] or \
+    """Copy the checkpoint's weights into ``model`` after checking the architecture (its layers as
+    this version builds them: a file from before a layer took a new option holds no value for it)."""
+    from .layers import from_config
+
+    try:
+        saved = [from_config(layer).config() for layer in meta["model"]["layers"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:  # ConfigError is a ValueError
+        raise CheckpointError(f"{path} has an unreadable architecture: {_brief(error, 400)}") from None
+    if saved != model.config()["layers"] or \
             meta["model"].get("input_shape", list(model.input_shape)) != list(model.input_shape):
         raise CheckpointError(f"{path} holds a {describe(meta['model'])} network "
                               f"but the model is {describe(model.config())}")

@@ -220,6 +220,16 @@ def test_the_real_checkpoints_load_and_resume(tmp_path):
         assert (trainer is None) == kind.endswith("model-only")
 
 
+@pytest.mark.parametrize("kind", ["conv-batchnorm-adam", "conv-batchnorm-model-only"])
+def test_a_checkpoint_from_before_batchnorm_took_an_activation_loads_and_resumes(tmp_path, kind):
+    """Its BatchNorm's config has no activation keys: the layer it builds (linear) is the one saved."""
+    meta = _meta(_real(kind))
+    batchnorm = meta["model"]["layers"][1]
+    assert batchnorm.pop("activation") == "linear" and batchnorm.pop("activation_params") == {}
+    model, trainer = _load_or_refuse(_with_meta(_real(kind), meta), tmp_path)
+    assert repr(model.layers[1]) == "BatchNorm(2)" and (trainer is None) == kind.endswith("model-only")
+
+
 # ----- 1. pickles ----------------------------------------------------------------------------------
 PICKLE_PLACES = [("param/0.weight.npy", "object array", r"member 'param/0\.weight' holds Python objects"),
                  ("optim/m.npy", "object array", r"member 'optim/m' holds Python objects"),
