@@ -548,7 +548,8 @@ class BatchNorm(Layer):
     storage dtype); the statistics stay in the model dtype.
 
     ``activation`` (default linear) is applied to the normalised values, as Dense and Conv2D apply theirs:
-    PyTorch's Conv2d-BatchNorm2d-ReLU block is ``Conv2D(...)`` then ``BatchNorm(c, activation="relu")``."""
+    PyTorch's Conv2d-BatchNorm2d-ReLU block is ``Conv2D(...)`` then ``BatchNorm(c, activation="relu")``
+    (a softmax only over features: the GPU's runs over the last axis)."""
 
     takes_storage_dtype = True
 
@@ -577,6 +578,9 @@ class BatchNorm(Layer):
                               f"{describe_shape(input_shape)} input: BatchNorm({input_shape[0]}) would fit"
                               if len(input_shape) in (1, 3) else
                               f"takes (features) or (channels, height, width) inputs, not {describe_shape(input_shape)}")
+        if len(input_shape) == 3 and self.activation.name == "softmax":
+            raise ConfigError("applies a softmax only over features, not over the channels of images: give the "
+                              "softmax to the Conv2D before it, or to a Dense layer after a Flatten")
         return tuple(input_shape)
 
     def forward(self, x, training=False):

@@ -255,16 +255,26 @@ def test_under_bf16_the_layers_with_kernels_store_bfloat16_and_the_rest_stays_fl
 
 
 def test_a_batchnorm_whose_activation_has_no_bf16_kernel_normalises_in_float32(cuda_device):
-    """A softmax over the channels after a BatchNorm of bfloat16 images: the BatchNorm converts them."""
-    x, y = datasets.synthetic(n=16, features=64, classes=3, seed=3)
-    model = nn.Sequential(nn.Conv2D(1, 4, 3, padding=1), nn.BatchNorm(4, activation="softmax"), nn.Flatten(),
-                          nn.Dense(256, 3), input_shape=(1, 8, 8), seed=4, device=cuda_device)
-    trainer = nn.Trainer(model, batch_size=16, quiet=True, precision="bf16")
-    loss, _ = trainer.train_step(*trainer.prepare(x, y))
-    conv, batchnorm = model.layers[:2]
-    assert conv._work["z"].dtype == BF16 and numpy.isfinite(float(loss))
+    """A softmax after a BatchNorm of bfloat16 features: the BatchNorm converts them, and computes what
+    the float32 run computes, to bfloat16 accuracy (the features were rounded)."""
+    x, y = datasets.synthetic(n=16, features=12, classes=3, seed=3)
+
+    def step(precision):
+        model = nn.Sequential(nn.Dense(12, 6), nn.BatchNorm(6, activation="softmax"), nn.Dense(6, 3), seed=4,
+                              device=cuda_device)
+        trainer = nn.Trainer(model, batch_size=16, quiet=True, precision=precision)
+        loss, _ = trainer.train_step(*trainer.prepare(x, y))
+        return model, float(loss)
+
+    model, loss = step("bf16")
+    dense, batchnorm = model.layers[:2]
+    assert dense._work["z"].dtype == BF16
     assert {name: buf.dtype for name, buf in batchnorm._work.items()} == dict.fromkeys(batchnorm._work, numpy.float32)
-    assert "x" in batchnorm._work  # the bfloat16 images, converted
+    assert "x" in batchnorm._work  # the bfloat16 features, converted
+    exact, exact_loss = step("fp32")
+    numpy.testing.assert_allclose(loss, exact_loss, rtol=2e-2)
+    numpy.testing.assert_allclose(model.backend.to_host(model.flat_params), exact.backend.to_host(exact.flat_params),
+                                  atol=2e-3)
 
 
 def test_bf16_gradients_are_the_float32_gradients_to_bfloat16_accuracy(cuda_device):

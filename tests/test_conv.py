@@ -139,8 +139,9 @@ def test_pooling_matches_torch(device, kind, pool, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
 @pytest.mark.parametrize("spatial, activations", [(True, ("relu", None)), (False, ("tanh", None)),
-                                                  (True, (None, "relu")), (False, (None, "gelu"))],
-                         ids=["2d", "1d", "conv-bn-relu", "dense-bn-gelu"])
+                                                  (True, (None, "relu")), (False, (None, "gelu")),
+                                                  (False, (None, "softmax"))],
+                         ids=["2d", "1d", "conv-bn-relu", "dense-bn-gelu", "dense-bn-softmax"])
 def test_batchnorm_matches_torch_in_training_and_eval(device, spatial, activations, dtype):
     """Batch statistics while training, running estimates (PyTorch's momentum, unbiased variance) after;
     an activation before the BatchNorm or after it (PyTorch's Conv2d-BatchNorm2d-ReLU)."""
@@ -252,6 +253,9 @@ def test_the_api_of_the_issue(device):
     (lambda: [nn.Conv2D(1, 6, (9, 3), padding=(1, 0)), nn.MaxPool2D(30, padding=(2, 1))],
      r"layer 1, MaxPool2D\(.*\): a 30x30 window does not fit a 22x26 image: at most 26x28 with that padding would fit"),
     (lambda: [nn.Flatten(), nn.BatchNorm(10)], r"BatchNorm\(784\) would fit"),
+    (lambda: [nn.Conv2D(1, 4, 3), nn.BatchNorm(4, activation="softmax")],
+     r"layer 1, BatchNorm\(4, activation='softmax'\), .*: applies a softmax only over features, not over the "
+     r"channels of images"),
     (lambda: [nn.Conv2D(1, 4, 3)], r"the last layer gives 4x26x26 outputs per sample; end with nn.Flatten\(\)"),
 ])
 def test_a_model_that_does_not_chain_says_which_layer_and_what_fits(layers, message):
