@@ -137,8 +137,10 @@ def _end_the_job(here, code):
     launcher has read what this rank printed (``_wait_until_read``)."""
     for communicator in _COMMUNICATORS.values():
         communicator.abort_engine()
-    _wait_until_read()
-    here.comm.Abort(code)
+    try:
+        _wait_until_read()
+    finally:  # whatever stdout and stderr turn out to be, the job ends
+        here.comm.Abort(code)
 
 
 ABORT_OUTPUT_WAIT_S = 2.0  # at most, for the launcher to read a failing rank's last lines before MPI_Abort
@@ -147,14 +149,15 @@ ABORT_OUTPUT_WAIT_S = 2.0  # at most, for the launcher to read a failing rank's 
 def _wait_until_read():
     """Wait, up to ``ABORT_OUTPUT_WAIT_S``, until the pipes this rank's stdout and stderr go to are read:
     hydra's proxy drops what it has not read when MPI_Abort reaches it first (one run in 15 lost its error
-    line here), and a pipe is read in order. Terminals and files need no wait."""
+    line here), and a pipe is read in order. Terminals and files need no wait. (What was printed is
+    flushed: a flush here could block on a pipe nobody reads.)"""
     pipes = []
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
-            if stat.S_ISFIFO(os.fstat(stream.fileno()).st_mode):
-                pipes.append(stream.fileno())
-        except (OSError, ValueError, AttributeError):  # closed, or an object without a descriptor
+            fd = stream.fileno()
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                pipes.append(fd)
+        except Exception:  # closed, replaced by an object without a descriptor, or one that fails otherwise
             pass
     deadline, unread = time.monotonic() + ABORT_OUTPUT_WAIT_S, bytearray(4)
     while pipes and time.monotonic() < deadline:

@@ -320,7 +320,7 @@ def test_a_failing_rank_aborts_once_the_launcher_has_read_its_last_lines(monkeyp
     waits until the pipe its stderr goes to is empty."""
     read_end, write_end = os.pipe()
     monkeypatch.setattr(sys, "stderr", open(write_end, "w"))
-    sys.stderr.write("mpi_worker: rank 1: exited with status 3\n")  # buffered: the wait flushes it
+    print("mpi_worker: rank 1: exited with status 3", file=sys.stderr, flush=True)  # as run_guarded prints
     unread, read, reader = [], [], threading.Thread(target=lambda: read.append(os.read(read_end, 100)))
     measure = distributed._unread_bytes
 
@@ -355,6 +355,27 @@ def test_output_to_a_file_or_a_pipe_nobody_reads_does_not_hold_an_abort_up(monke
         stream.write("nobody reads this\n")
         distributed._wait_until_read()  # returns at the deadline: a launcher that reads nothing hangs no one
     os.close(read_end)
+
+
+class _OddStream:
+    """A stderr a script may have put in place: a descriptor that is not one, a flush that fails."""
+
+    def fileno(self):
+        return None
+
+    def flush(self):
+        raise RuntimeError("logger closed")
+
+
+def test_streams_without_a_descriptor_do_not_keep_the_job_from_ending(monkeypatch):
+    aborted = []
+    here = distributed.World(type("Comm", (), {"Abort": lambda self, code: aborted.append(code)})(), 1, 2, 1, 2,
+                             (("vm", 11), ("vm", 12)))
+    monkeypatch.setattr(sys, "stdout", _OddStream())
+    monkeypatch.setattr(sys, "stderr", _OddStream())
+    monkeypatch.setattr(distributed, "_COMMUNICATORS", {})
+    distributed._end_the_job(here, 3)
+    assert aborted == [3]
 
 
 @pytest.mark.parametrize("last, cause", [
