@@ -380,20 +380,22 @@ def _fit_and_save(trainer, args, data, validation_data):
     return received[0] if trainer.interrupted else None
 
 
-def _check_outputs(args, model=None, optimizer=None):
+def _check_outputs(args, trainer=None):
     """Refuse the output files that could not be written: before the data is read, the paths;
-    once the model is built, the free space its checkpoint needs too."""
+    once the trainer is built, the free space its checkpoints need too (room for two where one
+    replaces another: more than one epoch left, or early stopping's save of the best after the last)."""
     if args.communicator is not None and args.communicator.rank != 0:  # rank 0 writes for every rank
         return
     if args.save:
-        size = checkpoint.expected_size(model, optimizer, bool(args.early_stopping)) if model is not None else 0
-        checkpoint.check_writable(args.save, "--save", size, rewritten=True)
-    elif model is None:
+        left = args.epochs - trainer.epoch if trainer is not None else 0
+        size = checkpoint.expected_size(trainer.model, trainer.optimizer, bool(args.early_stopping)) if left > 0 else 0
+        checkpoint.check_writable(args.save, "--save", size, rewritten=left > 1 or bool(args.early_stopping))
+    elif trainer is None:
         try:
             checkpoint.check_writable(INTERRUPTED_RUN_FILE, "the interrupted-run checkpoint")
         except OutputError as error:
             _say(args, f"warning: {error}; an interrupted run will end without a checkpoint (use --save)")
-    if args.csv and model is None:
+    if args.csv and trainer is None:
         checkpoint.check_writable(args.csv, "--csv", example="log.csv")
 
 
@@ -524,7 +526,7 @@ def _train(args):
         _check_resumed_data(args, trainer, x_train.shape[0])
     _say(args, f"training {checkpoint.describe(model.config())} ({model.num_parameters():,} parameters) on "
                f"{args.data} ({x_train.shape[0]} train, {x_val.shape[0]} validation) on {device}")
-    _check_outputs(args, model, trainer.optimizer)
+    _check_outputs(args, trainer)
     stopped_by = None
     if args.epochs > trainer.epoch:  # else nothing is left to train (_plan_resumed_epochs said so)
         stopped_by = _fit_and_save(trainer, args, (x_train, y_train), (x_val, y_val))

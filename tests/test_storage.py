@@ -271,6 +271,13 @@ def test_a_tmpfs_too_small_for_the_checkpoints_is_refused_before_training(tmp_pa
 
 
 @needs_mount
+def test_a_run_that_writes_one_checkpoint_needs_room_for_one(tmp_path):
+    rc, out, err = _in_a_tmpfs(tmp_path, "240k", "rw", *MID, "--epochs", "1", "--save", str(tmp_path / "disk/ck.npz"),
+                               then=f'"{sys.executable}" -c "{CHECK}" "$0/ck.npz"')
+    assert rc == 0 and "epoch 1" in out.splitlines(), (out, err)
+
+
+@needs_mount
 def test_a_checkpoint_there_counts_towards_the_room_for_two(tmp_path):
     """Resuming onto a disk that holds the checkpoint (160 KiB) and room for one more, not two: the run
     may go on, as the new file replaces the one there."""
