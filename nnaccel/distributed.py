@@ -34,6 +34,7 @@ import shutil
 import socket
 import stat
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -118,16 +119,17 @@ def _end_the_job_on_uncaught_errors(here):
     previous = sys.excepthook
 
     def hook(kind, error, trace):
-        # One write: mpiexec may stop forwarding a rank's output as soon as it aborts, mid-traceback.
-        told = ""
-        if previous is sys.__excepthook__:
-            told = "".join(traceback.format_exception(kind, error, trace))
-        else:  # a hook of the script's own prints as it likes
-            previous(kind, error, trace)
-        sys.stderr.write(f"{told}rank {here.rank}: uncaught {kind.__name__}; ending all {here.size} ranks "
-                         f"({here.describe()})\n")
-        sys.stderr.flush()
-        _end_the_job(here, 130 if issubclass(kind, KeyboardInterrupt) else 1)
+        try:  # One write: mpiexec may stop forwarding a rank's output as soon as it aborts, mid-traceback.
+            told = ""
+            if previous is sys.__excepthook__:
+                told = "".join(traceback.format_exception(kind, error, trace))
+            else:  # a hook of the script's own prints as it likes
+                previous(kind, error, trace)
+            sys.stderr.write(f"{told}rank {here.rank}: uncaught {kind.__name__}; ending all {here.size} ranks "
+                             f"({here.describe()})\n")
+            sys.stderr.flush()
+        finally:  # a broken stderr, or the script's hook failing, must not leave the other ranks waiting
+            _end_the_job(here, 130 if issubclass(kind, KeyboardInterrupt) else 1)
 
     sys.excepthook = hook
 
@@ -149,8 +151,12 @@ ABORT_OUTPUT_WAIT_S = 2.0  # at most, for the launcher to read a failing rank's 
 def _wait_until_read():
     """Wait, up to ``ABORT_OUTPUT_WAIT_S``, until the pipes this rank's stdout and stderr go to are read:
     hydra's proxy drops what it has not read when MPI_Abort reaches it first (one run in 15 lost its error
-    line here), and a pipe is read in order. Terminals and files need no wait. (What was printed is
-    flushed: a flush here could block on a pipe nobody reads.)"""
+    line here), and a pipe is read in order. Terminals and files need no wait. The streams are flushed
+    first, in a thread of their own, as a flush blocks on a full pipe that nobody reads."""
+    deadline = time.monotonic() + ABORT_OUTPUT_WAIT_S
+    flushing = threading.Thread(target=_flush_output, daemon=True)
+    flushing.start()
+    flushing.join(ABORT_OUTPUT_WAIT_S)
     pipes = []
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -159,11 +165,27 @@ def _wait_until_read():
                 pipes.append(fd)
         except Exception:  # closed, replaced by an object without a descriptor, or one that fails otherwise
             pass
-    deadline, unread = time.monotonic() + ABORT_OUTPUT_WAIT_S, bytearray(4)
+    unread = bytearray(4)
     while pipes and time.monotonic() < deadline:
         pipes = [fd for fd in pipes if _unread_bytes(fd, unread)]
         if pipes:
             time.sleep(0.001)
+
+
+def _flush_output():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # closed, or an object of the script's that fails: nothing more can be told
+            pass
+
+
+def _tell(text):
+    """``text`` on stderr, for a rank about to end the job: a broken stderr must not keep it from ending."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except Exception:
+        pass
 
 
 def _unread_bytes(fd, buffer):
@@ -459,25 +481,22 @@ def run_guarded(main, *args, prog="nnaccel"):
     except SystemExit as error:
         if error.code in (None, 0):
             raise
-        print(f"{prog}: rank {here.rank}: exited with status {error.code}", file=sys.stderr, flush=True)
-        code = error.code if isinstance(error.code, int) else 1
+        told, code = f"exited with status {error.code}", error.code if isinstance(error.code, int) else 1
     except KeyboardInterrupt:
-        print(f"{prog}: rank {here.rank}: interrupted", file=sys.stderr, flush=True)
-        code = 130
+        told, code = "interrupted", 130
     except (NnaccelError, OSError) as error:
         if getattr(error, "all_ranks", False):  # raised by every rank at the same point: no one is left waiting
             if here.rank == 0:
                 print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
             return 2
-        print(f"{prog}: rank {here.rank}: error: {error}", file=sys.stderr, flush=True)
-        code = 2
+        told, code = f"error: {error}", 2
     except BaseException as error:
         if isinstance(error, MPI.Exception) and error.Get_error_class() in _peer_lost_classes(MPI):
-            print(f"{prog}: rank {here.rank}: error: {_collective_failure(error, here)}", file=sys.stderr, flush=True)
+            told = f"error: {_collective_failure(error, here)}"
         else:
-            text = traceback.format_exc().rstrip().splitlines()
-            print("\n".join(f"{prog}: rank {here.rank}: {line}" for line in text), file=sys.stderr, flush=True)
+            told = traceback.format_exc().rstrip()
         code = 1
+    _tell("\n".join(f"{prog}: rank {here.rank}: {line}" for line in told.splitlines()))
     if here.size == 1:
         return code
     _end_the_job(here, code)

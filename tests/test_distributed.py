@@ -367,15 +367,44 @@ class _OddStream:
         raise RuntimeError("logger closed")
 
 
-def test_streams_without_a_descriptor_do_not_keep_the_job_from_ending(monkeypatch):
+class _BrokenStream(_OddStream):
+    def write(self, text):
+        raise RuntimeError("logger closed")
+
+
+def _rank_1_of_2(monkeypatch):
+    """A World of rank 1 of 2 whose MPI_Abort records its code (no MPI here), and that list."""
     aborted = []
     here = distributed.World(type("Comm", (), {"Abort": lambda self, code: aborted.append(code)})(), 1, 2, 1, 2,
                              (("vm", 11), ("vm", 12)))
+    monkeypatch.setattr(distributed, "_COMMUNICATORS", {})
+    return here, aborted
+
+
+def test_streams_without_a_descriptor_do_not_keep_the_job_from_ending(monkeypatch):
+    here, aborted = _rank_1_of_2(monkeypatch)
     monkeypatch.setattr(sys, "stdout", _OddStream())
     monkeypatch.setattr(sys, "stderr", _OddStream())
-    monkeypatch.setattr(distributed, "_COMMUNICATORS", {})
     distributed._end_the_job(here, 3)
     assert aborted == [3]
+
+
+def test_a_broken_stderr_does_not_keep_a_failing_rank_from_ending_the_job(monkeypatch):
+    """Neither ``run_guarded``'s line nor the uncaught-error hook's may stand between a failure and MPI_Abort."""
+    here, aborted = _rank_1_of_2(monkeypatch)
+    monkeypatch.setattr(distributed, "world", lambda: here)
+    monkeypatch.setattr(distributed, "mpi", lambda: type("MPI", (), {"Exception": type("Error", (Exception,), {})}))
+    monkeypatch.setattr(sys, "stderr", _BrokenStream())
+
+    def fails():
+        raise ConfigError("bad option")
+
+    assert distributed.run_guarded(fails) == 2 and aborted == [2]
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    distributed._end_the_job_on_uncaught_errors(here)
+    with pytest.raises(RuntimeError, match="logger closed"):  # once MPI_Abort was called
+        sys.excepthook(ValueError, ValueError("boom"), None)
+    assert aborted == [2, 1]
 
 
 @pytest.mark.parametrize("last, cause", [
