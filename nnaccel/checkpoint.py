@@ -606,12 +606,15 @@ def restore_model(model, meta, arrays, path):
 
     try:
         saved = [from_config(layer).config() for layer in meta["model"]["layers"]]
-    except (KeyError, TypeError, ValueError, AttributeError) as error:  # ConfigError is a ValueError
+    except Exception as error:  # ConfigError, or a meta made by hand (a KeyError, an OverflowError...)
         raise CheckpointError(f"{path} has an unreadable architecture: {_brief(error, 400)}") from None
-    if saved != model.config()["layers"] or \
-            meta["model"].get("input_shape", list(model.input_shape)) != list(model.input_shape):
+    if saved != model.config()["layers"]:
         raise CheckpointError(f"{path} holds a {describe(meta['model'])} network "
                               f"but the model is {describe(model.config())}")
+    shape = meta["model"].get("input_shape", list(model.input_shape))
+    if shape != list(model.input_shape):
+        raise CheckpointError(f"{path} holds a network for inputs of shape {tuple(shape)} but the model takes "
+                              f"{tuple(model.input_shape)}")
     for parameter in model.parameters():
         key = f"param/{parameter.name}"
         if key not in arrays or arrays[key].shape != parameter.shape:

@@ -227,7 +227,11 @@ def _specs(torch, module):
                     raise ConfigError(f"{child!r} comes {f'after {previous!r}' if previous else 'first'}: nnaccel "
                                       f"applies an activation only as part of a Dense, Conv2D or BatchNorm layer, "
                                       f"so it must directly follow a Linear, Conv2d or BatchNorm")
-                specs[-1].options["activation"] = _activation(child, _sample_rank(specs[-1].source))
+                activation = _activation(child, _sample_rank(specs[-1].source))
+                if activation.name == "softmax" and type(previous).__name__ == "BatchNorm2d":
+                    raise ConfigError(f"{child!r} after {previous!r}: nnaccel's BatchNorm applies a softmax over "
+                                      f"features only, not over the channels of images")
+                specs[-1].options["activation"] = activation
             elif kind in LAYER_OF_MODULE:
                 specs.append(LAYER_OF_MODULE[kind](child))
             else:

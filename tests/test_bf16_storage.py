@@ -273,8 +273,8 @@ def test_a_batchnorm_whose_activation_has_no_bf16_kernel_normalises_in_float32(c
     assert "x" in batchnorm._work  # the bfloat16 features, converted
     exact, exact_loss = step("fp32")
     numpy.testing.assert_allclose(loss, exact_loss, rtol=2e-2)
-    numpy.testing.assert_allclose(model.backend.to_host(model.flat_params), exact.backend.to_host(exact.flat_params),
-                                  atol=2e-3)
+    rounded, grads = (m.backend.to_host(m.flat_grads) for m in (model, exact))
+    assert numpy.linalg.norm(rounded - grads) < 0.03 * numpy.linalg.norm(grads)  # as the mixed model's below
 
 
 def test_bf16_gradients_are_the_float32_gradients_to_bfloat16_accuracy(cuda_device):

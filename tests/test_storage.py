@@ -284,9 +284,9 @@ def test_a_checkpoint_there_counts_towards_the_room_for_two(tmp_path):
     save = ["--save", str(tmp_path / "disk/ck.npz")]
     rc, out, err = _in_a_tmpfs(tmp_path, "400k", "rw", *MID, "--epochs", "1", *save,
                                then=f'head -c 40k /dev/zero > "$0/filler" && "{sys.executable}" -m nnaccel.cli '
-                                    f'{" ".join(MID[2:])} --epochs 2 --resume "$0/ck.npz" {" ".join(save)} && '
+                                    f'{" ".join(MID[2:])} --epochs 3 --resume "$0/ck.npz" {" ".join(save)} && '
                                     f'"{sys.executable}" -c "{CHECK}" "$0/ck.npz"')
-    assert rc == 0 and "epoch 2" in out.splitlines(), (out, err)
+    assert rc == 0 and "epoch 3" in out.splitlines(), (out, err)  # two epochs left: each replaces the last
 
 
 @needs_mount

@@ -220,6 +220,9 @@ def test_a_torch_conv_batchnorm_relu_net_comes_over_and_goes_back():
      r"module 2, ReLU\(\) comes after MaxPool2d.*must directly follow a Linear, Conv2d or BatchNorm"),
     (lambda: [torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Softmax(dim=-1)],
      r"module 2, Softmax\(dim=-1\): only a softmax over dim 1"),
+    (lambda: [torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Softmax(dim=1)],
+     r"module 2, Softmax\(dim=1\) after BatchNorm2d\(2.*\): nnaccel's BatchNorm applies a softmax over features "
+     r"only"),
     (lambda: [torch.nn.ReLU()], r"ReLU\(\) comes first"),
     (lambda: [torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Tanh()], r"module 2, Tanh\(\) comes after ReLU\(\)"),
     (lambda: [torch.nn.Flatten(), torch.nn.Linear(144, 4), torch.nn.GELU("tanh")],

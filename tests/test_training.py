@@ -131,6 +131,12 @@ def test_bad_checkpoints_are_refused(tmp_path):
     other = nn.Trainer(nn.Sequential(nn.Dense(64, 32), nn.Dense(32, 10)), quiet=True)
     with pytest.raises(nn.CheckpointError, match="64-256-10 network but the model is 64-32-10"):
         other.load_checkpoint(tmp_path / "m.npz")
+    images = nn.Trainer(nn.Sequential(nn.Flatten(), nn.Dense(64, 10), input_shape=(1, 8, 8)), quiet=True)
+    images.save_checkpoint(tmp_path / "i.npz")
+    cubes = nn.Trainer(nn.Sequential(nn.Flatten(), nn.Dense(64, 10), input_shape=(4, 4, 4)), quiet=True)
+    with pytest.raises(nn.CheckpointError, match=r"i.npz holds a network for inputs of shape \(1, 8, 8\) but the "
+                                                 r"model takes \(4, 4, 4\)"):
+        cubes.load_checkpoint(tmp_path / "i.npz")
 
 
 @pytest.mark.parametrize("loss, targets, message", [
