@@ -34,7 +34,6 @@ import shutil
 import socket
 import stat
 import sys
-import threading
 import time
 import traceback
 import warnings
@@ -151,12 +150,11 @@ ABORT_OUTPUT_WAIT_S = 2.0  # at most, for the launcher to read a failing rank's 
 def _wait_until_read():
     """Wait, up to ``ABORT_OUTPUT_WAIT_S``, until the pipes this rank's stdout and stderr go to are read:
     hydra's proxy drops what it has not read when MPI_Abort reaches it first (one run in 15 lost its error
-    line here), and a pipe is read in order. Terminals and files need no wait. The streams are flushed
-    first, in a thread of their own, as a flush blocks on a full pipe that nobody reads."""
+    line here), and a pipe is read in order. Terminals and files need no wait. What Python still
+    buffers is flushed first (flushing in a thread of its own, to bound a flush on a full pipe, was
+    tried: one abort in 25 then hung)."""
+    _flush_output()
     deadline = time.monotonic() + ABORT_OUTPUT_WAIT_S
-    flushing = threading.Thread(target=_flush_output, daemon=True)
-    flushing.start()
-    flushing.join(ABORT_OUTPUT_WAIT_S)
     pipes = []
     for stream in (sys.stdout, sys.stderr):
         try:
