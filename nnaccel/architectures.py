@@ -11,7 +11,13 @@ Grammar: comma-separated layers, input to output.
 ``dropR``                 Dropout of rate R, e.g. ``drop0.5``
 ``shiftM``                RandomShift by up to M pixels (what ``--augment`` puts first)
 ``flatten``               Flatten; put before the first Dense after an image layer when left out
+``...:ACT``               a Dense width, ``conv`` or ``bn`` with its own activation: ``conv6k5:linear``,
+                          ``bn:relu`` (PyTorch's Conv2d-BatchNorm2d-ReLU), ``128:tanh``
 ========================  ==========================================================================
+
+Dense and conv layers take the hidden activation (``--activation``) unless
+they name theirs; ``bn`` is linear unless it names one; the output layer is
+linear (the loss takes its logits).
 
 A list of yours without image layers starts with the input width when it
 has more than one number (``784,256,10``, as before); the presets do not. Image layers take one-channel square images, as MNIST's; their
@@ -22,7 +28,7 @@ classes.
 import math
 import re
 
-from . import layers as L
+from . import activations, layers as L
 from .errors import ConfigError
 
 PRESETS = {
@@ -36,7 +42,7 @@ _NUMBER = r"(\d+(?:x\d+)?)"
 _CONV = re.compile(rf"conv(\d+)k{_NUMBER}(?:s{_NUMBER})?(?:p{_NUMBER})?")
 _POOL = re.compile(rf"(max|avg)pool{_NUMBER}(?:s{_NUMBER})?(?:p{_NUMBER})?")
 _GRAMMAR = ("the grammar: N (Dense), convCkK[sS][pP], maxpoolK[sS][pP], avgpoolK[sS][pP], bn, dropR, shiftM, "
-            "flatten (see 'nnaccel train --help')")
+            "flatten, and N, conv or bn with :ACTIVATION (see 'nnaccel train --help')")
 
 
 def _size(text, default=None):
@@ -47,10 +53,33 @@ def _size(text, default=None):
     return parts[0] if len(parts) == 1 else parts
 
 
+def _split(token):
+    """``"conv6k5:linear"`` -> ``("conv6k5", "linear")``; ``"bn"`` -> ``("bn", None)``."""
+    name, colon, activation = token.partition(":")
+    if colon and not activation:
+        raise ConfigError(f"--layers: {token!r} names no activation after ':'; like {name}:relu")
+    return name, activation or None
+
+
+def _activation(token, name, activation, default):
+    """The activation of the layer ``name``: the one the token names, else ``default``; refused on layers
+    that have none."""
+    if activation is None:
+        return default
+    if not (name.isdigit() or name == "bn" or _CONV.fullmatch(name)):
+        raise ConfigError(f"--layers: {token!r}: {name} takes no activation; a Dense width, conv or bn does")
+    try:
+        activations.get(activation)
+    except ConfigError as error:
+        raise ConfigError(f"--layers: {token!r}: {error}") from None
+    return activation
+
+
 def _layer(token, shape, activation):
-    """The layer a token names, given the running sample ``shape``, or None for a Dense width."""
+    """The layer a token names (its activation, if it takes one, is ``activation``), given the running
+    sample ``shape``; Dense widths are _build's."""
     if token == "bn":
-        return L.BatchNorm(shape[0])
+        return L.BatchNorm(shape[0], activation=activation)
     if token == "flatten":
         return L.Flatten()
     if token.startswith("drop"):
@@ -95,7 +124,9 @@ def _build(text, features, classes, activation, starts_with_inputs):
     if "" in tokens:  # a typo that would silently leave a layer out
         raise ConfigError(f"--layers {text!r} has an empty entry (entry {tokens.index('') + 1}): remove the extra "
                           f"comma or name the layer there")
-    images = any(token.startswith(("conv", "maxpool", "avgpool", "shift")) for token in tokens)
+    entries = [_split(token) for token in tokens]
+    names = [name for name, _ in entries]
+    images = any(name.startswith(("conv", "maxpool", "avgpool", "shift")) for name in names)
     if images:
         side = math.isqrt(features)
         if side * side != features:
@@ -104,28 +135,33 @@ def _build(text, features, classes, activation, starts_with_inputs):
         input_shape = (1, side, side)
     else:
         input_shape = (features,)
-        if starts_with_inputs and len([t for t in tokens if t.isdigit()]) > 1 and tokens[0].isdigit():
-            if int(tokens[0]) != features:
-                raise ConfigError(f"--layers starts with {tokens[0]} inputs but the data has {features} features "
+        if starts_with_inputs and len([n for n in names if n.isdigit()]) > 1 and names[0].isdigit():
+            if int(names[0]) != features:
+                raise ConfigError(f"--layers starts with {names[0]} inputs but the data has {features} features "
                                   f"(a list of Dense widths starts with the input width: {features},"
-                                  f"{','.join(tokens)} puts {tokens[0]} units first)")
-            tokens = tokens[1:]
-    widths = [index for index, token in enumerate(tokens) if token.isdigit()]
-    if not widths or widths[-1] != len(tokens) - 1:
+                                  f"{','.join(tokens)} puts {names[0]} units first)")
+            if entries[0][1] is not None:
+                raise ConfigError(f"--layers starts with the input width, {tokens[0]!r}, which takes no activation")
+            tokens, entries = tokens[1:], entries[1:]
+    widths = [index for index, (name, _) in enumerate(entries) if name.isdigit()]
+    if not widths or widths[-1] != len(entries) - 1:
         raise ConfigError(f"--layers must end with the output layer's width ({classes}, the classes)")
-    if int(tokens[-1]) != classes:
-        raise ConfigError(f"--layers ends with {tokens[-1]} outputs but the data has {classes} classes")
+    if int(entries[-1][0]) != classes:
+        raise ConfigError(f"--layers ends with {entries[-1][0]} outputs but the data has {classes} classes")
+    if entries[-1][1] is not None:
+        raise ConfigError(f"--layers ends with {tokens[-1]!r}, but the output layer is linear: the loss takes "
+                          f"its logits (end with {entries[-1][0]})")
     layers, shape = [], input_shape
-    for index, token in enumerate(tokens):
+    for index, (token, (name, named)) in enumerate(zip(tokens, entries)):
         try:
-            if token.isdigit():
+            own = _activation(token, name, named, None if name == "bn" or index == len(tokens) - 1 else activation)
+            if name.isdigit():
                 if len(shape) > 1:
                     layers.append(L.Flatten())
                     shape = layers[-1].output_shape(shape)
-                last = index == len(tokens) - 1
-                layer = L.Dense(shape[0], int(token), activation=None if last else activation)
+                layer = L.Dense(shape[0], int(name), activation=own)
             else:
-                layer = _layer(token, shape, activation)
+                layer = _layer(name, shape, own)
         except ConfigError as error:  # a number out of its range: 0 units, conv0k5, maxpool2s0, drop1.5
             message = str(error)
             raise ConfigError(message if message.startswith("--layers") else

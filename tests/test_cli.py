@@ -92,6 +92,24 @@ def test_a_conv_net_from_the_command_line_predicts_and_shows(tmp_path):
     assert (tmp_path / "w.png").stat().st_size > 1000 and (tmp_path / "a.png").stat().st_size > 1000
 
 
+def test_layers_name_their_own_activations_for_conv_bn_relu(tmp_path):
+    """``conv:linear,bn:relu`` spells PyTorch's Conv2d-BatchNorm2d-ReLU; unnamed Dense and conv layers take
+    --activation, an unnamed bn stays linear, and a resumed run rebuilds the same layers."""
+    layers = "conv4k5p2:linear,bn:relu,maxpool2,conv4k3,bn,32:gelu,bn:relu,16,10"
+    run = nnaccel("train", "--data", "synthetic", "--layers", layers, "--activation", "tanh", "--epochs", 1,
+                  "--save", "m.npz", "--quiet", "--device", "cpu", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    from nnaccel import checkpoint
+
+    saved = checkpoint.read(tmp_path / "m.npz")[0]["model"]["layers"]
+    assert [(layer["type"], layer.get("activation")) for layer in saved] == [
+        ("Conv2D", "linear"), ("BatchNorm", "relu"), ("MaxPool2D", None), ("Conv2D", "tanh"), ("BatchNorm", "linear"),
+        ("Flatten", None), ("Dense", "gelu"), ("BatchNorm", "relu"), ("Dense", "tanh"), ("Dense", "linear")]
+    run = nnaccel("train", "--resume", "m.npz", "--epochs", 2, "--save", "m.npz", "--quiet", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert checkpoint.read(tmp_path / "m.npz")[0]["model"]["layers"] == saved
+
+
 def test_training_options_reach_the_library(tmp_path):
     run = nnaccel("train", "--data", "digits", "--layers", "64,32,16,10", "--dropout", "0.2", "--optimizer", "sgd",
                   "--nesterov", "--weight-decay", "1e-4", "--schedule", "step", "--step-size", 1, "--gamma", "0.5",

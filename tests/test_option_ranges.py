@@ -151,6 +151,14 @@ LAYERS = [
     ("conv4k3,maxpool2,shift7,10", "--layers: 'shift7' needs a whole number of 0 to 6 pixels on 4x13x13 images"),
     ("784,,10", "--layers '784,,10' has an empty entry (entry 2): remove the extra comma or name the layer there"),
     ("784,64,10,", "--layers '784,64,10,' has an empty entry (entry 4)"),
+    ("maxpool2:relu,10", "--layers: 'maxpool2:relu': maxpool2 takes no activation; a Dense width, conv or bn does"),
+    ("conv4k3,bn:,10", "--layers: 'bn:' names no activation after ':'; like bn:relu"),
+    ("conv4k3:relu6,10", "--layers: 'conv4k3:relu6': unknown activation 'relu6'; valid: linear, relu,"),
+    ("784:tanh,64,10", "--layers starts with the input width, '784:tanh', which takes no activation"),
+    ("784,64,10:softmax", "--layers ends with '10:softmax', but the output layer is linear: the loss takes its logits "
+                      "(end with 10)"),
+    ("conv4k3:linear,bn:softmax,10", "--layers: 'bn:softmax' (BatchNorm(4, activation='softmax')) after a 4x26x26 "
+                                     "output: applies a softmax only over features, not over the channels"),
 ]
 
 
