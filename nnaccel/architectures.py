@@ -67,6 +67,8 @@ def _activation(token, name, activation, default):
     if activation is None:
         return default
     if not (name.isdigit() or name == "bn" or _CONV.fullmatch(name)):
+        if not (name == "flatten" or name.startswith(("drop", "shift")) or _POOL.fullmatch(name)):
+            raise ConfigError(f"--layers: {token!r}: {name!r} is not a layer; {_GRAMMAR}")
         raise ConfigError(f"--layers: {token!r}: {name} takes no activation; a Dense width, conv or bn does")
     try:
         activations.get(activation)

@@ -152,6 +152,7 @@ LAYERS = [
     ("784,,10", "--layers '784,,10' has an empty entry (entry 2): remove the extra comma or name the layer there"),
     ("784,64,10,", "--layers '784,64,10,' has an empty entry (entry 4)"),
     ("maxpool2:relu,10", "--layers: 'maxpool2:relu': maxpool2 takes no activation; a Dense width, conv or bn does"),
+    ("dense64:relu,10", "--layers: 'dense64:relu': 'dense64' is not a layer; the grammar: N (Dense),"),
     ("conv4k3,bn:,10", "--layers: 'bn:' names no activation after ':'; like bn:relu"),
     ("conv4k3:relu6,10", "--layers: 'conv4k3:relu6': unknown activation 'relu6'; valid: linear, relu,"),
     ("784:tanh,64,10", "--layers starts with the input width, '784:tanh', which takes no activation"),
