@@ -13,16 +13,25 @@
 constexpr int BG_COLS = 32;
 constexpr int BG_ROWS = 8;
 
-// out[i, j] = act(z[i, j] + bias[j]); bias may be null (no add); out may alias z.
+// out[i, j] = act(z[i, j] + bias[j]); bias may be null (no add); out may alias z, else z keeps
+// z + bias (gelu and silu's derivatives read it), in the same launch, and out activates the sum as
+// stored (rounded to bfloat16 storage), the value the derivative reads.
 template <typename S>
-__global__ void bias_act(const S* z, const nna::compute_t<S>* bias, S* out, long long rows, long long cols,
+__global__ void bias_act(S* z, const nna::compute_t<S>* bias, S* out, long long rows, long long cols,
                          int act, double param) {
   using T = nna::compute_t<S>;
   const T p = T(param);
   const long long n = rows * cols;
   for (nna::RowColWalk w(cols); w.i < n; w.next()) {
     T v = nna::load(z[w.i]);
-    if (bias) v += bias[w.col];
+    if (bias) {
+      v += bias[w.col];
+      if (out != z) {
+        const S kept = nna::store<S>(v);
+        z[w.i] = kept;
+        v = nna::load(kept);
+      }
+    }
     out[w.i] = nna::store<S>(nna::act_forward(act, p, v));
   }
 }

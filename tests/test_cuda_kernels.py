@@ -111,6 +111,8 @@ def test_bias_act_and_backward(cp, ops, on_emulator, dtype, name, params):
     z_dev = cp.asarray(z)
     y_dev = ck.bias_act(z_dev, cp.asarray(bias), act.code, act.param, cp.empty_like(z_dev))
     assert_close(y_dev.get(), y_ref, z_ref, 1.0, n, what=f"{name} forward")
+    numpy.testing.assert_array_equal(z_dev.get(), z_ref)  # z keeps z + bias: one IEEE addition
+    z_dev = cp.asarray(z)
     ck.bias_act(z_dev, cp.asarray(bias), act.code, act.param, z_dev)  # out aliases z
     assert_close(z_dev.get(), y_ref, z_ref, 1.0, n, what=f"{name} forward in place")
 
@@ -137,8 +139,30 @@ def test_bias_act_at_warp_and_block_edges(cp, ops, cols):
 def test_bias_act_without_bias(cp, ops):
     z = random((3000, 333), numpy.float32)
     act = activations.get("gelu")
-    y = ck.bias_act(cp.asarray(z), None, act.code, act.param, cp.empty(z.shape, numpy.float32))
+    z_dev = cp.asarray(z)
+    y = ck.bias_act(z_dev, None, act.code, act.param, cp.empty(z.shape, numpy.float32))
     assert_close(y.get(), act.forward(ops, z.copy(), numpy.empty_like(z)), z, 1.0, 8)
+    numpy.testing.assert_array_equal(z_dev.get(), z)
+
+
+@pytest.mark.parametrize("name", ["relu", "gelu", "silu"])
+def test_the_backend_adds_the_bias_and_activates_in_one_launch(cp, ops, cuda_device, monkeypatch, name):
+    """Into ``z`` itself (relu reads its output) or into another array keeping ``z + bias`` for the derivative
+    (gelu, silu): one kernel either way, leaving what the CPU backend leaves."""
+    act, cuda = activations.get(name), get_backend(cuda_device)
+    z, bias = random((300, 33), numpy.float32), random(33, numpy.float32, 1)
+    launches = []
+    launch = ck._launch
+    monkeypatch.setattr(ck, "_launch", lambda name, *args: launches.append(name) or launch(name, *args))
+    z_dev = cp.asarray(z)
+    out = z_dev if act.uses_output else cp.empty_like(z_dev)
+    y = cuda.bias_act(z_dev, cp.asarray(bias), act, out)
+    assert launches == ["bias_act"]
+    z_ref = z.copy()
+    y_ref = ops.bias_act(z_ref, bias, act, z_ref if act.uses_output else numpy.empty_like(z))
+    assert_close(y.get(), y_ref, z_ref, 1.0, ulps(cp.__version__.endswith("standin")))
+    if not act.uses_output:
+        numpy.testing.assert_array_equal(z_dev.get(), z_ref)
 
 
 @pytest.mark.parametrize("rows", [1, 63, 64, 65, 700, 5000])

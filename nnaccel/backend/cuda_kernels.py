@@ -178,7 +178,9 @@ def _i64(value):
 
 def bias_act(z, bias, act_code, param, out):
     """``out = act(z + bias)`` with the bias over the last axis (``bias=None``:
-    no add); ``out`` may be ``z``. Returns ``out``."""
+    no add); ``out`` may be ``z``, else ``z`` keeps z + bias (gelu and silu's
+    derivatives read it), as the base backend's ``bias_act`` leaves it. Returns
+    ``out``."""
     dtype = _float_array("z", z, STORAGE)
     rows, cols = _rows_cols("z", z)
     if bias is not None:

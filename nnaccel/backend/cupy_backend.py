@@ -165,9 +165,6 @@ class CupyBackend(Backend):
     def bias_act(self, z, bias, activation, out):
         if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused_storage(z, bias, out):
             return super().bias_act(z, bias, activation, out)
-        if out is not z and bias is not None:  # the derivative needs z + bias: keep it, then activate
-            cuda_kernels.bias_act(z, bias, cuda_kernels.ACT_CODES["linear"], 0.0, z)
-            bias = None
         return cuda_kernels.bias_act(z, bias, activation.code, activation.param, out)
 
     def act_backward(self, dy, y, z, activation, out, bias_grad=None):
