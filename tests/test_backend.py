@@ -67,6 +67,33 @@ def test_backends_keep_the_base_signatures(cls):
             assert inspect.signature(member) == inspect.signature(base), name
 
 
+UPDATES = [("sgd", (0.1, 0.0, 0.0, False)), ("sgd", (0.1, 0.9, 1e-3, True)), ("sgd", (0.1, 0.9, 0.0, False)),
+           ("adam", (1e-2, 0.9, 0.999, 1e-8, 0.0, False, 3)), ("adam", (1e-2, 0.9, 0.999, 1e-8, 0.01, True, 3)),
+           ("adam", (1e-2, 0.9, 0.999, 1e-8, 0.01, False, 1))]
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("name, options", UPDATES, ids=[f"{n}{o}" for n, o in UPDATES])
+def test_the_cpu_updates_in_cache_sized_blocks_the_same_numbers(dtype, name, options):
+    """Over a buffer of several blocks and a short last one, the blocked optimizer step gives the base
+    backend's one-pass numbers bit for bit, and leaves the state where the base leaves it."""
+    from nnaccel.backend.numpy_backend import UPDATE_BLOCK_BYTES
+
+    ops, rng = get_backend("cpu"), numpy.random.default_rng(5)
+    size = 2 * UPDATE_BLOCK_BYTES // numpy.dtype(dtype).itemsize + 1001
+    param, grad, *state = (rng.standard_normal(size).astype(dtype) for _ in range(2 + (2 if name == "adam" else 1)))
+    if name == "adam":
+        state[1] = numpy.abs(state[1])  # the second moment
+    elif not options[1]:
+        state = [None]  # SGD without momentum: no velocity buffer
+    ours, theirs = [param.copy(), *(s if s is None else s.copy() for s in state)], [param, *state]
+    getattr(ops, f"{name}_update")(ours[0], grad, *ours[1:], *options)
+    getattr(Backend, f"{name}_update")(ops, theirs[0], grad, *theirs[1:], *options)
+    for a, b in zip(ours, theirs):
+        if b is not None:
+            numpy.testing.assert_array_equal(a, b)
+
+
 class _FakeCupyArray:
     """Looks like a CuPy array to the device checks, without needing a GPU."""
 
