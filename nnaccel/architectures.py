@@ -20,7 +20,8 @@ they name theirs; ``bn`` is linear unless it names one; the output layer is
 linear (the loss takes its logits).
 
 A list of yours without image layers starts with the input width when it
-has more than one number (``784,256,10``, as before); the presets do not. Image layers take one-channel square images, as MNIST's; their
+has more than one number and the first names no activation (``784,256,10``,
+as before); the presets do not. Image layers take one-channel square images, as MNIST's; their
 side comes from the data's width. The last Dense width must be the number of
 classes.
 """
@@ -28,7 +29,7 @@ classes.
 import math
 import re
 
-from . import activations, layers as L
+from . import layers as L
 from .errors import ConfigError
 
 PRESETS = {
@@ -55,26 +56,10 @@ def _size(text, default=None):
 
 def _split(token):
     """``"conv6k5:linear"`` -> ``("conv6k5", "linear")``; ``"bn"`` -> ``("bn", None)``."""
-    name, colon, activation = token.partition(":")
+    name, colon, activation = (part.strip() for part in token.partition(":"))
     if colon and not activation:
         raise ConfigError(f"--layers: {token!r} names no activation after ':'; like {name}:relu")
     return name, activation or None
-
-
-def _activation(token, name, activation, default):
-    """The activation of the layer ``name``: the one the token names, else ``default``; refused on layers
-    that have none."""
-    if activation is None:
-        return default
-    if not (name.isdigit() or name == "bn" or _CONV.fullmatch(name)):
-        if not (name == "flatten" or name.startswith(("drop", "shift")) or _POOL.fullmatch(name)):
-            raise ConfigError(f"--layers: {token!r}: {name!r} is not a layer; {_GRAMMAR}")
-        raise ConfigError(f"--layers: {token!r}: {name} takes no activation; a Dense width, conv or bn does")
-    try:
-        activations.get(activation)
-    except ConfigError as error:
-        raise ConfigError(f"--layers: {token!r}: {error}") from None
-    return activation
 
 
 def _layer(token, shape, activation):
@@ -137,26 +122,25 @@ def _build(text, features, classes, activation, starts_with_inputs):
         input_shape = (1, side, side)
     else:
         input_shape = (features,)
-        if starts_with_inputs and len([n for n in names if n.isdigit()]) > 1 and names[0].isdigit():
+        bare_first = names[0].isdigit() and entries[0][1] is None  # 128:tanh is a layer, not inputs
+        if starts_with_inputs and len([n for n in names if n.isdigit()]) > 1 and bare_first:
             if int(names[0]) != features:
                 raise ConfigError(f"--layers starts with {names[0]} inputs but the data has {features} features "
                                   f"(a list of Dense widths starts with the input width: {features},"
                                   f"{','.join(tokens)} puts {names[0]} units first)")
-            if entries[0][1] is not None:
-                raise ConfigError(f"--layers starts with the input width, {tokens[0]!r}, which takes no activation")
             tokens, entries = tokens[1:], entries[1:]
     widths = [index for index, (name, _) in enumerate(entries) if name.isdigit()]
     if not widths or widths[-1] != len(entries) - 1:
         raise ConfigError(f"--layers must end with the output layer's width ({classes}, the classes)")
     if int(entries[-1][0]) != classes:
         raise ConfigError(f"--layers ends with {entries[-1][0]} outputs but the data has {classes} classes")
-    if entries[-1][1] is not None:
+    if entries[-1][1] not in (None, "linear"):
         raise ConfigError(f"--layers ends with {tokens[-1]!r}, but the output layer is linear: the loss takes "
                           f"its logits (end with {entries[-1][0]})")
     layers, shape = [], input_shape
     for index, (token, (name, named)) in enumerate(zip(tokens, entries)):
         try:
-            own = _activation(token, name, named, None if name == "bn" or index == len(tokens) - 1 else activation)
+            own = named or (None if name == "bn" or index == len(tokens) - 1 else activation)
             if name.isdigit():
                 if len(shape) > 1:
                     layers.append(L.Flatten())
@@ -164,6 +148,8 @@ def _build(text, features, classes, activation, starts_with_inputs):
                 layer = L.Dense(shape[0], int(name), activation=own)
             else:
                 layer = _layer(name, shape, own)
+            if named is not None and not isinstance(layer, L.ACTIVATED):
+                raise ConfigError(f"--layers: {token!r}: {name} takes no activation; a Dense width, conv or bn does")
         except ConfigError as error:  # a number out of its range: 0 units, conv0k5, maxpool2s0, drop1.5
             message = str(error)
             raise ConfigError(message if message.startswith("--layers") else

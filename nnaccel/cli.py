@@ -94,7 +94,8 @@ def build_parser():
                                        "maxpoolK[sS][pP], avgpoolK[sS][pP], bn (BatchNorm), dropR (Dropout R), "
                                        "shiftM (RandomShift M px), flatten (added before the first Dense after "
                                        "image layers). Dense and conv take --activation and bn is linear, unless "
-                                       "one names its own: N:ACT, conv...:ACT, bn:ACT. E.g. "
+                                       "one names its own: N:ACT, conv...:ACT, bn:ACT (not the output layer: the "
+                                       "loss takes its logits). E.g. "
                                        "conv6k5p2,maxpool2,conv16k5,maxpool2,120,84,10, or with PyTorch's "
                                        "Conv2d-BatchNorm2d-ReLU blocks conv6k5p2:linear,bn:relu,maxpool2,120,10. "
                                        f"Presets (--model): {', '.join(f'{k} = {v}' for k, v in architectures.PRESETS.items())}.")

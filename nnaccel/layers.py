@@ -627,6 +627,7 @@ class BatchNorm(Layer):
 
 LAYERS = {cls.__name__: cls for cls in (Dense, Maxout, Dropout, RandomShift, Conv2D, MaxPool2D, AvgPool2D, Flatten,
                                         BatchNorm)}
+ACTIVATED = (Dense, Conv2D, BatchNorm)  # the layers that apply an activation of their own
 
 
 def from_config(config):

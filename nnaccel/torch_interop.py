@@ -183,9 +183,6 @@ LAYER_OF_MODULE = {"Linear": _linear, "Conv2d": _conv2d, "BatchNorm1d": _batchno
 BATCHNORM_SAMPLES = {"BatchNorm1d": (1, "(features)"), "BatchNorm2d": (3, "(channels, height, width)")}  # rank, axes
 
 
-ACTIVATED = (layers.Dense, layers.Conv2D, layers.BatchNorm)  # the layers that apply an activation of their own
-
-
 def _sample_rank(module):
     """How many axes the samples of a Linear's, Conv2d's or BatchNorm's output have."""
     kind = type(module).__name__
@@ -223,7 +220,7 @@ def _specs(torch, module):
             continue
         try:
             if kind in ACTIVATION_OF_MODULE:
-                if not specs or specs[-1].source is not previous or specs[-1].cls not in ACTIVATED:
+                if not specs or specs[-1].source is not previous or specs[-1].cls not in layers.ACTIVATED:
                     raise ConfigError(f"{child!r} comes {f'after {previous!r}' if previous else 'first'}: nnaccel "
                                       f"applies an activation only as part of a Dense, Conv2D or BatchNorm layer, "
                                       f"so it must directly follow a Linear, Conv2d or BatchNorm")

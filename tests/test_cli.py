@@ -110,6 +110,20 @@ def test_layers_name_their_own_activations_for_conv_bn_relu(tmp_path):
     assert checkpoint.read(tmp_path / "m.npz")[0]["model"]["layers"] == saved
 
 
+def test_a_layers_entry_with_an_activation_is_a_layer_wherever_it_stands():
+    """A first entry naming an activation is a Dense layer, not the input width; spaces around the colon
+    and a linear output layer spelled out are what they say."""
+    from nnaccel import architectures
+
+    def built(text):
+        return [repr(layer) for layer in architectures.build(text, 784, 10)[0]]
+
+    assert built("128:tanh,10") == ["Dense(784, 128, activation='tanh')", "Dense(128, 10)"]
+    assert built("784,128:tanh,10:linear") == built("784,128 : tanh,10")
+    assert built("conv4k3: Linear,BN :relu,10") == ["Conv2D(1, 4, 3)", "BatchNorm(4, activation='relu')",
+                                                     "Flatten()", "Dense(2704, 10)"]
+
+
 def test_training_options_reach_the_library(tmp_path):
     run = nnaccel("train", "--data", "digits", "--layers", "64,32,16,10", "--dropout", "0.2", "--optimizer", "sgd",
                   "--nesterov", "--weight-decay", "1e-4", "--schedule", "step", "--step-size", 1, "--gamma", "0.5",

@@ -152,10 +152,10 @@ LAYERS = [
     ("784,,10", "--layers '784,,10' has an empty entry (entry 2): remove the extra comma or name the layer there"),
     ("784,64,10,", "--layers '784,64,10,' has an empty entry (entry 4)"),
     ("maxpool2:relu,10", "--layers: 'maxpool2:relu': maxpool2 takes no activation; a Dense width, conv or bn does"),
-    ("dense64:relu,10", "--layers: 'dense64:relu': 'dense64' is not a layer; the grammar: N (Dense),"),
+    ("dense64:relu,10", "--layers: 'dense64' is not a layer; the grammar: N (Dense),"),
     ("conv4k3,bn:,10", "--layers: 'bn:' names no activation after ':'; like bn:relu"),
     ("conv4k3:relu6,10", "--layers: 'conv4k3:relu6': unknown activation 'relu6'; valid: linear, relu,"),
-    ("784:tanh,64,10", "--layers starts with the input width, '784:tanh', which takes no activation"),
+    ("drop:relu,784,10", "--layers: 'drop' needs a rate in [0, 1), like drop0.5"),
     ("784,64,10:softmax", "--layers ends with '10:softmax', but the output layer is linear: the loss takes its logits "
                       "(end with 10)"),
     ("conv4k3:linear,bn:softmax,10", "--layers: 'bn:softmax' (BatchNorm(4, activation='softmax')) after a 4x26x26 "
