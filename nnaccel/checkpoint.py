@@ -54,6 +54,7 @@ HEADER_LIMIT = 4096  # bytes of one member's .npy header (numpy writes about 128
 MAX_SIZE = 2**31 - 1  # any integer in a layer's config, and the values per sample anywhere in the model
 MAX_LAYERS = 10_000
 MAX_COUNT = 2**63 - 1  # epochs, steps, seeds, batch sizes, dropout counters
+MAX_PATH = 4096  # characters of the data's path in a run's plan (Linux's PATH_MAX)
 _CHUNK = 2**20  # array data is read in pieces of this many bytes straight into its array
 FLOAT_NAMES = ("float32", "float64")
 
@@ -572,10 +573,12 @@ def _check_trainer(path, state):
             _count(path, saved["weights_epoch"], "the epoch of early stopping's best weights", minimum=1)
     plan = state.get("plan")
     if plan is not None:
-        if not isinstance(plan, dict) or set(plan) != {"epochs", "validation_split"} or \
-                not _real(plan["validation_split"]) or not 0 < plan["validation_split"] < 1:
-            raise CheckpointError(f"{path}: the run's plan must hold its epochs and a validation split between 0 "
-                                  f"and 1, found {_shown(plan)}")
+        data = plan.get("data", "mnist") if isinstance(plan, dict) else None  # older checkpoints have none
+        if not isinstance(plan, dict) or set(plan) - {"data"} != {"epochs", "validation_split"} or \
+                not _real(plan["validation_split"]) or not 0 < plan["validation_split"] < 1 or \
+                not isinstance(data, str) or not 0 < len(data) <= MAX_PATH or "\0" in data:
+            raise CheckpointError(f"{path}: the run's plan must hold its epochs, a validation split between 0 "
+                                  f"and 1 and the data's name or path, found {_shown(plan)}")
         _count(path, plan["epochs"], "the run's planned epochs", minimum=1)
     schedule = state.get("schedule")
     if schedule is not None:

@@ -1,4 +1,4 @@
-"""The ``nnaccel`` command: train, evaluate, predict, show, info.
+"""The nnaccel command: train, evaluate, predict, show, export, bench, info.
 
 User errors (bad options, bad files, unusable devices) print one line and
 exit non-zero, with no traceback.
@@ -29,6 +29,7 @@ from .trainer import Trainer, TrainingDiverged
 DEFAULT_LR = {"sgd": 0.1, "adam": 0.001, "adamw": 0.001}
 DEFAULT_EPOCHS = 20
 DEFAULT_VALIDATION_SPLIT = 0.2
+DEFAULT_DATA = "mnist"
 # What `nnaccel train` trains on 28x28 images when no architecture is given: the best recipe found for
 # the MNIST sample within 2 minutes on a 2-core CPU (benchmarks/recipes.py; README, "The default recipe").
 INTERRUPTED_RUN_FILE = "nnaccel-interrupted.npz"  # where a stopped run without --save is checkpointed
@@ -100,8 +101,9 @@ def build_parser():
                                        "Conv2d-BatchNorm2d-ReLU blocks conv6k5p2:linear,bn:relu,maxpool2,120,10. "
                                        f"Presets (--model): {', '.join(f'{k} = {v}' for k, v in architectures.PRESETS.items())}.")
     data = train.add_argument_group("data")
-    data.add_argument("--data", default="mnist",
-                      help="'mnist' (the 7,996 real 28x28 MNIST digits nnaccel ships, default), 'digits' "
+    data.add_argument("--data",
+                      help="'mnist' (the 7,996 real 28x28 MNIST digits nnaccel ships, default; with --resume the "
+                           "checkpoint's data), 'digits' "
                            "(scikit-learn's 8x8 digits: pip install 'nnaccel[digits]'), 'synthetic', an MNIST "
                            "folder of IDX files, or a Keras mnist.npz")
     data.add_argument("--validation-split", type=_split_text,
@@ -161,15 +163,16 @@ def build_parser():
                      help="data-parallel over the processes of 'mpiexec -n N' (MPI on CPUs, NCCL between "
                           "GPUs, one GPU per rank); --batch-size is per rank; only rank 0 prints and saves")
     report = train.add_argument_group("output")
-    report.add_argument("--csv", metavar="FILE", help="append one row of metrics per epoch to a CSV file")
+    report.add_argument("--csv", metavar="FILE", help="write one row of metrics per epoch to a CSV file (a fresh "
+                        "run starts it afresh; with --resume, appended to)")
     report.add_argument("--plot", metavar="FILE", help="draw the training curves to a PNG")
     report.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
     report.add_argument("--quiet", action="store_true", help="no progress output")
 
     evaluate = commands.add_parser("evaluate", help="loss and accuracy of a saved model on a data set")
     evaluate.add_argument("model", help="a checkpoint written by 'nnaccel train --save'")
-    evaluate.add_argument("--data", default="mnist", help="'mnist' (the sample nnaccel ships, default), 'digits', an "
-                                                        "MNIST folder or a mnist.npz")
+    evaluate.add_argument("--data", help="'mnist' (the sample nnaccel ships), 'digits', an MNIST folder or a "
+                                         "mnist.npz (default: the data the checkpoint was trained on, else mnist)")
     evaluate.add_argument("--split", choices=["test", "train", "validation"],
                           help="default: test where the data has one, else validation: the part 'nnaccel train' "
                                "held out (--validation-split of the train split, with the checkpoint's seed)")
@@ -484,6 +487,8 @@ def _train(args):
     from . import distributed
 
     args.communicator = None
+    if args.validation_split is not None and not 0.0 < args.validation_split < 1.0:
+        raise ConfigError(f"--validation-split must be between 0 and 1, got {args.validation_split}")
     if args.distributed:
         device = distributed.rank_device(args.device)
         args.communicator = distributed.communicator_for(device)
@@ -498,13 +503,12 @@ def _train(args):
         if distributed.launched_size() > 1:
             _say(args, f"warning: {distributed.launched_size()} processes were started but without --distributed "
                        f"each trains alone")
-    if args.validation_split is not None and not 0.0 < args.validation_split < 1.0:
-        raise ConfigError(f"--validation-split must be between 0 and 1, got {args.validation_split}")
     _check_outputs(args)
+    trainer = _trainer_from_checkpoint(args, device) if args.resume else None
+    _default_to_the_plan(args, trainer.plan if trainer else None)
     x, y = datasets.load(args.data, split="train")
     _apply_default_recipe(args, x.shape[1])
     if args.resume:
-        trainer = _trainer_from_checkpoint(args, device)
         ignored = _options_a_resume_ignores(args)
         if ignored:
             _say(args, f"warning: --resume continues {args.resume} with its own model, loss, optimizer, schedule, "
@@ -521,8 +525,7 @@ def _train(args):
     else:
         args.epochs = args.epochs or DEFAULT_EPOCHS
         trainer = _trainer_from_options(args, x.shape[1], int(y.max()) + 1, device)
-    _default_to_the_planned_split(args, trainer.plan)
-    trainer.plan = {"epochs": args.epochs, "validation_split": args.validation_split}
+    trainer.plan = {"epochs": args.epochs, "validation_split": args.validation_split, "data": args.data}
     model = trainer.model
     _check_ranges_against_data(args, trainer, x.shape[0])
     (x_train, y_train), (x_val, y_val) = datasets.train_val_split(x, y, args.validation_split, seed=trainer.seed)
@@ -564,15 +567,22 @@ def _train(args):
     return 0
 
 
-def _default_to_the_planned_split(args, plan):
-    """--validation-split, left out: the one a checkpoint's ``plan`` was trained with, else the default."""
+def _default_to_the_plan(args, plan):
+    """--data and --validation-split, left out: what a checkpoint's ``plan`` was trained with (checkpoints
+    before the data was recorded: the default data), else the defaults."""
+    plan = plan or {}
+    if args.data is None:
+        args.data = plan.get("data", DEFAULT_DATA)
+        _refuse_outputs_over_inputs(args)  # with the data named now
     if args.validation_split is None:
-        args.validation_split = (plan or {}).get("validation_split", DEFAULT_VALIDATION_SPLIT)
+        args.validation_split = plan.get("validation_split", DEFAULT_VALIDATION_SPLIT)
 
 
 def _evaluation_data(args, meta):
     """``(x, y, split)``: ``--split``, or the test split where there is one, else the validation part
     ``nnaccel train`` held out (same fraction, the checkpoint's seed)."""
+    state = meta.get("trainer") or {}
+    _default_to_the_plan(args, state.get("plan"))
     split = args.split
     if split is None:
         try:
@@ -581,9 +591,7 @@ def _evaluation_data(args, meta):
             split = "validation"
     if split != "validation":
         return (*datasets.load(args.data, split=split), split)
-    state = meta.get("trainer") or {}
     x, y = datasets.load(args.data, split="train")
-    _default_to_the_planned_split(args, state.get("plan"))
     (x_train, _), validation = datasets.train_val_split(x, y, args.validation_split, seed=int(state.get("seed", 0)))
     # the validation part is the permutation's head: a larger fraction than trained takes in trained samples
     if state.get("samples") is not None and x_train.shape[0] < state["samples"]:

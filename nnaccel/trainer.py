@@ -82,7 +82,7 @@ class Trainer:
         self._fit_finished = False  # whether the last fit ran to its end (all epochs or an early stop), not an error
         self._fit_callbacks = None  # the callbacks of the last fit: its EarlyStopping states go into checkpoints
         self._restored_early_stopping = []  # (state, weights) of each a restored checkpoint holds, until a fit
-        self.plan = None  # the command line's plan of the run ({"epochs", "validation_split"}), kept in checkpoints
+        self.plan = None  # the command line's plan of the run ({"epochs", "validation_split", "data"}), kept in checkpoints
         self.communicator = communicator
         self.cuda_graphs = bool(cuda_graphs)
         if precision not in PRECISIONS:
@@ -471,7 +471,7 @@ class Trainer:
         ``samples`` is the size of the last fit's training set, which a run
         resumed mid-epoch must step over again; ``early_stopping`` the state
         of each EarlyStopping (its best weights go in as arrays); ``plan`` what
-        ``nnaccel train`` planned (total epochs, validation split), which a
+        ``nnaccel train`` planned (total epochs, validation split, data), which a
         resume and ``nnaccel evaluate`` default to.
         """
         return {"epoch": self.epoch, "seed": self.seed, "batch_size": self.batch_size * self.world_size,

@@ -528,24 +528,45 @@ def test_printed_resume_command_keeps_the_validation_split(tmp_path, monkeypatch
     _assert_same_run(tmp_path / "ck.npz", tmp_path / "ref.npz")
 
 
-def test_a_resume_and_evaluate_default_to_the_runs_epochs_and_validation_split(tmp_path, monkeypatch, capsys):
-    """The checkpoint holds what train planned: resumed with neither --epochs nor --validation-split, the
-    run goes on to its total on its split (the weights of the uninterrupted run, bit for bit), and
-    evaluate's validation part is the one it held out."""
+def test_a_resume_and_evaluate_default_to_the_runs_epochs_validation_split_and_data(tmp_path, monkeypatch, capsys):
+    """The checkpoint holds what train planned: resumed with none of --epochs, --validation-split and
+    --data, the run goes on to its total on its split of its data (the weights of the uninterrupted run,
+    bit for bit), and evaluate scores that data's validation part, the one it held out."""
     plan = ["--validation-split", "0.3", "--schedule", "step", "--step-size", "1"]
     _interrupted_in_process(tmp_path, monkeypatch, capsys, plan)
-    assert checkpoint.read(tmp_path / "ck.npz")[0]["trainer"]["plan"] == {"epochs": 3, "validation_split": 0.3}
-    assert cli.main(["train", "--resume", "ck.npz", "--save", "ck.npz", "--data", "digits", "--device", "cpu",
-                     "--quiet"]) == 0
+    assert checkpoint.read(tmp_path / "ck.npz")[0]["trainer"]["plan"] == {"epochs": 3, "validation_split": 0.3,
+                                                                          "data": "digits"}
+    assert cli.main(["train", "--resume", "ck.npz", "--save", "ck.npz", "--device", "cpu", "--quiet"]) == 0
     assert cli.main([*SMALL, "--epochs", "3", "--quiet", *plan, "--save", "ref.npz"]) == 0
     _assert_same_run(tmp_path / "ck.npz", tmp_path / "ref.npz")
     capsys.readouterr()
     scores = []
-    for extra in ([], ["--validation-split", "0.3"]):
-        assert cli.main(["evaluate", "ck.npz", "--data", "digits", "--split", "validation", "--json", "--device",
-                         "cpu", *extra]) == 0
+    for extra in ([], ["--validation-split", "0.3", "--data", "digits"]):
+        assert cli.main(["evaluate", "ck.npz", "--split", "validation", "--json", "--device", "cpu", *extra]) == 0
         scores.append(json.loads(capsys.readouterr().out))
-    assert scores[0] == scores[1]
+    assert scores[0] == scores[1] and scores[0]["accuracy"] > 0.5  # digits, not the 28x28 sample
+
+
+def test_a_checkpoint_without_its_data_in_the_plan_resumes_on_the_default_data(tmp_path, monkeypatch, capsys):
+    """Checkpoints written before the plan held the data resume (and evaluate) on mnist, as they did;
+    a --csv log over the data the plan names is refused as over any --data file."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--data", "synthetic", "--layers", "784,10", "--epochs", "1", "--device", "cpu",
+                     "--quiet", "--save", "a.npz"]) == 0
+    meta, arrays = checkpoint.read(tmp_path / "a.npz")
+    trainer = nn.Trainer(checkpoint.model_from(meta, arrays, "a.npz", "cpu"), quiet=True,
+                         optimizer=nn.optimizers.get(meta["optimizer"]["config"]))
+    trainer.restore(meta, arrays, "a.npz")
+    trainer.plan = {"epochs": 1, "validation_split": 0.2}  # as written before the data was recorded
+    trainer.save_checkpoint("old.npz")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "old.npz", "--epochs", "2", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"] == "mnist"
+    trainer.plan["data"] = "d.npz"
+    trainer.save_checkpoint("d-plan.npz")
+    (tmp_path / "d.npz").write_bytes(b"")
+    assert cli.main(["train", "--resume", "d-plan.npz", "--epochs", "2", "--device", "cpu", "--csv", "d.npz"]) == 2
+    assert "--csv d.npz would overwrite the --data file d.npz" in capsys.readouterr().err
 
 
 # ----- 3. Property tests ----------------------------------------------------------------------
@@ -904,7 +925,7 @@ def test_nonsense_cli_numbers_are_one_line_errors(capsys, tmp_path, monkeypatch)
     """Nonsense numbers (NaN, inf, negative momentum) fail as one line, exit 2, before any training."""
     monkeypatch.chdir(tmp_path)
     for args, message in [(["--validation-split", "nan"], "--validation-split must be between 0 and 1"),
-                          (["--validation-split", "1"], "--validation-split must be between 0 and 1")]:
+                          (["--validation-split", "1", "--device", "auto"], "--validation-split must be between")]:
         assert cli.main(["train", "--data", "synthetic", "--epochs", "1", "--device", "cpu", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, err
