@@ -88,21 +88,25 @@ __global__ void bias_act_to_nchw(S* z, const nna::compute_t<S>* bias, S* rows, S
   }
 }
 
-// One block per channel: dz[ch, img l + pos] = dy[img, ch, pos] * act'(x), x being rows (y) or z as the
-// activation needs (both (c, n l); null for linear), and db[ch] = the sum of the channel's dz, in a
-// fixed order (deterministic).
+// Block (ch, chunk) over the images [chunk chunk_images, (chunk + 1) chunk_images): dz[ch, img l + pos] =
+// dy[img, ch, pos] * act'(x), x being rows (y) or z as the activation needs (both (c, n l); null for
+// linear), and db[chunk c + ch] = the sum of the chunk's dz, in a fixed order (deterministic): with one
+// chunk the bias gradient, with several the rows that bias_grad_reduce (elementwise.cu) adds up in chunk
+// order, so that a few channels still fill the GPU.
 template <typename S>
 __global__ void act_backward_from_nchw(const S* dy, const S* rows, const S* z, S* dz, nna::compute_t<S>* db,
-                                       long long n, int c, long long l, int act, double param) {
+                                       long long n, int c, long long l, long long chunk_images, int act,
+                                       double param) {
   using T = nna::compute_t<S>;
   __shared__ T part[CONV_THREADS];
   const T p = T(param);
   const int ch = blockIdx.x;
   const S* x = nna::act_grad_uses_z(act) ? z : rows;
-  const long long count = n * l;
+  const long long first = blockIdx.y * chunk_images * l;
+  const long long end = first + chunk_images * l < n * l ? first + chunk_images * l : n * l;
   T acc = T(0);
-  for (long long m = threadIdx.x; m < count; m += CONV_THREADS) {
-    const long long at = ch * count + m;
+  for (long long m = first + threadIdx.x; m < end; m += CONV_THREADS) {
+    const long long at = ch * n * l + m;
     const S d = nna::store<S>(nna::load(dy[(m / l * c + ch) * l + m % l]) *
                               nna::act_derivative(act, p, x ? nna::load(x[at]) : T(0)));
     dz[at] = d;
@@ -114,7 +118,7 @@ __global__ void act_backward_from_nchw(const S* dy, const S* rows, const S* z, S
     if (threadIdx.x < half) part[threadIdx.x] += part[threadIdx.x + half];
     __syncthreads();
   }
-  if (threadIdx.x == 0 && db) db[ch] = part[0];
+  if (threadIdx.x == 0 && db) db[blockIdx.y * (long long)c + ch] = part[0];
 }
 
 // y = the maximum of each window (a NaN counts as the maximum, ties go to the first), idx = where it

@@ -398,12 +398,13 @@ def test_pooling_kernels(cp, ops, window):
                                      ops.avgpool_backward(dy, window, numpy.empty(x.shape, numpy.float32)))
 
 
+@pytest.mark.parametrize("n, c, l", [(9, 33, 257), (40, 3, 300)], ids=["one chunk", "chunks"])
 @pytest.mark.parametrize("name", ["relu", "gelu", "linear", "sigmoid"])
-def test_bias_act_over_channels(cp, ops, name):
+def test_bias_act_over_channels(cp, ops, name, n, c, l):
     """A convolution's matmul (C, N*L) to NCHW with bias and activation, and back with the bias gradient
-    (one block per channel: channels of more values than the block has threads)."""
+    (channels of more values than a block has threads; a few channels of many values, which the
+    gradient splits into chunks of images on the emulated device's 2 multiprocessors and on a GPU's)."""
     act = activations.get(name)
-    n, c, l = 9, 33, 257
     z, _ = images(cp, (c, n * l))
     bias, bias_dev = images(cp, (c,), seed=1)
     rows_ref = z.copy() if act.uses_output else numpy.empty_like(z)
@@ -430,10 +431,11 @@ def test_bias_act_over_channels(cp, ops, name):
     assert numpy.all(numpy.abs(db.get() - dz_ref.astype(numpy.float64).sum(axis=1)) <= 1e-6 * magnitude + 1e-7)
 
 
-@pytest.mark.parametrize("n, c, l", [(9, 70, 33), (300, 5, 1), (2, 3, 1000), (1, 4, 2)])
+@pytest.mark.parametrize("n, c, l", [(9, 70, 33), (300, 5, 1), (2, 3, 1000), (1, 4, 2), (64, 3, 400), (5000, 3, 1)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_batchnorm_kernels(cp, ops, n, c, l, dtype):
-    """One block per channel; channels of 2 values up to thousands (strided per-thread sums, then the tree)."""
+    """Channels of 2 values up to thousands (strided per-thread sums, then the tree), and a few channels
+    of many values, split into chunks of images (the last one shorter) that are merged in order."""
     x, x_dev = images(cp, (n, c, l), dtype)
     x += numpy.arange(c, dtype=dtype)[None, :, None]  # means far from zero: the variance is computed centred
     x_dev = cp.asarray(x)

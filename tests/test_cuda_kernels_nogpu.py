@@ -55,7 +55,8 @@ def test_name_expressions_match_the_templates():
         floats = [n for n in names if n not in ("to_storage", "from_storage")]  # conversions: bf16 only
         assert ck.name_expressions(filename, numpy.float32) == [f"{n}<float>" for n in floats]
         assert ck.name_expressions(filename, numpy.float64) == [f"{n}<double>" for n in floats]
-        bf16 = [n for n in names if n not in ("bias_grad_reduce", "softmax_rows", "softmax_backward") and
+        compute_only = ("bias_grad_reduce", "softmax_rows", "softmax_backward", "batchnorm_stats_merge")
+        bf16 = [n for n in names if n not in compute_only and
                 filename in ("elementwise.cu", "conv.cu", "batchnorm.cu")]  # the layers with bfloat16 storage
         assert ck.name_expressions(filename, numpy.uint16) == [f"{n}<nna::bf16>" for n in bf16]
 
@@ -83,6 +84,23 @@ def test_bias_grad_chunks_cover_all_rows(rows, cols):
     assert 1 <= chunks <= 65535
     assert (chunks - 1) * chunk_rows < rows <= chunks * chunk_rows  # every row once, no empty chunk
     assert chunks == 1 or chunk_rows >= ck.BIAS_GRAD_MIN_CHUNK_ROWS
+
+
+@pytest.mark.parametrize("n, c, l", [(1, 1, 2), (128, 6, 784), (128, 16, 100), (128, 120, 1), (5000, 3, 1),
+                                     (7, 2, 10**6), (64, 512, 49)])
+@pytest.mark.parametrize("sm_count", [2, 132])
+def test_channel_chunks_cover_all_images_and_fill_the_gpu(n, c, l, sm_count):
+    chunks, chunk_images = ck.channel_chunks(n, c, l, sm_count)
+    assert 1 <= chunks <= min(n, 65535)
+    assert (chunks - 1) * chunk_images < n <= chunks * chunk_images  # every image once, no empty chunk
+    assert chunks == 1 or chunk_images * l >= ck.CHANNEL_MIN_CHUNK_VALUES
+
+
+def test_a_few_channels_of_large_images_fill_the_gpu():
+    """The default recipe's first BatchNorm (6 channels of 28x28 at batch 128) on an H100's 132
+    multiprocessors: one block per channel would leave 126 of them idle."""
+    chunks, _ = ck.channel_chunks(128, 6, 784, sm_count=132)
+    assert 6 * chunks >= 132
 
 
 # ----- validation before any CuPy call ---------------------------------------------------------------

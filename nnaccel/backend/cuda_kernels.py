@@ -38,7 +38,8 @@ KERNELS = {
     "maxout.cu": ("maxout_forward", "maxout_backward"),
     "conv.cu": ("im2col", "col2im", "bias_act_to_nchw", "act_backward_from_nchw", "maxpool_forward",
                 "maxpool_backward", "avgpool_forward", "avgpool_backward"),
-    "batchnorm.cu": ("batchnorm_stats", "batchnorm_apply", "batchnorm_backward_reduce", "batchnorm_backward_apply"),
+    "batchnorm.cu": ("batchnorm_stats", "batchnorm_stats_merge", "batchnorm_apply", "batchnorm_backward_reduce",
+                     "batchnorm_backward_apply"),
 }
 # bfloat16 values, held as their bits (bfloat16.cuh): CuPy 13 has no bfloat16 dtype and CuPy 14's
 # (ml_dtypes.bfloat16) is a partial one on an extra dependency; the kernels and gemmEx read the bits.
@@ -64,8 +65,10 @@ BLOCKS_PER_SM = 32  # grid cap of the grid-stride loops
 BIAS_GRAD_BLOCK = (32, 8)  # (BG_COLS, BG_ROWS) in elementwise.cu
 BIAS_GRAD_BLOCKS_PER_SM = 8  # enough row chunks to fill the GPU...
 BIAS_GRAD_MIN_CHUNK_ROWS = 64  # ...but at least 8 rows per thread
-BN_THREADS = 256  # BN_THREADS in batchnorm.cu: one block per channel for the reductions
-CONV_THREADS = 256  # CONV_THREADS in conv.cu: one block per channel for the bias gradient
+BN_THREADS = 256  # BN_THREADS in batchnorm.cu: the per-channel reductions' blocks
+CONV_THREADS = 256  # CONV_THREADS in conv.cu: the bias gradient's blocks
+CHANNEL_BLOCKS_PER_SM = 8  # (channel, chunk of images) blocks of the per-channel reductions, enough to fill the GPU...
+CHANNEL_MIN_CHUNK_VALUES = 2048  # ...but at least 8 values per thread of a 256-thread block
 
 _INCLUDE = re.compile(r'^#include "([^"]+)"[ \t]*$', re.MULTILINE)
 _FILE_OF = {name: filename for filename, names in KERNELS.items() for name in names}
@@ -283,22 +286,42 @@ def bias_grad_chunks(rows, cols, sm_count):
     return -(-rows // chunk_rows), chunk_rows
 
 
+def channel_chunks(n, c, l, sm_count):
+    """(chunks, chunk_images): the chunks of images of the per-channel reductions over (n, c, l), enough
+    (channel, chunk) blocks to fill ``sm_count`` multiprocessors but at least CHANNEL_MIN_CHUNK_VALUES
+    values each, and none empty."""
+    wanted = -(-CHANNEL_BLOCKS_PER_SM * sm_count // max(c, 1))
+    chunks = max(1, min(n * l // CHANNEL_MIN_CHUNK_VALUES, wanted, n))
+    chunk_images = -(-n // chunks)
+    return -(-n // chunk_images), chunk_images
+
+
+def _chunk_rows(out, chunks):
+    """Where a reduction over ``chunks`` chunks writes each chunk's values of ``out``: ``out`` itself for
+    one chunk, else new (chunks, out.size) rows (which ``_add_chunks`` adds up)."""
+    if chunks == 1:
+        return out
+    import cupy
+
+    with out.device:
+        return cupy.empty((chunks, out.size), dtype=out.dtype)
+
+
+def _add_chunks(rows, out):
+    """``out`` = the sum of the chunks' ``rows`` (chunks, out.size), in chunk order (deterministic)."""
+    if rows is not out:
+        _launch("bias_grad_reduce", out, (_grid(out, out.size),), (THREADS,),
+                (rows, out, _i64(rows.shape[0]), _i64(out.size)))
+
+
 def _bias_grad(dy, x, dz, db, rows, cols, code, param):
     """Launch act_backward_bias_grad over row chunks, then add the chunks up."""
     chunks, chunk_rows = bias_grad_chunks(rows, cols, _sm_count(dy.device.id))
-    if chunks == 1:
-        partial = db
-    else:
-        import cupy
-
-        with dy.device:
-            partial = cupy.empty((chunks, cols), dtype=db.dtype)
+    partial = _chunk_rows(db, chunks)
     _launch("act_backward_bias_grad", dy, (-(-cols // BIAS_GRAD_BLOCK[0]), chunks), BIAS_GRAD_BLOCK,
             (dy, x, dz, partial, _i64(rows), _i64(cols), _i64(chunk_rows), numpy.int32(code),
              numpy.float64(param)))
-    if chunks > 1:
-        _launch("bias_grad_reduce", db, (_grid(dy, cols),), (THREADS,),
-                (partial, db, _i64(chunks), _i64(cols)))
+    _add_chunks(partial, db)
 
 
 def softmax(z, out):
@@ -478,8 +501,8 @@ def bias_act_to_nchw(z, bias, act_code, param, rows, y):
 
 def act_backward_from_nchw(dy, rows, z, act_code, param, dz, db=None):
     """``dz`` (C, N*L) = ``dy`` (N, C, *spatial) times the activation's derivative (at ``rows`` or ``z``, as
-    it needs), and with ``db`` the bias gradient per channel: one block per channel, a fixed-order sum.
-    Returns ``dz``."""
+    it needs), and with ``db`` the bias gradient per channel: (channel, chunk of images) blocks, then the
+    chunks added in order; deterministic. Returns ``dz``."""
     dtype, n, c, l = _nchw("dy", dy)
     _like("dz", dz, dtype, (c, n * l))
     code = _act_code(act_code)
@@ -492,9 +515,16 @@ def act_backward_from_nchw(dy, rows, z, act_code, param, dz, db=None):
         _like(what, saved, dtype, (c, n * l))
     if db is not None:
         _like("db", db, COMPUTE[dtype], (c,))
-    if c:
-        _launch("act_backward_from_nchw", dy, (c,), (CONV_THREADS,),
-                (dy, rows, z, dz, db, _i64(n), numpy.int32(c), _i64(l), numpy.int32(code), numpy.float64(param)))
+    if c and n * l:
+        chunks, chunk_images = channel_chunks(n, c, l, _sm_count(dy.device.id))
+        partial = _chunk_rows(db, chunks) if db is not None else None
+        _launch("act_backward_from_nchw", dy, (c, chunks), (CONV_THREADS,),
+                (dy, rows, z, dz, partial, _i64(n), numpy.int32(c), _i64(l), _i64(chunk_images), numpy.int32(code),
+                 numpy.float64(param)))
+        if db is not None:
+            _add_chunks(partial, db)
+    elif db is not None:
+        db.fill(0)
     return dz
 
 
@@ -554,13 +584,23 @@ def _channels(x3, *vectors):
 
 def batchnorm_stats(x3, mean, invstd, eps, running_mean, running_var, momentum):
     """The batch's mean and 1/sqrt(var + eps) per channel; the running estimates updated (PyTorch's
-    momentum, unbiased variance). One block per channel, a fixed-order reduction."""
+    momentum, unbiased variance). (channel, chunk of images) blocks, each chunk's mean and centred sum of
+    squares, merged in chunk order: deterministic."""
     _, dims = _channels(x3, ("mean", mean), ("invstd", invstd), ("running_mean", running_mean),
                         ("running_var", running_var))
-    if x3.shape[0] * x3.shape[2] < 2:
+    n, c, l = x3.shape
+    if n * l < 2:
         raise ShapeError(f"batch norm statistics need at least 2 values per channel, got x of shape {x3.shape}")
-    _launch("batchnorm_stats", x3, (x3.shape[1],), (BN_THREADS,),
-            (x3, mean, invstd, running_mean, running_var, *dims, numpy.float64(eps), numpy.float64(momentum)))
+    if not c:
+        return mean, invstd
+    chunks, chunk_images = channel_chunks(n, c, l, _sm_count(x3.device.id))
+    chunk_stats = (_chunk_rows(mean, chunks), _chunk_rows(invstd, chunks))  # each chunk's mean, squares
+    stats = (mean, invstd, running_mean, running_var)
+    _launch("batchnorm_stats", x3, (c, chunks), (BN_THREADS,),
+            (x3, *stats, *chunk_stats, *dims, _i64(chunk_images), numpy.float64(eps), numpy.float64(momentum)))
+    if chunks > 1:
+        _launch("batchnorm_stats_merge", mean, (_grid(mean, c),), (THREADS,),
+                (*chunk_stats, *stats, *dims, _i64(chunk_images), numpy.float64(eps), numpy.float64(momentum)))
     return mean, invstd
 
 
@@ -574,13 +614,25 @@ def batchnorm_apply(x3, mean, invstd, gamma, beta, y3):
 
 
 def batchnorm_backward(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta, training=True):
-    """``dgamma``, ``dbeta`` (per-channel sums, one block each) and ``dx3``. Returns ``dx3``."""
+    """``dgamma``, ``dbeta`` (per-channel sums over (channel, chunk of images) blocks, the chunks added in
+    order) and ``dx3``. Returns ``dx3``."""
     dtype, dims = _channels(x3, ("mean", mean), ("invstd", invstd), ("gamma", gamma), ("dgamma", dgamma),
                             ("dbeta", dbeta))
     _like("dy", dy3, dtype, x3.shape)
     _like("dx", dx3, dtype, x3.shape)
-    _launch("batchnorm_backward_reduce", x3, (x3.shape[1],), (BN_THREADS,),
-            (dy3, x3, mean, invstd, dgamma, dbeta, *dims))
+    n, c, l = x3.shape
+    if not c:
+        return dx3
+    if not n * l:
+        dgamma.fill(0)
+        dbeta.fill(0)
+        return dx3
+    chunks, chunk_images = channel_chunks(n, c, l, _sm_count(x3.device.id))
+    sums = (_chunk_rows(dgamma, chunks), _chunk_rows(dbeta, chunks))
+    _launch("batchnorm_backward_reduce", x3, (c, chunks), (BN_THREADS,),
+            (dy3, x3, mean, invstd, *sums, *dims, _i64(chunk_images)))
+    for rows, out in zip(sums, (dgamma, dbeta)):
+        _add_chunks(rows, out)
     if x3.size:
         _launch("batchnorm_backward_apply", x3, (_grid(x3, x3.size),), (THREADS,),
                 (dy3, x3, mean, invstd, gamma, dgamma, dbeta, dx3, *dims, numpy.int32(bool(training))))
