@@ -64,6 +64,30 @@ def cases(ops, rows, cols):
     yield ("adamw_update", 7 * n,
            lambda: ops.adam_update(p, g, m, v2, 1e-6, 0.9, 0.999, 1e-8, 0.01, True, 10),
            lambda: Backend.adam_update(ops, p, g, m, v2, 1e-6, 0.9, 0.999, 1e-8, 0.01, True, 10))
+    yield from channel_cases(ops, z, dy)
+
+
+def channel_cases(ops, z, dy, channels=6, side=28):
+    """The per-channel reductions on as many images as ``z`` holds of the default recipe's first
+    BatchNorm's shape (6 channels of 28x28): few channels, many values each."""
+    cupy, l = ops.xp, side * side
+    images = z.size // (channels * l)
+    x3, dy3 = (a.ravel()[: images * channels * l].reshape(images, channels, l) for a in (z, dy))
+    n = x3.size * 4
+    mean, invstd, rm, rv, gamma, dgamma, dbeta, db = (cupy.ones(channels, numpy.float32) for _ in range(8))
+    dx3 = cupy.empty_like(x3)
+    yield (f"batchnorm_stats {channels}x{side}x{side}", n,
+           lambda: ops.batchnorm_stats(x3, mean, invstd, 1e-5, rm, rv, 0.1),
+           lambda: Backend.batchnorm_stats(ops, x3, mean, invstd, 1e-5, rm, rv, 0.1))
+    yield (f"batchnorm_backward {channels}x{side}x{side}", 3 * n,
+           lambda: ops.batchnorm_backward(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta),
+           lambda: Backend.batchnorm_backward(ops, dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta))
+    relu = activations.get("relu")
+    rows = x3.transpose(1, 0, 2).reshape(channels, images * l).copy()  # a convolution's output, channel-major
+    dz = cupy.empty_like(rows)
+    yield (f"act_backward_from_nchw relu {channels}x{side}x{side}", 3 * n,
+           lambda: ops.act_backward_from_nchw(dy3, rows, rows, relu, dz, db),
+           lambda: Backend.act_backward_from_nchw(ops, dy3, rows, rows, relu, dz, db))
 
 
 def main(argv=None):

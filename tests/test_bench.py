@@ -189,7 +189,8 @@ def test_fused_kernel_benchmark(tmp_path):
         return
     assert run.returncode == 0, run.stderr
     results = json.loads((tmp_path / "fused.json").read_text())["results"]
-    assert {r["op"].split()[0] for r in results} >= {"bias_act", "act_backward+bias_grad", "sgd_update"}
+    assert {r["op"].split()[0] for r in results} >= {"bias_act", "act_backward+bias_grad", "sgd_update",
+                                                     "batchnorm_stats", "batchnorm_backward", "act_backward_from_nchw"}
     assert all(r["fused_s"] > 0 and r["unfused_s"] > 0 for r in results)
 
 
