@@ -158,13 +158,15 @@ def test_bf16_convolution_and_pooling_kernels_round_the_float32_kernels_once(cud
     numpy.testing.assert_array_equal(_widen(ops.to_host(back16)), _rounded(ops, back32))
 
 
+@pytest.mark.parametrize("shape", [(5, 3, 7), (64, 3, 400)], ids=["one chunk", "chunks"])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
-def test_bf16_batchnorm_kernels_round_the_float32_kernels_once(cuda_device, training):
+def test_bf16_batchnorm_kernels_round_the_float32_kernels_once(cuda_device, training, shape):
     """Statistics and parameter gradients in float32 from the widened values (equal to the float32
-    kernels'), the normalised values and the input gradient rounded once."""
+    kernels', in one block per channel or in chunks of images merged in order), the normalised values
+    and the input gradient rounded once."""
     ops = get_backend(cuda_device)
     rng = numpy.random.default_rng(6)
-    x, dy = (_widen(_bits(rng.standard_normal((5, 3, 7)) * 2 + 1)) for _ in range(2))
+    x, dy = (_widen(_bits(rng.standard_normal(shape) * 2 + 1)) for _ in range(2))
     gamma, beta = (rng.standard_normal(3).astype(numpy.float32) for _ in range(2))
     results = []
     for dtype, on_device in ((BF16, lambda a: _as_bf16(ops, a)), (numpy.float32, ops.asarray)):

@@ -7,7 +7,7 @@ import pytest
 
 import nnaccel as nn
 from nnaccel import datasets
-from nnaccel.backend import cupy_backend
+from nnaccel.backend import cuda_kernels, cupy_backend
 
 
 @pytest.fixture
@@ -30,9 +30,11 @@ def _mlp(device):
 
 
 def _conv(device):
+    """16x16 images: the first Conv2D's and BatchNorm's per-channel sums split into chunks of images at batch
+    32 on the emulated device (cuda_kernels.channel_chunks), so the graph holds their merges too."""
     return nn.Sequential(nn.Conv2D(1, 4, 3, padding=1), nn.BatchNorm(4, activation="relu"), nn.MaxPool2D(2),
-                         nn.Conv2D(4, 6, 3), nn.AvgPool2D(2), nn.Flatten(), nn.Dense(6, 5), input_shape=(1, 8, 8), seed=5,
-                         device=device)
+                         nn.Conv2D(4, 6, 3), nn.AvgPool2D(2), nn.Flatten(), nn.Dense(54, 5), input_shape=(1, 16, 16),
+                         seed=5, device=device)
 
 
 def _sgd():
@@ -58,8 +60,8 @@ def _adamw():
 
 
 @pytest.mark.parametrize("build, features, classes, optimizer, precision",
-                         [(_mlp, 20, 4, _sgd, "fp32"), (_conv, 64, 5, _sgd, "fp32"), (_mlp, 20, 4, _adamw, "fp32"),
-                          (_mlp, 20, 4, _sgd, "bf16"), (_conv, 64, 5, _sgd, "bf16")],
+                         [(_mlp, 20, 4, _sgd, "fp32"), (_conv, 256, 5, _sgd, "fp32"), (_mlp, 20, 4, _adamw, "fp32"),
+                          (_mlp, 20, 4, _sgd, "bf16"), (_conv, 256, 5, _sgd, "bf16")],
                          ids=["mlp-bn", "conv-bn-pool", "mlp-bn-adamw", "mlp-bn-bf16", "conv-bn-pool-bf16"])
 def test_replayed_steps_end_with_the_eager_weights_bit_for_bit(emulated, replays, build, features, classes,
                                                                optimizer, precision):
@@ -67,6 +69,8 @@ def test_replayed_steps_end_with_the_eager_weights_bit_for_bit(emulated, replays
     cosine schedule (a new learning rate each epoch: graphs captured again). With AdamW the graph
     stops before the update, whose bias correction changes every step. Under bf16 the graph holds
     the storage conversions and cuBLAS's bfloat16 GEMMs."""
+    if build is _conv:  # the per-channel sums of the full batches run in chunks, merged in the graph
+        assert cuda_kernels.channel_chunks(32, 4, features, cuda_kernels._sm_count(0))[0] > 1
     x, y = datasets.synthetic(n=333, features=features, classes=classes, seed=1)
     kwargs = {"optimizer": optimizer, "precision": precision}
     trainer, history, eager = _train(build, emulated, x, y, cuda_graphs=False, **kwargs)

@@ -398,12 +398,15 @@ def test_pooling_kernels(cp, ops, window):
                                      ops.avgpool_backward(dy, window, numpy.empty(x.shape, numpy.float32)))
 
 
-@pytest.mark.parametrize("n, c, l", [(9, 33, 257), (40, 3, 300)], ids=["one chunk", "chunks"])
+@pytest.mark.parametrize("n, c, l", [(9, 33, 257), (41, 3, 300)], ids=["one chunk", "chunks"])
 @pytest.mark.parametrize("name", ["relu", "gelu", "linear", "sigmoid"])
 def test_bias_act_over_channels(cp, ops, name, n, c, l):
     """A convolution's matmul (C, N*L) to NCHW with bias and activation, and back with the bias gradient
     (channels of more values than a block has threads; a few channels of many values, which the
-    gradient splits into chunks of images on the emulated device's 2 multiprocessors and on a GPU's)."""
+    gradient splits into chunks of images, the last one shorter, on the emulated device's 2
+    multiprocessors and on a GPU's)."""
+    chunks, chunk_images = ck.channel_chunks(n, c, l, ck._sm_count(0))
+    assert (chunks > 1 and n % chunk_images) if n == 41 else chunks == 1
     act = activations.get(name)
     z, _ = images(cp, (c, n * l))
     bias, bias_dev = images(cp, (c,), seed=1)
@@ -431,11 +434,16 @@ def test_bias_act_over_channels(cp, ops, name, n, c, l):
     assert numpy.all(numpy.abs(db.get() - dz_ref.astype(numpy.float64).sum(axis=1)) <= 1e-6 * magnitude + 1e-7)
 
 
-@pytest.mark.parametrize("n, c, l", [(9, 70, 33), (300, 5, 1), (2, 3, 1000), (1, 4, 2), (64, 3, 400), (5000, 3, 1)])
+BATCHNORM_SHAPES = [(9, 70, 33), (300, 5, 1), (2, 3, 1000), (1, 4, 2), (64, 3, 400), (5000, 3, 1)]
+IN_CHUNKS = {(64, 3, 400), (5000, 3, 1)}  # on the emulated device's 2 multiprocessors and on a GPU's
+
+
+@pytest.mark.parametrize("n, c, l", BATCHNORM_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_batchnorm_kernels(cp, ops, n, c, l, dtype):
     """Channels of 2 values up to thousands (strided per-thread sums, then the tree), and a few channels
     of many values, split into chunks of images (the last one shorter) that are merged in order."""
+    assert (ck.channel_chunks(n, c, l, ck._sm_count(0))[0] > 1) == ((n, c, l) in IN_CHUNKS)
     x, x_dev = images(cp, (n, c, l), dtype)
     x += numpy.arange(c, dtype=dtype)[None, :, None]  # means far from zero: the variance is computed centred
     x_dev = cp.asarray(x)

@@ -101,6 +101,7 @@ def test_a_few_channels_of_large_images_fill_the_gpu():
     multiprocessors: one block per channel would leave 126 of them idle."""
     chunks, _ = ck.channel_chunks(128, 6, 784, sm_count=132)
     assert 6 * chunks >= 132
+    assert ck.channel_chunks(0, 6, 784, sm_count=132) == (1, 1)  # no images: one (empty) chunk, no division by 0
 
 
 # ----- validation before any CuPy call ---------------------------------------------------------------

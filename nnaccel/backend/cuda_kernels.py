@@ -290,6 +290,8 @@ def channel_chunks(n, c, l, sm_count):
     """(chunks, chunk_images): the chunks of images of the per-channel reductions over (n, c, l), enough
     (channel, chunk) blocks to fill ``sm_count`` multiprocessors but at least CHANNEL_MIN_CHUNK_VALUES
     values each, and none empty."""
+    if n == 0:
+        return 1, 1
     wanted = -(-CHANNEL_BLOCKS_PER_SM * sm_count // max(c, 1))
     chunks = max(1, min(n * l // CHANNEL_MIN_CHUNK_VALUES, wanted, n))
     chunk_images = -(-n // chunks)
