@@ -21,7 +21,7 @@ from . import (__version__, activations, architectures, bench, checkpoint, datas
                plotting, visualize)
 from .backend import PRECISIONS, cuda_status, resolve_device
 from .callbacks import CSVLogger, EarlyStopping, ModelCheckpoint
-from .errors import CheckpointError, ConfigError, NnaccelError, OutputError, describe_range, number_option
+from .errors import CheckpointError, ConfigError, DataError, NnaccelError, OutputError, describe_range, number_option
 from .layers import Dense, Dropout, Flatten, RandomShift
 from .model import Sequential
 from .trainer import Trainer, TrainingDiverged
@@ -505,8 +505,8 @@ def _train(args):
                        f"each trains alone")
     _check_outputs(args)
     trainer = _trainer_from_checkpoint(args, device) if args.resume else None
-    _default_to_the_plan(args, trainer.plan if trainer else None)
-    x, y = datasets.load(args.data, split="train")
+    _default_to_the_plan(args, trainer.plan if trainer else None, args.resume)
+    x, y = _load_data(args, "train")
     _apply_default_recipe(args, x.shape[1])
     if args.resume:
         ignored = _options_a_resume_ignores(args)
@@ -567,31 +567,46 @@ def _train(args):
     return 0
 
 
-def _default_to_the_plan(args, plan):
-    """--data and --validation-split, left out: what a checkpoint's ``plan`` was trained with (checkpoints
-    before the data was recorded: the default data), else the defaults."""
+def _default_to_the_plan(args, plan, checkpoint_path):
+    """--data and --validation-split, left out: what the ``plan`` of the checkpoint at ``checkpoint_path``
+    was trained with (checkpoints before the data was recorded: the default data), else the defaults."""
     plan = plan or {}
+    args.planned_data = None  # the checkpoint whose plan named the data, for _load_data's errors
     if args.data is None:
         args.data = plan.get("data", DEFAULT_DATA)
+        args.planned_data = checkpoint_path if "data" in plan else None
         _refuse_outputs_over_inputs(args)  # with the data named now
     if args.validation_split is None:
         args.validation_split = plan.get("validation_split", DEFAULT_VALIDATION_SPLIT)
+
+
+def _load_data(args, split):
+    """``datasets.load`` of --data's ``split``; data a checkpoint's plan named that cannot be read says so."""
+    try:
+        return datasets.load(args.data, split=split)
+    except datasets.MissingSplit:
+        raise
+    except DataError as error:
+        if args.planned_data is None:
+            raise
+        raise DataError(f"{error} (the data {args.planned_data} was trained on, as its run named it; give --data "
+                        f"where it is now)") from None
 
 
 def _evaluation_data(args, meta):
     """``(x, y, split)``: ``--split``, or the test split where there is one, else the validation part
     ``nnaccel train`` held out (same fraction, the checkpoint's seed)."""
     state = meta.get("trainer") or {}
-    _default_to_the_plan(args, state.get("plan"))
+    _default_to_the_plan(args, state.get("plan"), args.model)
     split = args.split
     if split is None:
         try:
-            return (*datasets.load(args.data, split="test"), "test")
+            return (*_load_data(args, "test"), "test")
         except datasets.MissingSplit:  # a damaged test split is an error, not a reason to score another
             split = "validation"
     if split != "validation":
-        return (*datasets.load(args.data, split=split), split)
-    x, y = datasets.load(args.data, split="train")
+        return (*_load_data(args, split), split)
+    x, y = _load_data(args, "train")
     (x_train, _), validation = datasets.train_val_split(x, y, args.validation_split, seed=int(state.get("seed", 0)))
     # the validation part is the permutation's head: a larger fraction than trained takes in trained samples
     if state.get("samples") is not None and x_train.shape[0] < state["samples"]:

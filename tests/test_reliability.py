@@ -547,6 +547,28 @@ def test_a_resume_and_evaluate_default_to_the_runs_epochs_validation_split_and_d
     assert scores[0] == scores[1] and scores[0]["accuracy"] > 0.5  # digits, not the 28x28 sample
 
 
+def test_data_the_plan_names_that_is_not_there_says_whose_it_is(tmp_path, monkeypatch, capsys):
+    """A run trained on a relative --data path, resumed or evaluated from another folder without --data:
+    one line naming the path, the checkpoint that named it and the way out."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "there").mkdir()
+    rng = numpy.random.default_rng(0)
+    numpy.savez(tmp_path / "here" / "d.npz", x_train=rng.integers(0, 256, (40, 28, 28), dtype=numpy.uint8),
+                y_train=numpy.arange(40) % 10)
+    monkeypatch.chdir(tmp_path / "here")
+    assert cli.main(["train", "--data", "d.npz", "--layers", "784,10", "--epochs", "1", "--batch-size", "8",
+                     "--device", "cpu", "--quiet", "--save", "../m.npz"]) == 0
+    monkeypatch.chdir(tmp_path / "there")
+    capsys.readouterr()
+    for argv in (["train", "--resume", "../m.npz", "--epochs", "2"], ["evaluate", "../m.npz"]):
+        assert cli.main([*argv, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"nnaccel {argv[0]}: error: d.npz: no such file") and "\n" not in err, err
+        assert err.endswith("(the data ../m.npz was trained on, as its run named it; give --data where it is now)")
+    assert cli.main(["train", "--resume", "../m.npz", "--epochs", "2", "--data", "../here/d.npz", "--device", "cpu",
+                     "--quiet"]) == 0
+
+
 def test_a_checkpoint_without_its_data_in_the_plan_resumes_on_the_default_data(tmp_path, monkeypatch, capsys):
     """Checkpoints written before the plan held the data resume (and evaluate) on mnist, as they did;
     a --csv log over the data the plan names is refused as over any --data file."""
