@@ -488,7 +488,7 @@ def _train(args):
 
     args.communicator = None
     if args.validation_split is not None and not 0.0 < args.validation_split < 1.0:
-        raise ConfigError(f"--validation-split must be between 0 and 1, got {args.validation_split}")
+        raise _refusal(f"--validation-split must be between 0 and 1, got {args.validation_split}")
     if args.distributed:
         device = distributed.rank_device(args.device)
         args.communicator = distributed.communicator_for(device)

@@ -566,6 +566,13 @@ def test_cli_user_error_on_every_rank_ends_the_job(mpi, tmp_path):
     assert re.search(r"nnaccel train: rank [01]: error: --layers starts with 784 inputs", run.stderr), run.stderr
 
 
+def test_cli_an_option_every_rank_refuses_is_one_line_from_rank_0(mpi, tmp_path):
+    run = mpiexec(2, *NNACCEL, "train", "--distributed", "--data", "synthetic", "--validation-split", "1",
+                  "--device", "auto", cwd=tmp_path, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip() == "nnaccel train: error: --validation-split must be between 0 and 1, got 1.0", run.stderr
+
+
 def test_info_reports_mpi_and_nccl(mpi):
     run = subprocess.run([*NNACCEL, "info"], env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert run.returncode == 0, run.stderr
