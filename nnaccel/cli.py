@@ -29,7 +29,7 @@ from .trainer import Trainer, TrainingDiverged
 DEFAULT_LR = {"sgd": 0.1, "adam": 0.001, "adamw": 0.001}
 DEFAULT_EPOCHS = 20
 DEFAULT_VALIDATION_SPLIT = 0.2
-DEFAULT_DATA = "mnist"
+DEFAULT_DATA = datasets.SAMPLE  # the embedded MNIST digits
 # What `nnaccel train` trains on 28x28 images when no architecture is given: the best recipe found for
 # the MNIST sample within 2 minutes on a 2-core CPU (benchmarks/recipes.py; README, "The default recipe").
 INTERRUPTED_RUN_FILE = "nnaccel-interrupted.npz"  # where a stopped run without --save is checkpointed
