@@ -160,7 +160,7 @@ def synthetic_batch(model, batch):
 def training_step(name, batch, device, precision="fp32"):
     """nnaccel's training step (softmax cross-entropy, SGD with momentum) on a batch kept on ``device``,
     its weighted sums in ``precision``."""
-    model = build_network(name, device).train()
+    model = build_network(name, device)
     trainer = Trainer(model, loss=SoftmaxCrossEntropy(), optimizer=SGD(lr=LR, momentum=MOMENTUM),
                       batch_size=batch, quiet=True, precision=precision)
     x, y = trainer.prepare(*synthetic_batch(model, batch))

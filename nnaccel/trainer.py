@@ -145,7 +145,7 @@ class Trainer:
     # ----- training ------------------------------------------------------------------
     def train_step(self, x, y):
         """One forward, backward and update on a prepared batch (device arrays, as ``prepare`` gives
-        them); ``(loss, correct)`` on the device.
+        them), in training mode whatever the model's mode; ``(loss, correct)`` on the device.
 
         A batch's shapes, dtypes and device are checked the first time its arrays come (the same arrays
         refilled in place keep them, so a loop over one batch, as the bench's timed steps, skips that);
@@ -162,8 +162,13 @@ class Trainer:
             self.loss.check_values(y, model.out_features, "y")
         if self._train_step is None:
             self._train_step = _Step(self, _ONE_PROCESS)
-        with ops.matmul_precision(self.precision):
-            return self._train_step(x, y)
+        was_training = model.training
+        model.train()  # Dropout drops and BatchNorm learns, as in fit; the model's mode comes back after
+        try:
+            with ops.matmul_precision(self.precision):
+                return self._train_step(x, y)
+        finally:
+            model.train(was_training)
 
     def _check_batch(self, x, y):
         """A clear error unless ``x, y`` are a batch of device arrays whose shapes fit the model."""

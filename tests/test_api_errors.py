@@ -253,6 +253,26 @@ def test_train_step_on_a_checked_batch_trains_as_fit_does():
     numpy.testing.assert_allclose(stepped.model.flat_params, fitted.model.flat_params, rtol=1e-6, atol=1e-7)
 
 
+def test_train_step_trains_in_training_mode_and_gives_the_mode_back():
+    """A step drops and learns BatchNorm statistics as fit does, though the model is in eval mode (as a
+    new model is, and fit leaves it): the same trajectory and running statistics; the mode stays eval."""
+    def trainer():
+        model = nn.Sequential(nn.Dense(4, 6), nn.BatchNorm(6, activation="relu"), nn.Dropout(0.5), nn.Dense(6, 3),
+                              seed=2)
+        return nn.Trainer(model, optimizer=nn.SGD(lr=0.1), batch_size=12, quiet=True)
+
+    stepped, fitted = trainer(), trainer()
+    x, y = stepped.prepare(X * 3 + 2, Y)
+    assert not stepped.model.training
+    for _ in range(3):
+        stepped.train_step(x, y)
+    assert not stepped.model.training
+    fitted.fit(X * 3 + 2, Y, epochs=3, shuffle=False)
+    numpy.testing.assert_allclose(stepped.model.flat_params, fitted.model.flat_params, rtol=1e-6, atol=1e-7)
+    numpy.testing.assert_allclose(stepped.model.flat_buffers, fitted.model.flat_buffers, rtol=1e-6, atol=1e-7)
+    assert numpy.abs(stepped.model.flat_buffers).max() > 0.1  # the running statistics moved
+
+
 @pytest.mark.parametrize("loss, dtype", [(None, numpy.int32), ("mse", numpy.int64)], ids=["int32-labels", "mse"])
 def test_train_step_on_a_batch_refilled_in_place_reads_its_new_labels(loss, dtype):
     """Labels that the loss converts (int32 to int64, integers to one-hot) are converted every call: a batch
