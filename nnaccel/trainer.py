@@ -581,6 +581,8 @@ class _Step:
         if part:
             if self.masks is not None:
                 self.masks.select(rows, first)
+            if check:
+                guard.before_forward()
             value, correct = trainer._loss_step(x, y)
             model._backward(trainer.loss._grad)
             if part != rows:
@@ -634,6 +636,7 @@ class _DivergenceGuard:
     def __init__(self, trainer, every):
         self.trainer, self.every = trainer, every
         self.snapshot, self.checked_step = None, None
+        self.buffers_before = None  # the buffers from before a checked step's forward, while there is no snapshot
 
     # Every rank must get the same answer: a rank that finds its loss non-finite writes NaN into
     # its gradient buffer, so after the all-reduce every rank reads NaN in the first element and
@@ -641,6 +644,16 @@ class _DivergenceGuard:
     def due(self, step):
         """Whether ``step`` is checked (every step on the CPU; each ``every``-th on a GPU)."""
         return self.every == 1 or self.snapshot is None or not step % self.every
+
+    def before_forward(self):
+        """Without a snapshot to return to (always with ``every == 1``), keep the buffers the forward pass
+        moves (BatchNorm's running statistics): a failing step is then undone whole."""
+        buffers = self.trainer.model.flat_buffers
+        if self.snapshot is None and buffers.size:
+            if self.buffers_before is None:
+                self.buffers_before = buffers.copy()
+            else:
+                self.buffers_before[...] = buffers
 
     def flag_if_diverged(self, value, loss_sum, grads):
         total = float(value) if self.every == 1 else float(loss_sum + value)
@@ -684,7 +697,9 @@ class _DivergenceGuard:
         self.checked_step = step
 
     def _restore(self):
-        if self.snapshot is None:
+        if self.snapshot is None:  # the step failed before its update: only its forward moved the buffers
+            if self.buffers_before is not None:
+                self.trainer.model.flat_buffers[...] = self.buffers_before
             return
         params, buffers, state, steps = self.snapshot
         self.trainer.model.flat_params[...] = params

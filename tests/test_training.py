@@ -232,6 +232,31 @@ def test_divergence_stops_with_the_last_good_weights(device, check_every):
         assert numpy.isfinite(trainer.evaluate(x, y)["loss"])
 
 
+def test_a_diverged_step_leaves_the_batchnorm_statistics_of_the_steps_before(device):
+    """A huge input makes step 4's BatchNorm statistics inf: checked every step, training stops with the
+    running statistics (and weights) of the three steps before it, not the failed step's NaN."""
+    rng = numpy.random.default_rng(0)
+    x, y = rng.standard_normal((256, 8)).astype(numpy.float32), rng.integers(0, 3, 256)
+    bad = x.copy()
+    bad[100] = 3e38  # finite, so the data checks take it; its squares are not
+
+    def trainer():
+        model = nn.Sequential(nn.Dense(8, 16, activation="relu"), nn.BatchNorm(16), nn.Dense(16, 3), device=device)
+        trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1), batch_size=32, quiet=True)
+        trainer.nan_check_every = 1
+        trainer.fit(x, y, shuffle=False)
+        return trainer
+
+    diverged, reference = trainer(), trainer()
+    with numpy.errstate(all="ignore"), pytest.raises(nn.TrainingDiverged, match="at epoch 2, step 4"):
+        diverged.fit(bad, y, shuffle=False)
+    reference.fit(x[:96], y[:96], shuffle=False)
+    for name in ("flat_buffers", "flat_params"):
+        numpy.testing.assert_array_equal(*(t.model.backend.to_host(getattr(t.model, name)) for t in (diverged, reference)),
+                                         err_msg=name)
+    assert numpy.isfinite(diverged.evaluate(x, y)["loss"])
+
+
 def test_out_of_memory_is_reported_with_the_batch_size(device, monkeypatch):
     """A failed allocation mid-training becomes one clear error (no hang, no raw MemoryError). On CUDA
     the memory pool is capped so that a real allocation of the step fails."""
