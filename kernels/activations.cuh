@@ -65,8 +65,11 @@ template <typename T> NNA_HD inline T leaky_relu_grad(T y, T slope) { return y >
 template <typename T> NNA_HD inline T elu(T z, T alpha) { return z > T(0) ? z : alpha * math::expm1(z); }
 template <typename T> NNA_HD inline T elu_grad(T y, T alpha) { return y > T(0) ? T(1) : y + alpha; }
 
-// The logistic function through tanh: no overflow for large |z|.
-template <typename T> NNA_HD inline T sigmoid(T z) { return T(0.5) * math::tanh(z * T(0.5)) + T(0.5); }
+// Backend.sigmoid: 1 / (1 + e^-z) for z >= 0, e^z / (1 + e^z) below; e^-|z| never overflows.
+template <typename T> NNA_HD inline T sigmoid(T z) {
+  const T tail = math::exp(-math::fabs(z));
+  return (z >= T(0) ? T(1) : tail) / (T(1) + tail);
+}
 template <typename T> NNA_HD inline T sigmoid_grad(T y) { return y * (T(1) - y); }
 
 template <typename T> NNA_HD inline T tanh_act(T z) { return math::tanh(z); }

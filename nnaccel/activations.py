@@ -113,16 +113,12 @@ class ELU(Activation):
 
 
 class Sigmoid(Activation):
-    """``0.5 * tanh(z / 2) + 0.5``: the logistic function without overflow."""
+    """The logistic function ``1 / (1 + e^-z)``, in the backend's stable form (``Backend.sigmoid``)."""
 
     name, code = "sigmoid", 4
 
     def forward(self, ops, z, out):
-        xp = ops.xp
-        xp.multiply(z, 0.5, out=out)
-        xp.tanh(out, out=out)
-        xp.multiply(out, 0.5, out=out)
-        return xp.add(out, 0.5, out=out)
+        return ops.sigmoid(z, out)
 
     def backward(self, ops, dy, y, z, out):
         xp = ops.xp
@@ -185,12 +181,12 @@ class SiLU(Activation):
     name, code, init, uses_output = "silu", 8, "he", False
 
     def forward(self, ops, z, out):
-        s = Sigmoid().forward(ops, z, ops.xp.empty_like(z))
+        s = ops.sigmoid(z, ops.xp.empty_like(z))
         return ops.xp.multiply(z, s, out=out)
 
     def backward(self, ops, dy, y, z, out):
         xp = ops.xp
-        s = Sigmoid().forward(ops, z, xp.empty_like(z))
+        s = ops.sigmoid(z, xp.empty_like(z))
         grad = 1.0 - s
         grad *= z
         grad += 1.0

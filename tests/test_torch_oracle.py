@@ -147,6 +147,41 @@ def test_mixed_activation_net_matches_torch(device, acts, loss_kind, dtype):
     compare_forward_backward(model, linears, torch_forward, loss_kind, dtype, seed=5)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", ["sigmoid", "silu", "sigmoid_cross_entropy"])
+def test_sigmoid_tails_match_torch(device, name, dtype):
+    """Far below zero sigmoid(z) ~ e^z is tiny, not 0: sigmoid and silu (a Dense layer's forward and
+    derivative: its bias gradient for one sample), and sigmoid cross-entropy's gradient, within 8 ulps of
+    PyTorch's down to where e^z leaves the normal range (the derivatives: of their terms' size)."""
+    low = -80.0 if dtype == np.float32 else -700.0
+    z = np.concatenate([np.linspace(low, 30.0, 1001), [-17.5, -20.0, -30.0]]).astype(dtype)
+    t = torch.from_numpy(z.copy()).requires_grad_()
+    if name == "sigmoid_cross_entropy":
+        loss = nn.SigmoidCrossEntropy()
+        ops = nn.Sequential(nn.Dense(1, 1), device=device).backend
+        loss.forward(ops.asarray(z[None]), ops.asarray(np.zeros((1, z.size), dtype)))
+        values = [ops.to_host(loss.backward())[0]]
+        F.binary_cross_entropy_with_logits(t[None], torch.zeros((1, z.size), dtype=t.dtype)).backward()
+        references = [t.grad.numpy()]
+    else:
+        model = nn.Sequential(nn.Dense(1, z.size, activation=name), device=device, dtype=dtype)
+        ops = model.backend
+        model.layers[0].params["weight"].data = ops.asarray(z[None])  # z = 1 * weight + 0
+        model.layers[0].params["bias"].data = ops.zeros(z.size, dtype)
+        y = model.forward(ops.asarray(np.ones((1, 1), dtype)))
+        model.backward(ops.asarray(np.ones((1, z.size), dtype)))
+        values = [ops.to_host(y)[0], ops.to_host(model.layers[0].params["bias"].grad)]
+        forward = TORCH_ACT[name]({})(t)
+        forward.sum().backward()
+        references = [forward.detach().numpy(), t.grad.numpy()]
+    eps, s = np.finfo(dtype).eps, torch.sigmoid(t).detach().numpy()
+    sizes = [np.zeros_like(z), s * (1 + np.abs(z)) if name == "silu" else s]  # y (1 - y) cancels for z >> 0
+    for value, reference, size, what in zip(values, references, sizes, ["value", "derivative"]):
+        assert value.dtype == dtype
+        bad = ~(np.abs(value - reference) <= 8 * eps * np.maximum(np.abs(reference), size))
+        assert not bad.any(), f"{name} {what} at z = {z[bad][:3]}: {value[bad][:3]} against {reference[bad][:3]}"
+
+
 # ----- Maxout -------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
 @pytest.mark.parametrize("pieces", [2, 3])

@@ -200,6 +200,15 @@ class Backend:
         """Sum of ``dz`` over the batch, into ``out``."""
         return dz.sum(axis=0, out=out)
 
+    def sigmoid(self, z, out):
+        """The logistic function as ``1 / (1 + e^-z)`` for z >= 0 and ``e^z / (1 + e^z)`` below: ``e^-|z|``
+        never overflows, and no tail cancels (``0.5 tanh(z / 2) + 0.5`` gave 0 below z = -17 in float32)."""
+        xp = self.xp
+        tail = xp.exp(-xp.abs(z))
+        above = xp.where(z >= 0, 1.0, tail)  # read before ``out``, which may be ``z``, is written
+        xp.add(tail, 1.0, out=out)
+        return xp.divide(above, out, out=out)
+
     def softmax(self, z, out):
         """Row-wise softmax, shifted by the row maximum for stability."""
         xp = self.xp
@@ -474,10 +483,7 @@ class Backend:
         """Binary cross-entropy on logits (stable form) and its gradient."""
         xp = self.xp
         loss = (xp.maximum(logits, 0) - logits * target + xp.log1p(xp.exp(-xp.abs(logits)))).mean()
-        xp.multiply(logits, 0.5, out=grad)
-        xp.tanh(grad, out=grad)
-        grad *= 0.5
-        grad += 0.5
+        self.sigmoid(logits, grad)
         grad -= target
         grad *= 1.0 / grad.size
         return loss
