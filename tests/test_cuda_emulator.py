@@ -333,6 +333,29 @@ def test_arguments_must_match_the_parameter_types(cp, make_args, message):
     assert message in str(error.value)
 
 
+NULLABLE = r"""
+extern "C" __global__ void nullable(const float* x, float* y) { y[threadIdx.x] = x ? x[threadIdx.x] : -1.0f; }
+"""
+
+
+def test_a_null_pointer_is_an_8_byte_zero_and_none_is_refused(cp):
+    """CUDA copies an argument's bytes: an 8-byte integer 0 is a null pointer (nonzero is refused above).
+    None is refused as CuPy 13 mishandles it (cupy#9046: the kernel reads a garbage pointer)."""
+    run = kernel(cp, NULLABLE, "nullable")
+    x, y = cp.arange(4, dtype=numpy.float32), cp.zeros(4, numpy.float32)
+    run((1,), (4,), (x, y))
+    numpy.testing.assert_array_equal(y.get(), numpy.arange(4))
+    for null in (numpy.uint64(0), 0):
+        y.fill(0)
+        run((1,), (4,), (null, y))
+        numpy.testing.assert_array_equal(y.get(), -numpy.ones(4))
+    with pytest.raises(TypeError, match=r"argument 0: None, which CuPy 13 passes as a garbage pointer \(cupy#9046\)"):
+        run((1,), (4,), (None, y))
+    with launch_error(cp) as error:
+        run((1,), (4,), (numpy.uint32(0), y))
+    assert "argument 0 (const float* x) is a pointer, got uint32 0" in str(error.value)
+
+
 def test_host_arrays_are_not_kernel_arguments(cp):
     run = kernel(cp, SCALE, "scale<float>", ["scale<float>"])
     with pytest.raises(TypeError, match="host array"):
@@ -367,7 +390,7 @@ def test_reads_and_writes_outside_an_allocation_are_errors(cp, n, shift, message
 
 def test_a_null_pointer_is_an_error(cp):
     with launch_error(cp) as error:
-        kernel(cp, TOUCH, "touch")((1,), (1,), (None,))
+        kernel(cp, TOUCH, "touch")((1,), (1,), (numpy.uint64(0),))
     assert "wrote address 0x0, a null pointer" in str(error.value)
 
 

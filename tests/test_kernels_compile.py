@@ -1,8 +1,10 @@
 """Every kernel file compiles, for every dtype the loader instantiates.
 
-nvcc builds PTX for sm_80 and sm_90 from a translation unit that takes the
-address of each of the loader's name expressions (so the templates are
-really instantiated, and a name expression that matches no kernel fails).
+nvcc builds PTX for sm_80 and sm_90, with the options CuPy gets, from a
+translation unit that takes the address of each of the loader's name
+expressions (so the templates are really instantiated, and a name expression
+that matches no kernel fails); the kernels' own arithmetic has no fused
+multiply-add.
 Where an NVRTC library is installed (CuPy's runtime compiler, e.g. from
 ``pip install nvidia-cuda-nvrtc-cu12``), the exact source and options CuPy
 gets are also compiled through it; no GPU is needed for either.
@@ -19,6 +21,9 @@ from nnaccel.backend import cuda_kernels
 
 ARCHS = ("sm_80", "sm_90")
 DTYPES = tuple(cuda_kernels.CTYPES)
+# Files that call no math library function (libdevice's exp, erf and tanh use fused multiply-adds inside, as
+# glibc's do): with --fmad=false their PTX has none.
+ARITHMETIC_ONLY = ("optimizer.cu", "batchnorm.cu", "maxout.cu")
 
 
 def _instantiation_unit(filename):
@@ -32,7 +37,7 @@ def _nvcc_ptx(tmp_path, filename, arch):
     stem = f"{filename[:-3]}_{arch}"
     (tmp_path / f"{stem}.cu").write_text(unit)
     result = subprocess.run(
-        ["nvcc", "-std=c++17", "-I", str(cuda_kernels.kernels_dir()), "--ptx", f"-arch={arch}",
+        ["nvcc", *cuda_kernels.OPTIONS, "-I", str(cuda_kernels.kernels_dir()), "--ptx", f"-arch={arch}",
          "-Werror", "all-warnings", f"{stem}.cu", "-o", f"{stem}.ptx"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     ptx = (tmp_path / f"{stem}.ptx").read_text() if result.returncode == 0 else ""
@@ -49,6 +54,8 @@ def test_every_kernel_compiles_with_nvcc(tmp_path):
         entries = ptx.count(".entry ")
         assert entries == expected, f"{filename} for {arch}: {entries} kernels in the PTX, expected {expected}"
         assert ".local" not in ptx, f"{filename} for {arch} spills to local memory"
+        if filename in ARITHMETIC_ONLY:
+            assert "fma.rn" not in ptx, f"{filename} for {arch} fuses multiply-adds: NumPy and the emulator round both"
 
 
 def _load_nvrtc():

@@ -57,7 +57,10 @@ STORAGE_DTYPES = {**dict.fromkeys(("bias_act", "act_backward", "act_backward_bia
                                    "batchnorm_apply", "batchnorm_backward_reduce", "batchnorm_backward_apply"),
                                   STORAGE),
                   "to_storage": (BF16,), "from_storage": (BF16,)}
-OPTIONS = ("-std=c++17",)
+# No fused multiply-adds (NVRTC's default contracts a*b + c): each kernel rounds as NumPy does, bit for bit
+# where its order of operations is NumPy's (pooling, the optimizer updates), and as the emulator compiles it.
+OPTIONS = ("-std=c++17", "--fmad=false")
+NULL = numpy.uint64(0)  # a null pointer argument: CuPy 13 passes None as a garbage pointer (cupy#9046)
 
 THREADS = 256  # threads per block of the 1-D launches
 ROWS_PER_BLOCK = THREADS // 32  # the row kernels run one warp per row
@@ -127,9 +130,9 @@ def _grid(array, work_items, per_block=THREADS):
 
 
 def _launch(name, anchor, grid, block, args):
-    """Run kernel ``name`` for ``anchor``'s dtype on ``anchor``'s device."""
+    """Run kernel ``name`` for ``anchor``'s dtype on ``anchor``'s device (an argument None: a null pointer)."""
     with anchor.device:
-        _kernel(name, anchor.dtype)(grid, block, args)
+        _kernel(name, anchor.dtype)(grid, block, tuple(NULL if arg is None else arg for arg in args))
 
 
 # ----- validation (no CuPy calls) ---------------------------------------------------

@@ -70,7 +70,7 @@ class Argument:
     """One kernel argument as the driver sees it: the bytes of its C value, and what they are.
 
     ``dtype`` is a scalar's type, or the element type of the array a pointer
-    points into (None for a null pointer); ``allocation`` is ``(address,
+    points into (a null pointer comes as an 8-byte integer 0: ``is_null``); ``allocation`` is ``(address,
     nbytes)`` of that array's device allocation.
     """
 
@@ -85,9 +85,9 @@ class Argument:
         return cls(ctypes.c_void_p(address).value.to_bytes(8, "little") if address else bytes(8), True,
                    numpy.dtype(dtype), allocation, what)
 
-    @classmethod
-    def null(cls):
-        return cls(bytes(8), True, None, None, "None (a null pointer)")
+    def is_null(self):
+        """An 8-byte integer 0: what a pointer parameter reads as a null pointer (the driver copies bytes)."""
+        return not self.pointer and self.dtype.kind in "iu" and len(self.value) == 8 and not any(self.value)
 
     @classmethod
     def scalar(cls, value):
@@ -381,11 +381,11 @@ class Kernel:
                               f"{len(args)}")
         for index, (param, arg) in enumerate(zip(self.params, args)):
             where = f"{self.name} argument {index} ({param.ctype} {param.name})"
-            if param.pointer and not arg.pointer:
+            if param.pointer and not arg.pointer and not arg.is_null():
                 raise LaunchError("CUDA_ERROR_INVALID_VALUE", f"{where} is a pointer, got {arg.what}")
             if not param.pointer and arg.pointer:
                 raise LaunchError("CUDA_ERROR_INVALID_VALUE", f"{where} is a value, got {arg.what}")
-            if param.pointer and arg.dtype is not None and not param.accepts(arg.dtype):
+            if param.pointer and arg.pointer and not param.accepts(arg.dtype):
                 raise LaunchError("CUDA_ERROR_INVALID_VALUE", f"{where} got {arg.what}: the kernel would read "
                                   f"its {arg.dtype.itemsize}-byte {arg.dtype} elements as {param.ctype[:-1]}")
             if not param.pointer and not param.accepts(arg.dtype):

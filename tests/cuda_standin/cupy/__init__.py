@@ -217,11 +217,12 @@ class RawKernel:
 
 def _kernel_argument(value, index, kernel):
     """A kernel argument as CuPy passes it: arrays by device pointer, Python ints as long long,
-    floats as double, bools as bool; NumPy scalars keep their type."""
+    floats as double, bools as bool; NumPy scalars keep their type (an 8-byte 0 is a null pointer)."""
     import cuda_emulator
 
-    if value is None:
-        return cuda_emulator.Argument.null()
+    if value is None:  # CuPy 13 puts a null entry in the argument array itself: the kernel reads garbage
+        raise TypeError(f"{kernel} argument {index}: None, which CuPy 13 passes as a garbage pointer (cupy#9046); "
+                        f"pass a null pointer as numpy.uint64(0)")
     if isinstance(value, ndarray):
         _operand(value)  # on the current device, or ValueError
         memory = value._memory
