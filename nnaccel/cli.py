@@ -743,8 +743,9 @@ def _same_file(a, b):
 def _refuse_outputs_over_inputs(args):
     """A ConfigError when an output would be written over an input's file or another output's: it would
     destroy that file (``--save`` over ``--resume`` is how a run goes on, and allowed)."""
-    inputs = [(name, path) for name, path in _files(args, INPUT_FILES)
-              if os.path.exists(path) and not (name == "data" and path in datasets.BUILT_IN)]
+    inputs = [(name, str(file)) for name, path in _files(args, INPUT_FILES)
+              if os.path.exists(path) and not (name == "data" and path in datasets.BUILT_IN)
+              for file in (datasets.files_read(path) if name == "data" else [path])]
     outputs = list(_files(args, OUTPUT_FILES))
     for index, (name, path) in enumerate(outputs):
         for other, other_path in inputs + outputs[:index]:

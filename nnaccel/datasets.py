@@ -213,6 +213,16 @@ def _find_idx(folder, prefix, kind, dims):
     return next((c for c in candidates if c.is_file()), None), looked_for
 
 
+def files_read(path):
+    """The files a data path is read from: the path itself, or a folder's IDX files of either split (what an
+    output must not be written over)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    return [found for prefix in _SPLIT_PREFIX.values() for kind, dims in (("images", 3), ("labels", 1))
+            if (found := _find_idx(path, prefix, kind, dims)[0]) is not None]
+
+
 def _find_idx_pair(folder, split):
     """Locate the images and labels files of ``split`` in ``folder``."""
     prefix = _SPLIT_PREFIX[split]

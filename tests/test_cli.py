@@ -230,7 +230,11 @@ def test_an_output_over_an_input_or_another_output_is_refused_and_nothing_is_los
     np.savez("d.npz", x_train=np.zeros((20, 28, 28), np.uint8), y_train=np.arange(20) % 10)
     (tmp_path / "link.npz").symlink_to("m.npz")
     (tmp_path / "digit.png").write_bytes(b"a picture")
-    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    (tmp_path / "idx").mkdir()  # an MNIST folder: its IDX files (of both splits) are the data
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / "idx" / name).write_bytes(b"IDX bytes")
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     for args, message in [
             (["export", "m.npz", "./m.npz"], "the ONNX file ./m.npz would overwrite the model m.npz"),
             (["export", "link.npz", "m.npz"], "the ONNX file m.npz would overwrite the model link.npz"),
@@ -240,11 +244,15 @@ def test_an_output_over_an_input_or_another_output_is_refused_and_nothing_is_los
              "--csv new.npz would overwrite the --save checkpoint new.npz"),
             ([*train, "--resume", "m.npz", "--data", "digits", "--csv", "m.npz"],
              "--csv m.npz would overwrite the --resume checkpoint m.npz"),
+            ([*train, "--data", "idx", "--save", "idx/t10k-labels-idx1-ubyte.gz"],
+             "--save idx/t10k-labels-idx1-ubyte.gz would overwrite the --data file idx/t10k-labels-idx1-ubyte.gz"),
+            ([*train, "--data", "idx/", "--csv", "idx/train-images-idx3-ubyte"],
+             "--csv idx/train-images-idx3-ubyte would overwrite the --data file idx/train-images-idx3-ubyte"),
             (["show", "m.npz", "--activations", "digit.png", "--out", "digit.png"],
              "--out digit.png would overwrite the --activations image digit.png")]:
         assert cli.main(args) == 2, args
         assert f"error: {message}; give another file" in capsys.readouterr().err
-    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
     assert cli.main(["train", "--resume", "m.npz", "--save", "m.npz", "--data", "digits", "--epochs", "2", "--device",
                      "cpu", "--quiet"]) == 0
     assert checkpoint.read(tmp_path / "m.npz")[0]["trainer"]["epoch"] == 2
