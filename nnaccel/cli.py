@@ -733,6 +733,18 @@ def _files(args, names):
                 yield name, path
 
 
+POSITIONALS = {"model": "the model", "onnx_path": "the ONNX file", "images": "an IMAGE"}
+
+
+def _refuse_empty_values(args):
+    """A ConfigError for an empty value (an unset shell variable: ``--resume "$RUN"``): it is no file, layer
+    list or network, and never "not given", which would start a run afresh over the checkpoint."""
+    for name, value in vars(args).items():
+        if value == "" or (isinstance(value, list) and "" in value):
+            what = POSITIONALS.get(name, f"--{name.replace('_', '-')}")
+            raise ConfigError(f"{what} is an empty string; give a value or leave the option out")
+
+
 def _same_file(a, b):
     try:
         return os.path.samefile(a, b)
@@ -771,6 +783,7 @@ def main(argv=None):
                 activations.get(args.activation)
             except ConfigError as error:
                 raise ConfigError(f"--activation: {error}") from None
+        _refuse_empty_values(args)
         return COMMANDS[args.command](args)
     except NnaccelError as error:
         print(f"nnaccel {args.command}: error: {error}", file=sys.stderr)

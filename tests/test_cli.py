@@ -164,6 +164,25 @@ def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
     assert run.returncode == 0 and json.loads(run.stdout)["accuracy"] > 0.8
 
 
+@pytest.mark.parametrize("args, what", [
+    (["train", "--resume", "", "--save", "m.npz"], "--resume"), (["train", "--save", ""], "--save"),
+    (["train", "--csv", ""], "--csv"), (["train", "--plot", ""], "--plot"), (["train", "--layers", ""], "--layers"),
+    (["train", "--data", ""], "--data"), (["evaluate", ""], "the model"), (["evaluate", "m.npz", "--data", ""], "--data"),
+    (["export", "m.npz", ""], "the ONNX file"), (["predict", "m.npz", "a.png", ""], "an IMAGE"),
+    (["bench", "--networks", ""], "--networks"), (["bench", "--json", ""], "--json")])
+def test_an_empty_value_is_refused_not_taken_as_left_out(args, what, tmp_path, monkeypatch, capsys):
+    """``--resume "$RUN"`` with RUN unset must not start afresh and overwrite the checkpoint: an empty value is
+    one error line naming the option, and nothing is written."""
+    from nnaccel import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.npz").write_bytes(b"a checkpoint")
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err == f"nnaccel {args[0]}: error: {what} is an empty string; give a value or leave " \
+                                      f"the option out\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["m.npz"] and (tmp_path / "m.npz").read_bytes() == b"a checkpoint"
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--epochs", "0"], "--epochs: must be a positive integer"),
     (["train", "--batch-size", "-3"], "--batch-size: must be a positive integer"),
