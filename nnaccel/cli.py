@@ -120,32 +120,32 @@ def build_parser():
                                         ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEFAULT_RECIPE.items()) +
                                         "; on other data inputs,256,classes)")
     shape.add_argument("--model", choices=sorted(architectures.PRESETS), help="a named architecture")
-    net.add_argument("--activation", default="relu", help="hidden-layer activation (default relu)")
+    net.add_argument("--activation", help="hidden-layer activation (default relu)")
     net.add_argument("--dropout", type=_rate, metavar="RATE",
                      help="Dropout of RATE, in [0, 1), after every hidden Dense layer")
     fit = train.add_argument_group("optimisation")
-    fit.add_argument("--loss", default="softmax_cross_entropy", choices=CLI_LOSSES,
+    fit.add_argument("--loss", choices=CLI_LOSSES,
                      help="softmax_cross_entropy (default) or mse (on one-hot labels); sigmoid_cross_entropy takes "
                           "targets in [0, 1] per output, which no data set here has: use it from Python")
-    fit.add_argument("--optimizer", default="sgd", choices=sorted(optimizers.OPTIMIZERS))
+    fit.add_argument("--optimizer", choices=sorted(optimizers.OPTIMIZERS))
     fit.add_argument("--lr", type=_positive_float, help="learning rate, > 0 (default 0.1 for SGD, 0.001 for Adam; "
                                                         "the default recipe's on 28x28 images)")
-    fit.add_argument("--momentum", type=_rate, default=0.9, help="SGD momentum, in [0, 1) (default 0.9)")
-    fit.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    fit.add_argument("--momentum", type=_rate, help="SGD momentum, in [0, 1) (default 0.9)")
+    fit.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (SGD)")
     fit.add_argument("--weight-decay", type=_non_negative_float, default=None,
                      help="L2 weight decay (SGD, Adam) or decoupled decay (AdamW; its default 0.01), >= 0")
     fit.add_argument("--schedule", choices=["step", "cosine"], help="learning-rate schedule over the epochs")
-    fit.add_argument("--step-size", type=_positive_int, default=10, help="step schedule: epochs per decay (default 10)")
-    fit.add_argument("--gamma", type=_decay, default=0.1,
+    fit.add_argument("--step-size", type=_positive_int, help="step schedule: epochs per decay (default 10)")
+    fit.add_argument("--gamma", type=_decay,
                      help="step schedule: the decay factor, in (0, 1] (default 0.1)")
-    fit.add_argument("--eta-min", type=_non_negative_float, default=0.0,
+    fit.add_argument("--eta-min", type=_non_negative_float,
                      help="cosine schedule: the final learning rate, >= 0 and below --lr (default 0; over "
                           "--epochs epochs)")
     fit.add_argument("--epochs", type=_positive_int, help="total epochs (default 20; the default recipe's on 28x28 "
                                                           "images; with --resume, a cosine run's own total)")
-    fit.add_argument("--batch-size", type=_positive_int, default=64,
+    fit.add_argument("--batch-size", type=_positive_int,
                      help="samples per step, at most the training samples (default 64)")
-    fit.add_argument("--seed", type=_seed, default=0, help=f"0 to {2**32 - 1} (default 0)")
+    fit.add_argument("--seed", type=_seed, help=f"0 to {2**32 - 1} (default 0)")
     run = train.add_argument_group("the run")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     run.add_argument("--save", metavar="FILE", help="checkpoint (.npz) written after every epoch")
@@ -459,11 +459,17 @@ SAVED_WITH_THE_RUN = ("layers", "model", "activation", "dropout", "augment", "lo
                       "nesterov", "weight_decay", "schedule", "step_size", "gamma", "eta_min", "batch_size", "seed")
 
 
+# train's defaults of the options above that have one, filled in once the given ones are known (the parser
+# leaves them None, so that a default given explicitly counts as given); the rest default to None.
+TRAIN_DEFAULTS = {"activation": "relu", "loss": "softmax_cross_entropy", "optimizer": "sgd", "momentum": 0.9,
+                  "nesterov": False, "step_size": 10, "gamma": 0.1, "eta_min": 0.0, "batch_size": 64, "seed": 0}
+
+
 def _options_a_resume_ignores(args):
-    """The options of ``SAVED_WITH_THE_RUN`` given other than their defaults, as ``--name value``."""
-    defaults = vars(build_parser().parse_args(["train"]))
+    """The options of ``SAVED_WITH_THE_RUN`` given on the command line (before ``TRAIN_DEFAULTS`` fills the
+    rest), as ``--name value``."""
     return [f"--{name.replace('_', '-')}" + ("" if getattr(args, name) is True else f" {getattr(args, name)}")
-            for name in SAVED_WITH_THE_RUN if getattr(args, name) != defaults[name]]
+            for name in SAVED_WITH_THE_RUN if getattr(args, name) is not None]
 
 
 def _check_resumed_data(args, trainer, samples):
@@ -503,13 +509,16 @@ def _train(args):
         if distributed.launched_size() > 1:
             _say(args, f"warning: {distributed.launched_size()} processes were started but without --distributed "
                        f"each trains alone")
+    ignored = _options_a_resume_ignores(args) if args.resume else []
+    for name, value in TRAIN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     _check_outputs(args)
     trainer = _trainer_from_checkpoint(args, device) if args.resume else None
     _default_to_the_plan(args, trainer.plan if trainer else None, args.resume)
     x, y = _load_data(args, "train")
     _apply_default_recipe(args, x.shape[1])
     if args.resume:
-        ignored = _options_a_resume_ignores(args)
         if ignored:
             _say(args, f"warning: --resume continues {args.resume} with its own model, loss, optimizer, schedule, "
                        f"batch size and seed; {', '.join(ignored)} given here {'is' if len(ignored) == 1 else 'are'} "

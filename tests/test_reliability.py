@@ -474,7 +474,10 @@ def test_a_resume_says_which_options_it_does_not_use(tmp_path, monkeypatch, caps
     meta = checkpoint.read(tmp_path / "a.npz")[0]
     assert meta["trainer"]["epoch"] == 2 and meta["trainer"]["batch_size"] == 32
     assert meta["optimizer"]["config"]["type"] == "SGD" and meta["optimizer"]["config"]["lr"] != 5
-    assert cli.main([*resume, "--epochs", "3"]) == 0
+    assert cli.main([*resume, "--epochs", "3", "--save", "a.npz", "--optimizer", "sgd", "--batch-size", "64"]) == 0
+    assert ("--optimizer sgd, --batch-size 64 given here are not used") in capsys.readouterr().err  # the defaults, given
+    assert checkpoint.read(tmp_path / "a.npz")[0]["trainer"]["batch_size"] == 32
+    assert cli.main([*resume, "--epochs", "4"]) == 0
     assert "warning" not in capsys.readouterr().err
 
 
