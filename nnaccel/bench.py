@@ -31,7 +31,6 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy
@@ -619,7 +618,8 @@ def run(args):
                                **({"epochs": epochs, "data": "mnist sample", "samples": len(fit[1][0])}
                                   if args.fit else {})},
                   "gemm_peak": peaks, "results": [asdict(result) for result in results]}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        text = json.dumps(report, indent=2) + "\n"
+        checkpoint.atomic_write(args.json, lambda handle: handle.write(text.encode()))  # a full disk: no half file
         _say(f"results written to {args.json}")
     if args.plot:
         plot_results(results, args.plot)

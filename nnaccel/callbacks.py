@@ -3,9 +3,11 @@
 Stopping on a NaN loss is built into the Trainer (it must act before the update).
 """
 
+import contextlib
 import csv
 import io
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -187,13 +189,31 @@ class CSVLogger(Callback):
             if header and added:
                 self._rewrite(header + added, rows, logs)
                 return
-            with open(self.path, "a", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle)
-                if not header:
-                    writer.writerow(list(logs))
-                writer.writerow([logs.get(column, "") for column in header or logs])
+            text = io.StringIO(newline="")
+            writer = csv.writer(text)
+            if not header:
+                writer.writerow(list(logs))
+            writer.writerow([logs.get(column, "") for column in header or logs])
+            self._append(text.getvalue().encode("utf-8"))
         except OSError as error:
             raise OutputError(f"cannot write the CSV log {self.path}: {error.strerror or error}") from None
+
+    def _append(self, data):
+        """``data`` at the end of the file, or none of it when a write fails (a full disk): a row cut short
+        would be read back, and appended to, as a row of the log."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError:
+                with contextlib.suppress(OSError):  # the write's error is the one to report
+                    os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
 
     def _rows(self):
         """The rows of the file there, its header first, or [] when there is none (a log is small)."""

@@ -94,19 +94,39 @@ def test_export_to_a_full_disk_leaves_no_half_file(tmp_path, monkeypatch, capsys
     assert "cannot write" in capsys.readouterr().err and sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
 
 
-def test_a_csv_log_on_a_full_disk_names_the_file(tmp_path, monkeypatch, capsys):
+def test_a_csv_log_on_a_full_disk_names_the_file_and_keeps_its_whole_rows(tmp_path, monkeypatch, capsys):
+    """The disk fills in the middle of epoch 2's row: one line naming the log, which keeps its header and
+    epoch 1's row and no piece of epoch 2's (a resumed run appends after it)."""
     monkeypatch.chdir(tmp_path)
-    real_open = open
+    real_write = os.write
 
-    def full_csv(path, mode="r", *args, **kwargs):
-        if str(path).endswith(".csv") and "a" in mode:
-            _enospc()
-        return real_open(path, mode, *args, **kwargs)
+    class FullAfterEpoch1(nn.CSVLogger):
+        def on_epoch_end(self, trainer, logs):
+            if logs["epoch"] == 2:
+                def half_then_full(fd, data):
+                    real_write(fd, bytes(data[:len(data) // 2]))
+                    _enospc()
 
-    monkeypatch.setattr("builtins.open", full_csv)
-    assert cli.main([*SMALL, "--epochs", "1", "--csv", "log.csv"]) == 2
+                monkeypatch.setattr("nnaccel.callbacks.os.write", half_then_full)
+            super().on_epoch_end(trainer, logs)
+
+    monkeypatch.setattr(cli, "CSVLogger", FullAfterEpoch1)
+    assert cli.main([*SMALL, "--epochs", "3", "--csv", "log.csv"]) == 2
     monkeypatch.undo()
     assert _one_error_line(capsys) == "nnaccel train: error: cannot write the CSV log log.csv: No space left on device"
+    header, *rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert header.startswith("epoch,") and [row.split(",")[0] for row in rows] == ["1"]
+    assert len(rows[0].split(",")) == len(header.split(","))
+
+
+def test_bench_json_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "b.json").write_text('{"results": []}\n')
+    monkeypatch.setattr("nnaccel.checkpoint.os.fsync", _enospc)
+    assert cli.main(["bench", "--quick", "--devices", "cpu", "--networks", "784-10", "--batches", "2",
+                     "--json", str(tmp_path / "b.json")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"nnaccel bench: error: cannot write {tmp_path / 'b.json'}: No space left on device; the previous file is intact"
+    assert (tmp_path / "b.json").read_text() == '{"results": []}\n' and _leftovers(tmp_path) == []
 
 
 # ----- refused before the first epoch ---------------------------------------------------------
