@@ -596,7 +596,7 @@ def _load_data(args, split):
     except datasets.MissingSplit:
         raise
     except DataError as error:
-        if args.planned_data is None:
+        if args.planned_data is None or os.path.exists(args.data):  # there, but unreadable: the error says why
             raise
         raise DataError(f"{error} (the data {args.planned_data} was trained on, as its run named it; give --data "
                         f"where it is now)") from None
@@ -617,8 +617,10 @@ def _evaluation_data(args, meta):
         return (*_load_data(args, split), split)
     x, y = _load_data(args, "train")
     (x_train, _), validation = datasets.train_val_split(x, y, args.validation_split, seed=int(state.get("seed", 0)))
-    # the validation part is the permutation's head: a larger fraction than trained takes in trained samples
-    if state.get("samples") is not None and x_train.shape[0] < state["samples"]:
+    # the validation part is the permutation's head: of the data trained on, a larger fraction than trained
+    # takes in trained samples
+    trained_on = (state.get("plan") or {}).get("data", DEFAULT_DATA)
+    if state.get("samples") is not None and x_train.shape[0] < state["samples"] and _same_file(trained_on, args.data):
         raise ConfigError(f"{args.model} trained on {state['samples']:,} samples, but --validation-split "
                           f"{args.validation_split} of {args.data} leaves {x_train.shape[0]:,} to train on: give "
                           f"the --validation-split (and --data) it was trained with, or the validation part would "
