@@ -795,7 +795,12 @@ def main(argv=None):
             except ConfigError as error:
                 raise ConfigError(f"--activation: {error}") from None
         _refuse_empty_values(args)
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, so that a reader gone is seen below, not at exit
+        return code
+    except BrokenPipeError:  # the output's reader left (``nnaccel predict ... | head -1``): quiet, as a killed writer
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit writes nowhere
+        return 128 + signal.SIGPIPE
     except NnaccelError as error:
         print(f"nnaccel {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -279,6 +279,16 @@ def test_an_output_over_an_input_or_another_output_is_refused_and_nothing_is_los
         assert cli.main([*train, "--data", "digits", "--save", "digits"]) == 0
 
 
+def test_a_reader_that_leaves_ends_the_command_quietly():
+    """``nnaccel info | head -0``: the output's reader is gone before the first write; no error line and no
+    traceback, and the exit code of a writer killed by SIGPIPE (128 + 13), as git's."""
+    process = subprocess.Popen([sys.executable, "-m", "nnaccel.cli", "info"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 141 and stderr == ""
+
+
 def test_info():
     run = nnaccel("info")
     assert run.returncode == 0 and "nnaccel" in run.stdout and "numpy" in run.stdout
