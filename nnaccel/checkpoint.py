@@ -211,6 +211,9 @@ def _stop_signals_held():
 def save(path, model, optimizer=None, trainer_state=None, trainer_arrays=None):
     """Write ``model`` (and optionally the optimizer and trainer state, with the trainer's arrays:
     early stopping's best weights) to ``path``."""
+    if len(model.layers) > MAX_LAYERS:  # the loader would refuse it
+        raise ConfigError(f"a model of {len(model.layers):,} layers cannot be saved: a checkpoint holds at most "
+                          f"{MAX_LAYERS:,}")
     meta = {"format": FORMAT, "version": VERSION, "model": model.config(),
             "dropout_counters": model.rng_state()}
     arrays = {f"param/{p.name}": _host(p.data) for p in model.parameters()}

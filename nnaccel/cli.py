@@ -285,6 +285,8 @@ def _build_model(args, features, classes, device):
             input_shape = (1, side, side)
             layers.insert(0, Flatten())  # the shifted images go on flat to the first Dense
         layers.insert(0, RandomShift(args.augment))
+    if len(layers) > checkpoint.MAX_LAYERS:  # refused before training, not at its first checkpoint
+        raise ConfigError(f"--layers makes {len(layers):,} layers; a checkpoint holds at most {checkpoint.MAX_LAYERS:,}")
     return Sequential(*layers, device=device, seed=args.seed, input_shape=input_shape)
 
 

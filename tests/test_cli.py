@@ -279,6 +279,20 @@ def test_an_output_over_an_input_or_another_output_is_refused_and_nothing_is_los
         assert cli.main([*train, "--data", "digits", "--save", "digits"]) == 0
 
 
+def test_more_layers_than_a_checkpoint_holds_are_refused_before_training_and_saving(tmp_path, monkeypatch, capsys):
+    """A checkpoint the loader would refuse (checkpoint.MAX_LAYERS, made 3 here) is never trained for nor written."""
+    import nnaccel as nn
+    from nnaccel import checkpoint, cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint, "MAX_LAYERS", 3)
+    assert cli.main(["train", "--data", "synthetic", "--layers", "784,10,10,10,10", "--save", "m.npz", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "nnaccel train: error: --layers makes 4 layers; a checkpoint holds at most 3\n"
+    with pytest.raises(nn.ConfigError, match="a model of 4 layers cannot be saved: a checkpoint holds at most 3"):
+        nn.Sequential(*(nn.Dense(4, 4) for _ in range(4))).save("m.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_reader_that_leaves_ends_the_command_quietly():
     """``nnaccel info | head -0``: the output's reader is gone before the first write; no error line and no
     traceback, and the exit code of a writer killed by SIGPIPE (128 + 13), as git's."""
