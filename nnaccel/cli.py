@@ -90,7 +90,8 @@ def build_parser():
     train = commands.add_parser("train", help="train a network (default: a small CNN on the MNIST sample)",
                                 description="Train a network and report its accuracy on a held-out part of the "
                                             "data. " + architectures.__doc__.split("Grammar:")[0].strip(),
-                                epilog="--layers grammar, comma-separated, input to output: N (Dense of N units), "
+                                epilog="--layers grammar, comma-separated, input to output: N (Dense of N units; a list of "
+                                       "Dense widths alone starts with the input width: 784,256,10), "
                                        "convCkK[sS][pP] (Conv2D: C filters K x K, stride S, padding P), "
                                        "maxpoolK[sS][pP], avgpoolK[sS][pP], bn (BatchNorm), dropR (Dropout R), "
                                        "shiftM (RandomShift M px), flatten (added before the first Dense after "
