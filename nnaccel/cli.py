@@ -275,6 +275,8 @@ def _build_model(args, features, classes, device):
                                               classes, args.activation)
     if args.dropout:
         hidden = [i for i, layer in enumerate(layers[:-1]) if isinstance(layer, Dense)]
+        if not hidden:
+            raise ConfigError(f"--dropout {args.dropout} goes after each hidden Dense layer, and the network has none")
         for index in reversed(hidden):
             layers.insert(index + 1, Dropout(args.dropout))
     if args.augment:
@@ -303,8 +305,13 @@ def _trainer_from_options(args, features, classes, device):
     model = _build_model(args, features, classes, device)
     lr = args.lr or DEFAULT_LR[args.optimizer]
     options = {"momentum": args.momentum, "nesterov": args.nesterov} if args.optimizer == "sgd" else {}
-    if args.nesterov and args.optimizer != "sgd":
-        raise ConfigError(f"--nesterov is SGD's; the optimizer is {args.optimizer}")
+    for option in ("momentum", "nesterov"):
+        if option in args.given and args.optimizer != "sgd":
+            raise ConfigError(f"--{option} is SGD's; the optimizer is {args.optimizer}")
+    for option, schedule in (("step_size", "step"), ("gamma", "step"), ("eta_min", "cosine")):
+        if option in args.given and args.schedule != schedule:
+            raise ConfigError(f"--{option.replace('_', '-')} is the {schedule} schedule's; the schedule is "
+                              f"{args.schedule or 'none'} (give --schedule {schedule})")
     if args.weight_decay is not None:
         options["weight_decay"] = args.weight_decay
     return Trainer(model, loss=args.loss, optimizer=optimizers.get(args.optimizer, lr=lr, **options),
@@ -513,6 +520,7 @@ def _train(args):
             _say(args, f"warning: {distributed.launched_size()} processes were started but without --distributed "
                        f"each trains alone")
     ignored = _options_a_resume_ignores(args) if args.resume else []
+    args.given = {name for name in TRAIN_DEFAULTS if getattr(args, name) is not None}
     for name, value in TRAIN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -164,6 +164,27 @@ def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
     assert run.returncode == 0 and json.loads(run.stdout)["accuracy"] > 0.8
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--optimizer", "adam", "--momentum", "0.5"], "--momentum is SGD's; the optimizer is adam"),
+    (["--optimizer", "adamw", "--nesterov"], "--nesterov is SGD's; the optimizer is adamw"),
+    (["--gamma", "0.5"], "--gamma is the step schedule's; the schedule is none (give --schedule step)"),
+    (["--schedule", "cosine", "--step-size", "2"], "--step-size is the step schedule's; the schedule is cosine"),
+    (["--schedule", "step", "--eta-min", "0.01"], "--eta-min is the cosine schedule's; the schedule is step (give "),
+    (["--dropout", "0.5", "--layers", "784,10"], "--dropout 0.5 goes after each hidden Dense layer, and the network "
+                                                 "has none")])
+def test_an_option_of_a_part_the_run_does_not_have_is_refused(options, message, tmp_path, monkeypatch, capsys):
+    """SGD's momentum with Adam, a schedule's option without that schedule, Dropout with no hidden layer to
+    follow: each would change nothing, so it is an error naming the part, before training."""
+    from nnaccel import cli
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--data", "synthetic", "--layers", "784,16,10", "--device", "cpu", "--epochs", "1", "--save",
+            "m.npz"]
+    assert cli.main([*argv, *options]) == 2
+    assert capsys.readouterr().err.startswith(f"nnaccel train: error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, what", [
     (["train", "--resume", "", "--save", "m.npz"], "--resume"), (["train", "--save", ""], "--save"),
     (["train", "--csv", ""], "--csv"), (["train", "--plot", ""], "--plot"), (["train", "--layers", ""], "--layers"),
