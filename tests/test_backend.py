@@ -207,6 +207,21 @@ def test_bias_grad_and_maxout_ops(device):
     numpy.testing.assert_array_equal(dz3, expected)
 
 
+def test_maxout_gradients_and_shifted_zeros_stay_zero_next_to_infinities(device):
+    """Maxout's backward and RandomShift's zero fill write exact zeros where nothing is routed or shifted in,
+    even beside inf and NaN (a mask multiply gave 0 * inf = NaN on the CPU, where the kernels write 0): the
+    devices agree. (A tiled max pool's CPU backward still multiplies: exact copies cost 2-5x.)"""
+    ops = get_backend(device)
+    dy = numpy.array([[numpy.inf, numpy.nan]], numpy.float32)
+    dz3 = ops.maxout_backward(ops.asarray(dy), ops.asarray(numpy.array([[1, 0]], numpy.int32)),
+                              ops.empty((1, 2, 2), numpy.float32))
+    numpy.testing.assert_array_equal(ops.to_host(dz3), [[[0, numpy.inf], [numpy.nan, 0]]])
+    image = numpy.full((1, 1, 3, 3), numpy.inf, numpy.float32)
+    shifted = ops.to_host(ops.shift_images(ops.asarray(image), ops.asarray(numpy.array([[1, -1]], numpy.int32)),
+                                           ops.empty((1, 1, 3, 3), numpy.float32)))
+    numpy.testing.assert_array_equal(shifted[0, 0], [[0, 0, 0], [numpy.inf, numpy.inf, 0], [numpy.inf, numpy.inf, 0]])
+
+
 X86_LINUX = platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
 # Something in this process (a library built with -ffast-math) may have set FTZ already.
 IEEE_SUBNORMALS = numpy.float32(numpy.finfo(numpy.float32).tiny) * numpy.float32(0.5) != 0
