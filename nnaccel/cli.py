@@ -289,7 +289,8 @@ def _build_model(args, features, classes, device):
             layers.insert(0, Flatten())  # the shifted images go on flat to the first Dense
         layers.insert(0, RandomShift(args.augment))
     if len(layers) > checkpoint.MAX_LAYERS:  # refused before training, not at its first checkpoint
-        raise ConfigError(f"--layers makes {len(layers):,} layers; a checkpoint holds at most {checkpoint.MAX_LAYERS:,}")
+        raise ConfigError(f"--layers makes {len(layers):,} layers; a checkpoint holds at most "
+                          f"{checkpoint.MAX_LAYERS:,}")
     return Sequential(*layers, device=device, seed=args.seed, input_shape=input_shape)
 
 

@@ -188,7 +188,8 @@ def test_an_option_of_a_part_the_run_does_not_have_is_refused(options, message, 
 @pytest.mark.parametrize("args, what", [
     (["train", "--resume", "", "--save", "m.npz"], "--resume"), (["train", "--save", ""], "--save"),
     (["train", "--csv", ""], "--csv"), (["train", "--plot", ""], "--plot"), (["train", "--layers", ""], "--layers"),
-    (["train", "--data", ""], "--data"), (["evaluate", ""], "the model"), (["evaluate", "m.npz", "--data", ""], "--data"),
+    (["train", "--data", ""], "--data"), (["evaluate", ""], "the model"),
+    (["evaluate", "m.npz", "--data", ""], "--data"),
     (["export", "m.npz", ""], "the ONNX file"), (["predict", "m.npz", "a.png", ""], "an IMAGE"),
     (["bench", "--networks", ""], "--networks"), (["bench", "--json", ""], "--json")])
 def test_an_empty_value_is_refused_not_taken_as_left_out(args, what, tmp_path, monkeypatch, capsys):
@@ -201,7 +202,8 @@ def test_an_empty_value_is_refused_not_taken_as_left_out(args, what, tmp_path, m
     assert cli.main(args) == 2
     assert capsys.readouterr().err == f"nnaccel {args[0]}: error: {what} is an empty string; give a value or leave " \
                                       f"the option out\n"
-    assert [path.name for path in tmp_path.iterdir()] == ["m.npz"] and (tmp_path / "m.npz").read_bytes() == b"a checkpoint"
+    assert [path.name for path in tmp_path.iterdir()] == ["m.npz"]
+    assert (tmp_path / "m.npz").read_bytes() == b"a checkpoint"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -307,7 +309,8 @@ def test_more_layers_than_a_checkpoint_holds_are_refused_before_training_and_sav
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(checkpoint, "MAX_LAYERS", 3)
-    assert cli.main(["train", "--data", "synthetic", "--layers", "784,10,10,10,10", "--save", "m.npz", "--device", "cpu"]) == 2
+    argv = ["train", "--data", "synthetic", "--layers", "784,10,10,10,10", "--save", "m.npz", "--device", "cpu"]
+    assert cli.main(argv) == 2
     assert capsys.readouterr().err == "nnaccel train: error: --layers makes 4 layers; a checkpoint holds at most 3\n"
     with pytest.raises(nn.ConfigError, match="a model of 4 layers cannot be saved: a checkpoint holds at most 3"):
         nn.Sequential(*(nn.Dense(4, 4) for _ in range(4))).save("m.npz")

@@ -347,7 +347,7 @@ class Backend:
                   + (xp.arange(ow, dtype=numpy.int32) * window.sw - window.pw)[None, :])
         if self._tiles(window, out.shape):  # each input belongs to one window: write, no sum
             windows = out.reshape(n, c, oh, window.kh, ow, window.kw)
-            for i, j in numpy.ndindex(window.kh, window.kw):  # a mask multiply: 0 * inf is NaN, but masked copies took 5x
+            for i, j in numpy.ndindex(window.kh, window.kw):  # (0 * inf is NaN: masked copies took 5x as long)
                 xp.multiply(dy, index == corner + numpy.int32(i * w + j), out=windows[:, :, :, i, :, j])
             return out
         padded = self._work((n, c, h + 2 * window.ph, w + 2 * window.pw), out.dtype, "maxpool_backward")
