@@ -53,6 +53,8 @@ class Loss:
         target = self.prepare_targets(ops, target, y.shape[1], y.dtype)
         if target.shape[0] != y.shape[0]:
             raise ShapeError(f"target has {target.shape[0]} rows but y has {y.shape[0]}")
+        if not y.shape[0]:
+            raise ShapeError("y has no rows: an empty batch has no mean loss")
         if ops.name == "cpu":  # free on the host; on a GPU it would synchronise every call
             self.check_values(target, y.shape[1])
         with ops.activate():

@@ -194,9 +194,11 @@ class Sequential:
         """The network's output for a batch ``x`` already on the model's device.
 
         Returns a new array: the layers' own work arrays are reused by the
-        next call.
+        next call. An empty batch gives an empty output, as ``predict`` does.
         """
         self.check_input(x)
+        if not x.shape[0]:
+            return self.backend.empty((0, self.out_features), self.dtype)
         with self.backend.activate():
             return self._forward(x).copy()
 

@@ -296,3 +296,18 @@ def test_train_step_takes_integer_labels_for_mse_as_one_hot():
     loss, _ = trainer.train_step(X, Y)
     expected = numpy.mean((nn.Sequential(nn.Dense(4, 3)).predict(X) - numpy.eye(3)[Y]) ** 2)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_an_empty_batch_gives_an_empty_output_and_no_loss(device):
+    """forward of no samples is (0, outputs), as predict's, whatever the layers (convolution, pooling,
+    BatchNorm, Flatten, Maxout), in both modes; the loss of no samples is an error naming the empty batch."""
+    model = nn.Sequential(nn.RandomShift(1), nn.Conv2D(1, 4, 3, padding=1, activation="gelu"), nn.BatchNorm(4),
+                          nn.MaxPool2D(2), nn.Flatten(), nn.Dense(4 * 4 * 4, 16), nn.Dropout(0.5),
+                          nn.Maxout(16, 8, pieces=2), nn.Dense(8, 10), input_shape=(1, 8, 8), device=device)
+    ops = model.backend
+    for training in (False, True):
+        y = model.train(training).forward(ops.asarray(numpy.zeros((0, 1, 8, 8), numpy.float32)))
+        assert y.shape == (0, 10) and y.dtype == numpy.float32
+    assert model.predict(numpy.zeros((0, 64), numpy.float32)).shape == (0, 10)
+    with pytest.raises(nn.ShapeError, match="y has no rows: an empty batch has no mean loss"):
+        nn.SoftmaxCrossEntropy().forward(y, ops.asarray(numpy.zeros(0, numpy.int64)))
