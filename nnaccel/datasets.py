@@ -202,7 +202,8 @@ def load_mnist(path, split="train"):
             raise DataError(f"{path} is one IDX file; give the folder that holds it ({path.parent}), where its "
                             f"images and labels files are found by name")
         return _load_npz(path, split)
-    raise DataError(f"{path}: no such file or folder")
+    raise DataError(f"{path}: not a regular file (a device, a pipe, a socket)" if path.exists() else
+                    f"{path}: no such file or folder")
 
 
 def _find_idx(folder, prefix, kind, dims):

@@ -54,7 +54,8 @@ def load_image(path):
         raise ConfigError("reading images needs Pillow: pip install 'nnaccel[image]' (or pip install pillow)") from None
     path = Path(path)
     if not path.is_file():
-        problem = "a folder, not an image file" if path.is_dir() else "no such image file"
+        problem = ("a folder, not an image file" if path.is_dir() else
+                   "not a regular file (a device, a pipe, a socket)" if path.exists() else "no such image file")
         raise DataError(f"{path}: {problem}")
     try:
         with Image.open(path) as image:

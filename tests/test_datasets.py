@@ -4,6 +4,7 @@ DataError naming the file), digits, synthetic data and train/validation
 splits. Damaged gzip and zip streams are in test_damaged_data.py."""
 
 import gzip
+import os
 import io
 import struct
 import tracemalloc
@@ -304,6 +305,8 @@ def test_missing_paths_are_named(tmp_path):
     assert_data_error(lambda: datasets.load(str(missing)), missing, "digits")
     assert_data_error(lambda: datasets.read_idx(missing), missing, "no such file")
     assert_data_error(lambda: datasets.read_idx(tmp_path), tmp_path, "not a file")
+    if os.path.exists("/dev/null"):  # there, but not a file to read data from
+        assert_data_error(lambda: datasets.load("/dev/null"), "/dev/null", "not a regular file (a device")
 
 
 def test_missing_split_names_folder_split_and_files(tmp_path):

@@ -2,6 +2,7 @@
 cannot be a picture of a digit is a DataError naming the file and the problem."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -119,6 +120,9 @@ def test_blank_and_malformed_inputs():
 def test_file_errors_name_the_file(tmp_path, monkeypatch):
     with pytest.raises(nn.DataError, match="missing.png: no such image file"):
         images.load_image(tmp_path / "missing.png")
+    if os.path.exists("/dev/null"):
+        with pytest.raises(nn.DataError, match=r"/dev/null: not a regular file \(a device"):
+            images.load_image("/dev/null")
     (tmp_path / "notes.png").write_text("not a picture")
     with pytest.raises(nn.DataError, match=r"notes.png: not a picture Pillow can read \(cannot identify"):
         images.load_image(tmp_path / "notes.png")
