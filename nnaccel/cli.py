@@ -221,6 +221,9 @@ def _check_ranges_against_data(args, trainer, samples):
     split) or on other options: a ConfigError naming the option and its valid range; a warning where a
     setting is valid but cannot take effect."""
     held_out = round(samples * args.validation_split)  # as datasets.train_val_split rounds
+    if samples < 2:
+        raise _refusal(f"--data {args.data} has {samples} sample{'s' * (samples != 1)}: training and its "
+                       f"validation need at least 2")
     if not 0 < held_out < samples:
         raise _refusal(f"--validation-split {args.validation_split} holds out {held_out} of the {samples} samples: "
                        f"it must be from 1/{samples} to {samples - 1}/{samples}, to leave at least 1 sample for "
@@ -545,7 +548,7 @@ def _train(args):
         _plan_resumed_epochs(args, trainer)
     else:
         args.epochs = args.epochs or DEFAULT_EPOCHS
-        trainer = _trainer_from_options(args, x.shape[1], int(y.max()) + 1, device)
+        trainer = _trainer_from_options(args, x.shape[1], datasets.CLASSES, device)  # all 10 digits, any a split lacks too
     trainer.plan = {"epochs": args.epochs, "validation_split": args.validation_split, "data": args.data}
     model = trainer.model
     _check_ranges_against_data(args, trainer, x.shape[0])

@@ -43,7 +43,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 _CHECKSUM_READ_CHUNKS = 64  # at most 64 MiB read on to reach a damaged stream's checksum
 _PIXEL_TOP = {"u": 255, "i": 255, "f": 1}  # integer pixels are 0..255, float pixels 0..1
-_MNIST_CLASSES = 10
+CLASSES = 10  # every data set here holds digits, labels 0..9 (a split may lack some)
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 
 
@@ -265,12 +265,12 @@ def _to_xy(images, labels, images_name, labels_name):
     if labels.dtype.kind not in "iu":
         raise DataError(
             f"{labels_name}: labels are {labels.dtype.name}, expected integers "
-            f"(digits 0..{_MNIST_CLASSES - 1})"
+            f"(digits 0..{CLASSES - 1})"
         )
-    if labels.min() < 0 or labels.max() >= _MNIST_CLASSES:
+    if labels.min() < 0 or labels.max() >= CLASSES:
         raise DataError(
             f"{labels_name}: labels range from {labels.min()} to {labels.max()}, "
-            f"expected digits 0..{_MNIST_CLASSES - 1}"
+            f"expected digits 0..{CLASSES - 1}"
         )
     top = _pixel_top(images, images_name)
     x = np.array(images.reshape(count, rows * cols), dtype=np.float32, order="C")

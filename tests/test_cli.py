@@ -317,6 +317,25 @@ def test_more_layers_than_a_checkpoint_holds_are_refused_before_training_and_sav
     assert list(tmp_path.iterdir()) == []
 
 
+def test_training_data_without_a_digit_still_makes_ten_outputs(tmp_path, monkeypatch, capsys):
+    """A training split that lacks the 9s (a small subset) trains a 10-output network, which scores a test
+    split that has them; --layers must end with 10 too."""
+    import numpy as np
+
+    from nnaccel import cli
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez("miss9.npz", x_train=rng.integers(0, 256, (90, 28, 28), dtype=np.uint8), y_train=np.arange(90) % 9,
+             x_test=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), y_test=np.arange(20) % 10)
+    train = ["train", "--data", "miss9.npz", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--quiet"]
+    assert cli.main([*train, "--layers", "784,16,10", "--save", "m.npz"]) == 0
+    assert cli.main(["evaluate", "m.npz", "--device", "cpu"]) == 0
+    assert "\ntest accuracy " in capsys.readouterr().out
+    assert cli.main([*train, "--layers", "784,16,9"]) == 2
+    assert "--layers ends with 9 outputs but the data has 10 classes" in capsys.readouterr().err
+
+
 def test_a_reader_that_leaves_ends_the_command_quietly():
     """``nnaccel info | head -0``: the output's reader is gone before the first write; no error line and no
     traceback, and the exit code of a writer killed by SIGPIPE (128 + 13), as git's."""

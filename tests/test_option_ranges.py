@@ -135,6 +135,13 @@ def test_sizes_beyond_what_the_data_allows(args, expected, capsys, tmp_path, mon
     _refused(capsys, [*TRAIN, *args], expected)
 
 
+def test_data_of_one_sample_cannot_be_split(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    numpy.savez("one.npz", x_train=numpy.zeros((1, 28, 28), numpy.uint8), y_train=numpy.zeros(1, numpy.uint8))
+    _refused(capsys, [*TRAIN[:2], "one.npz", *TRAIN[3:]],
+             "--data one.npz has 1 sample: training and its validation need at least 2")
+
+
 LAYERS = [
     ("784,0,10", "--layers: '0': Dense out_features must be a positive integer, got 0"),
     ("conv0k5,10", "--layers: 'conv0k5': Conv2D out_channels must be a positive integer, got 0"),
