@@ -124,8 +124,12 @@ class GraphedStep:
         trainer, backend = self.step.trainer, self.step.trainer.model.backend
         _, rows, first, _ = key
         x_in, y_in = x.copy(), y.copy()
-        with backend.recording_allocations() as sizes:
+        with backend.recording_allocations() as allocations:
             result = self.step(x_in, y_in, rows, first, guard=guard, step=index)
+        # The capture allocates again only what the eager step let go: not the work arrays, the optimizer's
+        # state or the guard's snapshot that step made (a graph's arena would hold them twice).
+        sizes = allocations.temporary_sizes([*trainer.model.work_arrays(), trainer.loss._grad,
+                                             *trainer.optimizer.state.values(), *guard.arrays()])
         steps, counters = trainer.optimizer.steps, [layer.counter for layer in self.random_layers]
         failed = None
         try:

@@ -689,6 +689,11 @@ class _DivergenceGuard:
             self._restore()
             self._fail(step, total, self.checked_step, all_ranks=True)
 
+    def arrays(self):
+        """The device arrays the guard keeps: its snapshot, the buffers from before a step (None: not yet)."""
+        params, buffers, state, _ = self.snapshot or (None, None, {}, None)
+        return [params, buffers, *state.values(), self.buffers_before]
+
     def _take_snapshot(self, step):
         model, optimizer = self.trainer.model, self.trainer.optimizer
         self.snapshot = (model.flat_params.copy(), model.flat_buffers.copy(),

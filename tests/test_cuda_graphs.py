@@ -173,6 +173,27 @@ def test_dropout_and_shifts_draw_in_replayed_steps_what_eager_steps_draw(emulate
     assert shift.counter == dropout.counter == 15 and shift.device_counter is None
 
 
+def test_a_graph_sets_aside_memory_for_the_step_s_temporaries_only(emulated, replays, monkeypatch):
+    """The first (eager) step of a shape makes lasting arrays: the layers' work arrays, the momentum, the
+    divergence guard's snapshot (3 copies of the parameters). The capture allocates none of them again, so
+    the arena set aside for it holds less than one copy of the parameters; the replays train as before."""
+    reserved = []
+    capture = cupy_backend.CupyBackend.capture
+
+    def recorded(self, run, sizes):
+        reserved.append(sum(sizes))
+        return capture(self, run, sizes)
+
+    monkeypatch.setattr(cupy_backend.CupyBackend, "capture", recorded)
+    x, y = datasets.synthetic(n=333, features=20, classes=4, seed=1)
+    trainer, _, graphed = _train(_mlp, emulated, x, y, cuda_graphs=True, epochs=1)
+    _, _, eager = _train(_mlp, emulated, x, y, cuda_graphs=False, epochs=1)
+    assert replays[0] > 0 and len(reserved) == 2  # the full batches' graph and the short last one's
+    assert max(reserved) < trainer.model.flat_params.nbytes
+    for name in eager:
+        numpy.testing.assert_array_equal(graphed[name], eager[name], err_msg=name)
+
+
 def test_a_step_that_breaks_capture_warns_and_runs_eagerly(emulated, replays, capsys, monkeypatch):
     """A host read inside the step (here planted in the loss) is what CUDA refuses while capturing:
     the stand-in refuses it as CUDA would, and the run goes on eagerly with the same weights."""

@@ -65,6 +65,23 @@ def _windows(array, window, out_height, out_width):
             for i in range(window.kh) for j in range(window.kw)]
 
 
+class Allocations(list):
+    """The device allocations made while recording, as ``(size, address)`` in their order."""
+
+    def temporary_sizes(self, lasting):
+        """The sizes of those the work let go: less, for each array of ``lasting`` (work arrays, snapshots:
+        what outlives the recording), the last allocation at its address, which still holds it."""
+        addresses = {getattr(array.data, "ptr", None) for array in lasting if array is not None and array.size}
+        addresses.discard(None)  # host arrays (state restored from a checkpoint, not yet moved): not allocations
+        kept = set()
+        for index in range(len(self) - 1, -1, -1):
+            address = self[index][1]
+            if address in addresses:
+                kept.add(index)
+                addresses.discard(address)
+        return [size for index, (size, _) in enumerate(self) if index not in kept]
+
+
 class Backend:
     """Generic ops over ``self.xp``; one instance per device."""
 
@@ -158,9 +175,8 @@ class Backend:
 
     # ----- graphs: work recorded once and replayed ---------------------------------
     def recording_allocations(self):
-        """A context yielding the list of the sizes of the device allocations made inside it
-        (empty where nothing is captured: the CPU)."""
-        return contextlib.nullcontext([])
+        """A context yielding the ``Allocations`` made inside it (none where nothing is captured: the CPU)."""
+        return contextlib.nullcontext(Allocations())
 
     def capture(self, run, sizes):
         """``run()`` captured as a graph whose ``replay()`` does its device work again, drawing the

@@ -20,7 +20,7 @@ import numpy
 
 from ..errors import ShapeError
 from . import cuda_kernels
-from .base import Backend
+from .base import Allocations, Backend
 
 BF16 = cuda_kernels.BF16
 
@@ -126,14 +126,15 @@ class CupyBackend(Backend):
 
     @contextlib.contextmanager
     def recording_allocations(self):
-        sizes, pool = [], self.xp.get_default_memory_pool()
+        allocations, pool = Allocations(), self.xp.get_default_memory_pool()
 
         def malloc(size):
-            sizes.append(size)
-            return pool.malloc(size)
+            memory = pool.malloc(size)
+            allocations.append((size, memory.ptr))
+            return memory
 
         with self.device, self.xp.cuda.using_allocator(malloc):
-            yield sizes
+            yield allocations
 
     def capture(self, run, sizes):
         """CUDA stream capture of ``run()`` on a stream of its own. CUDA refuses synchronisation, host
