@@ -279,7 +279,7 @@ def _build_model(args, features, classes, device):
     if args.dropout:
         hidden = [i for i, layer in enumerate(layers[:-1]) if isinstance(layer, Dense)]
         if not hidden:
-            raise ConfigError(f"--dropout {args.dropout} goes after each hidden Dense layer, and the network has none")
+            raise _refusal(f"--dropout {args.dropout} goes after each hidden Dense layer, and the network has none")
         for index in reversed(hidden):
             layers.insert(index + 1, Dropout(args.dropout))
     if args.augment:
@@ -292,8 +292,8 @@ def _build_model(args, features, classes, device):
             layers.insert(0, Flatten())  # the shifted images go on flat to the first Dense
         layers.insert(0, RandomShift(args.augment))
     if len(layers) > checkpoint.MAX_LAYERS:  # refused before training, not at its first checkpoint
-        raise ConfigError(f"--layers makes {len(layers):,} layers; a checkpoint holds at most "
-                          f"{checkpoint.MAX_LAYERS:,}")
+        raise _refusal(f"the network has {len(layers):,} layers; a checkpoint holds at most "
+                       f"{checkpoint.MAX_LAYERS:,}")
     return Sequential(*layers, device=device, seed=args.seed, input_shape=input_shape)
 
 
@@ -311,11 +311,11 @@ def _trainer_from_options(args, features, classes, device):
     options = {"momentum": args.momentum, "nesterov": args.nesterov} if args.optimizer == "sgd" else {}
     for option in ("momentum", "nesterov"):
         if option in args.given and args.optimizer != "sgd":
-            raise ConfigError(f"--{option} is SGD's; the optimizer is {args.optimizer}")
+            raise _refusal(f"--{option} is SGD's; the optimizer is {args.optimizer}")
     for option, schedule in (("step_size", "step"), ("gamma", "step"), ("eta_min", "cosine")):
         if option in args.given and args.schedule != schedule:
-            raise ConfigError(f"--{option.replace('_', '-')} is the {schedule} schedule's; the schedule is "
-                              f"{args.schedule or 'none'} (give --schedule {schedule})")
+            raise _refusal(f"--{option.replace('_', '-')} is the {schedule} schedule's; the schedule is "
+                           f"{args.schedule or 'none'} (give --schedule {schedule})")
     if args.weight_decay is not None:
         options["weight_decay"] = args.weight_decay
     return Trainer(model, loss=args.loss, optimizer=optimizers.get(args.optimizer, lr=lr, **options),
@@ -634,8 +634,8 @@ def _evaluation_data(args, meta):
     (x_train, _), validation = datasets.train_val_split(x, y, args.validation_split, seed=int(state.get("seed", 0)))
     # the validation part is the permutation's head: of the data trained on, a larger fraction than trained
     # takes in trained samples
-    trained_on = (state.get("plan") or {}).get("data", DEFAULT_DATA)
-    if state.get("samples") is not None and x_train.shape[0] < state["samples"] and _same_file(trained_on, args.data):
+    if state.get("samples") is not None and x_train.shape[0] < state["samples"] and \
+            not _other_data(args.data, (state.get("plan") or {}).get("data", DEFAULT_DATA)):
         raise ConfigError(f"{args.model} trained on {state['samples']:,} samples, but --validation-split "
                           f"{args.validation_split} of {args.data} leaves {x_train.shape[0]:,} to train on: give "
                           f"the --validation-split (and --data) it was trained with, or the validation part would "
@@ -771,6 +771,13 @@ def _refuse_empty_values(args):
             raise ConfigError(f"{what} is an empty string; give a value or leave the option out")
 
 
+def _other_data(data, trained_on):
+    """Whether ``data`` is known not to be ``trained_on`` (a plan's path, relative to where it trained, may
+    name nothing from here: then it may be the same)."""
+    known = trained_on in datasets.BUILT_IN or os.path.exists(trained_on)
+    return known and not _same_file(data, trained_on)
+
+
 def _same_file(a, b):
     try:
         return os.path.samefile(a, b)
@@ -811,11 +818,16 @@ def main(argv=None):
                 raise ConfigError(f"--activation: {error}") from None
         _refuse_empty_values(args)
         code = COMMANDS[args.command](args)
-        sys.stdout.flush()  # here, so that a reader gone is seen below, not at exit
+        if sys.stdout is not None:  # (None: started with stdout closed)
+            sys.stdout.flush()  # here, so that a reader gone is seen below, not at exit
         return code
     except BrokenPipeError:  # the output's reader left (``nnaccel predict ... | head -1``): quiet, as a killed writer
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit writes nowhere
-        return 128 + signal.SIGPIPE
+        if argv is None:  # the command line's own process: Python's flush at exit then writes nowhere
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # no file descriptor to point away
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+        return 128 + 13  # SIGPIPE's number (signal.SIGPIPE is not on Windows)
     except NnaccelError as error:
         print(f"nnaccel {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -311,7 +311,7 @@ def test_more_layers_than_a_checkpoint_holds_are_refused_before_training_and_sav
     monkeypatch.setattr(checkpoint, "MAX_LAYERS", 3)
     argv = ["train", "--data", "synthetic", "--layers", "784,10,10,10,10", "--save", "m.npz", "--device", "cpu"]
     assert cli.main(argv) == 2
-    assert capsys.readouterr().err == "nnaccel train: error: --layers makes 4 layers; a checkpoint holds at most 3\n"
+    assert capsys.readouterr().err == "nnaccel train: error: the network has 4 layers; a checkpoint holds at most 3\n"
     with pytest.raises(nn.ConfigError, match="a model of 4 layers cannot be saved: a checkpoint holds at most 3"):
         nn.Sequential(*(nn.Dense(4, 4) for _ in range(4))).save("m.npz")
     assert list(tmp_path.iterdir()) == []
@@ -344,6 +344,9 @@ def test_a_reader_that_leaves_ends_the_command_quietly():
     process.stdout.close()
     stderr = process.stderr.read()
     assert process.wait(timeout=300) == 141 and stderr == ""
+    closed = subprocess.run(["bash", "-c", f"'{sys.executable}' -m nnaccel.cli info >&-"], capture_output=True,
+                            text=True, timeout=300)  # no stdout at all: nothing to flush, nothing to say
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
 
 
 def test_info():

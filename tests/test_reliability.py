@@ -576,6 +576,10 @@ def test_data_the_plan_names_that_is_not_there_says_whose_it_is(tmp_path, monkey
         assert err.endswith("(the data ../m.npz was trained on, as its run named it; give --data where it is now)")
     assert cli.main(["train", "--resume", "../m.npz", "--epochs", "2", "--data", "../here/d.npz", "--device", "cpu",
                      "--quiet"]) == 0
+    # the plan's d.npz names nothing from here: ../here/d.npz may be it, so a larger validation part is refused
+    assert cli.main(["evaluate", "../m.npz", "--data", "../here/d.npz", "--split", "validation", "--validation-split",
+                     "0.5", "--device", "cpu"]) == 2
+    assert "trained on 32 samples, but --validation-split 0.5 of ../here/d.npz leaves 20" in capsys.readouterr().err
 
 
 def test_a_checkpoint_without_its_data_in_the_plan_resumes_on_the_default_data(tmp_path, monkeypatch, capsys):
