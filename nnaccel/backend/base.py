@@ -220,10 +220,13 @@ class Backend:
         """The logistic function as ``1 / (1 + e^-z)`` for z >= 0 and ``e^z / (1 + e^z)`` below: ``e^-|z|``
         never overflows, and no tail cancels (``0.5 tanh(z / 2) + 0.5`` gave 0 below z = -17 in float32)."""
         xp = self.xp
-        tail = xp.exp(-xp.abs(z))
-        above = xp.where(z >= 0, 1.0, tail)  # read before ``out``, which may be ``z``, is written
+        numerator = xp.minimum(z, 0)  # read before ``out``, which may be ``z``, is written
+        xp.exp(numerator, out=numerator)  # 1 for z >= 0, e^z below
+        tail = xp.abs(z)
+        xp.negative(tail, out=tail)
+        xp.exp(tail, out=tail)
         xp.add(tail, 1.0, out=out)
-        return xp.divide(above, out, out=out)
+        return xp.divide(numerator, out, out=out)
 
     def softmax(self, z, out):
         """Row-wise softmax, shifted by the row maximum for stability."""
