@@ -378,6 +378,8 @@ class Trainer:
         step_of_training.loss_sum.fill(point["loss_sum"] if rank == 0 else 0.0)
         step_of_training.correct_sum.fill(point["correct_sum"] if rank == 0 else 0.0)
         guard = _DivergenceGuard(self, self.nan_check_every or (1 if ops.name == "cpu" else 100))
+        if graphed and graphed.graphs:  # a replay updates before its check: the epoch's start is the one to return to
+            guard.take_snapshot(point["step"])
         progress = _Progress(self.epoch + 1, last_epoch, n, quiet=self.quiet)
         batch_hooks = [c for c in callbacks if type(c).on_batch_end is not Callback.on_batch_end]
         start = time.perf_counter()
@@ -664,7 +666,7 @@ class _DivergenceGuard:
     def after_allreduce(self, step, value, grads):
         if math.isfinite(float(grads[0])):
             if self.every != 1:
-                self._take_snapshot(step)
+                self.take_snapshot(step)
             return
         self._restore()
         self._fail(step, getattr(self, "local_value", math.nan), step if self.every == 1 else self.checked_step,
@@ -678,7 +680,7 @@ class _DivergenceGuard:
             return
         total = comm.allreduce_scalars([loss_sum])[0]
         if math.isfinite(total):
-            self._take_snapshot(step + 1)
+            self.take_snapshot(step + 1)
             return
         self._restore()
         self._fail(step, total, self.checked_step, all_ranks=comm.size > 1)
@@ -694,7 +696,7 @@ class _DivergenceGuard:
         params, buffers, state, _ = self.snapshot or (None, None, {}, None)
         return [params, buffers, *state.values(), self.buffers_before]
 
-    def _take_snapshot(self, step):
+    def take_snapshot(self, step):
         model, optimizer = self.trainer.model, self.trainer.optimizer
         self.snapshot = (model.flat_params.copy(), model.flat_buffers.copy(),
                          {k: v.copy() for k, v in optimizer.state.items()},

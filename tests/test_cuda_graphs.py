@@ -194,6 +194,29 @@ def test_a_graph_sets_aside_memory_for_the_step_s_temporaries_only(emulated, rep
         numpy.testing.assert_array_equal(graphed[name], eager[name], err_msg=name)
 
 
+def test_divergence_at_an_epoch_s_first_replay_returns_to_the_epoch_s_start(emulated, replays):
+    """Epoch 2's first step is a replay, whose update lands before its check: the weights and BatchNorm
+    buffers go back to the start of epoch 2 (a snapshot taken there), finite, as the message says."""
+    class BlowUp(nn.Callback):
+        def on_epoch_end(self, trainer, logs):
+            if logs["epoch"] == 1:
+                self.start = trainer.model.flat_params * 1e30
+                trainer.model.flat_params[...] = self.start  # finite, but its first step overflows
+
+    rng = numpy.random.default_rng(0)
+    x, y = rng.standard_normal((96, 8)).astype(numpy.float32), rng.integers(0, 3, 96)
+    model = nn.Sequential(nn.Dense(8, 16, activation="relu"), nn.BatchNorm(16), nn.Dense(16, 3), device=emulated)
+    trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1), batch_size=32, quiet=True)
+    blow_up = BlowUp()
+    with numpy.errstate(all="ignore"), pytest.raises(nn.TrainingDiverged, match="at epoch 2, step 1; .* kept the "
+                                                                               "weights from before that step"):
+        trainer.fit(x, y, epochs=2, shuffle=False, callbacks=[blow_up])
+    assert replays[0] > 0
+    host = model.backend.to_host
+    numpy.testing.assert_array_equal(host(model.flat_params), host(blow_up.start))
+    assert numpy.isfinite(host(model.flat_buffers)).all()
+
+
 def test_a_step_that_breaks_capture_warns_and_runs_eagerly(emulated, replays, capsys, monkeypatch):
     """A host read inside the step (here planted in the loss) is what CUDA refuses while capturing:
     the stand-in refuses it as CUDA would, and the run goes on eagerly with the same weights."""
