@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy
 from numpy.lib import format as npy_format
 
-from .errors import CheckpointError, ConfigError, OutputError
+from .errors import SPECIAL_FILE, CheckpointError, ConfigError, OutputError
 
 FORMAT = "nnaccel-checkpoint"
 VERSION = 1
@@ -119,8 +119,8 @@ def _write_target(path, what):
 def _refuse_special_file(path, what):
     """The rename that writes a file would replace a device, pipe or socket there (/dev/null, for root)."""
     if path.exists() and not path.is_file() and not path.is_dir():
-        raise OutputError(f"cannot write {what} {path}: it exists and is not a regular file (a device, pipe or "
-                          f"socket); name a new file or a regular one")
+        raise OutputError(f"cannot write {what} {path}: it exists and is {SPECIAL_FILE}; name a new file or a "
+                          f"regular one")
 
 
 def atomic_write(path, write):

@@ -90,8 +90,8 @@ def build_parser():
     train = commands.add_parser("train", help="train a network (default: a small CNN on the MNIST sample)",
                                 description="Train a network and report its accuracy on a held-out part of the "
                                             "data. " + architectures.__doc__.split("Grammar:")[0].strip(),
-                                epilog="--layers grammar, comma-separated, input to output: N (Dense of N units; a list of "
-                                       "Dense widths alone starts with the input width: 784,256,10), "
+                                epilog="--layers grammar, comma-separated, input to output: N (Dense of N units; "
+                                       "a list of Dense widths alone starts with the input width: 784,256,10), "
                                        "convCkK[sS][pP] (Conv2D: C filters K x K, stride S, padding P), "
                                        "maxpoolK[sS][pP], avgpoolK[sS][pP], bn (BatchNorm), dropR (Dropout R), "
                                        "shiftM (RandomShift M px), flatten (added before the first Dense after "
@@ -548,7 +548,7 @@ def _train(args):
         _plan_resumed_epochs(args, trainer)
     else:
         args.epochs = args.epochs or DEFAULT_EPOCHS
-        trainer = _trainer_from_options(args, x.shape[1], datasets.CLASSES, device)  # all 10 digits, any a split lacks too
+        trainer = _trainer_from_options(args, x.shape[1], datasets.CLASSES, device)  # any digit a split lacks too
     trainer.plan = {"epochs": args.epochs, "validation_split": args.validation_split, "data": args.data}
     model = trainer.model
     _check_ranges_against_data(args, trainer, x.shape[0])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnaccel.errors import ConfigError, DataError, ShapeError, check_int
+from nnaccel.errors import SPECIAL_FILE, ConfigError, DataError, ShapeError, check_int
 
 IMAGES_NDIM = 3  # count, rows, columns
 LABELS_NDIM = 1  # count
@@ -202,8 +202,7 @@ def load_mnist(path, split="train"):
             raise DataError(f"{path} is one IDX file; give the folder that holds it ({path.parent}), where its "
                             f"images and labels files are found by name")
         return _load_npz(path, split)
-    raise DataError(f"{path}: not a regular file (a device, a pipe, a socket)" if path.exists() else
-                    f"{path}: no such file or folder")
+    raise DataError(f"{path}: {SPECIAL_FILE if path.exists() else 'no such file or folder'}")
 
 
 def _find_idx(folder, prefix, kind, dims):

@@ -8,6 +8,8 @@ import argparse
 import math
 import numbers
 
+SPECIAL_FILE = "not a regular file (a device, pipe or socket)"  # what a path that exists may be instead
+
 
 class NnaccelError(Exception):
     """Base class of the errors caused by user input (not by bugs)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy
 
-from .errors import ConfigError, DataError, ShapeError
+from .errors import SPECIAL_FILE, ConfigError, DataError, ShapeError
 
 MNIST_BOX = 20  # MNIST digits fit a 20x20 box inside the 28x28 image
 DIGITS_BITMAP = 32  # scikit-learn's 8x8 digits are 4x4 block averages of 32x32 bitmaps
@@ -55,7 +55,7 @@ def load_image(path):
     path = Path(path)
     if not path.is_file():
         problem = ("a folder, not an image file" if path.is_dir() else
-                   "not a regular file (a device, a pipe, a socket)" if path.exists() else "no such image file")
+                   SPECIAL_FILE if path.exists() else "no such image file")
         raise DataError(f"{path}: {problem}")
     try:
         with Image.open(path) as image:
