@@ -788,15 +788,16 @@ def _same_file(a, b):
 def _refuse_outputs_over_inputs(args):
     """A ConfigError when an output would be written over an input's file or another output's: it would
     destroy that file (``--save`` over ``--resume`` is how a run goes on, and allowed)."""
-    inputs = [(name, str(file)) for name, path in _files(args, INPUT_FILES)
+    inputs = [(name, str(at), str(file)) for name, path in _files(args, INPUT_FILES)
               if os.path.exists(path) and not (name == "data" and path in datasets.BUILT_IN)
-              for file in (datasets.files_read(path) if name == "data" else [path])]
+              for at, file in (datasets.files_read(path) if name == "data" else [(path, path)])]
     outputs = list(_files(args, OUTPUT_FILES))
     for index, (name, path) in enumerate(outputs):
-        for other, other_path in inputs + outputs[:index]:
-            if (name, other) != ("save", "resume") and _same_file(path, other_path):
+        for other, at, other_path in inputs + [(other, at, at) for other, at in outputs[:index]]:
+            if (name, other) != ("save", "resume") and _same_file(path, at):
                 what = INPUT_FILES.get(other) or OUTPUT_FILES[other][1]
-                raise ConfigError(f"{OUTPUT_FILES[name][0]} {path} would overwrite {what} {other_path}; give "
+                harm = "overwrite" if at == other_path else "be read in place of"
+                raise ConfigError(f"{OUTPUT_FILES[name][0]} {path} would {harm} {what} {other_path}; give "
                                   f"another file")
 
 

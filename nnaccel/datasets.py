@@ -205,22 +205,33 @@ def load_mnist(path, split="train"):
     raise DataError(f"{path}: {SPECIAL_FILE if path.exists() else 'no such file or folder'}")
 
 
-def _find_idx(folder, prefix, kind, dims):
-    """Return the first existing IDX file of one kind, and the names looked for."""
+def _idx_candidates(folder, prefix, kind, dims):
+    """The IDX names of one kind, in the order they are looked for, and how a message lists them."""
     names = (f"{prefix}-{kind}-idx{dims}-ubyte", f"{prefix}-{kind}.idx{dims}-ubyte")
     looked_for = " or ".join(f"{name}[.gz]" for name in names)
-    candidates = (folder / (name + suffix) for name in names for suffix in ("", ".gz"))
+    return [folder / (name + suffix) for name in names for suffix in ("", ".gz")], looked_for
+
+
+def _find_idx(folder, prefix, kind, dims):
+    """Return the first existing IDX file of one kind, and the names looked for."""
+    candidates, looked_for = _idx_candidates(folder, prefix, kind, dims)
     return next((c for c in candidates if c.is_file()), None), looked_for
 
 
 def files_read(path):
-    """The files a data path is read from: the path itself, or a folder's IDX files of either split (what an
-    output must not be written over)."""
+    """``(name, file)`` for each file a data path is read from, and for each name looked for before it in a
+    folder, which would be read in its place once it exists (what an output must not be written at)."""
     path = Path(path)
     if not path.is_dir():
-        return [path]
-    return [found for prefix in _SPLIT_PREFIX.values() for kind, dims in (("images", 3), ("labels", 1))
-            if (found := _find_idx(path, prefix, kind, dims)[0]) is not None]
+        return [(path, path)]
+    pairs = []
+    for prefix in _SPLIT_PREFIX.values():
+        for kind, dims in (("images", 3), ("labels", 1)):
+            found, _ = _find_idx(path, prefix, kind, dims)
+            if found is not None:
+                candidates, _ = _idx_candidates(path, prefix, kind, dims)
+                pairs += [(name, found) for name in candidates[:candidates.index(found) + 1]]
+    return pairs
 
 
 def _find_idx_pair(folder, split):

@@ -290,6 +290,9 @@ def test_an_output_over_an_input_or_another_output_is_refused_and_nothing_is_los
              "--save idx/t10k-labels-idx1-ubyte.gz would overwrite the --data file idx/t10k-labels-idx1-ubyte.gz"),
             ([*train, "--data", "idx/", "--csv", "idx/train-images-idx3-ubyte"],
              "--csv idx/train-images-idx3-ubyte would overwrite the --data file idx/train-images-idx3-ubyte"),
+            ([*train, "--data", "idx", "--plot", "idx/t10k-images-idx3-ubyte"],  # not there, but read first
+             "--plot idx/t10k-images-idx3-ubyte would be read in place of the --data file "
+             "idx/t10k-images-idx3-ubyte.gz"),
             (["show", "m.npz", "--activations", "digit.png", "--out", "digit.png"],
              "--out digit.png would overwrite the --activations image digit.png")]:
         assert cli.main(args) == 2, args
