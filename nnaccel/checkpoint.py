@@ -631,11 +631,11 @@ def restore_model(model, meta, arrays, path):
         if key not in arrays or arrays[key].shape != buffer.shape:
             raise CheckpointError(f"{path} has no buffer {name} of shape {buffer.shape}")
         buffer[...] = model.backend.asarray(arrays[key].astype(model.dtype, copy=False))
-    model.set_rng_state(meta.get("dropout_counters", []))
+    model.set_rng_state(int(meta["model"].get("seed", 0)), meta.get("dropout_counters", []))
 
 
 def restore_optimizer(optimizer, meta, arrays, path):
-    """Load the optimizer state saved by ``save`` (same optimizer type required)."""
+    """Load the optimizer's settings and state saved by ``save`` (same optimizer type required)."""
     saved = meta.get("optimizer")
     if saved is None:
         raise CheckpointError(f"{path} holds no optimizer state; it cannot resume training")
@@ -643,7 +643,8 @@ def restore_optimizer(optimizer, meta, arrays, path):
         raise CheckpointError(f"{path} was trained with {saved['config']['type']}, "
                               f"not {optimizer.config()['type']}")
     buffers = {key[len("optim/"):]: value for key, value in arrays.items() if key.startswith("optim/")}
-    optimizer.load_state_dict({"steps": saved["steps"], "lr": saved["lr"], "buffers": buffers})
+    optimizer.load_state_dict({"config": saved["config"], "steps": saved["steps"], "lr": saved["lr"],
+                               "buffers": buffers})
 
 
 def load(path, device="cpu"):

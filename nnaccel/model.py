@@ -107,9 +107,8 @@ class Sequential:
         self._specs, self._buffer_specs = [], []
         self._check_size()
         values, buffers = [numpy.zeros(0, self.dtype)], [numpy.zeros(0, self.dtype)]
+        self.set_rng_state(self.seed, [0] * len(self.layers))
         for index, layer in enumerate(self.layers):
-            if isinstance(layer, layers_module.RandomLayer):
-                layer.seed = self.seed * 1000 + index
             for name, shape, init in layer.param_specs():
                 self._specs.append((index, name, tuple(shape)))
                 values.append(init(rng, self.dtype).ravel())
@@ -305,10 +304,13 @@ class Sequential:
         """The counters of Dropout and RandomShift: all the random state a model carries."""
         return [getattr(layer, "counter", 0) for layer in self.layers]
 
-    def set_rng_state(self, counters):
-        for layer, counter in zip(self.layers, counters):
+    def set_rng_state(self, seed, counters):
+        """Seed Dropout and RandomShift from the model's ``seed`` and set their counters (a checkpoint's,
+        so a resumed run draws what the saved one would have)."""
+        self.seed = seed
+        for index, (layer, counter) in enumerate(zip(self.layers, counters)):
             if isinstance(layer, layers_module.RandomLayer):
-                layer.counter = int(counter)
+                layer.seed, layer.counter = seed * 1000 + index, int(counter)
 
     def save(self, path):
         """Write the architecture and weights to ``path`` (.npz), atomically."""

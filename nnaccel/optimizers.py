@@ -54,11 +54,14 @@ class Optimizer:
         raise NotImplementedError
 
     def state_dict(self):
-        """Host copies of the state and the step count, for checkpoints."""
-        return {"steps": self.steps, "lr": self.lr,
+        """Host copies of the state, the step count and the settings, for checkpoints."""
+        return {"config": self.config(), "steps": self.steps, "lr": self.lr,
                 "buffers": {name: _to_host(buf) for name, buf in self.state.items()}}
 
     def load_state_dict(self, state):
+        """Take the saved settings (as PyTorch's ``load_state_dict`` takes its param groups), step count,
+        current rate and buffers."""
+        self.__init__(**{name: value for name, value in state["config"].items() if name != "type"})
         self.steps = int(state["steps"])
         self.lr = float(state["lr"])
         self.state = {name: numpy.array(buf) for name, buf in state["buffers"].items()}

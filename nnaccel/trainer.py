@@ -498,16 +498,31 @@ class Trainer:
         checkpoint.save(path, self.model, self.optimizer, self.state(), weights)
 
     def load_checkpoint(self, path):
-        """Restore weights, optimizer, RNG, epoch and history from ``path``."""
+        """Restore weights, optimizer, RNG, epoch and history from ``path``: the saved run goes on, with
+        its optimizer settings, schedule and loss in place of this trainer's (as PyTorch's
+        ``load_state_dict`` replaces an optimizer's settings; a warning names those that differed).
+        Change them after loading to train on differently."""
         return self.restore(*checkpoint.read(path), path)
 
     def restore(self, meta, arrays, path):
         """``load_checkpoint`` from a checkpoint already ``checkpoint.read``."""
+        here = {"optimizer": self.optimizer.config(), "loss": self.loss.name,
+                "schedule": self.schedule.config() if self.schedule is not None else None}
         checkpoint.restore_model(self.model, meta, arrays, path)
         checkpoint.restore_optimizer(self.optimizer, meta, arrays, path)
         state = meta.get("trainer")
         if state is None:
             raise CheckpointError(f"{path} holds no trainer state; it cannot resume training")
+        saved = {"optimizer": meta["optimizer"]["config"], "loss": state["loss"], "schedule": state.get("schedule")}
+        differing = [name for name in saved if here[name] != saved[name]]
+        if "schedule" in differing:
+            self.schedule = optimizers.schedule_from(saved["schedule"])
+        if "loss" in differing:
+            self.loss = losses.get(saved["loss"])
+        if differing and not self.quiet:
+            print(f"warning: {path} goes on as saved, in place of this trainer's "
+                  f"{'; '.join(f'{name} {here[name]} (now {saved[name]})' for name in differing)}",
+                  file=sys.stderr, flush=True)
         self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
         self.rng.bit_generator.state = state["rng"]
         self.history = {k: list(v) for k, v in state["history"].items()}

@@ -71,6 +71,36 @@ def test_resume_equals_uninterrupted_bit_for_bit(device, tmp_path):
     assert trainer.history["lr"] == [0.01, 0.005, 0.0025, 0.00125]
 
 
+def test_a_checkpoint_resumes_as_saved_whatever_the_loading_trainer_was_built_with(tmp_path, capsys):
+    """The model's seed (Dropout's draws), the optimizer's settings, the schedule and the loss come from
+    the checkpoint, as PyTorch's load_state_dict replaces an optimizer's settings; a warning names what
+    the loading trainer had otherwise."""
+    x, y = datasets.synthetic(n=200, features=10, classes=3, seed=1)
+
+    def setup(seed=5, **options):
+        model = nn.Sequential(nn.Dense(10, 16, activation="relu"), nn.Dropout(0.5), nn.Dense(16, 3), seed=seed)
+        return model, nn.Trainer(model, **{"optimizer": nn.SGD(lr=0.1), "schedule": nn.StepLR(1, gamma=0.5),
+                                           **options})
+
+    model, trainer = setup(quiet=True)
+    trainer.fit(x, y, epochs=3)
+    straight = model.flat_params.copy()
+    model, trainer = setup(quiet=True)
+    trainer.fit(x, y, epochs=1)
+    trainer.save_checkpoint(tmp_path / "ckpt.npz")
+    capsys.readouterr()
+    model, trainer = setup(seed=0, optimizer=nn.SGD(lr=0.5, momentum=0.9), schedule=None, loss="mse")
+    trainer.load_checkpoint(tmp_path / "ckpt.npz")
+    warning = capsys.readouterr().err
+    assert "goes on as saved, in place of this trainer's optimizer" in warning
+    assert "'momentum': 0.9" in warning and "schedule None" in warning and "loss mse" in warning
+    trainer.quiet = True
+    trainer.fit(x, y, epochs=2)
+    numpy.testing.assert_array_equal(model.flat_params, straight)
+    assert trainer.history["lr"] == [0.1, 0.05, 0.025] and model.config()["seed"] == 5
+    assert trainer.optimizer.config() == nn.SGD(lr=0.1).config() and trainer.loss.name == "softmax_cross_entropy"
+
+
 def test_a_run_stopped_after_its_short_last_step_resumes_with_no_step_and_no_negative_rate(tmp_path):
     """333 samples in steps of 32: the 11th step is short; stopped right after it, the resumed epoch has
     nothing left to train and reports 0 samples/s, not the rows of a full 11th step taken off."""
