@@ -148,6 +148,8 @@ class ModelCheckpoint(Callback, _Monitor):
     """Write a resumable checkpoint after every epoch, or only when ``monitor`` improves.
 
     ``path`` may contain ``{epoch}`` to keep one file per epoch (``{{`` and ``}}`` for braces).
+    ``save_best_only`` compares with every epoch of the run, those in a restored checkpoint's history
+    too, so a resumed run never writes a worse epoch over the best one's file.
     """
 
     def __init__(self, path, monitor="val_loss", save_best_only=False, mode="auto"):
@@ -159,6 +161,10 @@ class ModelCheckpoint(Callback, _Monitor):
             raise ConfigError(f"ModelCheckpoint path {self.path!r} is not a template of {{epoch}} only "
                               f"({type(error).__name__}: {error}); write {{{{ and }}}} for braces") from None
         self.save_best_only = save_best_only
+
+    def on_train_begin(self, trainer):
+        self.best = min((self.sign * value for value in trainer.history.get(self.monitor, [])
+                         if not math.isnan(value)), default=math.inf)
 
     def on_epoch_end(self, trainer, logs):
         if not self.save_best_only or self.improved(logs):

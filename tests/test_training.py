@@ -236,6 +236,29 @@ def test_callbacks(tmp_path):
     assert nn.Trainer(restored, quiet=True).evaluate(xv, yv)["loss"] == pytest.approx(min(history["val_loss"]), rel=1e-5)
 
 
+def test_a_resumed_best_only_checkpoint_keeps_the_runs_best_epoch(tmp_path):
+    """save_best_only after a resume compares with the epochs the checkpoint's history holds: a worse
+    epoch (a rate of 50 blows the loss up) is not written over the run's best."""
+    x, y = datasets.synthetic(n=200, features=10, classes=3, seed=1)
+    xv, yv = datasets.synthetic(n=100, features=10, classes=3, seed=2)
+
+    def fit(lr, epochs, resume=None):
+        trainer = nn.Trainer(nn.Sequential(nn.Dense(10, 3)), optimizer=nn.SGD(lr), quiet=True)
+        if resume:
+            trainer.load_checkpoint(resume)
+            trainer.optimizer.lr = trainer.optimizer.base_lr = lr
+        trainer.fit(x, y, epochs=epochs, validation_data=(xv, yv),
+                    callbacks=[nn.ModelCheckpoint(tmp_path / "best.npz", save_best_only=True)])
+        return trainer
+
+    trainer = fit(0.5, 3)
+    trainer.save_checkpoint(tmp_path / "last.npz")
+    best_epoch = 1 + int(numpy.argmin(trainer.history["val_loss"]))
+    resumed = fit(50.0, 1, resume=tmp_path / "last.npz")
+    assert resumed.history["val_loss"][-1] > min(trainer.history["val_loss"])
+    assert nn.checkpoint.read(tmp_path / "best.npz")[0]["trainer"]["epoch"] == best_epoch
+
+
 @pytest.mark.parametrize("check_every", [1, 5])
 def test_divergence_stops_with_the_last_good_weights(device, check_every):
     """A non-finite loss stops training before its update, naming the epoch and step.
