@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnaccel.errors import SPECIAL_FILE, ConfigError, DataError, ShapeError, check_int
+from nnaccel.errors import SPECIAL_FILE, ConfigError, DataError, ShapeError, check_array, check_int
 
 IMAGES_NDIM = 3  # count, rows, columns
 LABELS_NDIM = 1  # count
@@ -466,7 +466,7 @@ def train_val_split(x, y, fraction=0.2, seed=0):
 
     Returns ``(x_train, y_train), (x_val, y_val)``; dtypes are kept.
     """
-    x, y = np.asarray(x), np.asarray(y)
+    x, y = check_array(x, "x"), check_array(y, "y")
     is_number = isinstance(fraction, (int, float, np.floating)) and not isinstance(fraction, bool)
     if not (is_number and 0 < fraction < 1):
         raise ConfigError(f"fraction must be between 0 and 1 (exclusive), got {fraction!r}")

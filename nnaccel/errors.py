@@ -8,6 +8,8 @@ import argparse
 import math
 import numbers
 
+import numpy
+
 SPECIAL_FILE = "not a regular file (a device, pipe or socket)"  # what a path that exists may be instead
 
 
@@ -45,6 +47,18 @@ def check_int(value, what, minimum=1):
         kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
         raise ConfigError(f"{what} must be a {kind} integer, got {value!r}")
     return int(value)
+
+
+def check_array(data, what):
+    """A host data set (a list, nested lists) as a NumPy array, or a ShapeError naming ``what`` for one
+    that is none (rows of different lengths, a scalar, None)."""
+    try:
+        array = numpy.asarray(data)
+    except (TypeError, ValueError) as error:
+        raise ShapeError(f"{what} is not an array of numbers: {error}") from None
+    if array.ndim == 0:
+        raise ShapeError(f"{what} must be an array with one entry per sample, got {data!r}")
+    return array
 
 
 def check_number(value, what, allow_zero=False):

@@ -8,8 +8,8 @@ import weakref
 import numpy
 
 from . import layers as layers_module
-from .backend import get_backend
-from .errors import ConfigError, ShapeError, check_int
+from .backend import array_device, get_backend
+from .errors import ConfigError, ShapeError, check_array, check_int
 from .layers import Layer, Parameter, describe_shape
 
 FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
@@ -249,7 +249,7 @@ class Sequential:
         """Outputs for ``x`` (host or device array) as a NumPy array, in eval mode."""
         batch_size = check_int(batch_size, "predict batch_size")
         ops = self.backend
-        x = ops.asarray(x, what="x")
+        x = ops.asarray(check_array(x, "x") if array_device(x) is None else x, what="x")
         if x.dtype.kind in "fiu":
             x = self.to_model_dtype(x, "x")
         self.check_input(x)

@@ -21,7 +21,7 @@ import numpy
 from . import checkpoint, losses, optimizers
 from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves
 from .backend import PRECISIONS, array_device
-from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError, check_int
+from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError, check_array, check_int
 from .layers import BatchNorm, RandomLayer
 from .model import Sequential
 
@@ -116,7 +116,7 @@ class Trainer:
         """
         model, ops = self.model, self.model.backend
         label_what = "y" if what == "x" else f"{what} labels"
-        x, y = (_host_array(a, name) if array_device(a) is None else a  # lists; arrays stay
+        x, y = (check_array(a, name) if array_device(a) is None else a  # lists; arrays stay
                 for a, name in ((x, what), (y, label_what)))
         x = ops.asarray(x, what=what)
         y = ops.asarray(y, what=label_what)
@@ -818,18 +818,6 @@ def _callback_list(callbacks, what):
             raise ConfigError(f"{what}[{index}] is {_described(callback)}, not an nnaccel Callback "
                               f"(a subclass of nn.Callback)")
     return callbacks
-
-
-def _host_array(data, what):
-    """A host data set (a list, nested lists) as a NumPy array, or a ShapeError naming ``what`` for one
-    that is none (rows of different lengths, a scalar, None)."""
-    try:
-        array = numpy.asarray(data)
-    except (TypeError, ValueError) as error:
-        raise ShapeError(f"{what} is not an array of numbers: {error}") from None
-    if array.ndim == 0:
-        raise ShapeError(f"{what} must be an array with one entry per sample, got {data!r}")
-    return array
 
 
 def _epoch_line(logs, last_epoch):
