@@ -122,6 +122,10 @@ class MeanSquaredError(Loss):
         return ops.mse(y, target, self._grad_buffer(ops, y))
 
     def count_correct(self, ops, y, target):
+        """Rows whose largest output is the target's; with one output, rows on the target's side of 0.5
+        (Keras's binary accuracy: argmax of one column would count every row)."""
+        if y.shape[1] == 1:
+            return ((y > 0.5) == (target > 0.5)).sum()
         return ops.count_correct(y, target.argmax(axis=1))
 
 

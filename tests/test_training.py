@@ -183,6 +183,18 @@ def test_every_loss_refuses_targets_out_of_its_range(device, loss, targets, mess
         trainer.fit(numpy.ones((8, 4), numpy.float32), targets, epochs=1)
 
 
+def test_mse_of_one_output_counts_rows_on_the_targets_side_of_a_half(device):
+    """Keras's binary accuracy: argmax of a single column is always 0, so every row counted as right."""
+    rng = numpy.random.default_rng(0)
+    x, target = rng.random((64, 5), numpy.float32), (rng.random(64) > 0.5).astype(numpy.float32)
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(5, 1), device=device, seed=1), loss=nn.MSE(), quiet=True)
+    for epoch in range(3):
+        predicted = trainer.model.predict(x)[:, 0]
+        expected = numpy.mean((predicted > 0.5) == (target > 0.5))
+        assert trainer.evaluate(x, target)["accuracy"] == pytest.approx(expected) and 0 < expected < 1
+        trainer.fit(x, target, epochs=1)
+
+
 def test_data_is_checked_once_with_clear_errors():
     model = _digits_net("cpu")
     trainer = nn.Trainer(model, quiet=True)
