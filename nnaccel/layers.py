@@ -150,8 +150,11 @@ class Layer:
 
     def __repr__(self):
         """The call that builds this layer, arguments left at their defaults left out: ``Conv2D(1, 6, 5,
-        padding=2, activation='relu')``."""
-        config = self.config()
+        padding=2, activation='relu')``; a layer of one's own without ``config`` is its class name."""
+        try:
+            config = self.config()
+        except NotImplementedError:
+            return f"{type(self).__name__}(...)"
         shown = []
         for name, parameter in list(inspect.signature(type(self).__init__).parameters.items())[1:]:
             value = config.get(name)

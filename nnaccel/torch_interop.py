@@ -55,24 +55,26 @@ def _activation_modules(torch, activation):
 
 
 def _torch_layer(torch, layer, input_shape, dtype):
-    """The torch module of one nnaccel layer (without its activation), or None where there is none to make."""
-    if isinstance(layer, layers.Dense):
+    """The torch module of one nnaccel layer (without its activation), or None where there is none to make
+    (a subclass of a layer may compute something else: it has none)."""
+    kind = type(layer)
+    if kind is layers.Dense:
         return torch.nn.Linear(layer.in_features, layer.out_features, dtype=dtype)
-    if isinstance(layer, layers.Conv2D):
+    if kind is layers.Conv2D:
         return torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                                dtype=dtype)
-    if isinstance(layer, layers.BatchNorm):
-        kind = torch.nn.BatchNorm2d if len(input_shape) == 3 else torch.nn.BatchNorm1d
-        return kind(layer.num_features, eps=layer.eps, momentum=layer.momentum, dtype=dtype)
-    if isinstance(layer, layers.MaxPool2D):
+    if kind is layers.BatchNorm:
+        norm = torch.nn.BatchNorm2d if len(input_shape) == 3 else torch.nn.BatchNorm1d
+        return norm(layer.num_features, eps=layer.eps, momentum=layer.momentum, dtype=dtype)
+    if kind is layers.MaxPool2D:
         return torch.nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding)
-    if isinstance(layer, layers.AvgPool2D):
+    if kind is layers.AvgPool2D:
         return torch.nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding, count_include_pad=True)
-    if isinstance(layer, layers.Flatten):
+    if kind is layers.Flatten:
         return torch.nn.Flatten()
-    if isinstance(layer, layers.Dropout):
+    if kind is layers.Dropout:
         return torch.nn.Dropout(layer.rate)
-    if isinstance(layer, layers.RandomShift):
+    if kind is layers.RandomShift:
         return None  # augmentation: the identity at inference
     raise ConfigError(f"{layer!r} has no PyTorch equivalent")
 
@@ -286,6 +288,7 @@ def from_torch(module, input_shape=None, device="cpu", seed=0):
     torch = _import_torch()
     if not isinstance(module, torch.nn.Sequential):
         raise ConfigError(f"from_torch takes a torch.nn.Sequential, got a {type(module).__name__}")
+    dtype = _dtype(module)  # before _specs reads the weights: NumPy has no bfloat16
     specs = _specs(torch, module)
     if not specs:
         raise ConfigError("from_torch needs at least one layer other than Identity")
@@ -293,7 +296,7 @@ def from_torch(module, input_shape=None, device="cpu", seed=0):
     first = next((spec for spec in specs if spec.cls is not layers.Dropout), specs[0])
     if input_shape is None and first.cls is not layers.Dense:
         input_shape = _image_shape(specs, first, built)
-    model = Sequential(*built, input_shape=input_shape, device=device, seed=seed, dtype=_dtype(module))
+    model = Sequential(*built, input_shape=input_shape, device=device, seed=seed, dtype=dtype)
     index_of = {id(child): index for index, child in enumerate(module)}
     for spec, layer, shape in zip(specs, model.layers, model.shapes):
         rank, axes = BATCHNORM_SAMPLES.get(type(spec.source).__name__, (len(shape), ""))

@@ -268,6 +268,8 @@ def test_from_torch_finds_the_input_shape_of_a_conv_net_or_asks_for_it():
         nn.Sequential.from_torch(torch.nn.Linear(3, 2))
     with pytest.raises(nn.ConfigError, match="all float32 or all float64, got float16"):
         nn.Sequential.from_torch(torch.nn.Sequential(torch.nn.Linear(3, 2).half()))
+    with pytest.raises(nn.ConfigError, match="all float32 or all float64, got bfloat16"):  # no NumPy type
+        nn.Sequential.from_torch(torch.nn.Sequential(torch.nn.Linear(3, 2).bfloat16()))
 
 
 def test_maxout_has_no_torch_module():
@@ -275,6 +277,30 @@ def test_maxout_has_no_torch_module():
     with pytest.raises(nn.ConfigError, match=r"cannot convert layer 1 to PyTorch: Maxout\(4, 3\) has no PyTorch "
                                              r"equivalent"):
         model.to_torch()
+
+
+def test_a_layer_of_ones_own_has_no_torch_module_nor_onnx_export():
+    """A subclass may compute something else than the layer it extends (here ones), so it converts to
+    nothing; one without config() is named by its class."""
+    from nnaccel.layers import Layer
+    from nnaccel.onnx import to_onnx
+
+    pytest.importorskip("onnx")
+
+    class Ones(nn.Dense):
+        def forward(self, x, training=False):
+            return super().forward(x, training) * 0 + 1
+
+    class Double(Layer):
+        def forward(self, x, training=False):
+            return x * 2
+
+    for layer, shown in ((Ones(3, 2), r"Ones\(3, 2\)"), (Double(), r"Double\(\.\.\.\)")):
+        model = nn.Sequential(nn.Dense(3, 3), layer, input_shape=(3,))
+        with pytest.raises(nn.ConfigError, match=rf"cannot convert layer 1 to PyTorch: {shown} has no PyTorch"):
+            model.to_torch()
+        with pytest.raises(nn.ConfigError, match=rf"layer 1, {shown}, has no ONNX export"):
+            to_onnx(model)
 
 
 def test_without_torch_the_error_says_how_to_install_it(monkeypatch):
