@@ -35,6 +35,8 @@ def test_a_tensor_that_cannot_be_shared_is_a_clear_error():
     tensor = torch.zeros(2, 6, requires_grad=True)
     with pytest.raises(nn.DeviceError, match="x: a Tensor on cpu could not be shared through DLPack"):
         model().predict(tensor)
+    with pytest.raises(nn.DeviceError, match="x is on a device DLPack has no type for .*meta.* but the model is on cpu"):
+        nn.Trainer(model(), quiet=True).fit(torch.zeros(4, 6, device="meta"), np.zeros(4, np.int64))
 
 
 def test_a_lazily_negated_view_is_refused_not_read_with_its_sign_lost():

@@ -26,7 +26,10 @@ def array_device(array):
     if type(array).__module__.startswith("cupy"):
         return f"cuda:{array.device.id}"
     if hasattr(array, "__dlpack_device__") and not isinstance(array, numpy.generic):
-        kind, index = array.__dlpack_device__()
+        try:
+            kind, index = array.__dlpack_device__()
+        except (BufferError, RuntimeError, TypeError, ValueError) as error:  # a torch tensor on "meta"
+            return f"a device DLPack has no type for ({error})"
         name = DLPACK_DEVICES.get(int(kind), f"DLPack device type {int(kind)}")
         return f"cuda:{int(index)}" if name == "cuda" else name
     return None
