@@ -36,6 +36,28 @@ def test_device_arrays_are_not_numpy_arrays_and_do_not_convert_implicitly(cp):
     assert float(x.sum()) == 15.0 and x[1, 2].shape == ()
 
 
+def test_what_cupy_13_lacks_is_missing_here_too(cp):
+    """nnaccel takes CuPy 13: a NumPy function or a constant only CuPy 14 has would fail on such a GPU."""
+    from cupy.cuda import runtime
+
+    for name in ("put_along_axis", "concat", "astype"):
+        with pytest.raises(AttributeError, match=f"no attribute '{name}' .CuPy 13"):
+            getattr(cp, name)
+    assert not hasattr(runtime, "CUDA_R_16BF") and callable(cp.take_along_axis)
+
+
+def test_a_strided_gradient_takes_maxouts_generic_backward(cp):
+    """The kernel takes contiguous arrays; the base class's fancy index serves the rest, on CuPy 13 too."""
+    ops = nn.get_backend("cuda")
+    dy = numpy.arange(6, dtype=numpy.float32).reshape(3, 2).T
+    index = numpy.array([[0, 2, 1], [1, 1, 0]], numpy.int32)
+    strided = ops.asarray(numpy.ascontiguousarray(dy.T)).T
+    out = ops.maxout_backward(strided, ops.asarray(index), ops.empty((2, 3, 3)))
+    expected = numpy.zeros((2, 3, 3), numpy.float32)
+    numpy.put_along_axis(expected, index[..., None], dy[..., None], axis=2)
+    numpy.testing.assert_array_equal(cp.asnumpy(out), expected)
+
+
 def test_views_share_device_memory(cp):
     flat = cp.zeros(10, numpy.float32)
     part = flat[2:6].reshape(2, 2)

@@ -253,7 +253,8 @@ class Backend:
         """Route ``dy`` to the winning piece; the other pieces get zero (exactly: a mask multiply would give
         0 * inf = NaN, and took twice as long on the CPU)."""
         out3.fill(0)
-        self.xp.put_along_axis(out3, index[..., None], dy[..., None], axis=2)
+        batch, units = index.shape  # put_along_axis's fancy index (CuPy 13 has no put_along_axis)
+        out3[self.xp.arange(batch)[:, None], self.xp.arange(units), index] = dy
         return out3
 
     # ----- convolution and pooling over NCHW arrays --------------------------------------------

@@ -44,6 +44,7 @@ KERNELS = {
 # bfloat16 values, held as their bits (bfloat16.cuh): CuPy 13 has no bfloat16 dtype and CuPy 14's
 # (ml_dtypes.bfloat16) is a partial one on an extra dependency; the kernels and gemmEx read the bits.
 BF16 = numpy.dtype(numpy.uint16)
+CUDA_R_16BF = 14  # cudaDataType of bfloat16 (library_types.h): CuPy 13 has no name for it
 FLOATS = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 CTYPES = {FLOATS[0]: "float", FLOATS[1]: "double", BF16: "nna::bf16"}
 COMPUTE = {FLOATS[0]: FLOATS[0], FLOATS[1]: FLOATS[1], BF16: FLOATS[0]}  # the dtype a stored value computes in
@@ -264,7 +265,7 @@ def gemm_bf16(a, b, out, trans_a=False, trans_b=False):
     import cupy
     from cupy.cuda import cublas, runtime
 
-    types = {BF16: runtime.CUDA_R_16BF, FLOATS[0]: runtime.CUDA_R_32F}
+    types = {BF16: CUDA_R_16BF, FLOATS[0]: runtime.CUDA_R_32F}
     one, zero = numpy.ones(1, numpy.float32), numpy.zeros(1, numpy.float32)  # host scalars
     # Row-major out = op(a) op(b) is column-major out^T = op(b)^T op(a)^T: b and a swap places.
     with out.device:

@@ -153,8 +153,23 @@ def matmul(a, b, out=None, **kwargs):
     return _apply(numpy.matmul, (a, b), {**kwargs, **({} if out is None else {"out": out})})
 
 
+# NumPy 2.4's functions that CuPy 13.6 (the oldest CuPy nnaccel takes) lacks, from its cupy-cuda12x wheel:
+# served here, code calling them would pass CI and fail on a GPU with CuPy 13.
+NOT_IN_CUPY_13 = frozenset("""
+    acos acosh apply_over_axes asin asinh asmatrix astype atan atan2 atanh bitwise_count bitwise_invert
+    bitwise_left_shift bitwise_right_shift block bmat busday_count busday_offset concat cumulative_prod
+    cumulative_sum datetime_as_string datetime_data einsum_path errstate frompyfunc fromregex geomspace
+    get_include getbufsize geterr geterrcall histogram_bin_edges info insert is_busday isdtype isnat
+    matrix_transpose matvec nanpercentile nanquantile ndenumerate nested_iters permute_dims polyder polydiv
+    polyint pow put_along_axis setbufsize seterr seterrcall show_runtime spacing trapezoid unique_all
+    unique_counts unique_inverse unique_values unstack vecdot vecmat""".split())
+
+
 def __getattr__(name):
-    """Every other NumPy function or ufunc, on device arrays (``cupy.exp``, ``cupy.stack``, ...)."""
+    """Every other NumPy function or ufunc that CuPy 13 has too, on device arrays (``cupy.exp``,
+    ``cupy.stack``, ...)."""
+    if name in NOT_IN_CUPY_13:
+        raise AttributeError(f"module 'cupy' has no attribute {name!r} (CuPy 13, which nnaccel supports, lacks it)")
     if not name.startswith("_") and callable(getattr(numpy, name, None)):
         function = _numpy_function(name)
         globals()[name] = function

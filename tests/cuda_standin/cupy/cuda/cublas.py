@@ -21,7 +21,7 @@ CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_OP_C = 0, 1, 2
 CUBLAS_POINTER_MODE_HOST, CUBLAS_POINTER_MODE_DEVICE = 0, 1
 CUBLAS_COMPUTE_32F = 68
 CUBLAS_GEMM_DEFAULT = -1
-_TYPES = {runtime.CUDA_R_32F: numpy.dtype(numpy.float32), runtime.CUDA_R_16BF: numpy.dtype(numpy.uint16)}
+_TYPES = {runtime.CUDA_R_32F: numpy.dtype(numpy.float32), 14: numpy.dtype(numpy.uint16)}  # 14: CUDA_R_16BF
 _pointer_modes = {}
 
 

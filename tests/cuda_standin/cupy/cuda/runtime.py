@@ -27,7 +27,7 @@ cudaDevAttrWarpSize = 10
 cudaDevAttrMultiProcessorCount = 16
 cudaDevAttrComputeCapabilityMajor = 75
 cudaDevAttrComputeCapabilityMinor = 76
-CUDA_R_32F, CUDA_R_16BF = 0, 14  # cudaDataType values (library_types.h)
+CUDA_R_32F = 0  # cudaDataType (library_types.h); CuPy 13 names no CUDA_R_16BF (14), so neither does this
 
 
 def getDeviceCount():
