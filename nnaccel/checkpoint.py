@@ -621,27 +621,35 @@ def restore_model(model, meta, arrays, path):
     if shape != list(model.input_shape):
         raise CheckpointError(f"{path} holds a network for inputs of shape {tuple(shape)} but the model takes "
                               f"{tuple(model.input_shape)}")
-    for parameter in model.parameters():
+    for parameter in model.parameters():  # every array checked before the model changes
         key = f"param/{parameter.name}"
         if key not in arrays or arrays[key].shape != parameter.shape:
             raise CheckpointError(f"{path} has no weights for {parameter.name} of shape {parameter.shape}")
-        parameter.data = model.backend.asarray(arrays[key].astype(model.dtype, copy=False))
     for name, buffer in model.buffers():
         key = f"buffer/{name}"
         if key not in arrays or arrays[key].shape != buffer.shape:
             raise CheckpointError(f"{path} has no buffer {name} of shape {buffer.shape}")
-        buffer[...] = model.backend.asarray(arrays[key].astype(model.dtype, copy=False))
+    for parameter in model.parameters():
+        parameter.data = model.backend.asarray(arrays[f"param/{parameter.name}"].astype(model.dtype, copy=False))
+    for name, buffer in model.buffers():
+        buffer[...] = model.backend.asarray(arrays[f"buffer/{name}"].astype(model.dtype, copy=False))
     model.set_rng_state(int(meta["model"].get("seed", 0)), meta.get("dropout_counters", []))
 
 
-def restore_optimizer(optimizer, meta, arrays, path):
-    """Load the optimizer's settings and state saved by ``save`` (same optimizer type required)."""
+def check_optimizer(optimizer, meta, path):
+    """A CheckpointError unless the checkpoint holds the state of an optimizer of ``optimizer``'s type."""
     saved = meta.get("optimizer")
     if saved is None:
         raise CheckpointError(f"{path} holds no optimizer state; it cannot resume training")
     if saved["config"]["type"] != optimizer.config()["type"]:
         raise CheckpointError(f"{path} was trained with {saved['config']['type']}, "
                               f"not {optimizer.config()['type']}")
+
+
+def restore_optimizer(optimizer, meta, arrays, path):
+    """Load the optimizer's settings and state saved by ``save`` (same optimizer type required)."""
+    check_optimizer(optimizer, meta, path)
+    saved = meta["optimizer"]
     buffers = {key[len("optim/"):]: value for key, value in arrays.items() if key.startswith("optim/")}
     optimizer.load_state_dict({"config": saved["config"], "steps": saved["steps"], "lr": saved["lr"],
                                "buffers": buffers})

@@ -505,14 +505,24 @@ class Trainer:
         return self.restore(*checkpoint.read(path), path)
 
     def restore(self, meta, arrays, path):
-        """``load_checkpoint`` from a checkpoint already ``checkpoint.read``."""
+        """``load_checkpoint`` from a checkpoint already ``checkpoint.read``; one refused leaves this
+        trainer as it was."""
+        state = meta.get("trainer")
+        if state is None:
+            raise CheckpointError(f"{path} holds no trainer state; it cannot resume training")
+        checkpoint.check_optimizer(self.optimizer, meta, path)
+        resume_point = state.get("resume_point")
+        saved_batch, batch = int(state.get("batch_size", self.batch_size)), self.batch_size * self.world_size
+        if resume_point is not None and saved_batch != batch:
+            raise CheckpointError(
+                f"{path} stopped in the middle of epoch {int(state['epoch']) + 1} (step {resume_point['step']}) of "
+                f"a run with {saved_batch} samples per step, but this run takes {batch} "
+                f"({self.batch_size} x {self.world_size} process(es)); resume it with {saved_batch} samples per "
+                f"step (batch_size x processes)")
         here = {"optimizer": self.optimizer.config(), "loss": self.loss.name,
                 "schedule": self.schedule.config() if self.schedule is not None else None}
         checkpoint.restore_model(self.model, meta, arrays, path)
         checkpoint.restore_optimizer(self.optimizer, meta, arrays, path)
-        state = meta.get("trainer")
-        if state is None:
-            raise CheckpointError(f"{path} holds no trainer state; it cannot resume training")
         saved = {"optimizer": meta["optimizer"]["config"], "loss": state["loss"], "schedule": state.get("schedule")}
         differing = [name for name in saved if here[name] != saved[name]]
         if "schedule" in differing:
@@ -526,21 +536,14 @@ class Trainer:
         self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
         self.rng.bit_generator.state = state["rng"]
         self.history = {k: list(v) for k, v in state["history"].items()}
-        self._resume_point = state.get("resume_point")
+        self._resume_point = resume_point
         self._samples = state.get("samples")
         self.plan = state.get("plan")
         self._fit_callbacks = None
         self._restored_early_stopping = [
-            (saved, None if saved["weights_epoch"] is None else
+            (kept, None if kept["weights_epoch"] is None else
              tuple(arrays[f"early_stopping/{index}/{part}"] for part in ("params", "buffers")))
-            for index, saved in enumerate(state.get("early_stopping", []))]
-        saved_batch, batch = int(state.get("batch_size", self.batch_size)), self.batch_size * self.world_size
-        if self._resume_point is not None and saved_batch != batch:
-            raise CheckpointError(
-                f"{path} stopped in the middle of epoch {self.epoch + 1} (step {self._resume_point['step']}) of a "
-                f"run with {saved_batch} samples per step, but this run takes {batch} "
-                f"({self.batch_size} x {self.world_size} process(es)); resume it with {saved_batch} samples per "
-                f"step (batch_size x processes)")
+            for index, kept in enumerate(state.get("early_stopping", []))]
         return self
 
 

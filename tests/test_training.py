@@ -101,6 +101,38 @@ def test_a_checkpoint_resumes_as_saved_whatever_the_loading_trainer_was_built_wi
     assert trainer.optimizer.config() == nn.SGD(lr=0.1).config() and trainer.loss.name == "softmax_cross_entropy"
 
 
+def test_a_refused_checkpoint_leaves_the_trainer_as_it_was(tmp_path):
+    """Refused for a mid-epoch batch of another size, another optimizer or a missing buffer: nothing of
+    the checkpoint (weights, optimizer steps, resume point) is taken first."""
+    x, y = datasets.synthetic(n=64, features=4, classes=2, seed=0)
+
+    class StopAfterOneStep(nn.Callback):
+        def on_batch_end(self, trainer, step, loss):
+            trainer.request_stop()
+
+    def trainer(batch_size=32, optimizer=None):
+        model = nn.Sequential(nn.Dense(4, 3), nn.BatchNorm(3), nn.Dense(3, 2), seed=1)
+        return nn.Trainer(model, optimizer=optimizer or nn.SGD(momentum=0.9), batch_size=batch_size, quiet=True)
+
+    saved = trainer()
+    saved.fit(x, y, epochs=2, callbacks=[StopAfterOneStep()])
+    saved.save_checkpoint(tmp_path / "mid.npz")
+    meta, arrays = nn.checkpoint.read(tmp_path / "mid.npz")
+    del arrays["buffer/1.running_var"]
+    for other, refusal, load in [
+            (trainer(batch_size=16), "32 samples per step, but this run takes 16",
+             lambda t: t.load_checkpoint(tmp_path / "mid.npz")),
+            (trainer(optimizer=nn.Adam()), "trained with SGD, not Adam", lambda t: t.load_checkpoint(tmp_path / "mid.npz")),
+            (trainer(), "has no buffer 1.running_var", lambda t: t.restore(meta, arrays, "mid.npz"))]:
+        before = (other.model.flat_params.copy(), other.model.flat_buffers.copy(), other.optimizer.config())
+        with pytest.raises(nn.CheckpointError, match=refusal):
+            load(other)
+        numpy.testing.assert_array_equal(other.model.flat_params, before[0])
+        numpy.testing.assert_array_equal(other.model.flat_buffers, before[1])
+        assert other.optimizer.config() == before[2] and other.optimizer.steps == 0
+        assert other.epoch == 0 and other._resume_point is None and other.history == {}
+
+
 def test_a_run_stopped_after_its_short_last_step_resumes_with_no_step_and_no_negative_rate(tmp_path):
     """333 samples in steps of 32: the 11th step is short; stopped right after it, the resumed epoch has
     nothing left to train and reports 0 samples/s, not the rows of a full 11th step taken off."""
