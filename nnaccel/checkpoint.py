@@ -606,8 +606,18 @@ def describe(config):
 
 
 def restore_model(model, meta, arrays, path):
-    """Copy the checkpoint's weights into ``model`` after checking the architecture (its layers as
-    this version builds them: a file from before a layer took a new option holds no value for it)."""
+    """Copy the checkpoint's weights into ``model`` after ``check_model``."""
+    check_model(model, meta, arrays, path)
+    for parameter in model.parameters():
+        parameter.data = model.backend.asarray(arrays[f"param/{parameter.name}"].astype(model.dtype, copy=False))
+    for name, buffer in model.buffers():
+        buffer[...] = model.backend.asarray(arrays[f"buffer/{name}"].astype(model.dtype, copy=False))
+    model.set_rng_state(int(meta["model"].get("seed", 0)), meta.get("dropout_counters", []))
+
+
+def check_model(model, meta, arrays, path):
+    """A CheckpointError unless the checkpoint holds ``model``'s architecture (its layers as this version
+    builds them: a file from before a layer took a new option holds no value for it) and every array."""
     from .layers import from_config
 
     try:
@@ -621,7 +631,7 @@ def restore_model(model, meta, arrays, path):
     if shape != list(model.input_shape):
         raise CheckpointError(f"{path} holds a network for inputs of shape {tuple(shape)} but the model takes "
                               f"{tuple(model.input_shape)}")
-    for parameter in model.parameters():  # every array checked before the model changes
+    for parameter in model.parameters():
         key = f"param/{parameter.name}"
         if key not in arrays or arrays[key].shape != parameter.shape:
             raise CheckpointError(f"{path} has no weights for {parameter.name} of shape {parameter.shape}")
@@ -629,11 +639,6 @@ def restore_model(model, meta, arrays, path):
         key = f"buffer/{name}"
         if key not in arrays or arrays[key].shape != buffer.shape:
             raise CheckpointError(f"{path} has no buffer {name} of shape {buffer.shape}")
-    for parameter in model.parameters():
-        parameter.data = model.backend.asarray(arrays[f"param/{parameter.name}"].astype(model.dtype, copy=False))
-    for name, buffer in model.buffers():
-        buffer[...] = model.backend.asarray(arrays[f"buffer/{name}"].astype(model.dtype, copy=False))
-    model.set_rng_state(int(meta["model"].get("seed", 0)), meta.get("dropout_counters", []))
 
 
 def check_optimizer(optimizer, meta, path):

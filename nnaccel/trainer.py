@@ -507,6 +507,7 @@ class Trainer:
     def restore(self, meta, arrays, path):
         """``load_checkpoint`` from a checkpoint already ``checkpoint.read``; one refused leaves this
         trainer as it was."""
+        checkpoint.check_model(self.model, meta, arrays, path)
         state = meta.get("trainer")
         if state is None:
             raise CheckpointError(f"{path} holds no trainer state; it cannot resume training")
@@ -521,7 +522,7 @@ class Trainer:
                 f"step (batch_size x processes)")
         here = {"optimizer": self.optimizer.config(), "loss": self.loss.name,
                 "schedule": self.schedule.config() if self.schedule is not None else None}
-        checkpoint.restore_model(self.model, meta, arrays, path)
+        checkpoint.restore_model(self.model, meta, arrays, path)  # checked again (microseconds), then copied
         checkpoint.restore_optimizer(self.optimizer, meta, arrays, path)
         saved = {"optimizer": meta["optimizer"]["config"], "loss": state["loss"], "schedule": state.get("schedule")}
         differing = [name for name in saved if here[name] != saved[name]]
