@@ -136,7 +136,7 @@ class EarlyStopping(Callback, _Monitor):
     def on_train_end(self, trainer):
         if (self.best_weights is not None and self.best_epoch != trainer.epoch and trainer._fit_finished
                 and not trainer.interrupted):
-            trainer.model.flat_params[...], trainer.model.flat_buffers[...] = self.best_weights
+            trainer.put_back_weights(*self.best_weights)
 
 
 def _say(trainer, message):

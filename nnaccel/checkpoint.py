@@ -65,7 +65,7 @@ def _host(array):
 
 def expected_size(model, optimizer=None, weight_copies=0):
     """About how many bytes ``save`` writes for ``model``, ``optimizer``'s state and ``weight_copies``
-    more copies of the weights (early stopping's best)."""
+    more copies of the weights (early stopping's best, and the last epoch's beside them)."""
     slots = len(optimizer.state_names) if optimizer is not None else 0
     return (model.flat_params.nbytes * (1 + slots + weight_copies) + model.flat_buffers.nbytes * (1 + weight_copies)
             + 2**14)  # and the metadata
@@ -432,6 +432,8 @@ def _expected_arrays(path, meta, members, size):
     expected.update({f"early_stopping/{index}/{part}.npy": (f"early_stopping/{index}/{part}", (size,), dtype)
                      for index, saved in enumerate(stopping) if saved["weights_epoch"] is not None
                      for part, size in sizes.items()})
+    if (meta.get("trainer") or {}).get("last_weights"):
+        expected.update({f"last/{part}.npy": (f"last/{part}", (size,), dtype) for part, size in sizes.items()})
     return expected
 
 
@@ -574,6 +576,9 @@ def _check_trainer(path, state):
                                   f"trainer's epoch {state['epoch']}")
         if saved["weights_epoch"] is not None:
             _count(path, saved["weights_epoch"], "the epoch of early stopping's best weights", minimum=1)
+    if not isinstance(state.get("last_weights", False), bool):
+        raise CheckpointError(f"{path}: whether it holds the last epoch's weights must be true or false, found "
+                              f"{_shown(state['last_weights'])}")
     plan = state.get("plan")
     if plan is not None:
         data = plan.get("data", "mnist") if isinstance(plan, dict) else None  # older checkpoints have none

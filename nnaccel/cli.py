@@ -409,7 +409,7 @@ def _check_outputs(args, trainer=None):
         return
     if args.save:
         left = args.epochs - trainer.epoch if trainer is not None else 0
-        size = checkpoint.expected_size(trainer.model, trainer.optimizer, bool(args.early_stopping)) if left > 0 else 0
+        size = checkpoint.expected_size(trainer.model, trainer.optimizer, 2 * bool(args.early_stopping)) if left > 0 else 0
         checkpoint.check_writable(args.save, "--save", size, rewritten=left > 1 or bool(args.early_stopping))
     elif trainer is None:
         try:

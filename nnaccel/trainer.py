@@ -82,6 +82,7 @@ class Trainer:
         self._fit_finished = False  # whether the last fit ran to its end (all epochs or an early stop), not an error
         self._fit_callbacks = None  # the callbacks of the last fit: its EarlyStopping states go into checkpoints
         self._restored_early_stopping = []  # (state, weights) of each a restored checkpoint holds, until a fit
+        self._last_weights = None  # the last epoch's (params, buffers) while the model holds an earlier epoch's
         self.plan = None  # the command line's plan of the run ({"epochs", "validation_split", "data"}), kept in checkpoints
         self.communicator = communicator
         self.cuda_graphs = bool(cuda_graphs)
@@ -231,6 +232,9 @@ class Trainer:
                               f"{self._resume_point['step']}) of an epoch over {self._samples} samples, but fit got "
                               f"{x.shape[0]}: resume it on the same training data")
         self._samples = x.shape[0]
+        if self._last_weights is not None:  # training goes on from the last epoch, as its optimizer state does
+            self.model.flat_params[...], self.model.flat_buffers[...] = self._last_weights
+            self._last_weights = None
         if validation_data is not None:
             validation_data = self.prepare(*validation_data, what="validation x")
         self._fit_finished = False
@@ -453,6 +457,14 @@ class Trainer:
         return {"loss": float(loss_sum) / n, "accuracy": float(correct_sum) / n}
 
     # ----- checkpoints ---------------------------------------------------------------
+    def put_back_weights(self, params, buffers):
+        """Put an earlier epoch's weights (EarlyStopping's best) in the model, keeping the last epoch's:
+        the next ``fit``, here or from a checkpoint, goes on from those, as an uninterrupted run would."""
+        model = self.model
+        if self._last_weights is None:
+            self._last_weights = (model.flat_params.copy(), model.flat_buffers.copy())
+        model.flat_params[...], model.flat_buffers[...] = params, buffers
+
     def _early_stopping_states(self):
         """``(state, best_weights)`` of each EarlyStopping of the last fit, or of a restored checkpoint
         while no fit has run since."""
@@ -486,7 +498,8 @@ class Trainer:
                 "rng": self.rng.bit_generator.state, "history": self.history,
                 "loss": self.loss.name, "resume_point": self._resume_point,
                 "schedule": self.schedule.config() if self.schedule is not None else None,
-                "early_stopping": [state for state, _ in self._early_stopping_states()], "plan": self.plan}
+                "early_stopping": [state for state, _ in self._early_stopping_states()], "plan": self.plan,
+                "last_weights": self._last_weights is not None}
 
     def save_checkpoint(self, path):
         """Write a resumable checkpoint (atomically) to ``path`` (in a distributed run: rank 0 only)."""
@@ -495,6 +508,8 @@ class Trainer:
         weights = {f"early_stopping/{index}/{part}": array
                    for index, (_, best) in enumerate(self._early_stopping_states()) if best is not None
                    for part, array in zip(("params", "buffers"), best)}
+        if self._last_weights is not None:
+            weights.update(zip(("last/params", "last/buffers"), self._last_weights))
         checkpoint.save(path, self.model, self.optimizer, self.state(), weights)
 
     def load_checkpoint(self, path):
@@ -541,6 +556,8 @@ class Trainer:
         self._samples = state.get("samples")
         self.plan = state.get("plan")
         self._fit_callbacks = None
+        self._last_weights = (tuple(self.model.backend.asarray(arrays[f"last/{part}"].astype(self.model.dtype, copy=False))
+                                    for part in ("params", "buffers")) if state.get("last_weights") else None)
         self._restored_early_stopping = [
             (kept, None if kept["weights_epoch"] is None else
              tuple(arrays[f"early_stopping/{index}/{part}"] for part in ("params", "buffers")))

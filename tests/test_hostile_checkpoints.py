@@ -489,6 +489,9 @@ NONSENSE_META = [
      "the epoch of early stopping's best weights must be an integer from 1"),
     ("early stopping weights not there", _set("trainer", "early_stopping", [dict(STOPPING, weights_epoch=1)]),
      "lacks 2 array(s) its architecture needs: early_stopping/0/params, early_stopping/0/buffers"),
+    ("last weights 1", _set("trainer", "last_weights", 1), "last epoch's weights must be true or false, found 1"),
+    ("last weights not there", _set("trainer", "last_weights", True),
+     "lacks 2 array(s) its architecture needs: last/params, last/buffers"),
 ]
 
 

@@ -101,6 +101,39 @@ def test_a_checkpoint_resumes_as_saved_whatever_the_loading_trainer_was_built_wi
     assert trainer.optimizer.config() == nn.SGD(lr=0.1).config() and trainer.loss.name == "softmax_cross_entropy"
 
 
+def test_a_run_that_ended_on_its_best_weights_goes_on_from_its_last_epoch(tmp_path):
+    """EarlyStopping puts epoch 2's weights back at the end of 3 epochs; three more epochs, in memory or
+    from the checkpoint, go on from epoch 3's weights (those its optimizer state belongs to), as a
+    6-epoch run does. The checkpoint's model is still the best one."""
+    (x, y), (xv, yv) = datasets.train_val_split(*datasets.load_digits("train"))
+
+    def setup():
+        model = nn.Sequential(nn.Dense(64, 16, activation="relu"), nn.BatchNorm(16), nn.Dense(16, 10), seed=0)
+        return model, nn.Trainer(model, optimizer=nn.SGD(lr=0.5, momentum=0.9), batch_size=32, quiet=True)
+
+    def fit(trainer, epochs):
+        stopping = nn.EarlyStopping(patience=10)
+        trainer.fit(x, y, epochs=epochs, validation_data=(xv, yv), callbacks=[stopping])
+        return stopping.best_epoch
+
+    model, trainer = setup()
+    assert fit(trainer, 6) == 6
+    straight = model.flat_params.copy()
+    model, trainer = setup()
+    assert fit(trainer, 3) == 2  # so the weights were put back
+    trainer.save_checkpoint(tmp_path / "ckpt.npz")
+    best_loss = trainer.evaluate(xv, yv)["loss"]
+    assert best_loss == pytest.approx(min(trainer.history["val_loss"]), rel=1e-6)
+    assert nn.Trainer(nn.load(tmp_path / "ckpt.npz"), quiet=True).evaluate(xv, yv)["loss"] == best_loss
+    fit(trainer, 3)
+    numpy.testing.assert_array_equal(model.flat_params, straight)
+    model, trainer = setup()
+    trainer.load_checkpoint(tmp_path / "ckpt.npz")
+    assert trainer.evaluate(xv, yv)["loss"] == best_loss
+    fit(trainer, 3)
+    numpy.testing.assert_array_equal(model.flat_params, straight)
+
+
 def test_a_refused_checkpoint_leaves_the_trainer_as_it_was(tmp_path):
     """Refused for a mid-epoch batch of another size, another optimizer or a missing buffer: nothing of
     the checkpoint (weights, optimizer steps, resume point) is taken first."""
