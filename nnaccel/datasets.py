@@ -227,10 +227,10 @@ def files_read(path):
     pairs = []
     for prefix in _SPLIT_PREFIX.values():
         for kind, dims in (("images", 3), ("labels", 1)):
-            found, _ = _find_idx(path, prefix, kind, dims)
+            candidates, _ = _idx_candidates(path, prefix, kind, dims)
+            found = next((index for index, name in enumerate(candidates) if name.is_file()), None)
             if found is not None:
-                candidates, _ = _idx_candidates(path, prefix, kind, dims)
-                pairs += [(name, found) for name in candidates[:candidates.index(found) + 1]]
+                pairs += [(name, candidates[found]) for name in candidates[:found + 1]]
     return pairs
 
 

@@ -161,6 +161,7 @@ class Trainer:
         y = self.loss.prepare_targets(ops, y, model.out_features, model.dtype, "y")
         if ops.name == "cpu":
             self.loss.check_values(y, model.out_features, "y")
+        self._take_last_weights()
         if self._train_step is None:
             self._train_step = _Step(self, _ONE_PROCESS)
         was_training = model.training
@@ -232,9 +233,7 @@ class Trainer:
                               f"{self._resume_point['step']}) of an epoch over {self._samples} samples, but fit got "
                               f"{x.shape[0]}: resume it on the same training data")
         self._samples = x.shape[0]
-        if self._last_weights is not None:  # training goes on from the last epoch, as its optimizer state does
-            self.model.flat_params[...], self.model.flat_buffers[...] = self._last_weights
-            self._last_weights = None
+        self._take_last_weights()
         if validation_data is not None:
             validation_data = self.prepare(*validation_data, what="validation x")
         self._fit_finished = False
@@ -464,6 +463,12 @@ class Trainer:
         if self._last_weights is None:
             self._last_weights = (model.flat_params.copy(), model.flat_buffers.copy())
         model.flat_params[...], model.flat_buffers[...] = params, buffers
+
+    def _take_last_weights(self):
+        """Before training on: the last epoch's weights back in the model, as its optimizer state is theirs."""
+        if self._last_weights is not None:
+            self.model.flat_params[...], self.model.flat_buffers[...] = self._last_weights
+            self._last_weights = None
 
     def _early_stopping_states(self):
         """``(state, best_weights)`` of each EarlyStopping of the last fit, or of a restored checkpoint

@@ -129,6 +129,11 @@ def test_a_run_that_ended_on_its_best_weights_goes_on_from_its_last_epoch(tmp_pa
     numpy.testing.assert_array_equal(model.flat_params, straight)
     model, trainer = setup()
     trainer.load_checkpoint(tmp_path / "ckpt.npz")
+    stepped = model.flat_params.copy()  # a train_step goes on from the last epoch too, and fit from that step
+    trainer.train_step(*trainer.prepare(x[:32], y[:32]))
+    assert not numpy.array_equal(model.flat_params, stepped) and trainer._last_weights is None
+    model, trainer = setup()
+    trainer.load_checkpoint(tmp_path / "ckpt.npz")
     assert trainer.evaluate(xv, yv)["loss"] == best_loss
     fit(trainer, 3)
     numpy.testing.assert_array_equal(model.flat_params, straight)
