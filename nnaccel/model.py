@@ -201,6 +201,11 @@ class Sequential:
         with self.backend.activate():
             return self._forward(x).copy()
 
+    def __call__(self, x):
+        """``model(x)`` is ``forward(x)``, as a PyTorch module or a Keras model is called (in the mode that
+        ``train()``/``eval()`` set)."""
+        return self.forward(x)
+
     def _forward(self, x):
         """Forward without checks or copy: the output is a reused work array."""
         for x in self._layer_outputs(x, self.training):

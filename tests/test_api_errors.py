@@ -302,6 +302,18 @@ def test_train_step_takes_integer_labels_for_mse_as_one_hot():
     assert float(loss) == pytest.approx(expected, rel=1e-5)
 
 
+def test_calling_a_model_is_its_forward_in_its_mode(device):
+    """model(x), as PyTorch and Keras users call a model: forward's output and checks, Dropout on in
+    training mode only."""
+    model = nn.Sequential(nn.Dense(4, 8, activation="relu"), nn.Dropout(0.5), nn.Dense(8, 3), device=device)
+    x = model.backend.asarray(X)
+    assert numpy.array_equal(model.backend.to_host(model.eval()(x)), model.predict(X))
+    trained = model.backend.to_host(model.train()(x))
+    assert trained.shape == (12, 3) and not numpy.allclose(trained, model.predict(X))
+    with pytest.raises(nn.ShapeError, match=r"x has shape \(12, 3\) but the first layer expects \(batch, 4\)"):
+        model(x[:, :3])
+
+
 def test_an_empty_batch_gives_an_empty_output_and_no_loss(device):
     """forward of no samples is (0, outputs), as predict's, whatever the layers (convolution, pooling,
     BatchNorm, Flatten, Maxout), in both modes; the loss of no samples is an error naming the empty batch."""
