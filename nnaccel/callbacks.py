@@ -88,6 +88,11 @@ class EarlyStopping(Callback, _Monitor):
                 self.best_weights = (trainer.model.flat_params.copy(), trainer.model.flat_buffers.copy())
         elif self.wait >= self.patience:
             trainer.stop_training = True
+            _say(trainer, f"early stopping after epoch {logs['epoch']}: {self._why_stopped()}")
+
+    def _why_stopped(self):
+        return (f"{self.monitor} has not improved for {self.wait} epoch{'s' * (self.wait != 1)} since epoch "
+                f"{self.best_epoch} (patience {self.patience})")
 
     def _count(self, logs):
         """Whether ``logs``' epoch is the best yet; if not, one more epoch of waiting."""
@@ -120,8 +125,7 @@ class EarlyStopping(Callback, _Monitor):
             self._count({"epoch": epoch, self.monitor: value})
         if self.wait >= self.patience and trainer._resume_point is None:  # it had stopped the run (or was about to)
             trainer.stop_training = True
-            _say(trainer, f"early stopping: {self.monitor} has not improved for {self.wait} epochs since epoch "
-                          f"{self.best_epoch} (patience {self.patience}); the resumed run stops before training")
+            _say(trainer, f"early stopping: {self._why_stopped()}; the resumed run stops before training")
         if not self.restore_best_weights or self.best_epoch is None:
             return
         ops = trainer.model.backend
@@ -137,6 +141,8 @@ class EarlyStopping(Callback, _Monitor):
         if (self.best_weights is not None and self.best_epoch != trainer.epoch and trainer._fit_finished
                 and not trainer.interrupted):
             trainer.put_back_weights(*self.best_weights)
+            _say(trainer, f"early stopping: the model has the weights of epoch {self.best_epoch}, the best "
+                          f"{self.monitor}")
 
 
 def _say(trainer, message):

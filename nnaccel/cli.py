@@ -446,8 +446,8 @@ def _plan_resumed_epochs(args, trainer):
                    f"{args.epochs} plans it again over {args.epochs}: learning rate {rate:.4g} in epoch "
                    f"{trainer.epoch + 1}")
     if args.epochs <= trainer.epoch:
-        _say(args, f"{args.resume} has trained {trainer.epoch} epochs and --epochs is {args.epochs}: nothing is "
-                   f"left to train (a larger --epochs goes on)")
+        _say(args, f"{args.resume} has trained {trainer.epoch} epoch{'s' * (trainer.epoch != 1)} and --epochs is "
+                   f"{args.epochs}: nothing is left to train (a larger --epochs goes on)")
 
 
 def _shell_path(path):
@@ -587,7 +587,7 @@ def _train(args):
         print(json.dumps(result))
     else:
         print(f"validation accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
-              f"after {trainer.epoch} epochs on {device}")
+              f"after {trainer.epoch} epoch{'s' * (trainer.epoch != 1)} on {device}")
     return 0
 
 

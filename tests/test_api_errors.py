@@ -155,6 +155,22 @@ def test_early_stopping_restores_the_best_epoch_of_a_run_that_does_not_stop():
     numpy.testing.assert_array_equal(model.flat_params, weights.epochs[best])
 
 
+def test_early_stopping_says_when_it_stops_and_whose_weights_the_model_ends_with(capsys):
+    """As Keras's verbose EarlyStopping does: the epoch it stopped after and why, then the best epoch whose
+    weights it put back (quiet: nothing)."""
+    for quiet in (False, True):
+        model, weights = nn.Sequential(nn.Dense(4, 3)), _Weights()
+        stop = nn.EarlyStopping(monitor="loss", mode="max", patience=1)
+        history = nn.Trainer(model, optimizer=nn.SGD(lr=0.2), quiet=quiet).fit(X, Y, epochs=5,
+                                                                               callbacks=[weights, stop])
+        assert history["loss"][1] < history["loss"][0] and len(history["loss"]) == 2
+        numpy.testing.assert_array_equal(model.flat_params, weights.epochs[1])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("early stopping")]
+        assert lines == [] if quiet else lines == [
+            "early stopping after epoch 2: loss has not improved for 1 epoch since epoch 1 (patience 1)",
+            "early stopping: the model has the weights of epoch 1, the best loss"]
+
+
 def test_early_stopping_keeps_the_last_weights_when_they_are_the_best_or_restoring_is_off():
     for stop in (nn.EarlyStopping(monitor="loss", mode="min", patience=10),
                  nn.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=False)):

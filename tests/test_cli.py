@@ -250,6 +250,7 @@ def test_evaluate_refuses_a_damaged_test_split_rather_than_score_the_validation_
     np.savez("half-test.npz", **train, x_test=train["x_train"][:10])
     assert cli.main(["train", "--data", "no-test.npz", "--layers", "784,10", "--epochs", "1", "--batch-size", "8",
                      "--save", "m.npz", "--quiet", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.endswith(" after 1 epoch on cpu\n")  # one epoch, not "1 epochs"
     assert cli.main(["evaluate", "m.npz", "--data", "no-test.npz", "--device", "cpu"]) == 0
     assert "validation accuracy" in capsys.readouterr().out
     for data, message in (("bad-test.npz", "bad-test.npz[x_test]: uint16 pixels range from 300 to 300"),

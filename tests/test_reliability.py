@@ -451,7 +451,7 @@ def test_early_stopping_saves_the_best_epoch_it_reports(tmp_path, monkeypatch, c
     assert cli.main([*resume, "--save", "es.npz"]) == 0
     err, out = capsys.readouterr()[::-1]
     assert "warning" not in err and not [line for line in err.splitlines() if line.startswith("epoch ")]
-    assert (f"early stopping: val_loss has not improved for 1 epochs since epoch {losses.index(min(losses)) + 1} "
+    assert (f"early stopping: val_loss has not improved for 1 epoch since epoch {losses.index(min(losses)) + 1} "
             f"(patience 1); the resumed run stops before training") in err  # as the run it goes on had
     assert json.loads(out)["loss"] == trained["loss"]  # with the best epoch's weights, from the checkpoint
     assert checkpoint.read(tmp_path / "es.npz")[0]["trainer"]["early_stopping"][0]["since"] == 0
