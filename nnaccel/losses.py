@@ -169,16 +169,28 @@ def check_labels(labels, classes, what="labels"):
 
 
 LOSSES = {cls.name: cls for cls in (SoftmaxCrossEntropy, MeanSquaredError, SigmoidCrossEntropy)}
+# PyTorch's functional names and Keras's for the same computations (logits in, as here)
+ALIASES = {"cross_entropy": "softmax_cross_entropy", "binary_cross_entropy_with_logits": "sigmoid_cross_entropy",
+           "mean_squared_error": "mse"}
+# Keras's losses that take probabilities by default, and what here takes logits instead
+_FROM_LOGITS = {"sparse_categorical_crossentropy": "softmax_cross_entropy (logits and class indices: Keras's "
+                                                   "sparse_categorical_crossentropy with from_logits=True)",
+                "categorical_crossentropy": "softmax_cross_entropy (logits and class indices, not one-hot rows)",
+                "binary_crossentropy": "sigmoid_cross_entropy (logits: Keras's binary_crossentropy with "
+                                       "from_logits=True)"}
 MSE = MeanSquaredError
 BCEWithLogits = SigmoidCrossEntropy
 
 
 def get(loss=None):
-    """A loss from a name, an instance, or None (softmax cross-entropy)."""
+    """A loss from a name (or PyTorch's or Keras's for it), an instance, or None (softmax cross-entropy)."""
     if loss is None:
         return SoftmaxCrossEntropy()
     if isinstance(loss, Loss):
         return loss
-    if isinstance(loss, str) and loss.lower() in LOSSES:
-        return LOSSES[loss.lower()]()
-    raise ConfigError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+    name = loss.lower() if isinstance(loss, str) else None
+    if ALIASES.get(name, name) in LOSSES:
+        return LOSSES[ALIASES.get(name, name)]()
+    hint = f" (the output layer is linear here: use {_FROM_LOGITS[name]})" if name in _FROM_LOGITS else ""
+    raise ConfigError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}, or PyTorch's and Keras's names for "
+                      f"them: {', '.join(ALIASES)}{hint}")

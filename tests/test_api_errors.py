@@ -65,7 +65,25 @@ API_ERRORS = [
     ("EarlyStopping monitor None", lambda: nn.EarlyStopping(monitor=None), nn.ConfigError,
      "monitor must name a logged metric"),
     ("ModelCheckpoint monitor 3", lambda: nn.ModelCheckpoint("m.npz", monitor=3), nn.ConfigError, "monitor"),
+    ("loss Keras's sparse", lambda: _trainer(loss="sparse_categorical_crossentropy"), nn.ConfigError,
+     r"use softmax_cross_entropy \(logits and class indices: Keras's sparse_categorical_crossentropy with "
+     r"from_logits=True\)"),
+    ("loss Keras's one-hot", lambda: _trainer(loss="categorical_crossentropy"), nn.ConfigError,
+     "use softmax_cross_entropy .logits and class indices, not one-hot rows"),
+    ("loss Keras's binary", lambda: _trainer(loss="binary_crossentropy"), nn.ConfigError,
+     "the output layer is linear here: use sigmoid_cross_entropy"),
+    ("loss a list", lambda: _trainer(loss=["mse"]), nn.ConfigError,
+     r"unknown loss \['mse'\]; valid: softmax_cross_entropy, mse, sigmoid_cross_entropy, or PyTorch's"),
 ]
+
+
+@pytest.mark.parametrize("name, loss", [("cross_entropy", nn.SoftmaxCrossEntropy), ("Mean_Squared_Error", nn.MSE),
+                                        ("binary_cross_entropy_with_logits", nn.SigmoidCrossEntropy)])
+def test_pytorchs_and_keras_names_for_a_loss_give_the_same_loss(name, loss):
+    """F.cross_entropy and F.binary_cross_entropy_with_logits take logits, as Keras's mean_squared_error
+    is mse: the same computations under their names (a checkpoint keeps nnaccel's)."""
+    trainer = _trainer(loss=name)
+    assert type(trainer.loss) is loss and trainer.loss.name == loss.name
 
 
 @pytest.mark.parametrize("case, make, error, message", API_ERRORS, ids=[case for case, *_ in API_ERRORS])
