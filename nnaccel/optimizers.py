@@ -20,6 +20,14 @@ class Optimizer:
     state_names = ()
     per_step_scalars = False  # a number of the update changes every step: a CUDA graph cannot bake it in
 
+    def __new__(cls, *args, **kwargs):
+        """Refuse PyTorch's ``SGD(model.parameters(), lr=...)`` by name: here the Trainer hands its model
+        to the optimizer, as Keras's optimizers are made."""
+        if args and (isinstance(args[0], (list, tuple, dict)) or inspect.isgenerator(args[0])):
+            raise ConfigError(f"{cls.__name__} takes no parameters: the Trainer updates its model's; make it "
+                              f"as nn.{cls.__name__}(lr=...), not nn.{cls.__name__}(model.parameters(), ...)")
+        return super().__new__(cls)
+
     def __init__(self, lr, weight_decay=0.0):
         self.lr = self.base_lr = check_number(lr, "learning rate")
         self.weight_decay = check_number(weight_decay, "weight_decay", allow_zero=True)
@@ -153,7 +161,7 @@ def get(optimizer=None, **params):
 def _build(cls, options, what):
     """``cls(**options)``, or a ConfigError naming ``what`` and the options it does not take or lacks
     (rather than Python's TypeError)."""
-    known = inspect.signature(cls).parameters
+    known = dict(list(inspect.signature(cls.__init__).parameters.items())[1:])  # not self; nor Optimizer.__new__'s
     unknown = [name for name in options if name not in known]
     if unknown:
         raise ConfigError(f"{what} takes no option {', '.join(map(repr, unknown))}; its options: {', '.join(known)}")

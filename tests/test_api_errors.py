@@ -65,6 +65,12 @@ API_ERRORS = [
     ("EarlyStopping monitor None", lambda: nn.EarlyStopping(monitor=None), nn.ConfigError,
      "monitor must name a logged metric"),
     ("ModelCheckpoint monitor 3", lambda: nn.ModelCheckpoint("m.npz", monitor=3), nn.ConfigError, "monitor"),
+    *[(f"{cls.__name__}(model.parameters()){extra}", (lambda cls=cls, kw=kw: cls(_trainer().model.parameters(), **kw)),
+       nn.ConfigError, rf"{cls.__name__} takes no parameters: the Trainer updates its model's; make it as "
+                       rf"nn.{cls.__name__}\(lr=...\), not nn.{cls.__name__}\(model.parameters\(\), ...\)")
+      for cls in (nn.SGD, nn.Adam, nn.AdamW) for extra, kw in (("", {}), (", lr=0.1", {"lr": 0.1}))],
+    ("SGD(a generator of parameters)", lambda: nn.SGD(p for p in _trainer().model.parameters()), nn.ConfigError,
+     "SGD takes no parameters"),
     ("loss Keras's sparse", lambda: _trainer(loss="sparse_categorical_crossentropy"), nn.ConfigError,
      r"use softmax_cross_entropy \(logits and class indices: Keras's sparse_categorical_crossentropy with "
      r"from_logits=True\)"),
