@@ -400,10 +400,24 @@ class Conv2D(Layer):
         self.out_channels = check_int(out_channels, "Conv2D out_channels")
         self.kernel_size = _pair(kernel_size, "Conv2D kernel_size")
         self.stride = _pair(stride, "Conv2D stride")
-        self.padding = _pair(padding, "Conv2D padding", minimum=0)
+        self.padding = self._padding(padding)
         self.window = Window(*self.kernel_size, *self.stride, *self.padding)
         self.activation = activations.get(activation)
         self.init = _check_init(self.activation.init if init == "auto" else init, "Conv2D init")
+
+    def _padding(self, padding):
+        """The padding as a pair of ints; PyTorch's and Keras's ``"valid"`` is none, ``"same"`` keeps the
+        image's size (stride 1 as PyTorch's, and an odd kernel: an even one pads one side more)."""
+        if not isinstance(padding, str):
+            return _pair(padding, "Conv2D padding", minimum=0)
+        if padding.lower() == "valid":
+            return (0, 0)
+        if padding.lower() != "same":
+            raise ConfigError(f"Conv2D padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+        if self.stride != (1, 1) or not all(k % 2 for k in self.kernel_size):
+            raise ConfigError(f"Conv2D padding 'same' needs stride 1 and an odd kernel_size (each side padded "
+                              f"alike), got stride {self.stride} and kernel_size {self.kernel_size}")
+        return tuple(k // 2 for k in self.kernel_size)
 
     def param_specs(self):
         shape = (self.out_channels, self.in_channels, *self.kernel_size)

@@ -268,6 +268,23 @@ def test_input_shape_is_needed_to_start_with_a_convolution():
         nn.Sequential(nn.Conv2D(1, 2, 3), nn.Flatten(), nn.Dense(1352, 2))
 
 
+def test_same_and_valid_padding_are_pytorchs(device):
+    """padding="same" keeps the image's size, as PyTorch's Conv2d(padding="same") computes it (the same
+    weights, the same outputs); "valid" is no padding. Both are numbers once made (saved and shown so)."""
+    x = np.random.default_rng(0).standard_normal((3, 2, 7, 6)).astype(np.float32)
+    for padding, spatial in (("same", (7, 6)), ("valid", (5, 2))):
+        conv = nn.Conv2D(2, 3, (3, 5), padding=padding)
+        model = nn.Sequential(conv, nn.Flatten(), input_shape=(2, 7, 6), device=device, seed=0)
+        assert model.layers[0].output_shape((2, 7, 6)) == (3, *spatial)
+        twin = torch.nn.Conv2d(2, 3, (3, 5), padding=padding)
+        with torch.no_grad():
+            for theirs, ours in zip(twin.parameters(), model.parameters(), strict=True):
+                theirs.copy_(torch.from_numpy(host(model, ours.data)))
+        np.testing.assert_allclose(model.predict(x), twin(torch.from_numpy(x)).detach().numpy().reshape(3, -1),
+                                   **TOL[np.float32])
+    assert repr(nn.Conv2D(1, 6, 5, padding="same")) == "Conv2D(1, 6, 5, padding=2)"
+
+
 def test_bad_inputs_and_options_are_refused_by_name():
     model = lenet()
     with pytest.raises(nn.ShapeError, match=r"x has shape \(2, 1, 27, 28\) but the first layer expects "
@@ -277,7 +294,13 @@ def test_bad_inputs_and_options_are_refused_by_name():
                           (lambda: nn.Conv2D(1, 2, 3, stride=(1, 2, 3)), "Conv2D stride must be an int or a pair"),
                           (lambda: nn.MaxPool2D(2, padding=2), "at most half the kernel size"),
                           (lambda: nn.BatchNorm(4, momentum=2), "momentum must be in"),
-                          (lambda: nn.RandomShift(-1), "RandomShift max_shift")]:
+                          (lambda: nn.RandomShift(-1), "RandomShift max_shift"),
+                          (lambda: nn.Conv2D(1, 2, 3, padding="full"),
+                           "Conv2D padding must be an int, a pair of ints, 'valid' or 'same', got 'full'"),
+                          (lambda: nn.Conv2D(1, 2, 3, stride=2, padding="same"),
+                           r"padding 'same' needs stride 1 .* got stride \(2, 2\) and kernel_size \(3, 3\)"),
+                          (lambda: nn.Conv2D(1, 2, (3, 4), padding="same"),
+                           r"needs stride 1 and an odd kernel_size .* kernel_size \(3, 4\)")]:
         with pytest.raises(nn.ConfigError, match=message):
             make()
     with pytest.raises(nn.ShapeError, match=r"BatchNorm\(120\) needs more than one value per channel"):
