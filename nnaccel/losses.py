@@ -189,8 +189,9 @@ def get(loss=None):
     if isinstance(loss, Loss):
         return loss
     name = loss.lower() if isinstance(loss, str) else None
-    if ALIASES.get(name, name) in LOSSES:
-        return LOSSES[ALIASES.get(name, name)]()
+    name = ALIASES.get(name, name)
+    if name in LOSSES:
+        return LOSSES[name]()
     hint = f" (the output layer is linear here: use {_FROM_LOGITS[name]})" if name in _FROM_LOGITS else ""
     raise ConfigError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}, or PyTorch's and Keras's names for "
                       f"them: {', '.join(ALIASES)}{hint}")
