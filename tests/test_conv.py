@@ -138,6 +138,29 @@ def test_pooling_matches_torch(device, kind, pool, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
+@pytest.mark.parametrize("pool", [(2, None, 0), (3, 2, 1)], ids=["tiles", "overlap"])
+def test_max_pooling_sends_a_non_finite_gradient_only_to_its_maximum(device, pool, dtype):
+    """An inf or NaN in dy reaches its window's maximum and no other input, as PyTorch's scatter does
+    (0 * inf is NaN: a backward that multiplies by a mask would spread NaN over the whole window)."""
+    kernel, stride, padding = pool
+    model = nn.Sequential(nn.MaxPool2D(kernel, stride, padding), nn.Flatten(), input_shape=(2, 6, 8), device=device,
+                          dtype=dtype)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 2, 6, 8)).astype(dtype)
+    out = model.forward(model.backend.asarray(x))
+    dy = rng.standard_normal(out.shape).astype(dtype)
+    dy.flat[[0, 7, 20]] = np.inf, -np.inf, np.nan
+    dx = model.backend.asarray(dy)
+    for layer in reversed(model.layers):
+        dx = layer.backward(dx, input_grad=True)
+    tx = torch.from_numpy(x).requires_grad_(True)
+    F.max_pool2d(tx, kernel, stride, padding).flatten(1).backward(torch.from_numpy(dy))
+    dx = host(model, dx)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), **TOL[dtype])  # overlaps sum in another order
+    assert np.isnan(dx).sum() == 1 and np.isinf(dx).sum() == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
 @pytest.mark.parametrize("spatial, activations", [(True, ("relu", None)), (False, ("tanh", None)),
                                                   (True, (None, "relu")), (False, (None, "gelu")),
                                                   (False, (None, "softmax"))],

@@ -369,9 +369,13 @@ class Backend:
         corner = ((xp.arange(oh, dtype=numpy.int32) * window.sh - window.ph)[:, None] * w
                   + (xp.arange(ow, dtype=numpy.int32) * window.sw - window.pw)[None, :])
         if self._tiles(window, out.shape):  # each input belongs to one window: write, no sum
-            windows = out.reshape(n, c, oh, window.kh, ow, window.kw)
-            for i, j in numpy.ndindex(window.kh, window.kw):  # (0 * inf is NaN: masked copies took 5x as long)
-                xp.multiply(dy, index == corner + numpy.int32(i * w + j), out=windows[:, :, :, i, :, j])
+            # dy's bits and'ed with all ones or all zeros: exact beside inf and NaN, where a product by the mask
+            # gives NaN (0 * inf), and as fast as that product (masked copies took 5x as long)
+            bits = numpy.dtype(f"i{dy.dtype.itemsize}")
+            windows = out.reshape(n, c, oh, window.kh, ow, window.kw).view(bits)
+            for i, j in numpy.ndindex(window.kh, window.kw):
+                mask = -(index == corner + numpy.int32(i * w + j)).view(numpy.int8)  # -1 at the maximum, else 0
+                xp.bitwise_and(dy.view(bits), mask, out=windows[:, :, :, i, :, j])
             return out
         padded = self._work((n, c, h + 2 * window.ph, w + 2 * window.pw), out.dtype, "maxpool_backward")
         padded.fill(0)
