@@ -206,6 +206,17 @@ class Sequential:
         ``train()``/``eval()`` set)."""
         return self.forward(x)
 
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, index):
+        """``model[i]`` is ``model.layers[i]``, as on PyTorch's Sequential; a slice is a list of this model's
+        layers, not a new model (a layer takes one place in one model)."""
+        return self.layers[index]
+
+    def __iter__(self):
+        return iter(self.layers)
+
     def _forward(self, x):
         """Forward without checks or copy: the output is a reused work array."""
         for x in self._layer_outputs(x, self.training):

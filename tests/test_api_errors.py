@@ -354,6 +354,18 @@ def test_calling_a_model_is_its_forward_in_its_mode(device):
         model(x[:, :3])
 
 
+def test_a_model_is_its_layers_in_order_as_pytorchs_sequential():
+    """len(model), model[i] (from the end too) and iteration, as on torch.nn.Sequential; a slice is a list
+    of this model's layers, not a new model (a layer takes one place in one model)."""
+    first, dropout, last = nn.Dense(4, 8, activation="relu"), nn.Dropout(0.5), nn.Dense(8, 3)
+    model = nn.Sequential(first, dropout, last)
+    assert len(model) == 3 and model[0] is first and model[-1] is last and list(model) == [first, dropout, last]
+    assert model[1:] == [dropout, last]
+    assert model[0].params["weight"].shape == (4, 8)
+    with pytest.raises(IndexError):
+        model[3]
+
+
 def test_an_empty_batch_gives_an_empty_output_and_no_loss(device):
     """forward of no samples is (0, outputs), as predict's, whatever the layers (convolution, pooling,
     BatchNorm, Flatten, Maxout), in both modes; the loss of no samples is an error naming the empty batch."""
