@@ -47,7 +47,15 @@ class Activation:
 
 
 class Linear(Activation):
+    """The identity: no activation (PyTorch's nn.Linear, a fully connected layer, is nn.Dense here)."""
+
     name, code = "linear", 0
+
+    def __init__(self, *args):
+        if args:  # a PyTorch user's nn.Linear(784, 10)
+            shown = ", ".join(map(repr, args))
+            raise ConfigError(f"nn.Linear is the identity activation and takes no arguments: PyTorch's "
+                              f"nn.Linear({shown}), a fully connected layer, is nn.Dense({shown}) here")
 
     def forward(self, ops, z, out):
         if out is not z:

@@ -7,7 +7,7 @@ import weakref
 
 import numpy
 
-from . import layers as layers_module
+from . import activations, layers as layers_module
 from .backend import array_device, get_backend
 from .errors import ConfigError, ShapeError, check_array, check_int
 from .layers import Layer, Parameter, describe_shape
@@ -49,6 +49,11 @@ class Sequential:
         if not layers:
             raise ConfigError("Sequential needs at least one layer")
         for index, layer in enumerate(layers):
+            if isinstance(layer, activations.Activation):  # as in PyTorch's Linear, ReLU, Linear
+                option = repr(layer.name) if layer == activations.get(layer.name) else f"nn.{layer!r}"
+                raise ConfigError(f"layer {index} is the activation {layer!r}, not a layer: it is the option of "
+                                  f"the layer before it, as nn.Dense(784, 128, activation={option}) (PyTorch's "
+                                  f"Linear then {type(layer).__name__})")
             if not isinstance(layer, Layer):
                 raise ConfigError(f"layer {index} is a {type(layer).__name__}, not an nnaccel layer")
             twice = any(layer is earlier for earlier in layers[:index])

@@ -78,6 +78,15 @@ API_ERRORS = [
      "use softmax_cross_entropy .logits and class indices, not one-hot rows"),
     ("loss Keras's binary", lambda: _trainer(loss="binary_crossentropy"), nn.ConfigError,
      "the output layer is linear here: use sigmoid_cross_entropy"),
+    ("PyTorch's nn.Linear(784, 10)", lambda: nn.Linear(784, 10), nn.ConfigError,
+     r"nn.Linear is the identity activation and takes no arguments: PyTorch's nn.Linear\(784, 10\), a fully "
+     r"connected layer, is nn.Dense\(784, 10\) here"),
+    ("an activation as a layer", lambda: nn.Sequential(nn.Dense(784, 128), nn.ReLU(), nn.Dense(128, 10)),
+     nn.ConfigError, r"layer 1 is the activation ReLU\(\), not a layer: it is the option of the layer before "
+                     r"it, as nn.Dense\(784, 128, activation='relu'\) \(PyTorch's Linear then ReLU\)"),
+    ("an activation first", lambda: nn.Sequential(nn.LeakyReLU(0.1), nn.Dense(4, 2)), nn.ConfigError,
+     r"layer 0 is the activation LeakyReLU\(slope=0.1\), not a layer: it is the option of the layer before it, "
+     r"as nn.Dense\(784, 128, activation=nn.LeakyReLU\(slope=0.1\)\)"),
     ("loss a list", lambda: _trainer(loss=["mse"]), nn.ConfigError,
      r"unknown loss \['mse'\]; valid: softmax_cross_entropy, mse, sigmoid_cross_entropy, or PyTorch's"),
 ]
