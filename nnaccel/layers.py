@@ -150,14 +150,18 @@ class Layer:
 
     def __repr__(self):
         """The call that builds this layer, arguments left at their defaults left out: ``Conv2D(1, 6, 5,
-        padding=2, activation='relu')``; a layer of one's own without ``config`` is its class name."""
+        padding=2, activation='relu')``, ``Dense(4, 2, activation=LeakyReLU(slope=0.2))``; a layer of one's
+        own without ``config`` is its class name."""
         try:
             config = self.config()
         except NotImplementedError:
             return f"{type(self).__name__}(...)"
-        shown = []
+        shown, activation = [], getattr(self, "activation", None)
         for name, parameter in list(inspect.signature(type(self).__init__).parameters.items())[1:]:
             value = config.get(name)
+            if name == "activation" and isinstance(activation, activations.Activation) \
+                    and activation != activations.get(activation.name):  # options other than its defaults
+                value = activation
             if isinstance(value, list):
                 value = value[0] if len(set(value)) == 1 else tuple(value)
             if parameter.default is inspect.Parameter.empty:

@@ -375,6 +375,19 @@ def test_a_model_is_its_layers_in_order_as_pytorchs_sequential():
         model[3]
 
 
+def test_a_layer_shows_the_call_that_builds_it_with_its_activations_options():
+    """An activation with options other than its defaults shows as the object (the name alone would rebuild
+    the defaults); one with its defaults, by its name."""
+    shown = [nn.Dense(4, 2, activation=nn.LeakyReLU(0.2)), nn.Conv2D(1, 2, 3, activation=nn.ELU(alpha=0.5)),
+             nn.BatchNorm(3, activation=nn.LeakyReLU()), nn.Dense(4, 2, activation="relu"), nn.Dense(4, 2)]
+    assert list(map(repr, shown)) == ["Dense(4, 2, activation=LeakyReLU(slope=0.2))",
+                                      "Conv2D(1, 2, 3, activation=ELU(alpha=0.5))",
+                                      "BatchNorm(3, activation='leaky_relu')", "Dense(4, 2, activation='relu')",
+                                      "Dense(4, 2)"]
+    rebuilt = eval(repr(shown[0]), vars(nn))
+    assert rebuilt.activation == shown[0].activation
+
+
 def test_an_empty_batch_gives_an_empty_output_and_no_loss(device):
     """forward of no samples is (0, outputs), as predict's, whatever the layers (convolution, pooling,
     BatchNorm, Flatten, Maxout), in both modes; the loss of no samples is an error naming the empty batch."""

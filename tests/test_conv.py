@@ -384,7 +384,8 @@ def test_a_batchnorm_activation_is_saved_with_the_model(tmp_path):
     nn.Trainer(model, batch_size=16, quiet=True).fit(x, y, epochs=1)
     model.save(tmp_path / "m.npz")
     loaded = nn.load(tmp_path / "m.npz")
-    assert repr(loaded.layers[1]) == "BatchNorm(3, activation='leaky_relu')" and loaded.layers[1].activation.slope == 0.2
+    assert repr(loaded.layers[1]) == "BatchNorm(3, activation=LeakyReLU(slope=0.2))"
+    assert loaded.layers[1].activation.slope == 0.2
     np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
 
 
