@@ -22,10 +22,13 @@ class Optimizer:
 
     def __new__(cls, *args, **kwargs):
         """Refuse PyTorch's ``SGD(model.parameters(), lr=...)`` by name: here the Trainer hands its model
-        to the optimizer, as Keras's optimizers are made."""
+        to the optimizer, as Keras's optimizers are made; and Keras's ``learning_rate=``, PyTorch's ``lr``."""
         if args and (isinstance(args[0], (list, tuple, dict)) or inspect.isgenerator(args[0])):
             raise ConfigError(f"{cls.__name__} takes no parameters: the Trainer updates its model's; make it "
                               f"as nn.{cls.__name__}(lr=...), not nn.{cls.__name__}(model.parameters(), ...)")
+        if "learning_rate" in kwargs:
+            raise ConfigError(f"{cls.__name__}'s learning rate is lr, as in PyTorch: nn.{cls.__name__}(lr="
+                              f"{kwargs['learning_rate']!r}), not Keras's learning_rate=")
         return super().__new__(cls)
 
     def __init__(self, lr, weight_decay=0.0):

@@ -69,6 +69,9 @@ API_ERRORS = [
        nn.ConfigError, rf"{cls.__name__} takes no parameters: the Trainer updates its model's; make it as "
                        rf"nn.{cls.__name__}\(lr=...\), not nn.{cls.__name__}\(model.parameters\(\), ...\)")
       for cls in (nn.SGD, nn.Adam, nn.AdamW) for extra, kw in (("", {}), (", lr=0.1", {"lr": 0.1}))],
+    *[(f"Keras's {cls.__name__}(learning_rate=...)", (lambda cls=cls: cls(learning_rate=0.002)), nn.ConfigError,
+       rf"{cls.__name__}'s learning rate is lr, as in PyTorch: nn.{cls.__name__}\(lr=0.002\), not Keras's "
+       rf"learning_rate=") for cls in (nn.SGD, nn.Adam, nn.AdamW)],
     ("SGD(a generator of parameters)", lambda: nn.SGD(p for p in _trainer().model.parameters()), nn.ConfigError,
      "SGD takes no parameters"),
     ("loss Keras's sparse", lambda: _trainer(loss="sparse_categorical_crossentropy"), nn.ConfigError,
