@@ -18,7 +18,6 @@ class Loss:
     """Base class: targets are prepared once (``prepare_targets``), then each step computes."""
 
     name = ""
-    integer_targets = False  # targets are class indices, not arrays like y
 
     def __init__(self):
         self._grad = None
@@ -89,7 +88,6 @@ class SoftmaxCrossEntropy(Loss):
     """Softmax of the logits, then cross-entropy with integer class labels."""
 
     name = "softmax_cross_entropy"
-    integer_targets = True
 
     def prepare_targets(self, ops, target, outputs, dtype, what="labels"):
         if target.ndim != 1:
