@@ -249,10 +249,13 @@ class Sequential:
             self._backward(dy)
 
     def _backward(self, dy):
-        for index in range(len(self.layers) - 1, -1, -1):
+        """Down to the first layer with weights, which computes no input gradient: the layers before it (an
+        augmentation, a Flatten) learn nothing, and the data needs no gradient."""
+        first = self._specs[0][0] if self._specs else len(self.layers)
+        for index in range(len(self.layers) - 1, first - 1, -1):
             layer = self.layers[index]
             dy = layer.backward(dy if layer.takes_storage_dtype else layer.in_dtype(dy, self.dtype, "output_grad"),
-                                input_grad=index > 0)
+                                input_grad=index > first)
 
     def to_model_dtype(self, x, what="x"):
         """Device array ``x`` in the model's float type: floats rounded (as Keras does), integers converted

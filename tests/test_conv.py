@@ -389,6 +389,28 @@ def test_a_batchnorm_activation_is_saved_with_the_model(tmp_path):
     np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
 
 
+def test_backward_stops_at_the_first_layer_with_weights(device):
+    """The layers before the first with weights (the augmentation, a Flatten) learn nothing and the data needs
+    no gradient: backward runs none of them, and that layer computes no input gradient (a first
+    convolution's col2im is most of its backward); every gradient is the one the whole chain gives."""
+    model = nn.Sequential(nn.RandomShift(1), nn.Conv2D(1, 3, 3, padding=1, activation="relu"), nn.MaxPool2D(2),
+                          nn.Flatten(), nn.Dense(48, 4), input_shape=(1, 8, 8), device=device, seed=2)
+    ops, rng = model.backend, np.random.default_rng(3)
+    x, labels = ops.asarray(rng.standard_normal((5, 1, 8, 8)).astype(np.float32)), ops.asarray(rng.integers(0, 4, 5))
+    loss = nn.SoftmaxCrossEntropy()
+    model.train()
+    loss.forward(model.forward(x), labels)
+    model.backward(loss.backward())
+    grads = host(model, model.flat_grads)
+    shift, conv = model[0], model[1]
+    assert not {"dx", "dcols"} & set(conv._work) and "dx" not in shift._work
+    dy = loss.backward()
+    for layer in reversed(model.layers):  # the whole chain, down to the data's gradient
+        dy = layer.backward(dy, input_grad=True)
+    assert dy.shape == x.shape and "dx" in shift._work
+    np.testing.assert_array_equal(grads, host(model, model.flat_grads))
+
+
 def test_random_shifts_move_images_within_range_and_only_in_training(device):
     model = nn.Sequential(nn.RandomShift(2), nn.Flatten(), input_shape=(1, 9, 9), device=device, seed=0)
     ops = model.backend
