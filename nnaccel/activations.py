@@ -35,6 +35,10 @@ class Activation:
         """The keyword arguments that rebuild this activation with ``get``."""
         return {}
 
+    def has_defaults(self):
+        """Whether its name alone rebuilds it (its options, if any, are the defaults)."""
+        return self == type(self)()
+
     def __repr__(self):
         args = ", ".join(f"{k}={v}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"

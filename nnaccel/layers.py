@@ -160,7 +160,7 @@ class Layer:
         for name, parameter in list(inspect.signature(type(self).__init__).parameters.items())[1:]:
             value = config.get(name)
             if name == "activation" and isinstance(activation, activations.Activation) \
-                    and activation != activations.get(activation.name):  # options other than its defaults
+                    and not activation.has_defaults():  # its name would rebuild other options
                 value = activation
             if isinstance(value, list):
                 value = value[0] if len(set(value)) == 1 else tuple(value)

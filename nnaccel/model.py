@@ -50,7 +50,7 @@ class Sequential:
             raise ConfigError("Sequential needs at least one layer")
         for index, layer in enumerate(layers):
             if isinstance(layer, activations.Activation):  # PyTorch's Sequential(Linear, ReLU, ...)
-                option = repr(layer.name) if layer == activations.get(layer.name) else f"nn.{layer!r}"
+                option = repr(layer.name) if layer.has_defaults() else f"nn.{layer!r}"
                 raise ConfigError(f"layer {index} is the activation {layer!r}, not a layer: it is the option of "
                                   f"the layer before it, as nn.Dense(784, 128, activation={option}) (PyTorch's "
                                   f"Linear then {type(layer).__name__})")
