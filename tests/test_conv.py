@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import nnaccel as nn
+from nnaccel.backend.base import Window
+from nnaccel.backend.numpy_backend import NumpyBackend
 from test_gradients import assert_matches_finite_differences, host
 
 torch = pytest.importorskip("torch")
@@ -120,6 +122,34 @@ def test_conv2d_matches_torch(device, conv, activation, dtype):
     randomise(model, rng)
     x = rng.standard_normal((5, cin, h, w)).astype(dtype)
     compare_with_torch(model, dtype, x, rng.integers(0, 4, 5))
+
+
+@pytest.mark.parametrize("batch_last", [False, True], ids=["image-major", "batch-last"])
+def test_either_order_of_the_columns_holds_each_images_windows(batch_last):
+    """The CPU backend keeps a convolution's positions batch-last, the generic code (and so the GPU's
+    fallbacks) image-major, as the CUDA kernels: in both, ``by_image`` finds image n's window at each
+    position, col2im is im2col's adjoint, and the NCHW output and its gradient are those positions'."""
+    ops = NumpyBackend()
+    ops.batch_last = batch_last
+    window = Window(3, 2, 2, 1, 1, 0)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 3, 7, 6))
+    (n, c), (oh, ow) = x.shape[:2], window.output_size(7, 6)
+    columns = ops.im2col(x, window, np.full((c * 3 * 2, n * oh * ow), np.nan))
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 2), axis=(2, 3))[:, :, ::2, ::1]
+    np.testing.assert_array_equal(ops.by_image(columns, (c * 3 * 2,), n, (oh, ow)),
+                                  windows.transpose(1, 4, 5, 0, 2, 3).reshape(c * 3 * 2, n, oh, ow))
+    g = rng.standard_normal(columns.shape)
+    np.testing.assert_allclose(np.vdot(columns, g), np.vdot(x, ops.col2im(g, window, np.empty_like(x))), rtol=1e-12)
+    z, bias, linear = rng.standard_normal((2, n * oh * ow)), np.array([0.5, -1.0]), nn.activations.get("linear")
+    y = ops.bias_act_to_nchw(z.copy(), bias, linear, np.empty_like(z), np.empty((n, 2, oh, ow)))
+    expected = ops.by_image(z, (2,), n, (oh, ow)) + bias[:, None, None, None]
+    np.testing.assert_array_equal(y, expected.transpose(1, 0, 2, 3))
+    db = np.empty(2)
+    dz = ops.act_backward_from_nchw(y, z, z, linear, np.empty_like(z), bias_grad=db)
+    np.testing.assert_array_equal(ops.by_image(dz, (2,), n, (oh, ow)), y.transpose(1, 0, 2, 3))
+    np.testing.assert_allclose(db, y.sum(axis=(0, 2, 3)), rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)

@@ -362,16 +362,30 @@ def images(cp, shape, dtype=numpy.float32, seed=0):
     return host_array, cp.asarray(host_array)
 
 
+def image_major(ops, columns, n):
+    """A convolution's columns (*lead, N*L) in the CPU backend's order (``Backend.by_image``) re-laid
+    image-major, the kernels' order."""
+    return numpy.ascontiguousarray(ops.by_image(columns, columns.shape[:-1], n, (-1,))).reshape(columns.shape)
+
+
+def cpu_order(ops, columns, n):
+    """``image_major``'s inverse: image-major columns in the CPU backend's order."""
+    out = numpy.empty_like(columns)
+    ops.by_image(out, columns.shape[:-1], n, (-1,))[...] = columns.reshape(*columns.shape[:-1], n, -1)
+    return out
+
+
 @pytest.mark.parametrize("window", WINDOWS, ids=[str(tuple(w)) for w in WINDOWS])
 def test_im2col_and_col2im(cp, ops, window):
-    """Enough columns for several grid-stride passes; col2im sums in the generic order, so bits agree."""
+    """Enough columns for several grid-stride passes; col2im sums in the generic order, so bits agree
+    (the CPU backend keeps the columns in another order: they are compared image by image)."""
     x, x_dev = images(cp, (9, 5, 31, 33))
     oh, ow = window.output_size(31, 33)
     columns_ref = ops.im2col(x, window, numpy.empty((5 * window.kh * window.kw, 9 * oh * ow), numpy.float32))
     columns = ck.im2col(x_dev, window, cp.full(columns_ref.shape, numpy.nan, numpy.float32))
-    numpy.testing.assert_array_equal(columns.get(), columns_ref)
+    numpy.testing.assert_array_equal(columns.get(), image_major(ops, columns_ref, 9))
     g, g_dev = images(cp, columns_ref.shape, seed=1)
-    dx_ref = ops.col2im(g, window, numpy.empty(x.shape, numpy.float32))
+    dx_ref = ops.col2im(cpu_order(ops, g, 9), window, numpy.empty(x.shape, numpy.float32))
     numpy.testing.assert_array_equal(ck.col2im(g_dev, window, cp.full(x.shape, numpy.nan, numpy.float32)).get(),
                                      dx_ref)
 
@@ -410,11 +424,10 @@ def test_bias_act_over_channels(cp, ops, name, n, c, l):
     act = activations.get(name)
     z, _ = images(cp, (c, n * l))
     bias, bias_dev = images(cp, (c,), seed=1)
-    rows_ref = z.copy() if act.uses_output else numpy.empty_like(z)
-    z_ref = z.copy()
-    y_ref = ops.bias_act_to_nchw(z_ref, bias, act, rows_ref if not act.uses_output else z_ref,
-                                 numpy.empty((n, c, l), numpy.float32))
-    rows_ref = z_ref if act.uses_output else rows_ref
+    z_ref = cpu_order(ops, z, n)  # the CPU backend's order; the kernels' arrays are compared re-laid as theirs
+    rows_ref = z_ref if act.uses_output else numpy.empty_like(z)
+    y_ref = ops.bias_act_to_nchw(z_ref, bias, act, rows_ref, numpy.empty((n, c, l), numpy.float32))
+    z_ref, rows_ref = image_major(ops, z_ref, n), image_major(ops, rows_ref, n)
     z_dev = cp.asarray(z)
     rows_dev = z_dev if act.uses_output else cp.empty_like(z_dev)
     y = ck.bias_act_to_nchw(z_dev, bias_dev, act.code, act.param, rows_dev, cp.empty((n, c, l), numpy.float32))
@@ -424,7 +437,8 @@ def test_bias_act_over_channels(cp, ops, name, n, c, l):
         numpy.testing.assert_array_equal(z_dev.get(), z_ref)  # z keeps z + bias
     dy, dy_dev = images(cp, (n, c, l), seed=2)
     db_ref = numpy.empty(c, numpy.float32)
-    dz_ref = ops.act_backward_from_nchw(dy, rows_ref, z_ref, act, numpy.empty((c, n * l), numpy.float32), db_ref)
+    dz_ref = image_major(ops, ops.act_backward_from_nchw(dy, cpu_order(ops, rows_ref, n), cpu_order(ops, z_ref, n),
+                                                         act, numpy.empty((c, n * l), numpy.float32), db_ref), n)
     db = cp.full(c, numpy.nan, numpy.float32)
     dz = ck.act_backward_from_nchw(dy_dev, cp.asarray(rows_ref), cp.asarray(z_ref), act.code, act.param,
                                    cp.empty((c, n * l), numpy.float32), db)

@@ -90,6 +90,7 @@ class Backend:
 
     xp = None
     name = ""
+    batch_last = False  # the order of a convolution's positions in its columns: see ``by_image``
 
     def __init__(self):
         self._scratch_arrays = {}
@@ -268,11 +269,27 @@ class Backend:
         padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w] = x
         return padded
 
+    def by_image(self, columns, lead, n, spatial):
+        """``columns`` (*lead, N*L), a convolution's positions in this backend's order, viewed as
+        (*lead, N, *spatial). Image-major (each image's positions in turn) unless ``batch_last``
+        (each position's images in turn): then a window's copy in ``im2col`` and ``col2im`` runs over
+        OW*N contiguous values, not OW, and NumPy, which loops in C over the last axis only, ran the
+        two 3-4x and 3x faster for LeNet's convolutions at batch 32 (AMD EPYC)."""
+        if not self.batch_last:
+            return columns.reshape(*lead, n, *spatial)
+        view = columns.reshape(*lead, *spatial, n)
+        k = len(lead)
+        return view.transpose(*range(k), view.ndim - 1, *range(k, view.ndim - 1))
+
+    def _padded_work(self, c, n, height, width, dtype, slot):
+        """A (C, N, height, width) view of the work array ``slot``, its images in the columns' order."""
+        return self.by_image(self._work((c, n * height * width), dtype, slot), (c,), n, (height, width))
+
     def _channels_first(self, x, window, slot):
-        """``x`` (N, C, H, W) as a zero-padded (C, N, H + 2 ph, W + 2 pw) work array: im2col's columns
-        are channel-major, so the windows of this layout copy without a transpose each."""
+        """``x`` (N, C, H, W) as a zero-padded (C, N, H + 2 ph, W + 2 pw) view of a work array in the
+        columns' order: im2col's columns are channel-major, so its windows copy without a transpose each."""
         n, c, h, w = x.shape
-        padded = self._work((c, n, h + 2 * window.ph, w + 2 * window.pw), x.dtype, slot)
+        padded = self._padded_work(c, n, h + 2 * window.ph, w + 2 * window.pw, x.dtype, slot)
         if window.ph or window.pw:
             padded.fill(0)
         padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w] = x.transpose(1, 0, 2, 3)
@@ -280,11 +297,11 @@ class Backend:
 
     def im2col(self, x, window, out):
         """The windows of ``x`` (N, C, H, W) as the columns of ``out`` (C*kh*kw, N*OH*OW), its rows in the
-        order a PyTorch weight (out, C, kh, kw) flattens: one matmul by the weight then computes every
-        output position of the batch."""
+        order a PyTorch weight (out, C, kh, kw) flattens, its columns in this backend's order (``by_image``):
+        one matmul by the weight then computes every output position of the batch."""
         n, c, h, w = x.shape
         oh, ow = window.output_size(h, w)
-        columns = out.reshape(c, window.kh, window.kw, n, oh, ow)
+        columns = self.by_image(out, (c, window.kh, window.kw), n, (oh, ow))
         for i, j, view in _windows(self._channels_first(x, window, "im2col"), window, oh, ow):
             columns[:, i, j] = view
         return out
@@ -294,9 +311,9 @@ class Backend:
         into ``out`` (N, C, H, W), offsets in increasing order (a fixed, deterministic sum)."""
         n, c, h, w = out.shape
         oh, ow = window.output_size(h, w)
-        padded = self._work((c, n, h + 2 * window.ph, w + 2 * window.pw), out.dtype, "col2im")
+        padded = self._padded_work(c, n, h + 2 * window.ph, w + 2 * window.pw, out.dtype, "col2im")
         padded.fill(0)
-        windows = columns.reshape(c, window.kh, window.kw, n, oh, ow)
+        windows = self.by_image(columns, (c, window.kh, window.kw), n, (oh, ow))
         for i, j, view in _windows(padded, window, oh, ow):
             view += windows[:, i, j]
         out[...] = padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w].transpose(1, 0, 2, 3)
@@ -308,14 +325,14 @@ class Backend:
         otherwise ``z`` keeps ``z + bias`` (the derivative of gelu and silu reads it)."""
         self.bias_act(z.T, bias, activation, rows.T)  # (N*L, C) views: the bias runs along their rows
         n, c = out.shape[:2]
-        out.reshape(n, c, -1)[...] = rows.reshape(c, n, -1).transpose(1, 0, 2)
+        out.reshape(n, c, -1)[...] = self.by_image(rows, (c,), n, (-1,)).transpose(1, 0, 2)
         return out
 
     def act_backward_from_nchw(self, dy, y, z, activation, out, bias_grad=None):
         """``bias_act_to_nchw``'s backward: ``dy`` (N, C, *spatial) times the derivative (at ``y`` or ``z``,
         (C, N*L) like ``out``) as ``out`` (C, N*L), and the bias gradient, a sum per channel."""
         n, c = dy.shape[:2]
-        out.reshape(c, n, -1)[...] = dy.reshape(n, c, -1).transpose(1, 0, 2)
+        self.by_image(out, (c,), n, (-1,))[...] = dy.reshape(n, c, -1).transpose(1, 0, 2)
         activation.backward(self, out.T, y.T, z.T, out.T)  # (N*L, C) views, as forward: softmax runs over C
         if bias_grad is not None:
             out.sum(axis=1, out=bias_grad)

@@ -26,6 +26,7 @@ class NumpyBackend(Backend):
 
     xp = numpy
     name = "cpu"
+    batch_last = True
 
     def erf(self, x):
         return special.erf(x)
