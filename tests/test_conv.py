@@ -168,6 +168,29 @@ def test_pooling_matches_torch(device, kind, pool, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(5, 3, 8, 6), (2, 1, 2, 2)], ids=["tiles", "one"])
+def test_max_pooling_over_2x2_tiles_finds_the_first_maximum_and_any_nan(device, shape, dtype):
+    """2x2 tiles have their own path (a tournament over contiguous planes): every window's maximum and
+    where it is, the first of tied values winning and a NaN counting as the maximum (the first NaN, as
+    the general loop and PyTorch's kernels take it), with infinities and signed zeros among the values."""
+    ops = nn.backend.get_backend(device)
+    rng = np.random.default_rng(9)
+    x = rng.choice(np.array([-np.inf, -1.0, -0.0, 0.0, 0.5, 2.0, np.inf], dtype), size=shape)
+    (n, c, _, w), (oh, ow) = shape, (shape[2] // 2, shape[3] // 2)
+    for with_nan in (False, True):
+        if with_nan:
+            x.flat[[0, 1, x.size - 1]] = np.nan
+        windows = x.reshape(n, c, oh, 2, ow, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, 4)
+        where = windows.argmax(axis=-1)  # NumPy's: the first maximum, and the first NaN where there is one
+        rows, cols = np.meshgrid(np.arange(oh), np.arange(ow), indexing="ij")
+        expected = (2 * rows + where // 2) * w + 2 * cols + where % 2
+        y, index = ops.empty((n, c, oh, ow), dtype), ops.empty((n, c, oh, ow), np.int32)
+        ops.maxpool_forward(ops.asarray(x), nn.backend.base.Window(2, 2, 2, 2, 0, 0), y, index)
+        np.testing.assert_array_equal(ops.to_host(index), expected)
+        np.testing.assert_array_equal(ops.to_host(y), windows.max(axis=-1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
 @pytest.mark.parametrize("pool", [(2, None, 0), (3, 2, 1)], ids=["tiles", "overlap"])
 def test_max_pooling_sends_a_non_finite_gradient_only_to_its_maximum(device, pool, dtype):
     """An inf or NaN in dy reaches its window's maximum and no other input, as PyTorch's scatter does
