@@ -222,6 +222,21 @@ def test_maxout_gradients_and_shifted_zeros_stay_zero_next_to_infinities(device)
     numpy.testing.assert_array_equal(shifted[0, 0], [[0, 0, 0], [numpy.inf, numpy.inf, 0], [numpy.inf, numpy.inf, 0]])
 
 
+def test_shifted_images_are_each_images_own_shift_with_zeros_coming_in(device):
+    """Every image and channel moves by its image's (rows, columns) shift, shifts past the edge included
+    (all zeros), against a loop over the pixels."""
+    ops = get_backend(device)
+    x = numpy.arange(1, 3 * 2 * 4 * 5 + 1, dtype=numpy.float32).reshape(3, 2, 4, 5)
+    shifts = numpy.array([[0, 0], [-1, 2], [5, -7]], numpy.int32)
+    expected = numpy.zeros_like(x)
+    for i, (down, right) in enumerate(shifts):
+        for r, col in numpy.ndindex(4, 5):
+            if 0 <= r - down < 4 and 0 <= col - right < 5:
+                expected[i, :, r, col] = x[i, :, r - down, col - right]
+    got = ops.shift_images(ops.asarray(x), ops.asarray(shifts), ops.empty(x.shape, numpy.float32))
+    numpy.testing.assert_array_equal(ops.to_host(got), expected)
+
+
 X86_LINUX = platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
 # Something in this process (a library built with -ffast-math) may have set FTZ already.
 IEEE_SUBNORMALS = numpy.float32(numpy.finfo(numpy.float32).tiny) * numpy.float32(0.5) != 0
