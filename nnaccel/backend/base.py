@@ -273,8 +273,8 @@ class Backend:
         """``columns`` (*lead, N*L), a convolution's positions in this backend's order, viewed as
         (*lead, N, *spatial). Image-major (each image's positions in turn) unless ``batch_last``
         (each position's images in turn): then a window's copy in ``im2col`` and ``col2im`` runs over
-        OW*N contiguous values, not OW, and NumPy, which loops in C over the last axis only, ran the
-        two 3-4x and 3x faster for LeNet's convolutions at batch 32 (AMD EPYC)."""
+        OW*N contiguous values, not OW, and NumPy, which loops in C over the last axis only, ran
+        im2col 2-3x and col2im 2.7x faster for LeNet's convolutions at batch 32 (AMD EPYC)."""
         if not self.batch_last:
             return columns.reshape(*lead, n, *spatial)
         view = columns.reshape(*lead, *spatial, n)
