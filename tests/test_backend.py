@@ -166,6 +166,26 @@ def test_softmax_cross_entropy_matches_naive(device):
     numpy.testing.assert_allclose(ops.to_host(grad), p / 7, rtol=1e-12, atol=1e-15)
 
 
+def test_softmax_cross_entropy_makes_rows_with_nan_or_inf_nan_and_keeps_ties(device):
+    """The row maximum is read at the row's argmax: a tie takes either equal value, a NaN or an
+    inf in a row makes that row's gradient NaN, and only its row."""
+    ops = get_backend(device)
+    z = numpy.array([[2.0, 2.0, -1.0], [0.0, numpy.nan, 1.0], [numpy.inf, 0.0, 0.0], [1.0, -numpy.inf, 1.0]],
+                    numpy.float32)
+    labels = numpy.array([1, 0, 2, 0])
+    grad = ops.empty(z.shape, numpy.float32)
+    with numpy.errstate(all="ignore"):
+        loss = ops.softmax_cross_entropy(ops.asarray(z), ops.asarray(labels), grad)
+    grad = ops.to_host(grad)
+    assert numpy.isnan(float(loss))
+    assert numpy.isnan(grad[1:3]).all() and numpy.isfinite(grad[[0, 3]]).all()
+    for row in (0, 3):
+        p = numpy.exp(z[row] - 2.0 * (row == 0) - 1.0 * (row == 3))
+        p /= p.sum()
+        p[labels[row]] -= 1
+        numpy.testing.assert_allclose(grad[row], p / 4, rtol=1e-6, atol=1e-8)
+
+
 def test_uniform_is_a_pure_function_of_seed_and_counter(device):
     ops = get_backend(device)
     a = ops.to_host(ops.uniform((1000, 100), 3, 7))

@@ -538,13 +538,18 @@ class Backend:
         """
         xp = self.xp
         (batch, classes), flat = logits.shape, grad.reshape(-1)
-        picks = labels + xp.arange(0, batch * classes, classes)  # the labels' places in the flat rows
-        xp.subtract(logits, logits.max(axis=1, keepdims=True), out=grad)
+        starts = xp.arange(0, batch * classes, classes)  # where each row starts in the flat arrays
+        # The row maxima as the values at the rows' argmax: NumPy's argmax over short rows is a faster
+        # pass than its max (1.5 us of 11.9 at (32, 10) on the EPYC, 12 of 35 at (256, 10)). A NaN or
+        # inf in a row makes its loss and gradient NaN, whichever element the argmax finds.
+        top = logits.reshape(-1).take(logits.argmax(axis=1) + starts)
+        xp.subtract(logits, top[:, None], out=grad)
+        picks = labels + starts  # the labels' places in the flat rows
         picked = flat.take(picks)
         xp.exp(grad, out=grad)
-        total = grad.sum(axis=1, keepdims=True)
-        grad /= total
-        losses = xp.log(total.reshape(-1))
+        total = grad.sum(axis=1)
+        grad /= total[:, None]
+        losses = xp.log(total)
         losses -= picked
         flat[picks] -= 1.0
         grad *= 1.0 / batch
