@@ -209,6 +209,21 @@ def test_take_rows_writes_the_rows_into_out(device):
         numpy.testing.assert_array_equal(ops.to_host(out), array[index[:6]])
 
 
+def test_leading_rows_reuses_the_largest_work_array(device):
+    """A step's work arrays: the stored one for its shape, its leading rows for a shorter batch, a new
+    one for more rows, other trailing axes or another dtype."""
+    ops, store = get_backend(device), {}
+    full = ops.leading_rows(store, "z", (32, 16), numpy.float32)
+    assert full.shape == (32, 16) and full.dtype == numpy.float32 and store["z"] is full
+    assert ops.leading_rows(store, "z", (32, 16), numpy.float32) is full
+    short = ops.leading_rows(store, "z", (20, 16), numpy.float32)
+    short[...] = 7
+    assert short.shape == (20, 16) and store["z"] is full and (ops.to_host(full)[:20] == 7).all()
+    for shape, dtype in (((40, 16), numpy.float32), ((32, 8), numpy.float32), ((32, 16), numpy.float64)):
+        other = ops.leading_rows(store, "z", shape, dtype)
+        assert other.shape == shape and other.dtype == dtype and store["z"] is other
+
+
 def test_bias_grad_and_maxout_ops(device):
     ops = get_backend(device)
     rng = numpy.random.default_rng(2)

@@ -591,7 +591,8 @@ class Backend:
         if buf is not None and buf.shape == shape and buf.dtype == dtype:  # the usual case, in half the time
             return buf
         if buf is None or buf.shape[1:] != tuple(shape[1:]) or buf.shape[0] < shape[0] or buf.dtype != dtype:
-            buf = store[key] = self.empty(shape, dtype)
+            store[key] = buf = self.empty(shape, dtype)
+            return buf
         return buf[: shape[0]]
 
     def _scratch(self, like, slot):
