@@ -540,7 +540,7 @@ class Backend:
         (batch, classes), flat = logits.shape, grad.reshape(-1)
         starts = xp.arange(0, batch * classes, classes)  # where each row starts in the flat arrays
         # The row maxima as the values at the rows' argmax: NumPy's argmax over short rows is a faster
-        # pass than its max (1.5 us of 11.9 at (32, 10) on the EPYC, 12 of 35 at (256, 10)). A NaN or
+        # pass than its max (1.5 us of 11.9 at (32, 10) on the Xeon, 12 of 35 at (256, 10)). A NaN or
         # inf in a row makes its loss and gradient NaN, whichever element the argmax finds.
         top = logits.reshape(-1).take(logits.argmax(axis=1) + starts)
         xp.subtract(logits, top[:, None], out=grad)
