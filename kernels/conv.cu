@@ -69,7 +69,8 @@ __global__ void col2im(const S* columns, S* dx, int n, int c, int h, int w, int 
 
 // A convolution's output from its matmul z (c, n l): rows = act(z + bias) with the bias per row
 // (channel), and y[img, ch, l] the same values in NCHW order. rows may alias z; otherwise z keeps
-// z + bias (gelu and silu's derivatives read it).
+// z + bias (gelu and silu's derivatives read it), rounded to z's type, and the activation is applied
+// to what z keeps, as bias_act (elementwise.cu) does: forward and derivative see the same z.
 template <typename S>
 __global__ void bias_act_to_nchw(S* z, const nna::compute_t<S>* bias, S* rows, S* y, long long n, int c, long long l,
                                  int act, double param) {
@@ -80,9 +81,13 @@ __global__ void bias_act_to_nchw(S* z, const nna::compute_t<S>* bias, S* rows, S
     const long long pos = i % l, img = i / (l * c);
     const int ch = (int)(i / l % c);
     const long long at = ch * (n * l) + img * l + pos;
-    const T v = nna::load(z[at]) + bias[ch];
+    T v = nna::load(z[at]) + bias[ch];
+    if (rows != z) {
+      const S kept = nna::store<S>(v);
+      z[at] = kept;
+      v = nna::load(kept);
+    }
     const S out = nna::store<S>(nna::act_forward(act, p, v));
-    if (rows != z) z[at] = nna::store<S>(v);
     rows[at] = out;
     y[i] = out;
   }
