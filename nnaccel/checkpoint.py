@@ -583,10 +583,10 @@ def _check_trainer(path, state):
     if plan is not None:
         data = plan.get("data", "mnist") if isinstance(plan, dict) else None  # older checkpoints have none
         if not isinstance(plan, dict) or set(plan) - {"data"} != {"epochs", "validation_split"} or \
-                not _real(plan["validation_split"]) or not 0 < plan["validation_split"] < 1 or \
+                not _real(plan["validation_split"]) or not 0 <= plan["validation_split"] < 1 or \
                 not isinstance(data, str) or not 0 < len(data) <= MAX_PATH or "\0" in data:
-            raise CheckpointError(f"{path}: the run's plan must hold its epochs, a validation split between 0 "
-                                  f"and 1 and the data's name or path, found {_shown(plan)}")
+            raise CheckpointError(f"{path}: the run's plan must hold its epochs, a validation split from 0 to "
+                                  f"below 1 and the data's name or path, found {_shown(plan)}")
         _count(path, plan["epochs"], "the run's planned epochs", minimum=1)
     schedule = state.get("schedule")
     if schedule is not None:

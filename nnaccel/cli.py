@@ -60,7 +60,7 @@ def _split_text(text):
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0 and < 1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 and < 1, got {text!r}") from None
 
 
 # argparse takes '-inf', '-nan' and '-1e-3' for option names ("expected one argument"); these are values.
@@ -108,8 +108,9 @@ def build_parser():
                            "(scikit-learn's 8x8 digits: pip install 'nnaccel[digits]'), 'synthetic', an MNIST "
                            "folder of IDX files, or a Keras mnist.npz")
     data.add_argument("--validation-split", type=_split_text,
-                      help="fraction of the training split held out for validation, in (0, 1) (default 0.2; "
-                           "with --resume, the run's)")
+                      help="fraction of the training split held out for validation, in [0, 1): 0 trains on "
+                           "all of it and validates on none, as Keras's validation_split=0 (default 0.2; with "
+                           "--resume, the run's)")
     data.add_argument("--augment", type=_non_negative_int, nargs="?", const=2, metavar="PIXELS",
                       help="shift each training image by up to PIXELS (default 2) in each direction, drawn per "
                            "image and epoch (a RandomShift layer first, and a Flatten after it for an MLP; square images only; "
@@ -221,10 +222,10 @@ def _check_ranges_against_data(args, trainer, samples):
     split) or on other options: a ConfigError naming the option and its valid range; a warning where a
     setting is valid but cannot take effect."""
     held_out = round(samples * args.validation_split)  # as datasets.train_val_split rounds
-    if samples < 2:
+    if args.validation_split and samples < 2:
         raise _refusal(f"--data {args.data} has {samples} sample{'s' * (samples != 1)}: training and its "
                        f"validation need at least 2")
-    if not 0 < held_out < samples:
+    if args.validation_split and not 0 < held_out < samples:
         raise _refusal(f"--validation-split {args.validation_split} holds out {held_out} of the {samples} samples: "
                        f"it must be from 1/{samples} to {samples - 1}/{samples}, to leave at least 1 sample for "
                        f"training and 1 for validation")
@@ -507,8 +508,9 @@ def _train(args):
     from . import distributed
 
     args.communicator = None
-    if args.validation_split is not None and not 0.0 < args.validation_split < 1.0:
-        raise _refusal(f"--validation-split must be between 0 and 1, got {args.validation_split}")
+    if args.validation_split is not None and not 0.0 <= args.validation_split < 1.0:
+        raise _refusal(f"--validation-split must be at least 0 (no validation) and below 1, got "
+                       f"{args.validation_split}")
     if args.distributed:
         device = distributed.rank_device(args.device)
         args.communicator = distributed.communicator_for(device)
@@ -530,7 +532,12 @@ def _train(args):
             setattr(args, name, value)
     _check_outputs(args)
     trainer = _trainer_from_checkpoint(args, device) if args.resume else None
+    planned_split = args.validation_split is None and args.resume
     _default_to_the_plan(args, trainer.plan if trainer else None, args.resume)
+    if args.early_stopping and not args.validation_split:
+        raise _refusal(f"--early-stopping watches the validation loss, but --validation-split 0"
+                       f"{f' (the one {args.resume} was trained with)' if planned_split else ''} holds out no "
+                       f"validation part: give a --validation-split above 0")
     x, y = _load_data(args, "train")
     _apply_default_recipe(args, x.shape[1])
     if args.resume:
@@ -552,15 +559,19 @@ def _train(args):
     trainer.plan = {"epochs": args.epochs, "validation_split": args.validation_split, "data": args.data}
     model = trainer.model
     _check_ranges_against_data(args, trainer, x.shape[0])
-    (x_train, y_train), (x_val, y_val) = datasets.train_val_split(x, y, args.validation_split, seed=trainer.seed)
+    if args.validation_split:
+        (x_train, y_train), validation = datasets.train_val_split(x, y, args.validation_split, seed=trainer.seed)
+    else:  # --validation-split 0: every sample trains, none validates
+        (x_train, y_train), validation = (x, y), None
     if args.resume:
         _check_resumed_data(args, trainer, x_train.shape[0])
+    held_out = f"{validation[0].shape[0]} validation" if validation else "no validation: --validation-split 0"
     _say(args, f"training {checkpoint.describe(model.config())} ({model.num_parameters():,} parameters) on "
-               f"{args.data} ({x_train.shape[0]} train, {x_val.shape[0]} validation) on {device}")
+               f"{args.data} ({x_train.shape[0]} train, {held_out}) on {device}")
     _check_outputs(args, trainer)
     stopped_by = None
     if args.epochs > trainer.epoch:  # else nothing is left to train (_plan_resumed_epochs said so)
-        stopped_by = _fit_and_save(trainer, args, (x_train, y_train), (x_val, y_val))
+        stopped_by = _fit_and_save(trainer, args, (x_train, y_train), validation)
     if stopped_by is not None:
         path = args.save or INTERRUPTED_RUN_FILE
         step = trainer._resume_point["step"] if trainer._resume_point else 0
@@ -581,12 +592,13 @@ def _train(args):
 
         plot_history(trainer.history, args.plot)
         _say(args, f"training curves written to {args.plot}")
-    result = trainer.evaluate(x_val, y_val)
-    result.update({"epochs": trainer.epoch, "device": device, "data": args.data})
+    split = "validation" if validation else "train"  # with no validation part, the data it trained on
+    result = trainer.evaluate(*(validation or (x_train, y_train)))
+    result.update({"epochs": trainer.epoch, "device": device, "data": args.data, "split": split})
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"validation accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
+        print(f"{split} accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
               f"after {trainer.epoch} epoch{'s' * (trainer.epoch != 1)} on {device}")
     return 0
 
@@ -630,6 +642,9 @@ def _evaluation_data(args, meta):
             split = "validation"
     if split != "validation":
         return (*_load_data(args, split), split)
+    if not args.validation_split:  # the run's plan: it trained on every sample
+        raise ConfigError(f"{args.model} was trained with --validation-split 0: it held out no validation part "
+                          f"to evaluate on; give --split train{'' if args.split else ' (--data has no test split)'}")
     x, y = _load_data(args, "train")
     (x_train, _), validation = datasets.train_val_split(x, y, args.validation_split, seed=int(state.get("seed", 0)))
     # the validation part is the permutation's head: of the data trained on, a larger fraction than trained

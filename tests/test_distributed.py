@@ -574,7 +574,8 @@ def test_cli_an_option_every_rank_refuses_is_one_line_from_rank_0(mpi, tmp_path)
     run = mpiexec(2, *NNACCEL, "train", "--distributed", "--data", "synthetic", "--validation-split", "1",
                   "--device", "auto", cwd=tmp_path, timeout=60)
     assert run.returncode == 2
-    assert run.stderr.strip() == "nnaccel train: error: --validation-split must be between 0 and 1, got 1.0", run.stderr
+    assert run.stderr.strip() == ("nnaccel train: error: --validation-split must be at least 0 (no validation) and "
+                                  "below 1, got 1.0"), run.stderr
 
 
 def test_info_reports_mpi_and_nccl(mpi):

@@ -2,7 +2,7 @@
 where they make no sense, and sizes beyond what the data allows, in one line that names the option and
 its valid range (exit code 2, no traceback).
 
-Ranges: --validation-split in (0, 1) and holding out 1 to N-1 of the N samples; --dropout and --momentum
+Ranges: --validation-split in [0, 1) (0: no validation) and, above 0, holding out 1 to N-1 of the N samples; --dropout and --momentum
 in [0, 1); --gamma in (0, 1]; --lr > 0; --weight-decay and --eta-min >= 0 (and --eta-min below the
 learning rate for the cosine schedule); --epochs, --batch-size, --step-size, --early-stopping >= 1 (the
 batch at most the training samples); --seed 0 to 2**32 - 1; --augment from 0 to below half the image's
@@ -70,7 +70,7 @@ FLOATS = [
     ("--seed", "nan", "expected a non-negative integer up to 4294967295"),
     *[("--augment", value, "expected a non-negative integer") for value in ("nan", "inf", "1.5")],
     ("--augment", "-1", "must be a non-negative integer"),
-    ("--validation-split", "abc", "expected a finite number > 0 and < 1"),  # its range: with the data, below
+    ("--validation-split", "abc", "expected a finite number >= 0 and < 1"),  # its range: with the data, below
 ]
 
 
@@ -115,10 +115,12 @@ BEYOND_THE_DATA = [
      f"--validation-split 0.0001 holds out 0 of the {SYNTHETIC} samples: it must be from 1/{SYNTHETIC} to "
      f"{SYNTHETIC - 1}/{SYNTHETIC}"),
     (["--validation-split", "0.9999"], f"holds out {SYNTHETIC} of the {SYNTHETIC} samples"),
-    (["--validation-split", "nan"], "--validation-split must be between 0 and 1, got nan"),
-    (["--validation-split", "inf"], "--validation-split must be between 0 and 1, got inf"),
-    (["--validation-split", "0"], "--validation-split must be between 0 and 1, got 0"),
-    (["--validation-split=-0.5"], "--validation-split must be between 0 and 1, got -0.5"),
+    (["--validation-split", "nan"], "--validation-split must be at least 0 (no validation) and below 1, got nan"),
+    (["--validation-split", "inf"], "--validation-split must be at least 0 (no validation) and below 1, got inf"),
+    (["--validation-split", "1"], "--validation-split must be at least 0 (no validation) and below 1, got 1.0"),
+    (["--validation-split=-0.5"], "--validation-split must be at least 0 (no validation) and below 1, got -0.5"),
+    (["--validation-split", "0", "--early-stopping", "2"],
+     "--early-stopping watches the validation loss, but --validation-split 0 holds out no validation part"),
     (["--layers", "conv4k3,10", "--augment", "14"],
      "--augment must be a non-negative integer up to 13 on 28x28 images (below half the side"),
     (["--layers", "conv4k3,10", "--augment", "1000"], "up to 13 on 28x28 images"),

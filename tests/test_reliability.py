@@ -556,6 +556,42 @@ def test_a_resume_and_evaluate_default_to_the_runs_epochs_validation_split_and_d
     assert capsys.readouterr().out.startswith("validation accuracy ")
 
 
+def test_validation_split_0_trains_on_every_sample_and_validates_on_none(tmp_path, monkeypatch, capsys):
+    """As Keras's validation_split=0: the run trains on the whole train split, reports on the data it
+    trained on (saying so), resumes with its plan's 0, and refuses what needs a validation part (early
+    stopping, evaluate's default split here) by name."""
+    monkeypatch.chdir(tmp_path)
+    x, y = nn.datasets.load("digits")
+    assert cli.main([*SMALL, "--epochs", "2", "--validation-split", "0", "--save", "ck.npz", "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["split"] == "train" and result["epochs"] == 2
+    assert f"({x.shape[0]} train, no validation: --validation-split 0)" in err and "val_loss" not in err
+    state = checkpoint.read(tmp_path / "ck.npz")[0]["trainer"]
+    assert state["plan"]["validation_split"] == 0 and state["samples"] == x.shape[0]
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(64, 16, activation="relu"), nn.Dense(16, 10), device="cpu"))
+    trainer.load_checkpoint(tmp_path / "ck.npz")
+    expected = trainer.evaluate(*trainer.prepare(x, y))
+    assert result["accuracy"] == expected["accuracy"] and result["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert cli.main(["train", "--resume", "ck.npz", "--save", "ck.npz", "--epochs", "3", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("train accuracy ")
+    assert checkpoint.read(tmp_path / "ck.npz")[0]["trainer"]["plan"]["validation_split"] == 0
+    assert cli.main(["train", "--resume", "ck.npz", "--epochs", "4", "--early-stopping", "2", "--device", "cpu"]) == 2
+    assert "--validation-split 0 (the one ck.npz was trained with) holds out no validation part" in \
+        capsys.readouterr().err
+    assert cli.main(["evaluate", "ck.npz", "--device", "cpu"]) == 0  # digits has a test split: the default
+    assert capsys.readouterr().out.startswith("test accuracy ")
+    numpy.savez("other.npz", x_train=(x[:100] * 255).astype(numpy.uint8).reshape(-1, 8, 8), y_train=y[:100])
+    for extra, hint in ((["--split", "validation"], "give --split train"),
+                        (["--data", "other.npz"], "give --split train (--data has no test split)")):
+        assert cli.main(["evaluate", "ck.npz", "--device", "cpu", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.endswith(hint), err
+        assert "ck.npz was trained with --validation-split 0: it held out no validation part" in err
+    assert cli.main(["evaluate", "ck.npz", "--split", "train", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("train accuracy ")
+
+
 def test_data_the_plan_names_that_is_not_there_says_whose_it_is(tmp_path, monkeypatch, capsys):
     """A run trained on a relative --data path, resumed or evaluated from another folder without --data:
     one line naming the path, the checkpoint that named it and the way out."""
@@ -959,8 +995,8 @@ def test_nonsense_options_raise_nnaccel_errors_naming_them(case, make, message):
 def test_nonsense_cli_numbers_are_one_line_errors(capsys, tmp_path, monkeypatch):
     """Nonsense numbers (NaN, inf, negative momentum) fail as one line, exit 2, before any training."""
     monkeypatch.chdir(tmp_path)
-    for args, message in [(["--validation-split", "nan"], "--validation-split must be between 0 and 1"),
-                          (["--validation-split", "1", "--device", "auto"], "--validation-split must be between")]:
+    for args, message in [(["--validation-split", "nan"], "--validation-split must be at least 0 (no validation)"),
+                          (["--validation-split", "1", "--device", "auto"], "--validation-split must be at least 0")]:
         assert cli.main(["train", "--data", "synthetic", "--epochs", "1", "--device", "cpu", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, err
