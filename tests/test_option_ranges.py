@@ -2,12 +2,13 @@
 where they make no sense, and sizes beyond what the data allows, in one line that names the option and
 its valid range (exit code 2, no traceback).
 
-Ranges: --validation-split in [0, 1) (0: no validation) and, above 0, holding out 1 to N-1 of the N samples; --dropout and --momentum
-in [0, 1); --gamma in (0, 1]; --lr > 0; --weight-decay and --eta-min >= 0 (and --eta-min below the
-learning rate for the cosine schedule); --epochs, --batch-size, --step-size, --early-stopping >= 1 (the
-batch at most the training samples); --seed 0 to 2**32 - 1; --augment from 0 to below half the image's
-side; the numbers in --layers as each layer takes them. The library stays as permissive as PyTorch
-(a batch larger than the data trains one short batch, SGD takes momentum >= 1); the command line does not.
+Ranges: --validation-split in [0, 1) (0: no validation) and, above 0, holding out 1 to N-1 of the N samples;
+--dropout and --momentum in [0, 1); --gamma in (0, 1]; --lr > 0; --weight-decay and --eta-min >= 0 (and
+--eta-min below the learning rate for the cosine schedule); --epochs, --batch-size, --step-size,
+--early-stopping >= 1 (the batch at most the training samples); --seed 0 to 2**32 - 1; --augment from 0 to
+below half the image's side; the numbers in --layers as each layer takes them. The library stays as
+permissive as PyTorch (a batch larger than the data trains one short batch, SGD takes momentum >= 1); the
+command line does not.
 """
 
 import subprocess
