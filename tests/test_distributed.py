@@ -570,6 +570,23 @@ def test_cli_user_error_on_every_rank_ends_the_job(mpi, tmp_path):
     assert re.search(r"nnaccel train: rank [01]: error: --layers starts with 784 inputs", run.stderr), run.stderr
 
 
+def test_cli_two_ranks_with_validation_split_0_train_like_one_process_on_every_sample(mpi, tmp_path):
+    """No validation part on any rank: the ranks shard the whole train split and train as one process with
+    twice the batch does, and rank 0 reports on the data trained on."""
+    common = ["--data", "digits", "--layers", "64,32,10", "--quiet", "--device", "cpu", "--epochs", "1",
+              "--validation-split", "0", "--json"]
+    run = mpiexec(2, *NNACCEL, "train", "--distributed", *common, "--batch-size", 32, "--save", "two.npz",
+                  cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    single = subprocess.run([*NNACCEL, "train", *common, "--batch-size", "64", "--save", "one.npz"], env=ENV,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert single.returncode == 0, single.stderr
+    two, one = json.loads(run.stdout), json.loads(single.stdout)
+    assert two["split"] == one["split"] == "train" and two["accuracy"] == pytest.approx(one["accuracy"], abs=2e-3)
+    assert_same_weights(checkpoint.load(tmp_path / "two.npz").flat_params,
+                        checkpoint.load(tmp_path / "one.npz").flat_params)
+
+
 def test_cli_an_option_every_rank_refuses_is_one_line_from_rank_0(mpi, tmp_path):
     run = mpiexec(2, *NNACCEL, "train", "--distributed", "--data", "synthetic", "--validation-split", "1",
                   "--device", "auto", cwd=tmp_path, timeout=60)
