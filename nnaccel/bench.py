@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -471,7 +472,7 @@ def machine_info(devices, torch=None):
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
             "cores": os.cpu_count(), "threadpools": _threadpool_info(), "gpus": {},
-            "versions": {"nnaccel": __version__, "numpy": numpy.__version__}}
+            "versions": {"nnaccel": __version__, "numpy": numpy.__version__}, "source": source_revision()}
     if torch is not None:
         info["versions"]["torch"] = torch.__version__
     try:
@@ -484,6 +485,27 @@ def machine_info(devices, torch=None):
             props = cupy.cuda.runtime.getDeviceProperties(int(device.split(":")[1]))
             info["gpus"][device] = props["name"].decode()
     return info
+
+
+def source_revision():
+    """``{"commit", "modified"}``: the git commit of the checkout nnaccel runs from and whether its tracked
+    files have uncommitted changes, so that a recorded result names the code it measured; None where
+    nnaccel's files are not a checkout's tracked files (an installed wheel, even in a venv inside another
+    repository) or git is missing."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args):
+        return subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        if git("ls-files", "--error-unmatch", "__init__.py").returncode:
+            return None
+        commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode or status.returncode:
+        return None
+    return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
 
 
 def _cell(value, spec):
@@ -559,7 +581,8 @@ def add_parser(subparsers):
                         help="comma-separated precisions of the GPU steps, e.g. fp32,tf32,bf16 (nnaccel's Trainer "
                              "precision; PyTorch with TF32 allowed or under autocast(bfloat16)); each against the "
                              "GEMM peak in that precision; the CPU computes fp32 (default fp32)")
-    parser.add_argument("--json", metavar="FILE", help="write the results and machine information as JSON")
+    parser.add_argument("--json", metavar="FILE", help="write the results and machine information (with the git "
+                                                       "commit of a checkout nnaccel runs from) as JSON")
     parser.add_argument("--plot", metavar="FILE", help="draw samples/s against batch size to a PNG")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one round: a smoke test for CI")
     return parser

@@ -71,6 +71,26 @@ def test_bench_json(quick_bench):
         assert (result["ratio"] is not None and result["torch_samples_per_s"] > 0) == HAS_TORCH
 
 
+def _git(*args):
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+
+
+def test_bench_json_names_the_commit_it_measured(quick_bench, tmp_path, monkeypatch):
+    """The report's ``source``: this checkout's commit and whether its tracked files changed; None for
+    nnaccel files that no checkout tracks (a copy, as an installed wheel is)."""
+    source = quick_bench[1]["machine"]["source"]
+    if _git("ls-files", "--error-unmatch", "nnaccel/bench.py").returncode:
+        assert source is None  # these tests run from files git does not track here
+    else:
+        assert source == {"commit": _git("rev-parse", "HEAD").stdout.strip(),
+                          "modified": bool(_git("status", "--porcelain", "--untracked-files=no").stdout.strip())}
+    copy = tmp_path / "nnaccel" / "bench.py"
+    copy.parent.mkdir()
+    copy.write_text("")
+    monkeypatch.setattr(bench, "__file__", str(copy))
+    assert bench.source_revision() is None
+
+
 def test_bench_plot(quick_bench):
     _, _, png = quick_bench
     data = png.read_bytes()
