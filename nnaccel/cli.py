@@ -222,13 +222,14 @@ def _check_ranges_against_data(args, trainer, samples):
     split) or on other options: a ConfigError naming the option and its valid range; a warning where a
     setting is valid but cannot take effect."""
     held_out = round(samples * args.validation_split)  # as datasets.train_val_split rounds
-    if args.validation_split and samples < 2:
-        raise _refusal(f"--data {args.data} has {samples} sample{'s' * (samples != 1)}: training and its "
-                       f"validation need at least 2")
-    if args.validation_split and not 0 < held_out < samples:
-        raise _refusal(f"--validation-split {args.validation_split} holds out {held_out} of the {samples} samples: "
-                       f"it must be from 1/{samples} to {samples - 1}/{samples}, to leave at least 1 sample for "
-                       f"training and 1 for validation")
+    if args.validation_split:  # 0 holds out none: every sample trains
+        if samples < 2:
+            raise _refusal(f"--data {args.data} has {samples} sample{'s' * (samples != 1)}: training and its "
+                           f"validation need at least 2")
+        if not 0 < held_out < samples:
+            raise _refusal(f"--validation-split {args.validation_split} holds out {held_out} of the {samples} "
+                           f"samples: it must be from 1/{samples} to {samples - 1}/{samples}, to leave at least 1 "
+                           f"sample for training and 1 for validation")
     train_samples, ranks, batch = samples - held_out, trainer.world_size, trainer.batch_size
     if train_samples < ranks:
         raise _refusal(f"--validation-split {args.validation_split} leaves {train_samples} training samples for "
