@@ -599,6 +599,12 @@ class Backend:
         """Work array number ``slot`` shaped like ``like`` (the optimizers' temporaries)."""
         return self._work(like.shape, like.dtype, slot)
 
+    def _descend(self, param, step, scale, work):
+        """``param -= scale * step``, the optimizers' last pass; ``work`` (which may be ``step``) takes the
+        product."""
+        param -= self.xp.multiply(step, scale, out=work)
+        return param
+
     def sgd_update(self, param, grad, velocity, lr, momentum, weight_decay, nesterov):
         """PyTorch's SGD step over flat buffers, in place.
 
@@ -617,8 +623,7 @@ class Backend:
                 step = xp.add(step, work, out=self._scratch(param, 1))
             else:
                 step = velocity
-        param -= xp.multiply(step, lr, out=work)
-        return param
+        return self._descend(param, step, lr, work)
 
     def adam_update(self, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step):
         """PyTorch's Adam (``decoupled=False``) or AdamW step over flat buffers, in place."""
@@ -637,8 +642,7 @@ class Backend:
         denom *= 1.0 / math.sqrt(1.0 - beta2 ** step)
         denom += eps
         xp.divide(m, denom, out=work)
-        param -= xp.multiply(work, lr / (1.0 - beta1 ** step), out=work)
-        return param
+        return self._descend(param, work, lr / (1.0 - beta1 ** step), work)
 
     # ----- random numbers ------------------------------------------------------------
     def uniform(self, shape, seed, counter):

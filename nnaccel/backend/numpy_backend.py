@@ -13,6 +13,7 @@ from .base import Backend
 LONG_REDUCTION = 8  # inner size, in multiples of the product's larger side, from which ``matmul`` turns it
 TURN_FROM = 1 << 16  # multiply-adds below which turning a product costs more than it saves
 UPDATE_BLOCK_BYTES = 1 << 19  # of each buffer an optimizer step updates at a time: its passes then read the caches
+DESCEND_BY_COPY_FROM = 1 << 18  # bytes of parameters from which ``_descend`` writes them back by a copy
 
 
 class NumpyBackend(Backend):
@@ -54,6 +55,21 @@ class NumpyBackend(Backend):
     def adam_update(self, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step):
         return self._in_blocks(super().adam_update, (param, grad, m, v), lr, beta1, beta2, eps, weight_decay,
                                decoupled, step)
+
+    def _descend(self, param, step, scale, work):
+        # ``param -= ...`` loads each line of ``param`` and then stores to it; where a second BLAS thread
+        # has read the weights in the step's products, each store then waits for that core to give the
+        # line up. A copy (memcpy's string stores write whole lines without fetching them) avoids the
+        # wait: the same numbers, ``param + (-scale) * step`` being ``param - scale * step`` exactly.
+        # Measured on the Xeon, 2 threads: 784-128-64-10's step at batch 64 18% faster (its update 2.5x),
+        # 1-2% on the wide nets; below 256 KiB (784-16-16-10, 51 KB) the extra pass cost more (2.5% at
+        # batch 32) than it saved.
+        if param.nbytes < DESCEND_BY_COPY_FROM:
+            return super()._descend(param, step, scale, work)
+        numpy.multiply(step, -scale, out=work)
+        work += param
+        param[...] = work
+        return param
 
     @staticmethod
     def _in_blocks(update, buffers, *options):
