@@ -72,32 +72,80 @@ UPDATES = [("sgd", (0.1, 0.0, 0.0, False)), ("sgd", (0.1, 0.9, 1e-3, True)), ("s
            ("adam", (1e-2, 0.9, 0.999, 1e-8, 0.01, False, 1))]
 
 
-@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
-@pytest.mark.parametrize("name, options", UPDATES, ids=[f"{n}{o}" for n, o in UPDATES])
-def test_the_cpu_updates_in_cache_sized_blocks_the_same_numbers(dtype, name, options):
-    """Over a buffer of several blocks and a short last one, the blocked optimizer step (which writes the
-    large blocks back by a copy) gives the base backend's one-pass, in-place numbers bit for bit, and
-    leaves the state where the base leaves it."""
-    from nnaccel.backend.numpy_backend import DESCEND_BY_COPY_FROM, UPDATE_BLOCK_BYTES
+class _NumpyPasses(NumpyBackend):
+    """The CPU backend with NumPy's passes where it would call BLAS's axpy and axpby."""
 
-    class InPlace(NumpyBackend):
-        _descend = Backend._descend
+    _blend, _descend = Backend._blend, Backend._descend
 
-    assert DESCEND_BY_COPY_FROM <= UPDATE_BLOCK_BYTES  # the full blocks take the copy, the last one not
 
-    ops, rng = get_backend("cpu"), numpy.random.default_rng(5)
-    size = 2 * UPDATE_BLOCK_BYTES // numpy.dtype(dtype).itemsize + 1001
+def _update_buffers(name, options, dtype, size, seed=5):
+    """(param, grad, *state) of an optimizer step over ``size`` values."""
+    rng = numpy.random.default_rng(seed)
     param, grad, *state = (rng.standard_normal(size).astype(dtype) for _ in range(2 + (2 if name == "adam" else 1)))
     if name == "adam":
         state[1] = numpy.abs(state[1])  # the second moment
     elif not options[1]:
         state = [None]  # SGD without momentum: no velocity buffer
-    ours, theirs = [param.copy(), *(s if s is None else s.copy() for s in state)], [param, *state]
-    getattr(ops, f"{name}_update")(ours[0], grad, *ours[1:], *options)
-    getattr(Backend, f"{name}_update")(InPlace(), theirs[0], grad, *theirs[1:], *options)
-    for a, b in zip(ours, theirs):
+    return param, grad, state
+
+
+def _step_copies(ops, name, options, param, grad, state, update=None):
+    """Copies of the buffers after ``ops``'s step (``update``: that unbound method instead, on ``ops``)."""
+    buffers = [param.copy(), *(s if s is None else s.copy() for s in state)]
+    (update or getattr(type(ops), f"{name}_update"))(ops, buffers[0], grad, *buffers[1:], *options)
+    return buffers
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("name, options", UPDATES, ids=[f"{n}{o}" for n, o in UPDATES])
+def test_the_cpu_updates_in_cache_sized_blocks_the_same_numbers(dtype, name, options):
+    """Over a buffer of several blocks and a short last one, the blocked optimizer step gives the base
+    backend's one-pass numbers bit for bit, and leaves the state where the base leaves it."""
+    from nnaccel.backend.numpy_backend import UPDATE_BLOCK_BYTES
+
+    size = 2 * UPDATE_BLOCK_BYTES // numpy.dtype(dtype).itemsize + 1001
+    param, grad, state = _update_buffers(name, options, dtype, size)
+    ops = _NumpyPasses()
+    blocked = _step_copies(ops, name, options, param, grad, state)
+    whole = _step_copies(ops, name, options, param, grad, state, getattr(Backend, f"{name}_update"))
+    for a, b in zip(blocked, whole):
         if b is not None:
             numpy.testing.assert_array_equal(a, b)
+
+
+def test_the_cpu_finds_numpys_own_blas():
+    """Where NumPy's wheel bundles scipy-openblas, the optimizer's passes reach that library, the one
+    NumPy's matmul uses (threadpoolctl then still sees a single OpenBLAS, so no second thread pool)."""
+    from nnaccel.backend.blas import numpy_blas
+
+    if numpy.__config__.CONFIG["Build Dependencies"]["blas"]["name"] != "scipy-openblas":
+        pytest.skip("this NumPy has another BLAS: its optimizer steps keep NumPy's passes")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    blas = numpy_blas()
+    assert blas is not None
+    assert len([pool for pool in threadpoolctl.threadpool_info() if pool["internal_api"] == "openblas"]) == 1
+    x, y = numpy.arange(5, dtype=numpy.float32), numpy.ones(5, numpy.float32)
+    numpy.testing.assert_array_equal(blas.axpby(2.0, x, 0.5, y), [0.5, 2.5, 4.5, 6.5, 8.5])
+    numpy.testing.assert_array_equal(blas.axpy(-1.0, x, y), [0.5, 1.5, 2.5, 3.5, 4.5])
+    assert not blas.takes(x, numpy.ones(5)) and not blas.takes(x, numpy.ones(10, numpy.float32)[::2])
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("name, options", UPDATES, ids=[f"{n}{o}" for n, o in UPDATES])
+def test_the_cpu_updates_through_blas_as_through_numpy(dtype, name, options):
+    """The step whose passes go to BLAS (a fused multiply-add each) gives NumPy's passes' numbers to a
+    few roundings, over blocks that take BLAS and a last block too short for it."""
+    from nnaccel.backend.numpy_backend import BLAS_UPDATE_FROM, UPDATE_BLOCK_BYTES
+
+    assert BLAS_UPDATE_FROM <= UPDATE_BLOCK_BYTES  # the full blocks take BLAS, the short last one not
+    size = 2 * UPDATE_BLOCK_BYTES // numpy.dtype(dtype).itemsize + 1001
+    param, grad, state = _update_buffers(name, options, dtype, size)
+    ours = _step_copies(get_backend("cpu"), name, options, param, grad, state)
+    theirs = _step_copies(_NumpyPasses(), name, options, param, grad, state)
+    tolerance = 8 * numpy.finfo(dtype).eps
+    for a, b in zip(ours, theirs):
+        if b is not None:
+            numpy.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)
 
 
 class _FakeCupyArray:

@@ -605,6 +605,13 @@ class Backend:
         param -= self.xp.multiply(step, scale, out=work)
         return param
 
+    def _blend(self, average, keep, value, scale, work):
+        """``average = keep * average + scale * value``, a moving average's pass (momentum, Adam's
+        moments); ``work`` (which may be ``value``) takes the product."""
+        average *= keep
+        average += value if scale == 1.0 else self.xp.multiply(value, scale, out=work)
+        return average
+
     def sgd_update(self, param, grad, velocity, lr, momentum, weight_decay, nesterov):
         """PyTorch's SGD step over flat buffers, in place.
 
@@ -616,8 +623,7 @@ class Backend:
             step = xp.multiply(param, weight_decay, out=self._scratch(param, 1))
             step += grad
         if momentum:
-            velocity *= momentum
-            velocity += step
+            self._blend(velocity, momentum, step, 1.0, work)
             if nesterov:  # step = step + momentum * velocity
                 xp.multiply(velocity, momentum, out=work)
                 step = xp.add(step, work, out=self._scratch(param, 1))
@@ -633,11 +639,8 @@ class Backend:
             param *= 1.0 - lr * weight_decay
         elif weight_decay:  # grad + weight_decay * param, kept in denom until denom is needed
             grad = xp.add(xp.multiply(param, weight_decay, out=denom), grad, out=denom)
-        m *= beta1
-        m += xp.multiply(grad, 1.0 - beta1, out=work)
-        v *= beta2
-        xp.multiply(grad, grad, out=work)
-        v += xp.multiply(work, 1.0 - beta2, out=work)
+        self._blend(m, beta1, grad, 1.0 - beta1, work)
+        self._blend(v, beta2, xp.multiply(grad, grad, out=work), 1.0 - beta2, work)
         xp.sqrt(v, out=denom)
         denom *= 1.0 / math.sqrt(1.0 - beta2 ** step)
         denom += eps

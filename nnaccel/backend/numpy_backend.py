@@ -8,21 +8,23 @@ import numpy
 
 from .. import special
 from .base import Backend
+from .blas import numpy_blas
 
 
 LONG_REDUCTION = 8  # inner size, in multiples of the product's larger side, from which ``matmul`` turns it
 TURN_FROM = 1 << 16  # multiply-adds below which turning a product costs more than it saves
 UPDATE_BLOCK_BYTES = 1 << 19  # of each buffer an optimizer step updates at a time: its passes then read the caches
-DESCEND_BY_COPY_FROM = 1 << 18  # bytes of parameters from which ``_descend`` writes them back by a copy
+BLAS_UPDATE_FROM = 1 << 18  # bytes of parameters from which an optimizer's passes go to BLAS's threads
 
 
 class NumpyBackend(Backend):
     """Generic ops on NumPy arrays; overrides only what NumPy lacks or runs faster another way.
 
     ``erf`` (for GELU) comes from ``nnaccel.special``, so no SciPy is needed.
-    (SciPy's BLAS ``axpy`` for the SGD step was tried and dropped: SciPy's
-    OpenBLAS has a thread pool of its own, and the two pools spinning
-    against each other made a training step up to 20 times slower.)
+    The optimizers' ``axpy``/``axpby`` passes call NumPy's own OpenBLAS
+    (``blas.numpy_blas``), not SciPy's: SciPy's has a thread pool of its own,
+    and the two pools spinning against each other made a step up to 20 times
+    slower when that was tried.
     """
 
     xp = numpy
@@ -56,20 +58,24 @@ class NumpyBackend(Backend):
         return self._in_blocks(super().adam_update, (param, grad, m, v), lr, beta1, beta2, eps, weight_decay,
                                decoupled, step)
 
+    # The two passes of an SGD step with momentum (and Adam's moment and last passes) go to NumPy's own
+    # OpenBLAS, one threaded pass each, where it is found (NumPy's wheels bundle it) and the parameters
+    # fill 256 KiB; elsewhere NumPy's. Measured on the Xeon, 2 threads, against NumPy's passes (the last
+    # one then written back by a copy, which spared its stores the wait on lines another BLAS thread had
+    # read): 784-128-64-10's step at batch 64 484-495 against 541-548 us, 784-1024-1024-10's fit at
+    # batch 256 7-8% faster; but 784-16-16-10's (51 KB) at batch 32 15% slower, waking BLAS's threads for
+    # so little. OpenBLAS fuses the multiply-add, so the numbers differ from NumPy's by a rounding.
+    def _blend(self, average, keep, value, scale, work):
+        blas = numpy_blas()
+        if blas is None or average.nbytes < BLAS_UPDATE_FROM or not blas.takes(average, value):
+            return super()._blend(average, keep, value, scale, work)
+        return blas.axpby(scale, value, keep, average)
+
     def _descend(self, param, step, scale, work):
-        # ``param -= ...`` loads each line of ``param`` and then stores to it; where a second BLAS thread
-        # has read the weights in the step's products, each store then waits for that core to give the
-        # line up. A copy (memcpy's string stores write whole lines without fetching them) avoids the
-        # wait: the same numbers, ``param + (-scale) * step`` being ``param - scale * step`` exactly.
-        # Measured on the Xeon, 2 threads: 784-128-64-10's step at batch 64 18% faster (its update 2.5x),
-        # 1-2% on the wide nets; below 256 KiB (784-16-16-10, 51 KB) the extra pass cost more (2.5% at
-        # batch 32) than it saved.
-        if param.nbytes < DESCEND_BY_COPY_FROM:
+        blas = numpy_blas()
+        if blas is None or param.nbytes < BLAS_UPDATE_FROM or not blas.takes(param, step):
             return super()._descend(param, step, scale, work)
-        numpy.multiply(step, -scale, out=work)
-        work += param
-        param[...] = work
-        return param
+        return blas.axpy(-scale, step, param)
 
     @staticmethod
     def _in_blocks(update, buffers, *options):
