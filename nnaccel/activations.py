@@ -76,7 +76,7 @@ class ReLU(Activation):
     name, code, init = "relu", 1, "he"
 
     def forward(self, ops, z, out):
-        return ops.xp.maximum(z, 0, out=out)
+        return ops.relu(z, out)
 
     def backward(self, ops, dy, y, z, out):
         xp = ops.xp
@@ -116,7 +116,7 @@ class ELU(Activation):
         negative = xp.minimum(z, 0)
         xp.expm1(negative, out=negative)
         negative *= self.alpha
-        xp.maximum(z, 0, out=out)
+        ops.relu(z, out)
         return xp.add(out, negative, out=out)
 
     def backward(self, ops, dy, y, z, out):
@@ -155,7 +155,7 @@ class Softplus(Activation):
     def forward(self, ops, z, out):
         xp = ops.xp
         tail = xp.log1p(xp.exp(-xp.abs(z)))
-        xp.maximum(z, 0, out=out)
+        ops.relu(z, out)
         return xp.add(out, tail, out=out)
 
     def backward(self, ops, dy, y, z, out):

@@ -180,21 +180,54 @@ def test_matmul_transposes_and_writes_out(device):
 
 
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
-def test_a_long_reduction_with_fewer_rows_than_columns(device, dtype):
+@pytest.mark.parametrize("positions", [800, 20_001])
+def test_a_long_reduction_with_fewer_rows_than_columns(device, dtype, positions):
     """A convolution's weight gradient ``dz @ cols.T`` (6 filters, 25 taps, a long sum): written into
-    its place in the flat gradients, the values beside it untouched (the CPU turns the product)."""
+    its place in the flat gradients, the values beside it untouched (the CPU turns the product, and
+    sums 20,001 positions in chunks of 4,096, the last one short)."""
     ops = get_backend(device)
     rng = numpy.random.default_rng(1)
-    dz, cols = rng.standard_normal((6, 800)), rng.standard_normal((25, 800))
+    dz, cols = rng.standard_normal((6, positions)), rng.standard_normal((25, positions))
     flat = ops.asarray(numpy.full(6 * 25 + 2, 7.0), dtype=dtype)
     out = flat[1:-1].reshape(6, 25)
     result = ops.matmul(ops.asarray(dz, dtype=dtype), ops.asarray(cols, dtype=dtype), out=out, trans_b=True)
     assert result is out
-    bound = 800 * numpy.finfo(dtype).eps * (abs(dz) @ abs(cols).T)  # a dot product's rounding bound
+    bound = positions * numpy.finfo(dtype).eps * (abs(dz) @ abs(cols).T)  # a dot product's rounding bound
     assert (abs(ops.to_host(out) - dz @ cols.T) <= bound).all()
     assert ops.to_host(flat)[[0, -1]].tolist() == [7.0, 7.0]
     if device == "cpu":
         assert ("matmul_transposed", (25, 6), numpy.dtype(dtype)) in ops._scratch_arrays
+        assert (("matmul_chunk", (25, 6), numpy.dtype(dtype)) in ops._scratch_arrays) == (positions > 800)
+
+
+def test_a_long_reduction_of_many_outputs_runs_whole():
+    """A product with too many outputs for chunks of 2,048 (LeNet-5's second weight gradient, 16 filters
+    of 150 taps) is one matmul."""
+    ops = get_backend("cpu")
+    rng = numpy.random.default_rng(2)
+    dz, cols = rng.standard_normal((16, 20_000)), rng.standard_normal((150, 20_000))
+    out = ops.empty((16, 150), numpy.float64)
+    ops.matmul(dz, cols, out=out, trans_b=True)
+    numpy.testing.assert_allclose(out, dz @ cols.T, rtol=1e-10, atol=1e-10)
+    assert not any(key[0] == "matmul_chunk" for key in ops._scratch_arrays)
+
+
+def test_relu_in_every_layout(device):
+    """``relu`` is ``max(z, 0)`` with NaN kept, into ``out`` or in place, over C-ordered arrays, their
+    transposes (a convolution's rows) and strided views; the CPU's zero vector stays zero."""
+    ops = get_backend(device)
+    z = numpy.random.default_rng(3).standard_normal((7, 40)).astype(numpy.float32)
+    z[0, :3] = [numpy.nan, -numpy.inf, numpy.inf]
+    for view in (lambda a: a, lambda a: a.T, lambda a: a[::2, 1::3], lambda a: a[2, 5:6]):
+        out = ops.empty(view(z).shape, numpy.float32)
+        assert ops.relu(view(ops.asarray(z)), out) is out
+        numpy.testing.assert_array_equal(ops.to_host(out), numpy.maximum(view(z), 0))
+        inplace = ops.asarray(z)
+        ops.relu(view(inplace), view(inplace))
+        numpy.testing.assert_array_equal(ops.to_host(view(inplace)), numpy.maximum(view(z), 0))
+    if device == "cpu":
+        zeros = [array for key, array in ops._scratch_arrays.items() if key[0] == "relu_zeros"]
+        assert zeros and not any(array.any() for array in zeros)
 
 
 def test_softmax_is_stable(device):

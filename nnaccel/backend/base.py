@@ -220,6 +220,10 @@ class Backend:
         """Sum of ``dz`` over the batch, into ``out``."""
         return dz.sum(axis=0, out=out)
 
+    def relu(self, z, out):
+        """``out = max(z, 0)``, a NaN kept: ReLU, and the positive part of ELU and softplus."""
+        return self.xp.maximum(z, 0, out=out)
+
     def sigmoid(self, z, out):
         """The logistic function as ``1 / (1 + e^-z)`` for z >= 0 and ``e^z / (1 + e^z)`` below: ``e^-|z|``
         never overflows, and no tail cancels (``0.5 tanh(z / 2) + 0.5`` gave 0 below z = -17 in float32)."""
