@@ -123,10 +123,11 @@ class Layer:
         self._work = {}
 
     def _buffer(self, key, shape, dtype, batch_axis=0):
-        """A reusable work array of ``shape``: a contiguous view of the largest seen (leading rows, or with
-        ``batch_axis=1`` of a 2-D array, the first columns: a buffer for the exact shape then)."""
+        """A reusable work array of ``shape``: a view of the largest seen (leading rows, or with
+        ``batch_axis=1`` of a 2-D array, the first columns: a buffer for the exact shape then); images
+        (N, C, H, W) as the backend lays them out (``image_array``), others contiguous."""
         if not batch_axis:
-            return self.ops.leading_rows(self._work, key, shape, dtype)
+            return self.ops.leading_rows(self._work, key, shape, dtype, images=len(shape) == 4)
         buf = self._work.get(key)
         if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
             buf = self._work[key] = self.ops.empty(shape, dtype)
@@ -542,7 +543,8 @@ class AvgPool2D(_Pool2D):
 
 
 class Flatten(Layer):
-    """(N, C, H, W) to (N, C*H*W) in C order, as PyTorch's ``nn.Flatten``: a view, no copy."""
+    """(N, C, H, W) to (N, C*H*W) in C order, as PyTorch's ``nn.Flatten``: a view, no copy (the gradient
+    coming back goes to the backend's image layout, ``Backend.in_image_layout``)."""
 
     takes_storage_dtype = True
 
@@ -554,7 +556,10 @@ class Flatten(Layer):
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dy, input_grad=True):
-        return dy.reshape(self._x_shape) if input_grad else None
+        if not input_grad:
+            return None
+        dx = dy.reshape(self._x_shape)
+        return self.ops.in_image_layout(dx, self._work, "dx") if dx.ndim == 4 else dx
 
     def config(self):
         return {"type": "Flatten"}

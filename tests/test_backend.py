@@ -212,13 +212,35 @@ def test_a_long_reduction_of_many_outputs_runs_whole():
     assert not any(key[0] == "matmul_chunk" for key in ops._scratch_arrays)
 
 
+def test_image_arrays_are_batch_last_on_the_cpu(device):
+    """``image_array`` gives (..., N, C, H, W) arrays: on the CPU each pixel's images lie together, in the
+    order of a convolution's columns (``by_image``); elsewhere contiguous."""
+    ops = get_backend(device)
+    for shape in ((2, 2, 5, 3, 4, 2), (5, 3, 4, 2)):
+        images = ops.image_array(shape, numpy.float32)
+        assert images.shape == shape and images.dtype == numpy.float32
+        if device != "cpu":
+            assert images.flags.c_contiguous
+            continue
+        memory = images.transpose(*range(len(shape) - 4), *range(len(shape) - 3, len(shape)), len(shape) - 4)
+        assert memory.flags.c_contiguous
+    if device == "cpu":  # the columns' order is the images' memory order
+        columns = ops.empty((3, 5 * 4 * 2), numpy.float32)
+        images[...] = numpy.arange(images.size, dtype=numpy.float32).reshape(images.shape)
+        ops.by_image(columns, (3,), 5, (4, 2))[...] = images.transpose(1, 0, 2, 3)
+        memory = images.transpose(1, 2, 3, 0)  # C-contiguous, as asserted above
+        numpy.testing.assert_array_equal(columns.ravel(), memory.ravel())
+
+
 def test_relu_in_every_layout(device):
     """``relu`` is ``max(z, 0)`` with NaN kept, into ``out`` or in place, over C-ordered arrays, their
-    transposes (a convolution's rows) and strided views; the CPU's zero vector stays zero."""
+    transposes (a convolution's rows), strided views and batch-last images, large (the CPU's array of
+    zeros, which stays zero) and small."""
     ops = get_backend(device)
-    z = numpy.random.default_rng(3).standard_normal((7, 40)).astype(numpy.float32)
+    z = numpy.random.default_rng(3).standard_normal((70, 400)).astype(numpy.float32)
     z[0, :3] = [numpy.nan, -numpy.inf, numpy.inf]
-    for view in (lambda a: a, lambda a: a.T, lambda a: a[::2, 1::3], lambda a: a[2, 5:6]):
+    for view in (lambda a: a, lambda a: a.T, lambda a: a[::2, 1::3], lambda a: a[2, 5:6],
+                 lambda a: a.reshape(4, 5, 7, 200).transpose(3, 0, 1, 2)):
         out = ops.empty(view(z).shape, numpy.float32)
         assert ops.relu(view(ops.asarray(z)), out) is out
         numpy.testing.assert_array_equal(ops.to_host(out), numpy.maximum(view(z), 0))

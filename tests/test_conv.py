@@ -248,6 +248,32 @@ def test_batchnorm_matches_torch_in_training_and_eval(device, spatial, activatio
     np.testing.assert_allclose(model.predict(x), twin(torch.from_numpy(x)).detach().numpy(), **tol, err_msg="eval")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
+def test_images_between_layers_in_the_backends_layout_and_a_short_batch(device, dtype):
+    """The default recipe's layers (without the random shift) against PyTorch at batch 8, then at batch 5
+    in the leading rows of the same work arrays. On the CPU every image a layer hands on, forward and
+    backward, is batch-last (each pixel's images together), the 5 rows of a buffer of 8 included."""
+    rng = np.random.default_rng(8)
+    model = nn.Sequential(nn.Conv2D(1, 3, 3, padding=1), nn.BatchNorm(3, activation="relu"), nn.MaxPool2D(2),
+                          nn.Conv2D(3, 4, 3, activation="relu"), nn.BatchNorm(4), nn.MaxPool2D(2), nn.Flatten(),
+                          nn.Dense(4, 3), input_shape=(1, 8, 8), device=device, seed=3, dtype=dtype)
+    randomise(model, rng)
+    for batch in (8, 5):
+        x = rng.standard_normal((batch, 1, 8, 8)).astype(dtype)
+        compare_with_torch(model, dtype, x, rng.integers(0, 3, batch))
+    if device != "cpu":
+        return
+    out, images = model.backend.asarray(x), []
+    for layer in model.layers:
+        out = layer.forward(out, training=True)
+        images += [out] if out.ndim == 4 else []
+    dy = model.backend.asarray(np.ones((5, 3), dtype))
+    for layer in reversed(model.layers[1:]):
+        dy = layer.backward(dy)
+        images += [dy] if dy.ndim == 4 else []
+    assert len(images) == 12 and all(image.strides[0] == image.itemsize for image in images)
+
+
 # ----- finite differences in float64 --------------------------------------------------------------------
 FD_NETS = {
     "conv-stride-pad": lambda: [nn.Conv2D(2, 3, (3, 2), stride=(2, 1), padding=1, activation="tanh"), nn.Flatten(),

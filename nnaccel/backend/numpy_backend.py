@@ -15,6 +15,7 @@ LONG_REDUCTION = 8  # inner size, in multiples of the product's larger side, fro
 TURN_FROM = 1 << 16  # multiply-adds below which turning a product costs more than it saves
 SMALL_GEMM = 1 << 20  # multiply-adds up to which OpenBLAS runs a product by its small-matrix kernel
 CHUNK_FROM = 2048  # inner size of a chunk below which a long reduction runs whole
+RELU_ZEROS_FROM = 1 << 16  # bytes from which ReLU's maximum takes an array of zeros, not the scalar
 UPDATE_BLOCK_BYTES = 1 << 19  # of each buffer an optimizer step updates at a time: its passes then read the caches
 BLAS_UPDATE_FROM = 1 << 18  # bytes of parameters from which an optimizer's passes go to BLAS's threads
 
@@ -71,16 +72,37 @@ class NumpyBackend(Backend):
 
     def relu(self, z, out):
         # NumPy's SIMD maximum takes two arrays; against the scalar 0 it runs another loop, 2.5-3x slower
-        # (0.13-0.15 against 0.04-0.05 ms over 1.2 MB of float32, EPYC, NumPy 2.4): the zeros come as an
-        # array laid out like ``z``, a view of one kept zero vector.
-        if not (z.flags.c_contiguous or z.flags.f_contiguous):
+        # (0.13-0.15 against 0.04-0.05 ms over 1.2 MB of float32, EPYC, NumPy 2.4): from 64 KiB the zeros
+        # come as an array laid out like ``z`` (kept; below that, finding it costs more than it saves).
+        if z.nbytes < RELU_ZEROS_FROM:
             return super().relu(z, out)
-        key = ("relu_zeros", z.size, z.dtype)
-        zeros = self._scratch_arrays.get(key)
-        if zeros is None:
-            zeros = self._scratch_arrays[key] = numpy.zeros(z.size, z.dtype)
-        zeros = zeros.reshape(z.shape) if z.flags.c_contiguous else zeros.reshape(z.shape[::-1]).T
-        return numpy.maximum(z, zeros, out=out)
+        return numpy.maximum(z, self._like(z, "relu_zeros", numpy.zeros_like), out=out)
+
+    # Images pass between layers batch-last (``image_array``): BatchNorm's (N, C, L) views of them then hold
+    # each channel's values together, as (L, N) rows; its sums and per-channel terms run along those.
+    @staticmethod
+    def _batch_last(x3):
+        return x3.strides[0] < x3.strides[2]
+
+    def _channel_sums(self, x3, out):
+        if not self._batch_last(x3):
+            return super()._channel_sums(x3, out)
+        return x3.transpose(1, 2, 0).reshape(x3.shape[1], -1).sum(axis=1, dtype=out.dtype, out=out)
+
+    def _by_channel(self, values, x3):
+        return values[None, :, None] if self._batch_last(x3) else super()._by_channel(values, x3)
+
+    def _scratch(self, like, slot):
+        return super()._scratch(like, slot) if like.flags.c_contiguous else self._like(like, slot)
+
+    def _like(self, like, slot, new=numpy.empty_like):
+        """The work array ``slot`` made by ``new`` (``empty_like``, ``zeros_like``) laid out like ``like``, its
+        axes in the same order in memory: NumPy's passes over arrays laid out otherwise are transposing copies."""
+        key = (slot, like.shape, like.dtype, tuple(numpy.argsort(like.strides)))
+        work = self._scratch_arrays.get(key)
+        if work is None:
+            work = self._scratch_arrays[key] = new(like)
+        return work
 
     def sgd_update(self, param, grad, velocity, lr, momentum, weight_decay, nesterov):
         return self._in_blocks(super().sgd_update, (param, grad, velocity), lr, momentum, weight_decay, nesterov)
