@@ -339,7 +339,8 @@ class Dropout(RandomLayer):
         self._mask = None
         if not training or not self.draws:
             return x
-        self._mask = self.ops.dropout_mask(x.shape, self.rate, self.seed, self._draw(), x.dtype)
+        mask = self.ops.dropout_mask(x.shape, self.rate, self.seed, self._draw(), x.dtype)
+        self._mask = self.ops.in_image_layout(mask, self._work, "mask") if mask.ndim == 4 else mask
         return self.ops.xp.multiply(x, self._mask, out=self._buffer("y", x.shape, x.dtype))
 
     def backward(self, dy, input_grad=True):

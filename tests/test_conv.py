@@ -275,6 +275,39 @@ def test_images_between_layers_in_the_backends_layout_and_a_short_batch(device, 
     assert len(images) == 12 and all(image.transpose(1, 2, 3, 0).flags.c_contiguous for image in images)
 
 
+def test_image_work_arrays_stay_bounded_over_many_batch_sizes(device):
+    """Predictions at 1, 2, ..., 12 samples keep at most four batch sizes of image work arrays per array (on
+    the CPU, where each size has its own); the answers are the model's at every size."""
+    model = nn.Sequential(nn.Conv2D(1, 3, 3, padding=1, activation="relu"), nn.MaxPool2D(2), nn.Flatten(),
+                          nn.Dense(48, 3), input_shape=(1, 8, 8), device=device, seed=4)
+    x = np.random.default_rng(9).standard_normal((12, 1, 8, 8)).astype(np.float32)
+    whole = model.predict(x)
+    for n in range(1, 13):
+        np.testing.assert_allclose(model.predict(x[:n]), whole[:n], rtol=1e-5, atol=1e-6)
+    for layer in model.layers:
+        names = [key[0] if isinstance(key, tuple) else key for key in layer._work]
+        assert all(names.count(name) <= 4 for name in names), (layer, names)
+
+
+def test_dropout_on_images_masks_in_the_image_layout(device):
+    """Dropout over (N, C, H, W) drops what its mask says, forward and backward, its mask laid out as the
+    images are (batch-last and dense on the CPU), so that its products run in memory order."""
+    ops = nn.Sequential(nn.Flatten(), input_shape=(2, 4, 3), device=device).backend
+    layer = nn.Dropout(0.4)
+    layer.bind(ops, {})
+    x = ops.image_array((5, 2, 4, 3), np.float32)
+    x[...] = ops.asarray(np.random.default_rng(2).standard_normal((5, 2, 4, 3)).astype(np.float32))
+    y = layer.forward(x, training=True)
+    mask = host_of(ops, ops.dropout_mask(x.shape, 0.4, layer.seed, layer.counter - 1, x.dtype))
+    np.testing.assert_array_equal(host_of(ops, y), host_of(ops, x) * mask)
+    np.testing.assert_array_equal(host_of(ops, layer.backward(ops.asarray(np.ones(x.shape, np.float32)))), mask)
+    assert (layer._mask.transpose(1, 2, 3, 0) if device == "cpu" else layer._mask).flags.c_contiguous
+
+
+def host_of(ops, array):
+    return np.asarray(ops.to_host(array))
+
+
 # ----- finite differences in float64 --------------------------------------------------------------------
 FD_NETS = {
     "conv-stride-pad": lambda: [nn.Conv2D(2, 3, (3, 2), stride=(2, 1), padding=1, activation="tanh"), nn.Flatten(),

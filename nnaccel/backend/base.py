@@ -68,6 +68,21 @@ def _windows(array, window, out_height, out_width):
             for i in range(window.kh) for j in range(window.kw)]
 
 
+IMAGE_BATCHES_KEPT = 4  # a training batch, its short last one, an evaluation's batch and its last
+
+
+def _kept_batch_size(store, key, batch):
+    """``(key, batch)``, the key of a batch-last image work array in ``store``; a new one drops the least
+    recently made of that ``key`` beyond ``IMAGE_BATCHES_KEPT``, so that calls at ever new batch sizes
+    (predictions one sample at a time, then two, ...) hold a bounded amount of memory."""
+    sized = (key, batch)
+    if sized not in store:
+        others = [other for other in store if isinstance(other, tuple) and other[0] == key]
+        for other in others[:max(0, len(others) - IMAGE_BATCHES_KEPT + 1)]:
+            del store[other]
+    return sized
+
+
 class Allocations(list):
     """The device allocations made while recording, as ``(size, address)`` in their order."""
 
@@ -275,8 +290,9 @@ class Backend:
 
     def in_image_layout(self, x, store, key):
         """``x`` (N, C, H, W) as ``image_array`` lays images out: itself, or where that is batch-last a copy
-        in the work array ``store[key]`` (a gradient coming back through Flatten: the CPU's pooling
-        backward of LeNet-5's last pool took 0.37 ms from NCHW against 0.15 with the copy)."""
+        in the work array ``store[key]``: a gradient coming back through Flatten (the CPU's pooling
+        backward of LeNet-5's last pool took 0.37 ms from NCHW against 0.15 with the copy), Dropout's mask
+        (its two products over mixed layouts ran 10x slower)."""
         if not self.batch_last:
             return x
         out = self.leading_rows(store, key, x.shape, x.dtype, images=True)
@@ -603,10 +619,11 @@ class Backend:
         """The first ``shape[0]`` rows of the work array ``store[key]``, made anew (of ``shape``) when it has
         fewer rows, other trailing axes or another dtype: a short last batch reuses the full batch's.
         ``images``: a layer's (N, C, H, W) activations or gradients, laid out by ``image_array``; where that
-        is batch-last, one per batch size (the leading rows of a larger one would leave gaps between each
-        pixel's images: a training step at batch 64 ran 1.2-1.6x slower after a prediction at 1024)."""
+        is batch-last, one per batch size, the last ``IMAGE_BATCHES_KEPT`` sizes kept (the leading rows of a
+        larger one would leave gaps between each pixel's images: a training step at batch 64 ran 1.2-1.6x
+        slower after a prediction at 1024)."""
         if images and self.batch_last:
-            key = (key, shape[0])
+            key = _kept_batch_size(store, key, shape[0])
         buf = store.get(key)
         if buf is not None and buf.shape == shape and buf.dtype == dtype:  # the usual case, in half the time
             return buf

@@ -73,10 +73,16 @@ class NumpyBackend(Backend):
     def relu(self, z, out):
         # NumPy's SIMD maximum takes two arrays; against the scalar 0 it runs another loop, 2.5-3x slower
         # (0.13-0.15 against 0.04-0.05 ms over 1.2 MB of float32, EPYC, NumPy 2.4): from 64 KiB the zeros
-        # come as an array laid out like ``z`` (kept; below that, finding it costs more than it saves).
+        # come as an array laid out like ``z``, a view of one kept zero vector (below that size, making the
+        # view costs more than it saves).
         if z.nbytes < RELU_ZEROS_FROM:
             return super().relu(z, out)
-        return numpy.maximum(z, self._like(z, "relu_zeros", numpy.zeros_like), out=out)
+        zeros = self._scratch_arrays.get(("relu_zeros", z.dtype))
+        if zeros is None or zeros.size < z.size:
+            zeros = self._scratch_arrays[("relu_zeros", z.dtype)] = numpy.zeros(z.size, z.dtype)
+        order = numpy.argsort(z.strides, kind="stable")[::-1]  # z's axes from the outermost in memory
+        memory = zeros[:z.size].reshape([z.shape[axis] for axis in order])
+        return numpy.maximum(z, memory.transpose(numpy.argsort(order)), out=out)
 
     # Images pass between layers batch-last (``image_array``): BatchNorm's (N, C, L) views of them then hold
     # each channel's values together, as (L, N) rows; its sums and per-channel terms run along those.
@@ -95,13 +101,13 @@ class NumpyBackend(Backend):
     def _scratch(self, like, slot):
         return super()._scratch(like, slot) if like.flags.c_contiguous else self._like(like, slot)
 
-    def _like(self, like, slot, new=numpy.empty_like):
-        """The work array ``slot`` made by ``new`` (``empty_like``, ``zeros_like``) laid out like ``like``, its
-        axes in the same order in memory: NumPy's passes over arrays laid out otherwise are transposing copies."""
+    def _like(self, like, slot):
+        """The work array ``slot`` laid out like ``like``, its axes in the same order in memory: NumPy's
+        passes over arrays laid out otherwise are transposing copies."""
         key = (slot, like.shape, like.dtype, tuple(numpy.argsort(like.strides)))
         work = self._scratch_arrays.get(key)
         if work is None:
-            work = self._scratch_arrays[key] = new(like)
+            work = self._scratch_arrays[key] = numpy.empty_like(like)
         return work
 
     def sgd_update(self, param, grad, velocity, lr, momentum, weight_decay, nesterov):
