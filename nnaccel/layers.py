@@ -340,7 +340,7 @@ class Dropout(RandomLayer):
         if not training or not self.draws:
             return x
         mask = self.ops.dropout_mask(x.shape, self.rate, self.seed, self._draw(), x.dtype)
-        self._mask = self.ops.in_image_layout(mask, self._work, "mask") if mask.ndim == 4 else mask
+        self._mask = self.ops.in_image_layout(mask, self._work, "mask")
         return self.ops.xp.multiply(x, self._mask, out=self._buffer("y", x.shape, x.dtype))
 
     def backward(self, dy, input_grad=True):
@@ -559,8 +559,7 @@ class Flatten(Layer):
     def backward(self, dy, input_grad=True):
         if not input_grad:
             return None
-        dx = dy.reshape(self._x_shape)
-        return self.ops.in_image_layout(dx, self._work, "dx") if dx.ndim == 4 else dx
+        return self.ops.in_image_layout(dy.reshape(self._x_shape), self._work, "dx")
 
     def config(self):
         return {"type": "Flatten"}

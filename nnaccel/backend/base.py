@@ -292,8 +292,9 @@ class Backend:
         """``x`` (N, C, H, W) as ``image_array`` lays images out: itself, or where that is batch-last a copy
         in the work array ``store[key]``: a gradient coming back through Flatten (the CPU's pooling
         backward of LeNet-5's last pool took 0.37 ms from NCHW against 0.15 with the copy), Dropout's mask
-        (its two products over mixed layouts ran 10x slower)."""
-        if not self.batch_last:
+        (its two products over mixed layouts ran 10x slower). An ``x`` of other dimensions is no image:
+        itself."""
+        if not self.batch_last or x.ndim != 4:
             return x
         out = self.leading_rows(store, key, x.shape, x.dtype, images=True)
         out[...] = x
