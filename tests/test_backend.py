@@ -115,15 +115,19 @@ def test_the_cpu_updates_in_cache_sized_blocks_the_same_numbers(dtype, name, opt
 
 def test_the_cpu_finds_numpys_own_blas():
     """Where NumPy's wheel bundles scipy-openblas, the optimizer's passes reach that library, the one
-    NumPy's matmul uses (threadpoolctl then still sees a single OpenBLAS, so no second thread pool)."""
+    NumPy's matmul uses (threadpoolctl then still sees a single OpenBLAS, so no second thread pool). The
+    count is taken in a fresh process: a test before this one in the same worker may have imported SciPy
+    (scikit-learn's digits), whose own OpenBLAS nnaccel never loads."""
     from nnaccel.backend.blas import numpy_blas
 
     if numpy.__config__.CONFIG["Build Dependencies"]["blas"]["name"] != "scipy-openblas":
         pytest.skip("this NumPy has another BLAS: its optimizer steps keep NumPy's passes")
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    pytest.importorskip("threadpoolctl")
     blas = numpy_blas()
     assert blas is not None
-    assert len([pool for pool in threadpoolctl.threadpool_info() if pool["internal_api"] == "openblas"]) == 1
+    count = ("import threadpoolctl; from nnaccel.backend.blas import numpy_blas; assert numpy_blas() is not None; "
+             "print(len([pool for pool in threadpoolctl.threadpool_info() if pool['internal_api'] == 'openblas']))")
+    assert subprocess.run([sys.executable, "-c", count], capture_output=True, text=True, check=True).stdout == "1\n"
     x, y = numpy.arange(5, dtype=numpy.float32), numpy.ones(5, numpy.float32)
     numpy.testing.assert_array_equal(blas.axpby(2.0, x, 0.5, y), [0.5, 2.5, 4.5, 6.5, 8.5])
     numpy.testing.assert_array_equal(blas.axpy(-1.0, x, y), [0.5, 1.5, 2.5, 3.5, 4.5])
