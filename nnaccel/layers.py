@@ -115,6 +115,11 @@ class Layer:
     def output_shape(self, input_shape):
         return tuple(input_shape)
 
+    def work_per_sample(self, input_shape):
+        """The values per sample of the largest array a forward pass makes (its output unless a layer says
+        otherwise): what bounds the batch of predict and evaluate on a device with ``inference_bytes``."""
+        return math.prod(self.output_shape(input_shape))
+
     def bind(self, ops, params, buffers=None):
         """Attach to a backend and the Parameter and buffer views the model allocated."""
         self.ops = ops
@@ -266,6 +271,9 @@ class Maxout(Layer):
     def output_shape(self, input_shape):
         _flat_input(self, input_shape, self.in_features)
         return (self.out_features,)
+
+    def work_per_sample(self, input_shape):
+        return self.out_features * self.pieces  # every piece's sum
 
     def forward(self, x, training=False):
         ops, weight, bias = self.ops, self.params["weight"], self.params["bias"]
@@ -443,6 +451,10 @@ class Conv2D(Layer):
             raise ConfigError(f"a {describe_shape(self.kernel_size)} kernel with padding {self.padding} does not fit "
                               f"a {describe_shape(input_shape[1:])} image{_largest_window(self.window, input_shape)}")
         return (self.out_channels, oh, ow)
+
+    def work_per_sample(self, input_shape):
+        _, oh, ow = self.output_shape(input_shape)
+        return max(self.in_channels * math.prod(self.kernel_size), self.out_channels) * oh * ow  # the columns
 
     takes_storage_dtype = True
 

@@ -269,9 +269,16 @@ class Sequential:
                                  f"it to floats yourself")
         return x if x.dtype == self.dtype else x.astype(self.dtype)
 
-    def predict(self, x, batch_size=1024):
-        """Outputs for ``x`` (host or device array) as a NumPy array, in eval mode."""
-        batch_size = check_int(batch_size, "predict batch_size")
+    def inference_batch(self, at_least=1):
+        """The batch that ``predict`` and ``Trainer.evaluate`` use unless told: the backend's
+        (``Backend.inference_batch``), from the largest array a layer's forward pass makes per sample."""
+        values = max(layer.work_per_sample(shape) for layer, shape in zip(self.layers, self.shapes))
+        return self.backend.inference_batch(values * self.dtype.itemsize, at_least)
+
+    def predict(self, x, batch_size=None):
+        """Outputs for ``x`` (host or device array) as a NumPy array, in eval mode, ``batch_size`` samples
+        at a time (by default ``inference_batch()``: 1024, fewer on the CPU for a large convolution)."""
+        batch_size = self.inference_batch() if batch_size is None else check_int(batch_size, "predict batch_size")
         ops = self.backend
         x = ops.asarray(check_array(x, "x") if array_device(x) is None else x, what="x")
         if x.dtype.kind in "fiu":

@@ -432,14 +432,16 @@ class Trainer:
         return {"loss": loss_total / n, "accuracy": correct_total / n}
 
     def evaluate(self, x, y, batch_size=None):
-        """Mean loss and accuracy over a data set, in eval mode: ``{"loss", "accuracy"}``."""
+        """Mean loss and accuracy over a data set, in eval mode: ``{"loss", "accuracy"}``, ``batch_size``
+        samples at a time (by default ``model.inference_batch``, at least the training batch)."""
         with self._working():
             return self._evaluate(*self.prepare(x, y, "x"), batch_size)
 
     def _evaluate(self, x, y, batch_size=None):
         model, loss = self.model, self.loss
         ops = model.backend
-        batch = max(self.batch_size, 1024) if batch_size is None else check_int(batch_size, "evaluate batch_size")
+        batch = model.inference_batch(self.batch_size) if batch_size is None \
+            else check_int(batch_size, "evaluate batch_size")
         was_training = model.training
         model.eval()
         loss_sum = ops.zeros((), numpy.float64)

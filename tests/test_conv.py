@@ -289,6 +289,35 @@ def test_image_work_arrays_stay_bounded_over_many_batch_sizes(device):
         assert all(names.count(name) <= 4 for name in names), (layer, names)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_predict_and_evaluate_bound_a_pass_by_its_largest_work_array(device, dtype, monkeypatch):
+    """Unless told, predict and evaluate pass ``inference_batch`` samples at a time: on the CPU as many as
+    keep the largest work array (here the 9x9 convolution's columns, 81*784 values a sample) within
+    ``inference_bytes``, at least the training batch; 1024 on a GPU. The answers are one pass's."""
+    model = nn.Sequential(nn.Conv2D(1, 2, 9, padding=4, activation="relu"), nn.MaxPool2D(2), nn.Flatten(),
+                          nn.Dense(392, 3), input_shape=(1, 28, 28), device=device, seed=3, dtype=dtype)
+    ops = model.backend
+    sample_bytes = 81 * 784 * np.dtype(dtype).itemsize
+    bound = 1024 if ops.inference_bytes is None else ops.inference_bytes // sample_bytes
+    assert bound == (1024 if device != "cpu" else (66 if dtype == np.float32 else 33))
+    assert model.inference_batch() == bound and model.inference_batch(at_least=100) == max(bound, 100)
+    assert nn.Sequential(nn.Dense(784, 16), input_shape=(784,), device=device).inference_batch() == 1024
+    assert nn.Maxout(784, 16, pieces=3).work_per_sample((784,)) == 48  # every piece's sum
+    x = np.random.default_rng(5).standard_normal((150, 1, 28, 28)).astype(dtype)
+    y = np.arange(150) % 3
+    whole = model.predict(x, batch_size=150)
+    passes, forward = [], model._forward
+    monkeypatch.setattr(model, "_forward", lambda batch: passes.append(batch.shape[0]) or forward(batch))
+    np.testing.assert_allclose(model.predict(x), whole, rtol=1e-5, atol=1e-6)
+    trainer = nn.Trainer(model, batch_size=40, quiet=True)
+    assert trainer.evaluate(x, y)["accuracy"] == np.mean(whole.argmax(1) == y)
+    trainer.batch_size = 100
+    trainer.evaluate(x, y)
+    def chunks(batch):
+        return [min(batch, 150 - begin) for begin in range(0, 150, batch)]
+    assert passes == chunks(bound) + chunks(max(bound, 40)) + chunks(max(bound, 100))
+
+
 def test_dropout_on_images_masks_in_the_image_layout(device):
     """Dropout over (N, C, H, W) drops what its mask says, forward and backward, its mask laid out as the
     images are (batch-last and dense on the CPU), so that its products run in memory order."""

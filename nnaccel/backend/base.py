@@ -100,15 +100,28 @@ class Allocations(list):
         return [size for index, (size, _) in enumerate(self) if index not in kept]
 
 
+INFERENCE_BATCH = 1024  # the batch of predict and evaluate unless told: few, large passes
+
+
 class Backend:
     """Generic ops over ``self.xp``; one instance per device."""
 
     xp = None
     name = ""
     batch_last = False  # the order of a convolution's positions in its columns: see ``by_image``
+    inference_bytes = None  # the most a pass of predict or evaluate may give one work array: no bound
 
     def __init__(self):
         self._scratch_arrays = {}
+
+    def inference_batch(self, sample_bytes, at_least=1):
+        """The batch that predict and evaluate use unless told: ``INFERENCE_BATCH`` samples, fewer where
+        ``inference_bytes`` bounds the largest work array of a pass (``sample_bytes`` for one sample), but
+        at least ``at_least`` (the training batch, whose work arrays are there already)."""
+        batch = INFERENCE_BATCH
+        if self.inference_bytes is not None:
+            batch = min(batch, max(1, self.inference_bytes // sample_bytes))
+        return max(batch, at_least)
 
     # ----- arrays and transfers -------------------------------------------------
     def asarray(self, array, dtype=None, what="array"):
