@@ -467,12 +467,15 @@ class Conv2D(Layer):
         self._x = x = self.in_dtype(x, dtype, "x")
         self._w = self.in_dtype(weight.data.reshape(self.out_channels, depth), dtype, "weight")
         self._cols = ops.im2col(x, self.window, self._buffer("cols", (depth, n * oh * ow), dtype, batch_axis=1))
-        self._z = ops.matmul(self._w, self._cols,
-                             out=self._buffer("z", (self.out_channels, n * oh * ow), dtype, batch_axis=1))
-        self._rows = self._z if self.activation.uses_output else self._buffer("rows", self._z.shape, dtype,
-                                                                             batch_axis=1)
-        return ops.bias_act_to_nchw(self._z, bias.data, self.activation, self._rows,
-                                    self._buffer("y", (n, self.out_channels, oh, ow), dtype))
+        y = self._buffer("y", (n, self.out_channels, oh, ow), dtype)
+        rows = ops.image_rows(y)  # the activation's output, written in place, where y lies as the rows do
+        shape = (self.out_channels, n * oh * ow)
+        self._z = ops.matmul(self._w, self._cols, out=rows if rows is not None and self.activation.uses_output
+                             else self._buffer("z", shape, dtype, batch_axis=1))
+        if self.activation.uses_output:
+            rows = self._z
+        self._rows = rows if rows is not None else self._buffer("rows", shape, dtype, batch_axis=1)
+        return ops.bias_act_to_nchw(self._z, bias.data, self.activation, self._rows, y)
 
     def backward(self, dy, input_grad=True):
         ops, weight, bias = self.ops, self.params["weight"], self.params["bias"]

@@ -236,6 +236,37 @@ def test_image_arrays_are_batch_last_on_the_cpu(device):
         numpy.testing.assert_array_equal(columns.ravel(), memory.ravel())
 
 
+@pytest.mark.parametrize("name", ["relu", "gelu"])
+def test_a_convolutions_rows_are_its_images_where_they_lie_alike(device, name):
+    """``image_rows`` views a batch-last image array as a convolution's (C, N*L) rows (the CPU's), else gives
+    None; ``bias_act_to_nchw`` into those rows and ``act_backward_from_nchw`` reading them give exactly
+    what the copies between the two layouts give."""
+    ops, activation = get_backend(device), nn.activations.get(name)
+    rng = numpy.random.default_rng(4)
+    n, c, spatial = 5, 3, (4, 2)
+    images = ops.image_array((n, c, *spatial), numpy.float32)
+    rows = ops.image_rows(images)
+    assert ops.image_rows(ops.empty((n, c, *spatial), numpy.float32)) is None or not ops.batch_last
+    if device != "cpu":
+        assert rows is None
+        return
+    assert rows.shape == (c, n * 8) and numpy.shares_memory(rows, images)
+    z = rng.standard_normal((c, n * 8)).astype(numpy.float32)
+    bias = rng.standard_normal(c).astype(numpy.float32)
+    expected = ops.bias_act_to_nchw(z.copy(), bias, activation, numpy.empty_like(z),
+                                    ops.empty(images.shape, numpy.float32))
+    z_kept = z.copy()
+    y = ops.bias_act_to_nchw(z_kept, bias, activation, rows, images)
+    assert y is images
+    numpy.testing.assert_array_equal(y, expected)
+    dy = ops.image_array(images.shape, numpy.float32)
+    dy[...] = rng.standard_normal(images.shape)
+    through_rows = ops.act_backward_from_nchw(dy, rows, z_kept, activation, numpy.empty_like(z))
+    copied = ops.act_backward_from_nchw(numpy.ascontiguousarray(dy), rows, z_kept, activation, numpy.empty_like(z))
+    numpy.testing.assert_array_equal(through_rows, copied)
+    assert numpy.abs(through_rows).sum() > 0
+
+
 def test_relu_in_every_layout(device):
     """``relu`` is ``max(z, 0)`` with NaN kept, into ``out`` or in place, over C-ordered arrays, their
     transposes (a convolution's rows), strided views and batch-last images, large (the CPU's array of

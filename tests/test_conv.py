@@ -253,7 +253,8 @@ def test_images_between_layers_in_the_backends_layout_and_a_short_batch(device, 
     """The default recipe's layers (without the random shift) against PyTorch at batch 8, then at batch 5.
     On the CPU every image a layer hands on, forward and backward, is batch-last (each pixel's images
     together) and dense: the batch of 5 has work arrays of its own, not the leading rows of those of 8,
-    which would leave gaps (elsewhere it takes those rows)."""
+    which would leave gaps (elsewhere it takes those rows); a convolution's activation writes its output
+    images in place."""
     rng = np.random.default_rng(8)
     model = nn.Sequential(nn.Conv2D(1, 3, 3, padding=1), nn.BatchNorm(3, activation="relu"), nn.MaxPool2D(2),
                           nn.Conv2D(3, 4, 3, activation="relu"), nn.BatchNorm(4), nn.MaxPool2D(2), nn.Flatten(),
@@ -268,6 +269,7 @@ def test_images_between_layers_in_the_backends_layout_and_a_short_batch(device, 
     for layer in model.layers:
         out = layer.forward(out, training=True)
         images += [out] if out.ndim == 4 else []
+        assert not isinstance(layer, nn.Conv2D) or np.shares_memory(out, layer._rows)  # written in place
     dy = model.backend.asarray(np.ones((5, 3), dtype))
     for layer in reversed(model.layers[1:]):
         dy = layer.backward(dy)

@@ -363,21 +363,35 @@ class Backend:
         out[...] = padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w].transpose(1, 0, 2, 3)
         return out
 
+    def image_rows(self, images):
+        """``images`` (N, C, *spatial) as a convolution's (C, N*L) rows in the columns' order (``by_image``):
+        a view where its memory already lies so (a batch-last image array), else None."""
+        if not self.batch_last:
+            return None
+        memory = images.transpose(1, *range(2, images.ndim), 0)
+        return memory.reshape(images.shape[1], -1) if memory.flags.c_contiguous else None
+
     def bias_act_to_nchw(self, z, bias, activation, rows, out):
         """A convolution's output from its matmul ``z`` (C, N*L): ``rows = activation(z + bias)`` with the bias
         per row (channel), and the same values in ``out`` (N, C, *spatial), NCHW. ``rows`` may be ``z``;
-        otherwise ``z`` keeps ``z + bias`` (the derivative of gelu and silu reads it)."""
+        otherwise ``z`` keeps ``z + bias`` (the derivative of gelu and silu reads it). ``rows`` may be
+        ``out``'s ``image_rows``: no copy then."""
         self.bias_act(z.T, bias, activation, rows.T)  # (N*L, C) views: the bias runs along their rows
         n, c = out.shape[:2]
-        out.reshape(n, c, -1)[...] = self.by_image(rows, (c,), n, (-1,)).transpose(1, 0, 2)
+        if not self.xp.shares_memory(rows, out):
+            out.reshape(n, c, -1)[...] = self.by_image(rows, (c,), n, (-1,)).transpose(1, 0, 2)
         return out
 
     def act_backward_from_nchw(self, dy, y, z, activation, out, bias_grad=None):
         """``bias_act_to_nchw``'s backward: ``dy`` (N, C, *spatial) times the derivative (at ``y`` or ``z``,
-        (C, N*L) like ``out``) as ``out`` (C, N*L), and the bias gradient, a sum per channel."""
+        (C, N*L) like ``out``) as ``out`` (C, N*L), and the bias gradient, a sum per channel; read from
+        ``dy``'s ``image_rows`` where it has them, else from a copy in ``out``."""
         n, c = dy.shape[:2]
-        self.by_image(out, (c,), n, (-1,))[...] = dy.reshape(n, c, -1).transpose(1, 0, 2)
-        activation.backward(self, out.T, y.T, z.T, out.T)  # (N*L, C) views, as forward: softmax runs over C
+        rows = self.image_rows(dy)
+        if rows is None:
+            rows = out
+            self.by_image(out, (c,), n, (-1,))[...] = dy.reshape(n, c, -1).transpose(1, 0, 2)
+        activation.backward(self, rows.T, y.T, z.T, out.T)  # (N*L, C) views, as forward: softmax runs over C
         if bias_grad is not None:
             out.sum(axis=1, out=bias_grad)
         return out
