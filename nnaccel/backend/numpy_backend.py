@@ -34,7 +34,7 @@ class NumpyBackend(Backend):
     name = "cpu"
     batch_last = True
     # A pass over fresh memory costs more than many smaller ones: the default recipe's first evaluation
-    # of 1,599 samples took 0.54-0.78 s at batch 1024 (its first convolution's columns 80 MB), 0.11-0.24 s
+    # of 1,599 samples took 0.54-0.78 s at batch 1024 (its first convolution's columns 80 MB), 0.10-0.24 s
     # at 213 (16 MiB), warm passes 70-100 ms either way (2-core AMD EPYC). The MLPs' arrays stay far below.
     inference_bytes = 16 << 20
 
