@@ -401,9 +401,11 @@ def test_maxout_gradients_and_shifted_zeros_stay_zero_next_to_infinities(device)
     numpy.testing.assert_array_equal(shifted[0, 0], [[0, 0, 0], [numpy.inf, numpy.inf, 0], [numpy.inf, numpy.inf, 0]])
 
 
-def test_shifted_images_are_each_images_own_shift_with_zeros_coming_in(device):
+@pytest.mark.parametrize("layout", ["contiguous", "image_array"])
+def test_shifted_images_are_each_images_own_shift_with_zeros_coming_in(device, layout):
     """Every image and channel moves by its image's (rows, columns) shift, shifts past the edge included
-    (all zeros), against a loop over the pixels."""
+    (all zeros), against a loop over the pixels; into and from arrays laid out as images pass between
+    layers too (batch-last on the CPU), where the gather runs in the output's memory order."""
     ops = get_backend(device)
     x = numpy.arange(1, 3 * 2 * 4 * 5 + 1, dtype=numpy.float32).reshape(3, 2, 4, 5)
     shifts = numpy.array([[0, 0], [-1, 2], [5, -7]], numpy.int32)
@@ -412,7 +414,12 @@ def test_shifted_images_are_each_images_own_shift_with_zeros_coming_in(device):
         for r, col in numpy.ndindex(4, 5):
             if 0 <= r - down < 4 and 0 <= col - right < 5:
                 expected[i, :, r, col] = x[i, :, r - down, col - right]
-    got = ops.shift_images(ops.asarray(x), ops.asarray(shifts), ops.empty(x.shape, numpy.float32))
+    source, out = ops.asarray(x), ops.empty(x.shape, numpy.float32)
+    if layout == "image_array":
+        source, out = ops.image_array(x.shape, numpy.float32), ops.image_array(x.shape, numpy.float32)
+        source[...] = ops.asarray(x)
+    got = ops.shift_images(source, ops.asarray(shifts), out)
+    assert got is out
     numpy.testing.assert_array_equal(ops.to_host(got), expected)
 
 

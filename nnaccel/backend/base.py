@@ -71,6 +71,12 @@ def _windows(array, window, out_height, out_width):
 IMAGE_BATCHES_KEPT = 4  # a training batch, its short last one, an evaluation's batch and its last
 
 
+def memory_order(array):
+    """``array``'s axes from the outermost in memory: ``array.transpose(memory_order(array))`` is
+    contiguous where ``array`` is a dense array in any axis order."""
+    return tuple(int(axis) for axis in numpy.argsort(array.strides, kind="stable")[::-1])
+
+
 def _kept_batch_size(store, key, batch):
     """``(key, batch)``, the key of a batch-last image work array in ``store``; a new one drops the least
     recently made of that ``key`` beyond ``IMAGE_BATCHES_KEPT``, so that calls at ever new batch sizes
@@ -566,7 +572,8 @@ class Backend:
         """Each image of ``x`` (N, C, H, W) moved by its (rows, columns) shift, zeros coming in: one gather
         from ``x`` inside a border of zeros, where a source outside the image is sent (no mask: an edge's
         inf times 0 would be NaN). 2.4x faster than picking with four broadcast index arrays and a masked
-        copy, at (64, 1, 28, 28) on the EPYC."""
+        copy, at (64, 1, 28, 28) on the EPYC. The indices lie in ``out``'s memory order, so the gather
+        writes in order: into a batch-last ``out`` at (256, 1, 28, 28), 0.37 ms in all against 0.84."""
         xp = self.xp
         n, c, h, w = x.shape
         padded = self._work((n, c, h + 2, w + 2), x.dtype, "shift")
@@ -576,11 +583,15 @@ class Backend:
         rows = xp.clip(xp.arange(h, dtype=numpy.intp)[None, :] - shifts[:, :1], -1, h) + 1  # (N, H) in padded
         rows *= w + 2
         rows += (xp.arange(n, dtype=numpy.intp) * (c * plane))[:, None]
+        starts = rows[:, None, :, None] + (xp.arange(c, dtype=numpy.intp) * plane)[None, :, None, None]
         cols = xp.clip(xp.arange(w, dtype=numpy.intp)[None, :] - shifts[:, 1:], -1, w) + 1  # (N, W)
-        index = self._work(x.shape, numpy.intp, "shift_index")
-        xp.add((rows[:, :, None] + cols[:, None, :])[:, None],
-               (xp.arange(c, dtype=numpy.intp) * plane)[None, :, None, None], out=index)
-        return xp.take(padded.reshape(-1), index, out=out)
+        order = memory_order(out)
+        index = self._work(tuple(out.shape[axis] for axis in order), numpy.intp, "shift_index")
+        # Small addends made contiguous in that order first: the add then reads along its inner axis.
+        xp.add(xp.ascontiguousarray(starts.transpose(order)),
+               xp.ascontiguousarray(cols[:, None, None, :].transpose(order)), out=index)
+        self.take_rows(padded.reshape(-1), index, out.transpose(order))
+        return out
 
     def dropout_mask(self, shape, rate, seed, counter, dtype):
         """A scaled keep-mask: 0 with probability ``rate``, else ``1/(1-rate)``."""

@@ -7,7 +7,7 @@ import platform
 import numpy
 
 from .. import special
-from .base import Backend
+from .base import Backend, memory_order
 from .blas import numpy_blas
 
 
@@ -84,7 +84,7 @@ class NumpyBackend(Backend):
         zeros = self._scratch_arrays.get(("relu_zeros", z.dtype))
         if zeros is None or zeros.size < z.size:
             zeros = self._scratch_arrays[("relu_zeros", z.dtype)] = numpy.zeros(z.size, z.dtype)
-        order = numpy.argsort(z.strides, kind="stable")[::-1]  # z's axes from the outermost in memory
+        order = memory_order(z)
         memory = zeros[:z.size].reshape([z.shape[axis] for axis in order])
         return numpy.maximum(z, memory.transpose(numpy.argsort(order)), out=out)
 
@@ -108,7 +108,7 @@ class NumpyBackend(Backend):
     def _like(self, like, slot):
         """The work array ``slot`` laid out like ``like``, its axes in the same order in memory: NumPy's
         passes over arrays laid out otherwise are transposing copies."""
-        key = (slot, like.shape, like.dtype, tuple(numpy.argsort(like.strides)))
+        key = (slot, like.shape, like.dtype, memory_order(like))
         work = self._scratch_arrays.get(key)
         if work is None:
             work = self._scratch_arrays[key] = numpy.empty_like(like)
