@@ -204,6 +204,31 @@ def test_a_long_reduction_with_fewer_rows_than_columns(device, dtype, positions)
         assert (("matmul_chunk", (25, 6), numpy.dtype(dtype)) in ops._scratch_arrays) == (positions > 800)
 
 
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("positions", [800, 20_001, 90_000])
+def test_a_wide_product_of_a_small_matrix(device, dtype, positions, monkeypatch):
+    """A convolution's forward ``w @ cols`` (6 filters of 25 taps over many positions), written into its
+    place in a larger array, the values beside it untouched: within a dot product's rounding bound (the
+    CPU takes 20,001 columns in chunks of 4,096, the last one short, and 800, or 90,000 (more than
+    ``WIDE_PRODUCT_BYTES`` of them), in one product)."""
+    ops = get_backend(device)
+    rng = numpy.random.default_rng(3)
+    w, cols = rng.standard_normal((6, 25)), rng.standard_normal((25, positions))
+    flat = ops.asarray(numpy.full(6 * positions + 2, 7.0), dtype=dtype)
+    out = flat[1:-1].reshape(6, positions)
+    products = []
+    if device == "cpu":
+        matmul = numpy.matmul
+        monkeypatch.setattr(numpy, "matmul", lambda a, b, **kw: products.append(b.shape) or matmul(a, b, **kw))
+    result = ops.matmul(ops.asarray(w, dtype=dtype), ops.asarray(cols, dtype=dtype), out=out)
+    assert result is out
+    bound = 25 * numpy.finfo(dtype).eps * (abs(w) @ abs(cols))
+    assert (abs(ops.to_host(out) - w @ cols) <= bound).all()
+    assert ops.to_host(flat)[[0, -1]].tolist() == [7.0, 7.0]
+    if device == "cpu":
+        assert products == ([(25, 4096)] * 4 + [(25, 20_001 - 4 * 4096)] if positions == 20_001 else [(25, positions)])
+
+
 def test_a_long_reduction_of_many_outputs_runs_whole():
     """A product with too many outputs for chunks of 2,048 (LeNet-5's second weight gradient, 16 filters
     of 150 taps) is one matmul."""

@@ -14,10 +14,19 @@ from .blas import numpy_blas
 LONG_REDUCTION = 8  # inner size, in multiples of the product's larger side, from which ``matmul`` turns it
 TURN_FROM = 1 << 16  # multiply-adds below which turning a product costs more than it saves
 SMALL_GEMM = 1 << 20  # multiply-adds up to which OpenBLAS runs a product by its small-matrix kernel
-CHUNK_FROM = 2048  # inner size of a chunk below which a long reduction runs whole
+WIDE_PRODUCT_BYTES = 8 << 20  # of ``b``, up to which a product of a small ``a`` runs chunk by chunk
+CHUNK_FROM = 2048  # the size of a chunk below which a long reduction or a wide product runs whole
 RELU_ZEROS_FROM = 1 << 16  # bytes from which ReLU's maximum takes an array of zeros, not the scalar
 UPDATE_BLOCK_BYTES = 1 << 19  # of each buffer an optimizer step updates at a time: its passes then read the caches
 BLAS_UPDATE_FROM = 1 << 18  # bytes of parameters from which an optimizer's passes go to BLAS's threads
+
+
+def _small_chunk(size, length):
+    """How much of a product's ``length`` (its inner size or its columns) to take at a time, each chunk
+    ``size`` multiply-adds per unit of it: the largest power of two that fits OpenBLAS's small-matrix
+    kernel (``SMALL_GEMM``), or None where that is under ``CHUNK_FROM`` or ``length`` under two fits."""
+    fits = SMALL_GEMM // size
+    return 1 << fits.bit_length() - 1 if CHUNK_FROM <= fits <= length // 2 else None
 
 
 class NumpyBackend(Backend):
@@ -51,6 +60,10 @@ class NumpyBackend(Backend):
             self._long_product(b, a.T, transposed)
             out[...] = transposed.T
             return out
+        if not (trans_a or trans_b) and a.ndim == b.ndim == 2 and b.nbytes <= WIDE_PRODUCT_BYTES:
+            chunk = _small_chunk(a.size, out.shape[1])
+            if chunk:
+                return self._wide_product(a, b, out, chunk)
         return super().matmul(a, b, out, trans_a, trans_b)
 
     def _long_product(self, a, b, out):
@@ -59,14 +72,25 @@ class NumpyBackend(Backend):
         weight gradient, 25x6 over 50,176 positions at batch 64: 0.28 against 0.72 ms in one product,
         EPYC); the chunks in order, so the sum is deterministic. A product that chunks of ``CHUNK_FROM``
         would not fit runs whole."""
-        fits, inner = SMALL_GEMM // out.size, a.shape[1]
-        if fits < CHUNK_FROM or inner < 2 * fits:
+        chunk, inner = _small_chunk(out.size, a.shape[1]), a.shape[1]
+        if not chunk:
             return numpy.matmul(a, b, out=out)
-        chunk = 1 << fits.bit_length() - 1  # a power of two, 2048 or more
         part = self._work(out.shape, out.dtype, "matmul_chunk")
         numpy.matmul(a[:, :chunk], b[:chunk], out=out)
         for start in range(chunk, inner, chunk):
             out += numpy.matmul(a[:, start:start + chunk], b[start:start + chunk], out=part)
+        return out
+
+    @staticmethod
+    def _wide_product(a, b, out, chunk):
+        """``out = a @ b`` (2-D), few rows by a small ``a`` over many columns, ``chunk`` columns at a time,
+        each product small enough for OpenBLAS's small-matrix kernel: a convolution's forward with few
+        filters over few inputs (LeNet-5's first, 6x25 by 25x50,176 at batch 64: 0.50 against 0.77 ms a
+        training step, EPYC). On one core, so only while ``b`` is small (``WIDE_PRODUCT_BYTES``): at
+        batch 213 (17 MB of columns) chunks took 2.3-3.6 ms, the product on two threads 1.4-1.9.
+        No output's sum is split between chunks."""
+        for start in range(0, out.shape[1], chunk):
+            numpy.matmul(a, b[:, start:start + chunk], out=out[:, start:start + chunk])
         return out
 
     def take_rows(self, x, index, out):
