@@ -404,3 +404,15 @@ def test_an_empty_batch_gives_an_empty_output_and_no_loss(device):
     assert model.predict(numpy.zeros((0, 64), numpy.float32)).shape == (0, 10)
     with pytest.raises(nn.ShapeError, match="y has no rows: an empty batch has no mean loss"):
         nn.SoftmaxCrossEntropy().forward(y, ops.asarray(numpy.zeros(0, numpy.int64)))
+
+
+def test_validation_labels_are_named_validation_y_in_errors():
+    """A validation set whose labels disagree with its inputs names them as the user passed them."""
+    x, y = numpy.zeros((20, 8), numpy.float32), numpy.zeros(20, numpy.int64)
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(8, 2)), quiet=True)
+    with pytest.raises(nn.NnaccelError, match=r"validation y has 5 .*validation x has 20") as error:
+        trainer.fit(x, y, validation_data=(x, y[:5]))
+    assert "x labels" not in str(error.value)
+    with pytest.raises(nn.NnaccelError, match=r"validation y") as error:
+        trainer.fit(x, y, validation_data=(x, numpy.full(20, 7)))
+    assert "x labels" not in str(error.value)
