@@ -116,7 +116,7 @@ class Trainer:
         the training loop itself needs no checks.
         """
         model, ops = self.model, self.model.backend
-        label_what = "y" if what == "x" else what.replace(" x", " y")  # "validation x" -> "validation y"
+        label_what = what[:-1] + "y" if what.endswith("x") else f"{what} labels"  # "validation x": "validation y"
         x, y = (check_array(a, name) if array_device(a) is None else a  # lists; arrays stay
                 for a, name in ((x, what), (y, label_what)))
         x = ops.asarray(x, what=what)
