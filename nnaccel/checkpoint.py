@@ -615,8 +615,9 @@ def restore_model(model, meta, arrays, path):
     check_model(model, meta, arrays, path)
     for parameter in model.parameters():
         parameter.data = model.backend.asarray(arrays[f"param/{parameter.name}"].astype(model.dtype, copy=False))
-    for name, buffer in model.buffers():
-        buffer[...] = model.backend.asarray(arrays[f"buffer/{name}"].astype(model.dtype, copy=False))
+    with model.backend.activate():  # cuda:1 copies on GPU 1
+        for name, buffer in model.buffers():
+            buffer[...] = model.backend.asarray(arrays[f"buffer/{name}"].astype(model.dtype, copy=False))
     model.set_rng_state(int(meta["model"].get("seed", 0)), meta.get("dropout_counters", []))
 
 

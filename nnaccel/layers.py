@@ -18,12 +18,13 @@ from .errors import ConfigError, ShapeError, check_int, check_number, check_rang
 
 
 class Parameter:
-    """A named weight array and its gradient, both views into the model's flat buffers."""
+    """A named weight array and its gradient, both views into the model's flat buffers on ``backend``."""
 
-    def __init__(self, name, data, grad):
+    def __init__(self, name, data, grad, backend):
         self.name = name
         self._data = data
         self.grad = grad
+        self._backend = backend
 
     @property
     def data(self):
@@ -37,7 +38,9 @@ class Parameter:
                              f"{type(value).__name__}; convert it with model.backend.asarray(...)")
         if tuple(value.shape) != self._data.shape:
             raise ShapeError(f"parameter {self.name} has shape {self._data.shape}, got {tuple(value.shape)}")
-        self._data[...] = value
+        self._backend.check(value, f"the new data of parameter {self.name}")
+        with self._backend.activate():  # cuda:1 copies on GPU 1
+            self._data[...] = value
 
     @property
     def shape(self):

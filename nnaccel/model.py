@@ -146,7 +146,7 @@ class Sequential:
         self._parameters = []
         per_layer = [({}, {}) for _ in self.layers]
         for index, name, view, grad in _views(self._specs, self.flat_params, self.flat_grads):
-            parameter = Parameter(f"{index}.{name}", view, grad)
+            parameter = Parameter(f"{index}.{name}", view, grad, backend)
             per_layer[index][0][name] = parameter
             self._parameters.append(parameter)
         for index, name, view in _views(self._buffer_specs, self.flat_buffers):
@@ -299,7 +299,8 @@ class Sequential:
         if backend is not self.backend:
             grads = backend.asarray(self.backend.to_host(self.flat_grads))
             self._place(backend, self.backend.to_host(self.flat_params), self.backend.to_host(self.flat_buffers))
-            self.flat_grads[...] = grads
+            with backend.activate():
+                self.flat_grads[...] = grads
         return self
 
     def config(self):

@@ -305,6 +305,7 @@ def from_torch(module, input_shape=None, device="cpu", seed=0):
                               f"{describe_shape(shape)}")
         for name, value in spec.params.items():
             layer.params[name].data = model.backend.asarray(value, dtype=model.dtype)
-        for name, value in spec.buffers.items():
-            layer.buffers[name][...] = model.backend.asarray(value, dtype=model.dtype)
+        with model.backend.activate():  # cuda:1 copies on GPU 1
+            for name, value in spec.buffers.items():
+                layer.buffers[name][...] = model.backend.asarray(value, dtype=model.dtype)
     return model

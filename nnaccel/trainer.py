@@ -115,6 +115,10 @@ class Trainer:
         labels out of range, and lengths that disagree are refused here, so
         the training loop itself needs no checks.
         """
+        with self.model.backend.activate():  # cuda:1 checks and converts on GPU 1
+            return self._prepare(x, y, what)
+
+    def _prepare(self, x, y, what):
         model, ops = self.model, self.model.backend
         label_what = what[:-1] + "y" if what.endswith("x") else f"{what} labels"  # "validation x": "validation y"
         x, y = (check_array(a, name) if array_device(a) is None else a  # lists; arrays stay
@@ -158,19 +162,20 @@ class Trainer:
                                    and checked[3] is self.loss):
             self._check_batch(x, y)
             self._checked_batch = (x, y, ops, self.loss)
-        y = self.loss.prepare_targets(ops, y, model.out_features, model.dtype, "y")
-        if ops.name == "cpu":
-            self.loss.check_values(y, model.out_features, "y")
-        self._take_last_weights()
-        if self._train_step is None:
-            self._train_step = _Step(self, _ONE_PROCESS)
-        was_training = model.training
-        model.train()  # Dropout drops and BatchNorm learns, as in fit; the model's mode comes back after
-        try:
-            with ops.matmul_precision(self.precision):
-                return self._train_step(x, y)
-        finally:
-            model.train(was_training)
+        with ops.activate():  # cuda:1 steps on GPU 1
+            y = self.loss.prepare_targets(ops, y, model.out_features, model.dtype, "y")
+            if ops.name == "cpu":
+                self.loss.check_values(y, model.out_features, "y")
+            self._take_last_weights()
+            if self._train_step is None:
+                self._train_step = _Step(self, _ONE_PROCESS)
+            was_training = model.training
+            model.train()  # Dropout drops and BatchNorm learns, as in fit; the model's mode comes back after
+            try:
+                with ops.matmul_precision(self.precision):
+                    return self._train_step(x, y)
+            finally:
+                model.train(was_training)
 
     def _check_batch(self, x, y):
         """A clear error unless ``x, y`` are a batch of device arrays whose shapes fit the model."""

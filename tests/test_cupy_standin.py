@@ -125,6 +125,48 @@ def test_cuda_1_computes_on_the_second_device(cp):
     assert trainer.evaluate(x, y)["accuracy"] > 0.5 and model.predict(x).shape == (200, 3)
 
 
+def test_cuda_1_loads_moves_prepares_and_steps_on_the_second_device(cp, tmp_path):
+    """The entry points beyond fit, evaluate and predict enter the model's device too: moving a model there,
+    setting a parameter, loading a model or a checkpoint onto it, preparing data and a single step."""
+    x, y = nn.datasets.synthetic(n=64, features=12, classes=3, seed=0)
+
+    def build(device):
+        return nn.Sequential(nn.Dense(12, 16), nn.BatchNorm(16), nn.Dense(16, 3), device=device)
+
+    trainer = nn.Trainer(build("cpu"), optimizer=nn.Adam(lr=0.01), quiet=True)
+    trainer.fit(x, y, epochs=1)
+    trainer.save_checkpoint(tmp_path / "run.npz")
+    moved = build("cpu").to("cuda:1")
+    assert moved.flat_params.device.id == 1 and moved.flat_grads.device.id == 1
+    weight = moved.parameters()[0]
+    weight.data = moved.backend.asarray(numpy.ones(weight.shape, numpy.float32))
+    numpy.testing.assert_array_equal(moved.backend.to_host(weight.data), 1.0)
+    with pytest.raises(nn.DeviceError, match="the new data of parameter 0.weight is on cpu but the model is "
+                                             "on cuda:1"):
+        weight.data = numpy.zeros(weight.shape, numpy.float32)
+    loaded = nn.load(tmp_path / "run.npz", device="cuda:1")
+    for flat in ("flat_params", "flat_buffers"):
+        numpy.testing.assert_array_equal(loaded.backend.to_host(getattr(loaded, flat)), getattr(trainer.model, flat))
+    resumed = nn.Trainer(build("cuda:1"), optimizer=nn.Adam(lr=0.01), quiet=True)
+    resumed.load_checkpoint(tmp_path / "run.npz")
+    resumed.fit(x, y, epochs=2)
+    xb, yb = resumed.prepare(x, y)
+    assert xb.device.id == 1 and yb.device.id == 1
+    loss, _ = resumed.train_step(xb[:32], yb[:32])
+    assert numpy.isfinite(resumed.model.backend.to_host(loss)).all()
+
+
+def test_from_torch_onto_cuda_1(cp):
+    torch = pytest.importorskip("torch")
+    module = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                 torch.nn.Linear(16, 3)).eval()
+    model = nn.Sequential.from_torch(module, device="cuda:1")
+    x = numpy.random.default_rng(0).standard_normal((8, 12)).astype(numpy.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    numpy.testing.assert_allclose(model.eval().predict(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_nnaccel_train_on_the_emulated_gpu_end_to_end(tmp_path):
     run = subprocess.run([sys.executable, "-m", "nnaccel.cli", "train", "--data", "digits", "--device", "cuda", "--epochs", "3",
                           "--layers", "64,32,10", "--save", "m.npz", "--json", "--quiet"], env=ENV, cwd=tmp_path,
