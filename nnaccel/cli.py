@@ -6,6 +6,7 @@ exit non-zero, with no traceback.
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -32,7 +33,7 @@ DEFAULT_VALIDATION_SPLIT = 0.2
 DEFAULT_DATA = datasets.SAMPLE  # the embedded MNIST digits
 # What `nnaccel train` trains on 28x28 images when no architecture is given: the best recipe found for
 # the MNIST sample within 2 minutes on a 2-core CPU (benchmarks/recipes.py; README, "The default recipe").
-INTERRUPTED_RUN_FILE = "nnaccel-interrupted.npz"  # where a stopped run without --save is checkpointed
+INTERRUPTED_RUN_FILE = "nnaccel-interrupted.npz"  # where a stopped run without --save is checkpointed (first)
 DEFAULT_RECIPE = {"model": "default", "augment": 2, "schedule": "cosine", "lr": 0.05, "epochs": 15}
 
 
@@ -397,16 +398,29 @@ def _fit_and_save(trainer, args, data, validation_data):
                 trainer.save_checkpoint(args.save)
             raise
         if trainer.interrupted:
-            trainer.save_checkpoint(args.save or INTERRUPTED_RUN_FILE)
+            trainer.save_checkpoint(args.stop_checkpoint)
         elif args.save and args.early_stopping:  # the best epoch's weights, put back: what train reports
             trainer.save_checkpoint(args.save)
     return received[0] if trainer.interrupted else None
 
 
+def _interrupted_run_file(resume):
+    """Where a run stopped without --save writes its checkpoint: ``nnaccel-interrupted.npz``, or while
+    another run's is there (one not resumed by this run) the first free ``nnaccel-interrupted-N.npz``,
+    so that one stopped run never overwrites another's."""
+    stem, suffix = os.path.splitext(INTERRUPTED_RUN_FILE)
+    numbered = (f"{stem}-{number}{suffix}" for number in itertools.count(2))
+    return next(path for path in itertools.chain([INTERRUPTED_RUN_FILE], numbered)
+                if not os.path.lexists(path) or (resume and _same_file(path, resume)))
+
+
 def _check_outputs(args, trainer=None):
     """Refuse the output files that could not be written: before the data is read, the paths;
     once the trainer is built, the free space its checkpoints need too (room for two where one
-    replaces another: more than one epoch left, or early stopping's save of the best after the last)."""
+    replaces another: more than one epoch left, or early stopping's save of the best after the last).
+    First it picks where a stop signal's checkpoint goes (``args.stop_checkpoint``)."""
+    if trainer is None:
+        args.stop_checkpoint = args.save or _interrupted_run_file(args.resume)
     if args.communicator is not None and args.communicator.rank != 0:  # rank 0 writes for every rank
         return
     if args.save:
@@ -415,7 +429,7 @@ def _check_outputs(args, trainer=None):
         checkpoint.check_writable(args.save, "--save", size, rewritten=left > 1 or bool(args.early_stopping))
     elif trainer is None:
         try:
-            checkpoint.check_writable(INTERRUPTED_RUN_FILE, "the interrupted-run checkpoint")
+            checkpoint.check_writable(args.stop_checkpoint, "the interrupted-run checkpoint")
         except OutputError as error:
             _say(args, f"warning: {error}; an interrupted run will end without a checkpoint (use --save)")
     if args.csv and trainer is None:
@@ -574,7 +588,7 @@ def _train(args):
     if args.epochs > trainer.epoch:  # else nothing is left to train (_plan_resumed_epochs said so)
         stopped_by = _fit_and_save(trainer, args, (x_train, y_train), validation)
     if stopped_by is not None:
-        path = args.save or INTERRUPTED_RUN_FILE
+        path = args.stop_checkpoint
         step = trainer._resume_point["step"] if trainer._resume_point else 0
         launch = f"mpiexec -n {trainer.world_size} nnaccel train --distributed" if args.distributed else "nnaccel train"
         if trainer.rank == 0:

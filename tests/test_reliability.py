@@ -320,6 +320,23 @@ def test_resume_after_epoch_2_equals_4_epochs_straight(tmp_path):
 
 
 # nnaccel train, its data load held until the test's signal: the window before training starts.
+def test_a_stopped_run_without_save_keeps_an_earlier_stopped_runs_checkpoint(tmp_path):
+    """Without --save a stopped run writes nnaccel-interrupted.npz, or while an earlier run's is there the
+    first free nnaccel-interrupted-N.npz; resumed from its own file, it writes that file again."""
+    earlier = tmp_path / "nnaccel-interrupted.npz"
+    earlier.write_bytes(b"an earlier run's checkpoint")
+    ours = tmp_path / "nnaccel-interrupted-2.npz"
+    rc, err = _interrupt_after([*TRAIN, "--epochs", EPOCHS], "epoch 2/", tmp_path)
+    assert rc == 130 and f"checkpoint written to {ours.name}; resume with: nnaccel train --resume {ours.name}" in err, err
+    epoch = checkpoint.read(ours)[0]["trainer"]["epoch"]
+    resume = ["train", "--resume", ours.name, "--data", "synthetic", "--epochs", EPOCHS, "--device", "cpu"]
+    rc, err = _interrupt_after(resume, f"epoch {epoch + 2}/", tmp_path)
+    assert rc == 130 and f"checkpoint written to {ours.name};" in err, err
+    assert checkpoint.read(ours)[0]["trainer"]["epoch"] > epoch
+    assert earlier.read_bytes() == b"an earlier run's checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ours.name, earlier.name]
+
+
 HELD_LOAD = """
 import sys, threading
 from nnaccel import cli, datasets
