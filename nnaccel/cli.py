@@ -23,7 +23,7 @@ from . import (__version__, activations, architectures, bench, checkpoint, datas
 from .backend import PRECISIONS, cuda_status, resolve_device
 from .callbacks import CSVLogger, EarlyStopping, ModelCheckpoint
 from .errors import CheckpointError, ConfigError, DataError, NnaccelError, OutputError, describe_range, number_option
-from .layers import Dense, Dropout, Flatten, RandomShift
+from .layers import Dense, Dropout, Flatten, RandomShift, describe_shape
 from .model import Sequential
 from .trainer import Trainer, TrainingDiverged
 
@@ -556,6 +556,7 @@ def _train(args):
     x, y = _load_data(args, "train")
     _apply_default_recipe(args, x.shape[1])
     if args.resume:
+        _check_data_fits(trainer.model, x, args, "train", args.resume)
         if ignored:
             _say(args, f"warning: --resume continues {args.resume} with its own model, loss, optimizer, schedule, "
                        f"batch size and seed; {', '.join(ignored)} given here {'is' if len(ignored) == 1 else 'are'} "
@@ -644,6 +645,15 @@ def _load_data(args, split):
                         f"where it is now)") from None
 
 
+def _check_data_fits(model, x, args, split, path):
+    """A DataError naming --data and the checkpoint unless ``x``'s samples are as wide as ``model``'s input
+    (before ``Trainer.prepare`` calls them an x of the wrong shape)."""
+    if x.shape[1] != model.in_features:
+        images = f" ({describe_shape(model.input_shape)} images)" if len(model.input_shape) > 1 else ""
+        raise DataError(f"--data {args.data} ({split} split) has {x.shape[1]} features per sample, but {path} holds a "
+                        f"model of {model.in_features} inputs{images}: give the data it was trained on")
+
+
 def _evaluation_data(args, meta):
     """``(x, y, split)``: ``--split``, or the test split where there is one, else the validation part
     ``nnaccel train`` held out (same fraction, the checkpoint's seed)."""
@@ -679,6 +689,7 @@ def cmd_evaluate(args):
     model = checkpoint.model_from(meta, arrays, args.model, device)
     loss = losses.get((meta.get("trainer") or {}).get("loss"))
     x, y, args.split = _evaluation_data(args, meta)
+    _check_data_fits(model, x, args, args.split, args.model)
     result = Trainer(model, loss=loss, quiet=True).evaluate(x, y)
     if args.confusion or args.errors:
         probs = visualize.predict_proba(model, x)

@@ -236,6 +236,31 @@ def test_user_errors_are_one_line(args, message, tmp_path):
     assert len(lines) == 1 and message in lines[0], run.stderr
 
 
+def test_data_of_another_width_names_the_data_and_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """evaluate and --resume on data of another width than the saved model's say which --data and which
+    file disagree, not that some "x" has a wrong shape; a numpy.save file is named for what it is."""
+    import numpy as np
+
+    from nnaccel import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--data", "synthetic", "--layers", "784,16,10", "--epochs", "1", "--save", "m.npz",
+                     "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    for command, split in ((["evaluate", "m.npz"], "test"), (["evaluate", "m.npz", "--split", "train"], "train"),
+                           (["train", "--resume", "m.npz", "--epochs", "2"], "train")):
+        assert cli.main([*command, "--data", "digits", "--device", "cpu"]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.strip().endswith(f"error: --data digits ({split} split) has 64 features per sample, but "
+                                             f"m.npz holds a model of 784 inputs: give the data it was trained on"), \
+            captured.err
+    np.save("digits.npy", np.zeros((10, 784), np.float32))
+    for command in (["train", "--epochs", "1"], ["evaluate", "m.npz"]):
+        assert cli.main([*command, "--data", "digits.npy", "--device", "cpu"]) == 2
+        assert "error: digits.npy is one .npy array, not a data set: give a folder of MNIST IDX files or a " \
+               "Keras-style .npz" in capsys.readouterr().err
+
+
 def test_evaluate_refuses_a_damaged_test_split_rather_than_score_the_validation_part(tmp_path, monkeypatch, capsys):
     """With no --split, evaluate falls back to the held-out part only where the data has no test split."""
     import numpy as np
