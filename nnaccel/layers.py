@@ -50,14 +50,23 @@ class Parameter:
         return f"Parameter({self.name!r}, shape={self.shape})"
 
 
+INIT_BLOCK = 1 << 16  # weights drawn at a time in float64: a large layer needs no float64 copy of itself
+
+
 def init_weight(kind, shape, fan_in, fan_out, rng, dtype):
-    """He normal (ReLU family) or Glorot uniform (sigmoid, tanh, linear) weights."""
-    if kind == "he":
-        return (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(dtype)
-    if kind == "glorot":
-        limit = math.sqrt(6.0 / (fan_in + fan_out))
-        return rng.uniform(-limit, limit, shape).astype(dtype)
-    raise ConfigError(f"unknown init {kind!r}; valid: 'he', 'glorot'")
+    """He normal (ReLU family) or Glorot uniform (sigmoid, tanh, linear) weights: drawn in float64, so that
+    the values do not depend on ``dtype``, and rounded to it a block at a time (the generator's stream is
+    the same in blocks as in one draw)."""
+    if kind not in ("he", "glorot"):
+        raise ConfigError(f"unknown init {kind!r}; valid: 'he', 'glorot'")
+    weights = numpy.empty(shape, dtype)
+    flat = weights.reshape(-1)
+    scale, limit = math.sqrt(2.0 / fan_in), math.sqrt(6.0 / (fan_in + fan_out))
+    for start in range(0, flat.size, INIT_BLOCK):
+        count = min(INIT_BLOCK, flat.size - start)
+        flat[start:start + count] = (rng.standard_normal(count) * scale if kind == "he"
+                                     else rng.uniform(-limit, limit, count))
+    return weights
 
 
 def _check_init(kind, what):

@@ -232,6 +232,29 @@ def test_initial_weights_agree_across_dtypes(device, dtype):
                                rtol=1e-7 if dtype == np.float32 else 0)
 
 
+@pytest.mark.parametrize("kind", ["he", "glorot"])
+def test_a_large_float32_layer_is_initialised_without_a_float64_copy(kind):
+    """The weights are the float64 draw rounded, bit for bit, yet drawn a block at a time: a layer of
+    16 MiB in float32 needs well under the 32 MiB a float64 draw of it would take on top."""
+    import math
+    import tracemalloc
+
+    from nnaccel.layers import init_weight
+
+    shape = (2048, 2048)
+    tracemalloc.start()
+    try:
+        weights = init_weight(kind, shape, 2048, 2048, np.random.default_rng(5), np.float32)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert weights.dtype == np.float32 and peak < 1.25 * weights.nbytes, peak
+    rng = np.random.default_rng(5)
+    drawn = (rng.standard_normal(shape) * math.sqrt(2.0 / 2048) if kind == "he"
+             else rng.uniform(-math.sqrt(6.0 / 4096), math.sqrt(6.0 / 4096), shape))
+    np.testing.assert_array_equal(weights, drawn.astype(np.float32))
+
+
 @pytest.mark.parametrize("saved_dtype,dtype", [(np.float64, np.float32), (np.float32, np.float64)],
                          ids=["float64-into-float32", "float32-into-float64"])
 @pytest.mark.parametrize("opt_name", ["sgd-momentum", "adam"])
