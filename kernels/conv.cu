@@ -126,8 +126,9 @@ __global__ void act_backward_from_nchw(const S* dy, const S* rows, const S* z, S
   if (threadIdx.x == 0 && db) db[blockIdx.y * (long long)c + ch] = part[0];
 }
 
-// y = the maximum of each window (a NaN counts as the maximum, ties go to the first), idx = where it
-// is in the input plane (y w + x); the padding never wins.
+// y = the maximum of each window, idx = where it is in the input plane (y w + x), PyTorch CPU's choice: ties go to
+// the first in row-major order, a NaN counts as the maximum (each NaN replaces the maximum so far: the last NaN
+// wins), and the padding never wins (a window of -inf has its first real input).
 template <typename S>
 __global__ void maxpool_forward(const S* x, S* out, int* idx, int n, int c, int h, int w, int kh, int kw, int sh,
                                 int sw, int ph, int pw, int oh, int ow) {
@@ -139,7 +140,7 @@ __global__ void maxpool_forward(const S* x, S* out, int* idx, int n, int c, int 
     const int y0 = oy * sh - ph, x0 = ox * sw - pw;
     using T = nna::compute_t<S>;
     T best = -nna::math::infinity<T>();
-    int at = y0 * w + x0;
+    int at = (y0 > 0 ? y0 : 0) * w + (x0 > 0 ? x0 : 0);  // the first real input
     for (int di = 0; di < kh; ++di) {
       const int y = y0 + di;
       if (y < 0 || y >= h) continue;
@@ -147,7 +148,7 @@ __global__ void maxpool_forward(const S* x, S* out, int* idx, int n, int c, int 
         const int xx = x0 + j;
         if (xx < 0 || xx >= w) continue;
         const T v = nna::load(xp[y * w + xx]);
-        if (v > best || (v != v && best == best)) {
+        if (v > best || v != v) {
           best = v;
           at = y * w + xx;
         }

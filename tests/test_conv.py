@@ -170,9 +170,10 @@ def test_pooling_matches_torch(device, kind, pool, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", [(5, 3, 8, 6), (2, 1, 2, 2)], ids=["tiles", "one"])
 def test_max_pooling_over_2x2_tiles_finds_the_first_maximum_and_any_nan(device, shape, dtype):
-    """2x2 tiles have their own path (a tournament over contiguous planes): every window's maximum and
-    where it is, the first of tied values winning and a NaN counting as the maximum (the first NaN, as
-    the general loop and PyTorch's kernels take it), with infinities and signed zeros among the values."""
+    """2x2 tiles have their own path (a tournament over contiguous planes, which leaves NaN windows to the
+    general loop): every window's maximum and where it is, the first of tied values winning and a NaN
+    counting as the maximum (the last NaN, as PyTorch CPU takes it), with infinities and signed zeros among
+    the values."""
     ops = nn.backend.get_backend(device)
     rng = np.random.default_rng(9)
     x = rng.choice(np.array([-np.inf, -1.0, -0.0, 0.0, 0.5, 2.0, np.inf], dtype), size=shape)
@@ -181,7 +182,8 @@ def test_max_pooling_over_2x2_tiles_finds_the_first_maximum_and_any_nan(device, 
         if with_nan:
             x.flat[[0, 1, x.size - 1]] = np.nan
         windows = x.reshape(n, c, oh, 2, ow, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, 4)
-        where = windows.argmax(axis=-1)  # NumPy's: the first maximum, and the first NaN where there is one
+        nan = np.isnan(windows)  # the last NaN where there is one, else the first maximum
+        where = np.where(nan.any(axis=-1), 3 - nan[..., ::-1].argmax(axis=-1), windows.argmax(axis=-1))
         rows, cols = np.meshgrid(np.arange(oh), np.arange(ow), indexing="ij")
         expected = (2 * rows + where // 2) * w + 2 * cols + where % 2
         y, index = ops.empty((n, c, oh, ow), dtype), ops.empty((n, c, oh, ow), np.int32)
@@ -211,6 +213,66 @@ def test_max_pooling_sends_a_non_finite_gradient_only_to_its_maximum(device, poo
     dx = host(model, dx)
     np.testing.assert_allclose(dx, tx.grad.numpy(), **TOL[dtype])  # overlaps sum in another order
     assert np.isnan(dx).sum() == 1 and np.isinf(dx).sum() == 2
+
+
+def assert_max_pooling_is_torchs(model, x):
+    """``model``'s (a MaxPool2D and a Flatten) forward and input gradient equal torch CPU's bit for bit:
+    the values and where each window's gradient goes. dy holds small whole numbers, so that sums over
+    overlapping windows are exact in any order and every output's gradient shows where it went."""
+    dy = np.random.default_rng(6).integers(1, 64, (len(x), model.out_features)).astype(x.dtype)
+    out = model.forward(model.backend.asarray(x))
+    dx = model.backend.asarray(dy)
+    for layer in reversed(model.layers):
+        dx = layer.backward(dx, input_grad=True)
+    tx = torch.from_numpy(x).requires_grad_(True)
+    pool = model.layers[0]
+    t_out = F.max_pool2d(tx, pool.kernel_size, pool.stride, pool.padding).flatten(1)
+    t_out.backward(torch.from_numpy(dy))
+    np.testing.assert_array_equal(host(model, out), t_out.detach().numpy(), err_msg="forward")
+    np.testing.assert_array_equal(host(model, dx), tx.grad.numpy(), err_msg="input gradient")
+
+
+MAX_POOLS = [(2, None, 0), (2, 2, 1), (3, 2, 1), (3, 1, 1), ((2, 3), (1, 2), (1, 0))]  # (kernel, stride, padding)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
+@pytest.mark.parametrize("pool", MAX_POOLS, ids=[str(p) for p in MAX_POOLS])
+def test_max_pooling_of_minus_infinity_picks_a_real_input_as_torch(device, pool, dtype):
+    """A window whose real inputs are all -inf has -inf as its maximum and sends its gradient to its first
+    real input, as PyTorch does, never to the padding (where the gradient would be lost)."""
+    model = nn.Sequential(nn.MaxPool2D(*pool), nn.Flatten(), input_shape=(3, 6, 8), device=device, dtype=dtype)
+    x = np.random.default_rng(7).standard_normal((2, 3, 6, 8)).astype(dtype)
+    x[0, 0] = -np.inf  # every window
+    x[0, 1, :3, :3] = x[1, 2, 3:, 5:] = -np.inf  # corner windows that reach into the padding
+    x[1, 0, :, ::2] = -np.inf  # and windows that meet finite inputs
+    assert_max_pooling_is_torchs(model, x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
+@pytest.mark.parametrize("pool", MAX_POOLS, ids=[str(p) for p in MAX_POOLS])
+def test_max_pooling_of_nan_is_nan_and_sends_the_gradient_to_the_last_nan_as_torch(device, pool, dtype):
+    """A window holding a NaN has NaN as its maximum; its gradient goes to its NaN, or to the last of its
+    NaNs in row-major order where it holds several (PyTorch CPU's rule: every NaN replaces the maximum so
+    far), with infinities beside them."""
+    model = nn.Sequential(nn.MaxPool2D(*pool), nn.Flatten(), input_shape=(3, 6, 8), device=device, dtype=dtype)
+    x = np.random.default_rng(8).standard_normal((2, 3, 6, 8)).astype(dtype)
+    x[0, 0, 2, 5] = np.nan  # one NaN
+    x[0, 1, 1:4, 2:5] = np.nan  # several in a window
+    x[0, 1, 0, 0], x[0, 1, 5, 7] = np.inf, -np.inf
+    x[1, 2, ::3, ::2] = np.nan  # scattered, some windows holding two
+    x[1, 2, 1, 1::2] = np.inf
+    assert_max_pooling_is_torchs(model, x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
+@pytest.mark.parametrize("pool", MAX_POOLS, ids=[str(p) for p in MAX_POOLS])
+def test_max_pooling_sends_a_tied_maximums_gradient_to_the_first_as_torch(device, pool, dtype):
+    """Among equal maxima (0 and -0.0 among them) the first in row-major order gets the gradient, as in
+    PyTorch. A zero maximum's sign is not compared: the CPU's is NumPy's maximum's, PyTorch's the first's."""
+    model = nn.Sequential(nn.MaxPool2D(*pool), nn.Flatten(), input_shape=(3, 6, 8), device=device, dtype=dtype)
+    x = np.random.default_rng(9).choice(np.array([-1.0, -0.0, 0.0, 1.0], dtype), size=(2, 3, 6, 8))
+    x[1, 1] = 1.0  # all of a plane
+    assert_max_pooling_is_torchs(model, x)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)

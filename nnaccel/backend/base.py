@@ -410,12 +410,15 @@ class Backend:
 
     def maxpool_forward(self, x, window, out, index):
         """The maximum of each window of ``x`` (N, C, H, W) into ``out``, and in ``index`` (int32) where it is
-        (h * W + w in the input plane); a NaN counts as the maximum, ties go to the first."""
+        (h * W + w in the input plane), PyTorch CPU's choice: ties go to the first in row-major order, a NaN
+        counts as the maximum (the last NaN where a window holds several: each replaces the maximum so far),
+        and the padding never wins (a window of -inf has its first real input)."""
         xp = self.xp
         n, c, h, w = x.shape
         oh, ow = out.shape[2:]
-        corner = ((xp.arange(oh, dtype=numpy.int32) * window.sh - window.ph)[:, None] * w
-                  + (xp.arange(ow, dtype=numpy.int32) * window.sw - window.pw)[None, :])
+        rows = xp.arange(oh, dtype=numpy.int32) * window.sh - window.ph
+        cols = xp.arange(ow, dtype=numpy.int32) * window.sw - window.pw
+        corner = rows[:, None] * w + cols[None, :]
         if (window.kh, window.kw) == (2, 2) and self._tiles(window, x.shape):
             self._maxpool_2x2(x, corner, out, index)
             if not bool(xp.isnan(out).any()):  # (a window holding a NaN has it as its maximum)
@@ -424,10 +427,13 @@ class Backend:
         out[...] = windows[0][2]
         for _, _, view in windows[1:]:
             xp.maximum(out, view, out=out)  # NaN propagates
-        nan = bool(xp.isnan(out).any())  # (a NaN window's index is the first NaN's)
         for i, j, view in reversed(windows):  # the first position holding the maximum wins
-            xp.copyto(index, corner + numpy.int32(i * w + j), where=(view == out) | (view != view) if nan
-                      else view == out)
+            xp.copyto(index, corner + numpy.int32(i * w + j), where=view == out)
+        if window.ph or window.pw:  # -inf windows matched their padding first: their first real input instead
+            xp.copyto(index, xp.maximum(rows, 0)[:, None] * w + xp.maximum(cols, 0)[None, :], where=out == -numpy.inf)
+        if bool(xp.isnan(out).any()):  # NaN == NaN is false: the NaN windows' index is their last NaN's
+            for i, j, view in windows:
+                xp.copyto(index, corner + numpy.int32(i * w + j), where=view != view)
         return out
 
     def _maxpool_2x2(self, x, corner, out, index):
