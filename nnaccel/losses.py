@@ -40,7 +40,9 @@ class Loss:
         raise NotImplementedError
 
     def check_values(self, target, outputs, what="target"):
-        """Value checks that need the data on the host (label range); the Trainer runs them once."""
+        """Value checks that need the data on the host (label range); the Trainer runs them once. ``target``
+        is as given (``prepare_targets`` has accepted it): a conversion would change the values an error
+        names (uint64 labels of 2**63 or more wrap to negative int64, 1e39 rounds to inf in float32)."""
 
     def forward(self, y, target):
         """The mean loss of outputs ``y`` against ``target``; also computes the gradient."""
@@ -49,15 +51,15 @@ class Loss:
             raise ShapeError(f"loss input y must be a 2-D float array (batch, outputs), got "
                              f"shape {tuple(y.shape)} dtype {y.dtype}")
         ops.check(target, "target")
-        target = self.prepare_targets(ops, target, y.shape[1], y.dtype)
-        if target.shape[0] != y.shape[0]:
-            raise ShapeError(f"target has {target.shape[0]} rows but y has {y.shape[0]}")
+        prepared = self.prepare_targets(ops, target, y.shape[1], y.dtype)
+        if prepared.shape[0] != y.shape[0]:
+            raise ShapeError(f"target has {prepared.shape[0]} rows but y has {y.shape[0]}")
         if not y.shape[0]:
             raise ShapeError("y has no rows: an empty batch has no mean loss")
         if ops.name == "cpu":  # free on the host; on a GPU it would synchronise every call
             self.check_values(target, y.shape[1])
         with ops.activate():
-            return self._forward(ops, y, target)
+            return self._forward(ops, y, prepared)
 
     def backward(self):
         if self._grad is None:

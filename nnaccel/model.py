@@ -15,6 +15,15 @@ from .layers import Layer, Parameter, describe_shape
 FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
 
+def check_float_range(xp, given, cast, what):
+    """A clear error where ``cast``, the floats ``given`` converted to a narrower float type, holds inf for
+    finite values: they are beyond that type's range. NaN or inf already in ``given`` are the caller's to
+    refuse or keep. One pass over ``cast``; ``given`` is read only when something overflowed."""
+    if not bool(xp.isfinite(cast).all()) and bool(xp.isfinite(given).all()):
+        raise ShapeError(f"{what} has values up to {float(xp.abs(given).max()):g} in size, beyond {cast.dtype}'s "
+                         f"range ({float(numpy.finfo(cast.dtype).max):.2g}); scale {what}")
+
+
 def _views(specs, *flats):
     """``(layer index, name, view of each flat array)`` for consecutive ``(index, name, shape)`` specs."""
     offset = 0
@@ -259,7 +268,8 @@ class Sequential:
 
     def to_model_dtype(self, x, what="x"):
         """Device array ``x`` in the model's float type: floats rounded (as Keras does), integers converted
-        only where that is exact (float32 holds every integer up to 2**24; wider values are refused)."""
+        only where that is exact (float32 holds every integer up to 2**24; wider values are refused), finite
+        floats only where they fit (1e39 would be inf in float32: refused; NaN and inf stay)."""
         mantissa = numpy.finfo(self.dtype).nmant + 1
         if x.dtype.kind in "iu" and x.dtype.itemsize * 8 - (x.dtype.kind == "i") > mantissa and x.size:
             low, high = int(self.backend.xp.min(x)), int(self.backend.xp.max(x))
@@ -267,7 +277,13 @@ class Sequential:
                 raise ShapeError(f"{what} has {x.dtype} values from {low:,} to {high:,}, but {self.dtype} holds "
                                  f"integers exactly only up to {2 ** mantissa:,} in size; scale {what} or convert "
                                  f"it to floats yourself")
-        return x if x.dtype == self.dtype else x.astype(self.dtype)
+        if x.dtype == self.dtype:
+            return x
+        with numpy.errstate(over="ignore"):  # a float beyond the model dtype's range is refused below instead
+            cast = x.astype(self.dtype)
+        if x.dtype.kind == "f" and x.dtype.itemsize > self.dtype.itemsize:
+            check_float_range(self.backend.xp, x, cast, what)
+        return cast
 
     def inference_batch(self, at_least=1):
         """The batch that ``predict`` and ``Trainer.evaluate`` use unless told: the backend's

@@ -23,7 +23,7 @@ from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, Plot
 from .backend import PRECISIONS, array_device
 from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError, check_array, check_int
 from .layers import BatchNorm, RandomLayer
-from .model import Sequential
+from .model import Sequential, check_float_range
 
 # Callbacks that write files: in a distributed run only rank 0 runs them (as does any callback
 # with a true ``rank_zero_only`` attribute); the others run on every rank.
@@ -111,9 +111,10 @@ class Trainer:
         Integer and float16 inputs are converted to the model's float type
         when that is exact (always for 8- and 16-bit pixel types; wider
         integers beyond 2**24 for float32 are refused); float64 inputs are
-        rounded to float32 like Keras does. NaN or inf in the inputs,
-        labels out of range, and lengths that disagree are refused here, so
-        the training loop itself needs no checks.
+        rounded to float32 like Keras does. NaN or inf in the inputs or
+        float targets, finite values beyond float32's range (1e39, which
+        would be inf), labels out of range, and lengths that disagree are
+        refused here, so the training loop itself needs no checks.
         """
         with self.model.backend.activate():  # cuda:1 checks and converts on GPU 1
             return self._prepare(x, y, what)
@@ -138,14 +139,17 @@ class Trainer:
                              f"{x.shape[0]} samples")
         if x.dtype.kind not in "fiu":
             raise ShapeError(f"{what} has dtype {x.dtype}; expected a float array")
-        x = model.to_model_dtype(x, what)
+        x = model.to_model_dtype(x, what)  # refuses finite values beyond the model dtype's range
         if not bool(ops.xp.isfinite(x).all()):
             raise ShapeError(f"{what} contains NaN or inf values")
-        y = self.loss.prepare_targets(ops, y, model.out_features, model.dtype, label_what)
+        with numpy.errstate(over="ignore"):  # float64 targets beyond float32's range are refused below
+            targets = self.loss.prepare_targets(ops, y, model.out_features, model.dtype, label_what)
         self.loss.check_values(y, model.out_features, label_what)
-        if y.dtype.kind == "f" and not bool(ops.xp.isfinite(y).all()):
+        if targets.dtype.kind == "f" and not bool(ops.xp.isfinite(targets).all()):
+            if y.dtype.kind == "f":
+                check_float_range(ops.xp, y, targets, label_what)
             raise ShapeError(f"{label_what} contains NaN or inf values")
-        return x, y
+        return x, targets
 
     # ----- training ------------------------------------------------------------------
     def train_step(self, x, y):
@@ -163,7 +167,7 @@ class Trainer:
             self._check_batch(x, y)
             self._checked_batch = (x, y, ops, self.loss)
         with ops.activate():  # cuda:1 steps on GPU 1
-            y = self.loss.prepare_targets(ops, y, model.out_features, model.dtype, "y")
+            targets = self.loss.prepare_targets(ops, y, model.out_features, model.dtype, "y")
             if ops.name == "cpu":
                 self.loss.check_values(y, model.out_features, "y")
             self._take_last_weights()
@@ -173,7 +177,7 @@ class Trainer:
             model.train()  # Dropout drops and BatchNorm learns, as in fit; the model's mode comes back after
             try:
                 with ops.matmul_precision(self.precision):
-                    return self._train_step(x, y)
+                    return self._train_step(x, targets)
             finally:
                 model.train(was_training)
 

@@ -280,6 +280,8 @@ def test_a_csv_log_it_cannot_append_to_is_refused_before_the_first_epoch_and_kep
 TRAIN_STEP_ERRORS = [
     ("label 3 of 3 outputs", lambda: (X, numpy.full(12, 3)), r"y range from 3 to 3 .* labels must be in \[0, 2\]"),
     ("label -1", lambda: (X, Y - 1), r"y range from -1 to 1"),
+    ("uint64 label 2**63", lambda: (X, numpy.full(12, 2 ** 63, numpy.uint64)),
+     r"y range from 9223372036854775808 to 9223372036854775808 "),
     ("5 features", lambda: (numpy.ones((12, 5), numpy.float32), Y), r"x has shape \(12, 5\) but the first layer "
                                                                       r"expects \(batch, 4\)"),
     ("float labels", lambda: (X, Y.astype(numpy.float32)), "y have dtype float32; expected integer class indices"),
@@ -416,3 +418,20 @@ def test_validation_labels_are_named_validation_y_in_errors():
     with pytest.raises(nn.NnaccelError, match=r"validation y") as error:
         trainer.fit(x, y, validation_data=(x, numpy.full(20, 7)))
     assert "x labels" not in str(error.value)
+
+
+@pytest.mark.parametrize("loss", [None, "mse"], ids=["cross-entropy", "mse"])
+@pytest.mark.parametrize("dtype", [numpy.int8, numpy.int16, numpy.int32, numpy.int64, numpy.uint8, numpy.uint16,
+                                   numpy.uint32, numpy.uint64], ids=lambda dtype: numpy.dtype(dtype).name)
+def test_labels_out_of_range_are_reported_with_their_own_values(device, dtype, loss):
+    """The label-range error of prepare, fit and evaluate names the labels as given, each integer dtype's
+    extremes included: uint64 labels of 2**63 and more were named wrapped to negative by the conversion to
+    the int64 that the loss indexes with."""
+    info = numpy.iinfo(dtype)
+    y = numpy.zeros(12, dtype)
+    y[[3, 7]] = info.min, info.max
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(4, 3), device=device), loss=loss, quiet=True)
+    for call in (trainer.prepare, trainer.fit, trainer.evaluate):
+        with pytest.raises(nn.ShapeError, match=rf"^y range from {info.min} to {info.max} but the output layer has "
+                                                rf"3 units: labels must be in \[0, 2\]$"):
+            call(X, y)

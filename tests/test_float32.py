@@ -293,3 +293,61 @@ def test_integer_inputs_convert_to_float32_only_where_exact(device, x_dtype, val
         with pytest.raises(nn.ShapeError, match=rf"x has {np.dtype(x_dtype).name} values from .* but float32 holds "
                                                 r"integers exactly only up to 16,777,216"):
             call()
+
+
+BEYOND_FLOAT32 = r"has values up to 1e\+39 in size, beyond float32's range \(3\.4e\+38\); scale"
+
+
+@pytest.mark.filterwarnings("error")  # NumPy's overflow warning from the cast fails the test
+@pytest.mark.parametrize("value", [1e39, -1e39])
+def test_float64_inputs_beyond_float32s_range_are_refused(device, value):
+    """1e39 would be inf in float32: prepare (fit, evaluate) and predict name x's largest magnitude and
+    float32's range, not "NaN or inf" (x holds none) nor NaN outputs with an overflow warning."""
+    model = make_model(device, np.float32)
+    trainer = nn.Trainer(model, quiet=True)
+    x, y = np.zeros((4, 6)), np.zeros(4, np.int64)
+    x[1, 2] = value
+    for call in (trainer.prepare, trainer.fit, trainer.evaluate, lambda x, y: model.predict(x)):
+        with pytest.raises(nn.ShapeError, match="^x " + BEYOND_FLOAT32):
+            call(x, y)
+
+
+@pytest.mark.filterwarnings("error")
+def test_float64_targets_beyond_float32s_range_are_refused(device):
+    """MSE's float targets are cast to float32 as x is: 1e39 is refused by name, not as NaN or inf."""
+    trainer = nn.Trainer(make_model(device, np.float32), loss="mse", quiet=True)
+    y = np.zeros((4, 3))
+    y[2, 1] = 1e39
+    with pytest.raises(nn.ShapeError, match="^y " + BEYOND_FLOAT32):
+        trainer.prepare(np.zeros((4, 6)), y)
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+def test_nan_or_inf_inputs_and_targets_are_reported_as_such_beside_values_beyond_float32s_range(device, value):
+    """NaN and inf are the problem to name where they come with 1e39: the range message is for finite data."""
+    trainer = nn.Trainer(make_model(device, np.float32), loss="mse", quiet=True)
+    x, y = np.zeros((4, 6)), np.zeros((4, 3))
+    x[0, :2] = y[0, :2] = value, 1e39
+    with pytest.raises(nn.ShapeError, match="^x contains NaN or inf values$"):
+        trainer.prepare(x, np.zeros((4, 3)))
+    with pytest.raises(nn.ShapeError, match="^y contains NaN or inf values$"):
+        trainer.prepare(np.zeros((4, 6)), y)
+
+
+def test_float64_data_up_to_float32s_largest_value_converts():
+    """The range check refuses only what overflows: float32's largest magnitude itself converts."""
+    model = make_model("cpu", np.float32)
+    big = float(np.finfo(np.float32).max)
+    x, y = np.full((4, 6), big), np.full((4, 3), -big)
+    prepared_x, prepared_y = nn.Trainer(model, loss="mse", quiet=True).prepare(x, y)
+    assert_dtype(prepared_x, np.float32, "prepared x")
+    assert np.array_equal(prepared_x, x) and np.array_equal(prepared_y, y)
+
+
+def test_a_float64_model_takes_values_beyond_float32s_range(device):
+    """float32's range is a float32 model's limit only: a float64 model keeps 1e39 as given."""
+    model = make_model(device, np.float64)
+    x, y = np.full((4, 6), 1e39), np.full((4, 3), -1e39)
+    prepared_x, prepared_y = nn.Trainer(model, loss="mse", quiet=True).prepare(x, y)
+    assert np.array_equal(host(model, prepared_x), x) and np.array_equal(host(model, prepared_y), y)
+    assert_dtype(model.predict(x), np.float64, "predict output")
