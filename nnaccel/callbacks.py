@@ -67,7 +67,9 @@ class EarlyStopping(Callback, _Monitor):
 
     A checkpoint keeps what it needs to go on (``state``): the first fit
     after ``Trainer.restore`` counts its patience and its best epoch on from
-    the saved run's, as an uninterrupted run would.
+    the saved run's, as an uninterrupted run would; so does a next fit of
+    the same trainer from the last fit's (one run in several calls, as the
+    epochs, the schedule and the history are; Keras's starts afresh).
     """
 
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto", restore_best_weights=True):

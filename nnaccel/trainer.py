@@ -253,6 +253,8 @@ class Trainer:
             callbacks = self._start_distributed(x, callbacks, last_epoch, validation_data, shuffle)
         self._check_batchnorm_steps(x.shape[0], comm.size)
         step, graphed = self._steps(comm)
+        if self._fit_callbacks is not None:  # a next fit goes on from the last one, as from its checkpoint
+            self._restored_early_stopping = self._early_stopping_states()
         for callback in callbacks:
             callback.on_train_begin(self)  # a resumed EarlyStopping whose patience is spent stops the run
         self._fit_callbacks, self._restored_early_stopping = callbacks, []

@@ -158,6 +158,33 @@ def test_a_run_that_ended_on_its_best_weights_goes_on_from_its_last_epoch(tmp_pa
     numpy.testing.assert_array_equal(model.flat_params, straight)
 
 
+def test_a_next_fit_goes_on_with_the_last_fits_early_stopping_as_from_its_checkpoint(tmp_path):
+    """A second fit with a new EarlyStopping counts its patience and best epoch on from the first fit's, in
+    memory as after load_checkpoint: the same epochs trained, the same best weights put back."""
+    rng = numpy.random.default_rng(0)
+    x, xv = rng.standard_normal((96, 8)).astype(numpy.float32), rng.standard_normal((40, 8)).astype(numpy.float32)
+    y, yv = rng.integers(0, 3, 96), rng.integers(0, 3, 40)
+
+    def trainer():
+        model = nn.Sequential(nn.Dense(8, 16, activation="relu"), nn.Dense(16, 3), seed=1)
+        return nn.Trainer(model, optimizer=nn.SGD(lr=0.3, momentum=0.9), batch_size=16, seed=3, quiet=True)
+
+    def fit(run):
+        run.fit(x, y, epochs=3, validation_data=(xv, yv), callbacks=[nn.EarlyStopping(patience=3)])
+
+    in_memory = trainer()
+    fit(in_memory)
+    in_memory.save_checkpoint(tmp_path / "run.npz")
+    fit(in_memory)
+    resumed = trainer().load_checkpoint(tmp_path / "run.npz")
+    fit(resumed)
+    losses = in_memory.history["val_loss"]
+    assert in_memory.epoch == resumed.epoch == 4 and losses == resumed.history["val_loss"]
+    assert min(losses) == losses[0]  # so epoch 1 is the best, patience 3 ends the run after epoch 4
+    numpy.testing.assert_array_equal(in_memory.model.flat_params, resumed.model.flat_params)
+    assert in_memory.evaluate(xv, yv)["loss"] == pytest.approx(losses[0], rel=1e-6)
+
+
 def test_a_refused_checkpoint_leaves_the_trainer_as_it_was(tmp_path):
     """Refused for a mid-epoch batch of another size, another optimizer or a missing buffer: nothing of
     the checkpoint (weights, optimizer steps, resume point) is taken first."""
