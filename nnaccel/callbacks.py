@@ -184,24 +184,27 @@ class CSVLogger(Callback):
 
     With ``append`` an existing file keeps its columns; a metric it lacks (``val_loss`` in a
     later fit with validation data) widens the header, the file rewritten atomically with
-    empty cells in the rows before.
+    empty cells in the rows before. Without, a file there is replaced (as Keras's is) when the
+    first epoch ends: a fit that ends before (stopped, or an error) leaves it as it was.
     """
 
     def __init__(self, path, append=False):
         self.path = Path(path)
         self.append = append
+        self._replacing = False
 
     def on_train_begin(self, trainer):
-        if not self.append and self.path.exists():
-            self.path.unlink()
-        self._rows()  # a file it could not append to is refused before the first epoch
+        self._replacing = not self.append
+        if self.append:
+            self._rows()  # a file it could not append to is refused before the first epoch
 
     def on_epoch_end(self, trainer, logs):
-        header, *rows = self._rows() or [[]]
+        header, *rows = [[]] if self._replacing else self._rows() or [[]]
         added = [key for key in logs if key not in header]
         try:
-            if header and added:
+            if self._replacing or (header and added):
                 self._rewrite(header + added, rows, logs)
+                self._replacing = False
                 return
             text = io.StringIO(newline="")
             writer = csv.writer(text)
@@ -215,9 +218,11 @@ class CSVLogger(Callback):
     def _append(self, data):
         """``data`` at the end of the file, or none of it when a write fails (a full disk): a row cut short
         would be read back, and appended to, as a row of the log."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             start = os.lseek(fd, 0, os.SEEK_END)
+            if start and os.pread(fd, 1, start - 1) != b"\n":  # a last line without its end (an editor's)
+                data = b"\r\n" + data
             try:
                 view = memoryview(data)
                 while view:

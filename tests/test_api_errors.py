@@ -263,6 +263,31 @@ def test_csv_log_started_with_validation_leaves_the_missing_cells_empty(tmp_path
     assert second[header.index("val_loss")] == "" and second[header.index("epoch")] == "2"
 
 
+def test_a_fresh_csv_log_replaces_the_old_one_only_when_its_first_epoch_ends(tmp_path):
+    """Without append the file there is replaced, as Keras's is, but only by a fit that logs an epoch: one
+    stopped before its first step (or failing before its first epoch ends) keeps the old log."""
+    path = tmp_path / "log.csv"
+    path.write_text("epoch,loss\n1,0.5\n")
+    trainer = _trainer()
+    trainer.request_stop()
+    trainer.fit(X, Y, callbacks=[nn.CSVLogger(path)])
+    assert trainer.epoch == 0 and path.read_text() == "epoch,loss\n1,0.5\n"
+    trainer.fit(X, Y, epochs=2, callbacks=[nn.CSVLogger(path)])
+    header, *rows = _rows(path)
+    assert header[:2] == ["epoch", "loss"] and [row[0] for row in rows] == ["1", "2"]
+
+
+def test_a_csv_log_whose_last_line_has_no_end_gets_its_own_row(tmp_path):
+    """A log saved by an editor without its final newline: the appended row starts a line of its own."""
+    path = tmp_path / "log.csv"
+    trainer = _trainer()
+    trainer.fit(X, Y, callbacks=[nn.CSVLogger(path)])
+    path.write_bytes(path.read_bytes().rstrip(b"\r\n"))
+    trainer.fit(X, Y, callbacks=[nn.CSVLogger(path, append=True)])
+    header, *rows = _rows(path)
+    assert [row[0] for row in rows] == ["1", "2"] and [len(row) for row in rows] == [len(header)] * 2
+
+
 @pytest.mark.parametrize("content, error", [("epoch,loss\n1,0.5\n".encode("utf-16"), "UnicodeDecodeError"),
                                             (b"epoch,loss\n1," + b"9" * 200_000 + b"\n", "field larger than")],
                          ids=["utf-16", "a huge field"])
