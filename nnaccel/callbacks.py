@@ -46,6 +46,10 @@ class _Monitor:
                                       "min_delta", allow_zero=True)
         self.best = math.inf
 
+    def watching(self):
+        """Whether it reads ``monitor`` from the logs at all."""
+        return True
+
     def improved(self, logs):
         if self.monitor not in logs:
             raise ConfigError(f"cannot monitor {self.monitor!r}: the logs have {', '.join(logs)} "
@@ -57,8 +61,19 @@ class _Monitor:
         return False
 
 
+def check_no_validation_monitored(callbacks):
+    """A ConfigError before training, not after its first epoch, for a callback watching a val_* metric of a
+    fit given no validation data."""
+    for callback in callbacks:
+        if isinstance(callback, _Monitor) and callback.watching() and callback.monitor.startswith("val_"):
+            raise ConfigError(f"{type(callback).__name__} monitors {callback.monitor!r}, but fit has no "
+                              f"validation_data: give validation_data=(x, y), or monitor "
+                              f"{callback.monitor[len('val_'):]!r}")
+
+
 class EarlyStopping(Callback, _Monitor):
-    """Stop when ``monitor`` has not improved for ``patience`` epochs.
+    """Stop when ``monitor`` has not improved for ``patience`` epochs (0, Keras's default, stops at the first
+    epoch that does not improve, as 1 does).
 
     With ``restore_best_weights`` (the default here, unlike Keras) the model
     ends with the weights of its best epoch, whether it stopped early or ran
@@ -74,7 +89,7 @@ class EarlyStopping(Callback, _Monitor):
 
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto", restore_best_weights=True):
         _Monitor.__init__(self, monitor, mode, min_delta)
-        self.patience = check_int(patience, "patience")
+        self.patience = check_int(patience, "patience", minimum=0)  # 0 stops where 1 does, as in Keras
         self.restore_best_weights = restore_best_weights
 
     def on_train_begin(self, trainer):
@@ -169,6 +184,9 @@ class ModelCheckpoint(Callback, _Monitor):
             raise ConfigError(f"ModelCheckpoint path {self.path!r} is not a template of {{epoch}} only "
                               f"({type(error).__name__}: {error}); write {{{{ and }}}} for braces") from None
         self.save_best_only = save_best_only
+
+    def watching(self):
+        return self.save_best_only
 
     def on_train_begin(self, trainer):
         self.best = min((self.sign * value for value in trainer.history.get(self.monitor, [])

@@ -19,7 +19,7 @@ import time
 import numpy
 
 from . import checkpoint, losses, optimizers
-from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves
+from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves, check_no_validation_monitored
 from .backend import PRECISIONS, array_device
 from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError, check_array, check_int
 from .layers import BatchNorm, RandomLayer
@@ -245,6 +245,8 @@ class Trainer:
         self._take_last_weights()
         if validation_data is not None:
             validation_data = self.prepare(*validation_data, what="validation x")
+        else:
+            check_no_validation_monitored(callbacks)
         self._fit_finished = False
         self.stop_training = self.interrupted = self._stop_requested
         last_epoch = self.epoch + epochs

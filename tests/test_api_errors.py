@@ -65,6 +65,12 @@ API_ERRORS = [
     ("EarlyStopping monitor None", lambda: nn.EarlyStopping(monitor=None), nn.ConfigError,
      "monitor must name a logged metric"),
     ("ModelCheckpoint monitor 3", lambda: nn.ModelCheckpoint("m.npz", monitor=3), nn.ConfigError, "monitor"),
+    ("EarlyStopping of val_loss, no validation", lambda: _trainer().fit(X, Y, callbacks=[nn.EarlyStopping()]),
+     nn.ConfigError, r"EarlyStopping monitors 'val_loss', but fit has no validation_data: give "
+                     r"validation_data=\(x, y\), or monitor 'loss'"),
+    ("best-only ModelCheckpoint of val_accuracy, no validation",
+     lambda: _trainer(callbacks=[nn.ModelCheckpoint("m.npz", monitor="val_accuracy", save_best_only=True)]).fit(X, Y),
+     nn.ConfigError, "ModelCheckpoint monitors 'val_accuracy', but fit has no validation_data"),
     *[(f"{cls.__name__}(model.parameters()){extra}", (lambda cls=cls, kw=kw: cls(_trainer().model.parameters(), **kw)),
        nn.ConfigError, rf"{cls.__name__} takes no parameters: the Trainer updates its model's; make it as "
                        rf"nn.{cls.__name__}\(lr=...\), not nn.{cls.__name__}\(model.parameters\(\), ...\)")

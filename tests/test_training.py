@@ -185,6 +185,20 @@ def test_a_next_fit_goes_on_with_the_last_fits_early_stopping_as_from_its_checkp
     assert in_memory.evaluate(xv, yv)["loss"] == pytest.approx(losses[0], rel=1e-6)
 
 
+def test_early_stopping_patience_0_stops_at_the_first_epoch_without_improvement_as_in_keras():
+    rng = numpy.random.default_rng(0)
+    x, xv = rng.standard_normal((96, 8)).astype(numpy.float32), rng.standard_normal((40, 8)).astype(numpy.float32)
+    y, yv = rng.integers(0, 3, 96), rng.integers(0, 3, 40)
+    with pytest.raises(nn.ConfigError, match="patience must be a non-negative integer, got -1"):
+        nn.EarlyStopping(patience=-1)
+    for patience in (0, 1):
+        model = nn.Sequential(nn.Dense(8, 16, activation="relu"), nn.Dense(16, 3), seed=1)
+        trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.3, momentum=0.9), batch_size=16, seed=3, quiet=True)
+        trainer.fit(x, y, epochs=5, validation_data=(xv, yv), callbacks=[nn.EarlyStopping(patience=patience)])
+        losses = trainer.history["val_loss"]
+        assert trainer.epoch == 2 and losses[1] > losses[0], (patience, losses)
+
+
 def test_a_refused_checkpoint_leaves_the_trainer_as_it_was(tmp_path):
     """Refused for a mid-epoch batch of another size, another optimizer or a missing buffer: nothing of
     the checkpoint (weights, optimizer steps, resume point) is taken first."""
