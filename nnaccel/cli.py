@@ -233,11 +233,13 @@ def _check_ranges_against_data(args, trainer, samples):
                            f"sample for training and 1 for validation")
     train_samples, ranks, batch = samples - held_out, trainer.world_size, trainer.batch_size
     if train_samples < ranks:
-        raise _refusal(f"--validation-split {args.validation_split} leaves {train_samples} training samples for "
+        raise _refusal(f"--validation-split {args.validation_split} leaves {train_samples} training "
+                       f"sample{'s' * (train_samples != 1)} for "
                        f"{ranks} ranks: each rank needs at least 1")
     if batch * ranks > train_samples:
         option = f"the batch size of {args.resume}" if args.resume else "--batch-size"
-        within = f"the {train_samples} training samples" + (f" over {ranks} ranks" if ranks > 1 else "")
+        within = (f"the {train_samples} training sample{'s' * (train_samples != 1)}"
+                  + (f" over {ranks} ranks" if ranks > 1 else ""))
         raise _refusal(f"{option} must be {describe_range(1, train_samples // ranks, integer=True)} ({within}), "
                        f"got {batch}")
     if args.augment and not args.resume:

@@ -220,6 +220,8 @@ def test_settings_that_cannot_take_effect_are_warned_about(capsys, tmp_path, mon
                                 "got -inf (see 'nnaccel train --help')"),
     ([*TRAIN, "--batch-size", "5000"], "nnaccel train: error: --batch-size must be a positive integer up to 819 "
                                        "(the 819 training samples), got 5000"),
+    ([*TRAIN, "--batch-size", "2", "--validation-split", "0.999"], "nnaccel train: error: --batch-size must be a "
+     "positive integer up to 1 (the 1 training sample), got 2"),
 ])
 def test_the_command_says_the_range_in_one_line(args, expected, tmp_path):
     run = subprocess.run([sys.executable, "-m", "nnaccel.cli", *args], capture_output=True, text=True,
