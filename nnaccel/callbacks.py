@@ -82,9 +82,9 @@ class EarlyStopping(Callback, _Monitor):
 
     A checkpoint keeps what it needs to go on (``state``): the first fit
     after ``Trainer.restore`` counts its patience and its best epoch on from
-    the saved run's, as an uninterrupted run would; so does a next fit of
-    the same trainer from the last fit's (one run in several calls, as the
-    epochs, the schedule and the history are; Keras's starts afresh).
+    the saved run's, as an uninterrupted run would; so does the next fit
+    after one stopped by ``request_stop``. Any other next fit starts afresh,
+    as Keras's does (a second phase of training, on other data or rates).
     """
 
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto", restore_best_weights=True):
@@ -140,7 +140,7 @@ class EarlyStopping(Callback, _Monitor):
         self.since = since
         for epoch, value in zip(range(since + 1, trainer.epoch + 1), values[len(values) - watched:]):
             self._count({"epoch": epoch, self.monitor: value})
-        if self.wait >= self.patience and trainer._resume_point is None:  # it had stopped the run (or was about to)
+        if self.wait and self.wait >= self.patience and trainer._resume_point is None:  # it had stopped the run
             trainer.stop_training = True
             _say(trainer, f"early stopping: {self._why_stopped()}; the resumed run stops before training")
         if not self.restore_best_weights or self.best_epoch is None:

@@ -248,6 +248,7 @@ class Trainer:
         else:
             check_no_validation_monitored(callbacks)
         self._fit_finished = False
+        resumes = self.interrupted and self._fit_callbacks is not None  # the last fit was stopped: go on with it
         self.stop_training = self.interrupted = self._stop_requested
         last_epoch = self.epoch + epochs
         comm = self.communicator or _ONE_PROCESS
@@ -255,7 +256,7 @@ class Trainer:
             callbacks = self._start_distributed(x, callbacks, last_epoch, validation_data, shuffle)
         self._check_batchnorm_steps(x.shape[0], comm.size)
         step, graphed = self._steps(comm)
-        if self._fit_callbacks is not None:  # a next fit goes on from the last one, as from its checkpoint
+        if resumes:  # as from its checkpoint: its EarlyStopping state goes on (a next fit starts afresh, as in Keras)
             self._restored_early_stopping = self._early_stopping_states()
         for callback in callbacks:
             callback.on_train_begin(self)  # a resumed EarlyStopping whose patience is spent stops the run

@@ -158,45 +158,57 @@ def test_a_run_that_ended_on_its_best_weights_goes_on_from_its_last_epoch(tmp_pa
     numpy.testing.assert_array_equal(model.flat_params, straight)
 
 
-def test_a_next_fit_goes_on_with_the_last_fits_early_stopping_as_from_its_checkpoint(tmp_path):
-    """A second fit with a new EarlyStopping counts its patience and best epoch on from the first fit's, in
-    memory as after load_checkpoint: the same epochs trained, the same best weights put back."""
+def _small_run():
+    """Data and a trainer whose validation loss is best after epoch 1 and worse after epochs 2 to 4."""
     rng = numpy.random.default_rng(0)
     x, xv = rng.standard_normal((96, 8)).astype(numpy.float32), rng.standard_normal((40, 8)).astype(numpy.float32)
     y, yv = rng.integers(0, 3, 96), rng.integers(0, 3, 40)
+    model = nn.Sequential(nn.Dense(8, 16, activation="relu"), nn.Dense(16, 3), seed=1)
+    trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.3, momentum=0.9), batch_size=16, seed=3, quiet=True)
+    return trainer, (x, y), (xv, yv)
 
-    def trainer():
-        model = nn.Sequential(nn.Dense(8, 16, activation="relu"), nn.Dense(16, 3), seed=1)
-        return nn.Trainer(model, optimizer=nn.SGD(lr=0.3, momentum=0.9), batch_size=16, seed=3, quiet=True)
 
-    def fit(run):
-        run.fit(x, y, epochs=3, validation_data=(xv, yv), callbacks=[nn.EarlyStopping(patience=3)])
+class _StopAfter(nn.Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
 
-    in_memory = trainer()
-    fit(in_memory)
-    in_memory.save_checkpoint(tmp_path / "run.npz")
-    fit(in_memory)
-    resumed = trainer().load_checkpoint(tmp_path / "run.npz")
-    fit(resumed)
-    losses = in_memory.history["val_loss"]
-    assert in_memory.epoch == resumed.epoch == 4 and losses == resumed.history["val_loss"]
-    assert min(losses) == losses[0]  # so epoch 1 is the best, patience 3 ends the run after epoch 4
-    numpy.testing.assert_array_equal(in_memory.model.flat_params, resumed.model.flat_params)
-    assert in_memory.evaluate(xv, yv)["loss"] == pytest.approx(losses[0], rel=1e-6)
+    def on_epoch_end(self, trainer, logs):
+        if logs["epoch"] == self.epoch:
+            trainer.request_stop()
+
+
+def test_a_fit_after_a_stopped_one_goes_on_with_its_early_stopping_and_any_other_starts_afresh(tmp_path):
+    """Stopped by request_stop, a run goes on in the next fit, in memory as from its checkpoint, with a new
+    EarlyStopping counting on from the stopped one's: the epochs and weights of an unstopped run. A next fit
+    after one that ended starts its EarlyStopping afresh, as Keras does (a second phase of training)."""
+    straight, data, validation = _small_run()
+    straight.fit(*data, epochs=6, validation_data=validation, callbacks=[nn.EarlyStopping(patience=3)])
+    losses = straight.history["val_loss"]
+    assert straight.epoch == 4 and min(losses) == losses[0]  # patience 3 ends it after epoch 4, with epoch 1's
+    stopped, _, _ = _small_run()
+    stopped.fit(*data, epochs=6, validation_data=validation, callbacks=[nn.EarlyStopping(patience=3), _StopAfter(2)])
+    assert stopped.epoch == 2 and stopped.interrupted
+    stopped.save_checkpoint(tmp_path / "run.npz")
+    resumed = _small_run()[0].load_checkpoint(tmp_path / "run.npz")
+    for run in (stopped, resumed):
+        run.fit(*data, epochs=4, validation_data=validation, callbacks=[nn.EarlyStopping(patience=3)])
+        assert run.epoch == 4 and run.history["val_loss"] == losses
+        numpy.testing.assert_array_equal(run.model.flat_params, straight.model.flat_params)
+    straight.fit(*data, epochs=3, validation_data=validation, callbacks=[nn.EarlyStopping(patience=3)])
+    assert straight.epoch == 7  # its best is its own: none of the first fit's patience is left over
 
 
 def test_early_stopping_patience_0_stops_at_the_first_epoch_without_improvement_as_in_keras():
-    rng = numpy.random.default_rng(0)
-    x, xv = rng.standard_normal((96, 8)).astype(numpy.float32), rng.standard_normal((40, 8)).astype(numpy.float32)
-    y, yv = rng.integers(0, 3, 96), rng.integers(0, 3, 40)
     with pytest.raises(nn.ConfigError, match="patience must be a non-negative integer, got -1"):
         nn.EarlyStopping(patience=-1)
     for patience in (0, 1):
-        model = nn.Sequential(nn.Dense(8, 16, activation="relu"), nn.Dense(16, 3), seed=1)
-        trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.3, momentum=0.9), batch_size=16, seed=3, quiet=True)
-        trainer.fit(x, y, epochs=5, validation_data=(xv, yv), callbacks=[nn.EarlyStopping(patience=patience)])
-        losses = trainer.history["val_loss"]
-        assert trainer.epoch == 2 and losses[1] > losses[0], (patience, losses)
+        trainer, data, validation = _small_run()
+        trainer.fit(*data, epochs=5, validation_data=validation, callbacks=[nn.EarlyStopping(patience=patience)])
+        assert trainer.epoch == 2, patience  # epoch 2 is worse than epoch 1
+    trainer, data, validation = _small_run()  # stopped after its best epoch: patience 0 has not run out
+    trainer.fit(*data, epochs=5, validation_data=validation, callbacks=[nn.EarlyStopping(patience=0), _StopAfter(1)])
+    trainer.fit(*data, epochs=4, validation_data=validation, callbacks=[nn.EarlyStopping(patience=0)])
+    assert trainer.epoch == 2
 
 
 def test_a_refused_checkpoint_leaves_the_trainer_as_it_was(tmp_path):
