@@ -390,7 +390,9 @@ def _fit_and_save(trainer, args, data, validation_data):
     if args.early_stopping:
         callbacks.append(EarlyStopping(patience=args.early_stopping))
     if args.csv:
-        callbacks.append(CSVLogger(args.csv, append=bool(args.resume)))
+        # a resumed run appends to the log of the epochs it goes on from; one stopped before its first epoch
+        # ended wrote none, so a log there is an older run's, replaced as a fresh run's would be
+        callbacks.append(CSVLogger(args.csv, append=bool(args.resume) and trainer.epoch > 0))
     with _stopping_on_signals(trainer) as received:
         try:
             trainer.fit(*data, epochs=args.epochs - trainer.epoch, validation_data=validation_data,
@@ -400,6 +402,7 @@ def _fit_and_save(trainer, args, data, validation_data):
                 trainer.save_checkpoint(args.save)
             raise
         if trainer.interrupted:
+            args.stop_checkpoint = args.save or _interrupted_run_file(args.resume)
             trainer.save_checkpoint(args.stop_checkpoint)
         elif args.save and args.early_stopping:  # the best epoch's weights, put back: what train reports
             trainer.save_checkpoint(args.save)
@@ -407,22 +410,21 @@ def _fit_and_save(trainer, args, data, validation_data):
 
 
 def _interrupted_run_file(resume):
-    """Where a run stopped without --save writes its checkpoint: ``nnaccel-interrupted.npz``, or while
-    another run's is there (one not resumed by this run) the first free ``nnaccel-interrupted-N.npz``,
-    so that one stopped run never overwrites another's."""
+    """Where a run stopped without --save writes its checkpoint: the file it resumed from where that is one
+    of these here, else ``nnaccel-interrupted.npz`` or, while another run's is there, the first free
+    ``nnaccel-interrupted-N.npz``: one stopped run never overwrites another's. Picked when the run stops."""
     stem, suffix = os.path.splitext(INTERRUPTED_RUN_FILE)
+    own = os.path.basename(resume or "")
+    if re.fullmatch(rf"{re.escape(stem)}(-[0-9]+)?{re.escape(suffix)}", own) and _same_file(own, resume):
+        return own
     numbered = (f"{stem}-{number}{suffix}" for number in itertools.count(2))
-    return next(path for path in itertools.chain([INTERRUPTED_RUN_FILE], numbered)
-                if not os.path.lexists(path) or (resume and _same_file(path, resume)))
+    return next(path for path in itertools.chain([INTERRUPTED_RUN_FILE], numbered) if not os.path.lexists(path))
 
 
 def _check_outputs(args, trainer=None):
     """Refuse the output files that could not be written: before the data is read, the paths;
     once the trainer is built, the free space its checkpoints need too (room for two where one
-    replaces another: more than one epoch left, or early stopping's save of the best after the last).
-    First it picks where a stop signal's checkpoint goes (``args.stop_checkpoint``)."""
-    if trainer is None:
-        args.stop_checkpoint = args.save or _interrupted_run_file(args.resume)
+    replaces another: more than one epoch left, or early stopping's save of the best after the last)."""
     if args.communicator is not None and args.communicator.rank != 0:  # rank 0 writes for every rank
         return
     if args.save:
@@ -431,7 +433,7 @@ def _check_outputs(args, trainer=None):
         checkpoint.check_writable(args.save, "--save", size, rewritten=left > 1 or bool(args.early_stopping))
     elif trainer is None:
         try:
-            checkpoint.check_writable(args.stop_checkpoint, "the interrupted-run checkpoint")
+            checkpoint.check_writable(_interrupted_run_file(args.resume), "the interrupted-run checkpoint")
         except OutputError as error:
             _say(args, f"warning: {error}; an interrupted run will end without a checkpoint (use --save)")
     if args.csv and trainer is None:

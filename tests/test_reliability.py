@@ -322,7 +322,8 @@ def test_resume_after_epoch_2_equals_4_epochs_straight(tmp_path):
 # nnaccel train, its data load held until the test's signal: the window before training starts.
 def test_a_stopped_run_without_save_keeps_an_earlier_stopped_runs_checkpoint(tmp_path):
     """Without --save a stopped run writes nnaccel-interrupted.npz, or while an earlier run's is there the
-    first free nnaccel-interrupted-N.npz; resumed from its own file, it writes that file again."""
+    first free nnaccel-interrupted-N.npz; resumed from its own file, it writes that file again, even where
+    nnaccel-interrupted.npz is free by then."""
     earlier = tmp_path / "nnaccel-interrupted.npz"
     earlier.write_bytes(b"an earlier run's checkpoint")
     ours = tmp_path / "nnaccel-interrupted-2.npz"
@@ -335,6 +336,36 @@ def test_a_stopped_run_without_save_keeps_an_earlier_stopped_runs_checkpoint(tmp
     assert checkpoint.read(ours)[0]["trainer"]["epoch"] > epoch
     assert earlier.read_bytes() == b"an earlier run's checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == [ours.name, earlier.name]
+    earlier.unlink()
+    epoch = checkpoint.read(ours)[0]["trainer"]["epoch"]
+    rc, err = _interrupt_after(resume, f"epoch {epoch + 2}/", tmp_path)
+    assert rc == 130 and f"checkpoint written to {ours.name};" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ours.name]
+
+
+def test_a_run_stopped_in_its_first_epoch_keeps_the_old_csv_log_and_its_resumed_run_replaces_it(
+        tmp_path, monkeypatch, capsys):
+    """--csv replaces a log there at the first epoch's end: a run stopped before keeps the old one, and its
+    resumed run, with no epoch of its own logged to append to, replaces it rather than append to it."""
+
+    class CtrlCInEpoch1(nn.CSVLogger):
+        def on_batch_end(self, trainer, step, loss):
+            super().on_batch_end(trainer, step, loss)
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.chdir(tmp_path)
+    old = "epoch,loss\n1,9.5\n2,9.25\n"
+    (tmp_path / "log.csv").write_text(old)
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "CSVLogger", CtrlCInEpoch1)
+        assert cli.main([*SMALL, "--epochs", "3", "--quiet", "--save", "ck.npz", "--csv", "log.csv"]) == 130
+    capsys.readouterr()
+    assert checkpoint.read(tmp_path / "ck.npz")[0]["trainer"]["epoch"] == 0
+    assert (tmp_path / "log.csv").read_text() == old
+    assert cli.main(["train", "--resume", "ck.npz", "--save", "ck.npz", "--data", "digits", "--epochs", "2",
+                     "--device", "cpu", "--quiet", "--csv", "log.csv"]) == 0
+    header, *rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert header.startswith("epoch,loss,accuracy") and [row.split(",")[0] for row in rows] == ["1", "2"]
 
 
 HELD_LOAD = """
