@@ -13,7 +13,7 @@ import math
 import numpy
 
 from . import activations
-from .backend.base import Window
+from .backend.base import Window, array_device
 from .errors import ConfigError, ShapeError, check_int, check_number, check_range
 
 
@@ -38,7 +38,8 @@ class Parameter:
                              f"{type(value).__name__}; convert it with model.backend.asarray(...)")
         if tuple(value.shape) != self._data.shape:
             raise ShapeError(f"parameter {self.name} has shape {self._data.shape}, got {tuple(value.shape)}")
-        self._backend.check(value, f"the new data of parameter {self.name}")
+        if array_device(value) is not None or self._backend.name != "cpu":  # a memoryview, h5py data: host memory
+            self._backend.check(value, f"the new data of parameter {self.name}")
         with self._backend.activate():  # cuda:1 copies on GPU 1
             self._data[...] = value
 
@@ -61,11 +62,11 @@ def init_weight(kind, shape, fan_in, fan_out, rng, dtype):
         raise ConfigError(f"unknown init {kind!r}; valid: 'he', 'glorot'")
     weights = numpy.empty(shape, dtype)
     flat = weights.reshape(-1)
-    scale, limit = math.sqrt(2.0 / fan_in), math.sqrt(6.0 / (fan_in + fan_out))
+    he = kind == "he"
+    scale = math.sqrt(2.0 / fan_in) if he else math.sqrt(6.0 / (fan_in + fan_out))  # a deviation, or a limit
     for start in range(0, flat.size, INIT_BLOCK):
         count = min(INIT_BLOCK, flat.size - start)
-        flat[start:start + count] = (rng.standard_normal(count) * scale if kind == "he"
-                                     else rng.uniform(-limit, limit, count))
+        flat[start:start + count] = rng.standard_normal(count) * scale if he else rng.uniform(-scale, scale, count)
     return weights
 
 

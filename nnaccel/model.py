@@ -18,7 +18,7 @@ FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 def check_float_range(xp, given, cast, what):
     """A clear error where ``cast``, the floats ``given`` converted to a narrower float type, holds inf for
     finite values: they are beyond that type's range. NaN or inf already in ``given`` are the caller's to
-    refuse or keep. One pass over ``cast``; ``given`` is read only when something overflowed."""
+    refuse or keep. One pass over ``cast``; ``given`` is read only where ``cast`` holds NaN or inf."""
     if not bool(xp.isfinite(cast).all()) and bool(xp.isfinite(given).all()):
         raise ShapeError(f"{what} has values up to {float(xp.abs(given).max()):g} in size, beyond {cast.dtype}'s "
                          f"range ({float(numpy.finfo(cast.dtype).max):.2g}); scale {what}")

@@ -131,6 +131,13 @@ def test_a_single_callback_counts_as_a_list_of_one():
 
 
 # ----- a layer takes one place in one model ------------------------------------------------------
+def test_a_parameter_on_the_cpu_takes_any_array_of_host_memory():
+    """Not only NumPy arrays: a memoryview (or h5py data, anything NumPy reads with a shape) is copied in."""
+    bias = nn.Sequential(nn.Dense(2, 3)).parameters()[1]
+    bias.data = memoryview(numpy.array([1.0, 2.0, 3.0], numpy.float32))
+    numpy.testing.assert_array_equal(bias.data, [1.0, 2.0, 3.0])
+
+
 def test_a_layer_in_a_living_model_is_refused_and_the_model_stays_as_it_was():
     base = nn.Dense(4, 8, activation="relu")
     first = nn.Sequential(base, nn.Dense(8, 3))
