@@ -296,13 +296,13 @@ class Sequential:
         at a time (by default ``inference_batch()``: 1024, fewer on the CPU for a large convolution)."""
         batch_size = self.inference_batch() if batch_size is None else check_int(batch_size, "predict batch_size")
         ops = self.backend
-        x = ops.asarray(check_array(x, "x") if array_device(x) is None else x, what="x")
-        if x.dtype.kind in "fiu":
-            x = self.to_model_dtype(x, "x")
-        self.check_input(x)
         was_training, self.training = self.training, False
         try:
-            with ops.activate():
+            with ops.activate():  # the conversion too: on cuda:1 its result is on GPU 1
+                x = ops.asarray(check_array(x, "x") if array_device(x) is None else x, what="x")
+                if x.dtype.kind in "fiu":
+                    x = self.to_model_dtype(x, "x")
+                self.check_input(x)
                 parts = [ops.to_host(self._forward(x[i:i + batch_size]))
                          for i in range(0, x.shape[0], batch_size)]
         finally:

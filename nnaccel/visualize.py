@@ -50,9 +50,10 @@ def layer_activations(model, x):
     x = numpy.asarray(x, dtype=model.dtype).ravel()
     if x.size != model.in_features:
         raise ShapeError(f"x has {x.size} values but the model takes {model.in_features} inputs")
-    values = model.backend.asarray(x.reshape((1,) + model.input_shape))
-    return [numpy.array(model.backend.to_host(layer.in_dtype(values, model.dtype, "output"))[0])  # a copy
-            for layer, values in zip(model.layers, model._layer_outputs(values, training=False))]
+    with model.backend.activate():  # on cuda:1, GPU 1
+        values = model.backend.asarray(x.reshape((1,) + model.input_shape))
+        return [numpy.array(model.backend.to_host(layer.in_dtype(values, model.dtype, "output"))[0])  # a copy
+                for layer, values in zip(model.layers, model._layer_outputs(values, training=False))]
 
 
 def confusion_matrix(y_true, y_pred, classes):

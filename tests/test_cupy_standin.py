@@ -10,6 +10,7 @@ import numpy
 import pytest
 
 import nnaccel as nn
+from nnaccel import visualize
 from emulated_cuda import ENV
 
 pytestmark = pytest.mark.usefixtures("emulated")
@@ -154,6 +155,21 @@ def test_cuda_1_loads_moves_prepares_and_steps_on_the_second_device(cp, tmp_path
     assert xb.device.id == 1 and yb.device.id == 1
     loss, _ = resumed.train_step(xb[:32], yb[:32])
     assert numpy.isfinite(resumed.model.backend.to_host(loss)).all()
+
+
+def test_cuda_1_predicts_and_shows_activations_of_inputs_in_another_dtype(cp):
+    """predict converts uint8 or float64 inputs on the model's device; layer_activations runs there too."""
+    x = numpy.random.default_rng(0).integers(0, 256, (8, 12), dtype=numpy.uint8)
+
+    def build(device):
+        return nn.Sequential(nn.Dense(12, 16, activation="relu"), nn.Dense(16, 3), device=device, seed=3)
+
+    model, reference = build("cuda:1"), build("cpu")
+    expected = reference.predict(x.astype(numpy.float32))
+    for given in (x, x.astype(numpy.float64)):
+        numpy.testing.assert_allclose(model.predict(given), expected, rtol=1e-5, atol=1e-4)
+    activations = visualize.layer_activations(model, x[0].astype(numpy.float32))
+    numpy.testing.assert_allclose(activations[-1], expected[0], rtol=1e-5, atol=1e-4)
 
 
 def test_from_torch_onto_cuda_1(cp):
