@@ -691,12 +691,12 @@ def cmd_evaluate(args):
     device = resolve_device(args.device)
     meta, arrays = checkpoint.read(args.model)
     model = checkpoint.model_from(meta, arrays, args.model, device)
-    loss = losses.get((meta.get("trainer") or {}).get("loss"))
+    loss = _trained_with(meta)
     x, y, args.split = _evaluation_data(args, meta)
     _check_data_fits(model, x, args, args.split, args.model)
     result = Trainer(model, loss=loss, quiet=True).evaluate(x, y)
     if args.confusion or args.errors:
-        probs = visualize.predict_proba(model, x)
+        probs = visualize.predict_proba(model, x, loss)
     if args.errors:  # first: only this picture can be refused for the data (images that are not square)
         visualize.plot_errors(x, y, probs, args.errors)
         _say(args, f"worst-classified images written to {args.errors}")
@@ -716,10 +716,22 @@ def cmd_evaluate(args):
     return 0
 
 
+def _trained_with(meta):
+    """The loss a checkpoint's model was trained with (softmax cross-entropy for a model saved alone):
+    it says what the model's outputs are, logits or probabilities."""
+    return losses.get((meta.get("trainer") or {}).get("loss"))
+
+
+def _load_trained(args):
+    """The model of ``args.model`` on ``--device`` and the loss it was trained with."""
+    meta, arrays = checkpoint.read(args.model)
+    return checkpoint.model_from(meta, arrays, args.model, resolve_device(args.device)), _trained_with(meta)
+
+
 def cmd_predict(args):
-    model = checkpoint.load(args.model, device=resolve_device(args.device))
+    model, loss = _load_trained(args)
     inputs = numpy.stack([images.prepare_for_model(path, model.in_features) for path in args.images])
-    for path, probs in zip(args.images, visualize.predict_proba(model, inputs)):
+    for path, probs in zip(args.images, visualize.predict_proba(model, inputs, loss)):
         top = numpy.argsort(-probs, kind="stable")[:3]
         if args.json:
             print(json.dumps({"file": path, "digit": int(top[0]),
@@ -734,12 +746,13 @@ def cmd_show(args):
         raise ConfigError("show needs --weights FILE.png and/or --activations IMAGE --out FILE.png")
     if bool(args.activations) != bool(args.out):
         raise ConfigError("--activations IMAGE and --out FILE.png go together")
-    model = checkpoint.load(args.model, device=resolve_device(args.device))
+    model, loss = _load_trained(args)
     if args.weights:
         visualize.plot_weights(model, args.weights)
         _say(args, f"first-layer weights written to {args.weights}")
     if args.activations:
-        visualize.plot_activations(model, images.prepare_for_model(args.activations, model.in_features), args.out)
+        visualize.plot_activations(model, images.prepare_for_model(args.activations, model.in_features), args.out,
+                                   loss)
         _say(args, f"activations of {args.activations} written to {args.out}")
     return 0
 

@@ -11,6 +11,7 @@ import math
 
 import numpy
 
+from . import losses
 from .checkpoint import atomic_write
 from .errors import ConfigError, ShapeError
 from .layers import Conv2D, Dense, Maxout, RandomLayer
@@ -25,16 +26,35 @@ def softmax(logits):
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def predict_proba(model, x):
-    """Class probabilities for the rows of ``x``."""
-    return _as_probabilities(model, model.predict(x))
+def sigmoid(logits):
+    """Element-wise probabilities from logits, without overflow for any magnitude."""
+    return 0.5 + 0.5 * numpy.tanh(0.5 * numpy.asarray(logits, dtype=numpy.float64))
 
 
-def _as_probabilities(model, outputs):
-    """A model's outputs as probabilities: their softmax, unless the output layer already applies one."""
-    if getattr(getattr(_output_layer(model), "activation", None), "name", None) == "softmax":
-        return numpy.asarray(outputs, dtype=numpy.float64)
-    return softmax(outputs)
+def predict_proba(model, x, loss=None):
+    """Class probabilities for the rows of ``x``, one column per class, from the outputs of ``model``
+    trained with ``loss`` (a name or a Loss; by default softmax cross-entropy, whose outputs are logits)."""
+    return _as_probabilities(model, model.predict(x), loss)
+
+
+def _as_probabilities(model, outputs, loss=None):
+    """A model's outputs as class probabilities. Those of an output layer with a softmax or a sigmoid are
+    probabilities already, and those of a model trained with mse its estimates of the one-hot targets:
+    they stay as they are; logits go through the sigmoid for sigmoid_cross_entropy (a probability per
+    class, as in multi-label training) or else the softmax. One output is a binary classifier: its
+    probability ``p`` of class 1 (a logit through the sigmoid) gives the two columns ``1 - p`` and ``p``."""
+    outputs = numpy.asarray(outputs, dtype=numpy.float64)
+    activation = getattr(getattr(_output_layer(model), "activation", None), "name", None)
+    trained_with = losses.get(loss).name
+    if activation == "softmax":
+        return outputs
+    if activation == "sigmoid" or trained_with == "mse":
+        probabilities = outputs
+    elif trained_with == "sigmoid_cross_entropy" or outputs.shape[-1] == 1:
+        probabilities = sigmoid(outputs)
+    else:
+        return softmax(outputs)
+    return numpy.concatenate([1 - probabilities, probabilities], axis=-1) if outputs.shape[-1] == 1 else probabilities
 
 
 def _output_layer(model):
@@ -127,16 +147,17 @@ def plot_weights(model, path):
     plt.close(figure)
 
 
-def plot_activations(model, x, path):
+def plot_activations(model, x, path, loss=None):
     """Every layer's activations for one input as a PNG: the input image, then one panel per layer.
 
     Convolution and pooling outputs are drawn as their feature maps, one tile
     per channel; layers wider than 32 as a grid of cells, narrower ones and
     the output layer as bars. Layers that only reshape or pass their input
-    through at inference (Flatten, Dropout, RandomShift) get no panel.
+    through at inference (Flatten, Dropout, RandomShift) get no panel. The
+    prediction's probability is ``predict_proba``'s for a model trained with ``loss``.
     """
     outputs = layer_activations(model, x)
-    probabilities = _as_probabilities(model, outputs[-1])
+    probabilities = _as_probabilities(model, outputs[-1], loss)
     panels = [(index, layer, values) for index, (layer, values) in enumerate(zip(model.layers, outputs))
               if layer.params or values.ndim == 3]
     plt = pyplot()
@@ -155,7 +176,7 @@ def plot_activations(model, x, path):
             axis.set_title(f"layer {index}: {type(layer).__name__}\n{values.shape[0]} maps of "
                            f"{values.shape[1]}x{values.shape[2]}")
         elif layer is _output_layer(model):
-            predicted = int(values.argmax())
+            predicted = int(probabilities.argmax())
             colours = ["tab:red" if c == predicted else "tab:gray" for c in range(values.size)]
             axis.bar(range(values.size), values, color=colours)
             axis.set_xticks(range(values.size))

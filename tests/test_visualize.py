@@ -1,5 +1,6 @@
 """Pictures of what a net learned: the numbers behind them, and each picture command's PNG."""
 
+import json
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 from PIL import Image
 
 import nnaccel as nn
-from nnaccel import cli, datasets, visualize
+from nnaccel import cli, datasets, images, visualize
 from tolerances import assert_within, difference_bound, softmax_difference_bound
 
 
@@ -43,6 +44,33 @@ def test_softmax_is_stable():
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
     np.testing.assert_allclose(probs[0], [1, 0, 0], atol=1e-12)
     np.testing.assert_allclose(probs[1], 1 / 3)
+
+
+def _sigmoid(z):
+    return 1 / (1 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
+@pytest.mark.parametrize("outputs, activation, loss, expected", [
+    (10, None, None, lambda z: visualize.softmax(z)),
+    (10, "softmax", None, lambda p: p),
+    (10, "sigmoid", "mse", lambda p: p),
+    (10, None, "sigmoid_cross_entropy", _sigmoid),
+    (10, None, "mse", lambda p: p),
+    (1, None, None, lambda z: np.hstack([1 - _sigmoid(z), _sigmoid(z)])),
+    (1, None, "sigmoid_cross_entropy", lambda z: np.hstack([1 - _sigmoid(z), _sigmoid(z)])),
+    (1, "sigmoid", "sigmoid_cross_entropy", lambda p: np.hstack([1 - p.astype(np.float64), p])),
+    (1, None, "mse", lambda p: np.hstack([1 - p.astype(np.float64), p])),
+], ids=["logits", "softmax", "sigmoid", "sigmoid_cross_entropy", "mse", "one logit", "one logit bce",
+        "one sigmoid", "one mse"])
+def test_probabilities_are_what_the_output_layer_and_the_loss_make_of_the_outputs(outputs, activation, loss,
+                                                                                   expected):
+    """Logits through the loss's link (softmax, or sigmoid for sigmoid_cross_entropy), an output layer's
+    probabilities and mse's estimates as they are; one output is a binary classifier of two columns."""
+    x = np.random.default_rng(0).random((6, 5)).astype(np.float32)
+    model = nn.Sequential(nn.Dense(5, 8, activation="tanh"), nn.Dense(8, outputs, activation=activation), seed=1)
+    probabilities = visualize.predict_proba(model, x, loss)
+    np.testing.assert_allclose(probabilities, expected(model.predict(x)), rtol=1e-12, atol=1e-15)
+    assert probabilities.shape == (6, max(outputs, 2)) and probabilities.dtype == np.float64
 
 
 def test_confusion_matrix_and_most_confused():
@@ -92,6 +120,25 @@ def test_evaluate_confusion_and_errors(digits_model, tmp_path):
     assert "test accuracy" in run.stdout and "most confused (true -> predicted: count): " in run.stdout
     assert_picture(tmp_path / "c.png", (446, 388))
     assert_picture(tmp_path / "e.png", (468, 579))
+
+
+def test_predict_and_show_name_a_binary_models_class_by_its_sigmoid(digits_model, tmp_path, capsys):
+    """A one-output model trained with sigmoid_cross_entropy predicts class 1 where its logit is above 0,
+    with the sigmoid's probability (not a softmax of one column, always 1)."""
+    _, _, digit = digits_model
+    x, y = datasets.load_digits("train")
+    model = nn.Sequential(nn.Dense(64, 16, activation="relu"), nn.Dense(16, 1), seed=0)
+    trainer = nn.Trainer(model, loss="sigmoid_cross_entropy", batch_size=64, seed=0, quiet=True)
+    trainer.fit(x, (y == 0).astype(np.float32)[:, None], epochs=2)
+    trainer.save_checkpoint(tmp_path / "zero.npz")
+    assert cli.main(["predict", str(tmp_path / "zero.npz"), str(digit), "--json", "--device", "cpu"]) == 0
+    predicted = json.loads(capsys.readouterr().out)
+    p = float(_sigmoid(model.predict(images.prepare_for_model(digit, 64)[None]))[0, 0])
+    assert predicted["digit"] == int(p > 0.5) and predicted["top3"] == [[int(p > 0.5), round(max(p, 1 - p), 4)],
+                                                                        [int(p <= 0.5), round(min(p, 1 - p), 4)]]
+    assert cli.main(["show", str(tmp_path / "zero.npz"), "--activations", str(digit), "--out", str(tmp_path / "a.png"),
+                     "--device", "cpu"]) == 0
+    assert_picture(tmp_path / "a.png", (691, 244))
 
 
 def test_show_needs_a_picture_to_draw(digits_model):
