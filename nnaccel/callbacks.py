@@ -133,7 +133,7 @@ class EarlyStopping(Callback, _Monitor):
         is the best (a checkpoint written before this callback saw that epoch holds older ones)."""
         since, values = state["since"], trainer.history.get(self.monitor, [])
         watched = trainer.epoch - since
-        if not 0 <= watched <= len(values):
+        if not 0 <= watched <= len(values) or any(math.isnan(v) for v in values[len(values) - watched:]):
             _say(trainer, f"warning: the checkpoint's history lacks {self.monitor!r} for the epochs after {since}; "
                           f"EarlyStopping counts its patience from epoch {trainer.epoch + 1}")
             return

@@ -34,13 +34,15 @@ def check_picture_path(path, option):
 
 
 def plot_history(history, path):
-    """Loss and accuracy curves per epoch, training and validation, as a PNG."""
+    """Loss and accuracy curves per epoch, training and validation, as a PNG: gaps where an epoch lacks
+    a value (NaN: a fit without validation). A list not of one value per epoch, which an older history
+    could hold, is left out: its epochs are unknown."""
     plt = pyplot()
     epochs = history.get("epoch", [])
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, metric in zip(axes, ("loss", "accuracy")):
         for prefix, style in (("", "-"), ("val_", "--")):
-            if prefix + metric in history:
+            if len(history.get(prefix + metric, ())) == len(epochs):
                 axis.plot(epochs, history[prefix + metric], style, marker="o",
                           label="validation" if prefix else "training")
         axis.set_xlabel("epoch")

@@ -213,7 +213,8 @@ class Trainer:
         return stack
 
     def fit(self, x, y, epochs=1, validation_data=None, callbacks=(), shuffle=True):
-        """Train ``epochs`` more epochs; returns the history (a dict of per-epoch lists).
+        """Train ``epochs`` more epochs; returns the history (a dict of per-epoch lists, of every fit so
+        far: NaN for the epochs of a fit without validation_data in ``val_*``).
 
         A run stopped by ``request_stop`` mid-epoch returns early; its
         checkpoint resumes at the same step. A non-finite loss raises
@@ -277,8 +278,7 @@ class Trainer:
                     logs.update({f"val_{k}": v for k, v in evaluate(*validation_data).items()})
                 if self.communicator is not None:  # every rank decides (early stopping...) on rank 0's numbers
                     logs = self.communicator.broadcast_object(logs)
-                for key, value in logs.items():
-                    self.history.setdefault(key, []).append(value)
+                self._record(logs)
                 if not self.quiet:
                     print(_epoch_line(logs, last_epoch), file=sys.stderr, flush=True)
                 for callback in callbacks:
@@ -295,6 +295,16 @@ class Trainer:
             for callback in callbacks:
                 callback.on_train_end(self)
         return self.history
+
+    def _record(self, logs):
+        """An epoch's ``logs`` into the history, whose lists stay one value per epoch: NaN for a metric the
+        epoch lacks (validation in only some fits), as CSVLogger leaves its cell empty."""
+        earlier = len(self.history.get("epoch", []))
+        for key, values in self.history.items():
+            if key not in logs:
+                values.append(math.nan)
+        for key, value in logs.items():
+            self.history.setdefault(key, [math.nan] * earlier).append(value)
 
     def _check_batchnorm_steps(self, n, size):
         """A ShapeError before training where a step of ``n`` samples over ``size`` ranks would give a

@@ -262,7 +262,7 @@ def test_csv_log_appended_by_fits_with_other_metrics_stays_aligned(tmp_path):
     table = [dict(zip(header, row)) for row in rows]
     assert [row["epoch"] for row in table] == ["1", "2", "3"]
     assert [row["val_loss"] != "" for row in table] == [False, True, False]
-    assert float(table[1]["val_loss"]) == pytest.approx(trainer.history["val_loss"][0])
+    assert float(table[1]["val_loss"]) == pytest.approx(trainer.history["val_loss"][1])  # epoch 2's, as the row
     assert not list(tmp_path.glob(".log.csv.*"))  # the rewrite left no temporary file
 
 

@@ -55,6 +55,17 @@ def test_train_save_evaluate_json(tmp_path):
     assert run.returncode == 0 and "test accuracy" in run.stdout
 
 
+def test_plot_of_a_run_resumed_without_validation_draws_its_curves(tmp_path):
+    """Validation in the first epoch only: --plot draws the validation curve where it has values."""
+    small = ["--data", "digits", "--device", "cpu", "--quiet"]
+    run = nnaccel("train", *small, "--layers", "64,16,10", "--epochs", 1, "--save", "m.npz", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    run = nnaccel("train", *small, "--resume", "m.npz", "--epochs", 2, "--validation-split", 0, "--plot",
+                  "curves.png", cwd=tmp_path)
+    assert run.returncode == 0 and not run.stderr, run.stderr
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
 @pytest.mark.parametrize("net", [["--layers", "784,32,10"], ["--model", "mlp"]], ids=["layers", "preset"])
 def test_an_mlp_trains_with_augment_and_the_mlp_preset_fits_any_width(tmp_path, net):
     """--augment puts RandomShift and a Flatten before an MLP; the mlp preset takes the data's width."""

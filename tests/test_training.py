@@ -390,6 +390,23 @@ def test_callbacks(tmp_path):
     assert nn.Trainer(restored, quiet=True).evaluate(xv, yv)["loss"] == pytest.approx(min(history["val_loss"]), rel=1e-5)
 
 
+def test_the_history_holds_one_value_per_epoch_with_nan_where_a_fit_had_no_validation(tmp_path):
+    """Fits with and without validation data: every list is as long as the epochs, NaN marking the epochs
+    without validation; the curves are drawn with gaps there, and a checkpoint keeps them so."""
+    trainer, data, validation = _small_run()
+    trainer.fit(*data, epochs=1)
+    trainer.fit(*data, epochs=2, validation_data=validation)
+    history = trainer.fit(*data, epochs=1, callbacks=nn.PlotCurves(tmp_path / "curves.png"))
+    assert history["epoch"] == [1, 2, 3, 4] and all(len(values) == 4 for values in history.values())
+    assert numpy.isnan(history["val_loss"][0]) and numpy.isnan(history["val_loss"][3])
+    assert not numpy.isnan(history["val_loss"][1:3]).any() and not numpy.isnan(history["loss"]).any()
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trainer.save_checkpoint(tmp_path / "run.npz")
+    resumed, _, _ = _small_run()
+    resumed.load_checkpoint(tmp_path / "run.npz")
+    assert all(numpy.array_equal(resumed.history[k], v, equal_nan=True) for k, v in history.items())
+
+
 def test_a_resumed_best_only_checkpoint_keeps_the_runs_best_epoch(tmp_path):
     """save_best_only after a resume compares with the epochs the checkpoint's history holds: a worse
     epoch (a rate of 50 blows the loss up) is not written over the run's best."""
