@@ -1,7 +1,7 @@
 """Pictures of handwritten digits turned into model inputs, prepared like the training data.
 
-A photo or drawing (any size, dark ink on light paper or the reverse, colour
-or grey) becomes what a digit net was trained on:
+A photo or drawing (any size up to MAX_PIXELS, dark ink on light paper or the
+reverse, colour or grey) becomes what a digit net was trained on:
 
 * 28x28, as MNIST was made (LeCun et al.): white ink on black, the digit
   scaled to fit a 20x20 box keeping its aspect ratio, then placed so that its
@@ -15,11 +15,13 @@ pixels fainter than INK_THRESHOLD dropped as noise) and the strongest pixel
 of the result is 1, as in the data sets.
 
 What cannot be a picture of a digit is a DataError saying why: a file Pillow
-cannot read, a picture of one uniform colour, one smaller than MIN_SIDE, or
-pixels that are NaN or infinite.
+cannot read, a picture of one uniform colour, one smaller than MIN_SIDE or
+larger than MAX_PIXELS, or pixels that are NaN or infinite.
 """
 
+import math
 import struct
+import warnings
 from pathlib import Path
 
 import numpy
@@ -33,6 +35,14 @@ LUMA = numpy.array([0.299, 0.587, 0.114])  # ITU-R 601 grey, as Pillow's convert
 SIZE_FOR_INPUTS = {784: 28, 64: 8}
 MIN_SIDE = 8  # scikit-learn's digits, the smallest the nets learn from, are 8x8
 DEEP_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # convert("L") would clip these to 0..255
+# Pillow's default MAX_IMAGE_PIXELS, above which it warns of a decompression bomb: a 64-megapixel phone
+# photo fits; larger is refused from the header, before anything is decoded.
+MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# What prepare_for_model turns into floats: larger pictures are first shrunk by whole-pixel block means
+# (a 12-megapixel photo to a quarter of its pixels), which still leave a digit a tenth of the picture high ~100 pixels,
+# more than the 20 or 32 a net's input is drawn at, and keep its float arrays near 100 MB.
+WORKING_PIXELS = 2048 * 2048
+BAND_PIXELS = 2 ** 20  # a shrunk picture is converted a band of rows at a time, so its copies stay small
 DEEP_WHITE = 65535  # white paper under a deep picture's transparent pixels: only 16-bit PNGs have them
 # What Pillow raises for malformed files, besides OSError: its plugins parse with struct and
 # indexing and signal broken headers with SyntaxError.
@@ -46,8 +56,16 @@ def load_image(path):
     depth (preprocess_digit takes any range; squeezing them into 0..255
     would clip a light page and its ink to the same white). Transparent
     pixels are laid over white paper. A photo's EXIF orientation is applied,
-    so a phone picture comes upright. Needs Pillow, imported only here.
+    so a phone picture comes upright. A picture of more than MAX_PIXELS is
+    refused before it is decoded. Needs Pillow, imported only here.
     """
+    return _load(path)
+
+
+def _load(path, shrink_above=None):
+    """load_image's pixels; with ``shrink_above``, a picture of more pixels comes as the float64 means of
+    blocks of pixels (JPEGs decoded at a smaller scale where they can be), so that no full-size copy of
+    it is made beyond the decoded picture."""
     try:
         from PIL import Image, ImageOps
     except ImportError:
@@ -58,21 +76,66 @@ def load_image(path):
                    SPECIAL_FILE if path.exists() else "no such image file")
         raise DataError(f"{path}: {problem}")
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode in DEEP_MODES:  # before RGBA below, which turns all their pixels white
-                pixels = numpy.asarray(image)
-                if "transparency" in image.info:  # a 16-bit PNG's tRNS: one see-through grey
-                    pixels = numpy.where(pixels == image.info["transparency"], DEEP_WHITE, pixels)
-                return pixels
-            if "A" in image.getbands() or "transparency" in image.info:
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-            return numpy.asarray(image.convert("L" if len(image.getbands()) == 1 else "RGB"))
+        with warnings.catch_warnings():  # refused below by size, by name, rather than warned of
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise DataError(f"{path}: the picture is {width}x{height} pixels, too large to read (at most "
+                                f"{MAX_PIXELS:,} pixels, Pillow's decompression-bomb limit): shrink it")
+            factor = _shrink_factor(image.size, shrink_above)
+            if factor > 1:
+                image.draft(image.mode, (width // factor, height // factor))  # JPEG: decoded at 1/2 to 1/8
+            ImageOps.exif_transpose(image, in_place=True)  # no copy of a picture already upright
+            factor = _shrink_factor(image.size, shrink_above)
+            if factor == 1:
+                return _pixels(image)
+            width, height = image.size
+            band = factor * max(1, BAND_PIXELS // (factor * width))
+            return numpy.concatenate([_block_means(_pixels(image.crop((0, top, width, min(top + band, height)))),
+                                      factor) for top in range(0, height, band)])
     except Image.UnidentifiedImageError:  # its message repeats the path
         raise DataError(f"{path}: not a picture Pillow can read (cannot identify image file)") from None
-    except (*PILLOW_ERRORS, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError:  # raised from the header, before the size can be read
+        raise DataError(f"{path}: the picture has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, too large to "
+                        f"read (at most {MAX_PIXELS:,} pixels, Pillow's decompression-bomb limit): shrink it") from None
+    except PILLOW_ERRORS as error:
         raise DataError(f"{path}: not a picture Pillow can read ({str(error) or type(error).__name__})") from None
+
+
+def _pixels(image):
+    """A Pillow picture's pixels as load_image returns them."""
+    from PIL import Image
+
+    if image.mode in DEEP_MODES:  # before RGBA below, which turns all their pixels white
+        pixels = numpy.asarray(image)
+        if "transparency" in image.info:  # a 16-bit PNG's tRNS: one see-through grey
+            pixels = numpy.where(pixels == image.info["transparency"], DEEP_WHITE, pixels)
+        return pixels
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return numpy.asarray(image.convert("L" if len(image.getbands()) == 1 else "RGB"))
+
+
+def _shrink_factor(size, shrink_above):
+    """The side of the pixel blocks that bring a picture of ``size`` to at most about ``shrink_above`` pixels,
+    leaving its shorter side at least MIN_SIDE (too small is said of the picture as it is)."""
+    pixels = size[0] * size[1]
+    if shrink_above is None or pixels <= shrink_above:
+        return 1
+    return max(1, min(math.ceil(math.sqrt(pixels / shrink_above)), min(size) // MIN_SIDE))
+
+
+def _block_means(pixels, factor):
+    """The float64 means of ``factor`` x ``factor`` blocks of (h, w) or (h, w, 3) ``pixels``; those at the
+    right and bottom edges average the pixels they have."""
+    height, width = pixels.shape[:2]
+    rows, cols = numpy.arange(0, height, factor), numpy.arange(0, width, factor)
+    sums = numpy.add.reduceat(numpy.add.reduceat(pixels.astype(numpy.float64), rows, axis=0), cols, axis=1)
+    counts = numpy.outer(numpy.diff(rows, append=height), numpy.diff(cols, append=width))
+    return sums / counts.reshape(counts.shape + (1,) * (pixels.ndim - 2))
 
 
 def preprocess_digit(array, size=28):
@@ -106,7 +169,7 @@ def prepare_for_model(path, n_inputs):
     if n_inputs not in SIZE_FOR_INPUTS:
         raise ConfigError(f"the model takes {n_inputs} inputs; pictures fit only models with 784 "
                           f"(28x28, MNIST) or 64 (8x8, scikit-learn digits) inputs")
-    pixels = load_image(path)
+    pixels = _load(path, shrink_above=WORKING_PIXELS)
     try:
         return preprocess_digit(pixels, SIZE_FOR_INPUTS[n_inputs])
     except DataError as error:

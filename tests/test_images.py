@@ -4,8 +4,11 @@ cannot be a picture of a digit is a DataError naming the file and the problem.""
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -38,6 +41,17 @@ def photo(pixels, side, colour=False, dark_on_light=True):
 
 def save_png(array, path):
     Image.fromarray(array).save(path)
+    return path
+
+
+def png_header(path, width, height):
+    """A grey PNG of ``width`` x ``height`` whose pixel data is cut short: only its header is whole."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                     + chunk(b"IEND", b""))
     return path
 
 
@@ -228,6 +242,89 @@ def test_16_bit_picture_with_a_transparent_grey(tmp_path, transparent):
                                images.prepare_for_model(save_png(picture, tmp_path / "flat.png"), 784), atol=1e-6)
 
 
+def test_pictures_too_large_are_refused_from_their_header(tmp_path):
+    """Above MAX_PIXELS (Pillow's default limit, where it warns of a decompression bomb) and above
+    twice it (where Pillow refuses) a picture is refused by its size, without a warning and before
+    its pixels are decoded: these headers' pixel data is cut short."""
+    huge, bomb = png_header(tmp_path / "huge.png", 10000, 10000), png_header(tmp_path / "bomb.png", 14000, 14000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning let through fails the test
+        assert data_error(lambda: images.prepare_for_model(huge, 784)) == (
+            f"{huge}: the picture is 10000x10000 pixels, too large to read (at most 89,478,485 pixels, "
+            f"Pillow's decompression-bomb limit): shrink it")
+        assert data_error(lambda: images.load_image(bomb)) == (
+            f"{bomb}: the picture has more than 178,956,970 pixels, too large to read (at most 89,478,485 "
+            f"pixels, Pillow's decompression-bomb limit): shrink it")
+    big = png_header(tmp_path / "big.png", 9000, 9000)  # under the limit: decoded, and found cut short
+    assert data_error(lambda: images.load_image(big)).startswith(f"{big}: not a picture Pillow can read (")
+
+
+def seven(shape=(60, 40)):
+    """A dark 7 on white, as grey pixels of ``shape``."""
+    picture = np.full(shape, 255, np.uint8)
+    picture[10:50, 15:25] = picture[10:20, 15:35] = 40
+    return picture
+
+
+def enlarged(pixels, factor=4):
+    return pixels.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+@pytest.mark.parametrize("kind", ["grey", "colour", "see-through ink", "16-bit transparent"])
+def test_large_pictures_are_shrunk_by_block_means(tmp_path, monkeypatch, kind):
+    """prepare_for_model reads a picture over WORKING_PIXELS as the means of blocks of its pixels, a
+    band of rows at a time, transparent ones laid over white first: a picture enlarged 4x gives
+    what the original does, bit for bit."""
+    grey = pixels = seven()
+    if kind == "colour":
+        pixels = np.where(grey[..., None] < 255, np.array(INK, np.uint8), np.array(PAPER, np.uint8))
+    elif kind == "see-through ink":
+        pixels = np.zeros(grey.shape + (4,), np.uint8)
+        pixels[grey < 255] = (0, 0, 90, 160)
+    for name, picture in (("small", pixels), ("large", enlarged(pixels))):
+        if kind == "16-bit transparent":
+            deep = np.where(picture == 255, 0, picture.astype(np.uint16) * 257).astype(np.uint16)
+            Image.fromarray(deep).save(tmp_path / f"{name}.png", transparency=0)
+        else:
+            save_png(picture, tmp_path / f"{name}.png")
+    monkeypatch.setattr(images, "WORKING_PIXELS", grey.size)
+    monkeypatch.setattr(images, "BAND_PIXELS", 2 * grey.shape[1] * 4 * 4)  # bands of 8 rows
+    assert images._load(tmp_path / "large.png", images.WORKING_PIXELS).shape[:2] == grey.shape
+    for n_inputs in (784, 64):
+        np.testing.assert_array_equal(images.prepare_for_model(tmp_path / "large.png", n_inputs),
+                                      images.prepare_for_model(tmp_path / "small.png", n_inputs))
+
+
+def test_shrinking_lays_transparent_pixels_over_white_first(tmp_path, monkeypatch):
+    """White ink on a transparent black page is a blank white picture, shrunk or not (averaged
+    before being laid over white, its blocks at the ink's edges would be grey ink)."""
+    rgba = np.zeros((243, 161, 4), np.uint8)
+    rgba[41:201, 61:99] = 255  # edges inside blocks of 5x5, the shrink factor
+    path = save_png(rgba, tmp_path / "white-ink.png")
+    monkeypatch.setattr(images, "WORKING_PIXELS", 60 * 40)
+    assert data_error(lambda: images.prepare_for_model(path, 784)) == (
+        f"{path}: no digit found: the picture is one uniform colour")
+
+
+def test_large_jpeg_is_decoded_at_a_smaller_scale(tmp_path, monkeypatch):
+    """A JPEG over WORKING_PIXELS is decoded at 1/2 to 1/8 of its size, not decoded whole then shrunk."""
+    Image.fromarray(enlarged(seven())).save(tmp_path / "large.jpg", quality=95)
+    monkeypatch.setattr(images, "WORKING_PIXELS", 60 * 40)
+    pixels = images._load(tmp_path / "large.jpg", images.WORKING_PIXELS)
+    assert pixels.shape == (60, 40) and pixels.dtype == np.uint8  # decoded at a quarter: no block means left
+    assert np.abs(pixels.astype(int) - seven()).max() <= 16  # JPEG's noise
+
+
+def test_shrinking_leaves_the_shorter_side_at_least_min_side(tmp_path, monkeypatch):
+    """A strip 9 pixels high is read whole, never shrunk to fewer than MIN_SIDE rows."""
+    strip = np.full((9, 2000), 255, np.uint8)
+    strip[2:7, 900:904] = 0
+    path = save_png(strip, tmp_path / "strip.png")
+    unshrunk = images.prepare_for_model(path, 784)
+    monkeypatch.setattr(images, "WORKING_PIXELS", 100)
+    np.testing.assert_array_equal(images.prepare_for_model(path, 784), unshrunk)
+
+
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
 def test_exif_orientation_is_applied(tmp_path, suffix):
     """A phone photo stored on its side with EXIF orientation 6 (turn 90 degrees clockwise to view)
@@ -284,6 +381,10 @@ def test_predict_errors_are_one_line(tmp_path):
             ((digits, tmp_path / "black.png"), "black.png: no digit found: the picture is one uniform colour"),
             ((digits, tmp_path / "notes.png"), "notes.png: not a picture Pillow can read (cannot identify image file)"),
             ((digits, tmp_path / "dot.png"), "dot.png: the picture is 1x1 pixels, too small to show a digit"),
+            ((digits, png_header(tmp_path / "huge.png", 10000, 10000)),
+             "huge.png: the picture is 10000x10000 pixels, too large to read"),
+            ((digits, png_header(tmp_path / "bomb.png", 14000, 14000)),
+             "bomb.png: the picture has more than 178,956,970 pixels, too large to read"),
             ((digits, tmp_path), f"{tmp_path}: a folder, not an image file")]:
         run = nnaccel("predict", *args)
         assert run.returncode == 2 and "Traceback" not in run.stderr
