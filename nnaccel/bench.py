@@ -569,7 +569,8 @@ def add_parser(subparsers):
                         help=f"training steps per round (default: enough for about {ROUND_SECONDS} s)")
     parser.add_argument("--threads", type=_integer,
                         help=f"CPU threads for NumPy's BLAS and for PyTorch (default: {default_threads()}, "
-                             "the cores available)")
+                             "the cores available; more share the cores, and the GEMM peak is then timed on "
+                             "the cores)")
     parser.add_argument("--compare", choices=["torch"],
                         help="also time the same step in PyTorch, in alternating rounds, and add the ratio")
     parser.add_argument("--fit", action="store_true",
@@ -591,6 +592,10 @@ def add_parser(subparsers):
 def run(args):
     """Measure the grid the options ask for, print the table, write the JSON and the plot."""
     threads = _positive(args.threads, "--threads") or default_threads()
+    gemm_threads = min(threads, default_threads())
+    if gemm_threads < threads:
+        _say(f"--threads {threads} is more than the {gemm_threads} core(s) this process may run on: the threads "
+             f"share them, and % peak is of the GEMM on {gemm_threads} thread(s), what the cores can do")
     rounds = _positive(args.rounds, "--rounds") or (QUICK["rounds"] if args.quick else ROUNDS)
     steps = _positive(args.steps, "--steps") or (QUICK["steps"] if args.quick else None)
     warmup_s = QUICK["warmup_s"] if args.quick else WARMUP_SECONDS
@@ -625,16 +630,17 @@ def run(args):
     gemm = ", ".join(f"{d} {p['gflops']:,.1f} GFLOP/s ({p['size']}x{p['size']})" for d, p in peaks.items())
     what = (f"whole fit calls of {epochs} epoch(s) on {len(fit[1][0]):,} MNIST images against a plain PyTorch "
             f"loop" if args.fit else "training steps")
+    oversubscribed = f" on {gemm_threads} core(s), the CPU GEMM on {gemm_threads}" if gemm_threads < threads else ""
     print(f"nnaccel {__version__} bench: {what}, float32, SGD(lr={LR}, momentum={MOMENTUM}), {threads} CPU "
-          f"thread{'s' * (threads > 1)}, median of {rounds} round(s); % peak is of the GEMM (float32 "
+          f"thread{'s' * (threads > 1)}{oversubscribed}, median of {rounds} round(s); % peak is of the GEMM (float32 "
           f"operands; bfloat16 under bf16) timed beside each round, median of the paired ratios; at the "
           f"start: {gemm}")
     print(format_table(results))
     if args.json:
         report = {"machine": machine_info(devices, torch),
                   "settings": {"dtype": "float32", "optimizer": {"type": "SGD", "lr": LR, "momentum": MOMENTUM},
-                               "loss": "softmax_cross_entropy", "threads": threads, "rounds": rounds,
-                               "steps": steps or "auto", "warmup_seconds": warmup_s,
+                               "loss": "softmax_cross_entropy", "threads": threads, "gemm_threads": gemm_threads,
+                               "rounds": rounds, "steps": steps or "auto", "warmup_seconds": warmup_s,
                                "settle_seconds_at_most": settle_s, "compare": args.compare,
                                "stopped_early": stopped is not None,
                                "mode": "fit" if args.fit else "step", "precisions": list(precisions),
@@ -661,7 +667,8 @@ def _fit_data(quick, epochs):
 def measure_grid(grid, threads, rounds, steps, warmup_s, settle_s, torch=None, quick=False, fit=None,
                  precisions=("fp32",)):
     """Each device's GEMM peak (the median of ``rounds`` GEMM rounds), then every configuration (steps,
-    or with ``fit = (epochs, data)`` whole fit calls), all under one CPU thread count; steps on a GPU
+    or with ``fit = (epochs, data)`` whole fit calls), all under one CPU thread count (the CPU's GEMM
+    on at most the cores available, whose peak more threads only contend for); steps on a GPU
     in each of ``precisions``, each against GEMM rounds in that precision beside its own rounds (the
     CPU computes fp32 only).
 
@@ -670,6 +677,7 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, settle_s, torch=None, q
     configuration, whose results are kept.
     """
     peaks, gemms, results, stopped = {}, {}, [], None
+    gemm_threads = min(threads, default_threads())
     saved_torch_threads = torch.get_num_threads() if torch is not None else None
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32 if torch is not None else None
     try:
@@ -686,7 +694,8 @@ def measure_grid(grid, threads, rounds, steps, warmup_s, settle_s, torch=None, q
                     with backend.activate():  # cuda:N computes on GPU N
                         if key not in peaks:
                             size = QUICK["gemm_size"] if quick else GEMM_SIZE[device.split(":")[0]]
-                            gemms[key] = gemm_round(backend, size, warmup_s, precision)
+                            gemms[key] = _on_threads(lambda: gemm_round(backend, size, warmup_s, precision),
+                                                     gemm_threads)
                             gflops = statistics.median(gemms[key]() for _ in range(rounds))
                             peaks[key] = {"size": size, "gflops": gflops}
                             operands = "bfloat16" if precision == "bf16" else "float32"
@@ -732,6 +741,18 @@ def _blas_threads(threads):
                               f"pip install 'nnaccel[bench]' (or set OPENBLAS_NUM_THREADS={threads})") from None
         return contextlib.nullcontext()
     return threadpool_limits(limits=threads)
+
+
+def _on_threads(make_round, threads):
+    """``make_round()``'s timed call, made and called with BLAS on ``threads`` threads."""
+    with _blas_threads(threads):
+        timed = make_round()
+
+    def limited():
+        with _blas_threads(threads):
+            return timed()
+
+    return limited
 
 
 def _say(message):

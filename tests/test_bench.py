@@ -251,3 +251,32 @@ def test_a_stop_signal_keeps_the_configurations_measured(tmp_path, monkeypatch, 
     assert calls == [16, 64] and [r["batch"] for r in report["results"]] == [16]
     assert report["settings"]["stopped_early"] is True
     assert "stopped (exit status 143) after 1 configuration(s)" in capsys.readouterr().err
+
+
+def test_threads_beyond_the_cores_time_the_gemm_peak_on_the_cores(tmp_path, monkeypatch, capsys):
+    """--threads above the cores available runs the steps on that many BLAS threads, as PyTorch's
+    set_num_threads would, but the GEMM peak they are a share of on the cores (more threads only
+    contend for them), and the report says so."""
+    threadpool_info = pytest.importorskip("threadpoolctl").threadpool_info  # the bench extra: sets the threads
+
+    def blas_threads():
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    seen = {"gemm": set(), "steps": set()}
+    gemm_round, measure = bench.gemm_round, bench.measure
+
+    def watched_gemm_round(*args):
+        timed = gemm_round(*args)
+        return lambda: seen["gemm"].update(blas_threads()) or timed()
+
+    monkeypatch.setattr(bench, "gemm_round", watched_gemm_round)
+    monkeypatch.setattr(bench, "measure", lambda *args, **kwargs: seen["steps"].update(blas_threads())
+                        or measure(*args, **kwargs))
+    monkeypatch.setattr(bench, "default_threads", lambda: 1)
+    assert cli.main(["bench", "--quick", "--devices", "cpu", "--threads", "3", "--json", str(tmp_path / "b.json")]) == 0
+    assert seen == {"gemm": {1}, "steps": {3}}
+    out, err = capsys.readouterr()
+    assert "--threads 3 is more than the 1 core(s) this process may run on" in err
+    assert "3 CPU threads on 1 core(s), the CPU GEMM on 1," in out
+    settings = json.loads((tmp_path / "b.json").read_text())["settings"]
+    assert (settings["threads"], settings["gemm_threads"]) == (3, 1)
