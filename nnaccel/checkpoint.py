@@ -78,7 +78,10 @@ def check_writable(path, what="checkpoint", size=0, example="model.npz", rewritt
     keeps the last beside the new until the rename). The folder is probed with a real temporary
     file (permissions alone do not say, for root or on a read-only mount). ``example`` is the file
     name suggested when ``path`` is a folder. A symbolic link is checked where it leads, as
-    ``atomic_write`` writes there."""
+    ``atomic_write`` writes there. A name ending in a slash is a folder's, as the system reads it."""
+    if str(path).endswith(("/", os.sep)) and not Path(path).is_dir():  # Path("w.png/") drops the slash
+        raise OutputError(f"{what} {path} names a folder (it ends in '{str(path)[-1]}'), and there is none; to "
+                          f"write a file, drop the '{str(path)[-1]}': {Path(path)}")
     path = Path(path)
     target = _write_target(path, what)
     folder = target.parent

@@ -20,7 +20,9 @@ def pyplot():
 
 def check_picture_path(path, option):
     """Refuse, before any work is done, a picture that cannot be written: no matplotlib,
-    a missing folder, or a format matplotlib does not write."""
+    a missing folder, or a format matplotlib does not write. A name without an extension is
+    refused too, though ``save_figure`` (as matplotlib) would add ``.png``: the command would
+    then write another file than the one it was given."""
     pyplot()
     from matplotlib.backend_bases import FigureCanvasBase
 
@@ -28,6 +30,9 @@ def check_picture_path(path, option):
     if not path.resolve().parent.is_dir():
         raise ConfigError(f"{option} {path}: folder {path.parent} does not exist")
     formats = FigureCanvasBase.get_supported_filetypes()
+    if not path.suffix:
+        raise ConfigError(f"{option} {path} has no extension to name the picture's format; add one, such as "
+                          f"{picture_path(path)}")
     if path.suffix.lower().lstrip(".") not in formats:
         raise ConfigError(f"{option} {path}: cannot draw a '{path.suffix}' file; use one of "
                           f"{', '.join('.' + f for f in sorted(formats))}")

@@ -237,6 +237,12 @@ def test_an_empty_value_is_refused_not_taken_as_left_out(args, what, tmp_path, m
     (["train", "--save", "no/such/dir/m.npz", "--epochs", "1"], "folder no/such/dir does not exist"),
     (["train", "--plot", "curves.xyz"], "--plot curves.xyz: cannot draw a '.xyz' file; use one of"),
     (["train", "--plot", "no/such/dir/c.png"], "--plot no/such/dir/c.png: folder no/such/dir does not exist"),
+    (["show", "missing.npz", "--weights", "w.png/"],
+     "--weights w.png/ names a folder (it ends in '/'), and there is none; to write a file, drop the '/': w.png"),
+    (["export", "missing.npz", "m.onnx/"], "the ONNX file m.onnx/ names a folder (it ends in '/'), and there is none"),
+    (["show", "missing.npz", "--weights", "w"],
+     "--weights w has no extension to name the picture's format; add one, such as w.png"),
+    (["evaluate", "missing.npz", "--errors", "worst"], "--errors worst has no extension"),
     (["train", "--layers", "64,10", "--activation", "bogus"], "unknown activation 'bogus'"),
 ])
 def test_user_errors_are_one_line(args, message, tmp_path):
