@@ -408,17 +408,27 @@ def parse_batches(text):
         raise ConfigError(f"--batches {text!r} is not a list of positive batch sizes like 32,64,256")
     if max(batches) > MAX_BATCH:
         raise ConfigError(f"--batches: each batch size must be from 1 to {MAX_BATCH:,}, got {max(batches):,}")
-    return batches
+    return _once(batches, "--batches")
+
+
+def _once(values, option):
+    """``values`` without repeats, in order, as --devices and --precision take theirs; a repeat (``lenet5`` and
+    ``LENET5``, ``64`` and ``064``) would be timed twice and counted twice in the report, so it is said."""
+    unique = tuple(dict.fromkeys(values))
+    repeated = [str(value) for value in unique if values.count(value) > 1]
+    if repeated:
+        _say(f"{option} names {', '.join(repeated)} more than once: each is timed once")
+    return unique
 
 
 def plan(args, devices):
     """``(device, sizes, batches)`` for every network to run on every device."""
     batches = parse_batches(args.batches) if args.batches else QUICK["batches"] if args.quick else None
+    networks = args.networks and _once([parse_network(name) for name in args.networks.split(",")], "--networks")
     grid = []
     for device in devices:
         defaults = FIT_BATCHES[device.split(":")[0]] if args.fit else DEFAULT_BATCHES
-        names = args.networks.split(",") if args.networks else QUICK["networks"] if args.quick else defaults
-        for name in map(parse_network, names):
+        for name in networks or (QUICK["networks"] if args.quick else defaults):
             if not args.networks and device == "cpu" and name in GPU_ONLY_NETWORKS:
                 continue
             grid.append((device, name, batches or defaults.get(name) or DEFAULT_BATCHES.get(name, OTHER_BATCHES)))

@@ -184,6 +184,19 @@ def test_bench_user_errors_are_one_line(args, message, capsys):
     assert err.startswith("nnaccel bench: error: ") and message in err and err.count("\n") == 1
 
 
+def test_a_network_or_batch_named_twice_is_timed_once(tmp_path, capsys):
+    """Network names are read case-insensitively and layer sizes as numbers: ``lenet5`` and ``LENET5``,
+    ``784-16-10`` and ``784-016-10`` are one network each, timed (and reported) once, as is a batch given
+    twice; the repeats are said, naming the option."""
+    assert cli.main(["bench", "--quick", "--devices", "cpu", "--networks", "784-16-10,784-016-10,LeNet5,lenet5",
+                     "--batches", "16,16", "--json", str(tmp_path / "b.json")]) == 0
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert [(r["network"], r["batch"]) for r in results] == [("784-16-10", 16), ("lenet5", 16)]
+    err = capsys.readouterr().err
+    assert "--networks names 784-16-10, lenet5 more than once: each is timed once" in err
+    assert "--batches names 16 more than once: each is timed once" in err
+
+
 def test_compare_torch_without_torch_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     assert cli.main(["bench", "--quick", "--compare", "torch"]) == 2
