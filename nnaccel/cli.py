@@ -80,7 +80,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # The losses that train on the class labels every data set here has (mse makes them one-hot).
-CLI_LOSSES = sorted(name for name in losses.LOSSES if name != losses.SigmoidCrossEntropy.name)
 
 
 def build_parser():
@@ -127,9 +126,9 @@ def build_parser():
     net.add_argument("--dropout", type=_rate, metavar="RATE",
                      help="Dropout of RATE, in [0, 1), after every hidden Dense layer")
     fit = train.add_argument_group("optimisation")
-    fit.add_argument("--loss", choices=CLI_LOSSES,
-                     help="softmax_cross_entropy (default) or mse (on one-hot labels); sigmoid_cross_entropy takes "
-                          "targets in [0, 1] per output, which no data set here has: use it from Python")
+    fit.add_argument("--loss", choices=sorted(losses.LOSSES),
+                     help="softmax_cross_entropy (default); mse on one-hot labels; sigmoid_cross_entropy on one-hot "
+                          "labels, one-vs-rest (its accuracy per output, as Keras's binary accuracy)")
     fit.add_argument("--optimizer", choices=sorted(optimizers.OPTIMIZERS))
     fit.add_argument("--lr", type=_positive_float, help="learning rate, > 0 (default 0.1 for SGD, 0.001 for Adam; "
                                                         "the default recipe's on 28x28 images)")

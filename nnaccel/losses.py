@@ -86,6 +86,21 @@ def _float_targets(ops, target, outputs, dtype, what):
     return target.astype(dtype, copy=False)
 
 
+def _are_labels(target, outputs):
+    """Whether ``target`` holds integer class labels for a loss that takes rows of ``outputs`` values."""
+    return target.ndim == 1 and target.dtype.kind in "iu" and outputs > 1
+
+
+def _one_hot_or_float_targets(ops, target, outputs, dtype, what):
+    """Integer labels as one-hot rows, any other target as ``_float_targets``."""
+    if not _are_labels(target, outputs):
+        return _float_targets(ops, target, outputs, dtype, what)
+    # An out-of-range label would be an all-zero row. The check needs the labels on the host: the Trainer
+    # prepares a data set once; a direct forward() with integer labels on a GPU pays it each call.
+    check_labels(ops.to_host(target), outputs, what)
+    return one_hot(ops, target, outputs, dtype)
+
+
 class SoftmaxCrossEntropy(Loss):
     """Softmax of the logits, then cross-entropy with integer class labels."""
 
@@ -111,12 +126,7 @@ class MeanSquaredError(Loss):
     name = "mse"
 
     def prepare_targets(self, ops, target, outputs, dtype, what="target"):
-        if target.ndim == 1 and target.dtype.kind in "iu" and outputs > 1:
-            # An out-of-range label would be an all-zero row. The check needs the labels on the host: the
-            # Trainer prepares a data set once; a direct forward() with integer labels on a GPU pays it each call.
-            check_labels(ops.to_host(target), outputs, what)
-            return one_hot(ops, target, outputs, dtype)
-        return _float_targets(ops, target, outputs, dtype, what)
+        return _one_hot_or_float_targets(ops, target, outputs, dtype, what)
 
     def _forward(self, ops, y, target):
         return ops.mse(y, target, self._grad_buffer(ops, y))
@@ -130,14 +140,17 @@ class MeanSquaredError(Loss):
 
 
 class SigmoidCrossEntropy(Loss):
-    """Binary cross-entropy on logits (PyTorch's BCEWithLogitsLoss), targets in [0, 1]."""
+    """Binary cross-entropy on logits (PyTorch's BCEWithLogitsLoss), targets in [0, 1]; integer labels
+    become one-hot (one-vs-rest: each output a binary classifier of its class)."""
 
     name = "sigmoid_cross_entropy"
 
     def prepare_targets(self, ops, target, outputs, dtype, what="target"):
-        return _float_targets(ops, target, outputs, dtype, what)
+        return _one_hot_or_float_targets(ops, target, outputs, dtype, what)
 
     def check_values(self, target, outputs, what="target"):
+        if _are_labels(target, outputs):  # checked, and made one-hot, by prepare_targets
+            return
         target = get_backend(array_device(target)).to_host(target)
         if target.size and (target.min() < 0 or target.max() > 1):
             raise ShapeError(f"{what} range from {target.min():g} to {target.max():g}; binary cross-entropy "

@@ -394,6 +394,18 @@ def test_train_step_takes_integer_labels_for_mse_as_one_hot():
     assert float(loss) == pytest.approx(expected, rel=1e-5)
 
 
+def test_binary_cross_entropy_takes_integer_labels_as_one_hot_rows():
+    """One-vs-rest: labels train, and evaluate, as their one-hot rows do, bit for bit."""
+    histories, scores = [], []
+    for targets in (Y, numpy.eye(3, dtype=numpy.float32)[Y]):
+        trainer = nn.Trainer(nn.Sequential(nn.Dense(4, 3)), loss="sigmoid_cross_entropy", batch_size=4, quiet=True)
+        histories.append(trainer.fit(X, targets, epochs=2))
+        scores.append(trainer.evaluate(X, targets))
+    for key in ("loss", "accuracy"):
+        assert histories[0][key] == histories[1][key]
+    assert scores[0] == scores[1]
+
+
 def test_calling_a_model_is_its_forward_in_its_mode(device):
     """model(x), as PyTorch and Keras users call a model: forward's output and checks, Dropout on in
     training mode only."""

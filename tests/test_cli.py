@@ -55,6 +55,19 @@ def test_train_save_evaluate_json(tmp_path):
     assert run.returncode == 0 and "test accuracy" in run.stdout
 
 
+def test_binary_cross_entropy_trains_one_vs_rest_and_its_model_evaluates(tmp_path):
+    """--loss sigmoid_cross_entropy on a data set's labels (one-hot, one-vs-rest); evaluate and its confusion
+    matrix read the loss from the checkpoint."""
+    run = nnaccel("train", "--data", "digits", "--device", "cpu", "--quiet", "--layers", "64,16,10", "--epochs", 2,
+                  "--loss", "sigmoid_cross_entropy", "--save", "m.npz", "--json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    trained = json.loads(run.stdout)
+    run = nnaccel("evaluate", "m.npz", "--data", "digits", "--split", "validation", "--json", "--confusion",
+                  "cm.png", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["loss"] == trained["loss"] and (tmp_path / "cm.png").stat().st_size > 1000
+
+
 def test_plot_of_a_run_resumed_without_validation_draws_its_curves(tmp_path):
     """Validation in the first epoch only: --plot draws the validation curve where it has values."""
     small = ["--data", "digits", "--device", "cpu", "--quiet"]
@@ -228,7 +241,7 @@ def test_an_empty_value_is_refused_not_taken_as_left_out(args, what, tmp_path, m
     (["train", "--activation", "swishy"], "--activation: unknown activation 'swishy'; valid: linear, relu"),
     (["train", "--activation", "", "--layers", "784,16,10"], "--activation: unknown activation ''"),
     (["train", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
-    (["train", "--loss", "sigmoid_cross_entropy"], "invalid choice: 'sigmoid_cross_entropy' (choose from 'mse', "),
+    (["train", "--loss", "bce"], "invalid choice: 'bce' (choose from 'mse', 'sigmoid_cross_entropy', "),
     (["train", "--device", "tpu"], "unknown device 'tpu'"),
     (["train", "--data", "no/such/folder"], "no/such/folder"),
     (["evaluate", "missing.npz"], "checkpoint missing.npz does not exist"),

@@ -316,10 +316,11 @@ def test_bad_checkpoints_are_refused(tmp_path):
     ("mse", numpy.full(8, -1), "labels must be in \\[0, 2\\]"),
     ("sigmoid_cross_entropy", numpy.full((8, 3), 2.0), "y range from 2 to 2; binary cross-entropy takes targets"),
     ("sigmoid_cross_entropy", numpy.full((8, 3), -0.5), "y range from -0.5 to -0.5"),
+    ("sigmoid_cross_entropy", numpy.full(8, 3), "y range from 3 to 3 but the output layer has 3 units"),
 ])
 def test_every_loss_refuses_targets_out_of_its_range(device, loss, targets, message):
-    """Not only the default loss: MSE's integer labels (an out-of-range one would be an all-zero one-hot
-    row) and binary cross-entropy's targets (in [0, 1])."""
+    """Not only the default loss: MSE's and binary cross-entropy's integer labels (an out-of-range one would
+    be an all-zero one-hot row) and binary cross-entropy's targets (in [0, 1])."""
     trainer = nn.Trainer(nn.Sequential(nn.Dense(4, 3), device=device), loss=loss, quiet=True)
     with pytest.raises(nn.ShapeError, match=message):
         trainer.fit(numpy.ones((8, 4), numpy.float32), targets, epochs=1)
