@@ -171,7 +171,7 @@ class Trainer:
             if ops.name == "cpu":
                 self.loss.check_values(y, model.out_features, "y")
             self._take_last_weights()
-            if self._train_step is None:
+            if self._train_step is None or self._train_step.ops is not ops:  # built anew after model.to
                 self._train_step = _Step(self, _ONE_PROCESS)
             was_training = model.training
             model.train()  # Dropout drops and BatchNorm learns, as in fit; the model's mode comes back after
@@ -626,7 +626,7 @@ class _Step:
 
     def __init__(self, trainer, comm):
         self.trainer, self.comm = trainer, comm
-        ops = trainer.model.backend
+        self.ops = ops = trainer.model.backend  # the device its sums live on
         self.loss_sum, self.correct_sum = ops.zeros((), numpy.float64), ops.zeros((), numpy.float64)
         self.masks = _GlobalDropoutMasks(trainer.model) if comm.size > 1 else None
         self._inputs = {}

@@ -172,6 +172,22 @@ def test_cuda_1_predicts_and_shows_activations_of_inputs_in_another_dtype(cp):
     numpy.testing.assert_allclose(activations[-1], expected[0], rtol=1e-5, atol=1e-4)
 
 
+def test_train_step_goes_on_after_the_model_moves_to_another_device(cp):
+    """Steps on cuda:0, then cuda:1, then the CPU, momentum and all, end where steps on the CPU alone do."""
+    x = numpy.random.default_rng(0).uniform(0, 1, (16, 20)).astype(numpy.float32)
+    y = numpy.arange(16) % 4
+
+    def run(devices):
+        trainer = nn.Trainer(nn.Sequential(nn.Dense(20, 4), device=devices[0]), optimizer=nn.SGD(lr=0.1, momentum=0.9),
+                             batch_size=16, quiet=True)
+        for device in devices:
+            trainer.model.to(device)
+            trainer.train_step(*trainer.prepare(x, y))
+        return trainer.model.backend.to_host(trainer.model.flat_params)
+
+    numpy.testing.assert_allclose(run(["cuda:0", "cuda:1", "cpu"]), run(["cpu"] * 3), rtol=1e-5, atol=1e-6)
+
+
 def test_from_torch_onto_cuda_1(cp):
     torch = pytest.importorskip("torch")
     module = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
