@@ -291,8 +291,26 @@ def _read_checked(path, size, archive):
         raise CheckpointError(f"{path} lacks {len(missing)} array(s) its architecture needs: "
                               f"{_brief(', '.join(missing))}")
     headers = {name: _check_member(path, archive, members[name], *spec) for name, spec in expected.items()}
-    return meta, {spec[0]: _read_array(path, archive, members[name], *spec, headers[name])
-                  for name, spec in expected.items()}
+    arrays = {spec[0]: _read_array(path, archive, members[name], *spec, headers[name])
+              for name, spec in expected.items()}
+    for key, array in arrays.items():
+        _check_values(path, key, array)
+    return meta, arrays
+
+
+def _check_values(path, key, array):
+    """A CheckpointError naming member ``key`` unless every output can be computed from its values: weights
+    and buffers finite (NaN or inf make every output and the next loss NaN), a BatchNorm variance not
+    negative (its square root is NaN), optimizer state free of NaN (Adam's second moment may overflow to
+    inf, a state training goes on from)."""
+    bad = numpy.isnan(array) if key.startswith("optim/") else ~numpy.isfinite(array)
+    if bool(bad.any()):
+        raise CheckpointError(f"{path}: member {key!r} holds {'NaN' if key.startswith('optim/') else 'NaN or inf'}, "
+                              f"from which nothing can be computed (a damaged or edited file, or a run whose "
+                              f"weights overflowed)")
+    if key.endswith(".running_var") and bool((array < 0).any()):
+        raise CheckpointError(f"{path}: member {key!r} holds a negative variance ({float(array.min()):g}); the "
+                              f"file is damaged or was edited")
 
 
 def _check_entry(path, info, what):

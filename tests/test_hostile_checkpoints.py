@@ -330,7 +330,22 @@ MEMBER_DAMAGE = [
      r"member 'param/4\.bias' is \d+ bytes but its header implies \d+"),
     ("array data cut short", lambda m: m.update({"param/4.bias.npy": m["param/4.bias.npy"][:-4]}),
      r"member 'param/4\.bias' is \d+ bytes but its header implies \d+"),
+    ("a NaN weight", lambda m: _change(m, "param/0.weight.npy", lambda a: a.flat.__setitem__(3, numpy.nan)),
+     r"member 'param/0\.weight' holds NaN or inf, from which nothing can be computed \(a damaged or edited file"),
+    ("an infinite running mean", lambda m: _change(m, "buffer/1.running_mean.npy", lambda a: a.fill(numpy.inf)),
+     r"member 'buffer/1\.running_mean' holds NaN or inf"),
+    ("a negative running variance", lambda m: _change(m, "buffer/1.running_var.npy", lambda a: a.fill(-1.0)),
+     r"member 'buffer/1\.running_var' holds a negative variance \(-1\)"),
+    ("a NaN Adam moment", lambda m: _change(m, "optim/m.npy", lambda a: a.flat.__setitem__(0, numpy.nan)),
+     r"member 'optim/m' holds NaN, from"),
 ]
+
+
+def _change(members, name, edit):
+    """``members`` with the array of ``name`` changed in place by ``edit``."""
+    array = numpy.load(io.BytesIO(members[name])).copy()
+    edit(array)
+    members[name] = _npy(array)
 
 
 @pytest.mark.parametrize("case, damage, message", MEMBER_DAMAGE, ids=[case for case, _, _ in MEMBER_DAMAGE])
@@ -339,6 +354,15 @@ def test_extra_missing_and_inconsistent_members_are_refused(tmp_path, case, dama
     damage(members)
     found = _refusal(_zip(members), tmp_path)
     assert re.search(message, found), found
+
+
+def test_an_overflowed_adam_second_moment_loads_and_resumes(tmp_path):
+    """Adam's v overflows to inf for a gradient beyond 1.8e19 in float32, and training goes on (that weight's
+    update is 0): a checkpoint of that state is not damage."""
+    members = _members(_real("conv-batchnorm-adam"))
+    _change(members, "optim/v.npy", lambda a: a.flat.__setitem__(0, numpy.inf))
+    _, trainer = _load_or_refuse(_zip(members), tmp_path)
+    assert trainer is not None and numpy.isinf(trainer.optimizer.state_dict()["buffers"]["v"].flat[0])
 
 
 def test_a_duplicated_member_is_refused(tmp_path):
