@@ -445,10 +445,16 @@ def synthetic(n=1024, features=784, classes=10, seed=0, dtype=np.float32):
 
     Each class has a centroid drawn uniformly from [0, 1]^features; samples
     are centroid + Gaussian noise, clipped to [0, 1] like pixel data. Classes
-    are balanced (sizes differ by at most one) and shuffled.
+    are balanced (sizes differ by at most one) and shuffled. ``features`` is
+    a count, or a sample's shape (``(1, 28, 28)`` for images: x is then
+    ``(n, 1, 28, 28)``, the same values as ``features=784`` reshaped).
     """
     n = check_int(n, "n")
-    features = check_int(features, "features")
+    shape = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+    if not shape:
+        raise ConfigError("features must be a count or a non-empty shape, got ()")
+    shape = tuple(check_int(size, "features" if len(shape) == 1 else "each size in features") for size in shape)
+    features = math.prod(shape)
     classes = check_int(classes, "classes")
     try:
         dtype = np.dtype(dtype)
@@ -464,7 +470,7 @@ def synthetic(n=1024, features=784, classes=10, seed=0, dtype=np.float32):
     x *= _SYNTHETIC_NOISE
     x += centroids[y]
     np.clip(x, 0, 1, out=x)
-    return x.astype(dtype, copy=False), y
+    return x.astype(dtype, copy=False).reshape((n,) + shape), y
 
 
 def train_val_split(x, y, fraction=0.2, seed=0):

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nnaccel as nn
 from nnaccel import datasets
 from nnaccel.errors import ConfigError, DataError, ShapeError
 
@@ -624,6 +625,21 @@ def test_synthetic_any_shape_and_dtype(dtype):
     x, y = datasets.synthetic(n=7, features=3, classes=4, seed=5, dtype=dtype)
     assert x.shape == (7, 3) and x.dtype == dtype
     assert y.min() >= 0 and y.max() < 4
+
+
+def test_synthetic_images_are_the_flat_set_in_their_shape():
+    """features=(1, 28, 28): image samples a convolution takes, the values of features=784 reshaped."""
+    images, labels = datasets.synthetic(n=12, features=(1, 28, 28), seed=3)
+    flat, flat_labels = datasets.synthetic(n=12, features=784, seed=3)
+    assert images.shape == (12, 1, 28, 28) and images.flags.c_contiguous
+    np.testing.assert_array_equal(images.reshape(12, -1), flat)
+    np.testing.assert_array_equal(labels, flat_labels)
+    model = nn.Sequential(nn.Conv2D(1, 2, 3), nn.Flatten(), nn.Dense(2 * 26 * 26, 10), input_shape=(1, 28, 28))
+    assert nn.Trainer(model, quiet=True).fit(images, labels, epochs=1)["loss"]
+    for bad, message in [((), r"features must be a count or a non-empty shape, got \(\)"),
+                         ((1, 0, 28), "each size in features must be a positive integer")]:
+        with pytest.raises(nn.ConfigError, match=message):
+            datasets.synthetic(n=4, features=bad)
 
 
 def test_synthetic_deterministic_per_seed():
