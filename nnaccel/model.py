@@ -3,12 +3,13 @@
 import gc
 import math
 import sys
+import warnings
 import weakref
 
 import numpy
 
 from . import activations, layers as layers_module
-from .backend import array_device, get_backend
+from .backend import array_device, cuda_status, get_backend
 from .errors import ConfigError, ShapeError, check_array, check_int
 from .layers import Layer, Parameter, describe_shape
 
@@ -22,6 +23,15 @@ def check_float_range(xp, given, cast, what):
     if not bool(xp.isfinite(cast).all()) and bool(xp.isfinite(given).all()):
         raise ShapeError(f"{what} has values up to {float(xp.abs(given).max()):g} in size, beyond {cast.dtype}'s "
                          f"range ({float(numpy.finfo(cast.dtype).max):.2g}); scale {what}")
+
+
+def _model_backend(device):
+    """The backend a model on ``device`` lives on; ``"auto"`` without a usable GPU warns that the model is on
+    the CPU, and why (the command line says it in its own words)."""
+    backend = get_backend(device)
+    if backend.name == "cpu" and isinstance(device, str) and device.strip().lower() == "auto":
+        warnings.warn(f"device 'auto' puts the model on the CPU: {cuda_status()[1]}", stacklevel=3)
+    return backend
 
 
 def _views(specs, *flats):
@@ -87,7 +97,7 @@ class Sequential:
         self.in_features = math.prod(self.input_shape)
         self.out_features = math.prod(self.shapes[-1])
         host_params, host_buffers = self._initial_state(numpy.random.default_rng(self.seed))
-        self._place(get_backend(device), host_params, host_buffers)
+        self._place(_model_backend(device), host_params, host_buffers)
 
     def _input_shape(self, input_shape):
         if input_shape is not None:
@@ -311,7 +321,7 @@ class Sequential:
 
     def to(self, device):
         """Move the parameters and buffers to ``device`` (in place); returns self."""
-        backend = get_backend(device)
+        backend = _model_backend(device)
         if backend is not self.backend:
             grads = backend.asarray(self.backend.to_host(self.flat_grads))
             self._place(backend, self.backend.to_host(self.flat_params), self.backend.to_host(self.flat_buffers))

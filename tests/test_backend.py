@@ -28,6 +28,15 @@ def test_device_names():
 
 
 @pytest.mark.skipif(GPU_COUNT > 0, reason="a GPU answers here")
+def test_a_model_on_auto_without_a_gpu_says_it_is_on_the_cpu_and_why():
+    with pytest.warns(UserWarning, match=r"device 'auto' puts the model on the CPU: (CuPy|.*CUDA)") as said:
+        model = nn.Sequential(nn.Dense(3, 2), device="auto")
+    assert model.backend.name == "cpu" and cuda_status()[1] in str(said[0].message)
+    with pytest.warns(UserWarning, match="device 'auto' puts the model on the CPU"):
+        model.to("auto")
+
+
+@pytest.mark.skipif(GPU_COUNT > 0, reason="a GPU answers here")
 def test_cuda_without_gpu_says_why():
     with pytest.raises(nn.DeviceError, match="not usable: .*(CuPy|driver|device)"):
         nn.Sequential(nn.Dense(4, 2), device="cuda")

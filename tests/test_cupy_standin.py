@@ -5,6 +5,7 @@ it unmodified, from the library and from the command line."""
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy
 import pytest
@@ -186,6 +187,12 @@ def test_train_step_goes_on_after_the_model_moves_to_another_device(cp):
         return trainer.model.backend.to_host(trainer.model.flat_params)
 
     numpy.testing.assert_allclose(run(["cuda:0", "cuda:1", "cpu"]), run(["cpu"] * 3), rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_on_auto_with_a_gpu_goes_there_without_a_warning(cp):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert nn.Sequential(nn.Dense(3, 2), device="auto").backend.name == "cuda:0"
 
 
 def test_from_torch_onto_cuda_1(cp):
