@@ -22,6 +22,7 @@ from nnaccel import activations
 from nnaccel.backend import Backend, get_backend
 from nnaccel.backend.base import Window
 from nnaccel.backend import cuda_kernels as ck
+from nnaccel.errors import DeviceError
 
 DTYPES = (numpy.float32, numpy.float64)
 IDS = ("float32", "float64")
@@ -483,3 +484,23 @@ def test_batchnorm_kernels(cp, ops, n, c, l, dtype):
         scale = numpy.abs(dy).sum(axis=(0, 2)).max()
         for got, ref, what in zip(grads, grads_ref, ("dx", "dgamma", "dbeta")):
             numpy.testing.assert_allclose(got.get(), ref, rtol=rtol, atol=rtol * scale, err_msg=f"{what} {training}")
+
+
+# ----- arrays on the wrong device ---------------------------------------------------------------------
+
+def test_a_host_array_among_device_arrays_is_refused_by_name(cp):
+    z, out = cp.zeros((8, 6), numpy.float32), cp.full((8, 6), numpy.nan, numpy.float32)
+    with pytest.raises(DeviceError, match=r"^bias is a NumPy array on the host \(cpu\)"):
+        ck.bias_act(z, numpy.zeros(6, numpy.float32), 1, 0.0, out)
+    with pytest.raises(DeviceError, match=r"^z is a NumPy array on the host \(cpu\)"):
+        ck.bias_act(numpy.zeros((8, 6), numpy.float32), cp.zeros(6, numpy.float32), 1, 0.0, out)
+    assert bool(cp.isnan(out).all())  # nothing launched
+
+
+def test_an_array_on_another_gpu_is_refused_by_name(cp):
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("one GPU: no other device to put an array on")
+    with cp.cuda.Device(1):
+        bias = cp.zeros(6, numpy.float32)
+    with pytest.raises(DeviceError, match=r"^bias is on cuda:1 but z is on cuda:0"):
+        ck.bias_act(cp.zeros((8, 6), numpy.float32), bias, 1, 0.0, cp.zeros((8, 6), numpy.float32))

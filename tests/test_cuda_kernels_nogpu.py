@@ -1,6 +1,6 @@
 """The CUDA kernel loader and wrappers, without any CUDA: the sources, the launch geometry, and the
-argument checks that run before CuPy is touched (with CuPy made unimportable, a ShapeError proves
-no CuPy call came first). The kernels themselves run in tests/test_cuda_kernels.py.
+argument checks that run before CuPy is touched (with CuPy made unimportable, a ShapeError or a
+DeviceError proves no CuPy call came first). The kernels themselves run in tests/test_cuda_kernels.py.
 """
 
 import re
@@ -12,7 +12,8 @@ import pytest
 
 from nnaccel import activations
 from nnaccel.backend import cuda_kernels as ck
-from nnaccel.errors import ConfigError, ShapeError
+from nnaccel.backend.base import Window
+from nnaccel.errors import ConfigError, DeviceError, ShapeError
 
 SIGNATURE = re.compile(r"template <typename [TS]>\s*__global__ void (\w+)\(([^)]*)\)")
 SCALARS = {"long long": numpy.int64, "int": numpy.int32, "double": numpy.float64}
@@ -115,6 +116,8 @@ def no_cupy(monkeypatch):
 
 
 f32, f64 = (lambda *s: numpy.zeros(s, numpy.float32)), (lambda *s: numpy.zeros(s, numpy.float64))
+i32, u16 = (lambda *s: numpy.zeros(s, numpy.int32)), (lambda *s: numpy.zeros(s, numpy.uint16))
+W2, RELU = Window(2, 2, 2, 2, 0, 0), ck.ACT_CODES["relu"]  # (1, 1, 4, 4) images pool to (1, 1, 2, 2)
 REJECTED = [
     ("float64 bias", lambda: ck.bias_act(f32(4, 3), f64(3), 1, 0.0, f32(4, 3)), ShapeError, "bias"),
     ("float64 out", lambda: ck.bias_act(f32(4, 3), f32(3), 1, 0.0, f64(4, 3)), ShapeError, "out"),
@@ -150,6 +153,39 @@ REJECTED = [
      "z3"),
     ("maxout dy", lambda: ck.maxout_backward(f64(2, 3), numpy.zeros((2, 3), numpy.int32), f32(2, 3, 4)),
      ShapeError, "dy"),
+    # Host arrays of the right dtypes and shapes: each wrapper names the first one, before any launch.
+    ("host z", lambda: ck.bias_act(f32(4, 3), f32(3), 1, 0.0, f32(4, 3)), DeviceError, "z"),
+    ("host dy", lambda: ck.act_backward(f32(4, 3), f32(4, 3), None, 1, 0.0, f32(4, 3), f32(3)), DeviceError, "dy"),
+    ("host convert x", lambda: ck.convert(f32(4), u16(4)), DeviceError, "x"),
+    ("host gemm a", lambda: ck.gemm_bf16(u16(2, 3), u16(3, 2), f32(2, 2)), DeviceError, "a"),
+    ("host softmax z", lambda: ck.softmax(f32(4, 3), f32(4, 3)), DeviceError, "z"),
+    ("host softmax dy", lambda: ck.softmax_backward(f32(4, 3), f32(4, 3), f32(4, 3)), DeviceError, "dy"),
+    ("host logits", lambda: ck.softmax_cross_entropy(f32(4, 3), numpy.zeros(4, int), f32(4, 3)), DeviceError,
+     "logits"),
+    ("host sgd param", lambda: ck.sgd_update(f32(10), f32(10), f32(10), 0.1, 0.9, 0.0, False), DeviceError,
+     "param"),
+    ("host adam param", lambda: ck.adam_update(f32(10), f32(10), f32(10), f32(10), 1e-3, 0.9, 0.999, 1e-8, 0.0,
+                                               False, 1), DeviceError, "param"),
+    ("host z3", lambda: ck.maxout_forward(f32(2, 3, 4), f32(2, 3), i32(2, 3)), DeviceError, "z3"),
+    ("host dz3", lambda: ck.maxout_backward(f32(2, 3), i32(2, 3), f32(2, 3, 4)), DeviceError, "dz3"),
+    ("host im2col x", lambda: ck.im2col(f32(1, 1, 4, 4), W2, f32(4, 4)), DeviceError, "x"),
+    ("host columns", lambda: ck.col2im(f32(4, 4), W2, f32(1, 1, 4, 4)), DeviceError, "columns"),
+    ("host nchw z", lambda: ck.bias_act_to_nchw(f32(1, 6), f32(1), RELU, 0.0, f32(1, 6), f32(2, 1, 3)),
+     DeviceError, "z"),
+    ("host nchw dy", lambda: ck.act_backward_from_nchw(f32(2, 1, 3), f32(1, 6), None, RELU, 0.0, f32(1, 6)),
+     DeviceError, "dy"),
+    ("host maxpool x", lambda: ck.maxpool_forward(f32(1, 1, 4, 4), W2, f32(1, 1, 2, 2), i32(1, 1, 2, 2)),
+     DeviceError, "x"),
+    ("host maxpool dy", lambda: ck.maxpool_backward(f32(1, 1, 2, 2), i32(1, 1, 2, 2), W2, f32(1, 1, 4, 4)),
+     DeviceError, "dy"),
+    ("host avgpool x", lambda: ck.avgpool_forward(f32(1, 1, 4, 4), W2, f32(1, 1, 2, 2)), DeviceError, "x"),
+    ("host avgpool dy", lambda: ck.avgpool_backward(f32(1, 1, 2, 2), W2, f32(1, 1, 4, 4)), DeviceError, "dy"),
+    ("host bn stats x", lambda: ck.batchnorm_stats(f32(2, 3, 4), f32(3), f32(3), 1e-5, f32(3), f32(3), 0.1),
+     DeviceError, "x"),
+    ("host bn apply x", lambda: ck.batchnorm_apply(f32(2, 3, 4), f32(3), f32(3), f32(3), f32(3), f32(2, 3, 4)),
+     DeviceError, "x"),
+    ("host bn backward dy", lambda: ck.batchnorm_backward(f32(2, 3, 4), f32(2, 3, 4), f32(3), f32(3), f32(3),
+                                                          f32(2, 3, 4), f32(3), f32(3)), DeviceError, "dy"),
 ]
 
 
@@ -158,3 +194,6 @@ def test_wrappers_reject_bad_arrays_before_cupy(no_cupy, call, error, word):
     with pytest.raises(error) as info:
         call()
     assert re.search(rf"(^|\s){word}\b", str(info.value)), f"the message does not name {word}: {info.value}"
+    if error is DeviceError:
+        assert "host (cpu)" in str(info.value), f"the message does not say where {word} is: {info.value}"
+

@@ -9,7 +9,10 @@ recompiles).
 
 Every wrapper checks dtypes, shapes and C-contiguity with ``.dtype``,
 ``.shape`` and ``.flags`` only, before any CuPy call, and raises
-:class:`~nnaccel.errors.ShapeError` naming the array. Scalars go to the
+:class:`~nnaccel.errors.ShapeError` naming the array; then that every array
+is a CuPy array and all are on one GPU, else a
+:class:`~nnaccel.errors.DeviceError` naming the array and where it is (a
+NumPy array has no device pointer to launch with). Scalars go to the
 kernels with their exact C types (``numpy.int32`` for ``int``,
 ``numpy.int64`` for ``long long``, ``numpy.float64`` for ``double``).
 """
@@ -21,7 +24,8 @@ from pathlib import Path
 import numpy
 
 from ..activations import ACTIVATIONS
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, DeviceError, ShapeError
+from .base import array_device
 
 # Activation codes of the elementwise kernels (enum Act in activations.cuh), taken from
 # nnaccel.activations; softmax has its own row kernels.
@@ -163,6 +167,26 @@ def _like(what, array, dtype, shape):
     _contiguous(what, array)
 
 
+def _one_device(**arrays):
+    """Check the arrays (None skipped) are CuPy arrays on one GPU: a host array has no device pointer,
+    and one on another GPU than the launch's would be read across devices."""
+    first = None
+    for what, array in arrays.items():
+        if array is None:
+            continue
+        where = array_device(array)
+        if not type(array).__module__.startswith("cupy"):
+            kind = "NumPy array" if where == "cpu" else type(array).__name__
+            place = "the host (cpu)" if where == "cpu" else where or "no device"
+            raise DeviceError(f"{what} is a {kind} on {place}; the CUDA kernels take CuPy arrays on the GPU "
+                              f"(cupy.asarray copies it over)")
+        if first is None:
+            first = what, where
+        elif where != first[1]:
+            raise DeviceError(f"{what} is on {where} but {first[0]} is on {first[1]}; a CUDA kernel takes all "
+                              f"its arrays from one GPU")
+
+
 def _rows_cols(what, array):
     """(rows, cols) of an array seen as rows of its last axis."""
     if array.ndim < 1:
@@ -194,6 +218,7 @@ def bias_act(z, bias, act_code, param, out):
         _like("bias", bias, COMPUTE[dtype], (cols,))
     _like("out", out, dtype, z.shape)
     code = _act_code(act_code)
+    _one_device(z=z, bias=bias, out=out)
     if z.size:
         _launch("bias_act", z, (_grid(z, z.size),), (THREADS,),
                 (z, bias, out, _i64(rows), _i64(cols), numpy.int32(code), numpy.float64(param)))
@@ -208,19 +233,22 @@ def act_backward(dy, y, z, act_code, param, dz, db=None):
     dtype = _float_array("dy", dy, STORAGE)
     _like("dz", dz, dtype, dy.shape)
     code = _act_code(act_code)
-    x = None
-    if code != ACT_CODES["linear"]:
-        what, x = ("z", z) if code in GRAD_FROM_Z else ("y", y)
-        if x is None:
-            raise ShapeError(f"act_backward: activation code {code} needs {what}, got None")
+    what, x = ("z", z) if code in GRAD_FROM_Z else ("y", y)
+    if code == ACT_CODES["linear"]:
+        x = None
+    elif x is None:
+        raise ShapeError(f"act_backward: activation code {code} needs {what}, got None")
+    else:
         _like(what, x, dtype, dy.shape)
+    if db is not None:
+        rows, cols = _rows_cols("dy", dy)
+        _like("db", db, COMPUTE[dtype], (cols,))
+    _one_device(**{"dy": dy, what: x, "dz": dz, "db": db})
     if db is None:
         if dy.size:
             _launch("act_backward", dy, (_grid(dy, dy.size),), (THREADS,),
                     (dy, x, dz, _i64(dy.size), numpy.int32(code), numpy.float64(param)))
         return dz
-    rows, cols = _rows_cols("dy", dy)
-    _like("db", db, COMPUTE[dtype], (cols,))
     if rows == 0:
         db.fill(0)
     elif cols:
@@ -237,6 +265,7 @@ def convert(x, out):
     name, anchor = ("from_storage", x) if x.dtype == BF16 else ("to_storage", out)
     if tuple(out.shape) != tuple(x.shape):
         raise ShapeError(f"out has shape {tuple(out.shape)}; expected {tuple(x.shape)}")
+    _one_device(x=x, out=out)
     if x.size:
         _launch(name, anchor, (_grid(x, x.size),), (THREADS,), (x, out, _i64(x.size)))
     return out
@@ -257,6 +286,7 @@ def gemm_bf16(a, b, out, trans_a=False, trans_b=False):
     _float_array("out", out, (FLOATS[0], BF16))
     if tuple(out.shape) != (rows, cols):
         raise ShapeError(f"out has shape {tuple(out.shape)}; expected {(rows, cols)}")
+    _one_device(a=a, b=b, out=out)
     if out.size == 0:
         return out
     if inner == 0:
@@ -334,6 +364,7 @@ def softmax(z, out):
     """``out`` = softmax over the last axis of ``z``; ``out`` may be ``z``."""
     dtype = _float_array("z", z)
     _like("out", out, dtype, z.shape)
+    _one_device(z=z, out=out)
     rows, cols = _rows_cols("z", z)
     if rows and cols:
         _launch("softmax_rows", z, (_grid(z, rows, ROWS_PER_BLOCK),), (THREADS,),
@@ -346,6 +377,7 @@ def softmax_backward(dy, y, dz):
     dtype = _float_array("dy", dy)
     _like("y", y, dtype, dy.shape)
     _like("dz", dz, dtype, dy.shape)
+    _one_device(dy=dy, y=y, dz=dz)
     rows, cols = _rows_cols("dy", dy)
     if rows and cols:
         _launch("softmax_backward", dy, (_grid(dy, rows, ROWS_PER_BLOCK),), (THREADS,),
@@ -366,6 +398,7 @@ def softmax_cross_entropy(logits, labels, grad):
         raise ShapeError(f"labels has dtype {labels.dtype}; expected integer class indices")
     if tuple(labels.shape) != (rows,):
         raise ShapeError(f"labels has shape {tuple(labels.shape)}; expected ({rows},) like the logits' rows")
+    _one_device(logits=logits, grad=grad)
     import cupy
 
     with logits.device:
@@ -384,6 +417,7 @@ def sgd_update(p, g, v, lr, momentum, weight_decay, nesterov):
     _like("grad", g, dtype, p.shape)
     if v is not None or momentum:
         _like("velocity", v, dtype, p.shape)
+    _one_device(param=p, grad=g, velocity=v)
     if p.size:
         _launch("sgd_update", p, (_grid(p, p.size),), (THREADS,),
                 (p, g, v, _i64(p.size), numpy.float64(lr), numpy.float64(momentum),
@@ -400,6 +434,7 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step
     _like("v", v, dtype, p.shape)
     if step < 1:
         raise ConfigError(f"adam step must count from 1, got {step}")
+    _one_device(param=p, grad=g, m=m, v=v)
     if p.size:
         _launch("adam_update", p, (_grid(p, p.size),), (THREADS,),
                 (p, g, m, v, _i64(p.size), numpy.float64(lr), numpy.float64(beta1), numpy.float64(beta2),
@@ -415,6 +450,7 @@ def _maxout_shapes(what, array3, y_what, y, idx):
         raise ShapeError(f"{what} has shape {tuple(array3.shape)}; expected (batch, units, pieces > 0)")
     _like(y_what, y, dtype, array3.shape[:2])
     _like("index", idx, numpy.int32, array3.shape[:2])
+    _one_device(**{what: array3, y_what: y, "index": idx})
     return array3.shape[0] * array3.shape[1], array3.shape[2]
 
 
@@ -466,6 +502,7 @@ def im2col(x, window, columns):
     n, c, h, w = x.shape
     oh, ow = window.output_size(h, w)
     _like("columns", columns, dtype, (c * window.kh * window.kw, n * oh * ow))
+    _one_device(x=x, columns=columns)
     if columns.size:
         _launch("im2col", x, (_grid(x, columns.size),), (THREADS,), (x, columns, *_geometry(x.shape, window)))
     return columns
@@ -477,6 +514,7 @@ def col2im(columns, window, dx):
     n, c, h, w = dx.shape
     oh, ow = window.output_size(h, w)
     _like("columns", columns, dtype, (c * window.kh * window.kw, n * oh * ow))
+    _one_device(columns=columns, dx=dx)
     if dx.size:
         _launch("col2im", dx, (_grid(dx, dx.size),), (THREADS,), (columns, dx, *_geometry(dx.shape, window)))
     return dx
@@ -499,6 +537,7 @@ def bias_act_to_nchw(z, bias, act_code, param, rows, y):
     _like("rows", rows, dtype, (c, n * l))
     _like("bias", bias, COMPUTE[dtype], (c,))
     code = _act_code(act_code)
+    _one_device(z=z, bias=bias, rows=rows, y=y)
     if y.size:
         _launch("bias_act_to_nchw", y, (_grid(y, y.size),), (THREADS,),
                 (z, bias, rows, y, _i64(n), numpy.int32(c), _i64(l), numpy.int32(code), numpy.float64(param)))
@@ -521,6 +560,7 @@ def act_backward_from_nchw(dy, rows, z, act_code, param, dz, db=None):
         _like(what, saved, dtype, (c, n * l))
     if db is not None:
         _like("db", db, COMPUTE[dtype], (c,))
+    _one_device(dy=dy, rows=rows, z=z, dz=dz, db=db)
     if c and n * l:
         chunks, chunk_images = channel_chunks(n, c, l, _sm_count(dy.device.id))
         partial = _chunk_rows(db, chunks) if db is not None else None
@@ -540,6 +580,7 @@ def maxpool_forward(x, window, out, idx):
     shape = _pooled_shape(x.shape, window)
     _like("out", out, dtype, shape)
     _like("index", idx, numpy.int32, shape)
+    _one_device(x=x, out=out, index=idx)
     if out.size:
         _launch("maxpool_forward", x, (_grid(x, out.size),), (THREADS,), (x, out, idx, *_geometry(x.shape, window)))
     return out
@@ -551,6 +592,7 @@ def maxpool_backward(dy, idx, window, dx):
     shape = _pooled_shape(dx.shape, window)
     _like("dy", dy, dtype, shape)
     _like("index", idx, numpy.int32, shape)
+    _one_device(dy=dy, index=idx, dx=dx)
     if dx.size:
         _launch("maxpool_backward", dx, (_grid(dx, dx.size),), (THREADS,),
                 (dy, idx, dx, *_geometry(dx.shape, window)))
@@ -561,6 +603,7 @@ def avgpool_forward(x, window, out):
     """``out`` = each window's mean, the padding counted as zeros. Returns ``out``."""
     dtype = _images("x", x)
     _like("out", out, dtype, _pooled_shape(x.shape, window))
+    _one_device(x=x, out=out)
     if out.size:
         _launch("avgpool_forward", x, (_grid(x, out.size),), (THREADS,), (x, out, *_geometry(x.shape, window)))
     return out
@@ -570,6 +613,7 @@ def avgpool_backward(dy, window, dx):
     """``dx`` = each output's gradient shared by its window. Returns ``dx``."""
     dtype = _images("dx", dx)
     _like("dy", dy, dtype, _pooled_shape(dx.shape, window))
+    _one_device(dy=dy, dx=dx)
     if dx.size:
         _launch("avgpool_backward", dx, (_grid(dx, dx.size),), (THREADS,), (dy, dx, *_geometry(dx.shape, window)))
     return dx
@@ -594,6 +638,7 @@ def batchnorm_stats(x3, mean, invstd, eps, running_mean, running_var, momentum):
     squares, merged in chunk order: deterministic."""
     _, dims = _channels(x3, ("mean", mean), ("invstd", invstd), ("running_mean", running_mean),
                         ("running_var", running_var))
+    _one_device(x=x3, mean=mean, invstd=invstd, running_mean=running_mean, running_var=running_var)
     n, c, l = x3.shape
     if n * l < 2:
         raise ShapeError(f"batch norm statistics need at least 2 values per channel, got x of shape {x3.shape}")
@@ -614,6 +659,7 @@ def batchnorm_apply(x3, mean, invstd, gamma, beta, y3):
     """``y3`` = (x - mean) invstd gamma + beta per channel. Returns ``y3``."""
     dtype, dims = _channels(x3, ("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta))
     _like("y", y3, dtype, x3.shape)
+    _one_device(x=x3, mean=mean, invstd=invstd, gamma=gamma, beta=beta, y=y3)
     if x3.size:
         _launch("batchnorm_apply", x3, (_grid(x3, x3.size),), (THREADS,), (x3, mean, invstd, gamma, beta, y3, *dims))
     return y3
@@ -626,6 +672,7 @@ def batchnorm_backward(dy3, x3, mean, invstd, gamma, dx3, dgamma, dbeta, trainin
                             ("dbeta", dbeta))
     _like("dy", dy3, dtype, x3.shape)
     _like("dx", dx3, dtype, x3.shape)
+    _one_device(dy=dy3, x=x3, mean=mean, invstd=invstd, gamma=gamma, dx=dx3, dgamma=dgamma, dbeta=dbeta)
     n, c, l = x3.shape
     if not c:
         return dx3
