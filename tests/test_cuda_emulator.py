@@ -445,6 +445,25 @@ def test_compilation_is_cached_by_source_text(cp, monkeypatch, tmp_path):
     assert cuda_emulator.stats["compiles"] == before + 2 and int(out[0]) == 2
 
 
+@pytest.mark.parametrize("option", ["--std=c++14", "-std=c++11", "-std=c++03", "--std=gnu++14"])
+def test_an_older_standard_compiles_as_nvrtc_does(cp, option):
+    """NVRTC takes a C++14 kernel; the emulator's own header needs C++17, so it compiles at least that."""
+    module = cp.RawModule(code='extern "C" __global__ void one(int* p) { p[0] = 1; }', options=(option,))
+    out = cp.zeros(1, numpy.int32)
+    module.get_function("one")((1,), (1,), (out,))
+    assert int(out[0]) == 1
+
+
+def test_a_newer_standard_is_kept(cp):
+    source = ('consteval int twice(int x) { return 2 * x; }\n'
+              'extern "C" __global__ void two(int* p) { p[0] = twice(1); }')  # consteval: C++20
+    out = cp.zeros(1, numpy.int32)
+    cp.RawModule(code=source, options=("--std=c++20",)).get_function("two")((1,), (1,), (out,))
+    assert int(out[0]) == 2
+    with pytest.raises(cp.cuda.compiler.CompileException, match="consteval"):
+        cp.RawModule(code=source, options=("-std=c++17",)).get_function("two")
+
+
 def test_the_portable_fiber_switch_runs_the_same_kernels(tmp_path):
     """Where there is no hand-written switch (not x86-64), threads switch with ucontext; forced here."""
     script = ("import numpy, cupy, cuda_emulator; k = cupy.RawModule(code=open('n.cu').read()).get_function("

@@ -278,6 +278,20 @@ def _shared_arrays(library):
     return {"anchor": anchor, "arrays": found}
 
 
+# C++ standards in order, as g++ spells them: cuda_emulator.h needs C++17.
+_STANDARDS = ("98", "03", "0x", "11", "1y", "14", "1z", "17", "2a", "20", "2b", "23", "2c", "26")
+
+
+def _standard(value):
+    """The g++ -std flag for a kernel's -std option: the user's standard from C++17 on, else C++17, which
+    the emulator's own header needs (NVRTC compiles a C++14 kernel; so must the emulator). An unknown
+    value goes to g++, which names it."""
+    found = re.fullmatch(r"(c|gnu)\+\+(\w+)", value)
+    if found and found.group(2) in _STANDARDS and _STANDARDS.index(found.group(2)) < _STANDARDS.index("17"):
+        return f"-std={found.group(1)}++17"
+    return f"-std={value}"
+
+
 class Module:
     """Kernel source compiled for the CPU: ``get_function(name)`` for each of ``name_expressions``
     (template instantiations such as ``bias_act<float>``) and each ``extern "C"`` kernel."""
@@ -289,7 +303,7 @@ class Module:
         flags = ["-std=c++17"]
         for option in options:
             if option.startswith(("-std=", "--std=")):
-                flags[0] = "-std=" + option.split("=", 1)[1]
+                flags[0] = _standard(option.split("=", 1)[1])
             elif option.startswith(("-D", "-U")):
                 flags.append(option)
         entries = "".join(f"CUEMU_ENTRY({i}, {e})\n" for i, e in enumerate(expressions))
