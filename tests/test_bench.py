@@ -53,6 +53,8 @@ def test_bench_table(quick_bench):
     assert [row[:3] for row in rows if row[0] == "cpu"] == [["cpu", "784-16-16-10", "16"],
                                                              ["cpu", "784-16-16-10", "64"]]
     assert len({len(line) for line in lines[1:]}) == 1  # right-aligned columns end together
+    shares = [row[header.index("%")] for row in rows]  # "% peak" splits in two words, its cells in one
+    assert all(share == "unreliable" or float(share) <= 100 for share in shares), shares
 
 
 def test_bench_json(quick_bench):
@@ -69,6 +71,10 @@ def test_bench_json(quick_bench):
         assert len(result["seconds"]) == 1 and result["steps"] == 2
         assert_share_of_paired_gemm_rounds(result)
         assert (result["ratio"] is not None and result["torch_samples_per_s"] > 0) == HAS_TORCH
+    for key, peak in report["gemm_peak"].items():  # a share above 100% anywhere marks that device's peak
+        mine = [r for r in report["results"] if r["device"] == key]
+        assert peak["reliable"] == all(r["peak_share"] <= 1 for r in mine)
+        assert all(r["peak_reliable"] == peak["reliable"] for r in mine)
 
 
 def _git(*args):
@@ -264,6 +270,46 @@ def test_a_stop_signal_keeps_the_configurations_measured(tmp_path, monkeypatch, 
     assert calls == [16, 64] and [r["batch"] for r in report["results"]] == [16]
     assert report["settings"]["stopped_early"] is True
     assert "stopped (exit status 143) after 1 configuration(s)" in capsys.readouterr().err
+
+
+def test_a_share_above_the_peak_flags_the_peak_unreliable(tmp_path, monkeypatch, capsys):
+    """A GEMM round far slower than the steps (a busy machine, a GEMM too small) gives shares above 100%:
+    the report says that device's peak is unreliable and prints no share of it; the JSON keeps the
+    measured shares, marked."""
+    gemm_round, asked = bench.gemm_round, []
+
+    def slow_gemm_round(backend, size, warmup_s, precision="fp32"):
+        asked.append((size, warmup_s))
+        timed = gemm_round(backend, 64, 0.0, precision)
+        return lambda: timed() * 1e-9  # a peak of well under 1 GFLOP/s
+
+    monkeypatch.setattr(bench, "gemm_round", slow_gemm_round)
+    assert cli.main(["bench", "--quick", "--devices", "cpu", "--json", str(tmp_path / "b.json")]) == 0
+    assert asked == [(1024, 0.05)]  # --quick's own GEMM: big enough, and warmed up
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert "cpu" in lines[0] and "unreliable: a share passed 100%, % peak not shown" in lines[0]
+    assert [line.split()[-1] for line in lines[2:]] == ["unreliable", "unreliable"]
+    assert "% peak of cpu is unreliable and not shown" in err and "784-16-16-10 batch " in err
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["gemm_peak"]["cpu"]["reliable"] is False
+    assert all(r["peak_share"] > 1 and r["peak_reliable"] is False for r in report["results"])
+
+
+def test_one_share_above_100_percent_flags_every_share_of_that_peak_only():
+    def result(device, share, precision="fp32"):
+        return bench.Result(device, "784-16-16-10", 16, 2, [1.0], 16.0, 1.0, share, False, precision=precision)
+
+    results = [result("cpu", 0.4), result("cpu", 0.9), result("cuda:0", 0.3), result("cuda:0", 1.5),
+               result("cuda:0", 2.5, "bf16"), result("cuda:0", 0.2, "bf16")]
+    peaks = {key: {"size": 8, "gflops": 1.0} for key in ("cpu", "cuda:0", "cuda:0 bf16")}
+    over = bench.flag_unreliable_peaks(peaks, results)
+    assert {key: r.peak_share for key, r in over.items()} == {"cuda:0": 1.5, "cuda:0 bf16": 2.5}
+    assert {key: peak["reliable"] for key, peak in peaks.items()} == {"cpu": True, "cuda:0": False,
+                                                                      "cuda:0 bf16": False}
+    assert [r.peak_reliable for r in results] == [True, True, False, False, False, False]
+    shares = [line.split()[5] for line in bench.format_table(results).splitlines()[1:]]
+    assert shares == ["40.0", "90.0", "unreliable", "unreliable", "unreliable", "unreliable"]
 
 
 def test_threads_beyond_the_cores_time_the_gemm_peak_on_the_cores(tmp_path, monkeypatch, capsys):
