@@ -169,22 +169,24 @@ def _like(what, array, dtype, shape):
 
 def _one_device(**arrays):
     """Check the arrays (None skipped) are CuPy arrays on one GPU: a host array has no device pointer,
-    and one on another GPU than the launch's would be read across devices."""
+    and one on another GPU than the launch's would be read across devices. (Every launch pays this: it
+    compares device ids, and names places only for an error.)"""
     first = None
     for what, array in arrays.items():
         if array is None:
             continue
-        where = array_device(array)
         if not type(array).__module__.startswith("cupy"):
+            where = array_device(array)
             kind = "NumPy array" if where == "cpu" else type(array).__name__
             place = "the host (cpu)" if where == "cpu" else where or "no device"
             raise DeviceError(f"{what} is a {kind} on {place}; the CUDA kernels take CuPy arrays on the GPU "
                               f"(cupy.asarray copies it over)")
+        device = array.device.id
         if first is None:
-            first = what, where
-        elif where != first[1]:
-            raise DeviceError(f"{what} is on {where} but {first[0]} is on {first[1]}; a CUDA kernel takes all "
-                              f"its arrays from one GPU")
+            first = what, device
+        elif device != first[1]:
+            raise DeviceError(f"{what} is on cuda:{device} but {first[0]} is on cuda:{first[1]}; a CUDA kernel "
+                              f"takes all its arrays from one GPU")
 
 
 def _rows_cols(what, array):
