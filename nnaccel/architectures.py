@@ -4,13 +4,14 @@ Grammar: comma-separated layers, input to output.
 
 ========================  ==========================================================================
 ``N``                     Dense layer of N units (the hidden activation; the last layer is linear)
+``maxoutN[pP]``           Maxout of N units, each the max of P affine pieces (default 2)
 ``convCkK[sS][pP]``       Conv2D with C filters of K x K (``k5x3``: 5 x 3), stride S, zero padding P
 ``maxpoolK[sS][pP]``      MaxPool2D, window K x K, stride S (default K), padding P
 ``avgpoolK[sS][pP]``      AvgPool2D, likewise
 ``bn``                    BatchNorm over the previous layer's features or channels
 ``dropR``                 Dropout of rate R, e.g. ``drop0.5``
 ``shiftM``                RandomShift by up to M pixels (what ``--augment`` puts first)
-``flatten``               Flatten; put before the first Dense after an image layer when left out
+``flatten``               Flatten; put before the first Dense or Maxout after an image layer when left out
 ``...:ACT``               a Dense width, ``conv`` or ``bn`` with its own activation: ``conv6k5:linear``,
                           ``bn:relu`` (PyTorch's Conv2d-BatchNorm2d-ReLU), ``128:tanh``
 ========================  ==========================================================================
@@ -42,8 +43,9 @@ PRESETS = {
 _NUMBER = r"(\d+(?:x\d+)?)"
 _CONV = re.compile(rf"conv(\d+)k{_NUMBER}(?:s{_NUMBER})?(?:p{_NUMBER})?")
 _POOL = re.compile(rf"(max|avg)pool{_NUMBER}(?:s{_NUMBER})?(?:p{_NUMBER})?")
-_GRAMMAR = ("the grammar: N (Dense), convCkK[sS][pP], maxpoolK[sS][pP], avgpoolK[sS][pP], bn, dropR, shiftM, "
-            "flatten, and N, conv or bn with :ACTIVATION (see 'nnaccel train --help')")
+_MAXOUT = re.compile(r"maxout(\d+)(?:p(\d+))?")
+_GRAMMAR = ("the grammar: N (Dense), maxoutN[pP], convCkK[sS][pP], maxpoolK[sS][pP], avgpoolK[sS][pP], bn, dropR, "
+            "shiftM, flatten, and N, conv or bn with :ACTIVATION (see 'nnaccel train --help')")
 
 
 def _size(text, default=None):
@@ -141,11 +143,13 @@ def _build(text, features, classes, activation, starts_with_inputs):
     for index, (token, (name, named)) in enumerate(zip(tokens, entries)):
         try:
             own = named or (None if name == "bn" or index == len(tokens) - 1 else activation)
-            if name.isdigit():
+            maxout = _MAXOUT.fullmatch(name)
+            if name.isdigit() or maxout:  # layers of neurons take flat samples
                 if len(shape) > 1:
                     layers.append(L.Flatten())
                     shape = layers[-1].output_shape(shape)
-                layer = L.Dense(shape[0], int(name), activation=own)
+                layer = (L.Dense(shape[0], int(name), activation=own) if not maxout else
+                         L.Maxout(shape[0], int(maxout[1]), int(maxout[2] or 2)))
             else:
                 layer = _layer(name, shape, own)
             if named is not None and not isinstance(layer, L.ACTIVATED):

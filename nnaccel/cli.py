@@ -92,10 +92,11 @@ def build_parser():
                                             "data. " + architectures.__doc__.split("Grammar:")[0].strip(),
                                 epilog="--layers grammar, comma-separated, input to output: N (Dense of N units; "
                                        "a list of Dense widths alone starts with the input width: 784,256,10), "
+                                       "maxoutN[pP] (Maxout: N units, each the max of P pieces, default 2), "
                                        "convCkK[sS][pP] (Conv2D: C filters K x K, stride S, padding P), "
                                        "maxpoolK[sS][pP], avgpoolK[sS][pP], bn (BatchNorm), dropR (Dropout R), "
-                                       "shiftM (RandomShift M px), flatten (added before the first Dense after "
-                                       "image layers). Dense and conv take --activation and bn is linear, unless "
+                                       "shiftM (RandomShift M px), flatten (added before the first Dense or "
+                                       "Maxout after image layers). Dense and conv take --activation and bn is linear, unless "
                                        "one names its own: N:ACT, conv...:ACT, bn:ACT (not the output layer: the "
                                        "loss takes its logits). E.g. "
                                        "conv6k5p2,maxpool2,conv16k5,maxpool2,120,84,10, or with PyTorch's "

@@ -148,6 +148,21 @@ def test_a_layers_entry_with_an_activation_is_a_layer_wherever_it_stands():
                                                      "Flatten()", "Dense(2704, 10)"]
 
 
+def test_layers_take_maxout_units_and_pieces(tmp_path):
+    """``maxoutNpP`` trains a Maxout of N units and P pieces (2 unless given), flattened after image layers as a
+    Dense is; the checkpoint rebuilds it."""
+    run = nnaccel("train", "--data", "synthetic", "--layers", "784,maxout16p3,maxout8,10", "--epochs", 1, "--save",
+                  "m.npz", "--quiet", "--device", "cpu", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    from nnaccel import architectures, load
+
+    model = load(tmp_path / "m.npz")
+    assert [(type(layer).__name__, layer.in_features, layer.out_features, getattr(layer, "pieces", None))
+            for layer in model.layers] == [("Maxout", 784, 16, 3), ("Maxout", 16, 8, 2), ("Dense", 8, 10, None)]
+    assert [repr(layer) for layer in architectures.build("conv4k3,maxout8p4,10", 784, 10)[0]] == [
+        "Conv2D(1, 4, 3, activation='relu')", "Flatten()", "Maxout(2704, 8, pieces=4)", "Dense(8, 10)"]
+
+
 def test_training_options_reach_the_library(tmp_path):
     run = nnaccel("train", "--data", "digits", "--layers", "64,32,16,10", "--dropout", "0.2", "--optimizer", "sgd",
                   "--nesterov", "--weight-decay", "1e-4", "--schedule", "step", "--step-size", 1, "--gamma", "0.5",
