@@ -239,3 +239,22 @@ def get(activation=None, **params):
             except TypeError:
                 raise ConfigError(f"activation {activation!r} takes no parameters {sorted(params)}") from None
     raise ConfigError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+
+
+def from_text(text):
+    """An activation as the command line spells it: ``NAME``, or ``NAME:VALUE`` for the one option of a
+    parametrised activation (``leaky_relu:0.2`` is LeakyReLU(slope=0.2), ``elu:0.5`` ELU(alpha=0.5))."""
+    name, colon, value = (part.strip() for part in text.partition(":"))
+    activation = get(name)
+    if not colon:
+        return activation
+    options = activation.config()
+    if not options:
+        takers = [f"{key}:{option.upper()}" for key, cls in ACTIVATIONS.items() for option in cls().config()]
+        raise ConfigError(f"{name} takes no parameter; {' and '.join(takers)} take one")
+    (option,) = options
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name}'s {option} must be a number, like {name}:{options[option]}, got {value!r}") from None
+    return get(name, **{option: number})

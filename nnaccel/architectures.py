@@ -13,7 +13,8 @@ Grammar: comma-separated layers, input to output.
 ``shiftM``                RandomShift by up to M pixels (what ``--augment`` puts first)
 ``flatten``               Flatten; put before the first Dense or Maxout after an image layer when left out
 ``...:ACT``               a Dense width, ``conv`` or ``bn`` with its own activation: ``conv6k5:linear``,
-                          ``bn:relu`` (PyTorch's Conv2d-BatchNorm2d-ReLU), ``128:tanh``
+                          ``bn:relu`` (PyTorch's Conv2d-BatchNorm2d-ReLU), ``128:tanh``; ACT takes a
+                          parametrised activation's value as ``--activation`` does: ``128:leaky_relu:0.2``
 ========================  ==========================================================================
 
 Dense and conv layers take the hidden activation (``--activation``) unless
@@ -30,7 +31,7 @@ classes.
 import math
 import re
 
-from . import layers as L
+from . import activations, layers as L
 from .errors import ConfigError
 
 PRESETS = {
@@ -57,11 +58,15 @@ def _size(text, default=None):
 
 
 def _split(token):
-    """``"conv6k5:linear"`` -> ``("conv6k5", "linear")``; ``"bn"`` -> ``("bn", None)``."""
+    """``"conv6k5:linear"`` -> ``("conv6k5", Linear())``, ``"128:leaky_relu:0.2"`` -> ``("128",
+    LeakyReLU(slope=0.2))``; ``"bn"`` -> ``("bn", None)``."""
     name, colon, activation = (part.strip() for part in token.partition(":"))
     if colon and not activation:
         raise ConfigError(f"--layers: {token!r} names no activation after ':'; like {name}:relu")
-    return name, activation or None
+    try:
+        return name, activations.from_text(activation) if activation else None
+    except ConfigError as error:
+        raise ConfigError(f"--layers: {token!r}: {error}") from None
 
 
 def _layer(token, shape, activation):
@@ -98,7 +103,7 @@ def _layer(token, shape, activation):
 
 def build(text, features, classes, activation="relu"):
     """``(layers, input_shape)`` for the architecture ``text`` (or a preset's name) on data of ``features``
-    values per sample and ``classes`` classes."""
+    values per sample and ``classes`` classes; ``activation`` (a name or an Activation) is the hidden one."""
     try:
         return _build(PRESETS.get(text, text), features, classes, activation, text not in PRESETS)
     except ConfigError as error:
@@ -136,7 +141,7 @@ def _build(text, features, classes, activation, starts_with_inputs):
         raise ConfigError(f"--layers must end with the output layer's width ({classes}, the classes)")
     if int(entries[-1][0]) != classes:
         raise ConfigError(f"--layers ends with {entries[-1][0]} outputs but the data has {classes} classes")
-    if entries[-1][1] not in (None, "linear"):
+    if entries[-1][1] not in (None, activations.Linear()):
         raise ConfigError(f"--layers ends with {tokens[-1]!r}, but the output layer is linear: the loss takes "
                           f"its logits (end with {entries[-1][0]})")
     layers, shape = [], input_shape

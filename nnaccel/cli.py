@@ -98,7 +98,8 @@ def build_parser():
                                        "shiftM (RandomShift M px), flatten (added before the first Dense or "
                                        "Maxout after image layers). Dense and conv take --activation and bn is linear, unless "
                                        "one names its own: N:ACT, conv...:ACT, bn:ACT (not the output layer: the "
-                                       "loss takes its logits). E.g. "
+                                       "loss takes its logits); ACT is NAME[:VALUE] as --activation's, e.g. "
+                                       "128:leaky_relu:0.2. E.g. "
                                        "conv6k5p2,maxpool2,conv16k5,maxpool2,120,84,10, or with PyTorch's "
                                        "Conv2d-BatchNorm2d-ReLU blocks conv6k5p2:linear,bn:relu,maxpool2,120,10. "
                                        f"Presets (--model): {', '.join(f'{k} = {v}' for k, v in architectures.PRESETS.items())}.")
@@ -123,7 +124,10 @@ def build_parser():
                                         ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEFAULT_RECIPE.items()) +
                                         "; on other data inputs,256,classes)")
     shape.add_argument("--model", choices=sorted(architectures.PRESETS), help="a named architecture")
-    net.add_argument("--activation", help="hidden-layer activation (default relu)")
+    net.add_argument("--activation", metavar="NAME[:VALUE]",
+                     help=f"hidden-layer activation: {', '.join(activations.ACTIVATIONS)} (default relu); a "
+                          "parametrised one takes its value after a colon: leaky_relu:0.2 (slope, default 0.01), "
+                          "elu:0.5 (alpha, default 1)")
     net.add_argument("--dropout", type=_rate, metavar="RATE",
                      help="Dropout of RATE, in [0, 1), after every hidden Dense layer")
     fit = train.add_argument_group("optimisation")
@@ -280,7 +284,7 @@ def _apply_default_recipe(args, features):
 def _build_model(args, features, classes, device):
     """The network the options describe (``--model``/``--layers``, ``--dropout``, ``--augment``)."""
     layers, input_shape = architectures.build(args.model or args.layers or f"{features},256,{classes}", features,
-                                              classes, args.activation)
+                                              classes, activations.from_text(args.activation))
     if args.dropout:
         hidden = [i for i, layer in enumerate(layers[:-1]) if isinstance(layer, Dense)]
         if not hidden:
@@ -872,7 +876,7 @@ def main(argv=None):
                 plotting.check_picture_path(getattr(args, option), f"--{option}")
         if getattr(args, "activation", None) is not None:  # '' too: named here, not as a --layers entry
             try:
-                activations.get(args.activation)
+                activations.from_text(args.activation)
             except ConfigError as error:
                 raise ConfigError(f"--activation: {error}") from None
         _refuse_empty_values(args)

@@ -148,6 +148,20 @@ def test_a_layers_entry_with_an_activation_is_a_layer_wherever_it_stands():
                                                      "Flatten()", "Dense(2704, 10)"]
 
 
+def test_activation_parameters_reach_the_layers(tmp_path):
+    """``--activation leaky_relu:0.2`` is LeakyReLU(slope=0.2) in every hidden layer that names none, and a
+    ``--layers`` entry's ``:elu:0.5`` ELU(alpha=0.5) in its own; the checkpoint keeps both."""
+    run = nnaccel("train", "--data", "synthetic", "--layers", "784,16:elu:0.5,8,10", "--activation", "leaky_relu:0.2",
+                  "--epochs", 1, "--save", "m.npz", "--quiet", "--device", "cpu", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    import nnaccel as nn
+
+    first, second, output = nn.load(tmp_path / "m.npz").layers
+    assert type(first.activation) is nn.ELU and first.activation.alpha == 0.5
+    assert type(second.activation) is nn.LeakyReLU and second.activation.slope == 0.2
+    assert output.activation == nn.Linear()
+
+
 def test_layers_take_maxout_units_and_pieces(tmp_path):
     """``maxoutNpP`` trains a Maxout of N units and P pieces (2 unless given), flattened after image layers as a
     Dense is; the checkpoint rebuilds it."""
@@ -272,6 +286,12 @@ def test_an_empty_value_is_refused_not_taken_as_left_out(args, what, tmp_path, m
      "--weights w has no extension to name the picture's format; add one, such as w.png"),
     (["evaluate", "missing.npz", "--errors", "worst"], "--errors worst has no extension"),
     (["train", "--layers", "64,10", "--activation", "bogus"], "unknown activation 'bogus'"),
+    (["train", "--activation", "relu:0.2"], "--activation: relu takes no parameter; leaky_relu:SLOPE and elu:ALPHA "
+                                            "take one"),
+    (["train", "--activation", "elu:0"], "--activation: elu alpha must be a finite number > 0, got 0.0"),
+    (["train", "--activation", "leaky_relu:nan"], "--activation: leaky_relu slope must be a finite number >= 0"),
+    (["train", "--layers", "784,16:leaky_relu:x,10"],
+     "--layers: '16:leaky_relu:x': leaky_relu's slope must be a number, like leaky_relu:0.01, got 'x'"),
 ])
 def test_user_errors_are_one_line(args, message, tmp_path):
     run = nnaccel(*args, cwd=tmp_path)
