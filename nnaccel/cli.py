@@ -55,6 +55,20 @@ _fraction = number_option(0, 1, low_open=True, high_open=True)  # --validation-s
 _decay = number_option(0, 1, low_open=True)  # the step schedule's gamma: above 1 it would raise the rate
 
 
+def _patience(text):
+    """``train --early-stopping``: at least 1. Keras's patience 0 stops where 1 does, but here an option's 0
+    means none (``--augment 0``, ``--validation-split 0``): 0 is refused, saying what each reading is."""
+    try:
+        zero = int(text) == 0
+    except ValueError:
+        zero = False
+    if zero:
+        raise argparse.ArgumentTypeError("must be a positive integer, got 0: a patience of 0 (Keras's default) "
+                                         "stops at the first epoch without improvement, as 1 does: give 1; to "
+                                         "train without early stopping, leave the option out")
+    return _positive_int(text)
+
+
 def _split_text(text):
     """``train --validation-split`` as argparse reads it: a number (its range, which depends on the data too,
     is checked once the data is loaded)."""
@@ -78,6 +92,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
+
+# What EarlyStopping can watch: the metrics every epoch logs.
+MONITORED = ["val_loss", "val_accuracy", "loss", "accuracy"]
 
 # The losses that train on the class labels every data set here has (mse makes them one-hot).
 
@@ -157,9 +174,15 @@ def build_parser():
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     run.add_argument("--save", metavar="FILE", help="checkpoint (.npz) written after every epoch")
     run.add_argument("--resume", metavar="CHECKPOINT", help="continue training from a checkpoint")
-    run.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE",
-                     help="stop when the validation loss has not improved for PATIENCE epochs (the best weights "
-                          "are kept, and --save ends with them)")
+    run.add_argument("--early-stopping", type=_patience, metavar="PATIENCE",
+                     help="stop when the validation loss (--monitor) has not improved for PATIENCE epochs, >= 1 "
+                          "(the best weights are kept, and --save ends with them)")
+    run.add_argument("--monitor", choices=MONITORED,
+                     help="early stopping: the metric watched (default val_loss; loss and accuracy, of the "
+                          "training data, need no validation part)")
+    run.add_argument("--min-delta", type=_non_negative_float, metavar="DELTA",
+                     help="early stopping: the least change of the metric that counts as an improvement, >= 0 "
+                          "(default 0)")
     run.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                      help="on CUDA, run every step eagerly instead of replaying it from a CUDA graph")
     run.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -392,7 +415,7 @@ def _fit_and_save(trainer, args, data, validation_data):
     # --save is a plain file name: its braces are not ModelCheckpoint's {epoch} template
     callbacks = [ModelCheckpoint(args.save.replace("{", "{{").replace("}", "}}"))] if args.save else []
     if args.early_stopping:
-        callbacks.append(EarlyStopping(patience=args.early_stopping))
+        callbacks.append(EarlyStopping(monitor=args.monitor, patience=args.early_stopping, min_delta=args.min_delta))
     if args.csv:
         # a resumed run appends to the log of the epochs it goes on from; one stopped before its first epoch
         # ended wrote none, so a log there is an older run's, replaced as a fresh run's would be
@@ -497,10 +520,11 @@ SAVED_WITH_THE_RUN = ("layers", "model", "activation", "dropout", "augment", "lo
                       "nesterov", "weight_decay", "schedule", "step_size", "gamma", "eta_min", "batch_size", "seed")
 
 
-# train's defaults of the options above that have one, filled in once the given ones are known (the parser
-# leaves them None, so that a default given explicitly counts as given); the rest default to None.
+# train's defaults of the options above, and early stopping's, that have one, filled in once the given ones are
+# known (the parser leaves them None, so that a default given explicitly counts as given); the rest default to None.
 TRAIN_DEFAULTS = {"activation": "relu", "loss": "softmax_cross_entropy", "optimizer": "sgd", "momentum": 0.9,
-                  "nesterov": False, "step_size": 10, "gamma": 0.1, "eta_min": 0.0, "batch_size": 64, "seed": 0}
+                  "nesterov": False, "step_size": 10, "gamma": 0.1, "eta_min": 0.0, "batch_size": 64, "seed": 0,
+                  "monitor": "val_loss", "min_delta": 0.0}
 
 
 def _options_a_resume_ignores(args):
@@ -553,14 +577,18 @@ def _train(args):
     for name, value in TRAIN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    for option in ("monitor", "min_delta"):
+        if option in args.given and not args.early_stopping:
+            raise _refusal(f"--{option.replace('_', '-')} is early stopping's; give --early-stopping PATIENCE")
     _check_outputs(args)
     trainer = _trainer_from_checkpoint(args, device) if args.resume else None
     planned_split = args.validation_split is None and args.resume
     _default_to_the_plan(args, trainer.plan if trainer else None, args.resume)
-    if args.early_stopping and not args.validation_split:
-        raise _refusal(f"--early-stopping watches the validation loss, but --validation-split 0"
+    if args.early_stopping and args.monitor.startswith("val_") and not args.validation_split:
+        raise _refusal(f"--early-stopping watches the validation {args.monitor[len('val_'):]}, but --validation-split 0"
                        f"{f' (the one {args.resume} was trained with)' if planned_split else ''} holds out no "
-                       f"validation part: give a --validation-split above 0")
+                       f"validation part: give a --validation-split above 0, or --monitor "
+                       f"{args.monitor[len('val_'):]}")
     x, y = _load_data(args, "train")
     _apply_default_recipe(args, x.shape[1])
     if args.resume:
@@ -570,8 +598,10 @@ def _train(args):
                        f"batch size and seed; {', '.join(ignored)} given here {'is' if len(ignored) == 1 else 'are'} "
                        f"not used")
         saved = [state["monitor"] for state, _ in trainer._restored_early_stopping]
-        if args.early_stopping and "val_loss" not in saved:
-            _say(args, f"warning: {args.resume} holds no early stopping state (trained without --early-stopping): "
+        if args.early_stopping and args.monitor not in saved:
+            held = (f"early stopping state of --monitor {', '.join(saved)}, not of --monitor {args.monitor}" if saved else
+                    "no early stopping state (trained without --early-stopping)")
+            _say(args, f"warning: {args.resume} holds {held}: "
                        f"--early-stopping {args.early_stopping} counts its patience (and the best epoch) from epoch "
                        f"{trainer.epoch + 1}")
         _say(args, f"resuming {args.resume} after epoch {trainer.epoch}"
@@ -606,6 +636,8 @@ def _train(args):
                   f"{step}; checkpoint written to {path}; resume with: {launch} --resume {quoted} --save {quoted} "
                   f"--data {_shell_path(args.data)} --validation-split {args.validation_split} --epochs {args.epochs}"
                   + (f" --early-stopping {args.early_stopping}" if args.early_stopping else "")
+                  + "".join(f" --{option.replace('_', '-')} {getattr(args, option)}"
+                            for option in ("monitor", "min_delta") if option in args.given)
                   + (f" --csv {_shell_path(args.csv)}" if args.csv else ""),
                   file=sys.stderr)
         return 128 + stopped_by

@@ -194,6 +194,21 @@ def test_training_options_reach_the_library(tmp_path):
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 4
 
 
+def test_early_stopping_monitor_and_min_delta_reach_the_callback(tmp_path):
+    """--monitor accuracy watches the training accuracy (no validation part needed), highest best; a --min-delta
+    of 2 counts no later epoch as better than the first, so patience 1 stops after the second."""
+    run = nnaccel("train", "--data", "digits", "--layers", "64,16,10", "--validation-split", 0, "--early-stopping", 1,
+                  "--monitor", "accuracy", "--min-delta", 2, "--epochs", 5, "--save", "m.npz", "--device", "cpu",
+                  cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "early stopping after epoch 2: accuracy has not improved for 1 epoch since epoch 1" in run.stderr
+    from nnaccel import checkpoint
+
+    trainer = checkpoint.read(tmp_path / "m.npz")[0]["trainer"]
+    assert len(trainer["history"]["accuracy"]) == 2
+    assert [(state["monitor"], state["sign"]) for state in trainer["early_stopping"]] == [("accuracy", -1.0)]
+
+
 def test_train_help_groups_the_options():
     run = nnaccel("train", "--help")
     for group in ("data:", "network:", "optimisation:", "the run:", "output:", "--layers grammar"):
@@ -224,7 +239,9 @@ def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
     (["--schedule", "cosine", "--step-size", "2"], "--step-size is the step schedule's; the schedule is cosine"),
     (["--schedule", "step", "--eta-min", "0.01"], "--eta-min is the cosine schedule's; the schedule is step (give "),
     (["--dropout", "0.5", "--layers", "784,10"], "--dropout 0.5 goes after each hidden Dense layer, and the network "
-                                                 "has none")])
+                                                 "has none"),
+    (["--monitor", "loss"], "--monitor is early stopping's; give --early-stopping PATIENCE"),
+    (["--min-delta", "0.01"], "--min-delta is early stopping's; give --early-stopping PATIENCE")])
 def test_an_option_of_a_part_the_run_does_not_have_is_refused(options, message, tmp_path, monkeypatch, capsys):
     """SGD's momentum with Adam, a schedule's option without that schedule, Dropout with no hidden layer to
     follow: each would change nothing, so it is an error naming the part, before training."""

@@ -3,7 +3,7 @@ where they make no sense, and sizes beyond what the data allows, in one line tha
 its valid range (exit code 2, no traceback).
 
 Ranges: --validation-split in [0, 1) (0: no validation) and, above 0, holding out 1 to N-1 of the N samples;
---dropout and --momentum in [0, 1); --gamma in (0, 1]; --lr > 0; --weight-decay and --eta-min >= 0 (and
+--dropout and --momentum in [0, 1); --gamma in (0, 1]; --lr > 0; --weight-decay, --min-delta and --eta-min >= 0 (and
 --eta-min below the learning rate for the cosine schedule); --epochs, --batch-size, --step-size,
 --early-stopping >= 1 (the batch at most the training samples); --seed 0 to 2**32 - 1; --augment from 0 to
 below half the image's side; the numbers in --layers as each layer takes them. The library stays as
@@ -72,7 +72,18 @@ FLOATS = [
     *[("--augment", value, "expected a non-negative integer") for value in ("nan", "inf", "1.5")],
     ("--augment", "-1", "must be a non-negative integer"),
     ("--validation-split", "abc", "expected a finite number >= 0 and < 1"),  # its range: with the data, below
+    *[("--min-delta", value, "must be a finite number >= 0") for value in ("nan", "inf", "-0.1")],
 ]
+
+
+def test_early_stopping_0_is_refused_with_what_each_reading_gives(capsys, tmp_path, monkeypatch):
+    """Keras's patience 0 stops where 1 does, but an option's 0 here means none (--augment 0): the message says
+    both and gives 1."""
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, [*TRAIN, "--early-stopping", "0"],
+             "argument --early-stopping: must be a positive integer, got 0: a patience of 0 (Keras's default) stops "
+             "at the first epoch without improvement, as 1 does: give 1; to train without early stopping, leave the "
+             "option out")
 
 
 @pytest.mark.parametrize("option, value, expected", SIZES + FLOATS, ids=[f"{o} {v}" for o, v, _ in SIZES + FLOATS])
@@ -121,7 +132,10 @@ BEYOND_THE_DATA = [
     (["--validation-split", "1"], "--validation-split must be at least 0 (no validation) and below 1, got 1.0"),
     (["--validation-split=-0.5"], "--validation-split must be at least 0 (no validation) and below 1, got -0.5"),
     (["--validation-split", "0", "--early-stopping", "2"],
-     "--early-stopping watches the validation loss, but --validation-split 0 holds out no validation part"),
+     "--early-stopping watches the validation loss, but --validation-split 0 holds out no validation part: give a "
+     "--validation-split above 0, or --monitor loss"),
+    (["--validation-split", "0", "--early-stopping", "2", "--monitor", "val_accuracy"],
+     "--early-stopping watches the validation accuracy, but --validation-split 0 holds out no validation part"),
     (["--layers", "conv4k3,10", "--augment", "14"],
      "--augment must be a non-negative integer up to 13 on 28x28 images (below half the side"),
     (["--layers", "conv4k3,10", "--augment", "1000"], "up to 13 on 28x28 images"),
