@@ -69,6 +69,19 @@ def _patience(text):
     return _positive_int(text)
 
 
+def _betas(text):
+    """``train --betas B1,B2``: Adam's two decay rates, each in [0, 1) (at 1 its averages never forget)."""
+    parts = text.split(",")
+    try:
+        betas = tuple(float(part) for part in parts)
+    except ValueError:
+        betas = ()
+    if len(betas) != 2 or any(not 0.0 <= beta < 1.0 for beta in betas):  # NaN fails the comparison too
+        raise argparse.ArgumentTypeError(f"expected two numbers B1,B2, each >= 0 and < 1, such as Adam's default "
+                                         f"0.9,0.999, got {text!r}")
+    return betas
+
+
 def _split_text(text):
     """``train --validation-split`` as argparse reads it: a number (its range, which depends on the data too,
     is checked once the data is loaded)."""
@@ -158,6 +171,10 @@ def build_parser():
     fit.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (SGD)")
     fit.add_argument("--weight-decay", type=_non_negative_float, default=None,
                      help="L2 weight decay (SGD, Adam) or decoupled decay (AdamW; its default 0.01), >= 0")
+    fit.add_argument("--betas", type=_betas, metavar="B1,B2",
+                     help="Adam's and AdamW's decay rates of the gradient's averages, each in [0, 1) (default "
+                          "0.9,0.999)")
+    fit.add_argument("--eps", type=_positive_float, help="Adam's and AdamW's epsilon, > 0 (default 1e-8)")
     fit.add_argument("--schedule", choices=["step", "cosine"], help="learning-rate schedule over the epochs")
     fit.add_argument("--step-size", type=_positive_int, help="step schedule: epochs per decay (default 10)")
     fit.add_argument("--gamma", type=_decay,
@@ -337,13 +354,19 @@ def _schedule(args):
     return None
 
 
+# The options of one optimizer: whose they are, and the --optimizer that takes them.
+OPTIMIZER_OPTIONS = {"momentum": ("SGD's", "sgd"), "nesterov": ("SGD's", "sgd"),
+                     "betas": ("Adam's and AdamW's", "adam or adamw"), "eps": ("Adam's and AdamW's", "adam or adamw")}
+
+
 def _trainer_from_options(args, features, classes, device):
     model = _build_model(args, features, classes, device)
     lr = args.lr or DEFAULT_LR[args.optimizer]
-    options = {"momentum": args.momentum, "nesterov": args.nesterov} if args.optimizer == "sgd" else {}
-    for option in ("momentum", "nesterov"):
-        if option in args.given and args.optimizer != "sgd":
-            raise _refusal(f"--{option} is SGD's; the optimizer is {args.optimizer}")
+    own = ("momentum", "nesterov") if args.optimizer == "sgd" else ("betas", "eps")
+    options = {option: getattr(args, option) for option in own if getattr(args, option) is not None}
+    for option, (owner, optimizer) in OPTIMIZER_OPTIONS.items():
+        if option in args.given and option not in own:
+            raise _refusal(f"--{option} is {owner}; the optimizer is {args.optimizer} (give --optimizer {optimizer})")
     for option, schedule in (("step_size", "step"), ("gamma", "step"), ("eta_min", "cosine")):
         if option in args.given and args.schedule != schedule:
             raise _refusal(f"--{option.replace('_', '-')} is the {schedule} schedule's; the schedule is "
@@ -517,7 +540,7 @@ def _rank_batch(args, global_batch):
 
 # What a resumed run takes from its checkpoint, not from the command line.
 SAVED_WITH_THE_RUN = ("layers", "model", "activation", "dropout", "augment", "loss", "optimizer", "lr", "momentum",
-                      "nesterov", "weight_decay", "schedule", "step_size", "gamma", "eta_min", "batch_size", "seed")
+                      "nesterov", "weight_decay", "betas", "eps", "schedule", "step_size", "gamma", "eta_min", "batch_size", "seed")
 
 
 # train's defaults of the options above, and early stopping's, that have one, filled in once the given ones are
@@ -530,8 +553,9 @@ TRAIN_DEFAULTS = {"activation": "relu", "loss": "softmax_cross_entropy", "optimi
 def _options_a_resume_ignores(args):
     """The options of ``SAVED_WITH_THE_RUN`` given on the command line (before ``TRAIN_DEFAULTS`` fills the
     rest), as ``--name value``."""
-    return [f"--{name.replace('_', '-')}" + ("" if getattr(args, name) is True else f" {getattr(args, name)}")
-            for name in SAVED_WITH_THE_RUN if getattr(args, name) is not None]
+    shown = {name: ",".join(map(str, value)) if isinstance(value, tuple) else value for name in SAVED_WITH_THE_RUN
+             if (value := getattr(args, name)) is not None}
+    return [f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}") for name, value in shown.items()]
 
 
 def _check_resumed_data(args, trainer, samples):
@@ -573,7 +597,7 @@ def _train(args):
             _say(args, f"warning: {distributed.launched_size()} processes were started but without --distributed "
                        f"each trains alone")
     ignored = _options_a_resume_ignores(args) if args.resume else []
-    args.given = {name for name in TRAIN_DEFAULTS if getattr(args, name) is not None}
+    args.given = {name for name in (*SAVED_WITH_THE_RUN, *TRAIN_DEFAULTS) if getattr(args, name) is not None}
     for name, value in TRAIN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -194,6 +194,16 @@ def test_training_options_reach_the_library(tmp_path):
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 4
 
 
+def test_adam_betas_and_eps_reach_the_optimizer(tmp_path):
+    run = nnaccel("train", "--data", "digits", "--layers", "64,16,10", "--optimizer", "adamw", "--betas", "0.8,0.99",
+                  "--eps", "1e-6", "--epochs", 1, "--save", "m.npz", "--quiet", "--device", "cpu", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    from nnaccel import checkpoint
+
+    assert checkpoint.read(tmp_path / "m.npz")[0]["optimizer"]["config"] == {
+        "type": "AdamW", "lr": 0.001, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 0.01}
+
+
 def test_early_stopping_monitor_and_min_delta_reach_the_callback(tmp_path):
     """--monitor accuracy watches the training accuracy (no validation part needed), highest best; a --min-delta
     of 2 counts no later epoch as better than the first, so patience 1 stops after the second."""
@@ -240,6 +250,8 @@ def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
     (["--schedule", "step", "--eta-min", "0.01"], "--eta-min is the cosine schedule's; the schedule is step (give "),
     (["--dropout", "0.5", "--layers", "784,10"], "--dropout 0.5 goes after each hidden Dense layer, and the network "
                                                  "has none"),
+    (["--betas", "0.8,0.99"], "--betas is Adam's and AdamW's; the optimizer is sgd (give --optimizer adam or adamw)"),
+    (["--optimizer", "sgd", "--eps", "1e-6"], "--eps is Adam's and AdamW's; the optimizer is sgd"),
     (["--monitor", "loss"], "--monitor is early stopping's; give --early-stopping PATIENCE"),
     (["--min-delta", "0.01"], "--min-delta is early stopping's; give --early-stopping PATIENCE")])
 def test_an_option_of_a_part_the_run_does_not_have_is_refused(options, message, tmp_path, monkeypatch, capsys):

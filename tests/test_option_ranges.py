@@ -3,9 +3,9 @@ where they make no sense, and sizes beyond what the data allows, in one line tha
 its valid range (exit code 2, no traceback).
 
 Ranges: --validation-split in [0, 1) (0: no validation) and, above 0, holding out 1 to N-1 of the N samples;
---dropout and --momentum in [0, 1); --gamma in (0, 1]; --lr > 0; --weight-decay, --min-delta and --eta-min >= 0 (and
---eta-min below the learning rate for the cosine schedule); --epochs, --batch-size, --step-size,
---early-stopping >= 1 (the batch at most the training samples); --seed 0 to 2**32 - 1; --augment from 0 to
+--dropout, --momentum and each of --betas in [0, 1); --gamma in (0, 1]; --lr and --eps > 0; --weight-decay,
+--min-delta and --eta-min >= 0 (and --eta-min below the learning rate for the cosine schedule); --epochs,
+--batch-size, --step-size, --early-stopping >= 1 (the batch at most the training samples); --seed 0 to 2**32 - 1; --augment from 0 to
 below half the image's side; the numbers in --layers as each layer takes them. The library stays as
 permissive as PyTorch (a batch larger than the data trains one short batch, SGD takes momentum >= 1); the
 command line does not.
@@ -73,6 +73,9 @@ FLOATS = [
     ("--augment", "-1", "must be a non-negative integer"),
     ("--validation-split", "abc", "expected a finite number >= 0 and < 1"),  # its range: with the data, below
     *[("--min-delta", value, "must be a finite number >= 0") for value in ("nan", "inf", "-0.1")],
+    *[("--eps", value, "must be a positive number (finite, > 0)") for value in ("nan", "inf", "0", "-1e-8")],
+    *[("--betas", value, "expected two numbers B1,B2, each >= 0 and < 1, such as Adam's default 0.9,0.999") for value
+      in ("1,0.999", "0.9,-0.1", "nan,0.9", "0.9,inf", "0.9", "0.9,0.99,0.999", "a,b")],
 ]
 
 
