@@ -23,7 +23,7 @@ from . import (__version__, activations, architectures, bench, checkpoint, datas
 from .backend import PRECISIONS, cuda_status, resolve_device
 from .callbacks import CSVLogger, EarlyStopping, ModelCheckpoint
 from .errors import CheckpointError, ConfigError, DataError, NnaccelError, OutputError, describe_range, number_option
-from .layers import Dense, Dropout, Flatten, RandomShift, describe_shape
+from .layers import Dense, Dropout, Flatten, Maxout, RandomShift, describe_shape
 from .model import Sequential
 from .trainer import Trainer, TrainingDiverged
 
@@ -159,7 +159,7 @@ def build_parser():
                           "parametrised one takes its value after a colon: leaky_relu:0.2 (slope, default 0.01), "
                           "elu:0.5 (alpha, default 1)")
     net.add_argument("--dropout", type=_rate, metavar="RATE",
-                     help="Dropout of RATE, in [0, 1), after every hidden Dense layer")
+                     help="Dropout of RATE, in [0, 1), after every hidden Dense or Maxout layer")
     fit = train.add_argument_group("optimisation")
     fit.add_argument("--loss", choices=sorted(losses.LOSSES),
                      help="softmax_cross_entropy (default); mse on one-hot labels; sigmoid_cross_entropy on one-hot "
@@ -326,9 +326,10 @@ def _build_model(args, features, classes, device):
     layers, input_shape = architectures.build(args.model or args.layers or f"{features},256,{classes}", features,
                                               classes, activations.from_text(args.activation))
     if args.dropout:
-        hidden = [i for i, layer in enumerate(layers[:-1]) if isinstance(layer, Dense)]
+        hidden = [i for i, layer in enumerate(layers[:-1]) if isinstance(layer, (Dense, Maxout))]
         if not hidden:
-            raise _refusal(f"--dropout {args.dropout} goes after each hidden Dense layer, and the network has none")
+            raise _refusal(f"--dropout {args.dropout} goes after each hidden Dense or Maxout layer, and the network "
+                           f"has none")
         for index in reversed(hidden):
             layers.insert(index + 1, Dropout(args.dropout))
     if args.augment:

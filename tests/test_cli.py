@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from nnaccel import architectures, load
+
 
 def nnaccel(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "nnaccel.cli", *map(str, args)], capture_output=True,
@@ -164,15 +166,13 @@ def test_activation_parameters_reach_the_layers(tmp_path):
 
 def test_layers_take_maxout_units_and_pieces(tmp_path):
     """``maxoutNpP`` trains a Maxout of N units and P pieces (2 unless given), flattened after image layers as a
-    Dense is; the checkpoint rebuilds it."""
-    run = nnaccel("train", "--data", "synthetic", "--layers", "784,maxout16p3,maxout8,10", "--epochs", 1, "--save",
-                  "m.npz", "--quiet", "--device", "cpu", cwd=tmp_path)
+    Dense is, with --dropout after it as after a hidden Dense layer; the checkpoint rebuilds it."""
+    run = nnaccel("train", "--data", "synthetic", "--layers", "784,maxout16p3,maxout8,10", "--dropout", "0.25",
+                  "--epochs", 1, "--save", "m.npz", "--quiet", "--device", "cpu", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    from nnaccel import architectures, load
-
     model = load(tmp_path / "m.npz")
-    assert [(type(layer).__name__, layer.in_features, layer.out_features, getattr(layer, "pieces", None))
-            for layer in model.layers] == [("Maxout", 784, 16, 3), ("Maxout", 16, 8, 2), ("Dense", 8, 10, None)]
+    assert [repr(layer) for layer in model.layers] == [
+        "Maxout(784, 16, pieces=3)", "Dropout(rate=0.25)", "Maxout(16, 8)", "Dropout(rate=0.25)", "Dense(8, 10)"]
     assert [repr(layer) for layer in architectures.build("conv4k3,maxout8p4,10", 784, 10)[0]] == [
         "Conv2D(1, 4, 3, activation='relu')", "Flatten()", "Maxout(2704, 8, pieces=4)", "Dense(8, 10)"]
 
@@ -248,7 +248,7 @@ def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
     (["--gamma", "0.5"], "--gamma is the step schedule's; the schedule is none (give --schedule step)"),
     (["--schedule", "cosine", "--step-size", "2"], "--step-size is the step schedule's; the schedule is cosine"),
     (["--schedule", "step", "--eta-min", "0.01"], "--eta-min is the cosine schedule's; the schedule is step (give "),
-    (["--dropout", "0.5", "--layers", "784,10"], "--dropout 0.5 goes after each hidden Dense layer, and the network "
+    (["--dropout", "0.5", "--layers", "784,10"], "--dropout 0.5 goes after each hidden Dense or Maxout layer, and the network "
                                                  "has none"),
     (["--betas", "0.8,0.99"], "--betas is Adam's and AdamW's; the optimizer is sgd (give --optimizer adam or adamw)"),
     (["--optimizer", "sgd", "--eps", "1e-6"], "--eps is Adam's and AdamW's; the optimizer is sgd"),
