@@ -109,9 +109,6 @@ class _Parser(argparse.ArgumentParser):
 # What EarlyStopping can watch: the metrics every epoch logs.
 MONITORED = ["val_loss", "val_accuracy", "loss", "accuracy"]
 
-# The losses that train on the class labels every data set here has (mse makes them one-hot).
-
-
 def build_parser():
     parser = _Parser(prog="nnaccel", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nnaccel {__version__}")
@@ -660,11 +657,7 @@ def _train(args):
             print(f"nnaccel train: interrupted by {signal.Signals(stopped_by).name} in epoch {trainer.epoch + 1} after step "
                   f"{step}; checkpoint written to {path}; resume with: {launch} --resume {quoted} --save {quoted} "
                   f"--data {_shell_path(args.data)} --validation-split {args.validation_split} --epochs {args.epochs}"
-                  + (f" --early-stopping {args.early_stopping}" if args.early_stopping else "")
-                  + "".join(f" --{option.replace('_', '-')} {getattr(args, option)}"
-                            for option in ("monitor", "min_delta") if option in args.given)
-                  + (f" --csv {_shell_path(args.csv)}" if args.csv else ""),
-                  file=sys.stderr)
+                  + _options_of_the_run(args), file=sys.stderr)
         return 128 + stopped_by
     if trainer.rank != 0:  # the other ranks are done; rank 0 reports
         return 0
@@ -682,6 +675,19 @@ def _train(args):
         print(f"{split} accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
               f"after {trainer.epoch} epoch{'s' * (trainer.epoch != 1)} on {device}")
     return 0
+
+
+def _options_of_the_run(args):
+    """The options a resume command repeats beyond the checkpoint's own: what the checkpoint does not hold
+    (the device, how it computes, early stopping's settings) and where the run reports."""
+    given = [(f"--early-stopping {args.early_stopping}", args.early_stopping),
+             *((f"--{option.replace('_', '-')} {getattr(args, option)}", option in args.given)
+               for option in ("monitor", "min_delta")),
+             (f"--device {args.device}", args.device != "auto"), (f"--precision {args.precision}", args.precision != "fp32"),
+             ("--no-cuda-graphs", not args.cuda_graphs),
+             *((f"--{option} {_shell_path(getattr(args, option))}", getattr(args, option)) for option in ("csv", "plot")),
+             ("--json", args.json), ("--quiet", args.quiet)]
+    return "".join(f" {text}" for text, wanted in given if wanted)
 
 
 def _default_to_the_plan(args, plan, checkpoint_path):

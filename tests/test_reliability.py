@@ -281,7 +281,7 @@ def test_a_stop_signal_then_resume_equals_an_uninterrupted_run(tmp_path, uninter
     assert len(notes) == 1, err
     match = re.fullmatch(rf"nnaccel train: interrupted by {signal.Signals(signum).name} in epoch (\d+) after step (\d+); checkpoint written to "
                          r"(.+); resume with: nnaccel train --resume (.+) --save (.+) --data synthetic "
-                         r"--validation-split 0.2 --epochs (\d+)", notes[0])
+                         r"--validation-split 0.2 --epochs (\d+) --device cpu", notes[0])
     assert match, notes[0]
     epoch, step = int(match[1]), int(match[2])
     assert match[3] == match[4] == match[5] == str(ck) and int(match[6]) == EPOCHS
@@ -561,6 +561,18 @@ def test_printed_resume_command_keeps_saving_the_checkpoint(tmp_path, monkeypatc
     assert command[:2] == ["nnaccel", "train"]
     assert cli.main([*command[1:], "--device", "cpu", "--quiet"]) == 0
     assert checkpoint.read(tmp_path / "ck.npz")[0]["trainer"]["epoch"] == 3
+
+
+def test_printed_resume_command_repeats_what_the_checkpoint_does_not_hold(tmp_path, monkeypatch, capsys):
+    """The device, the precision, CUDA graphs and the outputs of the run: the resumed run computes and
+    reports as the stopped one would have (a tf32 run does not go on in fp32)."""
+    extra = ["--precision", "tf32", "--no-cuda-graphs", "--plot", "my curves.png", "--json"]
+    command = _interrupted_in_process(tmp_path, monkeypatch, capsys, extra)
+    tail = command[command.index("--epochs") + 2:]
+    assert tail == ["--device", "cpu", "--precision", "tf32", "--no-cuda-graphs", "--plot", "my curves.png", "--json",
+                    "--quiet"]
+    assert cli.main(command[1:]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 3 and (tmp_path / "my curves.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("name, word", [("my run.npz", "my run.npz"), ("-run.npz", "./-run.npz")])
