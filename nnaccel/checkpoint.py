@@ -300,14 +300,14 @@ def _read_checked(path, size, archive):
 
 def _check_values(path, key, array):
     """A CheckpointError naming member ``key`` unless every output can be computed from its values: weights
-    and buffers finite (NaN or inf make every output and the next loss NaN), a BatchNorm variance not
-    negative (its square root is NaN), optimizer state free of NaN (Adam's second moment may overflow to
-    inf, a state training goes on from)."""
-    bad = numpy.isnan(array) if key.startswith("optim/") else ~numpy.isfinite(array)
-    if bool(bad.any()):
-        raise CheckpointError(f"{path}: member {key!r} holds {'NaN' if key.startswith('optim/') else 'NaN or inf'}, "
-                              f"from which nothing can be computed (a damaged or edited file, or a run whose "
-                              f"weights overflowed)")
+    finite (NaN or inf make every output and the next loss NaN), no NaN anywhere, a BatchNorm variance not
+    negative (its square root is NaN). Buffers and optimizer state may hold inf, as training writes it: a
+    BatchNorm variance of inputs near 1e19 overflows (that feature then normalises to 0), as Adam's second
+    moment does for huge gradients (that weight's update is 0)."""
+    weights = key.startswith("param/")
+    if bool((~numpy.isfinite(array) if weights else numpy.isnan(array)).any()):
+        raise CheckpointError(f"{path}: member {key!r} holds {'NaN or inf' if weights else 'NaN'}, from which "
+                              f"nothing can be computed (a damaged or edited file, or a run whose weights overflowed)")
     if key.endswith(".running_var") and bool((array < 0).any()):
         raise CheckpointError(f"{path}: member {key!r} holds a negative variance ({float(array.min()):g}); the "
                               f"file is damaged or was edited")
