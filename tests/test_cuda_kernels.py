@@ -504,3 +504,10 @@ def test_an_array_on_another_gpu_is_refused_by_name(cp):
         bias = cp.zeros(6, numpy.float32)
     with pytest.raises(DeviceError, match=r"^bias is on cuda:1 but z is on cuda:0"):
         ck.bias_act(cp.zeros((8, 6), numpy.float32), bias, 1, 0.0, cp.zeros((8, 6), numpy.float32))
+    with cp.cuda.Device(1):
+        labels = cp.zeros(8, numpy.int64)
+    with pytest.raises(DeviceError, match=r"^labels is on cuda:1 but logits is on cuda:0"):
+        ck.softmax_cross_entropy(cp.zeros((8, 6), numpy.float32), labels, cp.zeros((8, 6), numpy.float32))
+    loss = ck.softmax_cross_entropy(cp.zeros((8, 6), numpy.float32), numpy.zeros(8, numpy.int64),
+                                    cp.zeros((8, 6), numpy.float32))  # host labels are copied over
+    assert float(loss) == pytest.approx(numpy.log(6))

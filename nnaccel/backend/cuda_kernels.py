@@ -400,11 +400,11 @@ def softmax_cross_entropy(logits, labels, grad):
         raise ShapeError(f"labels has dtype {labels.dtype}; expected integer class indices")
     if tuple(labels.shape) != (rows,):
         raise ShapeError(f"labels has shape {tuple(labels.shape)}; expected ({rows},) like the logits' rows")
-    _one_device(logits=logits, grad=grad)
+    _one_device(logits=logits, grad=grad, labels=None if isinstance(labels, numpy.ndarray) else labels)
     import cupy
 
     with logits.device:
-        labels = cupy.asarray(labels, dtype=numpy.int64, order="C")  # int64 on this device
+        labels = cupy.asarray(labels, dtype=numpy.int64, order="C")  # int64 on this device (host labels copied)
         row_loss = cupy.empty(rows, dtype=dtype)
     _launch("softmax_cross_entropy", logits, (_grid(logits, rows, ROWS_PER_BLOCK),), (THREADS,),
             (logits, labels, grad, row_loss, _i64(rows), _i64(cols), numpy.float64(1.0 / rows)))
