@@ -31,8 +31,12 @@ def check_picture_path(path, option):
         raise ConfigError(f"{option} {path}: folder {path.parent} does not exist")
     formats = FigureCanvasBase.get_supported_filetypes()
     if not path.suffix:
+        if path.name.startswith("."):  # '.png': to Path a hidden file's name, with no extension
+            raise ConfigError(f"{option} {path} is an extension without a name; give both, such as "
+                              f"{path.with_name('picture' + path.name.rstrip('.'))}")
+        suggestion = path.with_name(path.name + "png") if path.name.endswith(".") else picture_path(path)
         raise ConfigError(f"{option} {path} has no extension to name the picture's format; add one, such as "
-                          f"{picture_path(path)}")
+                          f"{suggestion}")
     if path.suffix.lower().lstrip(".") not in formats:
         raise ConfigError(f"{option} {path}: cannot draw a '{path.suffix}' file; use one of "
                           f"{', '.join('.' + f for f in sorted(formats))}")

@@ -314,6 +314,10 @@ def test_an_empty_value_is_refused_not_taken_as_left_out(args, what, tmp_path, m
     (["show", "missing.npz", "--weights", "w"],
      "--weights w has no extension to name the picture's format; add one, such as w.png"),
     (["evaluate", "missing.npz", "--errors", "worst"], "--errors worst has no extension"),
+    (["show", "missing.npz", "--weights", "w."], "--weights w. has no extension to name the picture's format; add "
+                                                 "one, such as w.png"),
+    (["show", "missing.npz", "--weights", ".png"], "--weights .png is an extension without a name; give both, such as "
+                                                   "picture.png"),
     (["train", "--layers", "64,10", "--activation", "bogus"], "unknown activation 'bogus'"),
     (["train", "--activation", "relu:0.2"], "--activation: relu takes no parameter; leaky_relu:SLOPE and elu:ALPHA "
                                             "take one"),
