@@ -177,9 +177,10 @@ def plot_activations(model, x, path, loss=None):
                            f"{values.shape[1]}x{values.shape[2]}")
         elif layer is _output_layer(model):
             predicted = int(probabilities.argmax())
-            colours = ["tab:red" if c == predicted else "tab:gray" for c in range(values.size)]
+            classes = list(range(values.size)) if values.size > 1 else [1]  # one output: class 1's score
+            colours = ["tab:red" if c == predicted else "tab:gray" for c in classes]
             axis.bar(range(values.size), values, color=colours)
-            axis.set_xticks(range(values.size))
+            axis.set_xticks(range(values.size), [str(c) for c in classes])
             axis.set_xlabel("class")
             axis.set_ylabel("output")
             axis.set_title(f"{title}\npredicted {predicted} (p {probabilities[predicted]:.2f})")

@@ -122,9 +122,10 @@ def test_evaluate_confusion_and_errors(digits_model, tmp_path):
     assert_picture(tmp_path / "e.png", (468, 579))
 
 
-def test_predict_and_show_name_a_binary_models_class_by_its_sigmoid(digits_model, tmp_path, capsys):
+def test_predict_and_show_name_a_binary_models_class_by_its_sigmoid(digits_model, tmp_path, capsys, monkeypatch):
     """A one-output model trained with sigmoid_cross_entropy predicts class 1 where its logit is above 0,
-    with the sigmoid's probability (not a softmax of one column, always 1)."""
+    with the sigmoid's probability (not a softmax of one column, always 1); show draws its one bar as class
+    1's, red where class 1 is predicted, and names the prediction."""
     _, _, digit = digits_model
     x, y = datasets.load_digits("train")
     model = nn.Sequential(nn.Dense(64, 16, activation="relu"), nn.Dense(16, 1), seed=0)
@@ -136,9 +137,21 @@ def test_predict_and_show_name_a_binary_models_class_by_its_sigmoid(digits_model
     p = float(_sigmoid(model.predict(images.prepare_for_model(digit, 64)[None]))[0, 0])
     assert predicted["digit"] == int(p > 0.5) and predicted["top3"] == [[int(p > 0.5), round(max(p, 1 - p), 4)],
                                                                         [int(p <= 0.5), round(min(p, 1 - p), 4)]]
+    from matplotlib.axes import Axes
+
+    drawn = []
+    for method in ("bar", "set_title"):
+        def spy(axis, *args, _original=getattr(Axes, method), _method=method, **kwargs):
+            drawn.append((_method, args, kwargs))
+            return _original(axis, *args, **kwargs)
+        monkeypatch.setattr(Axes, method, spy)
     assert cli.main(["show", str(tmp_path / "zero.npz"), "--activations", str(digit), "--out", str(tmp_path / "a.png"),
                      "--device", "cpu"]) == 0
     assert_picture(tmp_path / "a.png", (691, 244))
+    label = round(max(p, 1 - p), 2)
+    assert any(m == "set_title" and f"predicted {int(p > 0.5)} (p {label:.2f})" in a[0] for m, a, _ in drawn)
+    output_bars = [k["color"] for m, a, k in drawn if m == "bar" and len(a[0]) == 1]
+    assert output_bars == [["tab:red" if p > 0.5 else "tab:gray"]]
 
 
 def test_show_needs_a_picture_to_draw(digits_model):
