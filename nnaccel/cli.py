@@ -755,10 +755,7 @@ def _evaluation_data(args, meta):
 
 
 def cmd_evaluate(args):
-    device = resolve_device(args.device)
-    meta, arrays = checkpoint.read(args.model)
-    model = checkpoint.model_from(meta, arrays, args.model, device)
-    loss = _trained_with(meta)
+    model, loss, meta = _load_trained(args)
     x, y, args.split = _evaluation_data(args, meta)
     _check_data_fits(model, x, args, args.split, args.model)
     result = Trainer(model, loss=loss, quiet=True).evaluate(x, y)
@@ -790,13 +787,13 @@ def _trained_with(meta):
 
 
 def _load_trained(args):
-    """The model of ``args.model`` on ``--device`` and the loss it was trained with."""
+    """The model of ``args.model`` on ``--device``, the loss it was trained with and the checkpoint's meta."""
     meta, arrays = checkpoint.read(args.model)
-    return checkpoint.model_from(meta, arrays, args.model, resolve_device(args.device)), _trained_with(meta)
+    return checkpoint.model_from(meta, arrays, args.model, resolve_device(args.device)), _trained_with(meta), meta
 
 
 def cmd_predict(args):
-    model, loss = _load_trained(args)
+    model, loss, _ = _load_trained(args)
     inputs = numpy.stack([images.prepare_for_model(path, model.in_features) for path in args.images])
     for path, probs in zip(args.images, visualize.predict_proba(model, inputs, loss)):
         top = numpy.argsort(-probs, kind="stable")[:3]
@@ -813,7 +810,7 @@ def cmd_show(args):
         raise ConfigError("show needs --weights FILE.png and/or --activations IMAGE --out FILE.png")
     if bool(args.activations) != bool(args.out):
         raise ConfigError("--activations IMAGE and --out FILE.png go together")
-    model, loss = _load_trained(args)
+    model, loss, _ = _load_trained(args)
     if args.weights:
         visualize.plot_weights(model, args.weights)
         _say(args, f"first-layer weights written to {args.weights}")
