@@ -341,7 +341,12 @@ class Trainer:
                 "validation_samples": None if validation_data is None else int(validation_data[0].shape[0]),
                 "shuffle": bool(shuffle), "batch_size": self.batch_size,
                 "seed": self.seed, "parameters": model.num_parameters(), "optimizer_steps": optimizer.steps,
-                "resume_step": (self._resume_point or {}).get("step")}
+                "resume_step": (self._resume_point or {}).get("step"),
+                # the same architecture, loss and update everywhere: another optimizer broadcasts other state
+                # buffers (a hang), other rates or activations drift the weights apart
+                "layers": model.config()["layers"], "loss": self.loss.name, "optimizer": optimizer.config(),
+                "schedule": self.schedule.config() if self.schedule is not None else None,
+                "precision": self.precision}
         everyone = comm.allgather_object(mine)
         for rank, theirs in enumerate(everyone):
             differ = [f"{key} {theirs[key]} (rank 0: {everyone[0][key]})" for key in mine

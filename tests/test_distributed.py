@@ -268,7 +268,9 @@ def test_cli_divergence_is_one_error_from_rank_0(mpi, tmp_path):
     (["--epochs", 4], "last_epoch 4 (rank 0: 3)"),  # one rank would train on alone, waiting for ever
     (["--validation", 30], "validation_samples 30 (rank 0: None)"),  # one rank in an all-reduce the other never makes
     (["--no-shuffle"], "shuffle False (rank 0: True)"),
-], ids=["other data", "other epochs", "validation on one rank", "no shuffle on one rank"])
+    # another optimizer broadcasts other state buffers: the ranks' collectives would not match (a hang)
+    (["--optimizer", "adam"], f"optimizer {nn.Adam(lr=0.01).config()} (rank 0: {nn.SGD(lr=0.05, momentum=0.9).config()})"),
+], ids=["other data", "other epochs", "validation on one rank", "no shuffle on one rank", "another optimizer"])
 def test_ranks_given_different_runs_are_refused_by_every_rank(mpi, tmp_path, rank_1, differs):
     """Each rank must pass the whole training set and fit with the same settings: a rank that does not is
     named, in one error line, instead of a hang."""
