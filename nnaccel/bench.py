@@ -552,7 +552,8 @@ def format_table(results):
               "ratio", "GPU/CPU", "precision")
     mixed = any(r.precision != "fp32" for r in results)
     rows = [(r.device, r.network, str(r.batch), _cell(r.samples_per_s, ",.0f"), _cell(r.gflops, ".1f"),
-             _cell(100 * r.peak_share, ".1f") if r.peak_reliable else "unreliable", _cell(r.torch_samples_per_s, ",.0f"), _cell(r.ratio, ".2f"),
+             _cell(100 * r.peak_share, ".1f") if r.peak_reliable else "unreliable",
+             _cell(r.torch_samples_per_s, ",.0f"), _cell(r.ratio, ".2f"),
              _cell(r.speedup, ".1f"), r.precision if mixed else "-") for r in results]
     shown = [i for i in range(len(header)) if i < 6 or any(row[i] != "-" for row in rows)]
     widths = {i: max(len(row[i]) for row in [header, *rows]) for i in shown}
@@ -619,7 +620,8 @@ def add_parser(subparsers):
     parser.add_argument("--json", metavar="FILE", help="write the results and machine information (with the git "
                                                        "commit of a checkout nnaccel runs from) as JSON")
     parser.add_argument("--plot", metavar="FILE", help="draw samples/s against batch size to a PNG")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and one round, against a warmed-up 1024x1024 GEMM: a smoke test for CI")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and one round, against a warmed-up 1024x1024 GEMM: a smoke test for CI")
     return parser
 
 

@@ -109,6 +109,7 @@ class _Parser(argparse.ArgumentParser):
 # What EarlyStopping can watch: the metrics every epoch logs.
 MONITORED = ["val_loss", "val_accuracy", "loss", "accuracy"]
 
+
 def build_parser():
     parser = _Parser(prog="nnaccel", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nnaccel {__version__}")
@@ -123,9 +124,9 @@ def build_parser():
                                        "convCkK[sS][pP] (Conv2D: C filters K x K, stride S, padding P), "
                                        "maxpoolK[sS][pP], avgpoolK[sS][pP], bn (BatchNorm), dropR (Dropout R), "
                                        "shiftM (RandomShift M px), flatten (added before the first Dense or "
-                                       "Maxout after image layers). Dense and conv take --activation and bn is linear, unless "
-                                       "one names its own: N:ACT, conv...:ACT, bn:ACT (not the output layer: the "
-                                       "loss takes its logits); ACT is NAME[:VALUE] as --activation's, e.g. "
+                                       "Maxout after image layers). Dense and conv take --activation and bn is "
+                                       "linear, unless one names its own: N:ACT, conv...:ACT, bn:ACT (not the "
+                                       "output layer: the loss takes its logits); ACT is NAME[:VALUE] as --activation's, e.g. "
                                        "128:leaky_relu:0.2. E.g. "
                                        "conv6k5p2,maxpool2,conv16k5,maxpool2,120,84,10, or with PyTorch's "
                                        "Conv2d-BatchNorm2d-ReLU blocks conv6k5p2:linear,bn:relu,maxpool2,120,10. "
@@ -538,7 +539,8 @@ def _rank_batch(args, global_batch):
 
 # What a resumed run takes from its checkpoint, not from the command line.
 SAVED_WITH_THE_RUN = ("layers", "model", "activation", "dropout", "augment", "loss", "optimizer", "lr", "momentum",
-                      "nesterov", "weight_decay", "betas", "eps", "schedule", "step_size", "gamma", "eta_min", "batch_size", "seed")
+                      "nesterov", "weight_decay", "betas", "eps", "schedule", "step_size", "gamma", "eta_min",
+                      "batch_size", "seed")
 
 
 # train's defaults of the options above, and early stopping's, that have one, filled in once the given ones are
@@ -621,8 +623,8 @@ def _train(args):
                        f"not used")
         saved = [state["monitor"] for state, _ in trainer._restored_early_stopping]
         if args.early_stopping and args.monitor not in saved:
-            held = (f"early stopping state of --monitor {', '.join(saved)}, not of --monitor {args.monitor}" if saved else
-                    "no early stopping state (trained without --early-stopping)")
+            held = (f"early stopping state of --monitor {', '.join(saved)}, not of --monitor {args.monitor}"
+                    if saved else "no early stopping state (trained without --early-stopping)")
             _say(args, f"warning: {args.resume} holds {held}: "
                        f"--early-stopping {args.early_stopping} counts its patience (and the best epoch) from epoch "
                        f"{trainer.epoch + 1}")
@@ -683,9 +685,10 @@ def _options_of_the_run(args):
     given = [(f"--early-stopping {args.early_stopping}", args.early_stopping),
              *((f"--{option.replace('_', '-')} {getattr(args, option)}", option in args.given)
                for option in ("monitor", "min_delta")),
-             (f"--device {args.device}", args.device != "auto"), (f"--precision {args.precision}", args.precision != "fp32"),
-             ("--no-cuda-graphs", not args.cuda_graphs),
-             *((f"--{option} {_shell_path(getattr(args, option))}", getattr(args, option)) for option in ("csv", "plot")),
+             (f"--device {args.device}", args.device != "auto"),
+             (f"--precision {args.precision}", args.precision != "fp32"), ("--no-cuda-graphs", not args.cuda_graphs),
+             *((f"--{option} {_shell_path(getattr(args, option))}", getattr(args, option))
+               for option in ("csv", "plot")),
              ("--json", args.json), ("--quiet", args.quiet)]
     return "".join(f" {text}" for text, wanted in given if wanted)
 
