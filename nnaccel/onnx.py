@@ -141,6 +141,10 @@ def to_onnx(model):
     """The ONNX ``ModelProto`` of ``model`` (checked by ``onnx.checker``), not yet written anywhere."""
     onnx = _import_onnx()
     helper = onnx.helper
+    size = sum(p.data.nbytes for p in model.parameters()) + sum(b.nbytes for _, b in model.buffers())
+    if size > onnx.checker.MAXIMUM_PROTOBUF:  # protobuf could not even build the graph
+        raise ConfigError(f"the model's weights take {size:,} bytes, more than the {onnx.checker.MAXIMUM_PROTOBUF:,} "
+                          f"an ONNX file holds (protobuf's 2 GiB limit)")
     element_type = helper.np_dtype_to_tensor_dtype(model.dtype)
     graph = _Graph(onnx, model.dtype)
     x = INPUT

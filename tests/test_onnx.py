@@ -171,3 +171,14 @@ def test_nnaccel_export_from_the_command_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "nnaccel.cli", "export", "m.npz", "no/such/m.onnx"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "folder no/such does not exist" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_model_too_large_for_one_onnx_file_is_refused_by_its_size(monkeypatch, tmp_path):
+    """Protobuf holds at most 2 GiB: beyond it the graph cannot even be built (an EncodeError, "Failed to
+    serialize proto"), so the weights' size is checked first; here the limit is lowered, not the model grown."""
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", 999)
+    model = nn.Sequential(nn.Dense(20, 10), nn.BatchNorm(10))  # 230 parameters and 20 buffer values, in float32
+    with pytest.raises(nn.ConfigError, match=r"the model's weights take 1,000 bytes, more than the 999 an ONNX file "
+                                             r"holds \(protobuf's 2 GiB limit\)"):
+        export(model, tmp_path / "model.onnx")
+    assert not list(tmp_path.iterdir())
