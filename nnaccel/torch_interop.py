@@ -276,6 +276,15 @@ def _image_shape(specs, first, built, sides=range(1, 257)):
                       f"{first.source!r}: {found}")
 
 
+def _build(spec, index):
+    """The nnaccel layer of ``spec``; an option nnaccel refuses (torch's ``Dropout(p=1.0)``) is a ConfigError
+    naming the module."""
+    try:
+        return spec.cls(**spec.options)
+    except ConfigError as error:
+        raise ConfigError(f"module {index}, {spec.source!r}: {error}") from None
+
+
 def from_torch(module, input_shape=None, device="cpu", seed=0):
     """The nnaccel Sequential of a ``torch.nn.Sequential``, with its weights, biases and BatchNorm running
     statistics copied, in the dtype of its parameters (float32 or float64).
@@ -292,12 +301,12 @@ def from_torch(module, input_shape=None, device="cpu", seed=0):
     specs = _specs(torch, module)
     if not specs:
         raise ConfigError("from_torch needs at least one layer other than Identity")
-    built = [spec.cls(**spec.options) for spec in specs]
+    index_of = {id(child): index for index, child in enumerate(module)}
+    built = [_build(spec, index_of[id(spec.source)]) for spec in specs]
     first = next((spec for spec in specs if spec.cls is not layers.Dropout), specs[0])
     if input_shape is None and first.cls is not layers.Dense:
         input_shape = _image_shape(specs, first, built)
     model = Sequential(*built, input_shape=input_shape, device=device, seed=seed, dtype=dtype)
-    index_of = {id(child): index for index, child in enumerate(module)}
     for spec, layer, shape in zip(specs, model.layers, model.shapes):
         rank, axes = BATCHNORM_SAMPLES.get(type(spec.source).__name__, (len(shape), ""))
         if len(shape) != rank:
