@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy
 
 from . import __version__, layers
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, check_writable
 from .errors import ConfigError
 
 OPSET = 17
@@ -172,10 +172,11 @@ def to_onnx(model):
 
 def export(model, path):
     """Write ``model`` as an ONNX file at ``path``, atomically (a temporary file renamed over it); returns
-    the path."""
-    path = Path(path)
+    the path. A path no file can be written to (a folder, a name ending in '/') is refused first."""
+    given, path = path, Path(path)
     if not path.parent.is_dir():
         raise ConfigError(f"cannot export to {path}: folder {path.parent} does not exist")
+    check_writable(given, "the ONNX file", example="model.onnx")  # as given: Path drops a final '/'
     data = to_onnx(model).SerializeToString()
     atomic_write(path, lambda handle: handle.write(data))
     return path

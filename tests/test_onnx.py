@@ -149,6 +149,18 @@ def test_a_missing_folder_is_named(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_folder_or_a_name_ending_in_a_slash_is_refused_not_written_as_a_file(tmp_path):
+    """As the command line refuses them: "out/" once wrote a file named out, and a folder failed at the rename."""
+    model = nn.Sequential(nn.Dense(4, 2))
+    with pytest.raises(nn.OutputError, match=r"the ONNX file .*out/ names a folder \(it ends in '/'\), and there is "
+                                             r"none; to write a file, drop the '/'"):
+        export(model, f"{tmp_path}/out/")
+    with pytest.raises(nn.OutputError, match=r"the ONNX file .* is a folder; name a file in it, such as "
+                                             r".*model.onnx"):
+        export(model, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_nnaccel_export_from_the_command_line(tmp_path):
     import subprocess
     import sys
