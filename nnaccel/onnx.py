@@ -20,6 +20,7 @@ import numpy
 from . import __version__, layers
 from .checkpoint import atomic_write, check_writable
 from .errors import ConfigError
+from .model import Sequential
 
 OPSET = 17
 IR_VERSION = 8  # the IR version that came with opset 17: onnxruntime 1.12 and later read it
@@ -139,6 +140,9 @@ LAYER_OPS = {
 
 def to_onnx(model):
     """The ONNX ``ModelProto`` of ``model`` (checked by ``onnx.checker``), not yet written anywhere."""
+    if not isinstance(model, Sequential):  # a torch module: PyTorch's own torch.onnx.export writes those
+        raise ConfigError(f"ONNX export takes an nnaccel Sequential, got a {type(model).__module__}."
+                          f"{type(model).__qualname__}")
     onnx = _import_onnx()
     helper = onnx.helper
     size = sum(p.data.nbytes for p in model.parameters()) + sum(b.nbytes for _, b in model.buffers())

@@ -149,6 +149,15 @@ def test_a_missing_folder_is_named(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_what_is_not_an_nnaccel_model_is_named(tmp_path):
+    """A PyTorch net (also a "Sequential") was an AttributeError: 'Sequential' object has no attribute 'dtype'."""
+    torch = pytest.importorskip("torch")
+    with pytest.raises(nn.ConfigError, match=r"ONNX export takes an nnaccel Sequential, got a "
+                                             r"torch\.nn\.modules\.container\.Sequential"):
+        export(torch.nn.Sequential(torch.nn.Linear(3, 2)), tmp_path / "model.onnx")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_folder_or_a_name_ending_in_a_slash_is_refused_not_written_as_a_file(tmp_path):
     """As the command line refuses them: "out/" once wrote a file named out, and a folder failed at the rename."""
     model = nn.Sequential(nn.Dense(4, 2))
