@@ -113,6 +113,7 @@ class _Spec(NamedTuple):
     params: dict
     buffers: dict
     source: object  # the torch module
+    index: int = 0  # its place in the Sequential (a module may be in several)
 
 
 def _require(module, **expected):
@@ -232,7 +233,7 @@ def _specs(torch, module):
                                       f"features only, not over the channels of images")
                 specs[-1].options["activation"] = activation
             elif kind in LAYER_OF_MODULE:
-                specs.append(LAYER_OF_MODULE[kind](child))
+                specs.append(LAYER_OF_MODULE[kind](child)._replace(index=index))
             else:
                 supported = ", ".join([*LAYER_OF_MODULE, "Identity", *ACTIVATION_OF_MODULE])
                 raise ConfigError(f"{child!r} has no nnaccel equivalent; from_torch supports {supported}")
@@ -276,13 +277,13 @@ def _image_shape(specs, first, built, sides=range(1, 257)):
                       f"{first.source!r}: {found}")
 
 
-def _build(spec, index):
+def _build(spec):
     """The nnaccel layer of ``spec``; an option nnaccel refuses (torch's ``Dropout(p=1.0)``) is a ConfigError
     naming the module."""
     try:
         return spec.cls(**spec.options)
     except ConfigError as error:
-        raise ConfigError(f"module {index}, {spec.source!r}: {error}") from None
+        raise ConfigError(f"module {spec.index}, {spec.source!r}: {error}") from None
 
 
 def from_torch(module, input_shape=None, device="cpu", seed=0):
@@ -301,8 +302,7 @@ def from_torch(module, input_shape=None, device="cpu", seed=0):
     specs = _specs(torch, module)
     if not specs:
         raise ConfigError("from_torch needs at least one layer other than Identity")
-    index_of = {id(child): index for index, child in enumerate(module)}
-    built = [_build(spec, index_of[id(spec.source)]) for spec in specs]
+    built = [_build(spec) for spec in specs]
     first = next((spec for spec in specs if spec.cls is not layers.Dropout), specs[0])
     if input_shape is None and first.cls is not layers.Dense:
         input_shape = _image_shape(specs, first, built)
@@ -310,7 +310,7 @@ def from_torch(module, input_shape=None, device="cpu", seed=0):
     for spec, layer, shape in zip(specs, model.layers, model.shapes):
         rank, axes = BATCHNORM_SAMPLES.get(type(spec.source).__name__, (len(shape), ""))
         if len(shape) != rank:
-            raise ConfigError(f"module {index_of[id(spec.source)]}, {spec.source!r}, takes {axes} samples but gets "
+            raise ConfigError(f"module {spec.index}, {spec.source!r}, takes {axes} samples but gets "
                               f"{describe_shape(shape)}")
         for name, value in spec.params.items():
             layer.params[name].data = model.backend.asarray(value, dtype=model.dtype)

@@ -212,6 +212,9 @@ def test_a_torch_conv_batchnorm_relu_net_comes_over_and_goes_back():
      r"module 1, BatchNorm2d\(144.*\), takes \(channels, height, width\) samples but gets 144"),
     (lambda: [torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm1d(2), torch.nn.Flatten()],
      r"module 1, BatchNorm1d\(2.*\), takes \(features\) samples but gets 2x10x10"),
+    (lambda: (lambda shared: [torch.nn.Conv2d(1, 2, 3), shared, torch.nn.Flatten(), torch.nn.Linear(200, 2), shared])(
+        torch.nn.BatchNorm1d(2)),  # a module in two places is named by the one at fault (was by its last)
+     r"module 1, BatchNorm1d\(2.*\), takes \(features\) samples but gets 2x10x10"),
     (lambda: [torch.nn.Flatten(0)], r"start_dim=0 is not supported"),
     (lambda: [torch.nn.Flatten(), torch.nn.Linear(144, 4), torch.nn.ReLU(), torch.nn.Dropout(1.0)],
      r"module 3, Dropout\(p=1.0, inplace=False\): Dropout rate must be .* < 1, got 1.0"),
