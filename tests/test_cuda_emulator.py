@@ -299,6 +299,15 @@ def test_too_much_static_shared_memory_that_is_never_used_does_not_compile_eithe
         kernel(cp, source, "big")
 
 
+def test_too_much_static_shared_memory_in_a_device_function_does_not_compile_either(cp):
+    """ptxas counts the arrays of the device functions a kernel calls against its 48 KiB."""
+    source = ('__device__ float stage(float v) { __shared__ float s[12289]; s[threadIdx.x] = v; __syncthreads(); '
+              'return s[threadIdx.x]; }\n'
+              'extern "C" __global__ void big(float* y) { y[threadIdx.x] = stage(1); }')
+    with pytest.raises(cp.cuda.compiler.CompileException, match="49156 bytes of static shared memory"):
+        kernel(cp, source, "big")
+
+
 def test_a_kernel_that_does_not_compile_says_why(cp):
     with pytest.raises(cp.cuda.compiler.CompileException, match="undeclared|was not declared"):
         kernel(cp, 'extern "C" __global__ void bad(float* y) { y[0] = undefined_thing; }', "bad")

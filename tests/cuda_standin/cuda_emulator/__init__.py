@@ -320,9 +320,6 @@ class Module:
         base = ctypes.cast(self._lib.cuemu_kernel_table, ctypes.c_void_p).value - symbols["anchor"]
         arrays = [(function, variable, base + offset, size, canary)
                   for function, variable, offset, size, canary in symbols["arrays"]]
-        usage = {}
-        for function, _, _, size, _ in arrays:
-            usage[function] = usage.get(function, 0) + size
         names = _parameter_names(code)
         self._kernels = {}
         for index, expression in enumerate(expressions):
@@ -334,12 +331,13 @@ class Module:
             params = [Param(param_names[i] if i < len(param_names) else f"parameter {i}", bool(p.pointer),
                             chr(p.kind), p.size, bool(p.is_const))
                       for i, p in ((i, info.params[i]) for i in range(info.count))]
-            shared = usage.get(expression, 0)
+            # its own __shared__ arrays, and those of device functions it may call (all of them: ptxas counts
+            # those it does call, which the symbol table does not say)
+            mine = [a for a in arrays if a[0] == expression or a[0] not in expressions]
+            shared = sum(a[3] for a in mine)
             if shared > MAX_STATIC_SHARED:
                 raise CompileError(f"{expression} uses {shared} bytes of static shared memory, more than the "
                                    f"{MAX_STATIC_SHARED} a kernel may declare (ptxas: too much shared data)")
-            # its own __shared__ arrays, and those of device functions it may call
-            mine = [a for a in arrays if a[0] == expression or a[0] not in expressions]
             self._kernels[expression] = Kernel(self, expression, info.invoke, params, mine)
 
     def get_function(self, name):
@@ -365,7 +363,7 @@ class Kernel:
     def __init__(self, module, name, invoke, params, shared_arrays):
         self.module, self.name, self._invoke, self.params = module, name, invoke, params
         self.shared_arrays = shared_arrays  # (function, variable, address, bytes, canary bytes after it)
-        self.shared_bytes = sum(a[3] for a in shared_arrays if a[0] == name)
+        self.shared_bytes = sum(a[3] for a in shared_arrays)
         self._shared = (ctypes.c_ulonglong * max(1, 3 * len(shared_arrays)))(
             *[v for _, _, address, size, canary in shared_arrays for v in (address, size, canary)])
 
