@@ -15,8 +15,8 @@ constexpr int BG_ROWS = 8;
 
 // out[i, j] = act(z[i, j] + bias[j]); bias may be null (no add); out may alias z, else z keeps
 // z + bias (gelu and silu's derivatives read it), in the same launch, and out activates the sum as
-// stored (rounded to bfloat16 storage), the value the derivative reads. (conv.cu's bias_act_to_nchw
-// activates the unrounded sum: tests/test_bf16_storage.py pins each.)
+// stored (rounded to bfloat16 storage), the value the derivative reads, as conv.cu's bias_act_to_nchw
+// does (tests/test_bf16_storage.py pins each).
 template <typename S>
 __global__ void bias_act(S* z, const nna::compute_t<S>* bias, S* out, long long rows, long long cols,
                          int act, double param) {
