@@ -160,6 +160,8 @@ def _contiguous(what, array):
 
 def _like(what, array, dtype, shape):
     """Check ``array`` has ``dtype`` and ``shape`` and is C-contiguous."""
+    if array is None:
+        raise ShapeError(f"{what} is None; expected a {numpy.dtype(dtype)} array of shape {tuple(shape)}")
     if array.dtype != dtype:
         raise ShapeError(f"{what} has dtype {array.dtype}; expected {numpy.dtype(dtype)}")
     if tuple(array.shape) != tuple(shape):
