@@ -48,6 +48,24 @@ def test_what_cupy_13_lacks_is_missing_here_too(cp):
     assert not hasattr(runtime, "CUDA_R_16BF") and callable(cp.take_along_axis)
 
 
+def test_raw_modules_take_the_arguments_cupy_takes(cp):
+    """CuPy's RawModule refuses what its Cython signature and checks refuse: nnaccel's loader must not
+    pass here and fail there."""
+    code = 'template <typename T> __global__ void one(T* p) { p[0] = 1; }'
+    with pytest.raises(ValueError, match=r"need to specify C\+\+ standard"):
+        cp.RawModule(code=code, name_expressions=["one<int>"])
+    with pytest.raises(TypeError, match="expected tuple, got list"):
+        cp.RawModule(code=code, options=["-std=c++17"], name_expressions=["one<int>"])
+    with pytest.raises(TypeError):
+        cp.RawModule(code)  # keywords only
+    with pytest.raises(TypeError, match="Exactly one of `code` and `path`"):
+        cp.RawModule()
+    out = cp.zeros(1, numpy.int32)
+    cp.RawModule(code=code, options=("--std=c++17",), name_expressions=["one<int>"]).get_function("one<int>")(
+        (1,), (1,), (out,))
+    assert int(out[0]) == 1
+
+
 def test_a_strided_gradient_takes_maxouts_generic_backward(cp):
     """The kernel takes contiguous arrays; the base class's fancy index serves the rest, on CuPy 13 too."""
     ops = nn.get_backend("cuda")

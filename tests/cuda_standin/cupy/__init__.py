@@ -258,10 +258,18 @@ def _kernel_argument(value, index, kernel):
 
 
 class RawModule:
-    """CUDA source compiled on first use (by the host compiler, for the emulator)."""
+    """CUDA source compiled on first use (by the host compiler, for the emulator). The arguments are
+    checked as CuPy's RawModule checks them: keywords only, ``options`` a tuple, and name expressions
+    only with a C++ standard among the options."""
 
-    def __init__(self, code=None, path=None, options=(), backend="nvrtc", translate_cucomplex=False, *,
+    def __init__(self, *, code=None, path=None, options=(), backend="nvrtc", translate_cucomplex=False,
                  enable_cooperative_groups=False, name_expressions=None, jitify=False):
+        if (code is None) == (path is None):
+            raise TypeError("Exactly one of `code` and `path` keyword arguments must be given.")
+        if not isinstance(options, tuple):
+            raise TypeError(f"Argument 'options' has incorrect type (expected tuple, got {type(options).__name__})")
+        if name_expressions is not None and not any("-std=c++" in option for option in options):
+            raise ValueError("need to specify C++ standard for compiling template code")
         if code is None:
             with open(path) as handle:
                 code = handle.read()
