@@ -344,6 +344,22 @@ def test_softmax_cross_entropy_matches_naive(device):
     numpy.testing.assert_allclose(ops.to_host(grad), p / 7, rtol=1e-12, atol=1e-15)
 
 
+def test_softmax_cross_entropy_into_a_strided_grad(device):
+    """A transposed gradient buffer (the generic op, which the CUDA backend falls back to for it) gets
+    the same loss and gradient as a contiguous one, also when it holds the logits."""
+    ops = get_backend(device)
+    z = numpy.random.default_rng(2).standard_normal((4, 6)).astype(numpy.float32)
+    labels = ops.asarray(numpy.array([0, 5, 2, 3]))
+    grad = ops.empty(z.shape, numpy.float32)
+    loss = float(ops.softmax_cross_entropy(ops.asarray(z), labels, grad))
+    strided = ops.asarray(numpy.full((6, 4), 7.0, numpy.float32)).T
+    assert float(ops.softmax_cross_entropy(ops.asarray(z), labels, strided)) == pytest.approx(loss, rel=1e-6)
+    numpy.testing.assert_allclose(ops.to_host(strided), ops.to_host(grad), rtol=1e-6, atol=1e-8)
+    aliased = ops.asarray(numpy.ascontiguousarray(z.T)).T
+    assert float(ops.softmax_cross_entropy(aliased, labels, aliased)) == pytest.approx(loss, rel=1e-6)
+    numpy.testing.assert_allclose(ops.to_host(aliased), ops.to_host(grad), rtol=1e-6, atol=1e-8)
+
+
 def test_softmax_cross_entropy_makes_rows_with_nan_or_inf_nan_and_keeps_ties(device):
     """The row maximum is read at the row's argmax: a tie takes either equal value, a NaN or an
     inf in a row makes that row's gradient NaN, and only its row."""

@@ -611,6 +611,11 @@ class Backend:
         ``grad`` receives ``(softmax - onehot) / batch``; returns a 0-d array. The ``labels`` must be
         class indices: the loss checks a data set's labels once, not every batch.
         """
+        if not grad.flags.c_contiguous:  # its flat view below would be a copy: computed in a contiguous one
+            work = self.empty(grad.shape, grad.dtype)
+            loss = self.softmax_cross_entropy(logits, labels, work)
+            grad[...] = work
+            return loss
         xp = self.xp
         (batch, classes), flat = logits.shape, grad.reshape(-1)
         starts = xp.arange(0, batch * classes, classes)  # where each row starts in the flat arrays
