@@ -152,6 +152,23 @@ def test_either_order_of_the_columns_holds_each_images_windows(batch_last):
     np.testing.assert_allclose(db, y.sum(axis=(0, 2, 3)), rtol=1e-12)
 
 
+def test_a_convolutions_output_into_a_strided_array(device):
+    """bias_act_to_nchw into an (N, C, H, W) array laid out (W, H, C, N) (the generic op, which the CUDA
+    backend falls back to for it) writes what it writes into a contiguous one."""
+    ops = nn.backend.get_backend(device)
+    rng = np.random.default_rng(8)
+    n, c, h, w = 3, 2, 4, 5
+    z, bias = rng.standard_normal((c, n * h * w)).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    relu = nn.activations.get("relu")
+
+    def output(y):
+        return ops.to_host(ops.bias_act_to_nchw(ops.asarray(z.copy()), ops.asarray(bias), relu,
+                                                ops.empty(z.shape), y))
+
+    strided = ops.asarray(np.full((w, h, c, n), np.nan, np.float32)).T
+    np.testing.assert_array_equal(output(strided), output(ops.empty((n, c, h, w))))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
 @pytest.mark.parametrize("pool", POOLS, ids=[str(p) for p in POOLS])
 @pytest.mark.parametrize("kind", [nn.MaxPool2D, nn.AvgPool2D])

@@ -384,8 +384,8 @@ class Backend:
         ``out``'s ``image_rows``: no copy then."""
         self.bias_act(z.T, bias, activation, rows.T)  # (N*L, C) views: the bias runs along their rows
         n, c = out.shape[:2]
-        if not self.xp.shares_memory(rows, out):
-            out.reshape(n, c, -1)[...] = self.by_image(rows, (c,), n, (-1,)).transpose(1, 0, 2)
+        if not self.xp.shares_memory(rows, out):  # (out.reshape would be a copy of a strided out)
+            out[...] = self.by_image(rows, (c,), n, out.shape[2:]).swapaxes(0, 1)
         return out
 
     def act_backward_from_nchw(self, dy, y, z, activation, out, bias_grad=None):
