@@ -4,7 +4,8 @@ nvcc builds PTX for sm_80 and sm_90, with the options CuPy gets, from a
 translation unit that takes the address of each of the loader's name
 expressions (so the templates are really instantiated, and a name expression
 that matches no kernel fails); the kernels' own arithmetic has no fused
-multiply-add.
+multiply-add; and ptxas assembles that PTX, as the driver does when CuPy
+loads it (the shared-memory limit and register spills are checked there only).
 Where an NVRTC library is installed (CuPy's runtime compiler, e.g. from
 ``pip install nvidia-cuda-nvrtc-cu12``), the exact source and options CuPy
 gets are also compiled through it; no GPU is needed for either.
@@ -44,6 +45,24 @@ def _nvcc_ptx(tmp_path, filename, arch):
     return result, ptx, expected
 
 
+def _ptxas(tmp_path, ptx_file, arch):
+    """Assemble PTX as the driver does when CuPy loads it: what only ptxas finds (more than 48 KiB of
+    static shared memory, register spills) fails here, not on the GPU."""
+    return subprocess.run(["ptxas", f"-arch={arch}", "--warn-on-spills", "--warning-as-error", ptx_file, "-o",
+                           "/dev/null"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(shutil.which("ptxas") is None, reason="ptxas is not on PATH (CUDA toolkit not installed)")
+def test_ptxas_refuses_a_kernel_a_gpu_cannot_load(tmp_path):
+    (tmp_path / "big.ptx").write_text(subprocess.run(
+        ["nvcc", "--ptx", "-arch=sm_80", "-x", "cu", "-", "-o", "-"], capture_output=True, text=True, timeout=300,
+        input="__device__ float stage(float v) { __shared__ float s[12289]; s[threadIdx.x] = v; __syncthreads(); "
+              "return s[threadIdx.x]; }\n"
+              'extern "C" __global__ void big(float* y) { y[threadIdx.x] = stage(1); }').stdout)
+    assembled = _ptxas(tmp_path, "big.ptx", "sm_80")
+    assert assembled.returncode != 0 and "too much shared data" in assembled.stderr
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH (CUDA toolkit not installed)")
 def test_every_kernel_compiles_with_nvcc(tmp_path):
     jobs = [(f, arch) for f in cuda_kernels.KERNELS for arch in ARCHS]
@@ -54,6 +73,8 @@ def test_every_kernel_compiles_with_nvcc(tmp_path):
         entries = ptx.count(".entry ")
         assert entries == expected, f"{filename} for {arch}: {entries} kernels in the PTX, expected {expected}"
         assert ".local" not in ptx, f"{filename} for {arch} spills to local memory"
+        assembled = _ptxas(tmp_path, f"{filename[:-3]}_{arch}.ptx", arch)
+        assert assembled.returncode == 0, f"ptxas on {filename} for {arch}:\n{assembled.stdout}{assembled.stderr}"
         if filename in ARITHMETIC_ONLY:
             assert "fma.rn" not in ptx, f"{filename} for {arch} fuses multiply-adds: NumPy and the emulator round both"
 
