@@ -10,6 +10,7 @@ import pytest
 
 import nnaccel as nn
 from nnaccel.backend import Backend, cuda_status, get_backend, resolve_device
+from nnaccel.backend.base import Window
 from nnaccel.backend.cupy_backend import CupyBackend
 from nnaccel.backend.numpy_backend import NumpyBackend
 
@@ -342,6 +343,30 @@ def test_softmax_cross_entropy_matches_naive(device):
     numpy.testing.assert_allclose(float(loss), -numpy.log(p[numpy.arange(7), labels]).mean(), rtol=1e-12)
     p[numpy.arange(7), labels] -= 1
     numpy.testing.assert_allclose(ops.to_host(grad), p / 7, rtol=1e-12, atol=1e-15)
+
+
+def test_a_strided_index_of_maxout_and_max_pooling(device):
+    """The index arrays of Maxout and max pooling may be strided as their other arrays may (the CUDA
+    backend takes the generic ops then): the same maxima, indices and gradients."""
+    ops = get_backend(device)
+    rng = numpy.random.default_rng(3)
+    z3 = ops.asarray(rng.standard_normal((4, 3, 2)).astype(numpy.float32))
+    dy = ops.asarray(numpy.ones((4, 3), numpy.float32))
+    x, window = ops.asarray(rng.standard_normal((2, 3, 4, 4)).astype(numpy.float32)), Window(2, 2, 2, 2, 0, 0)
+    for strided in (False, True):
+        index = ops.asarray(numpy.zeros((3, 4), numpy.int32)).T if strided else ops.empty((4, 3), numpy.int32)
+        y = ops.to_host(ops.maxout_forward(z3, ops.empty((4, 3)), index))
+        dz3 = ops.to_host(ops.maxout_backward(dy, index, ops.empty((4, 3, 2))))
+        pool_index = ops.asarray(numpy.zeros((2, 2, 3, 2), numpy.int32)).transpose(0, 2, 1, 3) if strided \
+            else ops.empty((2, 3, 2, 2), numpy.int32)
+        pooled = ops.to_host(ops.maxpool_forward(x, window, ops.empty((2, 3, 2, 2)), pool_index))
+        dx = ops.to_host(ops.maxpool_backward(ops.asarray(numpy.ones((2, 3, 2, 2), numpy.float32)), pool_index, window,
+                                              ops.empty((2, 3, 4, 4))))
+        results = [y, ops.to_host(index), dz3, pooled, ops.to_host(pool_index), dx]
+        if strided:
+            for got, expected in zip(results, contiguous):
+                numpy.testing.assert_array_equal(got, expected)
+        contiguous = results
 
 
 def test_softmax_cross_entropy_into_a_strided_grad(device):

@@ -25,14 +25,19 @@ from .base import Allocations, Backend
 BF16 = cuda_kernels.BF16
 
 
-def _fused(*arrays, dtypes=cuda_kernels.FLOATS):
-    """True when the kernels take these arrays (of ``dtypes``, C-contiguous)."""
-    return all(a.dtype in dtypes and a.flags.c_contiguous for a in arrays if a is not None)
+INDEX = (numpy.dtype(numpy.int32),)  # the kernels' index arrays (maxout, max pooling)
 
 
-def _fused_storage(*arrays):
+def _fused(*arrays, dtypes=cuda_kernels.FLOATS, index=None):
+    """True when the kernels take these arrays (of ``dtypes``, C-contiguous) and ``index`` (int32,
+    C-contiguous, or None)."""
+    return (all(a.dtype in dtypes and a.flags.c_contiguous for a in arrays if a is not None)
+            and (index is None or _fused(index, dtypes=INDEX)))
+
+
+def _fused_storage(*arrays, index=None):
     """``_fused`` for the kernels that also take bfloat16 storage, which only they can compute on."""
-    if _fused(*arrays, dtypes=cuda_kernels.STORAGE):
+    if _fused(*arrays, dtypes=cuda_kernels.STORAGE, index=index):
         return True
     if any(a is not None and a.dtype == BF16 for a in arrays):
         raise ShapeError("bfloat16 storage is computed by the CUDA kernels only, which need C-contiguous arrays "
@@ -189,12 +194,12 @@ class CupyBackend(Backend):
         return cuda_kernels.softmax_cross_entropy(logits, labels, grad)
 
     def maxout_forward(self, z3, out, index):
-        if not _fused(z3, out):
+        if not _fused(z3, out, index=index):
             return super().maxout_forward(z3, out, index)
         return cuda_kernels.maxout_forward(z3, out, index)
 
     def maxout_backward(self, dy, index, out3):
-        if not _fused(dy, out3):
+        if not _fused(dy, out3, index=index):
             return super().maxout_backward(dy, index, out3)
         return cuda_kernels.maxout_backward(dy, index, out3)
 
@@ -237,12 +242,12 @@ class CupyBackend(Backend):
         return cuda_kernels.act_backward_from_nchw(dy, y, z, activation.code, activation.param, out, bias_grad)
 
     def maxpool_forward(self, x, window, out, index):
-        if not _fused_storage(x, out):
+        if not _fused_storage(x, out, index=index):
             return super().maxpool_forward(x, window, out, index)
         return cuda_kernels.maxpool_forward(x, window, out, index)
 
     def maxpool_backward(self, dy, index, window, out):
-        if not _fused_storage(dy, out):
+        if not _fused_storage(dy, out, index=index):
             return super().maxpool_backward(dy, index, window, out)
         return cuda_kernels.maxpool_backward(dy, index, window, out)
 
