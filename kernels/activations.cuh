@@ -1,9 +1,9 @@
-// Elementwise activation math shared by the CUDA kernels and the host tests.
+// Elementwise activation math shared by the CUDA kernels.
 //
 // Each formula is written exactly as in nnaccel/activations.py (same operation
 // order, same constants), so a GPU result differs from NumPy only by the
 // rounding of the math library. The header compiles with NVRTC (no standard
-// headers there), nvcc and plain g++ (tests/kernel_host_shim.cpp).
+// headers there), nvcc and plain g++ (the CUDA emulator, tests/cuda_standin).
 #ifndef NNA_ACTIVATIONS_CUH
 #define NNA_ACTIVATIONS_CUH
 

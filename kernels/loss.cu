@@ -1,6 +1,6 @@
 // Softmax cross-entropy over the rows of a logits array, fused with its
-// gradient. The per-row formulas are host-callable for the tests
-// (tests/kernel_host_shim.cpp); the kernel needs a CUDA compiler.
+// gradient. The per-row formulas are host-callable
+// (NNA_HD); the kernel needs a CUDA compiler.
 #include "activations.cuh"
 
 namespace nna {

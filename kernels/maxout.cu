@@ -1,6 +1,6 @@
 // Maxout: the max over the last axis of z (n_out, pieces) with its index, and
 // the backward that routes dy to the winning piece. The argmax is
-// host-callable for the tests (tests/kernel_host_shim.cpp).
+// host-callable (NNA_HD).
 #include "activations.cuh"
 
 namespace nna {

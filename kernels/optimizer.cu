@@ -1,7 +1,7 @@
 // SGD and Adam/AdamW steps over one contiguous flat buffer of parameters,
 // following PyTorch's update rules (and nnaccel's NumPy backend, operation for
-// operation). The per-element steps are host-callable for the tests
-// (tests/kernel_host_shim.cpp); the kernels need a CUDA compiler.
+// operation). The per-element steps are host-callable
+// (NNA_HD); the kernels need a CUDA compiler.
 #include "activations.cuh"
 
 namespace nna {
