@@ -303,6 +303,19 @@ def _check_ranges_against_data(args, trainer, samples):
                    f"lowers the learning rate")
 
 
+def _json(value):
+    """``value`` as one line of strict JSON, which has no NaN or infinities: those are null (a loss or
+    probability of a model whose outputs overflow)."""
+    def finite(item):
+        if isinstance(item, float):
+            return item if math.isfinite(item) else None
+        if isinstance(item, dict):
+            return {key: finite(value) for key, value in item.items()}
+        return [finite(value) for value in item] if isinstance(item, (list, tuple)) else item
+
+    return json.dumps(finite(value), allow_nan=False)
+
+
 def _say(args, message):
     if not getattr(args, "quiet", False):
         print(message, file=sys.stderr, flush=True)
@@ -672,7 +685,7 @@ def _train(args):
     result = trainer.evaluate(*(validation or (x_train, y_train)))
     result.update({"epochs": trainer.epoch, "device": device, "data": args.data, "split": split})
     if args.json:
-        print(json.dumps(result))
+        print(_json(result))
     else:
         print(f"{split} accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
               f"after {trainer.epoch} epoch{'s' * (trainer.epoch != 1)} on {device}")
@@ -773,7 +786,7 @@ def cmd_evaluate(args):
         _say(args, f"confusion matrix written to {args.confusion}")
         result["most_confused"] = [{"true": t, "predicted": p, "count": n} for t, p, n in visualize.most_confused(cm)]
     if args.json:
-        print(json.dumps(result))
+        print(_json(result))
     else:
         print(f"{args.split} accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
               f"({x.shape[0]} samples, {args.data})")
@@ -801,8 +814,8 @@ def cmd_predict(args):
     for path, probs in zip(args.images, visualize.predict_proba(model, inputs, loss)):
         top = numpy.argsort(-probs, kind="stable")[:3]
         if args.json:
-            print(json.dumps({"file": path, "digit": int(top[0]),
-                              "top3": [[int(c), round(float(probs[c]), 4)] for c in top]}))
+            print(_json({"file": path, "digit": int(top[0]),
+                         "top3": [[int(c), round(float(probs[c]), 4)] for c in top]}))
         else:
             print(f"{path}: {top[0]}  ({', '.join(f'{c} {probs[c]:.2f}' for c in top)})")
     return 0

@@ -495,3 +495,34 @@ def test_save_takes_a_file_name_with_braces_as_it_is(tmp_path):
                                                  r"\{epoch\} only"):
             nn.ModelCheckpoint(template)
     assert nn.ModelCheckpoint("m{{a}}-{epoch}.npz").path.format(epoch=3) == "m{a}-3.npz"
+
+
+def _strict_json(text):
+    """``text`` parsed as RFC 8259 JSON, which has no NaN or Infinity (Python's json writes and reads them)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_is_strict_json_with_null_for_what_is_not_finite(tmp_path, monkeypatch, capsys):
+    """A model whose outputs overflow has a NaN loss and NaN probabilities: --json writes null for them, as
+    ``json.dumps(allow_nan=False)`` demands, not NaN, which JSON readers other than Python's refuse."""
+    import numpy as np
+    from PIL import Image
+
+    import nnaccel as nn
+    from nnaccel import cli
+
+    monkeypatch.chdir(tmp_path)
+    model = nn.Sequential(nn.Dense(784, 10), device="cpu")
+    model[0].params["weight"].data[...] = 3e38  # finite, so it loads; every logit overflows
+    model.save("huge.npz")
+    Image.fromarray(np.pad(np.full((20, 8), 255, np.uint8), 4)).save("one.png")
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert cli.main(["evaluate", "huge.npz", "--data", "synthetic", "--json", "--device", "cpu"]) == 0
+        result = _strict_json(capsys.readouterr().out)
+        assert cli.main(["predict", "huge.npz", "one.png", "--json", "--device", "cpu"]) == 0
+        top3 = _strict_json(capsys.readouterr().out)["top3"]
+    assert result["loss"] is None and 0 <= result["accuracy"] <= 1
+    assert [probability for _, probability in top3] == [None] * 3
