@@ -745,15 +745,20 @@ def _evaluation_data(args, meta):
     """``(x, y, split)``: ``--split``, or the test split where there is one, else the validation part
     ``nnaccel train`` held out (same fraction, the checkpoint's seed)."""
     state = meta.get("trainer") or {}
+    split_given = args.validation_split is not None  # before the plan fills it in
     _default_to_the_plan(args, state.get("plan"), args.model)
-    split = args.split
+    split, data = args.split, None
     if split is None:
         try:
-            return (*_load_data(args, "test"), "test")
+            split, data = "test", _load_data(args, "test")
         except datasets.MissingSplit:  # a damaged test split is an error, not a reason to score another
             split = "validation"
     if split != "validation":
-        return (*_load_data(args, split), split)
+        if split_given:  # it would change nothing
+            default = "" if args.split else f" (--data {args.data} has one: evaluate's default)"
+            raise ConfigError(f"--validation-split is --split validation's; the split is {split}{default}: give "
+                              f"--split validation, or leave --validation-split out")
+        return (*(data or _load_data(args, split)), split)
     if not args.validation_split:  # the run's plan: it trained on every sample
         raise ConfigError(f"{args.model} was trained with --validation-split 0: it held out no validation part "
                           f"to evaluate on; give --split train{'' if args.split else ' (--data has no test split)'}")

@@ -526,3 +526,28 @@ def test_json_output_is_strict_json_with_null_for_what_is_not_finite(tmp_path, m
         top3 = _strict_json(capsys.readouterr().out)["top3"]
     assert result["loss"] is None and 0 <= result["accuracy"] <= 1
     assert [probability for _, probability in top3] == [None] * 3
+
+
+def test_evaluate_refuses_a_validation_split_for_a_split_it_does_not_hold_out(tmp_path, monkeypatch, capsys):
+    """--validation-split says what --split validation holds out: with the test or train split, given or the
+    default where the data has a test split, it would change nothing, so it is refused naming the split."""
+    import numpy as np
+
+    from nnaccel import cli
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez("d.npz", x_train=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), y_train=np.arange(40) % 10,
+             x_test=rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), y_test=np.arange(10))
+    assert cli.main(["train", "--data", "d.npz", "--layers", "784,10", "--epochs", "1", "--batch-size", "8",
+                     "--save", "m.npz", "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    evaluate = ["evaluate", "m.npz", "--validation-split", "0.2", "--device", "cpu"]
+    for split, said in ((["--split", "test"], "test"), (["--split", "train"], "train"),
+                        ([], "test (--data d.npz has one: evaluate's default)")):
+        assert cli.main([*evaluate, *split]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"nnaccel evaluate: error: --validation-split is --split validation's; the split is " \
+                               f"{said}: give --split validation, or leave --validation-split out\n" and not captured.out
+    assert cli.main([*evaluate, "--split", "validation"]) == 0
+    assert capsys.readouterr().out.startswith("validation accuracy ")
