@@ -41,6 +41,7 @@ _IDX_TYPES = {
 _IDX_TYPE_LIST = ", ".join(f"0x{code:02X} {dtype.name}" for code, dtype in _IDX_TYPES.items())
 _GZIP_MAGIC = b"\x1f\x8b"
 _NPY_MAGIC = b"\x93NUMPY"  # how a numpy.save file starts
+_ZIP_MAGIC = b"PK"  # how every zip archive, so every .npz, starts
 _CHUNK = 1 << 20
 _CHECKSUM_READ_CHUNKS = 64  # at most 64 MiB read on to reach a damaged stream's checksum
 _PIXEL_TOP = {"u": 255, "i": 255, "f": 1}  # integer pixels are 0..255, float pixels 0..1
@@ -310,10 +311,15 @@ def _load_npz(path, split):
     suffix = "train" if split == "train" else "test"
     try:
         with open(path, "rb") as file:
-            if file.read(len(_NPY_MAGIC)) == _NPY_MAGIC:  # a common mistake: numpy.save's file, not savez's
-                raise DataError(f"{path} is one .npy array, not a data set: give a folder of MNIST IDX files or a "
-                                f"Keras-style .npz of images and labels (numpy.savez('digits.npz', "
-                                f"x_train=images, y_train=labels))")
+            head = file.read(len(_NPY_MAGIC))
+        if head == _NPY_MAGIC:  # a common mistake: numpy.save's file, not savez's
+            raise DataError(f"{path} is one .npy array, not a data set: give a folder of MNIST IDX files or a "
+                            f"Keras-style .npz of images and labels (numpy.savez('digits.npz', "
+                            f"x_train=images, y_train=labels))")
+        if not _ZIP_MAGIC.startswith(head[:len(_ZIP_MAGIC)]):  # not one cut short: none of it is an archive
+            gzipped = ": it is gzip-compressed (gunzip it)" if head.startswith(_GZIP_MAGIC) else ""
+            raise DataError(f"{path} is not a .npz archive (a zip file){gzipped}; give a folder of MNIST IDX files "
+                            f"(gzip'd or not, under their MNIST names) or a Keras-style .npz")
         with zipfile.ZipFile(path) as archive:
             if not {f"x_{suffix}.npy", f"y_{suffix}.npy"} & set(archive.namelist()):
                 raise MissingSplit(f"{path}: no {split} split (no x_{suffix} or y_{suffix} array)")

@@ -492,6 +492,17 @@ def test_npz_not_a_zip(tmp_path, content):
     assert_data_error(lambda: datasets.load_mnist(path), path)
 
 
+@pytest.mark.parametrize("compress, said", [(True, ": it is gzip-compressed (gunzip it); "), (False, "; ")])
+def test_a_file_that_is_no_zip_is_not_called_a_damaged_npz(tmp_path, compress, said):
+    """A gzip'd mnist.npz or any other file that does not start as a zip does is named for what it is, not
+    as an archive cut short or corrupted (what a file starting as one is)."""
+    data = npz_bytes(x_train=sample_digits()[0], y_train=sample_digits()[1])
+    path = write(tmp_path / "mnist.npz.gz", data if compress else b"x_train,y_train\n", compress)
+    message = assert_data_error(lambda: datasets.load_mnist(path))
+    assert message == f"{path} is not a .npz archive (a zip file){said}give a folder of MNIST IDX files (gzip'd or " \
+                      f"not, under their MNIST names) or a Keras-style .npz"
+
+
 def test_npz_truncated(tmp_path):
     data = npz_bytes(x_train=sample_digits()[0], y_train=sample_digits()[1])
     path = write(tmp_path / "mnist.npz", data[: len(data) // 2])
