@@ -215,9 +215,14 @@ def _idx_candidates(folder, prefix, kind, dims):
 
 
 def _find_idx(folder, prefix, kind, dims):
-    """Return the first existing IDX file of one kind, and the names looked for."""
+    """Return the first existing IDX file of one kind, and the names looked for; with none, a folder of one
+    of those names (an archive unpacked into folders named as its files) is a DataError."""
     candidates, looked_for = _idx_candidates(folder, prefix, kind, dims)
-    return next((c for c in candidates if c.is_file()), None), looked_for
+    found = next((c for c in candidates if c.is_file()), None)
+    nested = next((c for c in candidates if c.is_dir()), None)
+    if found is None and nested is not None:
+        raise DataError(f"{nested} is a folder, not an IDX file: move the file it holds up into {folder}")
+    return found, looked_for
 
 
 def files_read(path):

@@ -333,6 +333,18 @@ def test_missing_half_of_a_pair(tmp_path):
                       "no images", "t10k-images-idx3-ubyte[.gz]")
 
 
+def test_idx_files_unpacked_into_folders_of_their_names_say_so(tmp_path):
+    """Some MNIST archives unpack each file into a folder of its name (train-images-idx3-ubyte/
+    train-images-idx3-ubyte): the folder is named as one, not reported as no train split at all."""
+    for kind, data in zip(("images-idx3", "labels-idx1"), sample_digits()):
+        nested = tmp_path / f"train-{kind}-ubyte"
+        nested.mkdir()
+        write(nested / nested.name, idx_bytes(data))
+    message = assert_data_error(lambda: datasets.load_mnist(tmp_path))
+    assert message == f"{tmp_path / 'train-images-idx3-ubyte'} is a folder, not an IDX file: move the file it holds " \
+                      f"up into {tmp_path}"
+
+
 def test_synthetic_has_no_test_split():
     assert_data_error(lambda: datasets.load("synthetic", "test"), "synthetic", "train_val_split")
 
