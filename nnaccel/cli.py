@@ -106,6 +106,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (default)"  # every command's --device
 # What EarlyStopping can watch: the metrics every epoch logs.
 MONITORED = ["val_loss", "val_accuracy", "loss", "accuracy"]
 
@@ -162,7 +163,7 @@ def build_parser():
     fit.add_argument("--loss", choices=sorted(losses.LOSSES),
                      help="softmax_cross_entropy (default); mse on one-hot labels; sigmoid_cross_entropy on one-hot "
                           "labels, one-vs-rest (its accuracy per output, as Keras's binary accuracy)")
-    fit.add_argument("--optimizer", choices=sorted(optimizers.OPTIMIZERS))
+    fit.add_argument("--optimizer", choices=sorted(optimizers.OPTIMIZERS), help="default sgd")
     fit.add_argument("--lr", type=_positive_float, help="learning rate, > 0 (default 0.1 for SGD, 0.001 for Adam; "
                                                         "the default recipe's on 28x28 images)")
     fit.add_argument("--momentum", type=_rate, help="SGD momentum, in [0, 1) (default 0.9)")
@@ -181,12 +182,12 @@ def build_parser():
                      help="cosine schedule: the final learning rate, >= 0 and below --lr (default 0; over "
                           "--epochs epochs)")
     fit.add_argument("--epochs", type=_positive_int, help="total epochs (default 20; the default recipe's on 28x28 "
-                                                          "images; with --resume, a cosine run's own total)")
+                                                          "images; with --resume, the run's own total)")
     fit.add_argument("--batch-size", type=_positive_int,
                      help="samples per step, at most the training samples (default 64)")
     fit.add_argument("--seed", type=_seed, help=f"0 to {2**32 - 1} (default 0)")
     run = train.add_argument_group("the run")
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    run.add_argument("--device", default="auto", help=DEVICE_HELP)
     run.add_argument("--save", metavar="FILE", help="checkpoint (.npz) written after every epoch")
     run.add_argument("--resume", metavar="CHECKPOINT", help="continue training from a checkpoint")
     run.add_argument("--early-stopping", type=_patience, metavar="PATIENCE",
@@ -216,16 +217,16 @@ def build_parser():
 
     evaluate = commands.add_parser("evaluate", help="loss and accuracy of a saved model on a data set")
     evaluate.add_argument("model", help="a checkpoint written by 'nnaccel train --save'")
-    evaluate.add_argument("--data", help="'mnist' (the sample nnaccel ships), 'digits', an MNIST folder or a "
-                                         "mnist.npz (default: the data the checkpoint was trained on, else mnist)")
+    evaluate.add_argument("--data", help="'mnist' (the sample nnaccel ships), 'digits', 'synthetic', an MNIST folder "
+                                         "or a mnist.npz (default: the data the checkpoint was trained on, else mnist)")
     evaluate.add_argument("--split", choices=["test", "train", "validation"],
                           help="default: test where the data has one, else validation: the part 'nnaccel train' "
                                "held out (--validation-split of the train split, with the checkpoint's seed)")
     evaluate.add_argument("--validation-split", type=_fraction,
                           help="the fraction --split validation holds out, in (0, 1) (default: the one the "
                                "checkpoint was trained with, else 0.2)")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--device", default="auto", help=DEVICE_HELP)
+    evaluate.add_argument("--json", action="store_true", help="print the loss and accuracy as one JSON object")
     evaluate.add_argument("--confusion", metavar="FILE", help="draw the confusion matrix to a PNG and list "
                                                               "the most confused pairs")
     evaluate.add_argument("--errors", metavar="FILE", help="draw the worst-classified images to a PNG")
@@ -234,7 +235,7 @@ def build_parser():
                                                   "probabilities")
     predict.add_argument("model", help="a checkpoint written by 'nnaccel train --save'")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="pictures of one handwritten digit each")
-    predict.add_argument("--device", default="auto")
+    predict.add_argument("--device", default="auto", help=DEVICE_HELP)
     predict.add_argument("--json", action="store_true", help="one JSON object per picture, one per line")
 
     show = commands.add_parser("show", help="pictures of what a model learned: first-layer weights, activations")
@@ -242,7 +243,7 @@ def build_parser():
     show.add_argument("--weights", metavar="FILE", help="draw the first layer's weights to a PNG")
     show.add_argument("--activations", metavar="IMAGE", help="a picture of a digit whose activations to draw")
     show.add_argument("--out", metavar="FILE", help="the PNG for --activations")
-    show.add_argument("--device", default="auto")
+    show.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     export = commands.add_parser("export", help="write a saved model as ONNX (pip install 'nnaccel[onnx]')")
     export.add_argument("model", help="a checkpoint written by 'nnaccel train --save'")

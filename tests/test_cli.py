@@ -225,6 +225,17 @@ def test_train_help_groups_the_options():
         assert group in run.stdout, run.stdout
 
 
+def test_every_option_of_every_command_says_what_it_does():
+    """``--help`` of each command describes each option (the --device of evaluate, predict and show, evaluate's
+    --json and train's --optimizer were bare)."""
+    from nnaccel import cli
+
+    commands = next(action for action in cli.build_parser()._actions if action.dest == "command").choices
+    bare = [f"{name} {action.option_strings[0]}" for name, command in commands.items() for action in command._actions
+            if action.option_strings and not action.help]
+    assert bare == []
+
+
 def test_digits_without_scikit_learn_names_the_extra(tmp_path):
     code = ("import sys; sys.modules['sklearn'] = None; from nnaccel import cli; "
             "sys.exit(cli.main(['train', '--data', 'digits', '--epochs', '1', '--device', 'cpu']))")
