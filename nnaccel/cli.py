@@ -947,6 +947,10 @@ def _refuse_outputs_over_inputs(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if argv is None and hasattr(sys.stdout, "reconfigure"):  # (None: started with stdout closed)
+        # a path is printed as given: a file name's bytes that are not UTF-8 go out as they came in (as ls
+        # prints them), not as a UnicodeEncodeError
+        sys.stdout.reconfigure(errors="surrogateescape")
     handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
     try:
         for number in STOP_SIGNALS:  # from the start (imports, data, the checkpoint read), not only in fit

@@ -562,3 +562,24 @@ def test_evaluate_refuses_a_validation_split_for_a_split_it_does_not_hold_out(tm
                                f"{said}: give --split validation, or leave --validation-split out\n" and not captured.out
     assert cli.main([*evaluate, "--split", "validation"]) == 0
     assert capsys.readouterr().out.startswith("validation accuracy ")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name of bytes that are not UTF-8: Linux file systems")
+def test_a_file_name_that_is_not_utf8_is_printed_as_given(tmp_path):
+    """Python reads such a name's bytes into surrogates; printed under a UTF-8 locale (strict, unlike C.UTF-8's)
+    they were a UnicodeEncodeError and a traceback; now its bytes, as ls prints them."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    import nnaccel as nn
+
+    nn.Sequential(nn.Dense(784, 10), device="cpu").save(tmp_path / "m.npz")
+    picture = os.fsdecode(b"digit-\xff.png")
+    Image.fromarray(np.pad(np.full((20, 8), 255, np.uint8), 4)).save(tmp_path / picture)
+    run = subprocess.run([sys.executable, "-m", "nnaccel.cli", "predict", "m.npz", picture, "--device", "cpu"],
+                         capture_output=True, cwd=tmp_path, timeout=300,
+                         env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert run.returncode == 0 and run.stderr == b"", run.stderr.decode(errors="replace")
+    assert run.stdout.startswith(b"digit-\xff.png: ")
