@@ -327,13 +327,19 @@ def _load_npz(path, split):
                             f"(gzip'd or not, under their MNIST names) or a Keras-style .npz")
         with zipfile.ZipFile(path) as archive:
             if not {f"x_{suffix}.npy", f"y_{suffix}.npy"} & set(archive.namelist()):
-                raise MissingSplit(f"{path}: no {split} split (no x_{suffix} or y_{suffix} array)")
+                raise MissingSplit(f"{path}: no {split} split (no x_{suffix} or y_{suffix} array; found "
+                                   f"{_npz_keys(archive)})")
             images = _read_npz_array(archive, path, f"x_{suffix}", 3)
             labels = _read_npz_array(archive, path, f"y_{suffix}", 1)
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError,
             struct.error, NotImplementedError, RuntimeError) as exc:
         raise DataError(f"{path}: corrupt or truncated .npz archive ({_detail(exc)})") from exc
     return _to_xy(images, labels, f"{path}[x_{suffix}]", f"{path}[y_{suffix}]")
+
+
+def _npz_keys(archive):
+    """The names of an npz's arrays, as numpy.load gives them, for a message."""
+    return sorted(name.removesuffix(".npy") for name in archive.namelist())
 
 
 def _read_npz_array(archive, path, key, ndim):
@@ -345,8 +351,7 @@ def _read_npz_array(archive, path, key, ndim):
     try:
         info = archive.getinfo(key + ".npy")
     except KeyError:
-        keys = sorted(name.removesuffix(".npy") for name in archive.namelist())
-        raise DataError(f"{path}: no {key!r} array (found {keys})") from None
+        raise DataError(f"{path}: no {key!r} array (found {_npz_keys(archive)})") from None
     name = f"{path}[{key}]"
     with archive.open(info) as member, _checksum_first(member):
         version = np.lib.format.read_magic(member)

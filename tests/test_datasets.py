@@ -471,6 +471,15 @@ def test_npz_missing_key(tmp_path):
     assert_data_error(lambda: datasets.load_mnist(path, "test"), path, "x_test")
 
 
+def test_npz_of_other_keys_names_the_keys_it_has(tmp_path):
+    """numpy.savez(f, images, labels) names its arrays arr_0 and arr_1: the error says so, as it does where
+    one of x_train and y_train is missing."""
+    path = write(tmp_path / "mnist.npz", npz_bytes(arr_0=sample_digits()[0], arr_1=sample_digits()[1]))
+    with pytest.raises(datasets.MissingSplit) as caught:
+        datasets.load_mnist(path)
+    assert str(caught.value) == f"{path}: no train split (no x_train or y_train array; found ['arr_0', 'arr_1'])"
+
+
 def test_npz_wrong_dims_and_dtypes(tmp_path):
     images, labels = sample_digits()
     flat = write(tmp_path / "flat.npz", npz_bytes(x_train=images.reshape(5, -1), y_train=labels))
