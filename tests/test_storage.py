@@ -152,6 +152,19 @@ def test_an_output_path_that_cannot_work_is_refused_before_training(tmp_path, mo
     assert _one_error_line(capsys) == f"nnaccel train: error: {message}"
 
 
+def test_an_output_in_a_folder_that_is_a_file_says_it_is_a_file(tmp_path, monkeypatch, capsys):
+    """``--save notes/ck.npz`` with ``notes`` a file: not "folder notes does not exist", which it does."""
+    monkeypatch.chdir(tmp_path)
+    _no_data_read(monkeypatch)
+    Path("notes").write_text("a file")
+    for option in ("--save", "--csv"):
+        assert cli.main([*SMALL, option, "notes/out"]) == 2
+        assert _one_error_line(capsys) == f"nnaccel train: error: cannot write {option} notes/out: notes is a " \
+                                          f"file, not a folder"
+    with pytest.raises(nn.OutputError, match="^cannot write notes/m.npz: notes is a file, not a folder$"):
+        nn.Sequential(nn.Dense(4, 2)).save("notes/m.npz")
+
+
 def test_a_symbolic_link_is_checked_where_it_leads_before_training(tmp_path, monkeypatch, capsys):
     """A link into a purged scratch folder, or a loop of links, fails before the data is read, not after
     the first epoch (or as a traceback)."""
