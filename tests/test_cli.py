@@ -487,6 +487,12 @@ def test_a_reader_that_leaves_ends_the_command_quietly():
     assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
 
 
+def test_python_m_nnaccel_is_the_command():
+    """``python -m nnaccel`` runs the nnaccel command (was: "No module named nnaccel.__main__")."""
+    run = subprocess.run([sys.executable, "-m", "nnaccel", "--version"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.startswith("nnaccel "), run.stderr
+
+
 def test_info():
     run = nnaccel("info")
     assert run.returncode == 0 and "nnaccel" in run.stdout and "numpy" in run.stdout
