@@ -337,9 +337,10 @@ def _load_npz(path, split):
     return _to_xy(images, labels, f"{path}[x_{suffix}]", f"{path}[y_{suffix}]")
 
 
-def _npz_keys(archive):
-    """The names of an npz's arrays, as numpy.load gives them, for a message."""
-    return sorted(name.removesuffix(".npy") for name in archive.namelist())
+def _npz_keys(archive, shown=10):
+    """The names of an npz's arrays, as numpy.load gives them, for a message: the first ``shown`` of them."""
+    keys = sorted(name.removesuffix(".npy") for name in archive.namelist())
+    return f"{keys[:shown]}" + (f" and {len(keys) - shown:,} more" if len(keys) > shown else "")
 
 
 def _read_npz_array(archive, path, key, ndim):

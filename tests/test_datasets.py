@@ -478,6 +478,9 @@ def test_npz_of_other_keys_names_the_keys_it_has(tmp_path):
     with pytest.raises(datasets.MissingSplit) as caught:
         datasets.load_mnist(path)
     assert str(caught.value) == f"{path}: no train split (no x_train or y_train array; found ['arr_0', 'arr_1'])"
+    path = write(tmp_path / "many.npz", npz_bytes(**{f"a{index:05}": np.zeros(1) for index in range(10_002)}))
+    message = assert_data_error(lambda: datasets.load_mnist(path))  # one short line, however many arrays
+    assert message.endswith(f"found {[f'a{index:05}' for index in range(10)]} and 9,992 more)")
 
 
 def test_npz_wrong_dims_and_dtypes(tmp_path):
