@@ -639,6 +639,9 @@ def run(args):
     epochs = _positive(args.epochs, "--epochs") or (1 if args.quick else FIT_EPOCHS)
     if args.epochs is not None and not args.fit:
         raise ConfigError("--epochs counts the epochs of --fit; without --fit bench times steps (--steps)")
+    if args.steps is not None and args.fit:
+        raise ConfigError("--steps counts the steps of a round of the step benchmark; --fit times whole fit calls "
+                          "(--epochs)")
     devices = parse_devices(args.devices)
     precisions = parse_precisions(args.precision)
     if args.fit and precisions != ("fp32",):
