@@ -89,7 +89,7 @@ def check_writable(path, what="checkpoint", size=0, example="model.npz", rewritt
     if target.is_dir():
         raise OutputError(f"{what} {shown} is a folder; name a file in it, such as {path / example}")
     if not folder.is_dir():
-        raise OutputError(f"cannot write {what} {shown}: {_not_a_folder(folder)}")
+        raise OutputError(f"cannot write {what} {shown}: {not_a_folder(folder)}")
     _refuse_special_file(path, what)
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
@@ -106,7 +106,7 @@ def check_writable(path, what="checkpoint", size=0, example="model.npz", rewritt
                           f"the file takes about {size / 2**20:.1f} MiB{twice}")
 
 
-def _not_a_folder(folder):
+def not_a_folder(folder):
     """Why a file cannot be written in ``folder``, which is no folder: it is missing, or a file."""
     return f"{folder} is a file, not a folder" if folder.exists() else f"folder {folder} does not exist"
 
@@ -142,7 +142,7 @@ def atomic_write(path, write):
     target = _write_target(path, "file")
     folder = target.parent
     if not folder.is_dir():
-        raise OutputError(f"cannot write {path}: {_not_a_folder(folder)}")
+        raise OutputError(f"cannot write {path}: {not_a_folder(folder)}")
     _refuse_special_file(path, "file")
     tmp = None
     try:

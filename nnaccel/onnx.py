@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy
 
 from . import __version__, layers
-from .checkpoint import atomic_write, check_writable
+from .checkpoint import atomic_write, check_writable, not_a_folder
 from .errors import ConfigError
 from .model import Sequential
 
@@ -179,7 +179,7 @@ def export(model, path):
     the path. A path no file can be written to (a folder, a name ending in '/') is refused first."""
     given, path = path, Path(path)
     if not path.parent.is_dir():
-        raise ConfigError(f"cannot export to {path}: folder {path.parent} does not exist")
+        raise ConfigError(f"cannot export to {path}: {not_a_folder(path.parent)}")
     check_writable(given, "the ONNX file", example="model.onnx")  # as given: Path drops a final '/'
     data = to_onnx(model).SerializeToString()
     atomic_write(path, lambda handle: handle.write(data))

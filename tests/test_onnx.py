@@ -149,6 +149,13 @@ def test_a_missing_folder_is_named(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_file_named_as_the_folder_is_named(tmp_path):
+    (tmp_path / "notes").write_text("keep me")
+    with pytest.raises(nn.ConfigError, match=r"cannot export to .*model.onnx: .*notes is a file, not a folder"):
+        export(nn.Sequential(nn.Dense(4, 2)), tmp_path / "notes" / "model.onnx")
+    assert (tmp_path / "notes").read_text() == "keep me"
+
+
 def test_what_is_not_an_nnaccel_model_is_named(tmp_path):
     """A PyTorch net (also a "Sequential") was an AttributeError: 'Sequential' object has no attribute 'dtype'."""
     torch = pytest.importorskip("torch")
