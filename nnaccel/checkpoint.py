@@ -79,9 +79,7 @@ def check_writable(path, what="checkpoint", size=0, example="model.npz", rewritt
     file (permissions alone do not say, for root or on a read-only mount). ``example`` is the file
     name suggested when ``path`` is a folder. A symbolic link is checked where it leads, as
     ``atomic_write`` writes there. A name ending in a slash is a folder's, as the system reads it."""
-    if str(path).endswith(("/", os.sep)) and not Path(path).is_dir():  # Path("w.png/") drops the slash
-        raise OutputError(f"{what} {path} names a folder (it ends in '{str(path)[-1]}'), and there is none; to "
-                          f"write a file, drop the '{str(path)[-1]}': {Path(path)}")
+    _refuse_a_folder_name(path, what)
     path = Path(path)
     target = _write_target(path, what)
     folder = target.parent
@@ -104,6 +102,13 @@ def check_writable(path, what="checkpoint", size=0, example="model.npz", rewritt
         twice = " (and as much again while each epoch's replaces the last)" if free >= size else ""
         raise OutputError(f"cannot write {what} {path}: {folder} has {free / 2**20:.1f} MiB free, and "
                           f"the file takes about {size / 2**20:.1f} MiB{twice}")
+
+
+def _refuse_a_folder_name(path, what):
+    """A name ending in a slash is a folder's, as the system reads it; ``Path("w.png/")`` drops the slash."""
+    if str(path).endswith(("/", os.sep)) and not Path(path).is_dir():
+        raise OutputError(f"{what} {path} names a folder (it ends in '{str(path)[-1]}'), and there is none; to "
+                          f"write a file, drop the '{str(path)[-1]}': {Path(path)}")
 
 
 def not_a_folder(folder):
@@ -137,7 +142,9 @@ def atomic_write(path, write):
     A stop signal arriving while the temporary file is created and written is handled once it is
     (``_stop_signals_held``): landing in ``mkstemp`` between the file's creation and its name's
     return, it would leave a temporary file nobody knows of. A symbolic link is written through,
-    as ``open`` does: the file it points to is replaced, the link stays."""
+    as ``open`` does: the file it points to is replaced, the link stays. A name ending in a slash is
+    refused, as ``open`` refuses it."""
+    _refuse_a_folder_name(path, "file")
     path = Path(path)
     target = _write_target(path, "file")
     folder = target.parent

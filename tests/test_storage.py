@@ -165,6 +165,15 @@ def test_an_output_in_a_folder_that_is_a_file_says_it_is_a_file(tmp_path, monkey
         nn.Sequential(nn.Dense(4, 2)).save("notes/m.npz")
 
 
+def test_a_save_to_a_name_ending_in_a_slash_writes_no_file(tmp_path):
+    """``model.save("runs/")``, as ``open`` does, is a folder's name: not a file named ``runs``."""
+    model = nn.Sequential(nn.Dense(4, 2))
+    for save in (model.save, nn.Trainer(model).save_checkpoint):
+        with pytest.raises(nn.OutputError, match=r"file .*runs/ names a folder \(it ends in '/'\), and there is none"):
+            save(f"{tmp_path}/runs/")
+        assert not list(tmp_path.iterdir())
+
+
 def test_a_symbolic_link_is_checked_where_it_leads_before_training(tmp_path, monkeypatch, capsys):
     """A link into a purged scratch folder, or a loop of links, fails before the data is read, not after
     the first epoch (or as a traceback)."""
