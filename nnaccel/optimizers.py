@@ -65,9 +65,10 @@ class Optimizer:
         raise NotImplementedError
 
     def state_dict(self):
-        """Host copies of the state, the step count and the settings, for checkpoints."""
+        """Host copies of the state the settings use (not a velocity kept while SGD's momentum is 0), the step
+        count and the settings, for checkpoints."""
         return {"config": self.config(), "steps": self.steps, "lr": self.lr,
-                "buffers": {name: _to_host(buf) for name, buf in self.state.items()}}
+                "buffers": {name: _to_host(self.state[name]) for name in self.state_names if name in self.state}}
 
     def load_state_dict(self, state):
         """Take the saved settings (as PyTorch's ``load_state_dict`` takes its param groups), step count,
@@ -93,7 +94,12 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
         if self.nesterov and self.momentum == 0.0:
             raise ConfigError("Nesterov momentum needs momentum > 0")
-        self.state_names = ("velocity",) if self.momentum else ()
+
+    @property
+    def state_names(self):
+        """The velocity while there is momentum: one turned on after plain steps (a warm-up) starts it then,
+        as PyTorch makes its buffer at the first step with momentum."""
+        return ("velocity",) if self.momentum else ()
 
     def _update(self, ops, params, grads, state):
         ops.sgd_update(params, grads, state.get("velocity"), self.lr, self.momentum,

@@ -268,6 +268,30 @@ def test_optimizer_trajectory_matches_torch(device, name, dtype):
     assert ours.steps == 5
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
+def test_sgd_momentum_changed_between_steps_follows_torch(device, dtype):
+    """A momentum turned on after plain steps (a warm-up callback), then off, then on again: PyTorch makes
+    the velocity at its first momentum step and keeps it, unused, while the momentum is 0."""
+    model, linears, torch_forward = build_pair([("tanh", {}), ("relu", {}), ("linear", {})], dtype, device, seed=3)
+    ops = model.backend
+    ours, t_params = nn.SGD(lr=0.1), torch_params(linears)
+    theirs = torch.optim.SGD(t_params, lr=0.1)
+    loss, rng, tol = nn.SoftmaxCrossEntropy(), np.random.default_rng(4), TRAJECTORY_TOL[dtype]
+    for step, momentum in enumerate([0.0, 0.0, 0.9, 0.9, 0.0, 0.5, 0.5]):
+        ours.momentum = theirs.param_groups[0]["momentum"] = momentum
+        x = rng.standard_normal((BATCH, SIZES[0])).astype(dtype)
+        labels = rng.integers(0, SIZES[-1], BATCH)
+        loss.forward(model.forward(ops.asarray(x)), ops.asarray(labels))
+        model.backward(loss.backward())
+        ours.step(model)
+        theirs.zero_grad()
+        F.cross_entropy(torch_forward(torch.from_numpy(x)), torch.from_numpy(labels)).backward()
+        theirs.step()
+        for p, t in zip(model.parameters(), t_params, strict=True):
+            np.testing.assert_allclose(ops.to_host(p.data), as_nnaccel_layout(t, p.name), **tol,
+                                       err_msg=f"{p.name} after step {step + 1} (momentum {momentum})")
+
+
 # ----- learning-rate schedules -------------------------------------------------------------
 def torch_lrs(make_scheduler, base_lr, epochs):
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)

@@ -263,6 +263,32 @@ def test_a_run_stopped_after_its_short_last_step_resumes_with_no_step_and_no_neg
     assert resumed.history["epoch"] == [1] and resumed.history["samples_per_s"] == [0.0]
 
 
+@pytest.mark.parametrize("momenta", [(0.0, 0.9), (0.9, 0.0)], ids=["turned-on", "turned-off"])
+def test_a_checkpoint_after_sgds_momentum_changed_resumes_as_the_uninterrupted_run(tmp_path, momenta):
+    """A callback may change SGD's momentum between epochs: turned on, the velocity starts then (a step
+    failed on its absence); turned off, the checkpoint holds none (its file was refused as holding an
+    optimizer member the momentum has no place for)."""
+    x, y = datasets.synthetic(n=60, features=8, classes=3, seed=2)
+
+    class Momentum(nn.Callback):
+        def on_epoch_end(self, trainer, logs):
+            trainer.optimizer.momentum = momenta[1]
+
+    def trainer():
+        return nn.Trainer(nn.Sequential(nn.Dense(8, 3), seed=1), optimizer=nn.SGD(lr=0.1, momentum=momenta[0]),
+                          batch_size=16, quiet=True)
+
+    uninterrupted = trainer()
+    uninterrupted.fit(x, y, epochs=3, callbacks=[Momentum()])
+    first = trainer()
+    first.fit(x, y, epochs=2, callbacks=[Momentum()])
+    first.save_checkpoint(tmp_path / "ckpt.npz")
+    resumed = trainer().load_checkpoint(tmp_path / "ckpt.npz")
+    assert resumed.optimizer.momentum == momenta[1]
+    resumed.fit(x, y, epochs=1)
+    numpy.testing.assert_array_equal(resumed.model.flat_params, uninterrupted.model.flat_params)
+
+
 def test_save_load_gives_same_predictions(device, tmp_path):
     x, y = datasets.load_digits("train")
     model = _digits_net(device, activation=nn.LeakyReLU(0.1))
