@@ -41,6 +41,19 @@ class OutputError(NnaccelError):
     """An output file cannot be written: its folder is missing or read-only, or the disk is full."""
 
 
+def described(value):
+    """A value as an error message shows it: ``None``, ``'cosine'``, ``the class StepLR``, ``a tuple of 1``,
+    ``an array of shape (3, 4)``, ``a builtin_function_or_method``."""
+    if isinstance(value, type):
+        return f"the class {value.__name__} (call it to make one)"
+    if value is None or isinstance(value, (str, int, float)):
+        return repr(value)
+    if hasattr(value, "shape"):
+        return f"an array of shape {tuple(value.shape)}"
+    kind = type(value).__name__
+    return f"a {kind} of {len(value)}" if isinstance(value, (tuple, list)) else f"a {kind}"
+
+
 def check_int(value, what, minimum=1):
     """``value`` as an int of at least ``minimum`` (bools refused), or a ConfigError naming ``what``."""
     if isinstance(value, bool) or not hasattr(value, "__index__") or value < minimum:

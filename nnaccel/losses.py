@@ -11,7 +11,7 @@ range included); ``forward`` checks shapes, and label values on the CPU.
 import numpy
 
 from .backend import array_device, get_backend
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, ShapeError, described
 
 
 class Loss:
@@ -201,6 +201,9 @@ def get(loss=None):
         return SoftmaxCrossEntropy()
     if isinstance(loss, Loss):
         return loss
+    if isinstance(loss, type):
+        raise ConfigError(f"loss must be a loss object such as nn.SoftmaxCrossEntropy() or its name, got "
+                          f"{described(loss)}")
     name = loss.lower() if isinstance(loss, str) else None
     name = ALIASES.get(name, name)
     if name in LOSSES:

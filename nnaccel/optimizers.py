@@ -10,7 +10,7 @@ import math
 import numpy
 
 from .backend import array_device
-from .errors import ConfigError, check_int, check_number
+from .errors import ConfigError, check_int, check_number, described
 
 
 class Optimizer:
@@ -156,6 +156,9 @@ def get(optimizer=None, **params):
         return SGD(**params)
     if isinstance(optimizer, Optimizer):
         return optimizer
+    if not isinstance(optimizer, (str, dict)):  # a class, PyTorch's optimizer (whose repr takes many lines)
+        raise ConfigError(f"optimizer must be an nnaccel optimizer such as nn.SGD(lr=0.1), its name or its config "
+                          f"dict, got {described(optimizer)}")
     if isinstance(optimizer, dict):
         if "type" not in optimizer:
             raise ConfigError(f"optimizer config {optimizer!r} has no 'type'; give one of {', '.join(OPTIMIZERS)}")

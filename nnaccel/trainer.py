@@ -21,7 +21,7 @@ import numpy
 from . import checkpoint, losses, optimizers
 from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves, check_no_validation_monitored
 from .backend import PRECISIONS, array_device
-from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError, check_array, check_int
+from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError, check_array, check_int, described
 from .layers import BatchNorm, RandomLayer
 from .model import Sequential, check_float_range
 
@@ -67,7 +67,7 @@ class Trainer:
         self.rng = numpy.random.default_rng(self.seed)
         if schedule is not None and (isinstance(schedule, type) or not callable(getattr(schedule, "lr_at", None))):
             raise ConfigError(f"schedule must be a schedule such as nn.StepLR(10) or nn.CosineAnnealing(20) (an "
-                              f"object with lr_at), got {_described(schedule)}")
+                              f"object with lr_at), got {described(schedule)}")
         self.schedule = schedule
         self.callbacks = _callback_list(callbacks, "Trainer callbacks")
         self.quiet = quiet
@@ -236,7 +236,7 @@ class Trainer:
         callbacks = self.callbacks + _callback_list(callbacks, "fit callbacks")
         if validation_data is not None and not (isinstance(validation_data, (tuple, list))
                                                 and len(validation_data) == 2):
-            raise ConfigError(f"validation_data must be a pair (x, y), got {_described(validation_data)}")
+            raise ConfigError(f"validation_data must be a pair (x, y), got {described(validation_data)}")
         x, y = self.prepare(x, y, "x")
         if self._resume_point is not None and self._samples not in (None, x.shape[0]):
             raise ConfigError(f"this run stopped in the middle of epoch {self.epoch + 1} (after step "
@@ -849,30 +849,17 @@ class _RowsOfMask:
         return self._ops.random_shifts(masks.rows, max_shift, seed, counter)[masks.first:masks.first + batch]
 
 
-def _described(value):
-    """A value as an error message shows it: ``None``, ``'cosine'``, ``the class StepLR``, ``a tuple of 1``,
-    ``an array of shape (3, 4)``, ``a builtin_function_or_method``."""
-    if isinstance(value, type):
-        return f"the class {value.__name__} (call it to make one)"
-    if value is None or isinstance(value, (str, int, float)):
-        return repr(value)
-    if hasattr(value, "shape"):
-        return f"an array of shape {tuple(value.shape)}"
-    kind = type(value).__name__
-    return f"a {kind} of {len(value)}" if isinstance(value, (tuple, list)) else f"a {kind}"
-
-
 def _callback_list(callbacks, what):
     """``callbacks`` as a list of Callback objects (one Callback alone is a list of one), or a ConfigError
     naming the entry that is not one."""
     if isinstance(callbacks, Callback):
         return [callbacks]
     if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
-        raise ConfigError(f"{what} must be a list of callbacks, got {_described(callbacks)}")
+        raise ConfigError(f"{what} must be a list of callbacks, got {described(callbacks)}")
     callbacks = list(callbacks)
     for index, callback in enumerate(callbacks):
         if not isinstance(callback, Callback):
-            raise ConfigError(f"{what}[{index}] is {_described(callback)}, not an nnaccel Callback "
+            raise ConfigError(f"{what}[{index}] is {described(callback)}, not an nnaccel Callback "
                               f"(a subclass of nn.Callback)")
     return callbacks
 

@@ -21,6 +21,13 @@ def _set_data(parameter, value):
     parameter.data = value
 
 
+class TorchLikeSGD:
+    """An optimizer of another library, shown over several lines as PyTorch's are."""
+
+    def __repr__(self):
+        return "SGD (\nParameter Group 0\n    lr: 0.1\n)"
+
+
 # (case, call, error class, a phrase of the message)
 API_ERRORS = [
     ("optimizer unknown option", lambda: _trainer(optimizer={"type": "sgd", "foo": 1}), nn.ConfigError,
@@ -31,6 +38,14 @@ API_ERRORS = [
     ("schedule a name", lambda: _trainer(schedule="cosine"), nn.ConfigError,
      "schedule must be a schedule.*got 'cosine'"),
     ("schedule a class", lambda: _trainer(schedule=nn.StepLR), nn.ConfigError, "got the class StepLR"),
+    ("optimizer a class", lambda: _trainer(optimizer=nn.Adam), nn.ConfigError,
+     r"optimizer must be an nnaccel optimizer such as nn.SGD\(lr=0.1\), its name or its config dict, got the "
+     r"class Adam \(call it to make one\)"),
+    ("optimizer of another library", lambda: _trainer(optimizer=TorchLikeSGD()), nn.ConfigError,
+     "optimizer must be an nnaccel optimizer .*got a TorchLikeSGD$"),
+    ("loss a class", lambda: _trainer(loss=nn.MSE), nn.ConfigError,
+     r"loss must be a loss object such as nn.SoftmaxCrossEntropy\(\) or its name, got the class MeanSquaredError "
+     r"\(call it to make one\)"),
     ("fit a model without parameters", lambda: nn.Trainer(nn.Sequential(nn.Flatten(), input_shape=(4,)),
                                                           quiet=True).fit(X, Y), nn.ConfigError,
      r"the model has no parameters to train \(Flatten\(\)\): fit needs a layer with weights"),
