@@ -38,7 +38,7 @@ class Parameter:
                              f"{type(value).__name__}; convert it with model.backend.asarray(...)")
         if tuple(value.shape) != self._data.shape:
             raise ShapeError(f"parameter {self.name} has shape {self._data.shape}, got {tuple(value.shape)}")
-        if array_device(value) is not None or self._backend.name != "cpu":  # a memoryview, h5py data: host memory
+        if array_device(value) not in (None, "cpu") or self._backend.name != "cpu":  # host memory: memoryview, tensor
             self._backend.check(value, f"the new data of parameter {self.name}")
         with self._backend.activate():  # cuda:1 copies on GPU 1
             self._data[...] = value

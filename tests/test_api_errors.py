@@ -111,6 +111,8 @@ API_ERRORS = [
     ("an activation first", lambda: nn.Sequential(nn.LeakyReLU(0.1), nn.Dense(4, 2)), nn.ConfigError,
      r"layer 0 is the activation LeakyReLU\(slope=0.1\), not a layer: it is the option of the layer before it, "
      r"as nn.Dense\(784, 128, activation=nn.LeakyReLU\(slope=0.1\)\)"),
+    ("model(a list)", lambda: nn.Sequential(nn.Dense(4, 3))(X.tolist()), nn.DeviceError,
+     r"x is a list, not a numpy array: make it one with model.backend.asarray\(...\)"),
     ("loss a list", lambda: _trainer(loss=["mse"]), nn.ConfigError,
      r"unknown loss \['mse'\]; valid: softmax_cross_entropy, mse, sigmoid_cross_entropy, or PyTorch's"),
 ]

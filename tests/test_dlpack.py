@@ -31,6 +31,22 @@ def test_predict_and_fit_take_torch_tensors():
     np.testing.assert_array_equal(a.flat_params, b.flat_params)
 
 
+def test_the_calls_that_take_device_arrays_refuse_a_tensor_naming_the_conversion():
+    """``model(x)``, ``backward``, a loss and ``train_step`` take the backend's own arrays (as ``prepare`` makes
+    them): a tensor on the CPU passed the device check and failed on its torch dtype ("x has dtype torch.float32
+    but the model computes in float32", an AttributeError in a loss). A parameter still takes one's values."""
+    net, x = model(), np.ones((2, 6), np.float32)
+    message = r"is a Tensor, not a numpy array: make it one with model.backend.asarray\(...\) \(an array on cpu"
+    for call in (lambda: net(torch.from_numpy(x)), lambda: net.backward(torch.ones(2, 3)),
+                 lambda: nn.SoftmaxCrossEntropy().forward(net(x), torch.tensor([0, 1])),
+                 lambda: nn.Trainer(net, quiet=True).train_step(torch.from_numpy(x), torch.tensor([0, 1]))):
+        with pytest.raises(nn.DeviceError, match=message):
+            call()
+    np.testing.assert_array_equal(net(net.backend.asarray(torch.from_numpy(x))), net(x))
+    net.parameters()[1].data = torch.full((8,), 0.5)
+    np.testing.assert_array_equal(net.parameters()[1].data, np.full(8, 0.5, np.float32))
+
+
 def test_a_tensor_that_cannot_be_shared_is_a_clear_error():
     tensor = torch.zeros(2, 6, requires_grad=True)
     with pytest.raises(nn.DeviceError, match="x: a Tensor on cpu could not be shared through DLPack"):

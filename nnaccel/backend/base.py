@@ -153,12 +153,15 @@ class Backend:
         return self.xp.asarray(array, dtype=dtype)
 
     def check(self, array, what="array"):
-        """Raise a DeviceError unless ``array`` lives on this device."""
+        """Raise a DeviceError unless ``array`` is an array of this backend (NumPy's, CuPy's) on this device."""
         where = array_device(array)
-        if where != self.name:
-            found = where or type(array).__name__
-            raise DeviceError(f"{what} is on {found} but the model is on {self.name}; "
+        if where is not None and where != self.name:
+            raise DeviceError(f"{what} is on {where} but the model is on {self.name}; "
                               f"move it with model.backend.asarray(...)")
+        if not isinstance(array, self.xp.ndarray):  # a list; a torch tensor, whose dtype NumPy does not read
+            raise DeviceError(f"{what} is a {type(array).__name__}, not a {self.xp.__name__} array: make it one with "
+                              f"model.backend.asarray(...) (an array on {self.name} that speaks DLPack, as a torch "
+                              f"tensor, is shared without a copy)")
         return array
 
     def to_host(self, array):
