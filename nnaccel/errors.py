@@ -131,6 +131,12 @@ def check_range(value, what, low=None, high=None, low_open=False, high_open=Fals
     return int(value) if integer else float(value)
 
 
+def check_seed(value):
+    """``value`` as a seed from 0 to 2**63 - 1, the range a checkpoint holds (a larger one, as NumPy's
+    ``SeedSequence().entropy``, trained and saved a file that was refused on load), or a ConfigError."""
+    return check_range(value, "seed", 0, 2**63 - 1, integer=True)
+
+
 def number_option(low=None, high=None, low_open=False, high_open=False, integer=False):
     """An argparse ``type=``: the option's text as a number in the range, else an error argparse prints
     as ``argument --lr: must be a positive number (finite, > 0), got nan``."""

@@ -10,7 +10,7 @@ import numpy
 
 from . import activations, layers as layers_module
 from .backend import array_device, cuda_status, get_backend
-from .errors import ConfigError, ShapeError, check_array, check_int
+from .errors import ConfigError, ShapeError, check_array, check_int, check_seed
 from .layers import Layer, Parameter, describe_shape
 
 FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
@@ -89,7 +89,7 @@ class Sequential:
         if self.dtype not in FLOAT_DTYPES:
             raise ConfigError(f"dtype must be float32 or float64, got {self.dtype}")
         self.layers = list(layers)
-        self.seed = check_int(seed, "seed", minimum=0)
+        self.seed = check_seed(seed)
         self.training = False
         self._output_shape = None
         self.input_shape = self._input_shape(input_shape)

@@ -21,7 +21,8 @@ import numpy
 from . import checkpoint, losses, optimizers
 from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves, check_no_validation_monitored
 from .backend import PRECISIONS, array_device
-from .errors import CheckpointError, ConfigError, NnaccelError, ShapeError, check_array, check_int, described
+from .errors import (CheckpointError, ConfigError, NnaccelError, ShapeError, check_array, check_int, check_seed,
+                     described)
 from .layers import BatchNorm, RandomLayer
 from .model import Sequential, check_float_range
 
@@ -63,7 +64,7 @@ class Trainer:
         self.loss = losses.get(loss)
         self.optimizer = optimizers.get(optimizer)
         self.batch_size = int(batch_size)
-        self.seed = check_int(seed, "seed", minimum=0)
+        self.seed = check_seed(seed)
         self.rng = numpy.random.default_rng(self.seed)
         if schedule is not None and (isinstance(schedule, type) or not callable(getattr(schedule, "lr_at", None))):
             raise ConfigError(f"schedule must be a schedule such as nn.StepLR(10) or nn.CosineAnnealing(20) (an "

@@ -1076,6 +1076,12 @@ BUGS = [
      "nnaccel/model.py Sequential.__init__: numpy's bare ValueError 'expected non-negative integer'"),
     ("Trainer seed -1", lambda: nn.Trainer(_model(), seed=-1), "seed",
      "nnaccel/trainer.py Trainer.__init__: numpy's bare ValueError 'expected non-negative integer'"),
+    *[(f"{where} seed {shown}", make, rf"seed must be a non-negative integer up to {2**63 - 1}, got {seed}",
+       f"nnaccel/{where.lower()}.py {where}.__init__: it trained, and saved a file that was refused on load "
+       f"('the model's seed must be an integer from 0 to 2**63 - 1')")
+      for shown, seed in (("2**63", 2**63), ("SeedSequence().entropy", 2**127 + 1))
+      for where, make in (("Sequential", lambda seed=seed: nn.Sequential(nn.Dense(4, 3), seed=seed)),
+                          ("Trainer", lambda seed=seed: nn.Trainer(_model(), seed=seed)))],
     ("StepLR gamma -1", lambda: nn.StepLR(1, gamma=-1.0), "gamma",
      "nnaccel/optimizers.py StepLR accepts it; training then runs with lr -0.1, 0.1, ... (gradient ascent)"),
     ("StepLR gamma nan", lambda: nn.StepLR(1, gamma=NAN), "gamma",

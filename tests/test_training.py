@@ -289,6 +289,19 @@ def test_a_checkpoint_after_sgds_momentum_changed_resumes_as_the_uninterrupted_r
     numpy.testing.assert_array_equal(resumed.model.flat_params, uninterrupted.model.flat_params)
 
 
+def test_the_largest_seeds_save_and_load(tmp_path):
+    """Seeds up to 2**63 - 1, all a checkpoint holds (the constructors refuse larger ones)."""
+    x, y = datasets.synthetic(n=20, features=6, classes=3, seed=2)
+    seed = 2**63 - 1
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(6, 4), nn.Dropout(0.5), nn.Dense(4, 3), seed=seed), batch_size=8,
+                         seed=seed, quiet=True)
+    trainer.fit(x, y)
+    trainer.save_checkpoint(tmp_path / "ckpt.npz")
+    resumed = nn.Trainer(nn.Sequential(nn.Dense(6, 4), nn.Dropout(0.5), nn.Dense(4, 3)), quiet=True)
+    resumed.load_checkpoint(tmp_path / "ckpt.npz")
+    assert resumed.seed == resumed.model.seed == nn.load(tmp_path / "ckpt.npz").seed == seed
+
+
 def test_save_load_gives_same_predictions(device, tmp_path):
     x, y = datasets.load_digits("train")
     model = _digits_net(device, activation=nn.LeakyReLU(0.1))
