@@ -216,6 +216,17 @@ class CosineAnnealing:
 SCHEDULES = {"StepLR": StepLR, "CosineAnnealing": CosineAnnealing}
 
 
+def schedule_config(schedule, saving=False):
+    """``schedule``'s config (None for none); one of one's own (any object with ``lr_at`` trains) is named by
+    its class, or with ``saving`` refused: a run resumed from a checkpoint could not rebuild it."""
+    if schedule is None or type(schedule) in SCHEDULES.values():
+        return None if schedule is None else schedule.config()
+    if saving:
+        raise ConfigError(f"a checkpoint holds the schedule nn.StepLR or nn.CosineAnnealing, not "
+                          f"{type(schedule).__name__}: a run resumed from it could not rebuild that schedule")
+    return {"type": type(schedule).__name__}
+
+
 def schedule_from(config):
     """A schedule from its ``config()`` (as checkpoints keep it), or None."""
     if config is None:

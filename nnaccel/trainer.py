@@ -249,6 +249,8 @@ class Trainer:
             validation_data = self.prepare(*validation_data, what="validation x")
         else:
             check_no_validation_monitored(callbacks)
+        if any(isinstance(callback, ModelCheckpoint) for callback in callbacks):  # refused now, not after an epoch
+            optimizers.schedule_config(self.schedule, saving=True)
         self._fit_finished = False
         resumes = self.interrupted and self._fit_callbacks is not None  # the last fit was stopped: go on with it
         self.stop_training = self.interrupted = self._stop_requested
@@ -346,8 +348,7 @@ class Trainer:
                 # the same architecture, loss and update everywhere: another optimizer broadcasts other state
                 # buffers (a hang), other rates or activations drift the weights apart
                 "layers": model.config()["layers"], "loss": self.loss.name, "optimizer": optimizer.config(),
-                "schedule": self.schedule.config() if self.schedule is not None else None,
-                "precision": self.precision}
+                "schedule": optimizers.schedule_config(self.schedule), "precision": self.precision}
         everyone = comm.allgather_object(mine)
         for rank, theirs in enumerate(everyone):
             differ = [f"{key} {theirs[key]} (rank 0: {everyone[0][key]})" for key in mine
@@ -534,7 +535,7 @@ class Trainer:
                 "world_size": self.world_size, "samples": self._samples,
                 "rng": self.rng.bit_generator.state, "history": self.history,
                 "loss": self.loss.name, "resume_point": self._resume_point,
-                "schedule": self.schedule.config() if self.schedule is not None else None,
+                "schedule": optimizers.schedule_config(self.schedule, saving=True),
                 "early_stopping": [state for state, _ in self._early_stopping_states()], "plan": self.plan,
                 "last_weights": self._last_weights is not None}
 
@@ -573,7 +574,7 @@ class Trainer:
                 f"({self.batch_size} x {self.world_size} process(es)); resume it with {saved_batch} samples per "
                 f"step (batch_size x processes)")
         here = {"optimizer": self.optimizer.config(), "loss": self.loss.name,
-                "schedule": self.schedule.config() if self.schedule is not None else None}
+                "schedule": optimizers.schedule_config(self.schedule)}
         checkpoint.restore_model(self.model, meta, arrays, path)  # checked again (microseconds), then copied
         checkpoint.restore_optimizer(self.optimizer, meta, arrays, path)
         saved = {"optimizer": meta["optimizer"]["config"], "loss": state["loss"], "schedule": state.get("schedule")}

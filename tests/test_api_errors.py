@@ -134,6 +134,35 @@ def test_bad_api_arguments_raise_errors_naming_them(case, make, error, message):
     assert "\n" not in str(raised.value)
 
 
+def test_a_schedule_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_name(tmp_path):
+    """Any object with lr_at is a schedule, but a checkpoint keeps StepLR and CosineAnnealing only: saving one
+    failed with an AttributeError (after an epoch, under ModelCheckpoint), and a class with a config() of its
+    own saved a file that load refused. Loading into a trainer with one puts the saved schedule in its place."""
+
+    class Warmup:
+        def lr_at(self, epoch, base_lr):
+            return base_lr * min(1.0, (epoch + 1) / 3)
+
+    trainer = _trainer(schedule=Warmup(), optimizer=nn.SGD(lr=0.3))
+    assert trainer.fit(X, Y, epochs=3)["lr"] == pytest.approx([0.1, 0.2, 0.3])
+    message = "a checkpoint holds the schedule nn.StepLR or nn.CosineAnnealing, not Warmup"
+    with pytest.raises(nn.ConfigError, match=message):
+        trainer.save_checkpoint(tmp_path / "ckpt.npz")
+    with pytest.raises(nn.ConfigError, match=message):
+        trainer.fit(X, Y, callbacks=[nn.ModelCheckpoint(tmp_path / "ckpt.npz")])
+    assert trainer.epoch == 3 and not list(tmp_path.iterdir())
+
+    class Named(Warmup):
+        def config(self):
+            return {"type": "Warmup"}
+
+    with pytest.raises(nn.ConfigError, match="nn.CosineAnnealing, not Named"):
+        _trainer(schedule=Named()).save_checkpoint(tmp_path / "ckpt.npz")
+    _trainer(schedule=nn.StepLR(2)).save_checkpoint(tmp_path / "ckpt.npz")
+    resumed = _trainer(schedule=Warmup()).load_checkpoint(tmp_path / "ckpt.npz")
+    assert resumed.schedule.config() == nn.StepLR(2).config()
+
+
 def test_a_single_callback_counts_as_a_list_of_one():
     class Count(nn.Callback):
         epochs = 0
