@@ -195,6 +195,15 @@ MSE = MeanSquaredError
 BCEWithLogits = SigmoidCrossEntropy
 
 
+def saved_name(loss):
+    """The name a checkpoint keeps of ``loss``, or a ConfigError for a loss of one's own (a subclass trains), which
+    a run resumed from it could not rebuild."""
+    if type(loss) not in LOSSES.values():
+        raise ConfigError(f"a checkpoint holds the loss {', '.join(LOSSES)}, not {type(loss).__name__}: a run "
+                          f"resumed from it could not rebuild that loss")
+    return loss.name
+
+
 def get(loss=None):
     """A loss from a name (or PyTorch's or Keras's for it), an instance, or None (softmax cross-entropy)."""
     if loss is None:

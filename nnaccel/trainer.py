@@ -249,8 +249,8 @@ class Trainer:
             validation_data = self.prepare(*validation_data, what="validation x")
         else:
             check_no_validation_monitored(callbacks)
-        if any(isinstance(callback, ModelCheckpoint) for callback in callbacks):  # refused now, not after an epoch
-            optimizers.schedule_config(self.schedule, saving=True)
+        if any(isinstance(callback, ModelCheckpoint) for callback in callbacks):
+            self.state()  # a run it cannot save (a schedule or loss of one's own) is refused now, not after an epoch
         self._fit_finished = False
         resumes = self.interrupted and self._fit_callbacks is not None  # the last fit was stopped: go on with it
         self.stop_training = self.interrupted = self._stop_requested
@@ -534,7 +534,7 @@ class Trainer:
         return {"epoch": self.epoch, "seed": self.seed, "batch_size": self.batch_size * self.world_size,
                 "world_size": self.world_size, "samples": self._samples,
                 "rng": self.rng.bit_generator.state, "history": self.history,
-                "loss": self.loss.name, "resume_point": self._resume_point,
+                "loss": losses.saved_name(self.loss), "resume_point": self._resume_point,
                 "schedule": optimizers.schedule_config(self.schedule, saving=True),
                 "early_stopping": [state for state, _ in self._early_stopping_states()], "plan": self.plan,
                 "last_weights": self._last_weights is not None}

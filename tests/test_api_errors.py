@@ -163,6 +163,30 @@ def test_a_schedule_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_name
     assert resumed.schedule.config() == nn.StepLR(2).config()
 
 
+def test_a_loss_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_name(tmp_path):
+    """A subclass of a loss trains; its checkpoint was written with the subclass's name, which load refused
+    (or, keeping its parent's name, resumed with the parent's loss)."""
+
+    class HalfMSE(nn.MeanSquaredError):
+        name = "half_mse"
+
+        def _forward(self, ops, y, target):
+            value = super()._forward(ops, y, target)
+            self._grad *= 0.5
+            return value * 0.5
+
+    trainer = _trainer(loss=HalfMSE())
+    trainer.fit(X, Y)
+    for loss in (HalfMSE(), type("Smoothed", (nn.SoftmaxCrossEntropy,), {})()):
+        trainer.loss = loss
+        with pytest.raises(nn.ConfigError, match=f"a checkpoint holds the loss softmax_cross_entropy, mse, "
+                                                 f"sigmoid_cross_entropy, not {type(loss).__name__}"):
+            trainer.save_checkpoint(tmp_path / "ckpt.npz")
+        with pytest.raises(nn.ConfigError, match=f"not {type(loss).__name__}"):
+            trainer.fit(X, Y, callbacks=[nn.ModelCheckpoint(tmp_path / "ckpt.npz")])
+    assert trainer.epoch == 1 and not list(tmp_path.iterdir())
+
+
 def test_a_single_callback_counts_as_a_list_of_one():
     class Count(nn.Callback):
         epochs = 0
