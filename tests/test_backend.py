@@ -353,6 +353,7 @@ def test_a_strided_index_of_maxout_and_max_pooling(device):
     z3 = ops.asarray(rng.standard_normal((4, 3, 2)).astype(numpy.float32))
     dy = ops.asarray(numpy.ones((4, 3), numpy.float32))
     x, window = ops.asarray(rng.standard_normal((2, 3, 4, 4)).astype(numpy.float32)), Window(2, 2, 2, 2, 0, 0)
+    results = {}
     for strided in (False, True):
         index = ops.asarray(numpy.zeros((3, 4), numpy.int32)).T if strided else ops.empty((4, 3), numpy.int32)
         y = ops.to_host(ops.maxout_forward(z3, ops.empty((4, 3)), index))
@@ -362,11 +363,9 @@ def test_a_strided_index_of_maxout_and_max_pooling(device):
         pooled = ops.to_host(ops.maxpool_forward(x, window, ops.empty((2, 3, 2, 2)), pool_index))
         dx = ops.to_host(ops.maxpool_backward(ops.asarray(numpy.ones((2, 3, 2, 2), numpy.float32)), pool_index, window,
                                               ops.empty((2, 3, 4, 4))))
-        results = [y, ops.to_host(index), dz3, pooled, ops.to_host(pool_index), dx]
-        if strided:
-            for got, expected in zip(results, contiguous):
-                numpy.testing.assert_array_equal(got, expected)
-        contiguous = results
+        results[strided] = [y, ops.to_host(index), dz3, pooled, ops.to_host(pool_index), dx]
+    for got, expected in zip(results[True], results[False], strict=True):
+        numpy.testing.assert_array_equal(got, expected)
 
 
 def test_softmax_cross_entropy_into_a_strided_grad(device):

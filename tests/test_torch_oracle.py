@@ -235,7 +235,8 @@ OPTIMIZERS = {
     "adamw-weight-decay": (lambda: nn.AdamW(lr=1e-2, weight_decay=0.1),
                            lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)),
 }
-TRAJECTORY_TOL = {np.float32: {"rtol": 1e-5, "atol": 1e-6}, np.float64: {"rtol": 1e-10, "atol": 1e-12}}
+TRAJECTORY_TOL = {np.dtype(np.float32): {"rtol": 1e-5, "atol": 1e-6},
+                  np.dtype(np.float64): {"rtol": 1e-10, "atol": 1e-12}}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
@@ -244,28 +245,29 @@ def test_optimizer_trajectory_matches_torch(device, name, dtype):
     make_ours, make_torch = OPTIMIZERS[name]
     acts = [("tanh", {}), ("gelu", {}), ("linear", {})]
     model, linears, torch_forward = build_pair(acts, dtype, device, seed=7)
-    ops = model.backend
-    ours = make_ours()
-    t_params = torch_params(linears)
-    theirs = make_torch(t_params)
-    loss = nn.SoftmaxCrossEntropy()
+    ours, theirs = make_ours(), make_torch(torch_params(linears))
     rng = np.random.default_rng(8)
-    tol = TRAJECTORY_TOL[dtype]
     for step in range(5):
-        x = rng.standard_normal((BATCH, SIZES[0])).astype(dtype)
-        labels = rng.integers(0, SIZES[-1], BATCH)
-        loss.forward(model.forward(ops.asarray(x)), ops.asarray(labels))
-        model.backward(loss.backward())
-        ours.step(model)
-
-        theirs.zero_grad()
-        F.cross_entropy(torch_forward(torch.from_numpy(x)), torch.from_numpy(labels)).backward()
-        theirs.step()
-
-        for p, t in zip(model.parameters(), t_params, strict=True):
-            np.testing.assert_allclose(ops.to_host(p.data), as_nnaccel_layout(t, p.name), **tol,
-                                       err_msg=f"{p.name} after step {step + 1}")
+        _step_both_and_compare(model, ours, torch_forward, theirs, rng, f"after step {step + 1}")
     assert ours.steps == 5
+
+
+def _step_both_and_compare(model, ours, torch_forward, theirs, rng, when):
+    """One step of softmax cross-entropy on a batch drawn from ``rng`` by nnaccel's optimizer ``ours``
+    and PyTorch's ``theirs`` (on ``torch_forward``'s weights); then the weights must agree."""
+    ops, dtype = model.backend, model.dtype
+    loss, t_params = nn.SoftmaxCrossEntropy(), theirs.param_groups[0]["params"]
+    x = rng.standard_normal((BATCH, SIZES[0])).astype(dtype)
+    labels = rng.integers(0, SIZES[-1], BATCH)
+    loss.forward(model.forward(ops.asarray(x)), ops.asarray(labels))
+    model.backward(loss.backward())
+    ours.step(model)
+    theirs.zero_grad()
+    F.cross_entropy(torch_forward(torch.from_numpy(x)), torch.from_numpy(labels)).backward()
+    theirs.step()
+    for p, t in zip(model.parameters(), t_params, strict=True):
+        np.testing.assert_allclose(ops.to_host(p.data), as_nnaccel_layout(t, p.name), **TRAJECTORY_TOL[dtype],
+                                   err_msg=f"{p.name} {when}")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
@@ -273,23 +275,11 @@ def test_sgd_momentum_changed_between_steps_follows_torch(device, dtype):
     """A momentum turned on after plain steps (a warm-up callback), then off, then on again: PyTorch makes
     the velocity at its first momentum step and keeps it, unused, while the momentum is 0."""
     model, linears, torch_forward = build_pair([("tanh", {}), ("relu", {}), ("linear", {})], dtype, device, seed=3)
-    ops = model.backend
-    ours, t_params = nn.SGD(lr=0.1), torch_params(linears)
-    theirs = torch.optim.SGD(t_params, lr=0.1)
-    loss, rng, tol = nn.SoftmaxCrossEntropy(), np.random.default_rng(4), TRAJECTORY_TOL[dtype]
+    ours, theirs = nn.SGD(lr=0.1), torch.optim.SGD(torch_params(linears), lr=0.1)
+    rng = np.random.default_rng(4)
     for step, momentum in enumerate([0.0, 0.0, 0.9, 0.9, 0.0, 0.5, 0.5]):
         ours.momentum = theirs.param_groups[0]["momentum"] = momentum
-        x = rng.standard_normal((BATCH, SIZES[0])).astype(dtype)
-        labels = rng.integers(0, SIZES[-1], BATCH)
-        loss.forward(model.forward(ops.asarray(x)), ops.asarray(labels))
-        model.backward(loss.backward())
-        ours.step(model)
-        theirs.zero_grad()
-        F.cross_entropy(torch_forward(torch.from_numpy(x)), torch.from_numpy(labels)).backward()
-        theirs.step()
-        for p, t in zip(model.parameters(), t_params, strict=True):
-            np.testing.assert_allclose(ops.to_host(p.data), as_nnaccel_layout(t, p.name), **tol,
-                                       err_msg=f"{p.name} after step {step + 1} (momentum {momentum})")
+        _step_both_and_compare(model, ours, torch_forward, theirs, rng, f"after step {step + 1} (momentum {momentum})")
 
 
 # ----- learning-rate schedules -------------------------------------------------------------
