@@ -62,6 +62,14 @@ def check_int(value, what, minimum=1):
     return int(value)
 
 
+def check_saveable(value, kinds, what, names):
+    """A ConfigError unless ``value``'s type is one of ``kinds``: one of one's own (a subclass trains) is refused
+    by name, as a run resumed from a checkpoint, which rebuilds its ``what`` as one of ``names``, could not."""
+    if type(value) not in kinds:
+        raise ConfigError(f"a checkpoint holds the {what} {names}, not {type(value).__name__}: a run resumed "
+                          f"from it could not rebuild that {what}")
+
+
 def check_array(data, what):
     """A host data set (a list, nested lists) as a NumPy array, or a ShapeError naming ``what`` for one
     that is none (rows of different lengths, a scalar, None)."""

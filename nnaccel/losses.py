@@ -11,7 +11,7 @@ range included); ``forward`` checks shapes, and label values on the CPU.
 import numpy
 
 from .backend import array_device, get_backend
-from .errors import ConfigError, ShapeError, described
+from .errors import ConfigError, ShapeError, check_saveable, described
 
 
 class Loss:
@@ -198,9 +198,7 @@ BCEWithLogits = SigmoidCrossEntropy
 def saved_name(loss):
     """The name a checkpoint keeps of ``loss``, or a ConfigError for a loss of one's own (a subclass trains), which
     a run resumed from it could not rebuild."""
-    if type(loss) not in LOSSES.values():
-        raise ConfigError(f"a checkpoint holds the loss {', '.join(LOSSES)}, not {type(loss).__name__}: a run "
-                          f"resumed from it could not rebuild that loss")
+    check_saveable(loss, LOSSES.values(), "loss", ", ".join(LOSSES))
     return loss.name
 
 

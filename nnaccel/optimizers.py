@@ -10,7 +10,7 @@ import math
 import numpy
 
 from .backend import array_device
-from .errors import ConfigError, check_int, check_number, described
+from .errors import ConfigError, check_int, check_number, check_saveable, described
 
 
 class Optimizer:
@@ -62,12 +62,13 @@ class Optimizer:
         raise NotImplementedError
 
     def config(self):
-        raise NotImplementedError
+        """The settings, named by the class (a subclass adds its own)."""
+        return {"type": type(self).__name__, "lr": self.base_lr, "weight_decay": self.weight_decay}
 
     def state_dict(self):
         """Host copies of the state the settings use (not a velocity kept while SGD's momentum is 0), the step
-        count and the settings, for checkpoints."""
-        return {"config": self.config(), "steps": self.steps, "lr": self.lr,
+        count and the settings, for checkpoints (refused for an optimizer of one's own)."""
+        return {"config": saved_config(self), "steps": self.steps, "lr": self.lr,
                 "buffers": {name: _to_host(self.state[name]) for name in self.state_names if name in self.state}}
 
     def load_state_dict(self, state):
@@ -106,7 +107,7 @@ class SGD(Optimizer):
                        self.weight_decay, self.nesterov)
 
     def config(self):
-        return {"type": "SGD", "lr": self.base_lr, "momentum": self.momentum, "nesterov": self.nesterov,
+        return {"type": type(self).__name__, "lr": self.base_lr, "momentum": self.momentum, "nesterov": self.nesterov,
                 "weight_decay": self.weight_decay}
 
 
@@ -148,6 +149,13 @@ class AdamW(Adam):
 
 
 OPTIMIZERS = {cls.name: cls for cls in (SGD, Adam, AdamW)}
+
+
+def saved_config(optimizer):
+    """``optimizer``'s config as a checkpoint keeps it, or a ConfigError for an optimizer of one's own (a
+    subclass trains), which a run resumed from it could not rebuild."""
+    check_saveable(optimizer, OPTIMIZERS.values(), "optimizer", "nn.SGD, nn.Adam or nn.AdamW")
+    return optimizer.config()
 
 
 def get(optimizer=None, **params):
@@ -222,8 +230,7 @@ def schedule_config(schedule, saving=False):
     if schedule is None or type(schedule) in SCHEDULES.values():
         return None if schedule is None else schedule.config()
     if saving:
-        raise ConfigError(f"a checkpoint holds the schedule nn.StepLR or nn.CosineAnnealing, not "
-                          f"{type(schedule).__name__}: a run resumed from it could not rebuild that schedule")
+        check_saveable(schedule, SCHEDULES.values(), "schedule", "nn.StepLR or nn.CosineAnnealing")
     return {"type": type(schedule).__name__}
 
 

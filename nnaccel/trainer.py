@@ -250,7 +250,9 @@ class Trainer:
         else:
             check_no_validation_monitored(callbacks)
         if any(isinstance(callback, ModelCheckpoint) for callback in callbacks):
-            self.state()  # a run it cannot save (a schedule or loss of one's own) is refused now, not after an epoch
+            # a run it cannot save (an optimizer, schedule or loss of one's own) is refused now, not after an epoch
+            optimizers.saved_config(self.optimizer)
+            self.state()
         self._fit_finished = False
         resumes = self.interrupted and self._fit_callbacks is not None  # the last fit was stopped: go on with it
         self.stop_training = self.interrupted = self._stop_requested

@@ -187,6 +187,33 @@ def test_a_loss_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_name(tmp
     assert trainer.epoch == 1 and not list(tmp_path.iterdir())
 
 
+def test_an_optimizer_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_name(tmp_path):
+    """A subclass of SGD or Adam, or of Optimizer, trains; a checkpoint of SGD's kept its parent's type and resumed
+    as SGD, of Adam's was refused on load as an unknown optimizer, and of Optimizer's failed in config()."""
+
+    class Halved(nn.SGD):
+        def _update(self, ops, params, grads, state):
+            super()._update(ops, params, grads * 0.5, state)
+
+    class Plain(nn.optimizers.Optimizer):
+        def _update(self, ops, params, grads, state):
+            params -= self.lr * grads
+
+    for optimizer in (Halved(lr=0.1), type("Warm", (nn.Adam,), {})(), Plain(lr=0.1)):
+        trainer = _trainer(optimizer=optimizer)
+        trainer.fit(X, Y)
+        assert trainer.optimizer.config()["type"] == type(optimizer).__name__
+        message = f"a checkpoint holds the optimizer nn.SGD, nn.Adam or nn.AdamW, not {type(optimizer).__name__}"
+        with pytest.raises(nn.ConfigError, match=message):
+            trainer.save_checkpoint(tmp_path / "ckpt.npz")
+        with pytest.raises(nn.ConfigError, match=message):
+            trainer.fit(X, Y, callbacks=[nn.ModelCheckpoint(tmp_path / "ckpt.npz")])
+        assert trainer.epoch == 1 and not list(tmp_path.iterdir())
+    _trainer(optimizer=nn.SGD(lr=0.1)).save_checkpoint(tmp_path / "ckpt.npz")
+    with pytest.raises(nn.CheckpointError, match="was trained with SGD, not Halved"):
+        _trainer(optimizer=Halved(lr=0.1)).load_checkpoint(tmp_path / "ckpt.npz")
+
+
 def test_a_single_callback_counts_as_a_list_of_one():
     class Count(nn.Callback):
         epochs = 0
