@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import atomic_write
-from .errors import ConfigError, OutputError, check_int, check_number
+from .errors import ConfigError, OutputError, check_int, check_range
 
 
 class Callback:
@@ -41,9 +41,7 @@ class _Monitor:
             raise ConfigError(f"monitor must name a logged metric such as 'val_loss', got {monitor!r}")
         self.monitor = monitor
         self.sign = -1.0 if mode == "max" or (mode == "auto" and "acc" in monitor) else 1.0
-        # Keras takes a negative min_delta as its size
-        self.min_delta = check_number(abs(min_delta) if isinstance(min_delta, (int, float)) else min_delta,
-                                      "min_delta", allow_zero=True)
+        self.min_delta = abs(check_range(min_delta, "min_delta"))  # Keras takes a negative one as its size
         self.best = math.inf
 
     def watching(self):

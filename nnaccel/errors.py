@@ -54,11 +54,19 @@ def described(value):
     return f"a {kind} of {len(value)}" if isinstance(value, (tuple, list)) else f"a {kind}"
 
 
+def shown(value):
+    """``value`` as a refusal shows it: its repr, with its type unless it is a number or None (``'0.1' (a str)``,
+    ``True (a bool)``)."""
+    if value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
+        return repr(value)
+    return f"{value!r} (a {type(value).__name__})"
+
+
 def check_int(value, what, minimum=1):
     """``value`` as an int of at least ``minimum`` (bools refused), or a ConfigError naming ``what``."""
     if isinstance(value, bool) or not hasattr(value, "__index__") or value < minimum:
         kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
-        raise ConfigError(f"{what} must be a {kind} integer, got {value!r}")
+        raise ConfigError(f"{what} must be a {kind} integer, got {shown(value)}")
     return int(value)
 
 
@@ -83,13 +91,14 @@ def check_array(data, what):
 
 
 def check_number(value, what, allow_zero=False):
-    """``value`` as a finite float above 0 (or at least 0), or a ConfigError naming ``what``."""
+    """``value`` as a finite float above 0 (or at least 0), or a ConfigError naming ``what``; a string or a
+    bool, which float() takes, is refused."""
     try:
-        number = float(value)
+        number = math.nan if isinstance(value, (str, bytes, bool, numpy.bool_)) else float(value)
     except (TypeError, ValueError):
         number = math.nan
     if not (number >= 0.0 if allow_zero else number > 0.0) or not math.isfinite(number):
-        raise ConfigError(f"{what} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise ConfigError(f"{what} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {shown(value)}")
     return number
 
 
@@ -127,7 +136,7 @@ def range_problem(value, low=None, high=None, low_open=False, high_open=False, i
             number = math.inf
         fits = (math.isfinite(number) and (low is None or (number > low if low_open else number >= low))
                 and (high is None or (number < high if high_open else number <= high)))
-    return None if fits else f"must be {describe_range(low, high, low_open, high_open, integer)}, got {value!r}"
+    return None if fits else f"must be {describe_range(low, high, low_open, high_open, integer)}, got {shown(value)}"
 
 
 def check_range(value, what, low=None, high=None, low_open=False, high_open=False, integer=False):

@@ -10,7 +10,7 @@ import math
 import numpy
 
 from .backend import array_device
-from .errors import ConfigError, check_int, check_number, check_saveable, described
+from .errors import ConfigError, check_int, check_number, check_saveable, described, range_problem
 
 
 class Optimizer:
@@ -122,11 +122,12 @@ class Adam(Optimizer):
     def __init__(self, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(lr, weight_decay)
         try:
-            self.betas = tuple(float(b) for b in betas)
-        except (TypeError, ValueError):  # None, ("a", 0.9)
+            self.betas = tuple(betas)
+        except TypeError:  # None
             self.betas = ()
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"Adam betas must be two numbers in [0, 1), got {betas}")
+        if len(self.betas) != 2 or any(range_problem(b, 0.0, 1.0, high_open=True) for b in self.betas):
+            raise ConfigError(f"Adam betas must be two numbers in [0, 1), got {betas}")  # not ("0.9", True)
+        self.betas = tuple(map(float, self.betas))
         self.eps = check_number(eps, "eps")
 
     def _update(self, ops, params, grads, state):

@@ -291,6 +291,19 @@ LIBRARY = [
     ("EarlyStopping(patience=nan)", lambda: nn.EarlyStopping(patience=NAN), "patience"),
     ("EarlyStopping(patience=-1)", lambda: nn.EarlyStopping(patience=-1), "patience"),
     ("EarlyStopping(min_delta=nan)", lambda: nn.EarlyStopping(min_delta=NAN), "min_delta"),
+    # float() takes a string and a bool: refused as Dropout refuses them, naming the type
+    ("Dropout('0.5') named a str", lambda: nn.Dropout("0.5"), r"Dropout rate .*, got '0.5' \(a str\)$"),
+    ("SGD(lr='0.1')", lambda: nn.SGD(lr="0.1"), r"^learning rate must be a finite number > 0, got '0.1' \(a str\)$"),
+    ("SGD(momentum=True)", lambda: nn.SGD(momentum=True), r"^momentum must be .*, got True \(a bool\)$"),
+    ("Adam(weight_decay=b'0')", lambda: nn.Adam(weight_decay=b"0"), r"^weight_decay .*, got b'0' \(a bytes\)$"),
+    ("Adam(betas=('0.9', 0.999))", lambda: nn.Adam(betas=("0.9", 0.999)), "Adam betas"),
+    ("Adam(betas=(False, 0.9))", lambda: nn.Adam(betas=(False, 0.9)), "Adam betas"),
+    ("BatchNorm(momentum=True)", lambda: nn.BatchNorm(4, momentum=True), r"BatchNorm momentum .*True \(a bool\)$"),
+    ("BatchNorm(eps=numpy.True_)", lambda: nn.BatchNorm(4, eps=numpy.True_), r"BatchNorm eps .* \(a bool\)$"),
+    ("LeakyReLU('0.1')", lambda: nn.LeakyReLU("0.1"), r"leaky_relu slope .*, got '0.1' \(a str\)$"),
+    ("StepLR(gamma='0.5')", lambda: nn.StepLR(2, gamma="0.5"), r"StepLR gamma .*, got '0.5' \(a str\)$"),
+    ("EarlyStopping(min_delta=True)", lambda: nn.EarlyStopping(min_delta=True), r"min_delta .*True \(a bool\)$"),
+    ("Dense(True, 3)", lambda: nn.Dense(True, 3), r"Dense in_features .*, got True \(a bool\)$"),
 ]
 
 
@@ -305,6 +318,10 @@ def test_the_library_keeps_pytorchs_latitude():
     assert nn.SGD(lr=0.1, momentum=1.5).momentum == 1.5
     assert nn.StepLR(3, gamma=2.0).gamma == 2.0
     assert nn.Dropout(0.0).rate == 0.0
+    assert nn.SGD(lr=numpy.float32(0.5), momentum=numpy.float64(0.9)).momentum == 0.9  # NumPy's scalars are numbers
+    assert nn.Adam(betas=numpy.array([0.5, 0.25])).betas == (0.5, 0.25)
+    assert nn.BatchNorm(4, momentum=numpy.int64(0)).momentum == 0.0
+    assert nn.EarlyStopping(min_delta=numpy.float32(-0.5)).min_delta == 0.5  # Keras takes a negative one as its size
     trainer = nn.Trainer(nn.Sequential(nn.Dense(4, 3)), batch_size=100, quiet=True)
     history = trainer.fit(numpy.ones((5, 4)), numpy.array([0, 1, 2, 0, 1]), epochs=1)  # one short batch
     assert len(history["loss"]) == 1
