@@ -15,6 +15,7 @@ was found versus expected.
 import contextlib
 import gzip
 import math
+import os
 import re
 import struct
 import tokenize
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnaccel.errors import SPECIAL_FILE, ConfigError, DataError, ShapeError, check_array, check_int
+from nnaccel.errors import SPECIAL_FILE, ConfigError, DataError, ShapeError, check_array, check_int, described
 
 IMAGES_NDIM = 3  # count, rows, columns
 LABELS_NDIM = 1  # count
@@ -53,6 +54,20 @@ class MissingSplit(DataError):
     """The data set has no such split at all (a damaged one raises a plain DataError): what
     ``nnaccel evaluate`` checks to fall back from the test split to the validation part."""
 _DIGITS_TRAIN_FRACTION = 0.8
+
+
+def _check_split(split, known):
+    """A ConfigError for a split name not in ``known`` (a typo), where a MissingSplit is a known split the data
+    set lacks (which ``nnaccel evaluate`` falls back from)."""
+    if split not in known:
+        names = [repr(name) for name in known]
+        raise ConfigError(f"split {split!r} is not known: expected {', '.join(names[:-1])} or {names[-1]}")
+
+
+def _check_path(path, what):
+    """A ConfigError saying what ``what`` takes unless ``path`` is a str or a path (Path() raised a TypeError)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"{what}, got {described(path)}")
 _SYNTHETIC_NOISE = 0.25  # std of the noise around centroids drawn from [0, 1]
 
 
@@ -191,8 +206,8 @@ def load_mnist(path, split="train"):
     are); anything else (negative, too large, NaN, infinity) is refused
     rather than guessed at. Labels may be of any integer type, 0..9.
     """
-    if split not in _SPLIT_PREFIX:
-        raise ConfigError(f"split {split!r} is not known: expected 'train' or 'test'")
+    _check_split(split, tuple(_SPLIT_PREFIX))
+    _check_path(path, "load_mnist takes the path of a folder of MNIST IDX files or of a Keras .npz")
     path = Path(path)
     if path.is_dir():
         images_path, labels_path = _find_idx_pair(path, split)
@@ -387,7 +402,8 @@ def load_mnist_sample(split="train"):
 
     The sample has no test split: hold out part of it with ``train_val_split``.
     """
-    if split != "train":
+    _check_split(split, ("train", "test"))
+    if split == "test":
         raise MissingSplit(f"the embedded MNIST sample has only a train split (7,996 images), not {split!r}: "
                         f"hold out part of it (nnaccel train does: --validation-split)")
     folder = _sample_folder()
@@ -402,8 +418,7 @@ def load_digits(split="train"):
     A fixed seeded shuffle puts 1,437 images (80%) in "train" and 360 in
     "test"; "all" returns every image in scikit-learn's order.
     """
-    if split not in ("train", "test", "all"):
-        raise ConfigError(f"split {split!r} is not known: expected 'train', 'test' or 'all'")
+    _check_split(split, ("train", "test", "all"))
     try:
         from sklearn.datasets import load_digits as sklearn_load_digits
     except ImportError:
@@ -430,12 +445,14 @@ def load(name_or_path, split="train"):
 
     The sample and the synthetic set have no test split: hold out data with train_val_split.
     """
+    _check_path(name_or_path, f"load takes a data set's name ({', '.join(map(repr, BUILT_IN))}) or a path")
     if name_or_path == SAMPLE:
         return load_mnist_sample(split)
     if name_or_path == "digits":
         return load_digits(split)
     if name_or_path == "synthetic":
-        if split not in ("train", "all"):
+        _check_split(split, ("train", "test", "all"))
+        if split == "test":
             raise MissingSplit(
                 f"no {split} split in the synthetic data set: "
                 "use train_val_split to hold out data"

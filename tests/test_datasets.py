@@ -294,10 +294,23 @@ def test_npz_pixels_follow_the_same_rules(tmp_path):
 # Bad arguments and missing files ------------------------------------------
 
 def test_unknown_split_is_config_error(tmp_path):
+    """A split no loader knows is a typo, in every loader (the sample and the synthetic set raised MissingSplit,
+    which is a known split the data set lacks); a name or path that is neither was Path()'s TypeError."""
     with pytest.raises(ConfigError, match="validation"):
         datasets.load_mnist(tmp_path, split="validation")
     with pytest.raises(ConfigError, match="validation"):
         datasets.load_digits(split="validation")
+    for name, known in (("mnist", "'train' or 'test'"), ("synthetic", "'train', 'test' or 'all'")):
+        with pytest.raises(ConfigError) as caught:
+            datasets.load(name, "bogus")
+        assert str(caught.value) == f"split 'bogus' is not known: expected {known}"
+        with pytest.raises(datasets.MissingSplit):
+            datasets.load(name, "test")
+    with pytest.raises(ConfigError) as caught:
+        datasets.load(123)
+    assert str(caught.value) == "load takes a data set's name ('mnist', 'digits', 'synthetic') or a path, got 123"
+    with pytest.raises(ConfigError, match="load_mnist takes the path of a folder of MNIST IDX files .*, got None"):
+        datasets.load_mnist(None)
 
 
 def test_missing_paths_are_named(tmp_path):
