@@ -112,15 +112,16 @@ class Sequential:
 
     def _check_chain(self):
         """Each layer's output shape from its input's: ``[input_shape, after layer 0, ...]``, or a ConfigError
-        naming the layer, the shapes, and what would fit."""
+        naming the layer, the shapes, and what would fit (its ``layer``, the index, for ``from_torch``)."""
         shapes = [self.input_shape]
         for index, layer in enumerate(self.layers):
             try:
                 shapes.append(tuple(layer.output_shape(shapes[-1])))
             except ConfigError as error:
                 source = f"layer {index - 1}, {self.layers[index - 1]!r}" if index else "the input"
-                raise ConfigError(f"layer sizes do not chain: layer {index}, {layer!r}, after {source}: "
-                                  f"{error}") from None
+                unchained = ConfigError(f"layer sizes do not chain: layer {index}, {layer!r}, after {source}: {error}")
+                unchained.layer = index
+                raise unchained from None
         if len(shapes[-1]) != 1:
             raise ConfigError(f"the last layer gives {describe_shape(shapes[-1])} outputs per sample; end with "
                               f"nn.Flatten() or a Dense layer")

@@ -213,8 +213,9 @@ def _dtype(module):
 
 
 def _specs(torch, module):
-    """The layers to build, one per module, each activation module folded into the layer before it."""
-    specs, previous = [], None
+    """The layers to build, one per module, each activation module folded into the layer before it; a module
+    whose weights or statistics another module holds too (tied weights) is refused: each layer here has its own."""
+    specs, previous, owners = [], None, {}
     for index, child in enumerate(module):
         kind = type(child).__name__
         if type(child) is not getattr(torch.nn, kind, None):
@@ -233,6 +234,10 @@ def _specs(torch, module):
                                       f"features only, not over the channels of images")
                 specs[-1].options["activation"] = activation
             elif kind in LAYER_OF_MODULE:
+                for name, tensor in (*child.named_parameters(), *child.named_buffers()):
+                    if owners.setdefault(id(tensor), index) != index:
+                        raise ConfigError(f"{child!r} shares its {name} with module {owners[id(tensor)]} (tied "
+                                          f"weights): nnaccel has no weight sharing, so the copies would train apart")
                 specs.append(LAYER_OF_MODULE[kind](child)._replace(index=index))
             else:
                 supported = ", ".join([*LAYER_OF_MODULE, "Identity", *ACTIVATION_OF_MODULE])
@@ -306,7 +311,13 @@ def from_torch(module, input_shape=None, device="cpu", seed=0):
     first = next((spec for spec in specs if spec.cls is not layers.Dropout), specs[0])
     if input_shape is None and first.cls is not layers.Dense:
         input_shape = _image_shape(specs, first, built)
-    model = Sequential(*built, input_shape=input_shape, device=device, seed=seed, dtype=dtype)
+    try:
+        model = Sequential(*built, input_shape=input_shape, device=device, seed=seed, dtype=dtype)
+    except ConfigError as error:  # layers that do not chain: name the torch module (nnaccel counts no activation)
+        if not hasattr(error, "layer"):
+            raise
+        spec = specs[error.layer]
+        raise ConfigError(f"module {spec.index}, {spec.source!r}: {error}") from None
     for spec, layer, shape in zip(specs, model.layers, model.shapes):
         rank, axes = BATCHNORM_SAMPLES.get(type(spec.source).__name__, (len(shape), ""))
         if len(shape) != rank:

@@ -213,8 +213,17 @@ def test_a_torch_conv_batchnorm_relu_net_comes_over_and_goes_back():
     (lambda: [torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm1d(2), torch.nn.Flatten()],
      r"module 1, BatchNorm1d\(2.*\), takes \(features\) samples but gets 2x10x10"),
     (lambda: (lambda shared: [torch.nn.Conv2d(1, 2, 3), shared, torch.nn.Flatten(), torch.nn.Linear(200, 2), shared])(
-        torch.nn.BatchNorm1d(2)),  # a module in two places is named by the one at fault (was by its last)
-     r"module 1, BatchNorm1d\(2.*\), takes \(features\) samples but gets 2x10x10"),
+        torch.nn.BatchNorm1d(2)),  # tied weights: nnaccel's copies would train apart (they were copied)
+     r"^module 4, BatchNorm1d\(2.*\) shares its weight with module 1 \(tied weights\): nnaccel has no weight "
+     r"sharing, so the copies would train apart$"),
+    (lambda: (lambda shared: [torch.nn.Flatten(), shared, torch.nn.ReLU(), shared])(torch.nn.Linear(144, 144)),
+     r"^module 3, Linear\(in_features=144, .*\) shares its weight with module 1 \(tied weights\)"),
+    (lambda: (lambda first, second: setattr(second, "bias", first.bias) or [torch.nn.Flatten(), first, second])(
+        torch.nn.Linear(144, 144), torch.nn.Linear(144, 144)),
+     r"^module 2, Linear\(.*\) shares its bias with module 1"),
+    (lambda: [torch.nn.Identity(), torch.nn.Flatten(), torch.nn.Linear(144, 3), torch.nn.ReLU(), torch.nn.Linear(5, 2)],
+     r"^module 4, Linear\(in_features=5, .*\): layer sizes do not chain: layer 2, Dense\(5, 2\), after layer 1, "
+     r"Dense\(144, 3, activation='relu'\): takes 5 inputs but gets 3"),  # was named by nnaccel's numbers only
     (lambda: [torch.nn.Flatten(0)], r"start_dim=0 is not supported"),
     (lambda: [torch.nn.Flatten(), torch.nn.Linear(144, 4), torch.nn.ReLU(), torch.nn.Dropout(1.0)],
      r"module 3, Dropout\(p=1.0, inplace=False\): Dropout rate must be .* < 1, got 1.0"),
