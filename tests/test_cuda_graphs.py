@@ -118,6 +118,24 @@ def test_settings_a_callback_changes_take_effect_in_replayed_steps(emulated, rep
         numpy.testing.assert_array_equal(got, expected)
 
 
+class _Plain(nn.optimizers.Optimizer):
+    """An optimizer of one's own: plain gradient descent."""
+
+    def _update(self, ops, params, grads, state):
+        ops.sgd_update(params, grads, None, self.lr, 0.0, self.weight_decay, False)
+
+
+def test_an_optimizer_of_ones_own_trains_in_replayed_steps(emulated, replays):
+    """The graph's settings hold the optimizer's config, which a direct subclass of Optimizer had none of
+    (NotImplementedError at the first step); it names the class and the base options."""
+    x, y = datasets.synthetic(n=333, features=20, classes=4, seed=1)
+    _, _, eager = _train(_mlp, emulated, x, y, cuda_graphs=False, optimizer=lambda: _Plain(lr=0.05))
+    trainer, _, graphed = _train(_mlp, emulated, x, y, cuda_graphs=True, optimizer=lambda: _Plain(lr=0.05))
+    assert replays[0] and trainer.optimizer.config() == {"type": "_Plain", "lr": 0.05, "weight_decay": 0.0}
+    for name, expected in eager.items():
+        numpy.testing.assert_array_equal(graphed[name], expected, err_msg=name)
+
+
 def test_a_replayed_step_has_its_batch_gathered_where_the_graph_reads_it(emulated, replays, monkeypatch):
     """The epoch loop gathers each shuffled batch into the graph's own input buffers
     (``GraphedStep.inputs``), so a replay copies no batch."""
