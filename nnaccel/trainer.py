@@ -30,15 +30,6 @@ from .model import Sequential, check_float_range
 # with a true ``rank_zero_only`` attribute); the others run on every rank.
 RANK_ZERO_CALLBACKS = (ModelCheckpoint, CSVLogger, PlotCurves)
 
-# Keras's arguments of fit that are settled elsewhere here, and how: fit refuses them saying so
-KERAS_FIT = {
-    "validation_split": "hold out a part with datasets.train_val_split(x, y, 0.2) and give "
-                        "validation_data=(x_val, y_val)",
-    "verbose": "the trainer prints a line per epoch unless quiet: nn.Trainer(..., quiet=True) or trainer.quiet = True",
-    "batch_size": "the batch size is the trainer's: nn.Trainer(..., batch_size=64)",
-    "initial_epoch": "the trainer counts its epochs (trainer.epoch): each fit trains epochs more",
-}
-
 
 class Trainer:
     """Trains a Sequential model with a loss and an optimizer.
@@ -222,10 +213,9 @@ class Trainer:
         stack.enter_context(self.model.backend.matmul_precision(self.precision))
         return stack
 
-    def fit(self, x, y, epochs=1, validation_data=None, callbacks=(), shuffle=True, **keras):
+    def fit(self, x, y, epochs=1, validation_data=None, callbacks=(), shuffle=True):
         """Train ``epochs`` more epochs; returns the history (a dict of per-epoch lists, of every fit so
-        far: NaN for the epochs of a fit without validation_data in ``val_*``). Keras's arguments that are
-        settled elsewhere here (``validation_split``, ``verbose``, ...) are refused with the way to.
+        far: NaN for the epochs of a fit without validation_data in ``val_*``).
 
         A run stopped by ``request_stop`` mid-epoch returns early; its
         checkpoint resumes at the same step. A non-finite loss raises
@@ -233,11 +223,6 @@ class Trainer:
         which checks every 100 steps, after returning the weights and the
         optimizer state to the last check that passed.
         """
-        if keras:  # rather than Python's TypeError
-            name = next(iter(keras))
-            raise ConfigError(f"fit takes no {name}, as Keras's does: {KERAS_FIT[name]}" if name in KERAS_FIT else
-                              f"fit takes no argument {name!r}; it takes x, y, epochs, validation_data, callbacks, "
-                              f"shuffle")
         with self._working():
             try:
                 return self._fit(x, y, epochs, validation_data, callbacks, shuffle)

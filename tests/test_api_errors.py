@@ -58,16 +58,6 @@ API_ERRORS = [
     ("Trainer of a string", lambda: nn.Trainer("model"), nn.ConfigError, "Sequential model, got a str"),
     ("fit y None", lambda: _trainer().fit(X, None), nn.ShapeError, "y must be an array.*got None"),
     ("fit epochs 0", lambda: _trainer().fit(X, Y, epochs=0), nn.ConfigError, "epochs must be a positive integer, got 0"),
-    # Keras's fit arguments were Python's TypeError: "fit() got an unexpected keyword argument"
-    ("fit validation_split", lambda: _trainer().fit(X, Y, validation_split=0.2), nn.ConfigError,
-     r"^fit takes no validation_split, as Keras's does: hold out a part with datasets.train_val_split\(x, y, 0.2\) "
-     r"and give validation_data=\(x_val, y_val\)$"),
-    ("fit verbose", lambda: _trainer().fit(X, Y, verbose=0), nn.ConfigError,
-     r"^fit takes no verbose, as Keras's does: .*nn.Trainer\(..., quiet=True\) or trainer.quiet = True$"),
-    ("fit batch_size", lambda: _trainer().fit(X, Y, batch_size=4), nn.ConfigError,
-     r"fit takes no batch_size, as Keras's does: the batch size is the trainer's: nn.Trainer\(..., batch_size=64\)"),
-    ("fit sample_weight", lambda: _trainer().fit(X, Y, sample_weight=Y), nn.ConfigError,
-     "^fit takes no argument 'sample_weight'; it takes x, y, epochs, validation_data, callbacks, shuffle$"),
     ("fit y 3", lambda: _trainer().fit(X, 3), nn.ShapeError, "y must be an array.*got 3"),
     ("evaluate y None", lambda: _trainer().evaluate(X, None), nn.ShapeError, "y must be an array.*got None"),
     ("validation_data (x,)", lambda: _trainer().fit(X, Y, validation_data=(X,)), nn.ConfigError,
