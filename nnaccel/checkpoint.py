@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy
 from numpy.lib import format as npy_format
 
+from . import optimizers
 from .errors import SPECIAL_FILE, CheckpointError, ConfigError, OutputError
 
 FORMAT = "nnaccel-checkpoint"
@@ -235,7 +236,7 @@ def save(path, model, optimizer=None, trainer_state=None, trainer_arrays=None):
     arrays.update({f"buffer/{name}": _host(buffer) for name, buffer in model.buffers()})
     if optimizer is not None:
         state = optimizer.state_dict()
-        meta["optimizer"] = {"config": state["config"], "steps": state["steps"], "lr": state["lr"]}
+        meta["optimizer"] = {"config": optimizers.saved_config(optimizer), "steps": state["steps"], "lr": state["lr"]}
         # In the model's dtype, as the loader expects (state restored from another dtype's checkpoint
         # is converted at the next step anyway).
         arrays.update({f"optim/{name}": numpy.asarray(buf, model.dtype) for name, buf in state["buffers"].items()})

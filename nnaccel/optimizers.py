@@ -67,8 +67,8 @@ class Optimizer:
 
     def state_dict(self):
         """Host copies of the state the settings use (not a velocity kept while SGD's momentum is 0), the step
-        count and the settings, for checkpoints (refused for an optimizer of one's own)."""
-        return {"config": saved_config(self), "steps": self.steps, "lr": self.lr,
+        count and the settings, for checkpoints."""
+        return {"config": self.config(), "steps": self.steps, "lr": self.lr,
                 "buffers": {name: _to_host(self.state[name]) for name in self.state_names if name in self.state}}
 
     def load_state_dict(self, state):

@@ -203,6 +203,7 @@ def test_an_optimizer_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_na
         trainer = _trainer(optimizer=optimizer)
         trainer.fit(X, Y)
         assert trainer.optimizer.config()["type"] == type(optimizer).__name__
+        assert optimizer.state_dict()["config"]["type"] == type(optimizer).__name__  # as PyTorch's, for any
         message = f"a checkpoint holds the optimizer nn.SGD, nn.Adam or nn.AdamW, not {type(optimizer).__name__}"
         with pytest.raises(nn.ConfigError, match=message):
             trainer.save_checkpoint(tmp_path / "ckpt.npz")
