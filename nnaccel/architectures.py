@@ -84,7 +84,7 @@ def _layer(token, shape, activation):
         return L.Dropout(rate)  # NaN, infinities and rates outside [0, 1) refused with the range
     if token.startswith("shift"):
         widest = (min(shape[1:]) - 1) // 2 if len(shape) == 3 else None
-        if not token[5:].isdigit() or (widest is not None and int(token[5:]) > widest):
+        if not token[5:].isdecimal() or (widest is not None and int(token[5:]) > widest):
             valid = f"0 to {widest} pixels on {L.describe_shape(shape)} images" if widest is not None else "pixels"
             raise ConfigError(f"--layers: {token!r} needs a whole number of {valid} (below half the side: each "
                               f"image's centre stays in it), like shift2")
@@ -129,14 +129,14 @@ def _build(text, features, classes, activation, starts_with_inputs):
         input_shape = (1, side, side)
     else:
         input_shape = (features,)
-        bare_first = names[0].isdigit() and entries[0][1] is None  # 128:tanh is a layer, not inputs
-        if starts_with_inputs and len([n for n in names if n.isdigit()]) > 1 and bare_first:
+        bare_first = names[0].isdecimal() and entries[0][1] is None  # 128:tanh is a layer, not inputs
+        if starts_with_inputs and len([n for n in names if n.isdecimal()]) > 1 and bare_first:
             if int(names[0]) != features:
                 raise ConfigError(f"--layers starts with {names[0]} inputs but the data has {features} features "
                                   f"(a list of Dense widths starts with the input width: {features},"
                                   f"{','.join(tokens)} puts {names[0]} units first)")
             tokens, entries = tokens[1:], entries[1:]
-    widths = [index for index, (name, _) in enumerate(entries) if name.isdigit()]
+    widths = [index for index, (name, _) in enumerate(entries) if name.isdecimal()]
     if not widths or widths[-1] != len(entries) - 1:
         raise ConfigError(f"--layers must end with the output layer's width ({classes}, the classes)")
     if int(entries[-1][0]) != classes:
@@ -149,7 +149,7 @@ def _build(text, features, classes, activation, starts_with_inputs):
         try:
             own = named or (None if name == "bn" or index == len(tokens) - 1 else activation)
             maxout = _MAXOUT.fullmatch(name)
-            if name.isdigit() or maxout:  # layers of neurons take flat samples
+            if name.isdecimal() or maxout:  # layers of neurons take flat samples
                 if len(shape) > 1:
                     layers.append(L.Flatten())
                     shape = layers[-1].output_shape(shape)
