@@ -45,19 +45,21 @@ def check_picture_path(path, option):
 def plot_history(history, path):
     """Loss and accuracy curves per epoch, training and validation, as a PNG: gaps where an epoch lacks
     a value (NaN: a fit without validation). A list not of one value per epoch, which an older history
-    could hold, is left out: its epochs are unknown."""
+    could hold, is left out: its epochs are unknown. A history of no epoch (a fit stopped or diverged
+    in its first) draws empty axes."""
     plt = pyplot()
     epochs = history.get("epoch", [])
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, metric in zip(axes, ("loss", "accuracy")):
         for prefix, style in (("", "-"), ("val_", "--")):
-            if len(history.get(prefix + metric, ())) == len(epochs):
-                axis.plot(epochs, history[prefix + metric], style, marker="o",
-                          label="validation" if prefix else "training")
+            values = history.get(prefix + metric, [])
+            if values and len(values) == len(epochs):
+                axis.plot(epochs, values, style, marker="o", label="validation" if prefix else "training")
         axis.set_xlabel("epoch")
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.lines:  # matplotlib warns of a legend with nothing in it
+            axis.legend()
     figure.tight_layout()
     save_figure(figure, path, dpi=100)
     plt.close(figure)

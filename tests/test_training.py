@@ -2,6 +2,7 @@
 
 import ast
 from pathlib import Path
+import warnings
 
 import numpy
 import pytest
@@ -445,6 +446,21 @@ def test_the_history_holds_one_value_per_epoch_with_nan_where_a_fit_had_no_valid
     resumed, _, _ = _small_run()
     resumed.load_checkpoint(tmp_path / "run.npz")
     assert all(numpy.array_equal(resumed.history[k], v, equal_nan=True) for k, v in history.items())
+
+
+def test_curves_of_a_fit_without_an_epoch_are_empty_axes_and_its_error_is_its_own(tmp_path):
+    """A fit stopped before its first step, or diverged in its first epoch, has no epoch to draw: PlotCurves
+    draws empty axes, and the divergence is what the fit raises (plot_history raised KeyError 'loss')."""
+    trainer, data, _ = _small_run()
+    trainer.request_stop()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 'No artists with labels found to put in legend'
+        assert trainer.fit(*data, callbacks=nn.PlotCurves(tmp_path / "stopped.png")) == {}
+    assert (tmp_path / "stopped.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trainer, (x, y), _ = _small_run()
+    trainer.optimizer.lr = 1e38
+    with numpy.errstate(all="ignore"), pytest.raises(nn.TrainingDiverged, match="at epoch 1, step"):
+        trainer.fit(x * 1e18, y, callbacks=nn.PlotCurves(tmp_path / "diverged.png"))
 
 
 def test_a_resumed_best_only_checkpoint_keeps_the_runs_best_epoch(tmp_path):
