@@ -660,6 +660,8 @@ def run(args):
         if fit and largest > len(fit[1][0]):
             raise ConfigError(f"--batches: a fit's batch size must be from 1 to {len(fit[1][0]):,} (the images it "
                               f"trains on), got {largest:,}")
+        if fit:
+            _check_fit_networks(grid, *fit[1])
         peaks, results, stopped = measure_grid(grid, threads, rounds, steps, warmup_s, settle_s, torch,
                                                quick=args.quick, fit=fit, precisions=precisions)
     except MemoryError as error:  # a batch or layer size beyond what the device holds (CuPy's OOM is one too)
@@ -699,6 +701,18 @@ def run(args):
         plot_results(results, args.plot)
         _say(f"plot written to {args.plot}")
     return 0 if stopped is None else stopped
+
+
+def _check_fit_networks(grid, x, y):
+    """Refuse, before anything is timed, a --fit network that cannot train on the MNIST sample ``x, y``: one
+    whose inputs are not its pixels or whose outputs are fewer than its classes."""
+    classes = int(y.max()) + 1
+    for _, name, _ in grid:
+        sizes = () if name in architectures.PRESETS else [int(size) for size in name.split("-")]
+        if sizes and (sizes[0] != x.shape[1] or sizes[-1] < classes):
+            raise ConfigError(f"--networks {name}: --fit trains on the MNIST sample, {x.shape[1]} inputs and "
+                              f"{classes} classes; its networks start with {x.shape[1]} and end with at least "
+                              f"{classes} outputs, like {x.shape[1]}-128-{classes}")
 
 
 def _fit_data(quick, epochs):
