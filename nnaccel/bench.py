@@ -646,6 +646,9 @@ def run(args):
     precisions = parse_precisions(args.precision)
     if args.fit and precisions != ("fp32",):
         raise ConfigError("--precision applies to the step benchmark; --fit times fp32 fit calls")
+    if set(precisions) != {"fp32"} and all(device == "cpu" for device in devices):
+        raise ConfigError(f"--precision {args.precision} applies to the GPU steps; the CPU computes fp32, and the "
+                          f"devices timed ({', '.join(devices)}) hold no GPU")
     grid = plan(args, devices)
     torch = _import_torch() if args.compare == "torch" else None
     if args.json:  # --plot is checked with the other pictures' options (cli.main)

@@ -184,6 +184,8 @@ def test_paired_rounds_wait_for_idle_threads_before_every_round(monkeypatch, cap
     (["--fit", "--networks", "64-10"], "--networks 64-10: --fit trains on the MNIST sample, 784 inputs and 10 "
                                        "classes; its networks start with 784 and end with at least 10 outputs"),
     (["--fit", "--networks", "lenet5,784-5"], "--networks 784-5: --fit trains on the MNIST sample"),
+    (["--devices", "cpu", "--precision", "fp32,bf16"], "--precision fp32,bf16 applies to the GPU steps; the CPU "
+                                                       "computes fp32, and the devices timed (cpu) hold no GPU"),
     (["--fit", "--steps", "5"], "--steps counts the steps of a round of the step benchmark; --fit times whole fit "
                                 "calls (--epochs)"),
     (["--json", "no/such/dir/b.json"], "--json no/such/dir/b.json: folder no/such/dir does not exist"),
