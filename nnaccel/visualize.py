@@ -148,7 +148,8 @@ def plot_weights(model, path):
 
 
 def plot_activations(model, x, path, loss=None):
-    """Every layer's activations for one input as a PNG: the input image, then one panel per layer.
+    """Every layer's activations for one input as a PNG: the input image (a tile per channel), then one
+    panel per layer.
 
     Convolution and pooling outputs are drawn as their feature maps, one tile
     per channel; layers wider than 32 as a grid of cells, narrower ones and
@@ -163,9 +164,9 @@ def plot_activations(model, x, path, loss=None):
     plt = pyplot()
     figure, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4),
                                 gridspec_kw={"width_ratios": [1] * len(panels) + [1.4]})
-    axes[0].imshow(numpy.asarray(x).reshape(model.input_shape[-2:] if len(model.input_shape) == 3 else
-                                            (_image_side(model.in_features, path),) * 2), cmap="gray", vmin=0, vmax=1)
-    axes[0].set_title("input, as the model sees it")
+    shape = model.input_shape if len(model.input_shape) == 3 else (1,) + (_image_side(model.in_features, path),) * 2
+    axes[0].imshow(_mosaic(list(numpy.asarray(x).reshape(shape)), gap=1), cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("input, as the model sees it" + (f"\n{shape[0]} channels" if shape[0] > 1 else ""))
     axes[0].axis("off")
     for axis, (index, layer, values) in zip(axes[1:], panels):
         title = f"layer {index}: {type(layer).__name__} {values.size} {layer.config().get('activation', '')}".rstrip()

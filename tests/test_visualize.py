@@ -154,6 +154,21 @@ def test_predict_and_show_name_a_binary_models_class_by_its_sigmoid(digits_model
     assert output_bars == [["tab:red" if p > 0.5 else "tab:gray"]]
 
 
+def test_activations_of_a_model_of_colour_images_draw_each_input_channel(tmp_path, monkeypatch):
+    """An input of 3 channels is drawn as 3 tiles, as a convolution's feature maps are (reshaping it to one
+    image raised 'cannot reshape array of size 192 into shape (8,8)')."""
+    from matplotlib.axes import Axes
+
+    drawn = []
+    monkeypatch.setattr(Axes, "imshow", lambda axis, image, *args, _original=Axes.imshow, **kwargs:
+                        drawn.append(np.shape(image)) or _original(axis, image, *args, **kwargs))
+    model = nn.Sequential(nn.Conv2D(3, 4, 3, activation="relu"), nn.Flatten(), nn.Dense(4 * 6 * 6, 10),
+                          input_shape=(3, 8, 8), device="cpu")
+    visualize.plot_activations(model, np.random.default_rng(0).random(3 * 8 * 8), tmp_path / "a.png")
+    assert drawn[0] == (17, 17)  # 2 x 2 tiles of 8 x 8, a pixel apart
+    assert_picture(tmp_path / "a.png", (691, 244))
+
+
 def test_show_needs_a_picture_to_draw(digits_model):
     _, model_path, digit = digits_model
     for args, message in [((), "show needs --weights"), (("--activations", digit), "go together")]:
