@@ -113,7 +113,8 @@ def _mosaic(tiles, gap=2):
 
 def plot_weights(model, path):
     """The first layer's weights as a PNG: for a Dense layer one tile per hidden neuron, shaped like the
-    input image; for a Conv2D layer one tile per filter (averaged over its input channels).
+    input image (a Maxout's, one per piece of each unit); for a Conv2D layer one tile per filter (averaged
+    over its input channels).
 
     Red pixels push the neuron up, blue ones down. All tiles share one colour
     scale (clipped at the 99.5th percentile of the weights' size), so neurons
@@ -133,7 +134,9 @@ def plot_weights(model, path):
         side = _image_side(layer.in_features, path)
         weights = weights.reshape(layer.in_features, -1)
         tiles = [weights[:, index].reshape(side, side) for index in range(weights.shape[1])]
-        title = f"first-layer weights of {len(tiles)} neurons, as {side}x{side} images"
+        units = (f"{layer.out_features} Maxout units x {layer.pieces} pieces"
+                 if isinstance(layer, Maxout) else f"{len(tiles)} neurons")
+        title = f"first-layer weights of {units}, as {side}x{side} images"
     limit = float(numpy.percentile(numpy.abs(weights), 99.5)) or 1.0
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(7.2, 6.4))

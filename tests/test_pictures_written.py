@@ -37,6 +37,17 @@ def test_weights_of_a_model_that_starts_with_batchnorm(tmp_path):
     assert not (tmp_path / "w.png").exists()
 
 
+def test_the_weights_title_counts_a_maxouts_units_not_its_pieces(tmp_path, monkeypatch):
+    """Maxout(784, 16, pieces=3) has 16 units, drawn as 48 tiles (the title said '48 neurons')."""
+    from matplotlib.axes import Axes
+
+    titles = []
+    monkeypatch.setattr(Axes, "set_title", lambda axis, text, *args, **kwargs: titles.append(text))
+    visualize.plot_weights(nn.Sequential(nn.Maxout(784, 16, pieces=3), nn.Dense(16, 10), device="cpu"),
+                           tmp_path / "w.png")
+    assert titles == ["first-layer weights of 16 Maxout units x 3 pieces, as 28x28 images"]
+
+
 def test_softmax_before_a_trailing_dropout_is_not_applied_twice():
     model = nn.Sequential(nn.Dense(64, 10, activation="softmax"), nn.Dropout(0.2), device="cpu", seed=0)
     x = np.random.default_rng(0).random((5, 64), dtype=np.float32)
