@@ -14,7 +14,7 @@ import numpy
 from . import losses
 from .checkpoint import atomic_write
 from .errors import ConfigError, ShapeError
-from .layers import Conv2D, Dense, Maxout, RandomLayer
+from .layers import Conv2D, Dense, Flatten, Maxout, RandomLayer
 from .plotting import picture_path, pyplot, save_figure
 
 
@@ -58,8 +58,9 @@ def _as_probabilities(model, outputs, loss=None):
 
 
 def _output_layer(model):
-    """The last layer that changes values at inference: the Dropout or RandomShift after it pass them on."""
-    return next((layer for layer in reversed(model.layers) if not isinstance(layer, RandomLayer)), None)
+    """The last layer that changes values at inference: the Flatten, Dropout or RandomShift after it pass
+    them on."""
+    return next((layer for layer in reversed(model.layers) if not isinstance(layer, (Flatten, RandomLayer))), None)
 
 
 def layer_activations(model, x):
@@ -173,13 +174,8 @@ def plot_activations(model, x, path, loss=None):
     axes[0].axis("off")
     for axis, (index, layer, values) in zip(axes[1:], panels):
         title = f"layer {index}: {type(layer).__name__} {values.size} {layer.config().get('activation', '')}".rstrip()
-        if values.ndim == 3:
-            image = axis.imshow(_mosaic(list(values), gap=1), cmap="magma", interpolation="nearest")
-            axis.axis("off")
-            figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
-            axis.set_title(f"layer {index}: {type(layer).__name__}\n{values.shape[0]} maps of "
-                           f"{values.shape[1]}x{values.shape[2]}")
-        elif layer is _output_layer(model):
+        if layer is _output_layer(model):  # a convolution's maps too, when only a Flatten follows
+            values = values.ravel()
             predicted = int(probabilities.argmax())
             classes = list(range(values.size)) if values.size > 1 else [1]  # one output: class 1's score
             colours = ["tab:red" if c == predicted else "tab:gray" for c in classes]
@@ -188,6 +184,12 @@ def plot_activations(model, x, path, loss=None):
             axis.set_xlabel("class")
             axis.set_ylabel("output")
             axis.set_title(f"{title}\npredicted {predicted} (p {probabilities[predicted]:.2f})")
+        elif values.ndim == 3:
+            image = axis.imshow(_mosaic(list(values), gap=1), cmap="magma", interpolation="nearest")
+            axis.axis("off")
+            figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+            axis.set_title(f"layer {index}: {type(layer).__name__}\n{values.shape[0]} maps of "
+                           f"{values.shape[1]}x{values.shape[2]}")
         elif values.size <= 32:
             axis.bar(range(values.size), values, color="tab:blue")
             axis.set_xlabel("neuron")

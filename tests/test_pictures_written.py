@@ -48,12 +48,32 @@ def test_the_weights_title_counts_a_maxouts_units_not_its_pieces(tmp_path, monke
     assert titles == ["first-layer weights of 16 Maxout units x 3 pieces, as 28x28 images"]
 
 
-def test_softmax_before_a_trailing_dropout_is_not_applied_twice():
-    model = nn.Sequential(nn.Dense(64, 10, activation="softmax"), nn.Dropout(0.2), device="cpu", seed=0)
+@pytest.mark.parametrize("flatten", [False, True], ids=["dropout", "flatten"])
+def test_softmax_before_a_trailing_dropout_is_not_applied_twice(flatten):
+    """Nor before a trailing Flatten, as of a convolution of one pixel per class (a second softmax made
+    probabilities near 0.1 each)."""
+    model = (nn.Sequential(nn.Conv2D(1, 10, 8, activation="softmax"), nn.Flatten(), input_shape=(1, 8, 8),
+                           device="cpu", seed=0) if flatten else
+             nn.Sequential(nn.Dense(64, 10, activation="softmax"), nn.Dropout(0.2), device="cpu", seed=0))
     x = np.random.default_rng(0).random((5, 64), dtype=np.float32)
     probabilities = visualize.predict_proba(model, x)
     np.testing.assert_allclose(probabilities, model.predict(x), rtol=1e-6)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-6)
+
+
+def test_activations_of_a_convolution_before_a_trailing_flatten_name_the_prediction(tmp_path, monkeypatch):
+    """The output layer is the convolution: its maps are the outputs, drawn as a bar per class with the
+    prediction (they were drawn as maps, and no panel named the prediction)."""
+    from matplotlib.axes import Axes
+
+    titles = []
+    monkeypatch.setattr(Axes, "set_title", lambda axis, text, *args, **kwargs: titles.append(text))
+    model = nn.Sequential(nn.Conv2D(1, 10, 8), nn.Flatten(), input_shape=(1, 8, 8), device="cpu", seed=0)
+    x = np.random.default_rng(0).random(64, dtype=np.float32)
+    visualize.plot_activations(model, x, tmp_path / "a.png")
+    predicted = int(model.predict(x[None])[0].argmax())
+    assert titles[1:] == [f"layer 0: Conv2D 10 linear\npredicted {predicted} "
+                          f"(p {visualize.predict_proba(model, x[None])[0, predicted]:.2f})"]
 
 
 class FullDisk:
