@@ -166,8 +166,8 @@ def plot_activations(model, x, path, loss=None):
     panels = [(index, layer, values) for index, (layer, values) in enumerate(zip(model.layers, outputs))
               if layer.params or values.ndim == 3]
     plt = pyplot()
-    figure, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4),
-                                gridspec_kw={"width_ratios": [1] * len(panels) + [1.4]})
+    figure, (axes,) = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4), squeeze=False,
+                                   gridspec_kw={"width_ratios": [1] * len(panels) + [1.4]})  # a row, even of one
     shape = model.input_shape if len(model.input_shape) == 3 else (1,) + (_image_side(model.in_features, path),) * 2
     axes[0].imshow(_mosaic(list(numpy.asarray(x).reshape(shape)), gap=1), cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("input, as the model sees it" + (f"\n{shape[0]} channels" if shape[0] > 1 else ""))

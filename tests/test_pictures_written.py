@@ -76,6 +76,14 @@ def test_activations_of_a_convolution_before_a_trailing_flatten_name_the_predict
                           f"(p {visualize.predict_proba(model, x[None])[0, predicted]:.2f})"]
 
 
+def test_activations_of_a_model_without_parameters_are_its_input(tmp_path):
+    """A model of a Flatten alone has no layer to draw a panel for: the picture is the input alone (a figure
+    of one panel raised TypeError: 'Axes' object is not subscriptable)."""
+    model = nn.Sequential(nn.Flatten(), input_shape=(1, 8, 8), device="cpu")
+    visualize.plot_activations(model, np.random.default_rng(0).random(64), tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 class FullDisk:
     """A file that takes ``room`` bytes, then fails as a full disk does."""
 
