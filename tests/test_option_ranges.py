@@ -178,6 +178,8 @@ LAYERS = [
     ("conv4k3,maxpool2,shift7,10", "--layers: 'shift7' needs a whole number of 0 to 6 pixels on 4x13x13 images"),
     ("784,\u00b2,10", "--layers: '\u00b2' is not a layer; the grammar: N (Dense),"),  # a digit to isdigit, not int
     ("shift\u00b2,conv4k3,10", "--layers: 'shift\u00b2' needs a whole number of 0 to 13 pixels on 1x28x28 images"),
+    ("conv4k3,16,conv4k3,10", "--layers: 'conv4k3': convolves images (channels, height, width) but gets a 16 "
+                              "input: image layers go before the first Dense width"),  # was 'of 16 channel(s)'
     ("784,,10", "--layers '784,,10' has an empty entry (entry 2): remove the extra comma or name the layer there"),
     ("784,64,10,", "--layers '784,64,10,' has an empty entry (entry 4)"),
     ("maxpool2:relu,10", "--layers: 'maxpool2:relu': maxpool2 takes no activation; a Dense width, conv or bn does"),
