@@ -563,23 +563,26 @@ def format_table(results):
 
 
 def plot_results(results, path):
-    """Samples/s against batch size, one line per device and network (PyTorch dashed), log axes."""
+    """Samples/s against batch size, one line per device, network and precision (PyTorch dashed), log axes."""
     from .plotting import pyplot, save_figure
 
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(9, 5.5))
-    for key in dict.fromkeys((r.device, r.network) for r in results):
-        rows = sorted((r for r in results if (r.device, r.network) == key), key=lambda r: r.batch)
-        batches = [r.batch for r in rows]
-        (line,) = axis.plot(batches, [r.samples_per_s for r in rows], marker="o", label=" ".join(key))
+    for key in dict.fromkeys((r.device, r.network, r.precision) for r in results):
+        rows = sorted((r for r in results if (r.device, r.network, r.precision) == key), key=lambda r: r.batch)
+        batches, label = [r.batch for r in rows], " ".join(key[:2] if key[2] == "fp32" else key)
+        (line,) = axis.plot(batches, [r.samples_per_s for r in rows], marker="o", label=label)
         if all(r.torch_samples_per_s for r in rows):
             axis.plot(batches, [r.torch_samples_per_s for r in rows], "--", marker="x", color=line.get_color(),
-                      label=f"{' '.join(key)} PyTorch")
+                      label=f"{label} PyTorch")
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
     axis.set_xlabel("batch size")
     axis.set_ylabel("training samples/s")
-    axis.set_title(f"nnaccel {__version__} training-step throughput (float32, SGD)")
+    what = "whole-fit" if all(r.mode == "fit" for r in results) else "training-step"
+    precisions = "/".join(dict.fromkeys(r.precision for r in results))
+    axis.set_title(f"nnaccel {__version__} {what} throughput ({'float32' if precisions == 'fp32' else precisions}, "
+                   f"SGD)")
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize="small")
     figure.tight_layout()

@@ -319,6 +319,27 @@ def test_one_share_above_100_percent_flags_every_share_of_that_peak_only():
     assert shares == ["40.0", "90.0", "unreliable", "unreliable", "unreliable", "unreliable"]
 
 
+def test_the_plot_draws_a_line_per_precision_and_names_what_was_timed(tmp_path, monkeypatch):
+    """A GPU's fp32 and bf16 steps are two lines, not one zigzag through both; --fit's plot says fit calls."""
+    from matplotlib.axes import Axes
+
+    drawn = []
+    monkeypatch.setattr(Axes, "plot", lambda axis, x, y, *args, _original=Axes.plot, label=None, **kwargs:
+                        drawn.append((x, y, label)) or _original(axis, x, y, *args, label=label, **kwargs))
+    monkeypatch.setattr(Axes, "set_title", lambda axis, text, *args, **kwargs: drawn.append(text))
+
+    def result(batch, speed, precision="fp32", mode="step"):
+        return bench.Result("cuda:0", "784-16-16-10", batch, 2, [1.0], speed, 1.0, 0.5, False, precision=precision,
+                            mode=mode)
+
+    bench.plot_results([result(16, 1.0), result(64, 2.0), result(16, 3.0, "bf16"), result(64, 4.0, "bf16")],
+                       tmp_path / "steps.png")
+    assert drawn == [([16, 64], [1.0, 2.0], "cuda:0 784-16-16-10"), ([16, 64], [3.0, 4.0], "cuda:0 784-16-16-10 bf16"),
+                     f"nnaccel {bench.__version__} training-step throughput (fp32/bf16, SGD)"]
+    bench.plot_results([result(16, 1.0, mode="fit")], tmp_path / "fit.png")
+    assert drawn[-1] == f"nnaccel {bench.__version__} whole-fit throughput (float32, SGD)"
+
+
 def test_threads_beyond_the_cores_time_the_gemm_peak_on_the_cores(tmp_path, monkeypatch, capsys):
     """--threads above the cores available runs the steps on that many BLAS threads, as PyTorch's
     set_num_threads would, but the GEMM peak they are a share of on the cores (more threads only
