@@ -16,6 +16,8 @@ from . import activations
 from .backend.base import Window, array_device
 from .errors import ConfigError, ShapeError, check_int, check_number, check_range
 
+MAX_STRIDE = 2**31 - 1  # checkpoint.MAX_SIZE; the pools' corner indices and the GPU kernels' sizes are int32
+
 
 class Parameter:
     """A named weight array and its gradient, both views into the model's flat buffers on ``backend``."""
@@ -82,12 +84,16 @@ def describe_shape(shape):
     return "x".join(map(str, shape))
 
 
-def _pair(value, what, minimum=1):
-    """``(a, b)`` from an int or a pair of ints, each at least ``minimum``."""
+def _pair(value, what, minimum=1, maximum=None):
+    """``(a, b)`` from an int or a pair of ints, each at least ``minimum`` (and at most ``maximum``)."""
     values = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
     if len(values) != 2:
         raise ConfigError(f"{what} must be an int or a pair of ints, got {value!r}")
-    return tuple(check_int(v, what, minimum=minimum) for v in values)
+    pair = tuple(check_int(v, what, minimum=minimum) for v in values)
+    if maximum is not None and max(pair) > maximum:
+        raise ConfigError(f"{what} must be at most {maximum:,} (what a checkpoint holds, and the kernels' 32-bit "
+                          f"sizes), got {max(pair):,}")
+    return pair
 
 
 class Layer:
@@ -426,7 +432,7 @@ class Conv2D(Layer):
         self.in_channels = check_int(in_channels, "Conv2D in_channels")
         self.out_channels = check_int(out_channels, "Conv2D out_channels")
         self.kernel_size = _pair(kernel_size, "Conv2D kernel_size")
-        self.stride = _pair(stride, "Conv2D stride")
+        self.stride = _pair(stride, "Conv2D stride", maximum=MAX_STRIDE)
         self.padding = self._padding(padding)
         self.window = Window(*self.kernel_size, *self.stride, *self.padding)
         self.activation = activations.get(activation)
@@ -520,7 +526,7 @@ class _Pool2D(Layer):
         super().__init__()
         name = type(self).__name__
         self.kernel_size = _pair(kernel_size, f"{name} kernel_size")
-        self.stride = _pair(self.kernel_size if stride is None else stride, f"{name} stride")
+        self.stride = _pair(self.kernel_size if stride is None else stride, f"{name} stride", maximum=MAX_STRIDE)
         self.padding = _pair(padding, f"{name} padding", minimum=0)
         if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
             raise ConfigError(f"{name} padding {self.padding} must be at most half the kernel size {self.kernel_size}")

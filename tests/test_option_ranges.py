@@ -180,6 +180,9 @@ LAYERS = [
     ("shift\u00b2,conv4k3,10", "--layers: 'shift\u00b2' needs a whole number of 0 to 13 pixels on 1x28x28 images"),
     ("conv4k3,16,conv4k3,10", "--layers: 'conv4k3': convolves images (channels, height, width) but gets a 16 "
                               "input: image layers go before the first Dense width"),  # was 'of 16 channel(s)'
+    ("maxpool2s99999999999999999999,10", "--layers: 'maxpool2s99999999999999999999': MaxPool2D stride must be at "
+                                         "most 2,147,483,647 (what a checkpoint holds"),  # was an OverflowError
+    ("conv4k3s2147483648,10", "--layers: 'conv4k3s2147483648': Conv2D stride must be at most 2,147,483,647"),
     ("784,,10", "--layers '784,,10' has an empty entry (entry 2): remove the extra comma or name the layer there"),
     ("784,64,10,", "--layers '784,64,10,' has an empty entry (entry 4)"),
     ("maxpool2:relu,10", "--layers: 'maxpool2:relu': maxpool2 takes no activation; a Dense width, conv or bn does"),
@@ -210,6 +213,7 @@ EDGES = [
     ["--validation-split", str(1 / SYNTHETIC)],
     ["--validation-split", str((SYNTHETIC - 1) / SYNTHETIC), "--batch-size", "1"],
     ["--layers", "shift13,conv4k3,10"],
+    ["--layers", "conv4k3s2147483647,maxpool1s2147483647,10"],
     ["--layers", "conv4k3,10", "--augment", "13"],
     ["--schedule", "cosine", "--lr", "0.1", "--eta-min", "0.099"],
     ["--momentum", "0", "--gamma", "1", "--schedule", "step", "--seed", str(2**32 - 1), "--dropout", "0"],
