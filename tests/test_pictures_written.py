@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import nnaccel as nn
-from nnaccel import plotting, visualize
+from nnaccel import architectures, plotting, visualize
 
 HISTORY = {"epoch": [1, 2], "loss": [0.9, 0.5], "accuracy": [0.6, 0.8], "val_loss": [1.0, 0.7],
            "val_accuracy": [0.5, 0.7]}
@@ -46,6 +46,18 @@ def test_the_weights_title_counts_a_maxouts_units_not_its_pieces(tmp_path, monke
     visualize.plot_weights(nn.Sequential(nn.Maxout(784, 16, pieces=3), nn.Dense(16, 10), device="cpu"),
                            tmp_path / "w.png")
     assert titles == ["first-layer weights of 16 Maxout units x 3 pieces, as 28x28 images"]
+
+
+def test_weights_after_a_pool_are_drawn_as_the_image_it_made(tmp_path, monkeypatch):
+    """A Dense layer after a 2x1 max pool of 28x28 images takes 14x28 images: its weights are tiles of that
+    (it refused: 'cannot draw ...: 392 inputs do not make a square image')."""
+    from matplotlib.axes import Axes
+
+    titles = []
+    monkeypatch.setattr(Axes, "set_title", lambda axis, text, *args, **kwargs: titles.append(text))
+    layers, shape = architectures.build("maxpool2x1,10", 784, 10)
+    visualize.plot_weights(nn.Sequential(*layers, input_shape=shape, device="cpu"), tmp_path / "w.png")
+    assert titles == ["first-layer weights of 10 neurons, as 14x28 images"]
 
 
 @pytest.mark.parametrize("flatten", [False, True], ids=["dropout", "flatten"])
