@@ -93,7 +93,7 @@ def _layer(token, shape, activation):
     if conv:
         if len(shape) != 3:  # its input channels would be the flat width, which no image has
             raise ConfigError(f"convolves images (channels, height, width) but gets a {L.describe_shape(shape)} "
-                              f"input: image layers go before the first Dense width")
+                              f"input: image layers go before any flatten and the first Dense width")
         channels, kernel, stride, padding = conv.groups()
         return L.Conv2D(shape[0], int(channels), _size(kernel), _size(stride, 1), _size(padding, 0),
                         activation=activation)

@@ -179,7 +179,7 @@ LAYERS = [
     ("784,\u00b2,10", "--layers: '\u00b2' is not a layer; the grammar: N (Dense),"),  # a digit to isdigit, not int
     ("shift\u00b2,conv4k3,10", "--layers: 'shift\u00b2' needs a whole number of 0 to 13 pixels on 1x28x28 images"),
     ("conv4k3,16,conv4k3,10", "--layers: 'conv4k3': convolves images (channels, height, width) but gets a 16 "
-                              "input: image layers go before the first Dense width"),  # was 'of 16 channel(s)'
+                              "input: image layers go before any flatten and the first Dense width"),  # not 16 channels
     ("maxpool2s99999999999999999999,10", "--layers: 'maxpool2s99999999999999999999': MaxPool2D stride must be at "
                                          "most 2,147,483,647 (what a checkpoint holds"),  # was an OverflowError
     ("conv4k3s2147483648,10", "--layers: 'conv4k3s2147483648': Conv2D stride must be at most 2,147,483,647"),
