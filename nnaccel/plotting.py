@@ -1,5 +1,6 @@
 """Pictures with matplotlib (an optional extra: pip install 'nnaccel[plot]')."""
 
+import math
 from pathlib import Path
 
 from .checkpoint import atomic_write
@@ -45,15 +46,15 @@ def check_picture_path(path, option):
 def plot_history(history, path):
     """Loss and accuracy curves per epoch, training and validation, as a PNG: gaps where an epoch lacks
     a value (NaN: a fit without validation). A list not of one value per epoch, which an older history
-    could hold, is left out: its epochs are unknown. A history of no epoch (a fit stopped or diverged
-    in its first) draws empty axes."""
+    could hold, is left out: its epochs are unknown, as is one of NaN alone (no fit had validation). A
+    history of no epoch (a fit stopped or diverged in its first) draws empty axes."""
     plt = pyplot()
     epochs = history.get("epoch", [])
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, metric in zip(axes, ("loss", "accuracy")):
         for prefix, style in (("", "-"), ("val_", "--")):
             values = history.get(prefix + metric, [])
-            if values and len(values) == len(epochs):
+            if len(values) == len(epochs) and not all(math.isnan(value) for value in values):
                 axis.plot(epochs, values, style, marker="o", label="validation" if prefix else "training")
         axis.set_xlabel("epoch")
         axis.set_ylabel(metric)

@@ -96,6 +96,19 @@ def test_activations_of_a_model_without_parameters_are_its_input(tmp_path):
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_curves_leave_out_a_validation_no_epoch_had(tmp_path, monkeypatch):
+    """A run without validation data has NaN in every val_ value: no 'validation' line or legend entry
+    (one was drawn with no point on it)."""
+    from matplotlib.axes import Axes
+
+    labels = []
+    monkeypatch.setattr(Axes, "plot", lambda axis, *args, _original=Axes.plot, **kwargs:
+                        labels.append(kwargs.get("label")) or _original(axis, *args, **kwargs))
+    nan = float("nan")
+    plotting.plot_history({**HISTORY, "val_loss": [nan, nan], "val_accuracy": [nan, 0.7]}, tmp_path / "c.png")
+    assert labels == ["training", "training", "validation"]
+
+
 class FullDisk:
     """A file that takes ``room`` bytes, then fails as a full disk does."""
 
