@@ -164,7 +164,7 @@ def plot_activations(model, x, path, loss=None):
     outputs = layer_activations(model, x)
     probabilities = _as_probabilities(model, outputs[-1], loss)
     panels = [(index, layer, values) for index, (layer, values) in enumerate(zip(model.layers, outputs))
-              if layer.params or values.ndim == 3]
+              if layer.params or values.ndim == 3 and not isinstance(layer, RandomLayer)]
     plt = pyplot()
     figure, (axes,) = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4), squeeze=False,
                                    gridspec_kw={"width_ratios": [1] * len(panels) + [1.4]})  # a row, even of one

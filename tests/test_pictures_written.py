@@ -109,6 +109,20 @@ def test_curves_leave_out_a_validation_no_epoch_had(tmp_path, monkeypatch):
     assert labels == ["training", "training", "validation"]
 
 
+def test_activations_leave_out_a_shift_as_its_input_passes_through_at_inference(tmp_path, monkeypatch):
+    """The default recipe starts with a RandomShift: at inference its output is the input, drawn already
+    (it had a panel of its own, '1 maps of 28x28')."""
+    from matplotlib.axes import Axes
+
+    titles = []
+    monkeypatch.setattr(Axes, "set_title", lambda axis, text, *args, **kwargs: titles.append(text))
+    layers, shape = architectures.build("shift2,conv2k5,10", 784, 10)
+    visualize.plot_activations(nn.Sequential(*layers, input_shape=shape, device="cpu"),
+                               np.random.default_rng(0).random(784), tmp_path / "a.png")
+    assert [title.split("\n")[0] for title in titles] == ["input, as the model sees it", "layer 1: Conv2D",
+                                                          "layer 3: Dense 10 linear"]
+
+
 class FullDisk:
     """A file that takes ``room`` bytes, then fails as a full disk does."""
 
