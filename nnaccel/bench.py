@@ -39,7 +39,7 @@ import numpy
 from . import __version__, activations, architectures, checkpoint, datasets
 from .backend import PRECISIONS, cuda_status, get_backend, resolve_device
 from .errors import ConfigError
-from .layers import Conv2D, Dense, Maxout
+from .layers import BatchNorm, Conv2D, Dense, Maxout
 from .losses import SoftmaxCrossEntropy
 from .model import Sequential
 from .optimizers import SGD
@@ -668,6 +668,7 @@ def run(args):
                               f"trains on), got {largest:,}")
         if fit:
             _check_fit_networks(grid, *fit[1])
+        _check_batchnorm_batches(grid, len(fit[1][0]) if fit else None)
         peaks, results, stopped = measure_grid(grid, threads, rounds, steps, warmup_s, settle_s, torch,
                                                quick=args.quick, fit=fit, precisions=precisions)
     except MemoryError as error:  # a batch or layer size beyond what the device holds (CuPy's OOM is one too)
@@ -719,6 +720,23 @@ def _check_fit_networks(grid, x, y):
             raise ConfigError(f"--networks {name}: --fit trains on the MNIST sample, {x.shape[1]} inputs and "
                               f"{classes} classes; its networks start with {x.shape[1]} and end with at least "
                               f"{classes} outputs, like {x.shape[1]}-128-{classes}")
+
+
+def _check_batchnorm_batches(grid, samples):
+    """Refuse, before anything is timed, a batch that gives a BatchNorm of features one sample to train on
+    (``lenet5-bn`` at batch 1; with --fit over ``samples``, a last step of one), naming it."""
+    for _, name, batches in grid:
+        if name not in architectures.PRESETS:  # layer sizes: Dense layers only
+            continue
+        layers, shape = architectures.build(name, 28 * 28, 10)
+        for layer in layers:
+            if isinstance(layer, BatchNorm) and len(shape) == 1:
+                for batch in batches:
+                    if batch == 1 or samples is not None and samples % batch == 1:
+                        step = "a step" if batch == 1 else f"the last step of each epoch over {samples:,} images"
+                        raise ConfigError(f"--batches {batch}: {name}'s {layer!r} cannot train on one sample, "
+                                          f"which {step} gives it; choose another batch size")
+            shape = layer.output_shape(shape)
 
 
 def _fit_data(quick, epochs):

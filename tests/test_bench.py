@@ -186,6 +186,10 @@ def test_paired_rounds_wait_for_idle_threads_before_every_round(monkeypatch, cap
     (["--fit", "--networks", "lenet5,784-5"], "--networks 784-5: --fit trains on the MNIST sample"),
     (["--devices", "cpu", "--precision", "fp32,bf16"], "--precision fp32,bf16 applies to the GPU steps; the CPU "
                                                        "computes fp32, and the devices timed (cpu) hold no GPU"),
+    (["--networks", "lenet5-bn", "--batches", "16,1"], "--batches 1: lenet5-bn's BatchNorm(120) cannot train on one "
+                                                      "sample, which a step gives it; choose another batch size"),
+    (["--fit", "--networks", "784-16-10,lenet5-bn", "--batches", "511"], "--batches 511: lenet5-bn's BatchNorm(120) "
+     "cannot train on one sample, which the last step of each epoch over 512 images gives it"),
     (["--fit", "--steps", "5"], "--steps counts the steps of a round of the step benchmark; --fit times whole fit "
                                 "calls (--epochs)"),
     (["--json", "no/such/dir/b.json"], "--json no/such/dir/b.json: folder no/such/dir does not exist"),
