@@ -136,7 +136,7 @@ def plot_weights(model, path):
         weights = weights.reshape(layer.in_features, -1)
         tiles = [weights[:, index].reshape(height, width) for index in range(weights.shape[1])]
         units = (f"{layer.out_features} Maxout units x {layer.pieces} pieces"
-                 if isinstance(layer, Maxout) else f"{len(tiles)} neurons")
+                 if isinstance(layer, Maxout) else f"{len(tiles)} neuron{'s' * (len(tiles) != 1)}")
         title = f"first-layer weights of {units}, as {height}x{width} images"
     limit = float(numpy.percentile(numpy.abs(weights), 99.5)) or 1.0
     plt = pyplot()
@@ -188,7 +188,7 @@ def plot_activations(model, x, path, loss=None):
             image = axis.imshow(_mosaic(list(values), gap=1), cmap="magma", interpolation="nearest")
             axis.axis("off")
             figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
-            axis.set_title(f"layer {index}: {type(layer).__name__}\n{values.shape[0]} maps of "
+            axis.set_title(f"layer {index}: {type(layer).__name__}\n{values.shape[0]} map{'s' * (values.shape[0] != 1)} of "
                            f"{values.shape[1]}x{values.shape[2]}")
         elif values.size <= 32:
             axis.bar(range(values.size), values, color="tab:blue")

@@ -123,6 +123,20 @@ def test_activations_leave_out_a_shift_as_its_input_passes_through_at_inference(
                                                           "layer 3: Dense 10 linear"]
 
 
+def test_titles_count_one_map_or_neuron_in_the_singular(tmp_path, monkeypatch):
+    """'1 map of 14x14', '1 neuron' (were '1 maps', '1 neurons')."""
+    from matplotlib.axes import Axes
+
+    titles = []
+    monkeypatch.setattr(Axes, "set_title", lambda axis, text, *args, **kwargs: titles.append(text))
+    layers, shape = architectures.build("maxpool2,10", 784, 10)
+    model = nn.Sequential(*layers, input_shape=shape, device="cpu")
+    visualize.plot_activations(model, np.random.default_rng(0).random(784), tmp_path / "a.png")
+    visualize.plot_weights(nn.Sequential(nn.Dense(784, 1), nn.Dense(1, 2), device="cpu"), tmp_path / "w.png")
+    assert "layer 0: MaxPool2D\n1 map of 14x14" in titles
+    assert "first-layer weights of 1 neuron, as 28x28 images" in titles
+
+
 class FullDisk:
     """A file that takes ``room`` bytes, then fails as a full disk does."""
 
