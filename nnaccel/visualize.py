@@ -132,12 +132,13 @@ def plot_weights(model, path):
         title = (f"first-layer filters: {len(tiles)} of {layer.kernel_size[0]}x{layer.kernel_size[1]}"
                  + (f", the mean over {layer.in_channels} input channels" if layer.in_channels > 1 else ""))
     else:
-        height, width = _tile_shape(model, layer, path)
+        channels, height, width = _tile_shape(model, layer, path)
         weights = weights.reshape(layer.in_features, -1)
-        tiles = [weights[:, index].reshape(height, width) for index in range(weights.shape[1])]
+        tiles = [column.reshape(channels, height, width).mean(axis=0) for column in weights.T]
         units = (f"{layer.out_features} Maxout units x {layer.pieces} pieces"
                  if isinstance(layer, Maxout) else f"{len(tiles)} neuron{'s' * (len(tiles) != 1)}")
-        title = f"first-layer weights of {units}, as {height}x{width} images"
+        title = (f"first-layer weights of {units}, as {height}x{width} images"
+                 + (f", the mean over {channels} input channels" if channels > 1 else ""))
     limit = float(numpy.percentile(numpy.abs(weights), 99.5)) or 1.0
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(7.2, 6.4))
@@ -284,14 +285,14 @@ def _save(figure, path):
 
 
 def _tile_shape(model, layer, path):
-    """(height, width) of a picture of ``layer``'s weights: the one-channel image its inputs were flattened
-    from (pooled 14x28, say), else the square its inputs make."""
+    """(channels, height, width) of a picture of ``layer``'s weights: the image its inputs were flattened
+    from (pooled 14x28, say; of 3 channels), else the square its inputs make."""
     index = next(index for index, other in enumerate(model.layers) if other is layer)
     image = next((shape for shape in reversed(model.shapes[:index + 1]) if len(shape) == 3), None)
-    if image is not None and image[0] == 1:
-        return image[1:]
+    if image is not None and math.prod(image) == layer.in_features:
+        return image
     side = _image_side(layer.in_features, path)
-    return side, side
+    return 1, side, side
 
 
 def _image_side(features, path):

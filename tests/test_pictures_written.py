@@ -137,6 +137,23 @@ def test_titles_count_one_map_or_neuron_in_the_singular(tmp_path, monkeypatch):
     assert "first-layer weights of 1 neuron, as 28x28 images" in titles
 
 
+def test_weights_after_a_flatten_of_channels_are_drawn_as_the_image_averaged_over_them(tmp_path, monkeypatch):
+    """A Dense after the flatten of a 3-channel 8x8 input: one 8x8 tile per neuron, the mean over the channels,
+    as a convolution's filters are drawn (it was refused: '192 inputs do not make a square image')."""
+    from matplotlib.axes import Axes
+
+    titles, tiles = [], []
+    monkeypatch.setattr(Axes, "set_title", lambda axis, text, *args, **kwargs: titles.append(text))
+    monkeypatch.setattr(visualize, "_mosaic", lambda given, gap, _original=visualize._mosaic:
+                        tiles.extend(given) or _original(given, gap))
+    model = nn.Sequential(nn.Flatten(), nn.Dense(192, 4), input_shape=(3, 8, 8), device="cpu")
+    visualize.plot_weights(model, tmp_path / "w.png")
+    assert titles == ["first-layer weights of 4 neurons, as 8x8 images, the mean over 3 input channels"]
+    weight = model.layers[1].params["weight"].data
+    expected = weight.reshape(3, 8, 8, 4)[..., 2].astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(tiles[2], expected, rtol=1e-12)
+
+
 class FullDisk:
     """A file that takes ``room`` bytes, then fails as a full disk does."""
 
