@@ -88,6 +88,8 @@ class GraphedStep:
         if x is not x_in:  # (gathered into them by the epoch loop: ``inputs``)
             x_in[...] = x
             y_in[...] = y
+        if guard.snapshot is None:  # a replay updates before its check: the weights before it are the ones to return to
+            guard.take_snapshot(index)
         graph.replay()
         for layer in self.random_layers:  # the host's part of their draws
             if layer.draws:

@@ -414,8 +414,6 @@ class Trainer:
         step_of_training.loss_sum.fill(point["loss_sum"] if rank == 0 else 0.0)
         step_of_training.correct_sum.fill(point["correct_sum"] if rank == 0 else 0.0)
         guard = _DivergenceGuard(self, self.nan_check_every or (1 if ops.name == "cpu" else 100))
-        if graphed and graphed.graphs:  # a replay updates before its check: the epoch's start is the one to return to
-            guard.take_snapshot(point["step"])
         progress = _Progress(self.epoch + 1, last_epoch, n, quiet=self.quiet)
         batch_hooks = [c for c in callbacks if type(c).on_batch_end is not Callback.on_batch_end]
         start = time.perf_counter()

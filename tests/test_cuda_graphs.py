@@ -280,3 +280,28 @@ def test_divergence_in_replayed_steps_returns_to_the_last_check_as_eager_steps_d
     assert (epoch, step) == (eager_epoch, eager_step) == (2, 7)
     assert numpy.isfinite(graphed).all()
     numpy.testing.assert_array_equal(graphed, eager)
+
+
+def test_divergence_checked_every_step_at_a_fit_s_first_replay_keeps_the_weights_before_it(emulated, replays):
+    """Checked every step (``nan_check_every = 1``), the first replay of a fit, whose update lands before
+    its check, fails back to the weights from before it, as an eager step does (they were NaN: no snapshot
+    was taken before a fit's first replay)."""
+    class BlowUp(nn.Callback):
+        def on_batch_end(self, trainer, step, loss):
+            if step == 0:
+                self.start = trainer.model.flat_params * 1e30
+                trainer.model.flat_params[...] = self.start  # finite, but the next step overflows
+
+    rng = numpy.random.default_rng(0)
+    x, y = rng.standard_normal((96, 8)).astype(numpy.float32), rng.integers(0, 3, 96)
+    for cuda_graphs in (False, True):
+        model = nn.Sequential(nn.Dense(8, 16, activation="relu"), nn.Dense(16, 3), device=emulated)
+        trainer = nn.Trainer(model, optimizer=nn.SGD(lr=0.1), batch_size=32, quiet=True, cuda_graphs=cuda_graphs)
+        trainer.nan_check_every = 1
+        blow_up = BlowUp()
+        with numpy.errstate(all="ignore"), pytest.raises(nn.TrainingDiverged, match="at epoch 1, step 2; .* kept "
+                                                                                   "the weights from before that step"):
+            trainer.fit(x, y, shuffle=False, callbacks=[blow_up])
+        numpy.testing.assert_array_equal(model.backend.to_host(model.flat_params), model.backend.to_host(blow_up.start))
+    assert replays[0] == 1
+
