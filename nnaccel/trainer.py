@@ -428,7 +428,9 @@ class Trainer:
                 ops.take_rows(x, index[lo:hi], xs)
                 ops.take_rows(y, index[lo:hi], ys)
             value, _ = run(xs, ys, rows[step], firsts[step], guard, step)
-            if value is not None:
+            if value is not None and batch_hooks:
+                if graphed:  # a replay's loss is the graph's own array, which the next replay overwrites
+                    value = value.copy()
                 for callback in batch_hooks:
                     callback.on_batch_end(self, step, value)
             stop, interrupted = comm.any_flags(self.stop_training, self.interrupted)

@@ -305,3 +305,22 @@ def test_divergence_checked_every_step_at_a_fit_s_first_replay_keeps_the_weights
         numpy.testing.assert_array_equal(model.backend.to_host(model.flat_params), model.backend.to_host(blow_up.start))
     assert replays[0] == 1
 
+
+def test_a_callback_keeps_each_replayed_step_s_own_loss(emulated, replays):
+    """The loss ``on_batch_end`` gets is that step's, also after the next replay (it was the graph's own
+    array, which every replay overwrote: a list of them read the last replay's loss many times)."""
+    class KeepLosses(nn.Callback):
+        def __init__(self):
+            self.losses = []
+
+        def on_batch_end(self, trainer, step, loss):
+            self.losses.append(loss)
+
+    x, y = datasets.synthetic(n=333, features=20, classes=4, seed=1)
+    kept = []
+    for cuda_graphs in (False, True):
+        keep = KeepLosses()
+        _trainer(_mlp(emulated), cuda_graphs, t_max=1).fit(x, y, callbacks=[keep])
+        kept.append([float(loss) for loss in keep.losses])
+    assert replays[0] == 11 - 2
+    assert kept[1] == kept[0] and len(set(kept[0])) == 11
