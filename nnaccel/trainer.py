@@ -261,7 +261,6 @@ class Trainer:
         if self.communicator is not None:
             callbacks = self._start_distributed(x, callbacks, last_epoch, validation_data, shuffle)
         self._check_batchnorm_steps(x.shape[0], comm.size)
-        step, graphed = self._steps(comm)
         if resumes:  # as from its checkpoint: its EarlyStopping state goes on (a next fit starts afresh, as in Keras)
             self._restored_early_stopping = self._early_stopping_states()
         for callback in callbacks:
@@ -270,6 +269,7 @@ class Trainer:
         # (stop, interrupted) as the ranks agree: a rank's own flags, set by a signal at any
         # moment, would have one rank leave the loop while the others train on.
         agreed = tuple(comm.any_flags(self.stop_training or self.interrupted, self.interrupted))
+        step, graphed = self._steps(comm)  # here: the ``finally`` below gives the random layers their draws back
         try:
             while self.epoch < last_epoch and not agreed[0]:
                 logs = self._train_epoch(x, y, shuffle, last_epoch, callbacks, comm, step, graphed)

@@ -324,3 +324,24 @@ def test_a_callback_keeps_each_replayed_step_s_own_loss(emulated, replays):
         kept.append([float(loss) for loss in keep.losses])
     assert replays[0] == 11 - 2
     assert kept[1] == kept[0] and len(set(kept[0])) == 11
+
+
+def test_a_fit_a_callback_fails_before_training_leaves_dropout_drawing_as_before(emulated):
+    """A callback's on_train_begin that raises (a CSV log it cannot append to) ends the fit before its
+    first step: the model's Dropout then trains eagerly as a fresh one does (it kept drawing with the
+    graphs' device counter, never advanced again: the same mask every step)."""
+    class Refuse(nn.Callback):
+        def on_train_begin(self, trainer):
+            raise nn.OutputError("cannot append")
+
+    x, y = datasets.synthetic(n=333, features=20, classes=4, seed=1)
+    weights = []
+    for refused in (False, True):
+        model = nn.Sequential(nn.Dense(20, 32, activation="tanh"), nn.Dropout(0.3), nn.Dense(32, 4), seed=5,
+                              device=emulated)
+        if refused:
+            with pytest.raises(nn.OutputError, match="cannot append"):
+                nn.Trainer(model, quiet=True).fit(x, y, callbacks=[Refuse()])
+        nn.Trainer(model, batch_size=32, seed=3, quiet=True, cuda_graphs=False).fit(x, y, epochs=2)
+        weights.append(model.backend.to_host(model.flat_params))
+    numpy.testing.assert_array_equal(*weights)
