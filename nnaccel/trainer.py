@@ -243,6 +243,13 @@ class Trainer:
             raise ConfigError(f"this run stopped in the middle of epoch {self.epoch + 1} (after step "
                               f"{self._resume_point['step']}) of an epoch over {self._samples} samples, but fit got "
                               f"{x.shape[0]}: resume it on the same training data")
+        batch = self.batch_size * self.world_size
+        stopped = (self._resume_point or {}).get("batch_size", batch)  # a point from older checkpoints has none
+        if stopped != batch:
+            raise ConfigError(f"this run stopped in the middle of epoch {self.epoch + 1} (after step "
+                              f"{self._resume_point['step']}) of a run with {stopped} samples per step, but this fit "
+                              f"takes {batch} ({self.batch_size} x {self.world_size} process(es)): resume it with "
+                              f"{stopped} samples per step")
         self._samples = x.shape[0]
         self._take_last_weights()
         if validation_data is not None:
@@ -437,7 +444,7 @@ class Trainer:
             if interrupted:  # Ctrl-C reaches the ranks at different steps: they stop at the same one
                 self.stop_training = self.interrupted = True
                 loss_total, correct_total = comm.allreduce_scalars(step_of_training.sums())
-                self._resume_point = {"step": step + 1, "rng": point["rng"],
+                self._resume_point = {"step": step + 1, "rng": point["rng"], "batch_size": batch,
                                       "loss_sum": loss_total, "correct_sum": correct_total}
                 return None
             if stop:

@@ -199,6 +199,30 @@ def test_a_fit_after_a_stopped_one_goes_on_with_its_early_stopping_and_any_other
     assert straight.epoch == 7  # its best is its own: none of the first fit's patience is left over
 
 
+def test_a_run_stopped_mid_epoch_resumes_in_memory_only_with_its_batch_size():
+    """A fit goes on from a step of the stopped one's epoch only with as many samples per step, as a checkpoint
+    does (with another batch size it went on silently at the same step, skipping the samples in between),
+    and the refused fit leaves the run to go on as an unstopped one."""
+    class StopAtStep(nn.Callback):
+        def on_batch_end(self, trainer, step, loss):
+            if step == 2:
+                trainer.request_stop()
+
+    straight, data, _ = _small_run()
+    straight.fit(*data)
+    stopped = _small_run()[0]
+    stopped.fit(*data, callbacks=[StopAtStep()])
+    stopped.batch_size = 32
+    with pytest.raises(nn.ConfigError, match=r"stopped in the middle of epoch 1 \(after step 3\) of a run with 16 "
+                                             r"samples per step, but this fit takes 32 \(32 x 1 process\(es\)\): "
+                                             r"resume it with 16 samples per step"):
+        stopped.fit(*data)
+    stopped.batch_size = 16
+    stopped.fit(*data)
+    assert stopped.history["loss"] == straight.history["loss"]
+    numpy.testing.assert_array_equal(stopped.model.flat_params, straight.model.flat_params)
+
+
 def test_early_stopping_patience_0_stops_at_the_first_epoch_without_improvement_as_in_keras():
     with pytest.raises(nn.ConfigError, match="patience must be a non-negative integer, got -1"):
         nn.EarlyStopping(patience=-1)
