@@ -81,6 +81,7 @@ class Trainer:
         self._checked_batch = None  # (x, y, backend, loss): the batch arrays train_step last checked
         self._samples = None  # the training samples of the last fit: a resumed epoch must step over as many
         self._fit_finished = False  # whether the last fit ran to its end (all epochs or an early stop), not an error
+        self._in_batch_hooks = False  # while on_batch_end runs, mid-epoch: no checkpoint can resume there
         self._fit_callbacks = None  # the callbacks of the last fit: its EarlyStopping states go into checkpoints
         self._restored_early_stopping = []  # (state, weights) of each a restored checkpoint holds, until a fit
         self._last_weights = None  # the last epoch's (params, buffers) while the model holds an earlier epoch's
@@ -438,8 +439,12 @@ class Trainer:
             if value is not None and batch_hooks:
                 if graphed:  # a replay's loss is the graph's own array, which the next replay overwrites
                     value = value.copy()
-                for callback in batch_hooks:
-                    callback.on_batch_end(self, step, value)
+                self._in_batch_hooks = True
+                try:
+                    for callback in batch_hooks:
+                        callback.on_batch_end(self, step, value)
+                finally:
+                    self._in_batch_hooks = False
             stop, interrupted = comm.any_flags(self.stop_training, self.interrupted)
             if interrupted:  # Ctrl-C reaches the ranks at different steps: they stop at the same one
                 self.stop_training = self.interrupted = True
@@ -550,6 +555,11 @@ class Trainer:
 
     def save_checkpoint(self, path):
         """Write a resumable checkpoint (atomically) to ``path`` (in a distributed run: rank 0 only)."""
+        if self._in_batch_hooks:
+            raise ConfigError("save_checkpoint cannot write a checkpoint from on_batch_end, in the middle of an "
+                              "epoch: it would resume at the epoch's start with these weights; call "
+                              "trainer.request_stop() there and save after fit returns (it resumes at that step), "
+                              "or save from on_epoch_end")
         if self.rank != 0:
             return
         weights = {f"early_stopping/{index}/{part}": array

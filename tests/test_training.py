@@ -223,6 +223,36 @@ def test_a_run_stopped_mid_epoch_resumes_in_memory_only_with_its_batch_size():
     numpy.testing.assert_array_equal(stopped.model.flat_params, straight.model.flat_params)
 
 
+def test_a_checkpoint_is_refused_in_the_middle_of_an_epoch(tmp_path):
+    """save_checkpoint from on_batch_end is refused with what to do (it wrote a checkpoint of the epoch's
+    start with the weights of its middle: resumed, the run trained the epoch's first steps twice); a
+    stop requested there and the save after fit resumes as the unstopped run."""
+    class SaveAtStep(nn.Callback):
+        def on_batch_end(self, trainer, step, loss):
+            if step == 2:
+                trainer.save_checkpoint(tmp_path / "mid.npz")
+
+    class StopAtStep(nn.Callback):
+        def on_batch_end(self, trainer, step, loss):
+            if step == 2:
+                trainer.request_stop()
+
+    straight, data, _ = _small_run()
+    straight.fit(*data, epochs=2)
+    trainer = _small_run()[0]
+    with pytest.raises(nn.ConfigError, match=r"save_checkpoint cannot write a checkpoint from on_batch_end, in the "
+                                             r"middle of an epoch: .* call trainer.request_stop\(\) there"):
+        trainer.fit(*data, callbacks=[SaveAtStep()])
+    assert not (tmp_path / "mid.npz").exists()
+    stopped = _small_run()[0]
+    stopped.fit(*data, callbacks=[StopAtStep()])
+    stopped.save_checkpoint(tmp_path / "mid.npz")
+    resumed = _small_run()[0].load_checkpoint(tmp_path / "mid.npz")
+    resumed.fit(*data, epochs=2)
+    assert resumed.history["loss"] == straight.history["loss"]
+    numpy.testing.assert_array_equal(resumed.model.flat_params, straight.model.flat_params)
+
+
 def test_early_stopping_patience_0_stops_at_the_first_epoch_without_improvement_as_in_keras():
     with pytest.raises(nn.ConfigError, match="patience must be a non-negative integer, got -1"):
         nn.EarlyStopping(patience=-1)
