@@ -106,8 +106,10 @@ class EarlyStopping(Callback, _Monitor):
             _say(trainer, f"early stopping after epoch {logs['epoch']}: {self._why_stopped()}")
 
     def _why_stopped(self):
-        return (f"{self.monitor} has not improved for {self.wait} epoch{'s' * (self.wait != 1)} since epoch "
-                f"{self.best_epoch} (patience {self.patience})")
+        since = (f" since epoch {self.best_epoch}" if self.best_epoch is not None else
+                 f": no epoch had a finite {self.monitor}")
+        return (f"{self.monitor} has not improved for {self.wait} epoch{'s' * (self.wait != 1)}{since} "
+                f"(patience {self.patience})")
 
     def _count(self, logs):
         """Whether ``logs``' epoch is the best yet; if not, one more epoch of waiting."""

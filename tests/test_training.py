@@ -266,6 +266,18 @@ def test_early_stopping_patience_0_stops_at_the_first_epoch_without_improvement_
     assert trainer.epoch == 2
 
 
+def test_early_stopping_without_a_finite_value_says_so(capsys):
+    """Validation inputs so large that val_loss is inf: early stopping says no epoch had a finite one (it
+    said 'since epoch None')."""
+    x, y = datasets.synthetic(n=320, features=20, classes=4, seed=1)
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(20, 4), seed=5), batch_size=32)
+    with numpy.errstate(all="ignore"):
+        trainer.fit(x, y, epochs=3, validation_data=(x * 1e37, y), callbacks=[nn.EarlyStopping(patience=1)])
+    assert trainer.epoch == 1 and trainer.history["val_loss"] == [numpy.inf]
+    assert ("early stopping after epoch 1: val_loss has not improved for 1 epoch: no epoch had a finite val_loss "
+            "(patience 1)") in capsys.readouterr().err
+
+
 def test_a_refused_checkpoint_leaves_the_trainer_as_it_was(tmp_path):
     """Refused for a mid-epoch batch of another size, another optimizer or a missing buffer: nothing of
     the checkpoint (weights, optimizer steps, resume point) is taken first."""
