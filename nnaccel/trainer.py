@@ -236,6 +236,10 @@ class Trainer:
             raise ConfigError(f"the model has no parameters to train ({', '.join(map(repr, self.model.layers))}): "
                               f"fit needs a layer with weights (Dense, Maxout, Conv2D, BatchNorm)")
         callbacks = self.callbacks + _callback_list(callbacks, "fit callbacks")
+        for index, callback in enumerate(callbacks):
+            if any(callback is other for other in callbacks[:index]):
+                raise ConfigError(f"the callback {type(callback).__name__} is given twice (to Trainer and to fit, or "
+                                  f"twice in a list): its hooks would run twice each step and epoch")
         if validation_data is not None and not (isinstance(validation_data, (tuple, list))
                                                 and len(validation_data) == 2):
             raise ConfigError(f"validation_data must be a pair (x, y), got {described(validation_data)}")

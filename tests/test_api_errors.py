@@ -55,6 +55,10 @@ API_ERRORS = [
      r"callbacks\[0\] is the class EarlyStopping"),
     ("fit callbacks a class", lambda: _trainer().fit(X, Y, callbacks=nn.EarlyStopping), nn.ConfigError,
      "fit callbacks must be a list of callbacks, got the class EarlyStopping"),
+    ("a callback twice", lambda: (lambda stop: _trainer(callbacks=[stop]).fit(X, Y, callbacks=[stop]))(
+        nn.EarlyStopping(monitor="loss")), nn.ConfigError, r"the callback EarlyStopping is given twice \(to Trainer "
+                                                           r"and to fit, or twice in a list\): its hooks would run "
+                                                           r"twice each step and epoch"),
     ("Trainer of a string", lambda: nn.Trainer("model"), nn.ConfigError, "Sequential model, got a str"),
     ("fit y None", lambda: _trainer().fit(X, None), nn.ShapeError, "y must be an array.*got None"),
     ("fit epochs 0", lambda: _trainer().fit(X, Y, epochs=0), nn.ConfigError, "epochs must be a positive integer, got 0"),
