@@ -114,9 +114,10 @@ class GraphedStep:
         """A step's graph: per (this rank's rows, the global rows, where they start, settings). The
         settings are what a graph holds as numbers: the learning rate and every option of the optimizer
         and of the layers (SGD's momentum and weight decay, Dropout's rate, BatchNorm's momentum), which
-        a callback may change between steps (a warm-up, a one-cycle momentum)."""
-        trainer = self.step.trainer
-        settings = [trainer.optimizer.lr, trainer.optimizer.config(),
+        a callback may change between steps (a warm-up, a one-cycle momentum); not the optimizer's where
+        its update runs after the replay (Adam's)."""
+        trainer, optimizer = self.step.trainer, self.step.trainer.optimizer
+        settings = [*(() if self.eager_update else (optimizer.lr, optimizer.config())),
                     *(layer.config() for layer in trainer.model.layers)]
         if settings != self.settings:  # freezing them (to hash) takes 3-5 times as long as reading them
             self.settings, self.frozen_settings = settings, _frozen(settings)

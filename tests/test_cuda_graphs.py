@@ -67,8 +67,9 @@ def test_replayed_steps_end_with_the_eager_weights_bit_for_bit(emulated, replays
                                                                optimizer, precision):
     """333 samples in batches of 32 (a short last batch: a graph of its own) over 3 epochs of a
     cosine schedule (a new learning rate each epoch: graphs captured again). With AdamW the graph
-    stops before the update, whose bias correction changes every step. Under bf16 the graph holds
-    the storage conversions and cuBLAS's bfloat16 GEMMs."""
+    stops before the update, whose bias correction changes every step (so its graphs of the first
+    epoch serve all three). Under bf16 the graph holds the storage conversions and cuBLAS's bfloat16
+    GEMMs."""
     if build is _conv:  # the per-channel sums of the full batches run in chunks, merged in the graph
         assert cuda_kernels.channel_chunks(32, 4, features, cuda_kernels._sm_count(0))[0] > 1
     x, y = datasets.synthetic(n=333, features=features, classes=classes, seed=1)
@@ -77,7 +78,8 @@ def test_replayed_steps_end_with_the_eager_weights_bit_for_bit(emulated, replays
     assert replays[0] == 0
     graphed_trainer, graphed_history, graphed = _train(build, emulated, x, y, cuda_graphs=True, **kwargs)
     steps = 3 * 11
-    assert replays[0] == steps - 3 * 2  # each epoch: one eager step per batch shape, then replays
+    captures = 1 if optimizer is _adamw else 3  # SGD's: each epoch, one eager step per batch shape
+    assert replays[0] == steps - captures * 2
     for name in eager:
         numpy.testing.assert_array_equal(graphed[name], eager[name], err_msg=name)
     assert graphed_trainer.optimizer.steps == trainer.optimizer.steps == steps
@@ -344,4 +346,23 @@ def test_a_fit_a_callback_fails_before_training_leaves_dropout_drawing_as_before
                 nn.Trainer(model, quiet=True).fit(x, y, callbacks=[Refuse()])
         nn.Trainer(model, batch_size=32, seed=3, quiet=True, cuda_graphs=False).fit(x, y, epochs=2)
         weights.append(model.backend.to_host(model.flat_params))
+    numpy.testing.assert_array_equal(*weights)
+
+
+def test_a_learning_rate_changed_every_step_replays_adam_s_graphs(emulated, replays):
+    """Adam's update runs after the replay, so its graph holds none of the optimizer's settings: a warm-up
+    that sets the learning rate at every step replays the graph of each batch shape (it captured a graph
+    per step, replaying none), and ends with the eager run's weights, bit for bit."""
+    class WarmUp(nn.Callback):
+        def on_batch_end(self, trainer, step, loss):
+            trainer.optimizer.lr = 0.01 * min(1.0, (trainer.optimizer.steps + 1) / 20)
+
+    x, y = datasets.synthetic(n=333, features=20, classes=4, seed=1)
+    weights = []
+    for cuda_graphs in (False, True):
+        model = _mlp(emulated)
+        nn.Trainer(model, optimizer=_adamw(), batch_size=32, seed=3, quiet=True,
+                   cuda_graphs=cuda_graphs).fit(x, y, epochs=3, callbacks=[WarmUp()])
+        weights.append(model.backend.to_host(model.flat_params))
+    assert replays[0] == 3 * 11 - 2  # the first steps of the full and the short batch run eagerly
     numpy.testing.assert_array_equal(*weights)
