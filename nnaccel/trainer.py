@@ -449,6 +449,7 @@ class Trainer:
                         callback.on_batch_end(self, step, value)
                 finally:
                     self._in_batch_hooks = False
+                model.train()  # a hook may have put it in eval mode (to predict): the steps train, as replayed ones do
             stop, interrupted = comm.any_flags(self.stop_training, self.interrupted)
             if interrupted:  # Ctrl-C reaches the ranks at different steps: they stop at the same one
                 self.stop_training = self.interrupted = True

@@ -366,3 +366,25 @@ def test_a_learning_rate_changed_every_step_replays_adam_s_graphs(emulated, repl
         weights.append(model.backend.to_host(model.flat_params))
     assert replays[0] == 3 * 11 - 2  # the first steps of the full and the short batch run eagerly
     numpy.testing.assert_array_equal(*weights)
+
+
+def test_a_hook_that_leaves_the_model_in_eval_mode_changes_no_step(emulated, replays):
+    """A callback that puts the model in eval mode after a step (to predict) leaves the next steps training,
+    as replayed ones do (eager steps went on in eval mode: no Dropout, BatchNorm's running statistics; the
+    weights of eager and graphed runs differed)."""
+    class Eval(nn.Callback):
+        def on_batch_end(self, trainer, step, loss):
+            if step == 3:
+                trainer.model.eval()
+
+    x, y = datasets.synthetic(n=333, features=20, classes=4, seed=1)
+    weights = []
+    for cuda_graphs, callbacks in ((False, []), (False, [Eval()]), (True, [Eval()])):
+        model = nn.Sequential(nn.Dense(20, 32, activation="tanh"), nn.Dropout(0.3), nn.BatchNorm(32), nn.Dense(32, 4),
+                              seed=5, device=emulated)
+        nn.Trainer(model, optimizer=_sgd(), batch_size=32, seed=3, quiet=True, cuda_graphs=cuda_graphs).fit(
+            x, y, callbacks=callbacks)
+        weights.append(model.backend.to_host(model.flat_params))
+    assert replays[0] == 11 - 2
+    for got in weights[1:]:
+        numpy.testing.assert_array_equal(got, weights[0])
