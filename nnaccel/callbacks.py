@@ -22,7 +22,8 @@ class Callback:
         pass
 
     def on_batch_end(self, trainer, step, loss):
-        """After every step, with the loss as a device array (reading it synchronises a GPU)."""
+        """After every step, with the loss as a device array (reading it synchronises a GPU); in a
+        distributed fit on every rank, with that rank's loss (NaN where a short last batch left it no rows)."""
 
     def on_epoch_end(self, trainer, logs):
         pass

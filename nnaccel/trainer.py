@@ -440,8 +440,10 @@ class Trainer:
                 ops.take_rows(x, index[lo:hi], xs)
                 ops.take_rows(y, index[lo:hi], ys)
             value, _ = run(xs, ys, rows[step], firsts[step], guard, step)
-            if value is not None and batch_hooks:
-                if graphed:  # a replay's loss is the graph's own array, which the next replay overwrites
+            if batch_hooks:  # on every rank after every step, so that ranks' hooks count the same steps
+                if value is None:  # a rank without rows of a short last batch: no loss of its own
+                    value = ops.xp.full((), numpy.nan, model.dtype)
+                elif graphed:  # a replay's loss is the graph's own array, which the next replay overwrites
                     value = value.copy()
                 self._in_batch_hooks = True
                 try:

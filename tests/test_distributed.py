@@ -9,6 +9,7 @@ here. Nothing in this process initialises MPI.
 
 import importlib.util
 import json
+import math
 import os
 import queue
 import re
@@ -177,6 +178,32 @@ def test_one_rank_distributed_loop_is_the_plain_loop_bit_for_bit(options):
     numpy.testing.assert_array_equal(model1.flat_params, model.flat_params)
     assert trainer1.history["loss"] == pytest.approx(trainer.history["loss"], rel=1e-12)
     assert trainer1.history["val_loss"] == pytest.approx(trainer.history["val_loss"], rel=1e-12)
+
+
+class SecondOfTwo(OneRank):
+    """Rank 1 of 2 whose partner adds nothing: enough to walk its part of the loop without MPI."""
+
+    rank, size = 1, 2
+
+
+def test_batch_hooks_run_on_a_rank_a_short_last_batch_left_no_rows():
+    """65 samples, 2 ranks x 32: the last global batch of 1 is rank 0's alone. Rank 1's hooks are still
+    called for that step, with a NaN loss, so that step-counting callbacks (a warm-up) agree across ranks;
+    they missed it, and the ranks' rates, then weights, drifted apart."""
+
+    class Losses(nn.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_batch_end(self, trainer, step, loss):
+            self.seen.append((step, float(loss)))
+
+    args = mpi_worker.parse(["unused", "--n", "65"])
+    _, trainer, (x, y) = mpi_worker.setup(args, batch=32, communicator=SecondOfTwo())
+    hooks = Losses()
+    trainer.fit(x, y, epochs=1, callbacks=[hooks])
+    assert [step for step, _ in hooks.seen] == [0, 1]
+    assert math.isfinite(hooks.seen[0][1]) and math.isnan(hooks.seen[1][1])
 
 
 def test_mid_epoch_checkpoint_needs_the_same_samples_per_step(tmp_path):
