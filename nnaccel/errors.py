@@ -62,6 +62,14 @@ def shown(value):
     return f"{value!r} (a {type(value).__name__})"
 
 
+def check_flag(value, what):
+    """``value`` as a bool: True, False (NumPy's too) or the ints 1 and 0, else a ConfigError naming ``what``
+    (bool("False") is True: a string is refused)."""
+    if isinstance(value, (bool, numpy.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise ConfigError(f"{what} must be True or False, got {shown(value)}")
+
+
 def check_int(value, what, minimum=1):
     """``value`` as an int of at least ``minimum`` (bools refused), or a ConfigError naming ``what``."""
     if isinstance(value, bool) or not hasattr(value, "__index__") or value < minimum:

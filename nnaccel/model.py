@@ -10,7 +10,7 @@ import numpy
 
 from . import activations, layers as layers_module
 from .backend import array_device, cuda_status, get_backend
-from .errors import ConfigError, ShapeError, check_array, check_int, check_seed
+from .errors import ConfigError, ShapeError, check_array, check_flag, check_int, check_seed
 from .layers import Layer, Parameter, describe_shape
 
 FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
@@ -195,7 +195,7 @@ class Sequential:
 
     def train(self, mode=True):
         """Training mode (Dropout active) or not; returns self."""
-        self.training = bool(mode)
+        self.training = check_flag(mode, "mode")
         return self
 
     def eval(self):

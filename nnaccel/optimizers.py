@@ -10,7 +10,7 @@ import math
 import numpy
 
 from .backend import array_device
-from .errors import ConfigError, check_int, check_number, check_saveable, described, range_problem
+from .errors import ConfigError, check_flag, check_int, check_number, check_saveable, described, range_problem
 
 
 class Optimizer:
@@ -92,7 +92,7 @@ class SGD(Optimizer):
     def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
         super().__init__(lr, weight_decay)
         self.momentum = check_number(momentum, "momentum", allow_zero=True)
-        self.nesterov = bool(nesterov)
+        self.nesterov = check_flag(nesterov, "nesterov")
         if self.nesterov and self.momentum == 0.0:
             raise ConfigError("Nesterov momentum needs momentum > 0")
 

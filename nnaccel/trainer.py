@@ -21,8 +21,8 @@ import numpy
 from . import checkpoint, losses, optimizers
 from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves, check_no_validation_monitored
 from .backend import PRECISIONS, array_device
-from .errors import (CheckpointError, ConfigError, NnaccelError, ShapeError, check_array, check_int, check_seed,
-                     described)
+from .errors import (CheckpointError, ConfigError, NnaccelError, ShapeError, check_array, check_flag, check_int,
+                     check_seed, described)
 from .layers import BatchNorm, RandomLayer
 from .model import Sequential, check_float_range
 
@@ -87,7 +87,7 @@ class Trainer:
         self._last_weights = None  # the last epoch's (params, buffers) while the model holds an earlier epoch's
         self.plan = None  # the command line's plan of the run ({"epochs", "validation_split", "data"}), kept in checkpoints
         self.communicator = communicator
-        self.cuda_graphs = bool(cuda_graphs)
+        self.cuda_graphs = check_flag(cuda_graphs, "cuda_graphs")
         if precision not in PRECISIONS:
             raise ConfigError(f"precision {precision!r} is not one of {', '.join(map(repr, PRECISIONS))}")
         self.precision = precision

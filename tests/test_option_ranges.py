@@ -312,6 +312,13 @@ LIBRARY = [
     ("StepLR(gamma='0.5')", lambda: nn.StepLR(2, gamma="0.5"), r"StepLR gamma .*, got '0.5' \(a str\)$"),
     ("EarlyStopping(min_delta=True)", lambda: nn.EarlyStopping(min_delta=True), r"min_delta .*True \(a bool\)$"),
     ("Dense(True, 3)", lambda: nn.Dense(True, 3), r"Dense in_features .*, got True \(a bool\)$"),
+    # bool() takes any string, "False" too: a flag is True, False, 1 or 0
+    ("SGD(nesterov='False')", lambda: nn.SGD(momentum=0.9, nesterov="False"),
+     r"^nesterov must be True or False, got 'False' \(a str\)$"),
+    ("Trainer(cuda_graphs='no')", lambda: nn.Trainer(nn.Sequential(nn.Dense(4, 3)), cuda_graphs="no"),
+     r"^cuda_graphs must be True or False, got 'no' \(a str\)$"),
+    ("model.train('eval')", lambda: nn.Sequential(nn.Dense(4, 3)).train("eval"),
+     r"^mode must be True or False, got 'eval' \(a str\)$"),
 ]
 
 
@@ -326,6 +333,7 @@ def test_the_library_keeps_pytorchs_latitude():
     assert nn.SGD(lr=0.1, momentum=1.5).momentum == 1.5
     assert nn.StepLR(3, gamma=2.0).gamma == 2.0
     assert nn.Dropout(0.0).rate == 0.0
+    assert nn.SGD(momentum=0.9, nesterov=numpy.True_).nesterov is True and nn.SGD(nesterov=0).nesterov is False
     assert nn.SGD(lr=numpy.float32(0.5), momentum=numpy.float64(0.9)).momentum == 0.9  # NumPy's scalars are numbers
     assert nn.Adam(betas=numpy.array([0.5, 0.25])).betas == (0.5, 0.25)
     assert nn.BatchNorm(4, momentum=numpy.int64(0)).momentum == 0.0
