@@ -181,7 +181,8 @@ def plot_activations(model, x, path, loss=None):
             classes = list(range(values.size)) if values.size > 1 else [1]  # one output: class 1's score
             colours = ["tab:red" if c == predicted else "tab:gray" for c in classes]
             axis.bar(range(values.size), values, color=colours)
-            axis.set_xticks(range(values.size), [str(c) for c in classes])
+            every = -(-values.size // 20)  # at most 20 labels: more overlap in a panel this wide
+            axis.set_xticks(range(0, values.size, every), [str(c) for c in classes[::every]])
             axis.set_xlabel("class")
             axis.set_ylabel("output")
             axis.set_title(f"{title}\npredicted {predicted} (p {probabilities[predicted]:.2f})")

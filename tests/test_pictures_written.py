@@ -137,6 +137,20 @@ def test_titles_count_one_map_or_neuron_in_the_singular(tmp_path, monkeypatch):
     assert "first-layer weights of 1 neuron, as 28x28 images" in titles
 
 
+def test_the_output_panel_labels_at_most_20_classes(tmp_path, monkeypatch):
+    """10 outputs: every class labelled; 40: every second (the labels of 40 overlapped)."""
+    from matplotlib.axes import Axes
+
+    ticks = []
+    monkeypatch.setattr(Axes, "set_xticks", lambda axis, places, labels=None, **kwargs:
+                        ticks.append((list(places), labels)))
+    for outputs in (10, 40):
+        model = nn.Sequential(nn.Dense(784, 16, activation="relu"), nn.Dense(16, outputs), device="cpu")
+        visualize.plot_activations(model, np.random.default_rng(0).random(784), tmp_path / "a.png")
+    assert ticks[0] == (list(range(10)), [str(c) for c in range(10)])
+    assert ticks[1] == (list(range(0, 40, 2)), [str(c) for c in range(0, 40, 2)])
+
+
 def test_weights_after_a_flatten_of_channels_are_drawn_as_the_image_averaged_over_them(tmp_path, monkeypatch):
     """A Dense after the flatten of a 3-channel 8x8 input: one 8x8 tile per neuron, the mean over the channels,
     as a convolution's filters are drawn (it was refused: '192 inputs do not make a square image')."""
