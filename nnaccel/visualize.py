@@ -190,7 +190,8 @@ def plot_activations(model, x, path, loss=None):
             image = axis.imshow(_mosaic(list(values), gap=1), cmap="magma", interpolation="nearest")
             axis.axis("off")
             figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
-            axis.set_title(f"layer {index}: {type(layer).__name__}\n{values.shape[0]} map{'s' * (values.shape[0] != 1)} of "
+            maps = values.shape[0]
+            axis.set_title(f"layer {index}: {type(layer).__name__}\n{maps} map{'s' * (maps != 1)} of "
                            f"{values.shape[1]}x{values.shape[2]}")
         elif values.size <= 32:
             axis.bar(range(values.size), values, color="tab:blue")
