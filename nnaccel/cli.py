@@ -817,7 +817,14 @@ def _load_trained(args):
 def cmd_predict(args):
     model, loss, _ = _load_trained(args)
     inputs = numpy.stack([images.prepare_for_model(path, model.in_features) for path in args.images])
-    for path, probs in zip(args.images, visualize.predict_proba(model, inputs, loss)):
+    with numpy.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, naming the picture
+        probabilities = visualize.predict_proba(model, inputs, loss)
+    broken = [path for path, probs in zip(args.images, probabilities) if not numpy.isfinite(probs).all()]
+    if broken:  # the argmax of NaN would name digit 0
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise CheckpointError(f"{args.model} computes outputs that are not finite for {broken[0]}{more}: its "
+                              f"weighted sums overflow {model.dtype}, so it names no digit; retrain it")
+    for path, probs in zip(args.images, probabilities):
         top = numpy.argsort(-probs, kind="stable")[:3]
         if args.json:
             print(_json({"file": path, "digit": int(top[0]),
