@@ -578,7 +578,7 @@ class Trainer:
 
     def load_checkpoint(self, path):
         """Restore weights, optimizer, RNG, epoch and history from ``path``: the saved run goes on, with
-        its optimizer settings, schedule and loss in place of this trainer's (as PyTorch's
+        its model seed (Dropout's draws), optimizer settings, schedule and loss in place of this trainer's (as PyTorch's
         ``load_state_dict`` replaces an optimizer's settings; a warning names those that differed).
         Change them after loading to train on differently."""
         return self.restore(*checkpoint.read(path), path)
@@ -600,10 +600,11 @@ class Trainer:
                 f"({self.batch_size} x {self.world_size} process(es)); resume it with {saved_batch} samples per "
                 f"step (batch_size x processes)")
         here = {"optimizer": self.optimizer.config(), "loss": self.loss.name,
-                "schedule": optimizers.schedule_config(self.schedule)}
+                "schedule": optimizers.schedule_config(self.schedule), "model seed": self.model.seed}
         checkpoint.restore_model(self.model, meta, arrays, path)  # checked again (microseconds), then copied
         checkpoint.restore_optimizer(self.optimizer, meta, arrays, path)
-        saved = {"optimizer": meta["optimizer"]["config"], "loss": state["loss"], "schedule": state.get("schedule")}
+        saved = {"optimizer": meta["optimizer"]["config"], "loss": state["loss"], "schedule": state.get("schedule"),
+                 "model seed": self.model.seed}  # restore_model set the checkpoint's (Dropout's draws)
         differing = [name for name in saved if here[name] != saved[name]]
         if "schedule" in differing:
             self.schedule = optimizers.schedule_from(saved["schedule"])

@@ -114,6 +114,7 @@ def test_a_checkpoint_resumes_as_saved_whatever_the_loading_trainer_was_built_wi
     warning = capsys.readouterr().err
     assert "goes on as saved, in place of this trainer's optimizer" in warning
     assert "'momentum': 0.9" in warning and "schedule None" in warning and "loss mse" in warning
+    assert "model seed 0 (now 5)" in warning  # Dropout draws from the checkpoint's seed, not the model's 0
     trainer.quiet = True
     trainer.fit(x, y, epochs=2)
     numpy.testing.assert_array_equal(model.flat_params, straight)
