@@ -298,7 +298,7 @@ def _check_ranges_against_data(args, trainer, samples):
     epochs = args.epochs - trainer.epoch
     if args.early_stopping and 0 < epochs <= args.early_stopping:
         _say(args, f"warning: --early-stopping {args.early_stopping} cannot stop a run of {epochs} more epoch(s): "
-                   f"it stops after {args.early_stopping} epochs without improvement")
+                   f"it stops after {args.early_stopping} epoch{'s' * (args.early_stopping != 1)} without improvement")
     if args.schedule == "step" and not args.resume and args.step_size >= args.epochs:
         _say(args, f"warning: --step-size {args.step_size} >= --epochs {args.epochs}: the step schedule never "
                    f"lowers the learning rate")
@@ -525,7 +525,7 @@ def _plan_resumed_epochs(args, trainer):
     elif trainer.epoch < args.epochs != schedule.t_max:
         trainer.schedule = optimizers.CosineAnnealing(args.epochs, schedule.eta_min)
         rate = trainer.schedule.lr_at(trainer.epoch, trainer.optimizer.base_lr)
-        _say(args, f"the cosine schedule of {args.resume} runs over {schedule.t_max} epochs; --epochs "
+        _say(args, f"the cosine schedule of {args.resume} runs over {schedule.t_max} epoch{'s' * (schedule.t_max != 1)}; --epochs "
                    f"{args.epochs} plans it again over {args.epochs}: learning rate {rate:.4g} in epoch "
                    f"{trainer.epoch + 1}")
     if args.epochs <= trainer.epoch:

@@ -240,6 +240,8 @@ def test_settings_that_cannot_take_effect_are_warned_about(capsys, tmp_path, mon
     err = capsys.readouterr().err
     assert "warning: --early-stopping 3 cannot stop a run of 1 more epoch(s)" in err
     assert "warning: --step-size 5 >= --epochs 1: the step schedule never lowers the learning rate" in err
+    assert cli.main([*argv, "--early-stopping", "1"]) == 0
+    assert "it stops after 1 epoch without improvement\n" in capsys.readouterr().err  # not '1 epochs'
 
 
 # ----- end to end: the installed command ----------------------------------------------------------------
