@@ -21,3 +21,18 @@ from .trainer import OutOfMemory, Trainer, TrainingDiverged
 __version__ = "0.1.0"
 
 from . import onnx  # noqa: E402  (nnaccel.onnx.export; it needs __version__; the onnx package loads on first use)
+
+__all__ = [  # the public API: what the imports above bring in
+    "activations", "datasets", "onnx",
+    "ELU", "GELU", "LeakyReLU", "Linear", "ReLU", "SiLU", "Sigmoid", "Softmax", "Softplus", "Tanh",
+    "cuda_status", "get_backend", "resolve_device",
+    "Callback", "CSVLogger", "EarlyStopping", "ModelCheckpoint", "PlotCurves",
+    "load",
+    "CheckpointError", "ConfigError", "DataError", "DeviceError", "NnaccelError", "OutputError", "ShapeError",
+    "AvgPool2D", "BatchNorm", "Conv2D", "Dense", "Dropout", "Flatten", "Maxout", "MaxPool2D", "Parameter",
+    "RandomShift",
+    "MSE", "MeanSquaredError", "SigmoidCrossEntropy", "SoftmaxCrossEntropy",
+    "Sequential",
+    "SGD", "Adam", "AdamW", "CosineAnnealing", "StepLR",
+    "OutOfMemory", "Trainer", "TrainingDiverged",
+]
