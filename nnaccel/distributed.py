@@ -28,6 +28,7 @@ first use only; ``pip install 'nnaccel[mpi]'`` installs it with MPICH.
 """
 
 import atexit
+import importlib
 import os
 import re
 import shutil
@@ -223,7 +224,7 @@ def rank_device(device="auto"):
 def _nccl_module():
     """``cupy.cuda.nccl`` when it loads NCCL, else a ConfigError saying why and what to install."""
     try:
-        import cupy  # noqa: F401
+        importlib.import_module("cupy")
     except ImportError:
         raise ConfigError("CuPy is not installed (pip install 'nnaccel[cuda12]' or 'nnaccel[cuda13]')") from None
     with warnings.catch_warnings():
@@ -231,7 +232,7 @@ def _nccl_module():
         from cupy.cuda import nccl
     if not getattr(nccl, "available", False):
         try:
-            from cupy_backends.cuda.libs import nccl as _libs  # noqa: F401  (gives the loader's reason)
+            importlib.import_module("cupy_backends.cuda.libs.nccl")  # (its ImportError gives the loader's reason)
             reason = "cupy.cuda.nccl is not available"
         except ImportError as error:
             reason = str(error).strip().splitlines()[0]
