@@ -192,7 +192,6 @@ _FROM_LOGITS = {"sparse_categorical_crossentropy": "softmax_cross_entropy (logit
                 "binary_crossentropy": "sigmoid_cross_entropy (logits: Keras's binary_crossentropy with "
                                        "from_logits=True)"}
 MSE = MeanSquaredError
-BCEWithLogits = SigmoidCrossEntropy
 
 
 def saved_name(loss):
