@@ -171,18 +171,20 @@ class GELU(Activation):
 
     name, code, init, uses_output = "gelu", 7, "he", False
 
-    def forward(self, ops, z, out):
-        xp = ops.xp
+    @staticmethod
+    def _normal_cdf(ops, z):
+        """``Phi(z) = (1 + erf(z / sqrt 2)) / 2``, a new array."""
         cdf = ops.erf(z * (1.0 / math.sqrt(2.0)))
         cdf += 1.0
         cdf *= 0.5
-        return xp.multiply(z, cdf, out=out)
+        return cdf
+
+    def forward(self, ops, z, out):
+        return ops.xp.multiply(z, self._normal_cdf(ops, z), out=out)
 
     def backward(self, ops, dy, y, z, out):
         xp = ops.xp
-        cdf = ops.erf(z * (1.0 / math.sqrt(2.0)))
-        cdf += 1.0
-        cdf *= 0.5
+        cdf = self._normal_cdf(ops, z)
         pdf = xp.exp(z * z * -0.5)
         pdf *= 1.0 / math.sqrt(2.0 * math.pi)
         pdf *= z
