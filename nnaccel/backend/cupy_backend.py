@@ -45,7 +45,13 @@ def _fused_storage(*arrays, index=None):
     return False
 
 
+def _elementwise(activation):
+    """Whether the elementwise kernels compute ``activation`` (all but softmax, which has row kernels)."""
+    return activation.code in cuda_kernels.ACT_CODES.values()
+
+
 _COMPUTE_TYPES = {"tf32": "COMPUTE_TYPE_TF32", "bf16": "COMPUTE_TYPE_BF16"}  # cuBLAS compute types
+
 
 class CupyBackend(Backend):
     """Ops on one CUDA device through CuPy and the fused kernels."""
@@ -115,7 +121,7 @@ class CupyBackend(Backend):
                 f"cuBLAS's bfloat16 GEMMs need 8.0 or later, so the layers store float32")
 
     def storage_dtype(self, dtype, activation):
-        if self.bf16_storage and dtype == numpy.float32 and activation.code in cuda_kernels.ACT_CODES.values():
+        if self.bf16_storage and dtype == numpy.float32 and _elementwise(activation):
             return BF16
         return dtype
 
@@ -169,12 +175,12 @@ class CupyBackend(Backend):
                 f"try a smaller --batch-size")
 
     def bias_act(self, z, bias, activation, out):
-        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused_storage(z, bias, out):
+        if not _elementwise(activation) or not _fused_storage(z, bias, out):
             return super().bias_act(z, bias, activation, out)
         return cuda_kernels.bias_act(z, bias, activation.code, activation.param, out)
 
     def act_backward(self, dy, y, z, activation, out, bias_grad=None):
-        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused_storage(dy, y, z, out, bias_grad):
+        if not _elementwise(activation) or not _fused_storage(dy, y, z, out, bias_grad):
             return super().act_backward(dy, y, z, activation, out, bias_grad)
         return cuda_kernels.act_backward(dy, y, z, activation.code, activation.param, out, bias_grad)
 
@@ -232,12 +238,12 @@ class CupyBackend(Backend):
         return cuda_kernels.col2im(columns, window, out)
 
     def bias_act_to_nchw(self, z, bias, activation, rows, out):
-        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused_storage(z, bias, rows, out):
+        if not _elementwise(activation) or not _fused_storage(z, bias, rows, out):
             return super().bias_act_to_nchw(z, bias, activation, rows, out)
         return cuda_kernels.bias_act_to_nchw(z, bias, activation.code, activation.param, rows, out)
 
     def act_backward_from_nchw(self, dy, y, z, activation, out, bias_grad=None):
-        if activation.code not in cuda_kernels.ACT_CODES.values() or not _fused_storage(dy, y, z, out, bias_grad):
+        if not _elementwise(activation) or not _fused_storage(dy, y, z, out, bias_grad):
             return super().act_backward_from_nchw(dy, y, z, activation, out, bias_grad)
         return cuda_kernels.act_backward_from_nchw(dy, y, z, activation.code, activation.param, out, bias_grad)
 
