@@ -210,7 +210,7 @@ def _flat_input(layer, shape, width):
 def _largest_window(window, input_shape):
     """What would fit where ``window`` does not fit a (channels, height, width) input: the largest window
     with its padding."""
-    height, width = (side + 2 * pad for side, pad in zip(input_shape[1:], (window.ph, window.pw)))
+    height, width = window.padded_size(*input_shape[1:])
     return f": at most {height}x{width} with {'that' if window.ph or window.pw else 'no'} padding would fit"
 
 

@@ -59,6 +59,21 @@ class Window(NamedTuple):
         """(out height, out width) of the window positions that fit, as PyTorch counts them (no ceil mode)."""
         return ((height + 2 * self.ph - self.kh) // self.sh + 1, (width + 2 * self.pw - self.kw) // self.sw + 1)
 
+    def padded_size(self, height, width):
+        """(height, width) of an input inside its border of padding."""
+        return height + 2 * self.ph, width + 2 * self.pw
+
+    def inside(self, height, width):
+        """The index of a (..., height, width) input within its padded array."""
+        return ..., slice(self.ph, self.ph + height), slice(self.pw, self.pw + width)
+
+    def corners(self, xp, out_height, out_width, width):
+        """(rows, cols, corner): the first input row and column of each window position (below 0 in the
+        padding), and ``corner`` (OH, OW) its place ``row * width + col`` in the input plane, all int32."""
+        rows = xp.arange(out_height, dtype=numpy.int32) * self.sh - self.ph
+        cols = xp.arange(out_width, dtype=numpy.int32) * self.sw - self.pw
+        return rows, cols, rows[:, None] * width + cols[None, :]
+
 
 def _windows(array, window, out_height, out_width):
     """The (i, j) offset's view of every window position: ``[(i, j, view (N, C, OH, OW))]`` over ``array``
@@ -305,9 +320,9 @@ class Backend:
         if not (window.ph or window.pw):
             return x
         n, c, h, w = x.shape
-        padded = self._work((n, c, h + 2 * window.ph, w + 2 * window.pw), x.dtype, slot)
+        padded = self._work((n, c, *window.padded_size(h, w)), x.dtype, slot)
         padded.fill(fill)
-        padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w] = x
+        padded[window.inside(h, w)] = x
         return padded
 
     def in_image_layout(self, x, store, key):
@@ -342,10 +357,10 @@ class Backend:
         """``x`` (N, C, H, W) as a zero-padded (C, N, H + 2 ph, W + 2 pw) view of a work array in the
         columns' order: im2col's columns are channel-major, so its windows copy without a transpose each."""
         n, c, h, w = x.shape
-        padded = self._padded_work(c, n, h + 2 * window.ph, w + 2 * window.pw, x.dtype, slot)
+        padded = self._padded_work(c, n, *window.padded_size(h, w), x.dtype, slot)
         if window.ph or window.pw:
             padded.fill(0)
-        padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w] = x.transpose(1, 0, 2, 3)
+        padded[window.inside(h, w)] = x.transpose(1, 0, 2, 3)
         return padded
 
     def im2col(self, x, window, out):
@@ -364,12 +379,12 @@ class Backend:
         into ``out`` (N, C, H, W), offsets in increasing order (a fixed, deterministic sum)."""
         n, c, h, w = out.shape
         oh, ow = window.output_size(h, w)
-        padded = self._padded_work(c, n, h + 2 * window.ph, w + 2 * window.pw, out.dtype, "col2im")
+        padded = self._padded_work(c, n, *window.padded_size(h, w), out.dtype, "col2im")
         padded.fill(0)
         windows = self.by_image(columns, (c, window.kh, window.kw), n, (oh, ow))
         for i, j, view in _windows(padded, window, oh, ow):
             view += windows[:, i, j]
-        out[...] = padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w].transpose(1, 0, 2, 3)
+        out[...] = padded[window.inside(h, w)].transpose(1, 0, 2, 3)
         return out
 
     def image_rows(self, images):
@@ -419,9 +434,7 @@ class Backend:
         xp = self.xp
         n, c, h, w = x.shape
         oh, ow = out.shape[2:]
-        rows = xp.arange(oh, dtype=numpy.int32) * window.sh - window.ph
-        cols = xp.arange(ow, dtype=numpy.int32) * window.sw - window.pw
-        corner = rows[:, None] * w + cols[None, :]
+        rows, cols, corner = window.corners(xp, oh, ow, w)
         if (window.kh, window.kw) == (2, 2) and self._tiles(window, x.shape):
             self._maxpool_2x2(x, corner, out, index)
             if not bool(xp.isnan(out).any()):  # (a window holding a NaN has it as its maximum)
@@ -467,8 +480,7 @@ class Backend:
         xp = self.xp
         n, c, h, w = out.shape
         oh, ow = dy.shape[2:]
-        corner = ((xp.arange(oh, dtype=numpy.int32) * window.sh - window.ph)[:, None] * w
-                  + (xp.arange(ow, dtype=numpy.int32) * window.sw - window.pw)[None, :])
+        corner = window.corners(xp, oh, ow, w)[2]
         if self._tiles(window, out.shape):  # each input belongs to one window: write, no sum
             # dy's bits and'ed with all ones or all zeros: exact beside inf and NaN, where a product by the mask
             # gives NaN (0 * inf), and as fast as that product (masked copies took 5x as long)
@@ -478,11 +490,11 @@ class Backend:
                 mask = -(index == corner + numpy.int32(i * w + j)).view(numpy.int8)  # -1 at the maximum, else 0
                 xp.bitwise_and(dy.view(bits), mask, out=windows[:, :, :, i, :, j])
             return out
-        padded = self._work((n, c, h + 2 * window.ph, w + 2 * window.pw), out.dtype, "maxpool_backward")
+        padded = self._work((n, c, *window.padded_size(h, w)), out.dtype, "maxpool_backward")
         padded.fill(0)
         for i, j, view in _windows(padded, window, oh, ow):
             view += xp.where(index == corner + numpy.int32(i * w + j), dy, 0)
-        out[...] = padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w]
+        out[...] = padded[window.inside(h, w)]
         return out
 
     def avgpool_forward(self, x, window, out):
@@ -498,13 +510,13 @@ class Backend:
         """Each output's gradient shared equally by its window's inputs, into ``out`` (N, C, H, W)."""
         n, c, h, w = out.shape
         oh, ow = dy.shape[2:]
-        padded = self._work((n, c, h + 2 * window.ph, w + 2 * window.pw), out.dtype, "avgpool_backward")
+        padded = self._work((n, c, *window.padded_size(h, w)), out.dtype, "avgpool_backward")
         padded.fill(0)
         share = self._work(dy.shape, dy.dtype, "avgpool_share")
         self.xp.multiply(dy, 1.0 / (window.kh * window.kw), out=share)
         for _, _, view in _windows(padded, window, oh, ow):
             view += share
-        out[...] = padded[:, :, window.ph:window.ph + h, window.pw:window.pw + w]
+        out[...] = padded[window.inside(h, w)]
         return out
 
     # ----- batch normalisation over (N, C, L) views ---------------------------------------------
