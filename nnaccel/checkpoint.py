@@ -242,7 +242,8 @@ def save(path, model, optimizer=None, trainer_state=None, trainer_arrays=None):
         arrays.update({f"optim/{name}": numpy.asarray(buf, model.dtype) for name, buf in state["buffers"].items()})
     if trainer_state is not None:
         meta["trainer"] = trainer_state
-        arrays.update({name: numpy.asarray(_host(array), model.dtype) for name, array in (trainer_arrays or {}).items()})
+        arrays.update({name: numpy.asarray(_host(array), model.dtype)
+                       for name, array in (trainer_arrays or {}).items()})
     arrays["meta"] = numpy.array(json.dumps(meta))
     atomic_write(path, lambda handle: numpy.savez(handle, **arrays))
 

@@ -127,11 +127,12 @@ def build_parser():
                                        "shiftM (RandomShift M px), flatten (added before the first Dense or "
                                        "Maxout after image layers). Dense and conv take --activation and bn is "
                                        "linear, unless one names its own: N:ACT, conv...:ACT, bn:ACT (not the "
-                                       "output layer: the loss takes its logits); ACT is NAME[:VALUE] as --activation's, e.g. "
-                                       "128:leaky_relu:0.2. E.g. "
+                                       "output layer: the loss takes its logits); ACT is NAME[:VALUE] as "
+                                       "--activation's, e.g. 128:leaky_relu:0.2. E.g. "
                                        "conv6k5p2,maxpool2,conv16k5,maxpool2,120,84,10, or with PyTorch's "
                                        "Conv2d-BatchNorm2d-ReLU blocks conv6k5p2:linear,bn:relu,maxpool2,120,10. "
-                                       f"Presets (--model): {', '.join(f'{k} = {v}' for k, v in architectures.PRESETS.items())}.")
+                                       "Presets (--model): "
+                                       f"{', '.join(f'{k} = {v}' for k, v in architectures.PRESETS.items())}.")
     data = train.add_argument_group("data")
     data.add_argument("--data",
                       help="'mnist' (the 7,996 real 28x28 MNIST digits nnaccel ships, default; with --resume the "
@@ -144,8 +145,8 @@ def build_parser():
                            "--resume, the run's)")
     data.add_argument("--augment", type=_non_negative_int, nargs="?", const=2, metavar="PIXELS",
                       help="shift each training image by up to PIXELS (default 2) in each direction, drawn per "
-                           "image and epoch (a RandomShift layer first, and a Flatten after it for an MLP; square images only; "
-                           "below half the side)")
+                           "image and epoch (a RandomShift layer first, and a Flatten after it for an MLP; square "
+                           "images only; below half the side)")
     net = train.add_argument_group("network")
     shape = net.add_mutually_exclusive_group()
     shape.add_argument("--layers", help="the architecture, e.g. 784,256,10 or conv6k5p2,maxpool2,120,10 (grammar "
@@ -492,7 +493,8 @@ def _check_outputs(args, trainer=None):
         return
     if args.save:
         left = args.epochs - trainer.epoch if trainer is not None else 0
-        size = checkpoint.expected_size(trainer.model, trainer.optimizer, 2 * bool(args.early_stopping)) if left > 0 else 0
+        size = (checkpoint.expected_size(trainer.model, trainer.optimizer, 2 * bool(args.early_stopping))
+                if left > 0 else 0)
         checkpoint.check_writable(args.save, "--save", size, rewritten=left > 1 or bool(args.early_stopping))
     elif trainer is None:
         try:
@@ -670,9 +672,10 @@ def _train(args):
         launch = f"mpiexec -n {trainer.world_size} nnaccel train --distributed" if args.distributed else "nnaccel train"
         if trainer.rank == 0:
             quoted = _shell_path(path)
-            print(f"nnaccel train: interrupted by {signal.Signals(stopped_by).name} in epoch {trainer.epoch + 1} after step "
-                  f"{step}; checkpoint written to {path}; resume with: {launch} --resume {quoted} --save {quoted} "
-                  f"--data {_shell_path(args.data)} --validation-split {args.validation_split} --epochs {args.epochs}"
+            print(f"nnaccel train: interrupted by {signal.Signals(stopped_by).name} in epoch {trainer.epoch + 1} "
+                  f"after step {step}; checkpoint written to {path}; resume with: {launch} --resume {quoted} "
+                  f"--save {quoted} --data {_shell_path(args.data)} --validation-split {args.validation_split} "
+                  f"--epochs {args.epochs}"
                   + _options_of_the_run(args), file=sys.stderr)
         return 128 + stopped_by
     if trainer.rank != 0:  # the other ranks are done; rank 0 reports

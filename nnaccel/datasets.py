@@ -263,8 +263,9 @@ def _find_idx_pair(folder, split):
     labels, labels_looked_for = _find_idx(folder, prefix, "labels", 1)
     if images is None and labels is None:
         other = "test" if split == "train" else "train"
-        there = (f" (it holds only the {other} split, {_SPLIT_PREFIX[other]}-*)" if any(_find_idx(folder, _SPLIT_PREFIX[other], kind, dims)[0]
-                                     for kind, dims in (("images", 3), ("labels", 1))) else "")
+        holds_other = any(_find_idx(folder, _SPLIT_PREFIX[other], kind, dims)[0]
+                          for kind, dims in (("images", 3), ("labels", 1)))
+        there = f" (it holds only the {other} split, {_SPLIT_PREFIX[other]}-*)" if holds_other else ""
         raise MissingSplit(
             f"no {split} split in {folder}: looked for {images_looked_for} "
             f"and {labels_looked_for}{there}"

@@ -454,7 +454,8 @@ class Conv2D(Layer):
 
     def param_specs(self):
         shape = (self.out_channels, self.in_channels, *self.kernel_size)
-        fan_in, fan_out = self.in_channels * math.prod(self.kernel_size), self.out_channels * math.prod(self.kernel_size)
+        area = math.prod(self.kernel_size)
+        fan_in, fan_out = self.in_channels * area, self.out_channels * area
         return [
             ("weight", shape, lambda rng, dtype: init_weight(self.init, shape, fan_in, fan_out, rng, dtype)),
             ("bias", (self.out_channels,), lambda rng, dtype: numpy.zeros(self.out_channels, dtype)),
@@ -637,7 +638,8 @@ class BatchNorm(Layer):
             raise ConfigError(f"normalises {self.num_features} features or channels (F or C x H x W) but gets a "
                               f"{describe_shape(input_shape)} input: BatchNorm({input_shape[0]}) would fit"
                               if len(input_shape) in (1, 3) else
-                              f"takes (features) or (channels, height, width) inputs, not {describe_shape(input_shape)}")
+                              f"takes (features) or (channels, height, width) inputs, not "
+                              f"{describe_shape(input_shape)}")
         if len(input_shape) == 3 and self.activation.name == "softmax":
             raise ConfigError("applies a softmax only over features, not over the channels of images: give the "
                               "softmax to the Conv2D before it, or to a Dense layer after a Flatten")

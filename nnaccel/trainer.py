@@ -85,7 +85,8 @@ class Trainer:
         self._fit_callbacks = None  # the callbacks of the last fit: its EarlyStopping states go into checkpoints
         self._restored_early_stopping = []  # (state, weights) of each a restored checkpoint holds, until a fit
         self._last_weights = None  # the last epoch's (params, buffers) while the model holds an earlier epoch's
-        self.plan = None  # the command line's plan of the run ({"epochs", "validation_split", "data"}), kept in checkpoints
+        # the command line's plan of the run ({"epochs", "validation_split", "data"}), kept in checkpoints
+        self.plan = None
         self.communicator = communicator
         self.cuda_graphs = check_flag(cuda_graphs, "cuda_graphs")
         if precision not in PRECISIONS:
@@ -621,7 +622,8 @@ class Trainer:
         self._samples = state.get("samples")
         self.plan = state.get("plan")
         self._fit_callbacks = None
-        self._last_weights = (tuple(self.model.backend.asarray(arrays[f"last/{part}"].astype(self.model.dtype, copy=False))
+        dtype = self.model.dtype
+        self._last_weights = (tuple(self.model.backend.asarray(arrays[f"last/{part}"].astype(dtype, copy=False))
                                     for part in ("params", "buffers")) if state.get("last_weights") else None)
         self._restored_early_stopping = [
             (kept, None if kept["weights_epoch"] is None else
