@@ -591,6 +591,35 @@ def _check_resumed_data(args, trainer, samples):
         _say(args, f"warning: {message}: its validation part may hold samples it trained on")
 
 
+def _say_what_the_resume_keeps(args, trainer, ignored):
+    """Warn of the ``ignored`` options and of early stopping state the checkpoint lacks; say where it resumes."""
+    if ignored:
+        _say(args, f"warning: --resume continues {args.resume} with its own model, loss, optimizer, schedule, "
+                   f"batch size and seed; {', '.join(ignored)} given here {'is' if len(ignored) == 1 else 'are'} "
+                   f"not used")
+    saved = [state["monitor"] for state, _ in trainer._restored_early_stopping]
+    if args.early_stopping and args.monitor not in saved:
+        held = (f"early stopping state of --monitor {', '.join(saved)}, not of --monitor {args.monitor}"
+                if saved else "no early stopping state (trained without --early-stopping)")
+        _say(args, f"warning: {args.resume} holds {held}: "
+                   f"--early-stopping {args.early_stopping} counts its patience (and the best epoch) from epoch "
+                   f"{trainer.epoch + 1}")
+    _say(args, f"resuming {args.resume} after epoch {trainer.epoch}"
+               + (f", step {trainer._resume_point['step']}" if trainer._resume_point else ""))
+
+
+def _say_how_to_resume(args, trainer, stopped_by):
+    """The line a run stopped by signal ``stopped_by`` prints: where its checkpoint is, the command resuming it."""
+    path = args.stop_checkpoint
+    step = trainer._resume_point["step"] if trainer._resume_point else 0
+    launch = f"mpiexec -n {trainer.world_size} nnaccel train --distributed" if args.distributed else "nnaccel train"
+    quoted = _shell_path(path)
+    print(f"nnaccel train: interrupted by {signal.Signals(stopped_by).name} in epoch {trainer.epoch + 1} "
+          f"after step {step}; checkpoint written to {path}; resume with: {launch} --resume {quoted} "
+          f"--save {quoted} --data {_shell_path(args.data)} --validation-split {args.validation_split} "
+          f"--epochs {args.epochs}" + _options_of_the_run(args), file=sys.stderr)
+
+
 def _train(args):
     from . import distributed
 
@@ -633,19 +662,7 @@ def _train(args):
     _apply_default_recipe(args, x.shape[1])
     if args.resume:
         _check_data_fits(trainer.model, x, args, "train", args.resume)
-        if ignored:
-            _say(args, f"warning: --resume continues {args.resume} with its own model, loss, optimizer, schedule, "
-                       f"batch size and seed; {', '.join(ignored)} given here {'is' if len(ignored) == 1 else 'are'} "
-                       f"not used")
-        saved = [state["monitor"] for state, _ in trainer._restored_early_stopping]
-        if args.early_stopping and args.monitor not in saved:
-            held = (f"early stopping state of --monitor {', '.join(saved)}, not of --monitor {args.monitor}"
-                    if saved else "no early stopping state (trained without --early-stopping)")
-            _say(args, f"warning: {args.resume} holds {held}: "
-                       f"--early-stopping {args.early_stopping} counts its patience (and the best epoch) from epoch "
-                       f"{trainer.epoch + 1}")
-        _say(args, f"resuming {args.resume} after epoch {trainer.epoch}"
-                   + (f", step {trainer._resume_point['step']}" if trainer._resume_point else ""))
+        _say_what_the_resume_keeps(args, trainer, ignored)
         _plan_resumed_epochs(args, trainer)
     else:
         args.epochs = args.epochs or DEFAULT_EPOCHS
@@ -667,16 +684,8 @@ def _train(args):
     if args.epochs > trainer.epoch:  # else nothing is left to train (_plan_resumed_epochs said so)
         stopped_by = _fit_and_save(trainer, args, (x_train, y_train), validation)
     if stopped_by is not None:
-        path = args.stop_checkpoint
-        step = trainer._resume_point["step"] if trainer._resume_point else 0
-        launch = f"mpiexec -n {trainer.world_size} nnaccel train --distributed" if args.distributed else "nnaccel train"
         if trainer.rank == 0:
-            quoted = _shell_path(path)
-            print(f"nnaccel train: interrupted by {signal.Signals(stopped_by).name} in epoch {trainer.epoch + 1} "
-                  f"after step {step}; checkpoint written to {path}; resume with: {launch} --resume {quoted} "
-                  f"--save {quoted} --data {_shell_path(args.data)} --validation-split {args.validation_split} "
-                  f"--epochs {args.epochs}"
-                  + _options_of_the_run(args), file=sys.stderr)
+            _say_how_to_resume(args, trainer, stopped_by)
         return 128 + stopped_by
     if trainer.rank != 0:  # the other ranks are done; rank 0 reports
         return 0
