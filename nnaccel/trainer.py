@@ -442,17 +442,7 @@ class Trainer:
                 ops.take_rows(y, index[lo:hi], ys)
             value, _ = run(xs, ys, rows[step], firsts[step], guard, step)
             if batch_hooks:  # on every rank after every step, so that ranks' hooks count the same steps
-                if value is None:  # a rank without rows of a short last batch: no loss of its own
-                    value = ops.xp.full((), numpy.nan, model.dtype)
-                elif graphed:  # a replay's loss is the graph's own array, which the next replay overwrites
-                    value = value.copy()
-                self._in_batch_hooks = True
-                try:
-                    for callback in batch_hooks:
-                        callback.on_batch_end(self, step, value)
-                finally:
-                    self._in_batch_hooks = False
-                model.train()  # a hook may have put it in eval mode (to predict): the steps train, as replayed ones do
+                self._batch_end(batch_hooks, step, value, graphed)
             stop, interrupted = comm.any_flags(self.stop_training, self.interrupted)
             if interrupted:  # Ctrl-C reaches the ranks at different steps: they stop at the same one
                 self.stop_training = self.interrupted = True
@@ -475,6 +465,22 @@ class Trainer:
         return {"epoch": self.epoch, "loss": loss_total / seen, "accuracy": correct_total / seen,
                 "lr": self.optimizer.lr, "samples_per_s": (seen - min(n, point["step"] * batch)) / elapsed,
                 "time_s": elapsed}
+
+    def _batch_end(self, hooks, step, value, graphed):
+        """The ``on_batch_end`` of ``hooks`` after ``step``, given its loss ``value`` (NaN where this rank had
+        no rows of a short last batch; a copy of a replay's, which the next replay overwrites)."""
+        model = self.model
+        if value is None:
+            value = model.backend.xp.full((), numpy.nan, model.dtype)
+        elif graphed:
+            value = value.copy()
+        self._in_batch_hooks = True
+        try:
+            for callback in hooks:
+                callback.on_batch_end(self, step, value)
+        finally:
+            self._in_batch_hooks = False
+        model.train()  # a hook may have put it in eval mode (to predict): the steps train, as replayed ones do
 
     def _evaluate_distributed(self, x, y, batch_size=None):
         """``_evaluate`` with each rank taking a part of the data set and the sums all-reduced."""
