@@ -670,7 +670,7 @@ class Backend:
         """How many rows of ``y`` have their maximum at ``labels`` (0-d array)."""
         return (y.argmax(axis=1) == labels).sum()
 
-    # ----- optimizers --------------------------------------------------------------
+    # ----- work arrays kept between calls ---------------------------------------------
     def _work(self, shape, dtype, slot, images=False):
         """A work array named ``slot`` of ``shape`` and ``dtype``, kept between calls, so that a step
         allocates (and page-faults) nothing once it has run; ``images`` (..., N, C, H, W) laid out by
@@ -712,6 +712,7 @@ class Backend:
         """Work array ``slot`` shaped like ``like`` (the optimizers' and BatchNorm's temporaries)."""
         return self._work(like.shape, like.dtype, slot)
 
+    # ----- optimizers --------------------------------------------------------------
     def _descend(self, param, step, scale, work):
         """``param -= scale * step``, the optimizers' last pass; ``work`` (which may be ``step``) takes the
         product."""
