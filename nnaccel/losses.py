@@ -74,7 +74,7 @@ class Loss:
         return {"type": type(self).__name__}
 
 
-def _float_targets(ops, target, outputs, dtype, what):
+def _float_targets(target, outputs, dtype, what):
     """Float targets of shape (n, outputs); a 1-D target fits a single output."""
     if target.ndim == 1 and outputs == 1:
         target = target.reshape(-1, 1)
@@ -94,7 +94,7 @@ def _are_labels(target, outputs):
 def _one_hot_or_float_targets(ops, target, outputs, dtype, what):
     """Integer labels as one-hot rows, any other target as ``_float_targets``."""
     if not _are_labels(target, outputs):
-        return _float_targets(ops, target, outputs, dtype, what)
+        return _float_targets(target, outputs, dtype, what)
     # An out-of-range label would be an all-zero row. The check needs the labels on the host: the Trainer
     # prepares a data set once; a direct forward() with integer labels on a GPU pays it each call.
     check_labels(ops.to_host(target), outputs, what)

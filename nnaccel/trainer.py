@@ -705,7 +705,7 @@ class _Step:
             self.masks.skip()
         self.comm.allreduce_sum_(grads)
         if check:
-            guard.after_allreduce(step, value, grads)
+            guard.after_allreduce(step, grads)
         if update:
             trainer.optimizer.step(model)
         if part:
@@ -748,6 +748,7 @@ class _DivergenceGuard:
         self.trainer, self.every = trainer, every
         self.snapshot, self.checked_step = None, None
         self.buffers_before = None  # the buffers from before a checked step's forward, while there is no snapshot
+        self.local_value = math.nan  # this rank's non-finite loss, which the error names (NaN: another rank's)
 
     # Every rank must get the same answer: a rank that finds its loss non-finite writes NaN into
     # its gradient buffer, so after the all-reduce every rank reads NaN in the first element and
@@ -772,13 +773,13 @@ class _DivergenceGuard:
             self.local_value = total
             grads[:1] = math.nan
 
-    def after_allreduce(self, step, value, grads):
+    def after_allreduce(self, step, grads):
         if math.isfinite(float(grads[0])):
             if self.every != 1:
                 self.take_snapshot(step)
             return
         self._restore()
-        self._fail(step, getattr(self, "local_value", math.nan), step if self.every == 1 else self.checked_step,
+        self._fail(step, self.local_value, step if self.every == 1 else self.checked_step,
                    all_ranks=True)
 
     def after_replay(self, step, loss_sum, comm):
