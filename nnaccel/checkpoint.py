@@ -24,7 +24,7 @@ or above ``MAX_SIZE``, NaN, unknown layers, optimizers, losses or
 schedules, a malformed trainer state) is refused too. Every refusal is a
 CheckpointError naming the file and the problem; no other exception
 escapes ``read``, ``load``, ``model_from`` or ``Trainer.restore`` for a bad
-file (``tests/test_hostile_checkpoints.py`` fuzzes them).
+file.
 """
 
 import contextlib

@@ -63,7 +63,7 @@ STORAGE_DTYPES = {**dict.fromkeys(("bias_act", "act_backward", "act_backward_bia
                                   STORAGE),
                   "to_storage": (BF16,), "from_storage": (BF16,)}
 # No fused multiply-adds (NVRTC's default contracts a*b + c): each kernel rounds as NumPy does, bit for bit
-# where its order of operations is NumPy's (pooling, the optimizer updates), and as the emulator compiles it.
+# where its order of operations is NumPy's (pooling, the optimizer updates).
 OPTIONS = ("-std=c++17", "--fmad=false")
 NULL = numpy.uint64(0)  # a null pointer argument: CuPy 13 passes None as a garbage pointer (cupy#9046)
 
