@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import atomic_write
-from .errors import ConfigError, OutputError, check_int, check_range
+from .errors import ConfigError, OutputError, check_flag, check_int, check_range
 
 
 class Callback:
@@ -89,7 +89,7 @@ class EarlyStopping(Callback, _Monitor):
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto", restore_best_weights=True):
         _Monitor.__init__(self, monitor, mode, min_delta)
         self.patience = check_int(patience, "patience", minimum=0)  # 0 stops where 1 does, as in Keras
-        self.restore_best_weights = restore_best_weights
+        self.restore_best_weights = check_flag(restore_best_weights, "restore_best_weights")
 
     def on_train_begin(self, trainer):
         self.best, self.wait, self.best_weights, self.best_epoch = math.inf, 0, None, None
@@ -184,7 +184,7 @@ class ModelCheckpoint(Callback, _Monitor):
         except (IndexError, KeyError, ValueError, TypeError, AttributeError) as error:  # {}, {a}, {epoch[0]}...
             raise ConfigError(f"ModelCheckpoint path {self.path!r} is not a template of {{epoch}} only "
                               f"({type(error).__name__}: {error}); write {{{{ and }}}} for braces") from None
-        self.save_best_only = save_best_only
+        self.save_best_only = check_flag(save_best_only, "save_best_only")
 
     def watching(self):
         return self.save_best_only
@@ -209,7 +209,7 @@ class CSVLogger(Callback):
 
     def __init__(self, path, append=False):
         self.path = Path(path)
-        self.append = append
+        self.append = check_flag(append, "append")
         self._replacing = False
 
     def on_train_begin(self, trainer):

@@ -71,7 +71,7 @@ class Trainer:
                               f"object with lr_at), got {described(schedule)}")
         self.schedule = schedule
         self.callbacks = _callback_list(callbacks, "Trainer callbacks")
-        self.quiet = quiet
+        self.quiet = check_flag(quiet, "quiet")
         self.epoch = 0
         self.history = {}
         self.stop_training = self.interrupted = self._stop_requested = False
@@ -93,7 +93,7 @@ class Trainer:
             raise ConfigError(f"precision {precision!r} is not one of {', '.join(map(repr, PRECISIONS))}")
         self.precision = precision
         if communicator is not None:
-            self.quiet = quiet or communicator.rank != 0
+            self.quiet = self.quiet or communicator.rank != 0
         note = model.backend.precision_note(precision)
         if note and not self.quiet:
             print(note, file=sys.stderr, flush=True)
@@ -233,6 +233,7 @@ class Trainer:
 
     def _fit(self, x, y, epochs, validation_data, callbacks, shuffle):
         epochs = check_int(epochs, "epochs")  # zero is nonsense, as a batch size of zero is
+        shuffle = check_flag(shuffle, "shuffle")
         if not self.model.num_parameters():  # as PyTorch's optimizers refuse an empty parameter list
             raise ConfigError(f"the model has no parameters to train ({', '.join(map(repr, self.model.layers))}): "
                               f"fit needs a layer with weights (Dense, Maxout, Conv2D, BatchNorm)")

@@ -321,6 +321,17 @@ LIBRARY = [
      r"^cuda_graphs must be True or False, got 'no' \(a str\)$"),
     ("model.train('eval')", lambda: nn.Sequential(nn.Dense(4, 3)).train("eval"),
      r"^mode must be True or False, got 'eval' \(a str\)$"),
+    ("EarlyStopping(restore_best_weights='False')", lambda: nn.EarlyStopping(restore_best_weights="False"),
+     r"^restore_best_weights must be True or False, got 'False' \(a str\)$"),
+    ("ModelCheckpoint(save_best_only='False')", lambda: nn.ModelCheckpoint("m.npz", save_best_only="False"),
+     r"^save_best_only must be True or False, got 'False' \(a str\)$"),
+    ("CSVLogger(append='no')", lambda: nn.CSVLogger("log.csv", append="no"),
+     r"^append must be True or False, got 'no' \(a str\)$"),
+    ("Trainer(quiet='False')", lambda: nn.Trainer(nn.Sequential(nn.Dense(4, 3)), quiet="False"),
+     r"^quiet must be True or False, got 'False' \(a str\)$"),
+    ("fit(shuffle='False')", lambda: nn.Trainer(nn.Sequential(nn.Dense(4, 3)), quiet=True).fit(
+        numpy.zeros((2, 4), numpy.float32), numpy.zeros(2, numpy.int64), shuffle="False"),
+     r"^shuffle must be True or False, got 'False' \(a str\)$"),
 ]
 
 
