@@ -151,21 +151,22 @@ class Backend:
         Arrays already on another device are refused with both device names:
         moving them silently would hide a copy in a hot loop.
         """
-        where = array_device(array)
-        if where not in (None, "cpu", self.name):
-            raise DeviceError(f"{what} is on {where} but the model is on {self.name}")
-        native = numpy if where == "cpu" else self.xp
-        if where is not None and not isinstance(array, native.ndarray):  # another framework's array:
-            lazy = [bit for bit in ("neg", "conj") if getattr(array, f"is_{bit}", lambda: False)()]
-            if lazy:  # a view that negates (PyTorch's conj().imag) or conjugates when read: DLPack drops the bit
-                raise DeviceError(f"{what}: a {type(array).__name__} with its lazy {lazy[0]} bit set cannot be "
-                                  f"shared through DLPack without losing it; pass its resolve_{lazy[0]}()")
-            try:  # shared through DLPack, no copy
-                array = native.from_dlpack(array)
-            except (BufferError, RuntimeError, TypeError, ValueError) as error:
-                raise DeviceError(f"{what}: a {type(array).__name__} on {where} could not be shared through DLPack "
-                                  f"({error})") from None
-        return self.xp.asarray(array, dtype=dtype)
+        with self.activate():  # on a GPU: copied to this device, whichever is current
+            where = array_device(array)
+            if where not in (None, "cpu", self.name):
+                raise DeviceError(f"{what} is on {where} but the model is on {self.name}")
+            native = numpy if where == "cpu" else self.xp
+            if where is not None and not isinstance(array, native.ndarray):  # another framework's array:
+                lazy = [bit for bit in ("neg", "conj") if getattr(array, f"is_{bit}", lambda: False)()]
+                if lazy:  # a view that negates (PyTorch's conj().imag) or conjugates when read: DLPack drops the bit
+                    raise DeviceError(f"{what}: a {type(array).__name__} with its lazy {lazy[0]} bit set cannot be "
+                                      f"shared through DLPack without losing it; pass its resolve_{lazy[0]}()")
+                try:  # shared through DLPack, no copy
+                    array = native.from_dlpack(array)
+                except (BufferError, RuntimeError, TypeError, ValueError) as error:
+                    raise DeviceError(f"{what}: a {type(array).__name__} on {where} could not be shared through DLPack "
+                                      f"({error})") from None
+            return self.xp.asarray(array, dtype=dtype)
 
     def check(self, array, what="array"):
         """Raise a DeviceError unless ``array`` is an array of this backend (NumPy's, CuPy's) on this device."""
@@ -184,10 +185,12 @@ class Backend:
         return numpy.array(array)
 
     def empty(self, shape, dtype=numpy.float32):
-        return self.xp.empty(shape, dtype=dtype)
+        with self.activate():
+            return self.xp.empty(shape, dtype=dtype)
 
     def zeros(self, shape, dtype=numpy.float32):
-        return self.xp.zeros(shape, dtype=dtype)
+        with self.activate():
+            return self.xp.zeros(shape, dtype=dtype)
 
     def synchronize(self):
         """Wait for queued device work; a no-op where work is synchronous."""

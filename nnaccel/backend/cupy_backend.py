@@ -71,18 +71,6 @@ class CupyBackend(Backend):
     def activate(self):
         return self.device
 
-    def asarray(self, array, dtype=None, what="array"):
-        with self.device:
-            return super().asarray(array, dtype=dtype, what=what)
-
-    def empty(self, shape, dtype=numpy.float32):
-        with self.device:
-            return self.xp.empty(shape, dtype=dtype)
-
-    def zeros(self, shape, dtype=numpy.float32):
-        with self.device:
-            return self.xp.zeros(shape, dtype=dtype)
-
     def to_host(self, array):
         return self.xp.asnumpy(array)
 
