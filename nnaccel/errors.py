@@ -62,11 +62,18 @@ def shown(value):
     return f"{value!r} (a {type(value).__name__})"
 
 
+def _held(value):
+    """A 0-d array (numpy.array(0.5), a CuPy reduction's result, a torch scalar tensor) as the Python value it
+    holds, which the checks then take or refuse as they would that value; else ``value``."""
+    return value.item() if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)) else value
+
+
 def check_flag(value, what):
-    """``value`` as a bool: True, False (NumPy's too) or the ints 1 and 0, else a ConfigError naming ``what``
-    (bool("False") is True: a string is refused)."""
-    if isinstance(value, (bool, numpy.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
-        return bool(value)
+    """``value`` as a bool: True, False (NumPy's too, or a 0-d array of one) or the ints 1 and 0, else a
+    ConfigError naming ``what`` (bool("False") is True: a string is refused)."""
+    flag = _held(value)
+    if isinstance(flag, bool) or (isinstance(flag, numbers.Integral) and flag in (0, 1)):
+        return bool(flag)
     raise ConfigError(f"{what} must be True or False, got {shown(value)}")
 
 
@@ -102,7 +109,8 @@ def check_number(value, what, allow_zero=False):
     """``value`` as a finite float above 0 (or at least 0), or a ConfigError naming ``what``; a string or a
     bool, which float() takes, is refused."""
     try:
-        number = math.nan if isinstance(value, (str, bytes, bool, numpy.bool_)) else float(value)
+        held = _held(value)  # (numpy.array(True) too)
+        number = math.nan if isinstance(held, (str, bytes, bool, numpy.bool_)) else float(held)
     except (TypeError, ValueError):
         number = math.nan
     if not (number >= 0.0 if allow_zero else number > 0.0) or not math.isfinite(number):
@@ -137,9 +145,10 @@ def range_problem(value, low=None, high=None, low_open=False, high_open=False, i
         fits = (not isinstance(value, bool) and hasattr(value, "__index__") and value >= low
                 and (high is None or value <= high))
     else:
-        real = isinstance(value, numbers.Real) and not isinstance(value, bool)  # not "0.5", not True
+        held = _held(value)  # a 0-d array's number, as float() takes it
+        real = isinstance(held, numbers.Real) and not isinstance(held, bool)  # not "0.5", not True
         try:
-            number = float(value) if real else math.nan
+            number = float(held) if real else math.nan
         except OverflowError:  # an int beyond float's range
             number = math.inf
         fits = (math.isfinite(number) and (low is None or (number > low if low_open else number >= low))

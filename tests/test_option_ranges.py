@@ -351,6 +351,18 @@ def test_the_library_keeps_pytorchs_latitude():
     assert nn.Adam(betas=numpy.array([0.5, 0.25])).betas == (0.5, 0.25)
     assert nn.BatchNorm(4, momentum=numpy.int64(0)).momentum == 0.0
     assert nn.EarlyStopping(min_delta=numpy.float32(-0.5)).min_delta == 0.5  # Keras takes a negative one as its size
+    # 0-d arrays (numpy.array(x), what a CuPy reduction returns) are numbers and flags, as float() and bool() took them
+    assert nn.EarlyStopping(min_delta=numpy.array(0.25)).min_delta == 0.25
+    assert nn.Adam(betas=(numpy.array(0.5), numpy.array(0.25))).betas == (0.5, 0.25)
+    assert nn.SGD(momentum=0.9, nesterov=numpy.array(True)).nesterov is True
+    assert nn.Sequential(nn.Dense(4, 3)).train(numpy.array(False)).training is False
+    with pytest.raises(nn.ConfigError, match=r"nesterov must be True or False, got array\(2\)"):
+        nn.SGD(momentum=0.9, nesterov=numpy.array(2))
+    with pytest.raises(nn.ConfigError, match=r"learning rate must be a finite number > 0, got array\(True"):
+        nn.SGD(lr=numpy.array(True))  # a bool, as True is
+    assert nn.SGD(lr=numpy.array(0.5)).lr == 0.5
+    with pytest.raises(nn.ConfigError, match=r"min_delta must be a finite number, got array\('0.1'"):
+        nn.EarlyStopping(min_delta=numpy.array("0.1"))  # a string, as "0.1" is
     trainer = nn.Trainer(nn.Sequential(nn.Dense(4, 3)), batch_size=100, quiet=True)
     history = trainer.fit(numpy.ones((5, 4)), numpy.array([0, 1, 2, 0, 1]), epochs=1)  # one short batch
     assert len(history["loss"]) == 1
