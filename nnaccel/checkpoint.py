@@ -596,6 +596,10 @@ def _check_trainer(path, state):
             raise CheckpointError(f"{path}: its resume point must hold a step, a random state and two sums, found "
                                   f"{_shown(point)}")
         _count(path, point["step"], "the resume point's step")
+        per_step = point.get("batch_size", state["batch_size"])  # (a point of an older checkpoint has none)
+        if isinstance(per_step, bool) or per_step != state["batch_size"]:
+            raise CheckpointError(f"{path}: its resume point's samples per step must be the run's batch size, "
+                                  f"{state['batch_size']}, found {_shown(per_step)}")
         _check_rng(path, point["rng"], "the resume point's random state")
     stopping = state.get("early_stopping", [])
     if not isinstance(stopping, list) or len(stopping) > MAX_LAYERS:
