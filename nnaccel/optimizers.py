@@ -66,10 +66,10 @@ class Optimizer:
         return {"type": type(self).__name__, "lr": self.base_lr, "weight_decay": self.weight_decay}
 
     def state_dict(self):
-        """Host copies of the state the settings use (not a velocity kept while SGD's momentum is 0), the step
-        count and the settings, for checkpoints."""
+        """Host copies of the state (every buffer, as PyTorch's), the step count and the settings, for
+        checkpoints."""
         return {"config": self.config(), "steps": self.steps, "lr": self.lr,
-                "buffers": {name: _to_host(self.state[name]) for name in self.state_names if name in self.state}}
+                "buffers": {name: _to_host(buf) for name, buf in self.state.items()}}
 
     def load_state_dict(self, state):
         """Take the saved settings (as PyTorch's ``load_state_dict`` takes its param groups), step count,
@@ -101,6 +101,14 @@ class SGD(Optimizer):
         """The velocity while there is momentum: one turned on after plain steps (a warm-up) starts it then,
         as PyTorch makes its buffer at the first step with momentum."""
         return ("velocity",) if self.momentum else ()
+
+    def state_dict(self):
+        """``Optimizer.state_dict`` without a velocity kept while the momentum is 0, which a checkpoint of SGD
+        without momentum has no place for."""
+        state = super().state_dict()
+        if not self.momentum:
+            state["buffers"].pop("velocity", None)
+        return state
 
     def _update(self, ops, params, grads, state):
         ops.sgd_update(params, grads, state.get("velocity"), self.lr, self.momentum,

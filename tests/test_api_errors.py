@@ -191,6 +191,22 @@ def test_a_loss_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_name(tmp
     assert trainer.epoch == 1 and not list(tmp_path.iterdir())
 
 
+def test_the_state_dict_of_an_optimizer_of_ones_own_holds_every_buffer_it_keeps():
+    """As PyTorch's: a buffer that ``_update`` makes itself (no state_names) is in it (it was left out)."""
+
+    class Summing(nn.optimizers.Optimizer):
+        def _update(self, ops, params, grads, state):
+            state.setdefault("grad_sum", ops.zeros(grads.shape, grads.dtype))
+            state["grad_sum"] += grads
+            params -= self.lr * grads
+
+    optimizer = Summing(lr=0.1)
+    _trainer(optimizer=optimizer).fit(X, Y)
+    buffers = optimizer.state_dict()["buffers"]
+    assert list(buffers) == ["grad_sum"]
+    numpy.testing.assert_array_equal(buffers["grad_sum"], optimizer.state["grad_sum"])
+
+
 def test_an_optimizer_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_name(tmp_path):
     """A subclass of SGD or Adam, or of Optimizer, trains; a checkpoint of SGD's kept its parent's type and resumed
     as SGD, of Adam's was refused on load as an unknown optimizer, and of Optimizer's failed in config()."""
