@@ -527,9 +527,9 @@ def _plan_resumed_epochs(args, trainer):
     elif trainer.epoch < args.epochs != schedule.t_max:
         trainer.schedule = optimizers.CosineAnnealing(args.epochs, schedule.eta_min)
         rate = trainer.schedule.lr_at(trainer.epoch, trainer.optimizer.base_lr)
-        _say(args, f"the cosine schedule of {args.resume} runs over {schedule.t_max} epoch{'s' * (schedule.t_max != 1)}; --epochs "
-                   f"{args.epochs} plans it again over {args.epochs}: learning rate {rate:.4g} in epoch "
-                   f"{trainer.epoch + 1}")
+        _say(args, f"the cosine schedule of {args.resume} runs over {schedule.t_max} "
+                   f"epoch{'s' * (schedule.t_max != 1)}; --epochs {args.epochs} plans it again over {args.epochs}: "
+                   f"learning rate {rate:.4g} in epoch {trainer.epoch + 1}")
     if args.epochs <= trainer.epoch:
         _say(args, f"{args.resume} has trained {trainer.epoch} epoch{'s' * (trainer.epoch != 1)} and --epochs is "
                    f"{args.epochs}: nothing is left to train (a larger --epochs goes on)")

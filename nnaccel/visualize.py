@@ -108,7 +108,8 @@ def _mosaic(tiles, gap=2):
     mosaic = numpy.full((rows * (height + gap) - gap, cols * (width + gap) - gap), numpy.nan)
     for index, tile in enumerate(tiles):
         top, left = divmod(index, cols)
-        mosaic[top * (height + gap):top * (height + gap) + height, left * (width + gap):left * (width + gap) + width] = tile
+        row, col = top * (height + gap), left * (width + gap)
+        mosaic[row:row + height, col:col + width] = tile
     return mosaic
 
 
