@@ -288,7 +288,12 @@ def _build(spec):
     try:
         return spec.cls(**spec.options)
     except ConfigError as error:
-        raise ConfigError(f"module {spec.index}, {spec.source!r}: {error}") from None
+        raise _at_module(spec, error) from None
+
+
+def _at_module(spec, error):
+    """``error`` (nnaccel's words for a layer) as a ConfigError naming the torch module of ``spec``."""
+    return ConfigError(f"module {spec.index}, {spec.source!r}: {error}")
 
 
 def from_torch(module, input_shape=None, device="cpu", seed=0):
@@ -316,8 +321,7 @@ def from_torch(module, input_shape=None, device="cpu", seed=0):
     except ConfigError as error:  # layers that do not chain: name the torch module (nnaccel counts no activation)
         if not hasattr(error, "layer"):
             raise
-        spec = specs[error.layer]
-        raise ConfigError(f"module {spec.index}, {spec.source!r}: {error}") from None
+        raise _at_module(specs[error.layer], error) from None
     for spec, layer, shape in zip(specs, model.layers, model.shapes):
         rank, axes = BATCHNORM_SAMPLES.get(type(spec.source).__name__, (len(shape), ""))
         if len(shape) != rank:

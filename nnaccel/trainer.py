@@ -246,17 +246,16 @@ class Trainer:
                                                 and len(validation_data) == 2):
             raise ConfigError(f"validation_data must be a pair (x, y), got {described(validation_data)}")
         x, y = self.prepare(x, y, "x")
-        if self._resume_point is not None and self._samples not in (None, x.shape[0]):
-            raise ConfigError(f"this run stopped in the middle of epoch {self.epoch + 1} (after step "
-                              f"{self._resume_point['step']}) of an epoch over {self._samples} samples, but fit got "
-                              f"{x.shape[0]}: resume it on the same training data")
-        batch = self.batch_size * self.world_size
-        stopped = (self._resume_point or {}).get("batch_size", batch)  # a point from older checkpoints has none
-        if stopped != batch:
-            raise ConfigError(f"this run stopped in the middle of epoch {self.epoch + 1} (after step "
-                              f"{self._resume_point['step']}) of a run with {stopped} samples per step, but this fit "
-                              f"takes {batch} ({self.batch_size} x {self.world_size} process(es)): resume it with "
-                              f"{stopped} samples per step")
+        point, batch = self._resume_point or {}, self.batch_size * self.world_size
+        stopped = f"this run stopped in the middle of epoch {self.epoch + 1} (after step {point.get('step')})"
+        if point and self._samples not in (None, x.shape[0]):
+            raise ConfigError(f"{stopped} of an epoch over {self._samples} samples, but fit got {x.shape[0]}: resume "
+                              f"it on the same training data")
+        per_step = point.get("batch_size", batch)  # a point from older checkpoints has none
+        if per_step != batch:
+            raise ConfigError(f"{stopped} of a run with {per_step} samples per step, but this fit takes {batch} "
+                              f"({self.batch_size} x {self.world_size} process(es)): resume it with {per_step} "
+                              f"samples per step")
         self._samples = x.shape[0]
         self._take_last_weights()
         if validation_data is not None:
