@@ -330,13 +330,16 @@ def nnaccel_fit(name, batch, device, epochs, x, y):
 
 def torch_fit(torch, name, batch, device, epochs, x, y):
     """The same training as ``nnaccel_fit`` in a plain PyTorch loop: the same initial weights
-    (``to_torch``) and every epoch's shuffle drawn as the Trainer draws it (``default_rng(seed)``)."""
-    net = build_network(name, "cpu").to_torch().to(device).train()
+    (``to_torch``) and every epoch's shuffle drawn as the Trainer draws it (``default_rng(seed)``); the
+    flat images go in as the network's input shape (``lenet5``'s (1, 28, 28)), as the Trainer views them."""
+    model = build_network(name, "cpu")
+    net = model.to_torch().to(device).train()
     optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
     synchronize = (lambda: None) if device == "cpu" else (lambda: torch.cuda.synchronize(device))
 
     def loop():
-        inputs, labels = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        inputs = torch.from_numpy(x.reshape((len(x),) + model.input_shape)).to(device)
+        labels = torch.from_numpy(y).to(device)
         rng = numpy.random.default_rng(0)
         for _ in range(epochs):
             order = torch.from_numpy(rng.permutation(len(x))).to(device)

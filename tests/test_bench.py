@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy
 import pytest
 
 from emulated_cuda import ENV
-from nnaccel import bench, cli
+from nnaccel import Sequential, bench, cli, datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -371,3 +372,26 @@ def test_threads_beyond_the_cores_time_the_gemm_peak_on_the_cores(tmp_path, monk
     assert "3 CPU threads on 1 core(s), the CPU GEMM on 1," in out
     settings = json.loads((tmp_path / "b.json").read_text())["settings"]
     assert (settings["threads"], settings["gemm_threads"]) == (3, 1)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed: no peer loop to compare")
+@pytest.mark.parametrize("network", ["784-16-16-10", "lenet5"])
+def test_the_fit_peer_loop_trains_what_the_fit_trains(network, monkeypatch):
+    """``bench --fit --compare torch`` times the same training on both sides: from the same weights, over the
+    same shuffled batches (a short last one too), PyTorch's loop ends at the Trainer's weights; the MNIST
+    images go in flat and reach an image network (lenet5) in its input shape."""
+    import torch
+
+    models, nets = [], []
+    build, to_torch = bench.build_network, Sequential.to_torch
+    monkeypatch.setattr(bench, "build_network", lambda *args: models.append(build(*args)) or models[-1])
+    monkeypatch.setattr(Sequential, "to_torch", lambda model: nets.append(to_torch(model)) or nets[-1])
+    x, y = datasets.load_mnist_sample()
+    x, y = x[:40], y[:40]
+    bench.nnaccel_fit(network, 16, "cpu", 2, x, y)
+    bench.torch_fit(torch, network, 16, "cpu", 2, x, y)
+    (peer,) = nets  # the Trainer's model is models[0]; models[1] is the one PyTorch's net copies
+    ours = to_torch(models[0]).state_dict()
+    for name, value in peer.state_dict().items():
+        numpy.testing.assert_allclose(value.detach().numpy(), ours[name].numpy(), rtol=1e-5, atol=1e-6,
+                                      err_msg=name)
