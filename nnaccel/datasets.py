@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnaccel.errors import SPECIAL_FILE, ConfigError, DataError, ShapeError, check_array, check_int, described
+from nnaccel.errors import (SPECIAL_FILE, ConfigError, DataError, ShapeError, _held, check_array, check_int,
+                            check_range, described)
 
 IMAGES_NDIM = 3  # count, rows, columns
 LABELS_NDIM = 1  # count
@@ -468,9 +469,9 @@ def load(name_or_path, split="train"):
 
 
 def _rng(seed):
-    """A numpy Generator, with a bad seed reported as ConfigError."""
+    """A numpy Generator, with a bad seed reported as ConfigError; a 0-d array seeds as the number it holds."""
     try:
-        return np.random.default_rng(seed)
+        return np.random.default_rng(_held(seed))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"seed {seed!r} is not usable: {exc}") from exc
 
@@ -514,9 +515,7 @@ def train_val_split(x, y, fraction=0.2, seed=0):
     Returns ``(x_train, y_train), (x_val, y_val)``; dtypes are kept.
     """
     x, y = check_array(x, "x"), check_array(y, "y")
-    is_number = isinstance(fraction, (int, float, np.floating)) and not isinstance(fraction, bool)
-    if not (is_number and 0 < fraction < 1):
-        raise ConfigError(f"fraction must be between 0 and 1 (exclusive), got {fraction!r}")
+    fraction = check_range(fraction, "fraction", 0, 1, low_open=True, high_open=True)
     if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
         raise ShapeError(
             f"x and y must hold the same number of samples, got shapes {x.shape} and {y.shape}"

@@ -739,6 +739,19 @@ def test_train_val_split_rejects_bad_fraction(fraction):
         datasets.train_val_split(np.zeros((10, 2)), np.zeros(10), fraction)
 
 
+def test_train_val_split_takes_0_d_arrays_as_the_numbers_they_hold():
+    """A fraction or seed that is a 0-d array (numpy.array(0.2), a CuPy reduction's result) splits as its
+    number does, as the Python API's other number checks take it; one out of range names its range."""
+    x, y = np.arange(20, dtype=np.float32)[:, None], np.arange(20)
+    expected = datasets.train_val_split(x, y, 0.25, seed=3)
+    got = datasets.train_val_split(x, y, np.array(0.25), seed=np.array(3))
+    for part, want in zip(got, expected):
+        np.testing.assert_array_equal(part[1], want[1])
+    assert np.array_equal(datasets.synthetic(16, 4, seed=np.array(5))[0], datasets.synthetic(16, 4, seed=5)[0])
+    with pytest.raises(ConfigError, match=r"fraction must be a finite number > 0 and < 1, got array\(1\.5\)"):
+        datasets.train_val_split(x, y, np.array(1.5))
+
+
 def test_train_val_split_rejects_empty_split_and_mismatch():
     with pytest.raises(ConfigError):
         datasets.train_val_split(np.zeros((3, 2)), np.zeros(3), 0.1)
