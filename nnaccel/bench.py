@@ -697,12 +697,12 @@ def run(args):
         report = {"machine": machine_info(devices, torch),
                   "settings": {"dtype": "float32", "optimizer": {"type": "SGD", "lr": LR, "momentum": MOMENTUM},
                                "loss": "softmax_cross_entropy", "threads": threads, "gemm_threads": gemm_threads,
-                               "rounds": rounds, "steps": steps or "auto", "warmup_seconds": warmup_s,
-                               "settle_seconds_at_most": settle_s, "compare": args.compare,
+                               "rounds": rounds, "settle_seconds_at_most": settle_s, "compare": args.compare,
                                "stopped_early": stopped is not None,
                                "mode": "fit" if args.fit else "step", "precisions": list(precisions),
-                               **({"epochs": epochs, "data": "mnist sample", "samples": len(fit[1][0])}
-                                  if args.fit else {})},
+                               **({"epochs": epochs, "data": "mnist sample", "samples": len(fit[1][0]),
+                                   "warmup": "one untimed fit call of each"} if args.fit else
+                                  {"steps": steps or "auto", "warmup_seconds": warmup_s})},
                   "gemm_peak": peaks, "results": [asdict(result) for result in results]}
         text = json.dumps(report, indent=2) + "\n"
         checkpoint.atomic_write(args.json, lambda handle: handle.write(text.encode()))  # a full disk: no half file

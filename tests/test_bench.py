@@ -64,6 +64,7 @@ def test_bench_json(quick_bench):
     assert report["machine"]["versions"]["nnaccel"] and report["machine"]["threadpools"]
     assert report["settings"]["optimizer"] == {"type": "SGD", "lr": 0.01, "momentum": 0.9}
     assert report["settings"]["settle_seconds_at_most"] == 0.0  # --quick waits for no idle threads
+    assert report["settings"]["steps"] == 2 and report["settings"]["warmup_seconds"] == 0.0
     assert report["gemm_peak"]["cpu"]["gflops"] > 0
     cpu = [r for r in report["results"] if r["device"] == "cpu"]
     assert [r["batch"] for r in cpu] == [16, 64]
@@ -113,6 +114,9 @@ def test_bench_fit_times_whole_fit_calls(tmp_path):
     report = json.loads((tmp_path / "fit.json").read_text())
     assert report["settings"]["mode"] == "fit" and report["settings"]["epochs"] == 2
     assert report["settings"]["samples"] == 512  # the quick run's MNIST images
+    # Its warm-up is a fit call, and its steps are the epochs': none of the step benchmark's settings.
+    assert report["settings"]["warmup"] == "one untimed fit call of each"
+    assert "steps" not in report["settings"] and "warmup_seconds" not in report["settings"]
     for result in report["results"]:
         assert result["mode"] == "fit" and result["epochs"] == 2 and result["samples_per_s"] > 0
         assert result["steps"] == 2 * -(-512 // result["batch"])
