@@ -13,7 +13,7 @@ as weak, so float32 stays float32.
 
 import math
 
-from .errors import ConfigError, check_number
+from .errors import ConfigError, check_number, described
 
 
 class Activation:
@@ -240,7 +240,21 @@ def get(activation=None, **params):
                 return ACTIVATIONS[key](**params)
             except TypeError:
                 raise ConfigError(f"activation {activation!r} takes no parameters {sorted(params)}") from None
-    raise ConfigError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        raise ConfigError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+    raise ConfigError(f"activation must be a name ({', '.join(ACTIVATIONS)}) or an nnaccel activation such as "
+                      f"nn.ReLU(), got {_described(activation)}")
+
+
+def _described(value):
+    """``value`` as a refused activation shows it: nnaccel's class (to call), another library's class or
+    object with its module (PyTorch's ``torch.nn.ReLU()`` would read as nnaccel's ``ReLU()``)."""
+    kind = value if isinstance(value, type) else type(value)
+    if isinstance(value, type) and issubclass(value, Activation):
+        return described(value)
+    if kind.__module__.split(".")[0] in ("builtins", "numpy"):
+        return described(value)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    return f"the class {name}" if isinstance(value, type) else f"a {name} object"
 
 
 def from_text(text):

@@ -115,11 +115,26 @@ API_ERRORS = [
     ("an activation first", lambda: nn.Sequential(nn.LeakyReLU(0.1), nn.Dense(4, 2)), nn.ConfigError,
      r"layer 0 is the activation LeakyReLU\(slope=0.1\), not a layer: it is the option of the layer before it, "
      r"as nn.Dense\(784, 128, activation=nn.LeakyReLU\(slope=0.1\)\)"),
+    ("activation the class nn.ReLU", lambda: nn.Dense(4, 2, activation=nn.ReLU), nn.ConfigError,
+     r"activation must be a name \(linear, relu, .*\) or an nnaccel activation such as nn.ReLU\(\), got the class "
+     r"ReLU \(call it to make one\)"),
+    ("activation 3", lambda: nn.Conv2D(1, 2, 3, activation=3), nn.ConfigError,
+     r"activation must be a name \(linear, relu, .*\) or an nnaccel activation such as nn.ReLU\(\), got 3$"),
     ("model(a list)", lambda: nn.Sequential(nn.Dense(4, 3))(X.tolist()), nn.DeviceError,
      r"x is a list, not a numpy array: make it one with model.backend.asarray\(...\)"),
     ("loss a list", lambda: _trainer(loss=["mse"]), nn.ConfigError,
      r"unknown loss \['mse'\]; valid: softmax_cross_entropy, mse, sigmoid_cross_entropy, or PyTorch's"),
 ]
+
+
+def test_pytorchs_activation_module_is_refused_as_pytorchs():
+    """torch.nn.ReLU() given as an activation is named with its module: "unknown activation ReLU()" read as
+    nnaccel's own ReLU()."""
+    torch = pytest.importorskip("torch")
+    for given, shown in ((torch.nn.ReLU(), "a torch.nn.modules.activation.ReLU object"),
+                         (torch.nn.ReLU, "the class torch.nn.modules.activation.ReLU")):
+        with pytest.raises(nn.ConfigError, match=rf"or an nnaccel activation such as nn.ReLU\(\), got {shown}$"):
+            nn.Dense(4, 2, activation=given)
 
 
 @pytest.mark.parametrize("name, loss", [("cross_entropy", nn.SoftmaxCrossEntropy), ("Mean_Squared_Error", nn.MSE),
