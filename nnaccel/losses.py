@@ -62,6 +62,8 @@ class Loss:
             return self._forward(ops, y, prepared)
 
     def backward(self):
+        """The gradient of the last ``forward``'s loss by ``y``: the loss's own buffer, which the next
+        ``forward`` overwrites (copy it to keep it)."""
         if self._grad is None:
             raise ShapeError("loss.backward() called before loss.forward()")
         return self._grad
