@@ -352,7 +352,8 @@ class Trainer:
     # ----- data-parallel training ---------------------------------------------------
     def _start_distributed(self, x, callbacks, last_epoch, validation_data, shuffle):
         """Check the ranks agree (ranks that run other epochs or validate otherwise would wait on each
-        other's collectives for ever), give them rank 0's weights, keep file writers on rank 0 only."""
+        other's collectives for ever), give them rank 0's weights and random state, keep file writers on
+        rank 0 only."""
         comm, model, optimizer = self.communicator, self.model, self.optimizer
         comm.check_model(model)
         mine = {"samples": int(x.shape[0]), "epoch": self.epoch, "last_epoch": last_epoch,
@@ -374,6 +375,8 @@ class Trainer:
                 error.all_ranks = True
                 raise error
         comm.broadcast_(model.flat_params)
+        # and rank 0's Dropout and RandomShift draws (a model seeded per rank would drop otherwise than one process)
+        model.set_rng_state(*comm.broadcast_object((model.seed, model.rng_state())))
         if model.flat_buffers.size:
             comm.broadcast_(model.flat_buffers)
         if optimizer.state_names:

@@ -33,6 +33,7 @@ def parse(argv=None):
     parser.add_argument("--optimizer", default="sgd")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--batchnorm", action="store_true", help="a BatchNorm after the first layer")
+    parser.add_argument("--model-seed", type=int, default=5, help="the model's seed (its weights, Dropout's draws)")
     parser.add_argument("--validation", type=int, help="validate on the first N training samples every epoch")
     parser.add_argument("--no-shuffle", action="store_true")
     parser.add_argument("--resume", help="checkpoint to resume from")
@@ -59,7 +60,7 @@ def setup(args, device="cpu", communicator=None, batch=None):
     if args.dropout:
         layers.append(nn.Dropout(args.dropout))
     layers += [nn.Dense(32, 16, activation="relu"), nn.Dense(16, 4)]
-    model = nn.Sequential(*layers, device=device, seed=5)
+    model = nn.Sequential(*layers, device=device, seed=args.model_seed)
     optimizer = nn.SGD(lr=0.05, momentum=0.9) if args.optimizer == "sgd" else nn.Adam(lr=0.01)
     if communicator == "auto":
         from nnaccel import distributed

@@ -233,6 +233,18 @@ def test_two_ranks_train_like_one_process_on_the_double_batch(mpi, tmp_path, opt
     numpy.testing.assert_allclose(result["history_loss"], trainer.history["loss"], rtol=1e-6)
 
 
+def test_ranks_seeding_their_models_apart_draw_as_one_process(mpi, tmp_path):
+    """Rank 1's model has a seed of its own (``seed=rank``, a habit): the ranks start from rank 0's weights and
+    draw rank 0's Dropout masks too, so they train as one process does; rank 1 dropped with its own seed."""
+    common = [sys.executable, WORKER, tmp_path / "w.npz", "--distributed", "--dropout", "0.3", "--epochs", 2]
+    run = mpiexec(1, *common, ":", "-n", 1, *common, "--model-seed", 9, timeout=60)
+    assert run.returncode == 0, run.stderr
+    result = numpy.load(tmp_path / "w.npz")
+    assert result["identical"]
+    model, _ = reference(["--dropout", "0.3", "--epochs", 2], batch=32)
+    assert_same_weights(result["weights"], model.flat_params)
+
+
 def test_a_rank_stopping_alone_stops_every_rank_and_resumes_in_one_process(mpi, tmp_path):
     """Rank 1 alone asks to stop mid-epoch (as a Ctrl-C seen by one process): every rank stops after
     the same step, and one process resumes the checkpoint on the same 32 samples per step."""
