@@ -162,8 +162,14 @@ class Trainer:
         A batch's shapes, dtypes and device are checked the first time its arrays come (the same arrays
         refilled in place keep them, so a loop over one batch, as the bench's timed steps, skips that);
         its labels every call: converted as the loss takes them and, on the CPU, their range (on a GPU
-        that would synchronise every step; ``prepare`` checks a data set's once).
+        that would synchronise every step; ``prepare`` checks a data set's once). A distributed trainer
+        refuses it: its step is not all-reduced (``fit`` is).
         """
+        if self.world_size > 1:  # its update would be this rank's alone: the ranks' weights would drift apart
+            raise ConfigError(f"train_step trains this process alone, but the trainer is distributed over "
+                              f"{self.world_size} ranks: its gradient would not be all-reduced and the ranks' "
+                              f"weights would drift apart; train data parallel with fit, or step a Trainer made "
+                              f"without communicator")
         model, ops, checked = self.model, self.model.backend, self._checked_batch
         if checked is None or not (checked[0] is x and checked[1] is y and checked[2] is ops
                                    and checked[3] is self.loss):

@@ -206,6 +206,19 @@ def test_batch_hooks_run_on_a_rank_a_short_last_batch_left_no_rows():
     assert math.isfinite(hooks.seen[0][1]) and math.isnan(hooks.seen[1][1])
 
 
+def test_train_step_of_a_distributed_trainer_is_refused():
+    """train_step updates with this rank's gradient alone: on 2 ranks their weights drifted apart silently."""
+    args = mpi_worker.parse(["unused"])
+    model, trainer, (x, y) = mpi_worker.setup(args, communicator=SecondOfTwo())
+    before = model.flat_params.copy()
+    with pytest.raises(ConfigError, match="train_step trains this process alone, but the trainer is distributed "
+                                          "over 2 ranks: its gradient would not be all-reduced"):
+        trainer.train_step(*trainer.prepare(x[:16], y[:16]))
+    numpy.testing.assert_array_equal(model.flat_params, before)
+    _, alone, _ = mpi_worker.setup(args, communicator=OneRank())
+    alone.train_step(*alone.prepare(x[:16], y[:16]))  # a world of one is one process
+
+
 def test_mid_epoch_checkpoint_needs_the_same_samples_per_step(tmp_path):
     args = mpi_worker.parse(["unused"])
     _, trainer, (x, y) = mpi_worker.setup(args, batch=32)
