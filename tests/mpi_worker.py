@@ -71,6 +71,11 @@ def setup(args, device="cpu", communicator=None, batch=None):
     return model, trainer, (x, y)
 
 
+def validation(args, x, y):
+    """The validation data of ``--validation N``: the first N training samples (None without it)."""
+    return None if args.validation is None else (x[:args.validation], y[:args.validation])
+
+
 class StopAt(nn.Callback):
     """Requests a stop on one rank only, after one step of one epoch (Ctrl-C seen by one process)."""
 
@@ -162,7 +167,7 @@ def main(args):
     diverged = None
     try:
         trainer.fit(x, y, epochs=args.epochs - trainer.epoch, callbacks=callbacks, shuffle=not args.no_shuffle,
-                    validation_data=None if args.validation is None else (x[:args.validation], y[:args.validation]))
+                    validation_data=validation(args, x, y))
     except nn.TrainingDiverged as error:
         if not args.nan:
             raise
@@ -179,7 +184,8 @@ def main(args):
         numpy.savez(args.out, weights=weights, identical=len(set(digests)) == 1, ranks=len(digests),
                     diverged=numpy.array(diverged if diverged is not None else []),
                     epoch=trainer.epoch, interrupted=trainer.interrupted, replays=replays[0],
-                    history_loss=numpy.array(trainer.history.get("loss", [])))
+                    history_loss=numpy.array(trainer.history.get("loss", [])),
+                    history_val_loss=numpy.array(trainer.history.get("val_loss", [])))
     return 0
 
 

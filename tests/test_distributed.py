@@ -93,7 +93,8 @@ def reference(options, batch, epochs=None, callbacks=()):
     """The same run in this process, on one device with batch ``batch``: (model, trainer)."""
     args = mpi_worker.parse(["unused", *map(str, options)])
     model, trainer, (x, y) = mpi_worker.setup(args, batch=batch)
-    trainer.fit(x, y, epochs=args.epochs if epochs is None else epochs, callbacks=callbacks)
+    trainer.fit(x, y, epochs=args.epochs if epochs is None else epochs, callbacks=callbacks,
+                validation_data=mpi_worker.validation(args, x, y))
     return model, trainer
 
 
@@ -234,7 +235,8 @@ def test_mid_epoch_checkpoint_needs_the_same_samples_per_step(tmp_path):
 # ----- 2 MPI ranks ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("options", [
     ["--optimizer", "sgd"],  # 203 samples: the last global batch of 11 splits 6 + 5
-    ["--optimizer", "adam", "--dropout", "0.3", "--n", "193"],  # last global batch of 1: rank 1 adds zeros
+    # last global batch of 1: rank 1 adds zeros; 41 validation samples split 20 + 21, weighted by their count
+    ["--optimizer", "adam", "--dropout", "0.3", "--n", "193", "--validation", "41"],
 ])
 def test_two_ranks_train_like_one_process_on_the_double_batch(mpi, tmp_path, options):
     run = worker(2, tmp_path / "w.npz", "--batch", 16, *options)
@@ -244,6 +246,7 @@ def test_two_ranks_train_like_one_process_on_the_double_batch(mpi, tmp_path, opt
     model, trainer = reference(options, batch=32)
     assert_same_weights(result["weights"], model.flat_params)
     numpy.testing.assert_allclose(result["history_loss"], trainer.history["loss"], rtol=1e-6)
+    numpy.testing.assert_allclose(result["history_val_loss"], trainer.history.get("val_loss", []), rtol=1e-6)
 
 
 def test_ranks_seeding_their_models_apart_draw_as_one_process(mpi, tmp_path):
