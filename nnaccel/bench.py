@@ -20,7 +20,6 @@ PyTorch loop doing the same training: the same initial weights, the same
 shuffle of every epoch, the same batches and thread count.
 """
 
-import argparse
 import contextlib
 import datetime
 import json
@@ -38,7 +37,7 @@ import numpy
 
 from . import __version__, activations, architectures, checkpoint, datasets
 from .backend import PRECISIONS, cuda_status, get_backend, resolve_device
-from .errors import ConfigError
+from .errors import ConfigError, number_option
 from .layers import BatchNorm, Conv2D, Dense, Maxout
 from .losses import SoftmaxCrossEntropy
 from .model import Sequential
@@ -447,20 +446,8 @@ def plan(args, devices):
     return grid
 
 
-def _integer(text):
-    """``--rounds``, ``--steps`` and ``--threads`` as argparse reads them (NaN, 1.5 refused with the range);
-    ``_positive`` then refuses 0 and below, naming the option."""
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-
-
-def _positive(value, option):
-    """``value`` when it is None (not given) or positive, else a ConfigError naming ``option``."""
-    if value is not None and value <= 0:
-        raise ConfigError(f"{option} must be a positive integer, got {value}")
-    return value
+# --rounds, --steps, --threads and --epochs: NaN, 1.5 and 0 refused by argparse, naming the option and the range
+_count = number_option(1, integer=True)
 
 
 def _import_torch():
@@ -604,11 +591,11 @@ def add_parser(subparsers):
                                            "(default: the four CPU target networks, and 784-4096-4096-10 on GPUs)")
     parser.add_argument("--batches", help="comma-separated batch sizes for every network "
                                           "(default: three per network, its target batch among them)")
-    parser.add_argument("--rounds", type=_integer,
+    parser.add_argument("--rounds", type=_count,
                         help=f"timed rounds per configuration; the median counts (default {ROUNDS})")
-    parser.add_argument("--steps", type=_integer,
+    parser.add_argument("--steps", type=_count,
                         help=f"training steps per round (default: enough for about {ROUND_SECONDS} s)")
-    parser.add_argument("--threads", type=_integer,
+    parser.add_argument("--threads", type=_count,
                         help=f"CPU threads for NumPy's BLAS and for PyTorch (default: {default_threads()}, "
                              "the cores available; more share the cores, and the GEMM peak is then timed on "
                              "the cores)")
@@ -618,7 +605,7 @@ def add_parser(subparsers):
                         help="time whole Trainer.fit calls on the MNIST sample instead of steps, against a plain "
                              "PyTorch loop with the same weights and shuffles (default networks: the CPU targets "
                              "at their target batches; on GPUs 784-128-64-10/128 and 784-4096-4096-10/4096)")
-    parser.add_argument("--epochs", type=_integer, help=f"--fit: epochs per fit call (default {FIT_EPOCHS})")
+    parser.add_argument("--epochs", type=_count, help=f"--fit: epochs per fit call (default {FIT_EPOCHS})")
     parser.add_argument("--precision", default="fp32",
                         help="comma-separated precisions of the GPU steps, e.g. fp32,tf32,bf16 (nnaccel's Trainer "
                              "precision; PyTorch with TF32 allowed or under autocast(bfloat16)); each against the "
@@ -633,16 +620,16 @@ def add_parser(subparsers):
 
 def run(args):
     """Measure the grid the options ask for, print the table, write the JSON and the plot."""
-    threads = _positive(args.threads, "--threads") or default_threads()
+    threads = args.threads or default_threads()
     gemm_threads = min(threads, default_threads())
     if gemm_threads < threads:
         _say(f"--threads {threads} is more than the {gemm_threads} core(s) this process may run on: the threads "
              f"share them, and % peak is of the GEMM on {gemm_threads} thread(s), what the cores can do")
-    rounds = _positive(args.rounds, "--rounds") or (QUICK["rounds"] if args.quick else ROUNDS)
-    steps = _positive(args.steps, "--steps") or (QUICK["steps"] if args.quick else None)
+    rounds = args.rounds or (QUICK["rounds"] if args.quick else ROUNDS)
+    steps = args.steps or (QUICK["steps"] if args.quick else None)
     warmup_s = QUICK["warmup_s"] if args.quick else WARMUP_SECONDS
     settle_s = QUICK["settle_s"] if args.quick else SETTLE_SECONDS
-    epochs = _positive(args.epochs, "--epochs") or (1 if args.quick else FIT_EPOCHS)
+    epochs = args.epochs or (1 if args.quick else FIT_EPOCHS)
     if args.epochs is not None and not args.fit:
         raise ConfigError("--epochs counts the epochs of --fit; without --fit bench times steps (--steps)")
     if args.steps is not None and args.fit:

@@ -183,7 +183,6 @@ def test_paired_rounds_wait_for_idle_threads_before_every_round(monkeypatch, cap
     (["--networks", "784"], "network '784' is not a list of positive layer sizes"),
     (["--batches", "32,0"], "--batches '32,0' is not a list of positive batch sizes"),
     (["--devices", "tpu"], "unknown device 'tpu'"),
-    (["--rounds", "0"], "--rounds must be a positive integer, got 0"),
     (["--precision", "fp32,fp16"], "--precision 'fp32,fp16' is not a list of fp32, tf32, bf16"),
     (["--fit", "--precision", "bf16"], "--precision applies to the step benchmark; --fit times fp32 fit calls"),
     (["--fit", "--networks", "64-10"], "--networks 64-10: --fit trains on the MNIST sample, 784 inputs and 10 "

@@ -102,16 +102,23 @@ def test_evaluate_refuses_a_validation_split_outside_0_1(value, capsys):
              "argument --validation-split: must be a finite number > 0 and < 1, got", value)
 
 
-@pytest.mark.parametrize("option", ["--rounds", "--steps", "--threads"])
+BENCH_COUNTS = [["--rounds"], ["--steps"], ["--threads"], ["--epochs", "--fit"]]  # --epochs is --fit's
+
+
+@pytest.mark.parametrize("option", BENCH_COUNTS, ids=lambda option: option[0])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1.5"])
 def test_bench_refuses_counts_that_are_not_integers(option, value, capsys):
-    _refused(capsys, ["bench", "--quick", option, value], f"argument {option}: expected a positive integer, got")
+    _refused(capsys, ["bench", "--quick", option[0], value, *option[1:]],
+             f"argument {option[0]}: expected a positive integer, got")
 
 
-@pytest.mark.parametrize("option", ["--rounds", "--steps", "--threads"])
+@pytest.mark.parametrize("option", BENCH_COUNTS, ids=lambda option: option[0])
 @pytest.mark.parametrize("value", ["0", "-3"])
-def test_bench_refuses_counts_below_1(option, value, capsys):
-    _refused(capsys, ["bench", "--quick", option, value], f"{option} must be a positive integer, got {value}")
+def test_bench_refuses_counts_below_1_as_argparse_refuses_the_rest(option, value, capsys):
+    """In argparse's form, as every other option's range: ``argument --steps: must be ...`` and the hint."""
+    line = _refused(capsys, ["bench", "--quick", option[0], value, *option[1:]])
+    assert line == (f"nnaccel bench: error: argument {option[0]}: must be a positive integer, got {value} "
+                    f"(see 'nnaccel bench --help')")
 
 
 def test_bench_sizes_beyond_memory_are_one_line(capsys):
