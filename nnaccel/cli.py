@@ -55,20 +55,6 @@ _fraction = number_option(0, 1, low_open=True, high_open=True)  # --validation-s
 _decay = number_option(0, 1, low_open=True)  # the step schedule's gamma: above 1 it would raise the rate
 
 
-def _patience(text):
-    """``train --early-stopping``: at least 1. Keras's patience 0 stops where 1 does, but here an option's 0
-    means none (``--augment 0``, ``--validation-split 0``): 0 is refused, saying what each reading is."""
-    try:
-        zero = int(text) == 0
-    except ValueError:
-        zero = False
-    if zero:
-        raise argparse.ArgumentTypeError("must be a positive integer, got 0: a patience of 0 (Keras's default) "
-                                         "stops at the first epoch without improvement, as 1 does: give 1; to "
-                                         "train without early stopping, leave the option out")
-    return _positive_int(text)
-
-
 def _betas(text):
     """``train --betas B1,B2``: Adam's two decay rates, each in [0, 1) (at 1 its averages never forget)."""
     parts = text.split(",")
@@ -191,9 +177,10 @@ def build_parser():
     run.add_argument("--device", default="auto", help=DEVICE_HELP)
     run.add_argument("--save", metavar="FILE", help="checkpoint (.npz) written after every epoch")
     run.add_argument("--resume", metavar="CHECKPOINT", help="continue training from a checkpoint")
-    run.add_argument("--early-stopping", type=_patience, metavar="PATIENCE",
-                     help="stop when the validation loss (--monitor) has not improved for PATIENCE epochs, >= 1 "
-                          "(the best weights are kept, and --save ends with them)")
+    run.add_argument("--early-stopping", type=_non_negative_int, metavar="PATIENCE",
+                     help="stop when the validation loss (--monitor) has not improved for PATIENCE epochs, >= 0 "
+                          "(0, Keras's default patience, stops at the first epoch without improvement, as 1 "
+                          "does; the best weights are kept, and --save ends with them)")
     run.add_argument("--monitor", choices=MONITORED,
                      help="early stopping: the metric watched (default val_loss; loss and accuracy, of the "
                           "training data, need no validation part)")
@@ -297,9 +284,10 @@ def _check_ranges_against_data(args, trainer, samples):
         raise _refusal(f"--eta-min must be {describe_range(0, lr, high_open=True)} (below the learning rate, "
                        f"which the cosine schedule lowers to --eta-min), got {args.eta_min}")
     epochs = args.epochs - trainer.epoch
-    if args.early_stopping and 0 < epochs <= args.early_stopping:
+    waits = max(args.early_stopping or 0, 1)  # the epochs without improvement it stops after (patience 0: 1)
+    if args.early_stopping is not None and 0 < epochs <= waits:
         _say(args, f"warning: --early-stopping {args.early_stopping} cannot stop a run of {epochs} more epoch(s): "
-                   f"it stops after {args.early_stopping} epoch{'s' * (args.early_stopping != 1)} without improvement")
+                   f"it stops after {waits} epoch{'s' * (waits != 1)} without improvement")
     if args.schedule == "step" and not args.resume and args.step_size >= args.epochs:
         _say(args, f"warning: --step-size {args.step_size} >= --epochs {args.epochs}: the step schedule never "
                    f"lowers the learning rate")
@@ -451,7 +439,7 @@ def _fit_and_save(trainer, args, data, validation_data):
     the signal that stopped it, else None."""
     # --save is a plain file name: its braces are not ModelCheckpoint's {epoch} template
     callbacks = [ModelCheckpoint(args.save.replace("{", "{{").replace("}", "}}"))] if args.save else []
-    if args.early_stopping:
+    if args.early_stopping is not None:
         callbacks.append(EarlyStopping(monitor=args.monitor, patience=args.early_stopping, min_delta=args.min_delta))
     if args.csv:
         # a resumed run appends to the log of the epochs it goes on from; one stopped before its first epoch
@@ -468,7 +456,7 @@ def _fit_and_save(trainer, args, data, validation_data):
         if trainer.interrupted:
             args.stop_checkpoint = args.save or _interrupted_run_file(args.resume)
             trainer.save_checkpoint(args.stop_checkpoint)
-        elif args.save and args.early_stopping:  # the best epoch's weights, put back: what train reports
+        elif args.save and args.early_stopping is not None:  # the best epoch's weights, put back: what train reports
             trainer.save_checkpoint(args.save)
     return received[0] if trainer.interrupted else None
 
@@ -493,9 +481,9 @@ def _check_outputs(args, trainer=None):
         return
     if args.save:
         left = args.epochs - trainer.epoch if trainer is not None else 0
-        size = (checkpoint.expected_size(trainer.model, trainer.optimizer, 2 * bool(args.early_stopping))
+        size = (checkpoint.expected_size(trainer.model, trainer.optimizer, 2 * (args.early_stopping is not None))
                 if left > 0 else 0)
-        checkpoint.check_writable(args.save, "--save", size, rewritten=left > 1 or bool(args.early_stopping))
+        checkpoint.check_writable(args.save, "--save", size, rewritten=left > 1 or args.early_stopping is not None)
     elif trainer is None:
         try:
             checkpoint.check_writable(_interrupted_run_file(args.resume), "the interrupted-run checkpoint")
@@ -598,7 +586,7 @@ def _say_what_the_resume_keeps(args, trainer, ignored):
                    f"batch size and seed; {', '.join(ignored)} given here {'is' if len(ignored) == 1 else 'are'} "
                    f"not used")
     saved = [state["monitor"] for state, _ in trainer._restored_early_stopping]
-    if args.early_stopping and args.monitor not in saved:
+    if args.early_stopping is not None and args.monitor not in saved:
         held = (f"early stopping state of --monitor {', '.join(saved)}, not of --monitor {args.monitor}"
                 if saved else "no early stopping state (trained without --early-stopping)")
         _say(args, f"warning: {args.resume} holds {held}: "
@@ -647,13 +635,13 @@ def _train(args):
         if getattr(args, name) is None:
             setattr(args, name, value)
     for option in ("monitor", "min_delta"):
-        if option in args.given and not args.early_stopping:
+        if option in args.given and args.early_stopping is None:
             raise _refusal(f"--{option.replace('_', '-')} is early stopping's; give --early-stopping PATIENCE")
     _check_outputs(args)
     trainer = _trainer_from_checkpoint(args, device) if args.resume else None
     planned_split = args.validation_split is None and args.resume
     _default_to_the_plan(args, trainer.plan if trainer else None, args.resume)
-    if args.early_stopping and args.monitor.startswith("val_") and not args.validation_split:
+    if args.early_stopping is not None and args.monitor.startswith("val_") and not args.validation_split:
         raise _refusal(f"--early-stopping watches the validation {args.monitor[len('val_'):]}, but --validation-split 0"
                        f"{f' (the one {args.resume} was trained with)' if planned_split else ''} holds out no "
                        f"validation part: give a --validation-split above 0, or --monitor "
@@ -708,7 +696,7 @@ def _train(args):
 def _options_of_the_run(args):
     """The options a resume command repeats beyond the checkpoint's own: what the checkpoint does not hold
     (the device, how it computes, early stopping's settings) and where the run reports."""
-    given = [(f"--early-stopping {args.early_stopping}", args.early_stopping),
+    given = [(f"--early-stopping {args.early_stopping}", args.early_stopping is not None),
              *((f"--{option.replace('_', '-')} {getattr(args, option)}", option in args.given)
                for option in ("monitor", "min_delta")),
              (f"--device {args.device}", args.device != "auto"),

@@ -5,12 +5,13 @@ its valid range (exit code 2, no traceback).
 Ranges: --validation-split in [0, 1) (0: no validation) and, above 0, holding out 1 to N-1 of the N samples;
 --dropout, --momentum and each of --betas in [0, 1); --gamma in (0, 1]; --lr and --eps > 0; --weight-decay,
 --min-delta and --eta-min >= 0 (and --eta-min below the learning rate for the cosine schedule); --epochs,
---batch-size, --step-size, --early-stopping >= 1 (the batch at most the training samples); --seed 0 to 2**32 - 1; --augment from 0 to
-below half the image's side; the numbers in --layers as each layer takes them. The library stays as
-permissive as PyTorch (a batch larger than the data trains one short batch, SGD takes momentum >= 1); the
-command line does not.
+--batch-size, --step-size >= 1 (the batch at most the training samples); --early-stopping >= 0 (Keras's patience);
+--seed 0 to 2**32 - 1; --augment from 0 to below half the image's side; the numbers in --layers as each layer
+takes them. The library stays as permissive as PyTorch (a batch larger than the data trains one short batch,
+SGD takes momentum >= 1); the command line does not.
 """
 
+import json
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ import numpy
 import pytest
 
 import nnaccel as nn
-from nnaccel import cli
+from nnaccel import checkpoint, cli
 from nnaccel.errors import check_range, describe_range
 
 TRAIN = ["train", "--data", "synthetic", "--layers", "784,10", "--epochs", "1", "--device", "cpu", "--quiet"]
@@ -51,8 +52,8 @@ def _refused(capsys, argv, *expected):
 
 # ----- the options' own ranges, refused by argparse before anything loads -----------------------------
 POSITIVE_INT = "must be a positive integer"
-SIZES = [(option, value, POSITIVE_INT) for option in ("--epochs", "--batch-size", "--step-size", "--early-stopping")
-         for value in ("0", "-1")]
+SIZES = [(option, value, POSITIVE_INT) for option in ("--epochs", "--batch-size", "--step-size") for value in ("0", "-1")]
+SIZES += [("--early-stopping", "-1", "must be a non-negative integer")]
 SIZES += [(option, value, "expected a positive integer") for option in ("--epochs", "--batch-size")
           for value in ("nan", "inf", "-inf", "1.5")]
 FLOATS = [
@@ -79,14 +80,20 @@ FLOATS = [
 ]
 
 
-def test_early_stopping_0_is_refused_with_what_each_reading_gives(capsys, tmp_path, monkeypatch):
-    """Keras's patience 0 stops where 1 does, but an option's 0 here means none (--augment 0): the message says
-    both and gives 1."""
+def test_early_stopping_0_is_keras_patience_0_as_in_the_python_api(capsys, tmp_path, monkeypatch):
+    """--early-stopping 0 is EarlyStopping(patience=0), Keras's default: it stops at the first epoch without
+    improvement, where 1 does (it was refused, while the Python API and Keras take it)."""
     monkeypatch.chdir(tmp_path)
-    _refused(capsys, [*TRAIN, "--early-stopping", "0"],
-             "argument --early-stopping: must be a positive integer, got 0: a patience of 0 (Keras's default) stops "
-             "at the first epoch without improvement, as 1 does: give 1; to train without early stopping, leave the "
-             "option out")
+    argv = ["train", "--data", "digits", "--device", "cpu", "--layers", "64,16,10", "--batch-size", "32", "--lr", "1",
+            "--epochs", "10", "--json"]
+    stopped = {}
+    for patience in ("0", "1"):
+        assert cli.main([*argv, "--early-stopping", patience, "--save", f"p{patience}.npz"]) == 0
+        err, out = capsys.readouterr()[::-1]
+        assert f"(patience {patience})" in err, err
+        stopped[patience] = json.loads(out)
+    assert stopped["0"] == stopped["1"] and stopped["0"]["epochs"] < 10
+    assert checkpoint.read(tmp_path / "p0.npz")[0]["trainer"]["early_stopping"][0]["monitor"] == "val_loss"
 
 
 @pytest.mark.parametrize("option, value, expected", SIZES + FLOATS, ids=[f"{o} {v}" for o, v, _ in SIZES + FLOATS])
@@ -249,6 +256,9 @@ def test_settings_that_cannot_take_effect_are_warned_about(capsys, tmp_path, mon
     assert "warning: --step-size 5 >= --epochs 1: the step schedule never lowers the learning rate" in err
     assert cli.main([*argv, "--early-stopping", "1"]) == 0
     assert "it stops after 1 epoch without improvement\n" in capsys.readouterr().err  # not '1 epochs'
+    assert cli.main([*argv, "--early-stopping", "0"]) == 0  # Keras's patience 0 stops where 1 does
+    assert ("warning: --early-stopping 0 cannot stop a run of 1 more epoch(s): it stops after 1 epoch without "
+            "improvement\n") in capsys.readouterr().err
 
 
 # ----- end to end: the installed command ----------------------------------------------------------------
