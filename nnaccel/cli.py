@@ -624,11 +624,11 @@ def _train(args):
         args.quiet = args.quiet or args.communicator.rank != 0
     else:
         device = resolve_device(args.device)
-        if args.device.strip().lower() == "auto" and device == "cpu":
-            _say(args, f"device auto: training on the CPU ({cuda_status()[1]})")
-        if distributed.launched_size() > 1:
-            _say(args, f"warning: {distributed.launched_size()} processes were started but without --distributed "
-                       f"each trains alone")
+    if args.device.strip().lower() == "auto" and device == "cpu":  # (rank 0 alone says it)
+        _say(args, f"device auto: training on the CPU ({cuda_status()[1]})")
+    if not args.distributed and distributed.launched_size() > 1:
+        _say(args, f"warning: {distributed.launched_size()} processes were started but without --distributed each "
+                   f"trains alone")
     ignored = _options_a_resume_ignores(args) if args.resume else []
     args.given = {name for name in (*SAVED_WITH_THE_RUN, *TRAIN_DEFAULTS) if getattr(args, name) is not None}
     for name, value in TRAIN_DEFAULTS.items():

@@ -652,6 +652,20 @@ def test_cli_an_option_every_rank_refuses_is_one_line_from_rank_0(mpi, tmp_path)
                                   "below 1, got 1.0"), run.stderr
 
 
+def test_cli_device_auto_on_the_cpu_is_said_once_as_by_one_process(mpi, tmp_path):
+    """--device auto that finds no GPU says so on rank 0, as a run of one process does (a distributed run
+    said nothing)."""
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # auto is the CPU here, GPUs or not
+    common = ["train", "--data", "synthetic", "--layers", "784,10", "--epochs", "1"]
+    run = mpiexec(2, *NNACCEL, *common, "--distributed", cwd=tmp_path, env=env)
+    single = subprocess.run([*NNACCEL, *common], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert run.returncode == 0 and single.returncode == 0, run.stderr + single.stderr
+    said = [[line for line in err.splitlines() if line.startswith("device auto: training on the CPU (")]
+            for err in (run.stderr, single.stderr)]
+    assert len(said[0]) == 1 and said[0] == said[1], (run.stderr, single.stderr)
+
+
 def test_info_reports_mpi_and_nccl(mpi):
     run = subprocess.run([*NNACCEL, "info"], env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert run.returncode == 0, run.stderr
