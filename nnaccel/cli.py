@@ -88,8 +88,19 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = _NEGATIVE_NUMBER  # argparse's own: -5 and -.5 only
 
+    commands = None  # the top parser's subparsers action
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, but the command refuses the arguments none of its options takes, pointing at its own
+        help (argparse's top parser says ``nnaccel: error: ...`` and points at ``nnaccel --help``)."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.choices.get(getattr(namespace, "command", None)) if self.commands else None
+            (command or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
 
 
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (default)"  # every command's --device
@@ -100,7 +111,7 @@ MONITORED = ["val_loss", "val_accuracy", "loss", "accuracy"]
 def build_parser():
     parser = _Parser(prog="nnaccel", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nnaccel {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a network (default: a small CNN on the MNIST sample)",
                                 description="Train a network and report its accuracy on a held-out part of the "

@@ -278,6 +278,21 @@ def test_an_option_of_a_part_the_run_does_not_have_is_refused(options, message, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, unknown", [
+    (["train", "--lerning-rate", "0.1"], "--lerning-rate 0.1"), (["info", "--json"], "--json"),
+    (["evaluate", "m.npz", "extra.npz"], "extra.npz"), (["bench", "--quick", "--gpu"], "--gpu")])
+def test_an_argument_no_option_takes_is_refused_by_its_command(argv, unknown, capsys):
+    """The command names itself and its own help, which lists what it takes ('nnaccel: error: ...' and
+    'nnaccel --help', argparse's, list only the commands)."""
+    from nnaccel import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (f"nnaccel {argv[0]}: error: unrecognized arguments: {unknown} (see "
+                                       f"'nnaccel {argv[0]} --help')\n")
+
+
 @pytest.mark.parametrize("args, what", [
     (["train", "--resume", "", "--save", "m.npz"], "--resume"), (["train", "--save", ""], "--save"),
     (["train", "--csv", ""], "--csv"), (["train", "--plot", ""], "--plot"), (["train", "--layers", ""], "--layers"),
