@@ -263,7 +263,6 @@ class Trainer:
                               f"({self.batch_size} x {self.world_size} process(es)): resume it with {per_step} "
                               f"samples per step")
         self._samples = x.shape[0]
-        self._take_last_weights()
         if validation_data is not None:
             validation_data = self.prepare(*validation_data, what="validation x")
         else:
@@ -277,6 +276,7 @@ class Trainer:
         self.stop_training = self.interrupted = self._stop_requested
         last_epoch = self.epoch + epochs
         comm = self.communicator or _ONE_PROCESS
+        self._take_last_weights()  # after the refusals above: a fit refused there leaves the model as it was
         if self.communicator is not None:
             callbacks = self._start_distributed(x, callbacks, last_epoch, validation_data, shuffle)
         self._check_batchnorm_steps(x.shape[0], comm.size)

@@ -530,6 +530,35 @@ def test_curves_of_a_fit_without_an_epoch_are_empty_axes_and_its_error_is_its_ow
         trainer.fit(x * 1e18, y, callbacks=nn.PlotCurves(tmp_path / "diverged.png"))
 
 
+def test_a_refused_fit_leaves_early_stoppings_best_weights_in_the_model(tmp_path):
+    """A fit refused before training (validation data of another width) leaves the model with the best
+    epoch's weights that early stopping put back, not the last epoch's it would have trained on from; and
+    the next fit and its checkpoint still go on from the last epoch's, as the uninterrupted run does."""
+    x, y = datasets.synthetic(n=200, features=20, classes=4, seed=1)
+    xv, yv = datasets.synthetic(n=60, features=20, classes=4, seed=2)
+
+    def trained():
+        trainer = nn.Trainer(nn.Sequential(nn.Dense(20, 4), seed=5), optimizer=nn.SGD(lr=2.0), batch_size=32,
+                             quiet=True)
+        trainer.fit(x, y, epochs=8, validation_data=(xv, yv), callbacks=[nn.EarlyStopping(patience=8)])
+        assert numpy.argmin(trainer.history["val_loss"]) < 7  # the best epoch's weights were put back
+        return trainer
+
+    trainer = trained()
+    best = trainer.model.flat_params.copy()
+    with pytest.raises(nn.ShapeError, match="validation x"):
+        trainer.fit(x, y, epochs=1, validation_data=(xv[:, :5], yv))
+    numpy.testing.assert_array_equal(trainer.model.flat_params, best)
+    trainer.save_checkpoint(tmp_path / "run.npz")
+    resumed = nn.Trainer(nn.Sequential(nn.Dense(20, 4)), optimizer=nn.SGD(lr=2.0), batch_size=32, quiet=True)
+    resumed.load_checkpoint(tmp_path / "run.npz")
+    whole = trained()
+    for run in (trainer, resumed, whole):
+        run.fit(x, y, epochs=1)
+    numpy.testing.assert_array_equal(trainer.model.flat_params, whole.model.flat_params)
+    numpy.testing.assert_array_equal(resumed.model.flat_params, whole.model.flat_params)
+
+
 def test_a_resumed_best_only_checkpoint_keeps_the_runs_best_epoch(tmp_path):
     """save_best_only after a resume compares with the epochs the checkpoint's history holds: a worse
     epoch (a rate of 50 blows the loss up) is not written over the run's best."""
