@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, check_writable
 from .errors import ConfigError, OutputError, check_flag, check_int, check_range
 
 
@@ -188,6 +188,11 @@ class ModelCheckpoint(Callback, _Monitor):
 
     def watching(self):
         return self.save_best_only
+
+    def check_path(self, epoch):
+        """An OutputError, before training, where the file of ``epoch`` could not be written: its folder is
+        missing or read-only, or the path names a folder or a device."""
+        check_writable(self.path.format(epoch=epoch), "ModelCheckpoint path")
 
     def on_train_begin(self, trainer):
         self.best = min((self.sign * value for value in trainer.history.get(self.monitor, [])

@@ -267,10 +267,15 @@ class Trainer:
             validation_data = self.prepare(*validation_data, what="validation x")
         else:
             check_no_validation_monitored(callbacks)
-        if any(isinstance(callback, ModelCheckpoint) for callback in callbacks):
-            # a run it cannot save (an optimizer, schedule or loss of one's own) is refused now, not after an epoch
+        savers = [callback for callback in callbacks if isinstance(callback, ModelCheckpoint)]
+        if savers:
+            # a run it cannot save (an optimizer, schedule or loss of one's own, a file that cannot be written)
+            # is refused now, not after an epoch
             optimizers.saved_config(self.optimizer)
             self.state()
+            if self.rank == 0:  # the rank that writes
+                for saver in savers:
+                    saver.check_path(self.epoch + 1)
         self._fit_finished = False
         resumes = self.interrupted and self._fit_callbacks is not None  # the last fit was stopped: go on with it
         self.stop_training = self.interrupted = self._stop_requested

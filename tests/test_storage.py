@@ -206,6 +206,27 @@ def test_a_device_pipe_or_socket_is_not_replaced_by_a_file(tmp_path, monkeypatch
     assert stat.S_ISFIFO(os.stat("pipe").st_mode) and os.listdir() == ["pipe"]
 
 
+@pytest.mark.parametrize("path, message", [
+    ("no/such/ck-{epoch}.npz", "cannot write ModelCheckpoint path no/such/ck-3.npz: folder no/such does not exist"),
+    (".", "ModelCheckpoint path . is a folder; name a file in it, such as model.npz"),
+    ("pipe", "cannot write ModelCheckpoint path pipe: it exists and is not a regular file"),
+])
+def test_a_model_checkpoint_that_cannot_be_written_is_refused_before_a_step(tmp_path, monkeypatch, path, message):
+    """In Python, as ``--save`` is: a fit with a ModelCheckpoint into a missing folder (the file its next epoch
+    writes, 3 after two), a folder or a pipe trains no step before the OutputError, not a whole epoch."""
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("pipe")
+    x, y = numpy.random.default_rng(0).standard_normal((64, 4)), numpy.arange(64) % 2
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(4, 2)), batch_size=16, quiet=True)
+    trainer.fit(x, y, epochs=2)
+    weights = trainer.model.flat_params.copy()
+    with pytest.raises(nn.OutputError, match=f"^{re.escape(message)}"):
+        trainer.fit(x, y, epochs=1, callbacks=[nn.ModelCheckpoint(path, monitor="loss")])
+    assert trainer.epoch == 2 and trainer.optimizer.steps == 8
+    numpy.testing.assert_array_equal(trainer.model.flat_params, weights)
+    assert sorted(os.listdir()) == ["pipe"]
+
+
 def test_a_folder_that_refuses_files_is_found_before_training(tmp_path, monkeypatch, capsys):
     """Injected: the folder refuses new files (EACCES), as a read-only share does for everyone."""
     monkeypatch.chdir(tmp_path)
