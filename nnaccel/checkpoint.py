@@ -314,11 +314,12 @@ def _read_checked(path, size, archive):
 
 def _check_values(path, key, array):
     """A CheckpointError naming member ``key`` unless every output can be computed from its values: weights
-    finite (NaN or inf make every output and the next loss NaN), no NaN anywhere, a BatchNorm variance not
+    finite (NaN or inf make every output and the next loss NaN), early stopping's best and the last epoch's
+    too (a fit puts them in the model), no NaN anywhere, a BatchNorm variance not
     negative (its square root is NaN). Buffers and optimizer state may hold inf, as training writes it: a
     BatchNorm variance of inputs near 1e19 overflows (that feature then normalises to 0), as Adam's second
     moment does for huge gradients (that weight's update is 0)."""
-    weights = key.startswith("param/")
+    weights = key.startswith("param/") or key.endswith("/params")
     if bool((~numpy.isfinite(array) if weights else numpy.isnan(array)).any()):
         raise CheckpointError(f"{path}: member {key!r} holds {'NaN or inf' if weights else 'NaN'}, from which "
                               f"nothing can be computed (a damaged or edited file, or a run whose weights overflowed)")

@@ -356,6 +356,22 @@ def test_extra_missing_and_inconsistent_members_are_refused(tmp_path, case, dama
     assert re.search(message, found), found
 
 
+@pytest.mark.parametrize("member", ["early_stopping/0/params", "last/params"])
+def test_an_inf_in_weights_a_fit_puts_back_is_refused(tmp_path, member):
+    """Early stopping's best weights and the last epoch's are weights too: a fit puts them in the model, whose
+    every output an inf would make NaN; refused by member, as an inf among the model's own weights is."""
+    data = _real("mlp-sgd-momentum-float64")
+    members, meta = _members(data), _meta(data)
+    meta["trainer"]["last_weights"] = True  # (the file's run ended on its best epoch: it kept no last weights)
+    members["meta.npy"] = _npy(numpy.array(json.dumps(meta)))
+    for part in ("params", "buffers"):
+        members[f"last/{part}.npy"] = members[f"early_stopping/0/{part}.npy"]
+    assert _load_or_refuse(_zip(members), tmp_path)[1] is not None  # the file as edited, inf aside, resumes
+    _change(members, f"{member}.npy", lambda a: a.flat.__setitem__(2, INF))
+    found = _refusal(_zip(members), tmp_path)
+    assert f"member {member!r} holds NaN or inf, from which nothing can be computed" in found, found
+
+
 def test_an_overflowed_adam_second_moment_loads_and_resumes(tmp_path):
     """Adam's v overflows to inf for a gradient beyond 1.8e19 in float32, and training goes on (that weight's
     update is 0): a checkpoint of that state is not damage."""
