@@ -106,7 +106,10 @@ def check_writable(path, what="checkpoint", size=0, example="model.npz", rewritt
 
 
 def _refuse_a_folder_name(path, what):
-    """A name ending in a slash is a folder's, as the system reads it; ``Path("w.png/")`` drops the slash."""
+    """A name ending in a slash is a folder's, as the system reads it; ``Path("w.png/")`` drops the slash.
+    An empty name is none (``Path("")`` is the working folder, which a rename cannot replace)."""
+    if str(path) == "":
+        raise OutputError(f"{what} '' is an empty file name; name a file to write")
     if str(path).endswith(("/", os.sep)) and not Path(path).is_dir():
         raise OutputError(f"{what} {path} names a folder (it ends in '{str(path)[-1]}'), and there is none; to "
                           f"write a file, drop the '{str(path)[-1]}': {Path(path)}")
@@ -255,6 +258,8 @@ def read(path):
     member's zip entry and ``.npy`` header agree with the architecture it
     describes (see the module docstring): a file from anyone is safe here.
     """
+    if str(path) == "":  # not Path(""), the working folder
+        raise CheckpointError("checkpoint '' is an empty file name; name a checkpoint file")
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")

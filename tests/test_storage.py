@@ -174,6 +174,24 @@ def test_a_save_to_a_name_ending_in_a_slash_writes_no_file(tmp_path):
         assert not list(tmp_path.iterdir())
 
 
+def test_an_empty_file_name_is_refused_as_one(tmp_path, monkeypatch):
+    """``model.save("")`` (a variable left empty) is no name, as ``open("")`` says: not "cannot write .: Device
+    or resource busy" from a rename over the working folder, which ``Path("")`` is; nor, on load, "checkpoint
+    . is a folder"."""
+    monkeypatch.chdir(tmp_path)
+    model = nn.Sequential(nn.Dense(4, 2))
+    trainer = nn.Trainer(model, quiet=True)
+    for save in (model.save, trainer.save_checkpoint):
+        with pytest.raises(nn.OutputError, match="^file '' is an empty file name; name a file to write$"):
+            save("")
+    with pytest.raises(nn.OutputError, match="^ModelCheckpoint path '' is an empty file name"):
+        trainer.fit(numpy.zeros((4, 4)), [0, 1, 0, 1], callbacks=[nn.ModelCheckpoint("", monitor="loss")])
+    for load in (nn.load, trainer.load_checkpoint):
+        with pytest.raises(nn.CheckpointError, match="^checkpoint '' is an empty file name; name a checkpoint file$"):
+            load("")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_symbolic_link_is_checked_where_it_leads_before_training(tmp_path, monkeypatch, capsys):
     """A link into a purged scratch folder, or a loop of links, fails before the data is read, not after
     the first epoch (or as a traceback)."""
