@@ -263,8 +263,9 @@ def read(path):
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():  # (a pipe is not opened: reading one would wait for a writer)
+        problem = f"is {SPECIAL_FILE}" if path.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {problem}")
     try:
         with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
             return _read_checked(path, os.fstat(handle.fileno()).st_size, archive)

@@ -222,6 +222,8 @@ def test_a_device_pipe_or_socket_is_not_replaced_by_a_file(tmp_path, monkeypatch
     with pytest.raises(nn.OutputError, match="cannot write file pipe: it exists and is not a regular file"):
         checkpoint.atomic_write("pipe", lambda handle: handle.write(b"x"))
     assert stat.S_ISFIFO(os.stat("pipe").st_mode) and os.listdir() == ["pipe"]
+    with pytest.raises(nn.CheckpointError, match=r"^checkpoint pipe is not a regular file \(a device, pipe or socket"):
+        nn.load("pipe")  # (not "does not exist"; and not opened, which would wait for a writer)
 
 
 @pytest.mark.parametrize("path, message", [
