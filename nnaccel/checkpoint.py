@@ -325,13 +325,19 @@ def _check_values(path, key, array):
     negative (its square root is NaN). Buffers and optimizer state may hold inf, as training writes it: a
     BatchNorm variance of inputs near 1e19 overflows (that feature then normalises to 0), as Adam's second
     moment does for huge gradients (that weight's update is 0)."""
-    weights = key.startswith("param/") or key.endswith("/params")
+    weights = _holds_weights(key)
     if bool((~numpy.isfinite(array) if weights else numpy.isnan(array)).any()):
         raise CheckpointError(f"{path}: member {key!r} holds {'NaN or inf' if weights else 'NaN'}, from which "
                               f"nothing can be computed (a damaged or edited file, or a run whose weights overflowed)")
     if key.endswith(".running_var") and bool((array < 0).any()):
         raise CheckpointError(f"{path}: member {key!r} holds a negative variance ({float(array.min()):g}); the "
                               f"file is damaged or was edited")
+
+
+def _holds_weights(key):
+    """Whether member ``key`` holds weights: the model's, or early stopping's best and the last epoch's, which a
+    fit puts in the model."""
+    return key.startswith("param/") or key.endswith("/params")
 
 
 def _check_entry(path, info, what):
@@ -691,6 +697,14 @@ def check_model(model, meta, arrays, path):
         key = f"buffer/{name}"
         if key not in arrays or arrays[key].shape != buffer.shape:
             raise CheckpointError(f"{path} has no buffer {name} of shape {buffer.shape}")
+    for key, array in arrays.items():  # a float64 file loads into a float32 model: its weights must fit
+        if _holds_weights(key) and array.dtype.itemsize > model.dtype.itemsize:
+            with numpy.errstate(over="ignore"):
+                beyond = numpy.abs(array[~numpy.isfinite(array.astype(model.dtype))])
+            if beyond.size:
+                raise CheckpointError(f"{path}: member {key!r} holds {float(beyond.max()):g}, beyond the range of "
+                                      f"{model.dtype}, the model's dtype, where it would be inf; load it into a "
+                                      f"{array.dtype} model")
 
 
 def check_optimizer(optimizer, meta, path):

@@ -372,6 +372,27 @@ def test_an_inf_in_weights_a_fit_puts_back_is_refused(tmp_path, member):
     assert f"member {member!r} holds NaN or inf, from which nothing can be computed" in found, found
 
 
+@pytest.mark.parametrize("member", ["param/0.weight", "early_stopping/0/params"])
+def test_float64_weights_beyond_float32_are_refused_by_a_float32_trainer(tmp_path, member):
+    """A float64 checkpoint resumes in a float32 model, its arrays rounded; a weight of 1e39 would round to inf
+    (every output NaN, after an overflow warning): refused by member, the trainer left as it was. The same
+    file loads as the float64 model it is."""
+    data = _real("mlp-sgd-momentum-float64")
+    members = _members(data)
+    _change(members, f"{member}.npy", lambda a: a.flat.__setitem__(1, -1e39))
+    path = tmp_path / "big.npz"
+    path.write_bytes(_zip(members))
+    assert nn.load(path).dtype == numpy.float64
+    trainer = nn.Trainer(nn.Sequential.from_config({**_meta(data)["model"], "dtype": "float32"}),
+                         optimizer=nn.SGD(lr=0.1, momentum=0.9), quiet=True)
+    weights = trainer.model.flat_params.copy()
+    with pytest.raises(nn.CheckpointError, match=f"member {re.escape(repr(member))} holds -?1e\\+39, beyond the "
+                                                 f"range of float32, the model's dtype, where it would be inf"):
+        trainer.load_checkpoint(path)
+    numpy.testing.assert_array_equal(trainer.model.flat_params, weights)
+    assert trainer.epoch == 0 and not trainer.optimizer.state
+
+
 def test_an_overflowed_adam_second_moment_loads_and_resumes(tmp_path):
     """Adam's v overflows to inf for a gradient beyond 1.8e19 in float32, and training goes on (that weight's
     update is 0): a checkpoint of that state is not damage."""
