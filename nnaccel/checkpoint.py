@@ -230,6 +230,9 @@ def _stop_signals_held():
 def save(path, model, optimizer=None, trainer_state=None, trainer_arrays=None):
     """Write ``model`` (and optionally the optimizer and trainer state, with the trainer's arrays:
     early stopping's best weights) to ``path``."""
+    from .layers import check_saveable_layers
+
+    check_saveable_layers(model.layers)
     if len(model.layers) > MAX_LAYERS:  # the loader would refuse it
         raise ConfigError(f"a model of {len(model.layers):,} layers cannot be saved: a checkpoint holds at most "
                           f"{MAX_LAYERS:,}")

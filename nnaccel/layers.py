@@ -14,7 +14,7 @@ import numpy
 
 from . import activations
 from .backend.base import Window, array_device
-from .errors import ConfigError, ShapeError, check_int, check_number, check_range
+from .errors import ConfigError, ShapeError, check_int, check_number, check_range, check_saveable
 
 MAX_STRIDE = 2**31 - 1  # checkpoint.MAX_SIZE; the pools' corner indices and the GPU kernels' sizes are int32
 
@@ -690,6 +690,21 @@ class BatchNorm(Layer):
 LAYERS = {cls.__name__: cls for cls in (Dense, Maxout, Dropout, RandomShift, Conv2D, MaxPool2D, AvgPool2D, Flatten,
                                         BatchNorm)}
 ACTIVATED = (Dense, Conv2D, BatchNorm)  # the layers that apply an activation of their own
+
+
+def check_saveable_layers(layers):
+    """A ConfigError naming the first layer or activation of one's own (a subclass of nnaccel's too) in ``layers``:
+    a checkpoint rebuilds nnaccel's from their names, and would load a subclass as its parent, computing otherwise
+    (one without ``config`` failed with NotImplementedError, after an epoch under ModelCheckpoint)."""
+    def either(kinds):
+        names = [f"nn.{kind.__name__}" for kind in kinds]
+        return f"{', '.join(names[:-1])} or {names[-1]}"
+
+    for layer in layers:
+        check_saveable(layer, LAYERS.values(), "layer", either(LAYERS.values()))
+        if isinstance(layer, ACTIVATED):
+            check_saveable(layer.activation, activations.ACTIVATIONS.values(), "activation",
+                           either(activations.ACTIVATIONS.values()))
 
 
 def from_config(config):

@@ -23,7 +23,7 @@ from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, Plot
 from .backend import PRECISIONS, array_device
 from .errors import (CheckpointError, ConfigError, NnaccelError, ShapeError, check_array, check_flag, check_int,
                      check_seed, described)
-from .layers import BatchNorm, RandomLayer
+from .layers import BatchNorm, RandomLayer, check_saveable_layers
 from .model import Sequential, check_float_range
 
 # Callbacks that write files: in a distributed run only rank 0 runs them (as does any callback
@@ -273,6 +273,7 @@ class Trainer:
             # is refused now, not after an epoch
             optimizers.saved_config(self.optimizer)
             self.state()
+            check_saveable_layers(self.model.layers)
             if self.rank == 0:  # the rank that writes
                 for saver in savers:
                     saver.check_path(self.epoch + 1)

@@ -222,6 +222,44 @@ def test_the_state_dict_of_an_optimizer_of_ones_own_holds_every_buffer_it_keeps(
     numpy.testing.assert_array_equal(buffers["grad_sum"], optimizer.state["grad_sum"])
 
 
+def test_a_layer_or_activation_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_name(tmp_path):
+    """A subclass of Dense or ReLU trains; its checkpoint held the parent's name and loaded as the parent, which
+    computes otherwise (here: half the output), and a layer of one's own without config() failed with
+    NotImplementedError, after an epoch under ModelCheckpoint. Each is refused by name, no file written."""
+
+    class HalfDense(nn.Dense):
+        def forward(self, x, training=False):
+            return super().forward(x, training) * 0.5
+
+    class HalfReLU(nn.ReLU):
+        def forward(self, ops, z, out):
+            return super().forward(ops, z, out) * 0.5
+
+    class Identity(nn.layers.Layer):
+        def output_shape(self, shape):
+            return shape
+
+        def forward(self, x, training=False):
+            return x
+
+        def backward(self, dy, input_grad=True):
+            return dy
+
+    for layers, name, what in [((HalfDense(4, 3),), "HalfDense", "layer"),
+                               ((nn.Dense(4, 3, activation=HalfReLU()),), "HalfReLU", "activation"),
+                               ((nn.Dense(4, 3), Identity()), "Identity", "activation|layer")]:
+        model = nn.Sequential(*layers)
+        trainer = nn.Trainer(model, quiet=True)
+        trainer.fit(X, Y)
+        message = f"a checkpoint holds the ({what}) nn.*, not {name}: a run resumed from it could not rebuild that"
+        for save in (model.save, trainer.save_checkpoint):
+            with pytest.raises(nn.ConfigError, match=message):
+                save(tmp_path / "ckpt.npz")
+        with pytest.raises(nn.ConfigError, match=message):
+            trainer.fit(X, Y, callbacks=[nn.ModelCheckpoint(tmp_path / "ckpt.npz", monitor="loss")])
+        assert trainer.epoch == 1 and not list(tmp_path.iterdir())
+
+
 def test_an_optimizer_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_name(tmp_path):
     """A subclass of SGD or Adam, or of Optimizer, trains; a checkpoint of SGD's kept its parent's type and resumed
     as SGD, of Adam's was refused on load as an unknown optimizer, and of Optimizer's failed in config()."""
