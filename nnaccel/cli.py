@@ -676,7 +676,8 @@ def _train(args):
     if args.resume:
         _check_resumed_data(args, trainer, x_train.shape[0])
     held_out = f"{validation[0].shape[0]} validation" if validation else "no validation: --validation-split 0"
-    _say(args, f"training {checkpoint.describe(model.config())} ({model.num_parameters():,} parameters) on "
+    doing = "training" if args.epochs > trainer.epoch else "evaluating"  # a resume with nothing left to train
+    _say(args, f"{doing} {checkpoint.describe(model.config())} ({model.num_parameters():,} parameters) on "
                f"{args.data} ({x_train.shape[0]} train, {held_out}) on {device}")
     _check_outputs(args, trainer)
     stopped_by = None

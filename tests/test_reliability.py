@@ -553,6 +553,7 @@ def test_a_cosine_run_resumed_to_more_epochs_plans_its_schedule_over_them(tmp_pa
                      "--save", "a.npz"]) == 0  # fewer epochs than trained: neither re-planned nor trained
     err = capsys.readouterr().err
     assert "a.npz has trained 4 epochs and --epochs is 3: nothing is left to train" in err
+    assert "\ntraining " not in err and "\nevaluating " in err  # what it then does
     assert "plans it again" not in err and checkpoint.read(tmp_path / "a.npz")[0]["trainer"] == resumed
 
 
