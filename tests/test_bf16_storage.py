@@ -53,6 +53,44 @@ def test_storage_conversions_round_as_pytorch_does(cuda_device):
     numpy.testing.assert_array_equal(back.view(numpy.uint32), _widen(bits).view(numpy.uint32))  # exact
 
 
+def _cuda_bits(x):
+    """float32 ``x`` as bfloat16 bits as CUDA's ``__float2bfloat16`` converts (cuda_bf16.h): the top
+    16 bits, plus one where the 16 dropped are over half, or half with the kept ones odd; every NaN to
+    the canonical 0x7fff (CUDART_NAN_BF16)."""
+    words = numpy.ascontiguousarray(x, numpy.float32).view(numpy.uint32)
+    top, remainder = (words >> 16).astype(numpy.uint32), (words << 16).astype(numpy.uint32)
+    up = (remainder > 0x80000000) | ((remainder == 0x80000000) & (top & 1 == 1))
+    bits = (top + up).astype(numpy.uint16)
+    return numpy.where((words & 0x7FFFFFFF) > 0x7F800000, numpy.uint16(0x7FFF), bits)
+
+
+def _awkward_floats():
+    """NaNs of either sign and any payload, infinities, the largest floats (which round to infinity),
+    float32 subnormals and the smallest bfloat16 ones with ties among them, signed zeros."""
+    words = numpy.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FA0BEEF,
+                         0x7F800000, 0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x00000001,
+                         0x80000001, 0x00008000, 0x00018000, 0x00017FFF, 0x00008001, 0x007FFFFF, 0x807FFFFF,
+                         0x00800000, 0x00000000, 0x80000000], numpy.uint32)
+    return words.view(numpy.float32)
+
+
+def test_storage_conversions_handle_nan_infinity_and_subnormals_as_cuda_does(cuda_device):
+    ops = get_backend(cuda_device)
+    x = _awkward_floats()
+    bits = ops.to_host(ops.convert(ops.asarray(x), ops.empty(x.shape, BF16)))
+    assert [hex(b) for b in bits] == [hex(b) for b in _cuda_bits(x)]
+    assert [hex(b) for b in bits[:7]] == ["0x7fff"] * 7 and [hex(b) for b in bits[9:11]] == ["0x7f80", "0xff80"]
+
+
+def test_the_stand_ins_cublas_converts_as_cuda_does(emulated):
+    from cupy._core import _routines_linalg  # the stand-in's, which its gemmEx rounds bfloat16 outputs with
+
+    rng = numpy.random.default_rng(3)
+    x = numpy.concatenate([_awkward_floats(), (rng.standard_normal(5_000) * 10.0 ** rng.integers(-42, 39, 5_000))])
+    x = x.astype(numpy.float32)
+    numpy.testing.assert_array_equal(_routines_linalg.to_bfloat16_bits(x), _cuda_bits(x))
+
+
 @pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("out_dtype", [numpy.float32, BF16], ids=["float32-out", "bf16-out"])
 def test_bf16_weighted_sums_accumulate_in_float32(cuda_device, trans_a, trans_b, out_dtype):

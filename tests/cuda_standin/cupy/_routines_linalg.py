@@ -60,10 +60,11 @@ def round_mantissa(x, bits):
 
 
 def to_bfloat16_bits(x):
-    """float32 ``x`` as bfloat16 bits (uint16): rounded to nearest, ties to even; a NaN stays a NaN."""
+    """float32 ``x`` as bfloat16 bits (uint16), as CUDA's ``__float2bfloat16`` converts: rounded to
+    nearest, ties to even, and every NaN to the canonical NaN 0x7fff."""
     x = numpy.ascontiguousarray(x, numpy.float32)
     bits = (round_mantissa(x, 7).view(numpy.uint32) >> 16).astype(numpy.uint16)
-    return numpy.where(numpy.isnan(x), bits | numpy.uint16(0x40), bits)
+    return numpy.where(numpy.isnan(x), numpy.uint16(0x7fff), bits)
 
 
 def from_bfloat16_bits(bits):
