@@ -52,6 +52,27 @@ def test_weighted_sums_round_their_inputs_and_accumulate_in_float32(emulated, pr
     assert rounded.dtype == numpy.float32
 
 
+def test_the_stand_in_takes_the_compute_types_as_cupy_does(emulated):
+    """CuPy's float32 products: TF32 in 2-D ones (``CUBLAS_COMPUTE_32F_FAST_TF32``), none in batched
+    ones, and COMPUTE_TYPE_BF16 is plain float32 (``CUBLAS_COMPUTE_32F``)."""
+    import cupy
+    from cupy._core import _routines_linalg as linalg
+
+    rng = numpy.random.default_rng(4)
+    a, b = rng.standard_normal((2, 9, 40), numpy.float32), rng.standard_normal((40, 5), numpy.float32)
+    device_a, device_b = cupy.asarray(a), cupy.asarray(b)
+    outside = linalg.get_compute_type(numpy.float32)
+    try:
+        for compute_type, bits in ((linalg.COMPUTE_TYPE_TF32, 10), (linalg.COMPUTE_TYPE_BF16, None)):
+            linalg.set_compute_type(numpy.float32, compute_type)
+            flat = cupy.matmul(device_a[0], device_b).get()
+            rounded = a[0] if bits is None else _rounded(a[0], bits)
+            numpy.testing.assert_array_equal(flat, rounded @ (b if bits is None else _rounded(b, bits)))
+            numpy.testing.assert_array_equal(cupy.matmul(device_a, device_b).get(), a @ b)  # batched: float32
+    finally:
+        linalg.set_compute_type(numpy.float32, outside)
+
+
 SEEDS = (0, 1, 2)
 
 

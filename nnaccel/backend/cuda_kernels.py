@@ -278,16 +278,19 @@ def convert(x, out):
 def gemm_bf16(a, b, out, trans_a=False, trans_b=False):
     """``out = op(a) @ op(b)`` for 2-D C-contiguous bfloat16 ``a`` and ``b`` through cuBLAS's
     ``cublasGemmEx``: products accumulated in float32 (``CUBLAS_COMPUTE_32F``), ``out`` float32 or
-    bfloat16 (rounded once, at the end). Returns ``out``."""
+    bfloat16 (rounded once, at the end). Float32 ``a`` and ``b`` (and ``out``) go to the tensor cores
+    rounded to bfloat16 (``CUBLAS_COMPUTE_32F_FAST_16BF``): CuPy's own products take no bfloat16
+    compute type (its ``COMPUTE_TYPE_BF16`` computes float32 ones in plain float32). Returns ``out``."""
+    inputs = BF16 if BF16 in (a.dtype, b.dtype) else FLOATS[0]
     for what, array in (("a", a), ("b", b)):
-        _float_array(what, array, (BF16,))
+        _float_array(what, array, (inputs,))
         if array.ndim != 2:
             raise ShapeError(f"{what} has shape {tuple(array.shape)}; the bfloat16 GEMM takes 2-D arrays")
     rows, inner = a.shape[::-1] if trans_a else a.shape
     inner_b, cols = b.shape[::-1] if trans_b else b.shape
     if inner != inner_b:
         raise ShapeError(f"op(a) is {rows}x{inner} but op(b) is {inner_b}x{cols}")
-    _float_array("out", out, (FLOATS[0], BF16))
+    _float_array("out", out, (FLOATS[0], BF16) if inputs == BF16 else (FLOATS[0],))
     if tuple(out.shape) != (rows, cols):
         raise ShapeError(f"out has shape {tuple(out.shape)}; expected {(rows, cols)}")
     _one_device(a=a, b=b, out=out)
@@ -307,8 +310,9 @@ def gemm_bf16(a, b, out, trans_a=False, trans_b=False):
         cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
         cublas.gemmEx(handle, cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N,
                       cublas.CUBLAS_OP_T if trans_a else cublas.CUBLAS_OP_N, cols, rows, inner,
-                      one.ctypes.data, b.data.ptr, types[BF16], b.shape[1], a.data.ptr, types[BF16], a.shape[1],
-                      zero.ctypes.data, out.data.ptr, types[out.dtype], cols, cublas.CUBLAS_COMPUTE_32F,
+                      one.ctypes.data, b.data.ptr, types[inputs], b.shape[1], a.data.ptr, types[inputs], a.shape[1],
+                      zero.ctypes.data, out.data.ptr, types[out.dtype], cols,
+                      cublas.CUBLAS_COMPUTE_32F if inputs == BF16 else cublas.CUBLAS_COMPUTE_32F_FAST_16BF,
                       cublas.CUBLAS_GEMM_DEFAULT)
     return out
 

@@ -8,7 +8,8 @@ It also captures work into CUDA graphs (``capture``), for the Trainer's step.
 
 Under ``matmul_precision("bf16")`` the Dense and Conv2D layers store their
 activations and gradients in bfloat16 (``storage_dtype``), held as uint16
-bits (see ``cuda_kernels.BF16``): their GEMMs go to cuBLAS's
+bits (see ``cuda_kernels.BF16``): their GEMMs, and the float32 ones of the
+other layers (on the tensor cores, inputs rounded to bfloat16), go to cuBLAS's
 ``gemmEx`` and their elementwise and pooling work to the kernels' bfloat16
 instantiations, which compute in float32; weights, their gradients and the
 optimizer stay float32.
@@ -87,7 +88,8 @@ class CupyBackend(Backend):
         """cuBLAS's compute type for float32 GEMMs, set for the context: TF32 or bfloat16 inputs on the
         tensor cores (GPUs of compute capability 8.0 or later), float32 accumulation either way; "fp32"
         restores the type set outside every such context (nested in another precision, too). Under
-        "bf16" the Dense and Conv2D layers also store bfloat16 (``storage_dtype``)."""
+        "bf16" the Dense and Conv2D layers also store bfloat16 (``storage_dtype``), and ``matmul``
+        sends the float32 GEMMs to ``gemmEx`` itself (CuPy computes them in float32 whatever its type)."""
         from cupy._core import _routines_linalg as linalg
 
         previous = linalg.get_compute_type(numpy.float32), self.bf16_storage, self._outside_compute_type
@@ -119,9 +121,13 @@ class CupyBackend(Backend):
         return cuda_kernels.convert(self.xp.ascontiguousarray(x), out)
 
     def matmul(self, a, b, out, trans_a=False, trans_b=False):
-        if BF16 not in (a.dtype, b.dtype, out.dtype):
-            return super().matmul(a, b, out, trans_a, trans_b)
-        return cuda_kernels.gemm_bf16(a, b, out, trans_a, trans_b)
+        """Through cuBLAS's ``gemmEx`` where bfloat16 is stored, and under "bf16" for the float32
+        products of 2-D C-contiguous arrays too (on the tensor cores, inputs rounded to bfloat16),
+        which CuPy's compute types cannot ask for; CuPy's matmul otherwise."""
+        if BF16 in (a.dtype, b.dtype, out.dtype) or (self.bf16_storage and a.ndim == b.ndim == 2
+                                                     and _fused(a, b, out, dtypes=cuda_kernels.FLOATS[:1])):
+            return cuda_kernels.gemm_bf16(a, b, out, trans_a, trans_b)
+        return super().matmul(a, b, out, trans_a, trans_b)
 
     @contextlib.contextmanager
     def recording_allocations(self):

@@ -1,12 +1,16 @@
 """CuPy's ``cupy._core._routines_linalg`` compute types: how cuBLAS may compute float32 products.
 
 ``set_compute_type(numpy.float32, COMPUTE_TYPE_TF32)`` lets cuBLAS round the
-inputs of a float32 GEMM to TensorFloat-32 (10 explicit mantissa bits) and
-``COMPUTE_TYPE_BF16`` to bfloat16 (7 bits), for the tensor cores; products are
-accumulated in float32 either way. The stand-in's ``cupy.matmul`` does the same
-rounding (to nearest, ties to even) before NumPy's float32 product, so a run
-with a compute type computes what a GPU's tensor cores would, within float32
-accumulation order.
+inputs of a float32 GEMM to TensorFloat-32 (10 explicit mantissa bits) for the
+tensor cores, products accumulated in float32: CuPy passes
+``CUBLAS_COMPUTE_32F_FAST_TF32`` to the ``gemmEx`` of its 2-D products
+(``dot``, ``matmul`` of 2-D arrays), and nothing to its batched ones. The
+stand-in's ``cupy.matmul`` does the same rounding (to nearest, ties to even)
+before NumPy's float32 product, so a run with TF32 computes what a GPU's tensor
+cores would, within float32 accumulation order. ``COMPUTE_TYPE_BF16`` is
+stored but changes no float32 product, as in CuPy, which maps it to
+``CUBLAS_COMPUTE_32F`` (bfloat16 on the tensor cores takes a ``gemmEx`` with
+``CUBLAS_COMPUTE_32F_FAST_16BF``, ``cupy.cuda.cublas``).
 """
 
 import numpy
@@ -16,7 +20,7 @@ COMPUTE_TYPE_FP16, COMPUTE_TYPE_FP32, COMPUTE_TYPE_FP64 = 3, 4, 5
 COMPUTE_TYPE_BF16, COMPUTE_TYPE_TF32 = 6, 7
 _NAMES = {0: "COMPUTE_TYPE_TBD", 1: "COMPUTE_TYPE_DEFAULT", 2: "COMPUTE_TYPE_PEDANTIC", 3: "COMPUTE_TYPE_FP16",
           4: "COMPUTE_TYPE_FP32", 5: "COMPUTE_TYPE_FP64", 6: "COMPUTE_TYPE_BF16", 7: "COMPUTE_TYPE_TF32"}
-_MANTISSA_BITS = {COMPUTE_TYPE_TF32: 10, COMPUTE_TYPE_BF16: 7}
+_MANTISSA_BITS = {COMPUTE_TYPE_TF32: 10}  # what CuPy's 2-D float32 products round to
 _compute_types = {}  # dtype character -> compute type
 
 
@@ -41,9 +45,10 @@ def compute_type_to_str(compute_type):
     return _NAMES.get(compute_type, compute_type)
 
 
-def mantissa_bits(dtype):
-    """The explicit mantissa bits float32 GEMM inputs are rounded to now (None: not rounded)."""
-    if numpy.dtype(dtype) != numpy.float32:
+def mantissa_bits(dtype, ndim=2):
+    """The explicit mantissa bits the inputs of a float32 product of ``ndim``-D arrays are rounded to
+    now (None: not rounded; CuPy's batched products, ``ndim`` > 2, take no compute type)."""
+    if numpy.dtype(dtype) != numpy.float32 or ndim > 2:
         return None
     return _MANTISSA_BITS.get(get_compute_type(dtype))
 
