@@ -353,19 +353,29 @@ def test_a_precision_nested_in_another_holds_inside_it(cuda_device):
     assert linalg.get_compute_type(numpy.float32) == outside
 
 
-def test_a_gpu_older_than_ampere_stores_float32_and_says_why(emulated, monkeypatch):
+@pytest.mark.parametrize("precision, kind", [("bf16", "bfloat16"), ("tf32", "TensorFloat-32")])
+def test_a_gpu_older_than_ampere_computes_fp32_and_says_why(emulated, monkeypatch, precision, kind):
+    """As CuPy there (which warns at each TF32 or BF16 compute type set and uses DEFAULT): one note
+    when the Trainer is made, no warning at each step, float32 stored and computed."""
+    import warnings
+
     import cupy
+    from cupy._core import _routines_linalg as linalg
 
     from nnaccel.backend.cupy_backend import CupyBackend
 
-    assert get_backend(emulated).precision_note("bf16") is None  # the emulated device is an 8.0
+    assert get_backend(emulated).precision_note(precision) is None  # the emulated device is an 8.0
     monkeypatch.setattr(cupy.cuda.Device, "compute_capability", property(lambda self: "75"))
     ops = CupyBackend(0)
-    assert ops.precision_note("bf16") == ("precision 'bf16': cuda:0 has compute capability 75, and cuBLAS's "
-                                          "bfloat16 GEMMs need 8.0 or later, so the layers store float32")
-    assert ops.precision_note("tf32") is None
-    with ops.matmul_precision("bf16"):
-        assert ops.storage_dtype(numpy.dtype(numpy.float32), activations.get("relu")) == numpy.float32
+    assert ops.precision_note(precision) == (f"precision '{precision}': cuda:0 has compute capability 75, and the "
+                                             f"tensor cores' {kind} GEMMs need 8.0 or later, so the steps compute "
+                                             f"in fp32")
+    outside = linalg.get_compute_type(numpy.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ops.matmul_precision(precision):
+            assert ops.storage_dtype(numpy.dtype(numpy.float32), activations.get("relu")) == numpy.float32
+            assert linalg.get_compute_type(numpy.float32) == outside
 
 
 def test_strided_inputs_are_converted_to_bf16_storage(cuda_device):

@@ -64,7 +64,7 @@ class CupyBackend(Backend):
         self.xp = cupy
         self.device = cupy.cuda.Device(device_id)
         self.name = f"cuda:{device_id}"
-        # cuBLAS's bfloat16 GEMMs need compute capability 8.0 (Ampere) or later
+        # cuBLAS's bfloat16 and TF32 GEMMs need compute capability 8.0 (Ampere) or later
         self.bf16_capable = int(self.device.compute_capability) >= 80
         self.bf16_storage = False  # set by matmul_precision("bf16")
         self._outside_compute_type = None  # cuBLAS's float32 compute type outside any matmul_precision
@@ -95,8 +95,10 @@ class CupyBackend(Backend):
         previous = linalg.get_compute_type(numpy.float32), self.bf16_storage, self._outside_compute_type
         if self._outside_compute_type is None:
             self._outside_compute_type = previous[0]
-        linalg.set_compute_type(numpy.float32, self._outside_compute_type if precision == "fp32" else
-                                getattr(linalg, _COMPUTE_TYPES[precision]))
+        # CuPy warns at every TF32 or BF16 compute type set on a GPU without them, and sets DEFAULT
+        tensor_cores = precision != "fp32" and self.bf16_capable
+        linalg.set_compute_type(numpy.float32, getattr(linalg, _COMPUTE_TYPES[precision]) if tensor_cores else
+                                self._outside_compute_type)
         self.bf16_storage = precision == "bf16" and self.bf16_capable
         try:
             yield
@@ -105,10 +107,11 @@ class CupyBackend(Backend):
             self.bf16_storage, self._outside_compute_type = previous[1:]
 
     def precision_note(self, precision):
-        if precision != "bf16" or self.bf16_capable:
+        if precision == "fp32" or self.bf16_capable:
             return None
-        return (f"precision 'bf16': {self.name} has compute capability {self.device.compute_capability}, and "
-                f"cuBLAS's bfloat16 GEMMs need 8.0 or later, so the layers store float32")
+        return (f"precision {precision!r}: {self.name} has compute capability {self.device.compute_capability}, "
+                f"and the tensor cores' {'bfloat16' if precision == 'bf16' else 'TensorFloat-32'} GEMMs need 8.0 "
+                f"or later, so the steps compute in fp32")
 
     def storage_dtype(self, dtype, activation):
         if self.bf16_storage and dtype == numpy.float32 and _elementwise(activation):

@@ -13,6 +13,8 @@ stored but changes no float32 product, as in CuPy, which maps it to
 ``CUBLAS_COMPUTE_32F_FAST_16BF``, ``cupy.cuda.cublas``).
 """
 
+import warnings
+
 import numpy
 
 COMPUTE_TYPE_TBD, COMPUTE_TYPE_DEFAULT, COMPUTE_TYPE_PEDANTIC = 0, 1, 2
@@ -32,8 +34,16 @@ def _index(dtype):
 
 
 def set_compute_type(dtype, compute_type):
+    """As CuPy's: BF16 and TF32 on a device older than compute capability 8.0 warn and set DEFAULT."""
     if compute_type not in _NAMES:
         raise ValueError(f"Unknown compute type: {compute_type}")
+    if compute_type in (COMPUTE_TYPE_BF16, COMPUTE_TYPE_TF32):
+        from .cuda import Device  # here: cupy.cuda imports this module
+
+        if int(Device().compute_capability) < 80:
+            warnings.warn("COMPUTE_TYPE_BF16 and COMPUTE_TYPE_TF32 are only available on GPUs with compute "
+                          "capability 8.0 or higher. COMPUTE_TYPE_DEFAULT will be used instead.")
+            compute_type = COMPUTE_TYPE_DEFAULT
     _compute_types[_index(dtype)] = compute_type
 
 
