@@ -129,3 +129,21 @@ def test_an_unknown_precision_is_refused_by_name(capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "argument --precision: invalid choice: 'fp16'" in err and err.count("\n") == 1
+
+
+def test_fp32_on_one_gpu_inside_tf32_on_another_computes_fp32(emulated):
+    """CuPy's compute type is one per process: fp32 entered on cuda:1 inside tf32 on cuda:0 (an
+    evaluation of another model from a callback) restores the type set outside both, and each exit
+    the type its entry found."""
+    from cupy._core import _routines_linalg as linalg
+
+    first, second = get_backend("cuda:0"), get_backend("cuda:1")
+    outside = linalg.get_compute_type(numpy.float32)
+    with first.matmul_precision("tf32"):
+        with second.matmul_precision("fp32"):
+            assert linalg.get_compute_type(numpy.float32) == outside
+        assert linalg.get_compute_type(numpy.float32) == linalg.COMPUTE_TYPE_TF32
+        with second.matmul_precision("bf16"):
+            with first.matmul_precision("fp32"):
+                assert linalg.get_compute_type(numpy.float32) == outside
+    assert linalg.get_compute_type(numpy.float32) == outside

@@ -57,6 +57,9 @@ _COMPUTE_TYPES = {"tf32": "COMPUTE_TYPE_TF32", "bf16": "COMPUTE_TYPE_BF16"}  # c
 class CupyBackend(Backend):
     """Ops on one CUDA device through CuPy and the fused kernels."""
 
+    # CuPy's float32 compute type outside every matmul_precision of every device (CuPy has one per process)
+    _outside_compute_type = None
+
     def __init__(self, device_id):
         import cupy
 
@@ -67,7 +70,6 @@ class CupyBackend(Backend):
         # cuBLAS's bfloat16 and TF32 GEMMs need compute capability 8.0 (Ampere) or later
         self.bf16_capable = int(self.device.compute_capability) >= 80
         self.bf16_storage = False  # set by matmul_precision("bf16")
-        self._outside_compute_type = None  # cuBLAS's float32 compute type outside any matmul_precision
 
     def activate(self):
         return self.device
@@ -92,19 +94,19 @@ class CupyBackend(Backend):
         sends the float32 GEMMs to ``gemmEx`` itself (CuPy computes them in float32 whatever its type)."""
         from cupy._core import _routines_linalg as linalg
 
-        previous = linalg.get_compute_type(numpy.float32), self.bf16_storage, self._outside_compute_type
-        if self._outside_compute_type is None:
-            self._outside_compute_type = previous[0]
+        previous = linalg.get_compute_type(numpy.float32), self.bf16_storage, CupyBackend._outside_compute_type
+        if previous[2] is None:
+            CupyBackend._outside_compute_type = previous[0]
         # CuPy warns at every TF32 or BF16 compute type set on a GPU without them, and sets DEFAULT
         tensor_cores = precision != "fp32" and self.bf16_capable
         linalg.set_compute_type(numpy.float32, getattr(linalg, _COMPUTE_TYPES[precision]) if tensor_cores else
-                                self._outside_compute_type)
+                                CupyBackend._outside_compute_type)
         self.bf16_storage = precision == "bf16" and self.bf16_capable
         try:
             yield
         finally:
             linalg.set_compute_type(numpy.float32, previous[0])
-            self.bf16_storage, self._outside_compute_type = previous[1:]
+            self.bf16_storage, CupyBackend._outside_compute_type = previous[1:]
 
     def precision_note(self, precision):
         if precision == "fp32" or self.bf16_capable:
