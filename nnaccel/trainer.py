@@ -201,6 +201,9 @@ class Trainer:
         ops.check(y, "y")
         if y.ndim == 0 or y.shape[0] != x.shape[0]:
             raise ShapeError(f"y has shape {tuple(y.shape)} but x has {x.shape[0]} samples")
+        if not x.shape[0]:  # a mean loss over no samples has no gradient to step with
+            raise ShapeError(f"train_step got an empty batch: x has shape {tuple(x.shape)}; a step needs at least "
+                             f"one sample")
 
     def _loss_step(self, x, y):
         model, loss = self.model, self.loss

@@ -497,6 +497,8 @@ TRAIN_STEP_ERRORS = [
     ("lists", lambda: (X.tolist(), Y.tolist()), "train_step takes a batch of device arrays.*got x as a list"),
     ("float64 x", lambda: (X.astype(numpy.float64), Y), "x has dtype float64 but the model computes in float32"),
     ("11 labels", lambda: (X, Y[:11]), r"y has shape \(11,\) but x has 12 samples"),
+    ("empty batch", lambda: (X[:0], Y[:0]), r"^train_step got an empty batch: x has shape \(0, 4\); a step needs at "
+                                           r"least one sample$"),
 ]
 
 
