@@ -22,7 +22,7 @@ from . import checkpoint, losses, optimizers
 from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves, check_no_validation_monitored
 from .backend import PRECISIONS, array_device
 from .errors import (CheckpointError, ConfigError, NnaccelError, ShapeError, check_array, check_flag, check_int,
-                     check_seed, described)
+                     check_number, check_seed, described)
 from .layers import BatchNorm, RandomLayer, check_saveable_layers
 from .model import Sequential, check_float_range
 
@@ -360,8 +360,11 @@ class Trainer:
                                        "loss_sum": 0.0, "correct_sum": 0.0}
         self._resume_point = None
         self.rng.bit_generator.state = point["rng"]
-        if self.schedule is not None:
-            self.optimizer.lr = self.schedule.lr_at(self.epoch, self.optimizer.base_lr)
+        if self.schedule is not None:  # a schedule of one's own may give a NumPy scalar, NaN or a negative rate
+            base = self.optimizer.base_lr
+            self.optimizer.lr = check_number(self.schedule.lr_at(self.epoch, base),
+                                             f"{type(self.schedule).__name__}.lr_at({self.epoch}, {base!r}), the "
+                                             f"learning rate of epoch {self.epoch + 1},", allow_zero=True)
         return point
 
     # ----- data-parallel training ---------------------------------------------------

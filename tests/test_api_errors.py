@@ -3,6 +3,8 @@ EarlyStopping ends every run with its best weights, CSVLogger keeps its columns 
 checks its batch, and bad arguments are ConfigErrors or ShapeErrors that name them."""
 
 import csv
+import json
+import math
 
 import numpy
 import pytest
@@ -180,6 +182,39 @@ def test_a_schedule_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_name
     _trainer(schedule=nn.StepLR(2)).save_checkpoint(tmp_path / "ckpt.npz")
     resumed = _trainer(schedule=Warmup()).load_checkpoint(tmp_path / "ckpt.npz")
     assert resumed.schedule.config() == nn.StepLR(2).config()
+
+
+@pytest.mark.parametrize("kind", [numpy.float32, numpy.float64, numpy.int64])
+def test_the_rates_of_a_schedule_of_ones_own_are_python_floats_in_the_history(kind):
+    """A schedule that computes with NumPy gives NumPy scalars: the history held them (json.dumps failed on a
+    float32 one, and a list of them printed as np.float32(0.1)); its rates are Python floats now."""
+
+    class Decay:
+        def lr_at(self, epoch, base_lr):
+            return kind(base_lr * numpy.exp(-epoch) if kind is not numpy.int64 else epoch)
+
+    history = _trainer(schedule=Decay(), optimizer=nn.SGD(lr=0.5)).fit(X, Y, epochs=2)
+    assert [type(lr) for lr in history["lr"]] == [float, float]
+    expected = [0.0, 1.0] if kind is numpy.int64 else [float(kind(0.5)), float(kind(0.5 * numpy.exp(-1)))]
+    assert history["lr"] == expected
+    json.dumps(history)
+
+
+@pytest.mark.parametrize("rate", [math.nan, -0.1, "0.1", None])
+def test_a_schedule_giving_no_learning_rate_is_refused_by_name(rate):
+    """NaN, a negative rate or no number from lr_at was taken as the rate: NaN weights after the first step,
+    or a TypeError deep in the update; refused now, naming the schedule and the epoch, before any step."""
+
+    class Broken:
+        def lr_at(self, epoch, base_lr):
+            return rate
+
+    trainer = _trainer(schedule=Broken())
+    before = trainer.model.flat_params.copy()
+    with pytest.raises(nn.ConfigError, match=r"^Broken\.lr_at\(0, 0\.01\), the learning rate of epoch 1, must be a "
+                                             r"finite number >= 0, got "):
+        trainer.fit(X, Y)
+    numpy.testing.assert_array_equal(trainer.model.flat_params, before)
 
 
 def test_a_loss_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_name(tmp_path):
