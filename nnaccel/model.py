@@ -296,6 +296,12 @@ class Sequential:
             check_float_range(self.backend.xp, x, cast, what)
         return cast
 
+    def _on_device(self, x, what="x"):
+        """``x`` (a host or device array, nested lists) on the model's device, numbers in the model dtype as
+        ``to_model_dtype`` converts them; other dtypes (bool, str) are left for ``check_input`` to refuse."""
+        x = self.backend.asarray(check_array(x, what) if array_device(x) is None else x, what=what)
+        return self.to_model_dtype(x, what) if x.dtype.kind in "fiu" else x
+
     def inference_batch(self, at_least=1):
         """The batch that ``predict`` and ``Trainer.evaluate`` use unless told: the backend's
         (``Backend.inference_batch``), from the largest array a layer's forward pass makes per sample."""
@@ -310,10 +316,7 @@ class Sequential:
         was_training, self.training = self.training, False
         try:
             with ops.activate():  # the conversion too: on cuda:1 its result is on GPU 1
-                x = ops.asarray(check_array(x, "x") if array_device(x) is None else x, what="x")
-                if x.dtype.kind in "fiu":
-                    x = self.to_model_dtype(x, "x")
-                self.check_input(x)
+                x = self.check_input(self._on_device(x))
                 parts = [ops.to_host(self._forward(x[i:i + batch_size]))
                          for i in range(0, x.shape[0], batch_size)]
         finally:

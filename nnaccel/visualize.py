@@ -66,13 +66,14 @@ def _output_layer(model):
 def layer_activations(model, x):
     """The output of every layer for one input ``x`` of ``model.in_features`` values, on the host.
 
-    The layers run one by one on the model's device, in inference mode.
+    The layers run one by one on the model's device, in inference mode; ``x`` is converted and refused
+    as ``predict`` converts and refuses it.
     """
-    x = numpy.asarray(x, dtype=model.dtype).ravel()
-    if x.size != model.in_features:
-        raise ShapeError(f"x has {x.size} values but the model takes {model.in_features} inputs")
     with model.backend.activate():  # on cuda:1, GPU 1
-        values = model.backend.asarray(x.reshape((1,) + model.input_shape))
+        x = model._on_device(x)
+        if x.size != model.in_features:
+            raise ShapeError(f"x has {x.size} values but the model takes {model.in_features} inputs")
+        values = model.check_input(x.reshape((1,) + model.input_shape))
         return [numpy.array(model.backend.to_host(layer.in_dtype(values, model.dtype, "output"))[0])  # a copy
                 for layer, values in zip(model.layers, model._layer_outputs(values, training=False))]
 

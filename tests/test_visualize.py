@@ -93,6 +93,27 @@ def test_layer_activations_end_in_the_models_output(digits_model):
     np.testing.assert_allclose(outputs[-1], model.predict(x)[0], rtol=1e-6)
 
 
+@pytest.mark.filterwarnings("error")  # NumPy's overflow warning from a cast to float32 fails the test
+@pytest.mark.parametrize("x, message", [
+    (np.full(64, 1e39), r"^x has values up to 1e\+39 in size, beyond float32's range"),
+    (np.full(64, 2 ** 25 + 1), r"^x has int64 values from 33,554,433 to 33,554,433, but float32 holds integers "
+                                r"exactly only up to 16,777,216"),
+    (np.ones(64, bool), r"^x has dtype bool but the model computes in float32"),
+    (np.array(["0.5"] * 64), r"^x has dtype <U3 but the model computes in float32"),
+])
+def test_layer_activations_convert_and_refuse_inputs_as_predict_does(digits_model, x, message):
+    """layer_activations (show --activations, plot_activations) cast x with numpy.asarray: 1e39 became inf
+    with an overflow warning, 2**25 + 1 rounded to 2**25, True became 1.0 and a string was parsed, where
+    predict refuses each by name; it converts as predict does now (uint8 pixels, float64 rounded)."""
+    model, _, _ = digits_model
+    for call in (lambda: visualize.layer_activations(model, x), lambda: model.predict(x[None])):
+        with pytest.raises(nn.ShapeError, match=message):
+            call()
+    pixels = np.arange(64, dtype=np.uint8)
+    for given in (pixels, pixels.astype(np.float64), pixels.reshape(8, 8).tolist()):
+        np.testing.assert_array_equal(visualize.layer_activations(model, given)[-1], model.predict(pixels[None])[0])
+
+
 def test_predict_proba_over_many_batches(digits_model):
     """The same rows in the first and the last of several predict batches get the same probabilities,
     within what BLAS guarantees for other batch sizes (it promises no summation order)."""
