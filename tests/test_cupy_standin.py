@@ -38,6 +38,14 @@ def test_device_arrays_are_not_numpy_arrays_and_do_not_convert_implicitly(cp):
     assert float(x.sum()) == 15.0 and x[1, 2].shape == ()
 
 
+def test_matmul_works_after_cupy_max_is_served(cp):
+    """The stand-in serves NumPy's functions as module globals on first use (``cupy.max`` among them):
+    its own code must not then call its ``max`` for Python's."""
+    a = cp.ones((2, 3), dtype=numpy.float32)
+    assert float(cp.max(a)) == 1.0
+    numpy.testing.assert_array_equal(cp.asnumpy(cp.matmul(a, a.T)), numpy.full((2, 2), 3, numpy.float32))
+
+
 def test_what_cupy_13_lacks_is_missing_here_too(cp):
     """nnaccel takes CuPy 13: a NumPy function or a constant only CuPy 14 has would fail on such a GPU."""
     from cupy.cuda import runtime

@@ -21,6 +21,8 @@ raises and invalidates the capture. ``CUPY_STANDIN_DEVICES`` (default 2) and
 grid-stride loops take several passes) shape the emulated machine.
 """
 
+import builtins
+
 import numpy
 
 from . import cuda, random  # noqa: F401  (CuPy's submodules)
@@ -148,7 +150,7 @@ def matmul(a, b, out=None, **kwargs):
     """``numpy.matmul`` on device arrays; float32 inputs rounded first as the compute type set with
     ``cupy._core._routines_linalg.set_compute_type`` lets cuBLAS round them (TF32, in 2-D products)."""
     a_op, b_op = _operand(a), _operand(b)
-    bits = _routines_linalg.mantissa_bits(numpy.result_type(a_op.dtype, b_op.dtype), max(a_op.ndim, b_op.ndim))
+    bits = _routines_linalg.mantissa_bits(numpy.result_type(a_op.dtype, b_op.dtype), builtins.max(a_op.ndim, b_op.ndim))
     if bits is not None:
         a, b = (_apply(_routines_linalg.round_mantissa, (operand, bits), {}) for operand in (a, b))
     return _apply(numpy.matmul, (a, b), {**kwargs, **({} if out is None else {"out": out})})
