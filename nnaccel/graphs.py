@@ -4,9 +4,10 @@ A step of a small network is a few dozen kernel launches, each costing the
 host more time than the GPU spends on it. ``GraphedStep`` captures the whole
 step (forward, loss, backward, the optimizer update and the metric sums)
 into a CUDA graph once per batch shape and settings (the learning rate, the
-optimizer's and the layers' options: a callback may change any), and then replays
-it: the batch is copied into the graph's input buffers, one launch runs the
-step, and nothing crosses to the host.
+optimizer's, the loss's and the layers' options, the optimizer and the loss
+themselves and the optimizer's state buffers: a callback may change any), and
+then replays it: the batch is copied into the graph's input buffers, one
+launch runs the step, and nothing crosses to the host.
 
 The first step of each batch shape and settings runs eagerly, on the
 graph's input buffers, and records the sizes of the memory it allocates; the
@@ -61,12 +62,16 @@ class GraphedStep:
         self.failed = None  # why a capture failed: the steps then run eagerly
         self.key = None  # the graph key ``inputs`` made for the step about to run (settings take time to read)
         self.settings = self.frozen_settings = None  # the last step's settings, as read and as hashed
-        # An update with numbers of its own each step (Adam's bias correction) runs after the replay.
-        self.eager_update = step.trainer.optimizer.per_step_scalars
         model = step.trainer.model
         self.random_layers = [layer for layer in model.layers if isinstance(layer, RandomLayer)]
         for layer in self.random_layers:
             layer.device_counter = model.backend.zeros((), numpy.uint64)
+
+    @property
+    def eager_update(self):
+        """Whether the optimizer's update runs after the replay: one with numbers of its own each step (Adam's
+        bias correction); read from the trainer's optimizer of the moment (a callback may replace it)."""
+        return self.step.trainer.optimizer.per_step_scalars
 
     def __call__(self, x, y, rows, first, guard, index):
         """One step on ``x, y`` (step ``index`` of the epoch; ``rows`` and ``first`` as ``_Step`` takes
@@ -112,13 +117,17 @@ class GraphedStep:
 
     def _key(self, part, rows, first):
         """A step's graph: per (this rank's rows, the global rows, where they start, settings). The
-        settings are what a graph holds as numbers: the learning rate and every option of the optimizer
-        and of the layers (SGD's momentum and weight decay, Dropout's rate, BatchNorm's momentum), which
-        a callback may change between steps (a warm-up, a one-cycle momentum); not the optimizer's where
-        its update runs after the replay (Adam's)."""
-        trainer, optimizer = self.step.trainer, self.step.trainer.optimizer
-        settings = [*(() if self.eager_update else (optimizer.lr, optimizer.config())),
-                    *(layer.config() for layer in trainer.model.layers)]
+        settings are what a graph holds, which a callback may change between steps (a warm-up, a
+        one-cycle momentum, another optimizer or loss, a momentum reset): as numbers, the learning rate
+        and every option of the optimizer, the loss and the layers (SGD's momentum and weight decay,
+        Dropout's rate and seed, BatchNorm's momentum); as memory, the optimizer and loss objects and
+        the optimizer's state buffers, by identity (each graph keeps those alive: ``_run_and_capture``).
+        Not the optimizer where its update runs after the replay (Adam's): only that it does."""
+        trainer, optimizer, loss = self.step.trainer, self.step.trainer.optimizer, self.step.trainer.loss
+        update = ((True,) if self.eager_update else
+                  (id(optimizer), optimizer.lr, optimizer.config(), *map(id, optimizer.state.values())))
+        settings = [*update, id(loss), loss.config(), *(layer.config() for layer in trainer.model.layers),
+                    *(layer.seed for layer in self.random_layers)]
         if settings != self.settings:  # freezing them (to hash) takes 3-5 times as long as reading them
             self.settings, self.frozen_settings = settings, _frozen(settings)
         return part, rows, first, self.frozen_settings
@@ -129,6 +138,7 @@ class GraphedStep:
         x_in, y_in = x.copy(), y.copy()
         with backend.recording_allocations() as allocations:
             result = self.step(x_in, y_in, rows, first, guard=guard, step=index)
+        key = self._key(*key[:3])  # the optimizer's state the eager step made (or moved) is the one captured
         # The capture allocates again only what the eager step let go: not the work arrays, the optimizer's
         # state or the guard's snapshot that step made (a graph's arena would hold them twice).
         sizes = allocations.temporary_sizes([*trainer.model.work_arrays(), trainer.loss._grad,
@@ -154,8 +164,11 @@ class GraphedStep:
         # Graphs of earlier settings (the schedule moved on) are not replayed again.
         self.graphs = {k: v for k, v in self.graphs.items() if k[-1] == key[-1]}
         # The layers and the loss replace a work array when a larger batch comes (evaluation, a
-        # new shape); the graph still writes into the old one, so it keeps the old one alive.
-        self.graphs[key] = (graph, x_in, y_in, [*trainer.model.work_arrays(), trainer.loss._grad])
+        # new shape); the graph still writes into the old one, so it keeps the old one alive. It keeps
+        # the optimizer, the loss and the optimizer's state too: no other object takes the ids in its key.
+        optimizer, loss = trainer.optimizer, trainer.loss
+        self.graphs[key] = (graph, x_in, y_in, [*trainer.model.work_arrays(), loss._grad, loss, optimizer,
+                                                *optimizer.state.values()])
         return result
 
     def finish(self):

@@ -388,3 +388,75 @@ def test_a_hook_that_leaves_the_model_in_eval_mode_changes_no_step(emulated, rep
     assert replays[0] == 11 - 2
     for got in weights[1:]:
         numpy.testing.assert_array_equal(got, weights[0])
+
+
+class _ScaledMSE(nn.MSE):
+    """A loss of one's own with an option, named in its config as the base class's docstring asks."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
+
+    def _forward(self, ops, y, target):
+        value = super()._forward(ops, y, target)
+        self._grad *= self.scale
+        return value * self.scale
+
+    def config(self):
+        return {**super().config(), "scale": self.scale}
+
+
+def _reset_momentum(trainer):
+    trainer.optimizer.state = {}  # a warm restart: the velocity starts again from zero
+
+
+def _reload_optimizer(trainer):
+    trainer.optimizer.load_state_dict(trainer.optimizer.state_dict())  # host copies: new device buffers
+
+
+# What a callback may change between steps that a graph holds: (what, optimizer, loss, change(trainer)).
+_CHANGES = [
+    ("a fresh SGD", _sgd, "mse", lambda trainer: setattr(trainer, "optimizer", _sgd())),
+    ("SGD to AdamW", _sgd, "mse", lambda trainer: setattr(trainer, "optimizer", _adamw())),
+    ("AdamW to SGD", _adamw, "mse", lambda trainer: setattr(trainer, "optimizer", _sgd())),
+    ("the momentum reset", _sgd, "mse", _reset_momentum),
+    ("the optimizer reloaded", _sgd, "mse", _reload_optimizer),
+    ("the learning rate", _sgd, "mse", lambda trainer: setattr(trainer.optimizer, "lr", trainer.optimizer.lr / 3)),
+    ("Adam's betas", _adamw, "mse", lambda trainer: setattr(trainer.optimizer, "betas", (0.5, 0.9))),
+    ("MSE to sigmoid cross-entropy", _sgd, "mse", lambda trainer: setattr(trainer, "loss", nn.SigmoidCrossEntropy())),
+    ("a fresh loss", _sgd, _ScaledMSE, lambda trainer: setattr(trainer, "loss", _ScaledMSE(2.0))),
+    ("a loss's option", _sgd, _ScaledMSE, lambda trainer: setattr(trainer.loss, "scale", trainer.loss.scale * 2)),
+    ("Dropout's seed", _sgd, "mse", lambda trainer: trainer.model.set_rng_state(trainer.model.seed + 1,
+                                                                                 trainer.model.rng_state())),
+]
+
+
+@pytest.mark.parametrize("hook", ["on_epoch_end", "on_batch_end"])
+@pytest.mark.parametrize("what, optimizer, loss, change", _CHANGES, ids=[change[0] for change in _CHANGES])
+def test_what_a_callback_changes_between_steps_takes_effect_in_replayed_steps(emulated, replays, hook, what, optimizer,
+                                                                              loss, change):
+    """A callback that replaces the trainer's optimizer or loss, their state or an option a graph holds
+    as a number, after an epoch or a step: the graphs notice (a new one is captured), and the run ends
+    with the eager run's weights, bit for bit (graphs of the old optimizer or loss went on replaying)."""
+    class Change(nn.Callback):
+        def on_epoch_end(self, trainer, logs):
+            if hook == "on_epoch_end" and logs["epoch"] == 1:
+                change(trainer)
+
+        def on_batch_end(self, trainer, step, loss):
+            if hook == "on_batch_end" and trainer.epoch == 0 and step == 4:
+                change(trainer)
+
+    x, y = datasets.synthetic(n=200, features=20, classes=4, seed=1)
+    results = []
+    for cuda_graphs in (False, True):
+        model = nn.Sequential(nn.Dense(20, 32, activation="tanh"), nn.Dropout(0.2), nn.Dense(32, 4), seed=5,
+                              device=emulated)
+        trainer = nn.Trainer(model, optimizer=optimizer(), loss=loss if isinstance(loss, str) else loss(),
+                             batch_size=32, seed=3, quiet=True, cuda_graphs=cuda_graphs)
+        trainer.fit(x, y, epochs=2, callbacks=[Change()])
+        results.append((model.backend.to_host(model.flat_params), trainer.optimizer.steps))
+    assert replays[0] > 0
+    (eager, eager_steps), (graphed, steps) = results
+    assert steps == eager_steps  # a replacement counts its own
+    numpy.testing.assert_array_equal(graphed, eager)
