@@ -20,9 +20,9 @@ If a capture fails (an operation CUDA does not allow while capturing),
 the warning says which and the run goes on with eager steps.
 
 A number that changes every step cannot be baked into a graph. Dropout and
-RandomShift draw from a counter the host advances: under a graph they draw
-with a copy of it on the device, set before each step (one small launch per
-layer), so the graph computes their keys there. Adam's bias correction
+RandomShift draw from a counter the host advances: a graph draws with a copy
+of it on the device, set before each replay (one small launch per layer), so
+the graph computes their keys there; eager steps draw with the host's. Adam's bias correction
 depends on the step count, so with Adam the graph holds the step up to the
 update and the update (one kernel) runs after each replay.
 
@@ -37,6 +37,7 @@ capture that fails on one rank turns graphs off on all, and the check at a
 replayed step sums the ranks' running losses.
 """
 
+import contextlib
 import sys
 
 import numpy
@@ -64,8 +65,8 @@ class GraphedStep:
         self.settings = self.frozen_settings = None  # the last step's settings, as read and as hashed
         model = step.trainer.model
         self.random_layers = [layer for layer in model.layers if isinstance(layer, RandomLayer)]
-        for layer in self.random_layers:
-            layer.device_counter = model.backend.zeros((), numpy.uint64)
+        # Their device counters, which the graphs draw with; set before each replay.
+        self.counters = [model.backend.zeros((), numpy.uint64) for _ in self.random_layers]
 
     @property
     def eager_update(self):
@@ -81,8 +82,6 @@ class GraphedStep:
         self.key = None  # taken: the next step's ``inputs`` makes the next
         if self.failed is not None:
             return self.step(x, y, rows, first, guard=guard, step=index)
-        for layer in self.random_layers:
-            layer.device_counter.fill(layer.counter)
         if rows < self.step.comm.size:  # a rank has no rows: every rank steps eagerly
             return self.step(x, y, rows, first, guard=guard, step=index)
         if key is None or key[:3] != (x.shape[0], rows, first):  # not the one ``inputs`` made for this step
@@ -95,6 +94,7 @@ class GraphedStep:
             y_in[...] = y
         if guard.snapshot is None:  # a replay updates before its check: the weights before it are the ones to return to
             guard.take_snapshot(index)
+        self._set_counters()
         graph.replay()
         for layer in self.random_layers:  # the host's part of their draws
             if layer.draws:
@@ -132,31 +132,50 @@ class GraphedStep:
             self.settings, self.frozen_settings = settings, _frozen(settings)
         return part, rows, first, self.frozen_settings
 
+    def _set_counters(self):
+        """The device counters the graphs draw with, set to the random layers' own."""
+        for layer, counter in zip(self.random_layers, self.counters):
+            counter.fill(layer.counter)
+
+    @contextlib.contextmanager
+    def _drawing_on_device(self):
+        """Within, the random layers draw with the device counters, set to theirs: the capture, and the eager
+        step before it, which must allocate as the capture does. Outside, a step draws with the host counters
+        (a ``train_step`` a callback takes too, or another trainer's on the model)."""
+        self._set_counters()
+        for layer, counter in zip(self.random_layers, self.counters):
+            layer.device_counter = counter
+        try:
+            yield
+        finally:
+            for layer in self.random_layers:
+                layer.device_counter = None
+
     def _run_and_capture(self, key, x, y, guard, index):
         trainer, backend = self.step.trainer, self.step.trainer.model.backend
         _, rows, first, _ = key
         x_in, y_in = x.copy(), y.copy()
-        with backend.recording_allocations() as allocations:
-            result = self.step(x_in, y_in, rows, first, guard=guard, step=index)
-        key = self._key(*key[:3])  # the optimizer's state the eager step made (or moved) is the one captured
-        # The capture allocates again only what the eager step let go: not the work arrays, the optimizer's
-        # state or the guard's snapshot that step made (a graph's arena would hold them twice).
-        sizes = allocations.temporary_sizes([*trainer.model.work_arrays(), trainer.loss._grad,
-                                             *trainer.optimizer.state.values(), *guard.arrays()])
-        steps, counters = trainer.optimizer.steps, [layer.counter for layer in self.random_layers]
-        failed = None
-        try:
-            graph = backend.capture(lambda: self.step(x_in, y_in, rows, first, update=not self.eager_update),
-                                    sizes)  # records the step, runs none of it
-        except Exception as error:  # CUDA refused an operation of the step while capturing
-            failed = f"{type(error).__name__}: {error}"
-        finally:
-            trainer.optimizer.steps = steps
-            for layer, counter in zip(self.random_layers, counters):
-                layer.counter = counter
+        with self._drawing_on_device():  # the eager step allocates as the capture does
+            with backend.recording_allocations() as allocations:
+                result = self.step(x_in, y_in, rows, first, guard=guard, step=index)
+            key = self._key(*key[:3])  # the optimizer's state the eager step made (or moved) is the one captured
+            # The capture allocates again only what the eager step let go: not the work arrays, the optimizer's
+            # state or the guard's snapshot that step made (a graph's arena would hold them twice).
+            sizes = allocations.temporary_sizes([*trainer.model.work_arrays(), trainer.loss._grad,
+                                                 *trainer.optimizer.state.values(), *guard.arrays()])
+            steps, counters = trainer.optimizer.steps, [layer.counter for layer in self.random_layers]
+            failed = None
+            try:
+                graph = backend.capture(lambda: self.step(x_in, y_in, rows, first, update=not self.eager_update),
+                                        sizes)  # records the step, runs none of it
+            except Exception as error:  # CUDA refused an operation of the step while capturing
+                failed = f"{type(error).__name__}: {error}"
+            finally:
+                trainer.optimizer.steps = steps
+                for layer, counter in zip(self.random_layers, counters):
+                    layer.counter = counter
         if self.step.comm.any_flags(failed is not None)[0]:
             self.failed = failed or "it failed on another rank"
-            self.finish()
             if not trainer.quiet:
                 print(f"warning: CUDA graphs off: capturing the step failed ({self.failed}); the steps run "
                       f"eagerly", file=sys.stderr, flush=True)
@@ -170,8 +189,3 @@ class GraphedStep:
         self.graphs[key] = (graph, x_in, y_in, [*trainer.model.work_arrays(), loss._grad, loss, optimizer,
                                                 *optimizer.state.values()])
         return result
-
-    def finish(self):
-        """The random layers draw with their host counters again."""
-        for layer in self.random_layers:
-            layer.device_counter = None

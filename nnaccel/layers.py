@@ -328,9 +328,9 @@ class RandomLayer(Layer):
     It draws from the backend's counter-based generator: the sequence is
     fixed by the seed (the model sets it from its own seed and the layer's
     position) and the number of draws so far, ``counter``, which is all a
-    checkpoint needs to resume it exactly, on any device. Under a CUDA graph
-    it draws with ``device_counter``, a copy of ``counter`` on the device that
-    the graph reads at each replay (``nnaccel.graphs`` keeps it current).
+    checkpoint needs to resume it exactly, on any device. While a CUDA graph
+    is captured it draws with ``device_counter``, a copy of ``counter`` on the
+    device that the graph reads at each replay (``nnaccel.graphs`` sets it).
     """
 
     def __init__(self):

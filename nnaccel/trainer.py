@@ -297,7 +297,7 @@ class Trainer:
         # (stop, interrupted) as the ranks agree: a rank's own flags, set by a signal at any
         # moment, would have one rank leave the loop while the others train on.
         agreed = tuple(comm.any_flags(self.stop_training or self.interrupted, self.interrupted))
-        step, graphed = self._steps(comm)  # here: the ``finally`` below gives the random layers their draws back
+        step, graphed = self._steps(comm)  # here: the ``finally`` below gives the random layers their ops back
         try:
             while self.epoch < last_epoch and not agreed[0]:
                 logs = self._train_epoch(x, y, shuffle, last_epoch, callbacks, comm, step, graphed)
@@ -320,9 +320,7 @@ class Trainer:
             self.stop_training, self.interrupted = agreed
             self._fit_finished = True
         finally:
-            for unit in (step, graphed):
-                if unit is not None:
-                    unit.finish()
+            step.finish()
             self._stop_requested = False
             self.model.eval()
             for callback in callbacks:

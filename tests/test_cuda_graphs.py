@@ -460,3 +460,29 @@ def test_what_a_callback_changes_between_steps_takes_effect_in_replayed_steps(em
     (eager, eager_steps), (graphed, steps) = results
     assert steps == eager_steps  # a replacement counts its own
     numpy.testing.assert_array_equal(graphed, eager)
+
+
+@pytest.mark.parametrize("whose", ["its own", "another trainer's"])
+def test_a_train_step_a_callback_takes_in_a_graphed_fit_draws_its_own_dropout_mask(emulated, replays, whose):
+    """A callback that takes an extra step (``train_step``, of this trainer or another one on the same model) in
+    the middle of a graphed fit: its Dropout draws a mask of its own, as in an eager fit, and the runs end with
+    the same weights (it drew with the graphs' device copy of the counter, set for the step before: that step's
+    mask again)."""
+    x, y = datasets.synthetic(n=200, features=20, classes=4, seed=1)
+    weights = []
+    for cuda_graphs in (False, True):
+        model = nn.Sequential(nn.Dense(20, 32, activation="tanh"), nn.Dropout(0.3), nn.Dense(32, 4), seed=5,
+                              device=emulated)
+        trainer = nn.Trainer(model, optimizer=_sgd(), batch_size=32, seed=3, quiet=True, cuda_graphs=cuda_graphs)
+        stepper = trainer if whose == "its own" else nn.Trainer(model, optimizer=nn.SGD(lr=0.01), quiet=True)
+        extra = trainer.prepare(x[:16], y[:16])
+
+        class ExtraStep(nn.Callback):
+            def on_batch_end(self, trainer, step, loss):
+                if step == 3:
+                    stepper.train_step(*extra)
+
+        trainer.fit(x, y, epochs=2, callbacks=[ExtraStep()])
+        weights.append(model.backend.to_host(model.flat_params))
+    assert replays[0] > 0
+    numpy.testing.assert_array_equal(*weights)
