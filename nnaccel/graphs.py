@@ -54,6 +54,16 @@ def _frozen(value):
     return value
 
 
+def _layer_settings(layer):
+    """``layer``'s options as a graph may hold them: its config; for a layer of one's own without one, its
+    attributes of plain values (numbers, strings, flags), which its kernels may take as numbers."""
+    try:
+        return layer.config()
+    except NotImplementedError:
+        return [(name, value) for name, value in vars(layer).items()
+                if isinstance(value, (bool, int, float, str, numpy.number))]
+
+
 class GraphedStep:
     """``step`` (a ``trainer._Step``) replayed from a CUDA graph per batch shape and settings."""
 
@@ -120,13 +130,14 @@ class GraphedStep:
         settings are what a graph holds, which a callback may change between steps (a warm-up, a
         one-cycle momentum, another optimizer or loss, a momentum reset): as numbers, the learning rate
         and every option of the optimizer, the loss and the layers (SGD's momentum and weight decay,
-        Dropout's rate and seed, BatchNorm's momentum); as memory, the optimizer and loss objects and
-        the optimizer's state buffers, by identity (each graph keeps those alive: ``_run_and_capture``).
-        Not the optimizer where its update runs after the replay (Adam's): only that it does."""
+        Dropout's rate and seed, BatchNorm's momentum: ``_layer_settings``); as memory, the optimizer and
+        loss objects and the optimizer's state buffers, by identity (each graph keeps those alive:
+        ``_run_and_capture``). Not the optimizer where its update runs after the replay (Adam's): only
+        that it does."""
         trainer, optimizer, loss = self.step.trainer, self.step.trainer.optimizer, self.step.trainer.loss
         update = ((True,) if self.eager_update else
                   (id(optimizer), optimizer.lr, optimizer.config(), *map(id, optimizer.state.values())))
-        settings = [*update, id(loss), loss.config(), *(layer.config() for layer in trainer.model.layers),
+        settings = [*update, id(loss), loss.config(), *map(_layer_settings, trainer.model.layers),
                     *(layer.seed for layer in self.random_layers)]
         if settings != self.settings:  # freezing them (to hash) takes 3-5 times as long as reading them
             self.settings, self.frozen_settings = settings, _frozen(settings)

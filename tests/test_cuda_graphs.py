@@ -486,3 +486,38 @@ def test_a_train_step_a_callback_takes_in_a_graphed_fit_draws_its_own_dropout_ma
         weights.append(model.backend.to_host(model.flat_params))
     assert replays[0] > 0
     numpy.testing.assert_array_equal(*weights)
+
+
+class _Scale(nn.layers.Layer):
+    """A layer of one's own, without a config: ``y = scale * x``."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x, training=False):
+        return x * self.scale
+
+    def backward(self, dy, input_grad=True):
+        return dy * self.scale if input_grad else None
+
+
+def test_a_layer_of_one_s_own_without_a_config_trains_in_replayed_steps(emulated, replays):
+    """The graphs' settings held every layer's config, which a layer of one's own need not have: a fit on CUDA
+    failed at its first step with a bare NotImplementedError (it trains on the CPU). Its plain attributes stand
+    for its options: one a callback changes gets a graph of its own, and the weights are the eager run's."""
+    class Halve(nn.Callback):
+        def on_batch_end(self, trainer, step, loss):
+            if trainer.epoch == 0 and step == 3:
+                trainer.model.layers[1].scale /= 2
+
+    x, y = datasets.synthetic(n=200, features=20, classes=4, seed=1)
+    weights = []
+    for cuda_graphs in (False, True):
+        model = nn.Sequential(nn.Dense(20, 16, activation="tanh"), _Scale(0.5), nn.Dense(16, 4), seed=5,
+                              device=emulated)
+        nn.Trainer(model, optimizer=_sgd(), batch_size=32, seed=3, quiet=True, cuda_graphs=cuda_graphs).fit(
+            x, y, epochs=2, callbacks=[Halve()])
+        weights.append(model.backend.to_host(model.flat_params))
+    assert replays[0] == 2 * 7 - 3  # eager: the first full step, the first after the change, the first short one
+    numpy.testing.assert_array_equal(*weights)
