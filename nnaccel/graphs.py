@@ -54,14 +54,20 @@ def _frozen(value):
     return value
 
 
+def _plain_attributes(obj):
+    """``obj``'s attributes of plain values (numbers, strings, flags): the options of a layer or loss of one's
+    own that its config does not name, which its kernels may take as numbers."""
+    return [(name, value) for name, value in vars(obj).items() if isinstance(value, (bool, int, float, str,
+                                                                                     numpy.number))]
+
+
 def _layer_settings(layer):
-    """``layer``'s options as a graph may hold them: its config; for a layer of one's own without one, its
-    attributes of plain values (numbers, strings, flags), which its kernels may take as numbers."""
+    """``layer``'s options as a graph may hold them: its config, or a layer of one's own without one, its
+    plain attributes."""
     try:
         return layer.config()
     except NotImplementedError:
-        return [(name, value) for name, value in vars(layer).items()
-                if isinstance(value, (bool, int, float, str, numpy.number))]
+        return _plain_attributes(layer)
 
 
 class GraphedStep:
@@ -137,8 +143,8 @@ class GraphedStep:
         trainer, optimizer, loss = self.step.trainer, self.step.trainer.optimizer, self.step.trainer.loss
         update = ((True,) if self.eager_update else
                   (id(optimizer), optimizer.lr, optimizer.config(), *map(id, optimizer.state.values())))
-        settings = [*update, id(loss), loss.config(), *map(_layer_settings, trainer.model.layers),
-                    *(layer.seed for layer in self.random_layers)]
+        settings = [*update, id(loss), loss.config(), _plain_attributes(loss),
+                    *map(_layer_settings, trainer.model.layers), *(layer.seed for layer in self.random_layers)]
         if settings != self.settings:  # freezing them (to hash) takes 3-5 times as long as reading them
             self.settings, self.frozen_settings = settings, _frozen(settings)
         return part, rows, first, self.frozen_settings

@@ -73,8 +73,8 @@ class Loss:
         return ops.count_correct(y, target)
 
     def config(self):
-        """The settings, named by the class: a subclass with options adds its own, so that a CUDA graph of the
-        step, which holds them as numbers, is captured again when a callback changes one."""
+        """The settings, named by the class: a subclass with options adds its own (a CUDA graph of the step, which
+        holds them as numbers, is captured again when one changes, as when an attribute of a plain value does)."""
         return {"type": type(self).__name__}
 
 

@@ -406,6 +406,19 @@ class _ScaledMSE(nn.MSE):
         return {**super().config(), "scale": self.scale}
 
 
+class _ScaledSigmoid(nn.SigmoidCrossEntropy):
+    """A loss of one's own with an option its config does not name."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
+
+    def _forward(self, ops, y, target):
+        value = super()._forward(ops, y, target)
+        self._grad *= self.scale
+        return value * self.scale
+
+
 def _reset_momentum(trainer):
     trainer.optimizer.state = {}  # a warm restart: the velocity starts again from zero
 
@@ -426,6 +439,8 @@ _CHANGES = [
     ("MSE to sigmoid cross-entropy", _sgd, "mse", lambda trainer: setattr(trainer, "loss", nn.SigmoidCrossEntropy())),
     ("a fresh loss", _sgd, _ScaledMSE, lambda trainer: setattr(trainer, "loss", _ScaledMSE(2.0))),
     ("a loss's option", _sgd, _ScaledMSE, lambda trainer: setattr(trainer.loss, "scale", trainer.loss.scale * 2)),
+    ("a loss's option not in its config", _sgd, _ScaledSigmoid,
+     lambda trainer: setattr(trainer.loss, "scale", trainer.loss.scale * 2)),
     ("Dropout's seed", _sgd, "mse", lambda trainer: trainer.model.set_rng_state(trainer.model.seed + 1,
                                                                                  trainer.model.rng_state())),
 ]
