@@ -54,11 +54,12 @@ def _frozen(value):
     return value
 
 
-def _plain_attributes(obj):
-    """``obj``'s attributes of plain values (numbers, strings, flags): the options of a layer or loss of one's
-    own that its config does not name, which its kernels may take as numbers."""
-    return [(name, value) for name, value in vars(obj).items() if isinstance(value, (bool, int, float, str,
-                                                                                     numpy.number))]
+def _plain_attributes(obj, but=None):
+    """``obj``'s attributes of plain values (numbers, strings, flags) but the one named ``but`` (an optimizer's
+    step count, which the graphs of an update that takes it do not hold): the options of an optimizer, loss or
+    layer of one's own that its config does not name, which its kernels may take as numbers."""
+    return [(name, value) for name, value in vars(obj).items()
+            if name != but and isinstance(value, (bool, int, float, str, numpy.number))]
 
 
 def _layer_settings(layer):
@@ -136,13 +137,14 @@ class GraphedStep:
         settings are what a graph holds, which a callback may change between steps (a warm-up, a
         one-cycle momentum, another optimizer or loss, a momentum reset): as numbers, the learning rate
         and every option of the optimizer, the loss and the layers (SGD's momentum and weight decay,
-        Dropout's rate and seed, BatchNorm's momentum: ``_layer_settings``); as memory, the optimizer and
-        loss objects and the optimizer's state buffers, by identity (each graph keeps those alive:
-        ``_run_and_capture``). Not the optimizer where its update runs after the replay (Adam's): only
-        that it does."""
+        Dropout's rate and seed, BatchNorm's momentum; of one's own, also ``_plain_attributes``); as
+        memory, the optimizer and loss objects and the optimizer's state buffers, by identity (each graph
+        keeps those alive: ``_run_and_capture``). Not the optimizer where its update runs after the
+        replay (Adam's): only that it does."""
         trainer, optimizer, loss = self.step.trainer, self.step.trainer.optimizer, self.step.trainer.loss
         update = ((True,) if self.eager_update else
-                  (id(optimizer), optimizer.lr, optimizer.config(), *map(id, optimizer.state.values())))
+                  (id(optimizer), optimizer.lr, optimizer.config(), *_plain_attributes(optimizer, but="steps"),
+                   *map(id, optimizer.state.values())))
         settings = [*update, id(loss), loss.config(), _plain_attributes(loss),
                     *map(_layer_settings, trainer.model.layers), *(layer.seed for layer in self.random_layers)]
         if settings != self.settings:  # freezing them (to hash) takes 3-5 times as long as reading them

@@ -419,6 +419,19 @@ class _ScaledSigmoid(nn.SigmoidCrossEntropy):
         return value * self.scale
 
 
+class _DampedSGD(nn.SGD):
+    """An optimizer of one's own with an option its config does not name: SGD whose steps are ``damping`` times
+    as long."""
+
+    def __init__(self, damping=1.0, **options):
+        super().__init__(**options)
+        self.damping = damping
+
+    def _update(self, ops, params, grads, state):
+        ops.sgd_update(params, grads, state.get("velocity"), self.lr * self.damping, self.momentum,
+                       self.weight_decay, self.nesterov)
+
+
 def _reset_momentum(trainer):
     trainer.optimizer.state = {}  # a warm restart: the velocity starts again from zero
 
@@ -435,6 +448,8 @@ _CHANGES = [
     ("the momentum reset", _sgd, "mse", _reset_momentum),
     ("the optimizer reloaded", _sgd, "mse", _reload_optimizer),
     ("the learning rate", _sgd, "mse", lambda trainer: setattr(trainer.optimizer, "lr", trainer.optimizer.lr / 3)),
+    ("an optimizer's option not in its config", lambda: _DampedSGD(lr=0.05, momentum=0.9), "mse",
+     lambda trainer: setattr(trainer.optimizer, "damping", 0.5)),
     ("Adam's betas", _adamw, "mse", lambda trainer: setattr(trainer.optimizer, "betas", (0.5, 0.9))),
     ("MSE to sigmoid cross-entropy", _sgd, "mse", lambda trainer: setattr(trainer, "loss", nn.SigmoidCrossEntropy())),
     ("a fresh loss", _sgd, _ScaledMSE, lambda trainer: setattr(trainer, "loss", _ScaledMSE(2.0))),
