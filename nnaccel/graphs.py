@@ -42,7 +42,9 @@ import sys
 
 import numpy
 
-from .layers import RandomLayer
+from .layers import LAYERS, RandomLayer
+from .losses import LOSSES
+from .optimizers import OPTIMIZERS
 
 
 def _frozen(value):
@@ -54,21 +56,30 @@ def _frozen(value):
     return value
 
 
+# nnaccel's own optimizers, losses and layers, whose configs name every option they compute with
+_NAMED_IN_CONFIG = frozenset([*OPTIMIZERS.values(), *LOSSES.values(), *LAYERS.values()])
+
+
 def _plain_attributes(obj, but=None):
-    """``obj``'s attributes of plain values (numbers, strings, flags) but the one named ``but`` (an optimizer's
-    step count, which the graphs of an update that takes it do not hold): the options of an optimizer, loss or
-    layer of one's own that its config does not name, which its kernels may take as numbers."""
+    """For an optimizer, loss or layer of one's own, whose config need not name its options, its attributes
+    of plain values (numbers, strings, flags; its kernels may take them as numbers) but the one named ``but``
+    (an optimizer's step count, which the graphs of an update that takes it do not hold); () for nnaccel's."""
+    if type(obj) in _NAMED_IN_CONFIG:
+        return ()
     return [(name, value) for name, value in vars(obj).items()
             if name != but and isinstance(value, (bool, int, float, str, numpy.number))]
 
 
 def _layer_settings(layer):
-    """``layer``'s options as a graph may hold them: its config, or a layer of one's own without one, its
-    plain attributes."""
-    try:
+    """``layer``'s options as a graph may hold them: its config (a layer of one's own need not have one) and
+    its ``_plain_attributes``."""
+    if type(layer) in _NAMED_IN_CONFIG:
         return layer.config()
+    try:
+        config = layer.config()
     except NotImplementedError:
-        return _plain_attributes(layer)
+        config = None
+    return [config, _plain_attributes(layer)]
 
 
 class GraphedStep:
