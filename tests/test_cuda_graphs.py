@@ -390,8 +390,9 @@ def test_a_hook_that_leaves_the_model_in_eval_mode_changes_no_step(emulated, rep
         numpy.testing.assert_array_equal(got, weights[0])
 
 
-class _ScaledMSE(nn.MSE):
-    """A loss of one's own with an option, named in its config as the base class's docstring asks."""
+class _Scaled:
+    """A loss of one's own (mixed into an nnaccel loss) with an option: the loss and its gradient ``scale`` times
+    as large."""
 
     def __init__(self, scale=1.0):
         super().__init__()
@@ -401,22 +402,17 @@ class _ScaledMSE(nn.MSE):
         value = super()._forward(ops, y, target)
         self._grad *= self.scale
         return value * self.scale
+
+
+class _ScaledMSE(_Scaled, nn.MSE):
+    """With its option named in its config, as the base class's docstring asks."""
 
     def config(self):
         return {**super().config(), "scale": self.scale}
 
 
-class _ScaledSigmoid(nn.SigmoidCrossEntropy):
-    """A loss of one's own with an option its config does not name."""
-
-    def __init__(self, scale=1.0):
-        super().__init__()
-        self.scale = scale
-
-    def _forward(self, ops, y, target):
-        value = super()._forward(ops, y, target)
-        self._grad *= self.scale
-        return value * self.scale
+class _ScaledSigmoid(_Scaled, nn.SigmoidCrossEntropy):
+    """With an option its config does not name."""
 
 
 class _DampedSGD(nn.SGD):
