@@ -60,14 +60,24 @@ class _Monitor:
         return False
 
 
-def check_no_validation_monitored(callbacks):
-    """A ConfigError before training, not after its first epoch, for a callback watching a val_* metric of a
-    fit given no validation data."""
+def check_monitors(callbacks, logged, unvalidated):
+    """A ConfigError before training, not after its first epoch, for a callback watching a metric that the
+    fit's epochs do not log (``logged``): a val_* one that they would log with validation data (``unvalidated``,
+    given a fit without), or a misspelt one. Only a callback of one's own with an ``on_epoch_end`` may add a
+    metric to the logs, as in Keras: the callbacks after it are not refused a metric not in ``logged``."""
+    only_logged = True
     for callback in callbacks:
-        if isinstance(callback, _Monitor) and callback.watching() and callback.monitor.startswith("val_"):
-            raise ConfigError(f"{type(callback).__name__} monitors {callback.monitor!r}, but fit has no "
-                              f"validation_data: give validation_data=(x, y), or monitor "
-                              f"{callback.monitor[len('val_'):]!r}")
+        only_logged = only_logged and getattr(type(callback).on_epoch_end, "__module__", None) == __name__
+        if not isinstance(callback, _Monitor) or not callback.watching() or callback.monitor in logged:
+            continue
+        name, monitor = type(callback).__name__, callback.monitor
+        if monitor in unvalidated:
+            raise ConfigError(f"{name} monitors {monitor!r}, but fit has no validation_data: give "
+                              f"validation_data=(x, y), or monitor {monitor[len('val_'):]!r}")
+        if only_logged:
+            with_validation = f" (and {', '.join(unvalidated)} with validation_data)" if unvalidated else ""
+            raise ConfigError(f"{name} monitors {monitor!r}, which this fit does not log: its epochs log "
+                              f"{', '.join(logged)}{with_validation}")
 
 
 class EarlyStopping(Callback, _Monitor):

@@ -19,7 +19,7 @@ import time
 import numpy
 
 from . import checkpoint, losses, optimizers
-from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves, check_no_validation_monitored
+from .callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, PlotCurves, check_monitors
 from .backend import PRECISIONS, array_device
 from .errors import (CheckpointError, ConfigError, NnaccelError, ShapeError, check_array, check_flag, check_int,
                      check_number, check_seed, described)
@@ -29,6 +29,9 @@ from .model import Sequential, check_float_range
 # Callbacks that write files: in a distributed run only rank 0 runs them (as does any callback
 # with a true ``rank_zero_only`` attribute); the others run on every rank.
 RANK_ZERO_CALLBACKS = (ModelCheckpoint, CSVLogger, PlotCurves)
+
+EVALUATED = ("loss", "accuracy")  # evaluate's metrics, an epoch's val_* with validation_data
+EPOCH_LOGS = ("epoch", *EVALUATED, "lr", "samples_per_s", "time_s")  # an epoch's logs, before its val_*
 
 
 class Trainer:
@@ -268,8 +271,11 @@ class Trainer:
         self._samples = x.shape[0]
         if validation_data is not None:
             validation_data = self.prepare(*validation_data, what="validation x")
+        validated = tuple(f"val_{name}" for name in EVALUATED)
+        if validation_data is None:
+            check_monitors(callbacks, EPOCH_LOGS, validated)
         else:
-            check_no_validation_monitored(callbacks)
+            check_monitors(callbacks, EPOCH_LOGS + validated, ())
         savers = [callback for callback in callbacks if isinstance(callback, ModelCheckpoint)]
         if savers:
             # a run it cannot save (an optimizer, schedule or loss of one's own, a file that cannot be written)
@@ -481,9 +487,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         seen = min(n, (step + 1) * batch)
         self.epoch += 1
-        return {"epoch": self.epoch, "loss": loss_total / seen, "accuracy": correct_total / seen,
-                "lr": self.optimizer.lr, "samples_per_s": (seen - min(n, point["step"] * batch)) / elapsed,
-                "time_s": elapsed}
+        return dict(zip(EPOCH_LOGS, (self.epoch, loss_total / seen, correct_total / seen, self.optimizer.lr,
+                                     (seen - min(n, point["step"] * batch)) / elapsed, elapsed), strict=True))
 
     def _batch_end(self, hooks, step, value, graphed):
         """The ``on_batch_end`` of ``hooks`` after ``step``, given its loss ``value`` (NaN where this rank had
@@ -533,7 +538,7 @@ class Trainer:
         finally:
             model.train(was_training)
         n = x.shape[0]
-        return {"loss": float(loss_sum) / n, "accuracy": float(correct_sum) / n}
+        return dict(zip(EVALUATED, (float(loss_sum) / n, float(correct_sum) / n), strict=True))
 
     # ----- checkpoints ---------------------------------------------------------------
     def put_back_weights(self, params, buffers):

@@ -448,6 +448,50 @@ def test_early_stopping_does_not_restore_after_an_error():
     numpy.testing.assert_array_equal(model.flat_params, weights.epochs[3])
 
 
+@pytest.mark.parametrize("make, validating", [
+    (lambda path: nn.EarlyStopping(monitor="val_los"), True),
+    (lambda path: nn.EarlyStopping(monitor="acc"), False),
+    (lambda path: nn.ModelCheckpoint(path, monitor="val_acc", save_best_only=True), True)],
+    ids=["EarlyStopping val_los", "EarlyStopping acc", "ModelCheckpoint val_acc"])
+def test_a_misspelt_monitor_is_refused_before_training_and_the_run_loses_nothing(tmp_path, make, validating):
+    """A monitor the epochs do not log was refused only when the first epoch ended, after it had trained; now
+    fit refuses it before any step, naming the callback, the monitor and every metric the fit's epochs log
+    (those of its history), and leaves the run as it was: weights, optimizer state, epoch, history, no file."""
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(4, 3)), optimizer=nn.SGD(lr=0.2, momentum=0.9), quiet=True)
+    validation = (X, Y) if validating else None
+    trainer.fit(X, Y, validation_data=validation)
+    logged = list(trainer.history)
+    params, state = trainer.model.flat_params.copy(), trainer.optimizer.state_dict()
+    callback = make(tmp_path / "best.npz")
+    message = (rf"{type(callback).__name__} monitors {callback.monitor!r}, which this fit does not log: its epochs "
+               rf"log {', '.join(logged)}" + ("$" if validating else r" \(and val_loss, val_accuracy with "
+                                                                   r"validation_data\)$"))
+    with pytest.raises(nn.ConfigError, match=message):
+        trainer.fit(X, Y, validation_data=validation, callbacks=[nn.CSVLogger(tmp_path / "log.csv"), callback])
+    assert trainer.epoch == 1 and list(trainer.history) == logged and len(trainer.history["loss"]) == 1
+    numpy.testing.assert_array_equal(trainer.model.flat_params, params)
+    after = trainer.optimizer.state_dict()
+    assert after["steps"] == state["steps"] and list(after["buffers"]) == ["velocity"]
+    numpy.testing.assert_array_equal(after["buffers"]["velocity"], state["buffers"]["velocity"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_callback_of_ones_own_may_add_the_metric_a_later_one_monitors():
+    """As in Keras, a callback's on_epoch_end may add a metric to the logs, which the callbacks after it see:
+    a monitor of it is not refused there before training, only before that callback."""
+    class Doubled(nn.Callback):
+        def on_epoch_end(self, trainer, logs):
+            logs["doubled_loss"] = 2 * logs["loss"]
+
+    stop = nn.EarlyStopping(monitor="doubled_loss", patience=10)
+    _trainer().fit(X, Y, epochs=2, callbacks=[Doubled(), stop])
+    assert stop.best_epoch is not None
+    trainer = _trainer()
+    with pytest.raises(nn.ConfigError, match="EarlyStopping monitors 'doubled_loss', which this fit does not log"):
+        trainer.fit(X, Y, callbacks=[nn.EarlyStopping(monitor="doubled_loss"), Doubled()])
+    assert trainer.epoch == 0
+
+
 # ----- CSVLogger keeps its columns across fits -----------------------------------------------------
 def _rows(path):
     with open(path, newline="") as handle:
