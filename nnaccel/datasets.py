@@ -200,16 +200,20 @@ def _check_representable(shape, name):
 def load_mnist(path, split="train"):
     """Load MNIST-style digits from a folder of IDX files or a Keras .npz.
 
-    ``split`` is "train" or "test" (the ``t10k-*`` files, or ``x_test`` in an
-    npz). Images may be any rows x cols; x then has rows*cols features.
+    ``split`` is "train", "test" (the ``t10k-*`` files, or ``x_test`` in an
+    npz) or "all": every split it holds, train then test, as the digits' and
+    the synthetic set's "all" is every sample. Images may be any rows x
+    cols; x then has rows*cols features.
     Pixels may be of any integer type with values 0..255 (divided by 255,
     as uint8 MNIST always is) or float already in [0, 1] (taken as they
     are); anything else (negative, too large, NaN, infinity) is refused
     rather than guessed at. Labels may be of any integer type, 0..9.
     """
-    _check_split(split, tuple(_SPLIT_PREFIX))
+    _check_split(split, (*_SPLIT_PREFIX, "all"))
     _check_path(path, "load_mnist takes the path of a folder of MNIST IDX files or of a Keras .npz")
     path = Path(path)
+    if split == "all":
+        return _every_split(path)
     if path.is_dir():
         images_path, labels_path = _find_idx_pair(path, split)
         images = read_idx(images_path, IMAGES_NDIM)
@@ -221,6 +225,25 @@ def load_mnist(path, split="train"):
                             f"images and labels files are found by name")
         return _load_npz(path, split)
     raise DataError(f"{path}: {SPECIAL_FILE if path.exists() else 'no such file or folder'}")
+
+
+def _every_split(path):
+    """The splits ``path`` holds, train then test, joined; a MissingSplit naming both where it holds neither."""
+    parts, missing = {}, []
+    for split in _SPLIT_PREFIX:
+        try:
+            parts[split] = load_mnist(path, split)
+        except MissingSplit as error:
+            missing.append(str(error))
+    if not parts:
+        raise MissingSplit("; ".join(missing))
+    widths = {split: x.shape[1] for split, (x, _) in parts.items()}
+    if len(set(widths.values())) > 1:
+        raise DataError(f"{path}: split 'all' cannot join its splits: the train images have {widths['train']} "
+                        f"pixels each, the test images {widths['test']}")
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts.values()))
 
 
 def _idx_candidates(folder, prefix, kind, dims):
@@ -402,9 +425,9 @@ def load_mnist_sample(split="train"):
     """The 7,996 real MNIST training images that ship inside nnaccel (CC BY-SA 3.0: see
     ``nnaccel/data/mnist-sample``), 28x28, as ``(x, y)`` like ``load_mnist``; nothing is downloaded.
 
-    The sample has no test split: hold out part of it with ``train_val_split``.
+    The sample has no test split: hold out part of it with ``train_val_split``; "all" is its train split.
     """
-    _check_split(split, ("train", "test"))
+    _check_split(split, ("train", "test", "all"))
     if split == "test":
         raise MissingSplit(f"the embedded MNIST sample has only a train split (7,996 images), not {split!r}: "
                         f"hold out part of it (nnaccel train does: --validation-split)")

@@ -126,6 +126,44 @@ def test_both_splits_in_one_folder(tmp_path):
     np.testing.assert_array_equal(datasets.load(tmp_path, "test")[1], test[1])
 
 
+def test_split_all_of_mnist_is_every_split_it_holds_train_then_test(tmp_path):
+    """load_mnist, load and the sample refused split "all", which the digits and the synthetic set take as every
+    sample: now it is train then test of a folder or an npz, the one split of one that holds one; a folder of
+    neither names both, and splits of other image sizes are not joined."""
+    train, test = sample_digits(6, seed=1), sample_digits(3, seed=2)
+    both, npz = tmp_path / "both", tmp_path / "mnist.npz"
+    both.mkdir()
+    write_split(both, *train, "train", compress=True)
+    write_split(both, *test, "t10k")
+    np.savez(npz, x_train=train[0], y_train=train[1], x_test=test[0], y_test=test[1])
+    for path in (both, npz):
+        for x, y in (datasets.load_mnist(path, "all"), datasets.load(str(path), "all")):
+            assert x.dtype == np.float32 and y.dtype == np.int64 and x.flags.c_contiguous
+            np.testing.assert_array_equal(x, expected_x(np.concatenate([train[0], test[0]])))
+            np.testing.assert_array_equal(y, np.concatenate([train[1], test[1]]))
+    for prefix, (images, labels) in (("train", train), ("t10k", test)):
+        folder = tmp_path / prefix
+        folder.mkdir()
+        write_split(folder, images, labels, prefix)
+        x, y = datasets.load_mnist(folder, "all")
+        np.testing.assert_array_equal(x, expected_x(images))
+        np.testing.assert_array_equal(y, labels)
+    with pytest.raises(datasets.MissingSplit) as caught:
+        datasets.load_mnist(tmp_path, "all")
+    assert str(caught.value) == (f"no train split in {tmp_path}: looked for train-images-idx3-ubyte[.gz] or "
+                                 f"train-images.idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] or "
+                                 f"train-labels.idx1-ubyte[.gz]; no test split in {tmp_path}: looked for "
+                                 f"t10k-images-idx3-ubyte[.gz] or t10k-images.idx3-ubyte[.gz] and "
+                                 f"t10k-labels-idx1-ubyte[.gz] or t10k-labels.idx1-ubyte[.gz]")
+    write_split(tmp_path / "train", *sample_digits(2, rows=20, cols=20), "t10k")
+    assert_data_error(lambda: datasets.load_mnist(tmp_path / "train", "all"),
+                      f"{tmp_path / 'train'}: split 'all' cannot join its splits: the train images have 784 pixels "
+                      f"each, the test images 400")
+    for x, y in (datasets.load_mnist_sample("all"), datasets.load("mnist", "all")):
+        np.testing.assert_array_equal(x, datasets.load_mnist_sample()[0])
+        np.testing.assert_array_equal(y, datasets.load_mnist_sample()[1])
+
+
 def test_any_image_size_gives_rows_times_cols_features(tmp_path):
     images, labels = sample_digits(4, rows=3, cols=5)
     write_split(tmp_path, images, labels)
@@ -300,7 +338,7 @@ def test_unknown_split_is_config_error(tmp_path):
         datasets.load_mnist(tmp_path, split="validation")
     with pytest.raises(ConfigError, match="validation"):
         datasets.load_digits(split="validation")
-    for name, known in (("mnist", "'train' or 'test'"), ("synthetic", "'train', 'test' or 'all'")):
+    for name, known in (("mnist", "'train', 'test' or 'all'"), ("synthetic", "'train', 'test' or 'all'")):
         with pytest.raises(ConfigError) as caught:
             datasets.load(name, "bogus")
         assert str(caught.value) == f"split 'bogus' is not known: expected {known}"
