@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nnaccel.errors import (SPECIAL_FILE, ConfigError, DataError, ShapeError, _held, check_array, check_int,
-                            check_range, described)
+from nnaccel.backend import array_device, get_backend
+from nnaccel.errors import (SPECIAL_FILE, ConfigError, DataError, DeviceError, ShapeError, _held, check_array,
+                            check_int, check_range, described)
 
 IMAGES_NDIM = 3  # count, rows, columns
 LABELS_NDIM = 1  # count
@@ -535,9 +536,10 @@ def synthetic(n=1024, features=784, classes=10, seed=0, dtype=np.float32):
 def train_val_split(x, y, fraction=0.2, seed=0):
     """Shuffle (seeded) and hold out ``fraction`` of the samples for validation.
 
-    Returns ``(x_train, y_train), (x_val, y_val)``; dtypes are kept.
+    Returns ``(x_train, y_train), (x_val, y_val)``; dtypes are kept, and so are devices: an array on a GPU
+    (CuPy's, or any DLPack array there) is split there, into CuPy arrays, in the order a host copy would be.
     """
-    x, y = check_array(x, "x"), check_array(y, "y")
+    (x, x_ops), (y, y_ops) = _on_its_device(x, "x"), _on_its_device(y, "y")
     fraction = check_range(fraction, "fraction", 0, 1, low_open=True, high_open=True)
     if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
         raise ShapeError(
@@ -550,5 +552,25 @@ def train_val_split(x, y, fraction=0.2, seed=0):
             f"{'validation' if n_val == 0 else 'training'} set"
         )
     order = _rng(seed).permutation(len(x))
-    val, train = order[:n_val], order[n_val:]
-    return (x[train], y[train]), (x[val], y[val])
+    (x_train, x_val), (y_train, y_val) = (_rows(array, ops, order[n_val:], order[:n_val])
+                                          for array, ops in ((x, x_ops), (y, y_ops)))
+    return (x_train, y_train), (x_val, y_val)
+
+
+def _on_its_device(array, what):
+    """``array`` and the backend of its device: a host data set (a list too) as a NumPy array, one on a GPU as
+    a CuPy array there, shared without a copy; a DeviceError for one on a device nnaccel has no backend for."""
+    device = array_device(array)
+    if device in (None, "cpu"):
+        return check_array(array, what), get_backend("cpu")
+    if not device.startswith("cuda:"):
+        raise DeviceError(f"{what} is on {device}: train_val_split splits host arrays and CUDA ones")
+    ops = get_backend(device)
+    return ops.asarray(array, what=what), ops
+
+
+def _rows(array, ops, *parts):
+    """The rows of ``array`` at each host index array of ``parts``, gathered on its device (``ops``): only the
+    indices are copied there."""
+    with ops.activate():
+        return [array[ops.asarray(index)] for index in parts]

@@ -790,6 +790,52 @@ def test_train_val_split_takes_0_d_arrays_as_the_numbers_they_hold():
         datasets.train_val_split(x, y, np.array(1.5))
 
 
+@pytest.fixture
+def cp(emulated):
+    import cupy
+
+    return cupy
+
+
+def test_train_val_split_splits_device_arrays_on_their_device(cp, monkeypatch):
+    """CuPy arrays were refused ('x is not an array of numbers: Implicit conversion to a NumPy array is not
+    allowed'), where PyTorch's random_split and Keras's validation_split take data where it is: now they are
+    split on their device, without copying them to the host, into the rows a host split gives; a host y beside
+    them stays on the host."""
+    x_host, y_host = np.arange(60, dtype=np.float32).reshape(20, 3), np.arange(20, dtype=np.int64)
+    x, y = cp.asarray(x_host), cp.asarray(y_host)
+    expected = datasets.train_val_split(x_host, y_host, 0.25, seed=4)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a device array was copied to the host")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(type(x), "get", refused)
+        patched.setattr(cp, "asnumpy", refused)
+        on_device = datasets.train_val_split(x, y, 0.25, seed=4)
+        mixed = datasets.train_val_split(x, y_host, 0.25, seed=4)
+    for (xs, ys), (mixed_xs, host_ys), (want_x, want_y) in zip(on_device, mixed, expected):
+        for part in (xs, mixed_xs):
+            assert isinstance(part, cp.ndarray) and part.dtype == np.float32 and part.device == x.device
+            np.testing.assert_array_equal(cp.asnumpy(part), want_x)
+        assert isinstance(ys, cp.ndarray) and isinstance(host_ys, np.ndarray)
+        np.testing.assert_array_equal(cp.asnumpy(ys), want_y)
+        np.testing.assert_array_equal(host_ys, want_y)
+    with pytest.raises(ShapeError, match=r"x and y must hold the same number of samples, got shapes \(20, 3\) and "
+                                         r"\(19,\)"):
+        datasets.train_val_split(x, y[:19])
+
+
+def test_train_val_split_names_an_array_on_a_device_without_a_backend():
+    class MetalArray:  # what a torch tensor on "mps" answers
+        def __dlpack_device__(self):
+            return (8, 0)
+
+    with pytest.raises(nn.DeviceError, match="^y is on DLPack device type 8: train_val_split splits host arrays "
+                                             "and CUDA ones$"):
+        datasets.train_val_split(np.zeros((4, 2)), MetalArray())
+
+
 def test_train_val_split_rejects_empty_split_and_mismatch():
     with pytest.raises(ConfigError):
         datasets.train_val_split(np.zeros((3, 2)), np.zeros(3), 0.1)
