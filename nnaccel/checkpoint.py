@@ -465,7 +465,7 @@ def _expected_arrays(path, meta, members, size):
                               f"{_shown(counters)}")
     for counter in counters:
         _count(path, counter, "a dropout counter")
-    state_names = () if meta.get("optimizer") is None else _check_optimizer(path, meta["optimizer"])
+    state_names, idle = ((), ()) if meta.get("optimizer") is None else _check_optimizer(path, meta["optimizer"])
     if meta.get("trainer") is not None:
         _check_trainer(path, meta["trainer"])
     count = sum(math.prod(shape) for _, shape in parameters)
@@ -478,6 +478,8 @@ def _expected_arrays(path, meta, members, size):
     expected.update({f"buffer/{name}.npy": (f"buffer/{name}", shape, dtype) for name, shape in buffers})
     if any(name.startswith("optim/") for name in members):  # none before the first step: all or none
         expected.update({f"optim/{name}.npy": (f"optim/{name}", (count,), dtype) for name in state_names})
+        expected.update({f"optim/{name}.npy": (f"optim/{name}", (count,), dtype) for name in idle
+                         if f"optim/{name}.npy" in members})  # kept only where it was made
     stopping = (meta.get("trainer") or {}).get("early_stopping", [])
     sizes = {"params": count, "buffers": sum(math.prod(shape) for _, shape in buffers)}
     expected.update({f"early_stopping/{index}/{part}.npy": (f"early_stopping/{index}/{part}", (size,), dtype)
@@ -551,7 +553,8 @@ def _check_model(path, config):
 
 
 def _check_optimizer(path, saved):
-    """The names of the buffers the saved optimizer keeps, once its config builds and its counts are sane."""
+    """The names of the buffers the saved optimizer uses and of those it may keep unused (``idle_state_names``),
+    once its config builds and its counts are sane."""
     from . import optimizers
 
     if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or \
@@ -563,7 +566,8 @@ def _check_optimizer(path, saved):
         raise CheckpointError(f"{path}: the optimizer's learning rate must be a finite number >= 0, found "
                               f"{_shown(lr)}")
     try:
-        return optimizers.get(saved["config"]).state_names
+        optimizer = optimizers.get(saved["config"])
+        return optimizer.state_names, optimizer.idle_state_names
     except Exception as error:  # ConfigError; TypeError for unknown or mistyped options
         raise CheckpointError(f"{path} has an unreadable optimizer config: {_brief(error, 400)}") from None
 

@@ -18,6 +18,7 @@ class Optimizer:
 
     name = ""
     state_names = ()
+    idle_state_names = ()  # buffers it keeps, unused, under its settings (a checkpoint may hold them)
     per_step_scalars = False  # a number of the update changes every step: a CUDA graph cannot bake it in
 
     def __new__(cls, *args, **kwargs):
@@ -102,17 +103,15 @@ class SGD(Optimizer):
         as PyTorch makes its buffer at the first step with momentum."""
         return ("velocity",) if self.momentum else ()
 
-    def state_dict(self):
-        """``Optimizer.state_dict`` without a velocity kept while the momentum is 0, which a checkpoint of SGD
-        without momentum has no place for."""
-        state = super().state_dict()
-        if not self.momentum:
-            state["buffers"].pop("velocity", None)
-        return state
+    @property
+    def idle_state_names(self):
+        """The velocity of steps with momentum, kept while the momentum is 0 for when it is on again, as
+        PyTorch keeps its momentum_buffer (in its state_dict too)."""
+        return () if self.momentum else ("velocity",)
 
     def _update(self, ops, params, grads, state):
-        ops.sgd_update(params, grads, state.get("velocity"), self.lr, self.momentum,
-                       self.weight_decay, self.nesterov)
+        velocity = state["velocity"] if self.momentum else None  # an idle one may still be on the host (loaded)
+        ops.sgd_update(params, grads, velocity, self.lr, self.momentum, self.weight_decay, self.nesterov)
 
     def config(self):
         return {"type": type(self).__name__, "lr": self.base_lr, "momentum": self.momentum, "nesterov": self.nesterov,

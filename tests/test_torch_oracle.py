@@ -273,13 +273,16 @@ def _step_both_and_compare(model, ours, torch_forward, theirs, rng, when):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS)
 def test_sgd_momentum_changed_between_steps_follows_torch(device, dtype):
     """A momentum turned on after plain steps (a warm-up callback), then off, then on again: PyTorch makes
-    the velocity at its first momentum step and keeps it, unused, while the momentum is 0."""
+    the velocity at its first momentum step and keeps it, unused, while the momentum is 0, in its state_dict
+    too (a checkpoint of SGD at momentum 0 left it out)."""
     model, linears, torch_forward = build_pair([("tanh", {}), ("relu", {}), ("linear", {})], dtype, device, seed=3)
     ours, theirs = nn.SGD(lr=0.1), torch.optim.SGD(torch_params(linears), lr=0.1)
     rng = np.random.default_rng(4)
     for step, momentum in enumerate([0.0, 0.0, 0.9, 0.9, 0.0, 0.5, 0.5]):
         ours.momentum = theirs.param_groups[0]["momentum"] = momentum
         _step_both_and_compare(model, ours, torch_forward, theirs, rng, f"after step {step + 1} (momentum {momentum})")
+        kept = {"momentum_buffer" in state for state in theirs.state_dict()["state"].values()} or {False}
+        assert kept == {"velocity" in ours.state_dict()["buffers"]}, f"after step {step + 1}"
 
 
 # ----- learning-rate schedules -------------------------------------------------------------

@@ -331,28 +331,30 @@ def test_a_run_stopped_after_its_short_last_step_resumes_with_no_step_and_no_neg
     assert resumed.history["epoch"] == [1] and resumed.history["samples_per_s"] == [0.0]
 
 
-@pytest.mark.parametrize("momenta", [(0.0, 0.9), (0.9, 0.0)], ids=["turned-on", "turned-off"])
+@pytest.mark.parametrize("momenta", [(0.0, 0.9, 0.9), (0.9, 0.0, 0.0), (0.9, 0.0, 0.9)],
+                         ids=["turned-on", "turned-off", "off-then-on"])
 def test_a_checkpoint_after_sgds_momentum_changed_resumes_as_the_uninterrupted_run(tmp_path, momenta):
-    """A callback may change SGD's momentum between epochs: turned on, the velocity starts then (a step
-    failed on its absence); turned off, the checkpoint holds none (its file was refused as holding an
-    optimizer member the momentum has no place for)."""
+    """A callback may change SGD's momentum between epochs (``momenta``: those of epochs 1 to 3): turned on, the
+    velocity starts then (a step failed on its absence); turned off, a checkpoint holds the velocity, unused
+    (its file was refused as holding an optimizer member the momentum has no place for, then written without
+    it, so a momentum turned on again after a resume started from a zero velocity), as PyTorch's SGD keeps its
+    momentum_buffer; turned on again, the resumed run goes on with it as the uninterrupted one does."""
     x, y = datasets.synthetic(n=60, features=8, classes=3, seed=2)
 
     class Momentum(nn.Callback):
         def on_epoch_end(self, trainer, logs):
-            trainer.optimizer.momentum = momenta[1]
+            if logs["epoch"] < len(momenta):
+                trainer.optimizer.momentum = momenta[logs["epoch"]]
 
     def trainer():
         return nn.Trainer(nn.Sequential(nn.Dense(8, 3), seed=1), optimizer=nn.SGD(lr=0.1, momentum=momenta[0]),
                           batch_size=16, quiet=True)
 
-    uninterrupted = trainer()
-    uninterrupted.fit(x, y, epochs=3, callbacks=[Momentum()])
-    first = trainer()
-    first.fit(x, y, epochs=2, callbacks=[Momentum()])
-    first.save_checkpoint(tmp_path / "ckpt.npz")
-    resumed = trainer().load_checkpoint(tmp_path / "ckpt.npz")
-    assert resumed.optimizer.momentum == momenta[1]
+    uninterrupted = trainer()  # epoch 2's checkpoint is written at its momentum, before the callback changes it
+    uninterrupted.fit(x, y, epochs=3, callbacks=[nn.ModelCheckpoint(tmp_path / "ckpt-{epoch}.npz"), Momentum()])
+    resumed = trainer().load_checkpoint(tmp_path / "ckpt-2.npz")
+    assert resumed.optimizer.momentum == momenta[1] and list(resumed.optimizer.state) == ["velocity"]
+    resumed.optimizer.momentum = momenta[2]
     resumed.fit(x, y, epochs=1)
     numpy.testing.assert_array_equal(resumed.model.flat_params, uninterrupted.model.flat_params)
 
