@@ -399,7 +399,7 @@ def parse_devices(text):
 
 def parse_precisions(text):
     """Precisions from ``"fp32,tf32,bf16"``, each one of ``PRECISIONS``."""
-    precisions = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    precisions = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
     unknown = [p for p in precisions if p not in PRECISIONS]
     if not precisions or unknown:
         raise ConfigError(f"--precision {text!r} is not a list of {', '.join(PRECISIONS)}")
@@ -599,7 +599,7 @@ def add_parser(subparsers):
                         help=f"CPU threads for NumPy's BLAS and for PyTorch (default: {default_threads()}, "
                              "the cores available; more share the cores, and the GEMM peak is then timed on "
                              "the cores)")
-    parser.add_argument("--compare", choices=["torch"],
+    parser.add_argument("--compare", type=str.lower, choices=["torch"],
                         help="also time the same step in PyTorch, in alternating rounds, and add the ratio")
     parser.add_argument("--fit", action="store_true",
                         help="time whole Trainer.fit calls on the MNIST sample instead of steps, against a plain "

@@ -150,7 +150,8 @@ def build_parser():
                                         "below; default: on 28x28 images the default recipe, " +
                                         ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEFAULT_RECIPE.items()) +
                                         "; on other data inputs,256,classes)")
-    shape.add_argument("--model", choices=sorted(architectures.PRESETS), help="a named architecture")
+    shape.add_argument("--model", type=str.lower, choices=sorted(architectures.PRESETS),
+                       help="a named architecture")
     net.add_argument("--activation", metavar="NAME[:VALUE]",
                      help=f"hidden-layer activation: {', '.join(activations.ACTIVATIONS)} (default relu); a "
                           "parametrised one takes its value after a colon: leaky_relu:0.2 (slope, default 0.01), "
@@ -158,10 +159,10 @@ def build_parser():
     net.add_argument("--dropout", type=_rate, metavar="RATE",
                      help="Dropout of RATE, in [0, 1), after every hidden Dense or Maxout layer")
     fit = train.add_argument_group("optimisation")
-    fit.add_argument("--loss", choices=sorted(losses.LOSSES),
+    fit.add_argument("--loss", type=str.lower, choices=sorted(losses.LOSSES),
                      help="softmax_cross_entropy (default); mse on one-hot labels; sigmoid_cross_entropy on one-hot "
                           "labels, one-vs-rest (its accuracy per output, as Keras's binary accuracy)")
-    fit.add_argument("--optimizer", choices=sorted(optimizers.OPTIMIZERS), help="default sgd")
+    fit.add_argument("--optimizer", type=str.lower, choices=sorted(optimizers.OPTIMIZERS), help="default sgd")
     fit.add_argument("--lr", type=_positive_float, help="learning rate, > 0 (default 0.1 for SGD, 0.001 for Adam; "
                                                         "the default recipe's on 28x28 images)")
     fit.add_argument("--momentum", type=_rate, help="SGD momentum, in [0, 1) (default 0.9)")
@@ -172,7 +173,8 @@ def build_parser():
                      help="Adam's and AdamW's decay rates of the gradient's averages, each in [0, 1) (default "
                           "0.9,0.999)")
     fit.add_argument("--eps", type=_positive_float, help="Adam's and AdamW's epsilon, > 0 (default 1e-8)")
-    fit.add_argument("--schedule", choices=["step", "cosine"], help="learning-rate schedule over the epochs")
+    fit.add_argument("--schedule", type=str.lower, choices=["step", "cosine"],
+                     help="learning-rate schedule over the epochs")
     fit.add_argument("--step-size", type=_positive_int, help="step schedule: epochs per decay (default 10)")
     fit.add_argument("--gamma", type=_decay,
                      help="step schedule: the decay factor, in (0, 1] (default 0.1)")
@@ -192,7 +194,7 @@ def build_parser():
                      help="stop when the validation loss (--monitor) has not improved for PATIENCE epochs, >= 0 "
                           "(0, Keras's default patience, stops at the first epoch without improvement, as 1 "
                           "does; the best weights are kept, and --save ends with them)")
-    run.add_argument("--monitor", choices=MONITORED,
+    run.add_argument("--monitor", type=str.lower, choices=MONITORED,
                      help="early stopping: the metric watched (default val_loss; loss and accuracy, of the "
                           "training data, need no validation part)")
     run.add_argument("--min-delta", type=_non_negative_float, metavar="DELTA",
@@ -200,7 +202,7 @@ def build_parser():
                           "(default 0)")
     run.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                      help="on CUDA, run every step eagerly instead of replaying it from a CUDA graph")
-    run.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    run.add_argument("--precision", type=str.lower, choices=PRECISIONS, default="fp32",
                      help="how a GPU computes the float32 weighted sums: fp32 (default), tf32 or bf16 on the "
                           "tensor cores (inputs rounded, fp32 accumulation; bf16 also stores the Dense and conv "
                           "layers' activations and gradients in bfloat16); the CPU computes fp32")
@@ -218,7 +220,7 @@ def build_parser():
     evaluate.add_argument("model", help="a checkpoint written by 'nnaccel train --save'")
     evaluate.add_argument("--data", help="'mnist' (the sample nnaccel ships), 'digits', 'synthetic', an MNIST folder "
                                          "or a mnist.npz (default: the data the checkpoint was trained on, else mnist)")
-    evaluate.add_argument("--split", choices=["test", "train", "validation"],
+    evaluate.add_argument("--split", type=str.lower, choices=["test", "train", "validation"],
                           help="default: test where the data has one, else validation: the part 'nnaccel train' "
                                "held out (--validation-split of the train split, with the checkpoint's seed)")
     evaluate.add_argument("--validation-split", type=_fraction,

@@ -314,6 +314,25 @@ def test_an_empty_value_is_refused_not_taken_as_left_out(args, what, tmp_path, m
     assert (tmp_path / "m.npz").read_bytes() == b"a checkpoint"
 
 
+def test_named_choices_take_any_case_as_the_python_api_does(tmp_path, monkeypatch, capsys):
+    """``optimizer="Adam"``, ``loss="MSE"`` and ``--activation ReLU`` are taken; so are ``--optimizer Adam`` and
+    the other named choices of the commands (before, argparse refused them as invalid choices)."""
+    from nnaccel import bench, cli
+
+    parse = cli.build_parser().parse_args
+    args = parse(["train", "--model", "MLP", "--loss", "MSE", "--optimizer", "AdamW", "--schedule", "Cosine",
+                  "--early-stopping", "1", "--monitor", "Val_Accuracy", "--precision", "BF16"])
+    assert (args.model, args.loss, args.optimizer, args.schedule, args.monitor, args.precision) == \
+        ("mlp", "mse", "adamw", "cosine", "val_accuracy", "bf16")
+    assert parse(["evaluate", "m.npz", "--split", "Train"]).split == "train"
+    assert parse(["bench", "--compare", "Torch"]).compare == "torch"
+    assert bench.parse_precisions("FP32,bf16,BF16") == ("fp32", "bf16")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--data", "synthetic", "--layers", "784,16,10", "--optimizer", "Adam", "--epochs", "1",
+                     "--device", "cpu", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--epochs", "0"], "--epochs: must be a positive integer"),
     (["train", "--batch-size", "-3"], "--batch-size: must be a positive integer"),
