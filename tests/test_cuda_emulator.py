@@ -3,8 +3,8 @@
 Each test launches a small kernel through the CuPy stand-in and checks that
 a correct kernel gives the right answer and a kernel with a planted GPU bug
 (a missing or divergent barrier, a shuffle reached by part of its mask, a
-launch beyond the hardware limits, an argument of the wrong C type, a read
-or write outside an allocation) fails loudly, saying where.
+launch beyond the hardware limits, an argument of the wrong C type or
+alignment, a read or write outside an allocation) fails loudly, saying where.
 """
 
 import os
@@ -340,6 +340,19 @@ def test_arguments_must_match_the_parameter_types(cp, make_args, message):
     with launch_error(cp) as error:
         run((1,), (32,), make_args(cp, x, y))
     assert message in str(error.value)
+
+
+def test_a_pointer_misaligned_for_its_type_is_an_error(cp):
+    """A float64 view carved 4 bytes into a float32 buffer: x86 reads it unaligned, but on a GPU (allocations
+    256-byte aligned) every access through it is misaligned, a fault; views at whole elements are fine."""
+    run = kernel(cp, SCALE, "scale<double>", ["scale<double>"])
+    buffer, y = cp.arange(10, dtype=numpy.float32), cp.zeros(4, numpy.float64)
+    run((1,), (32,), (buffer[2:10].view(numpy.float64), y, 4, 2.0))  # 8 bytes in: aligned
+    with launch_error(cp) as error:
+        run((1,), (32,), (buffer[1:9].view(numpy.float64), y, 4, 2.0))
+    assert "CUDA_ERROR_MISALIGNED_ADDRESS" in str(error.value)
+    assert "argument 0 (const double* x) got a float64 array of shape (4,) starting 4 bytes into its allocation, " \
+           "not a multiple of the 8-byte alignment of double" in str(error.value)
 
 
 NULLABLE = r"""

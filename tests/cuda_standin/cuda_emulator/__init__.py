@@ -7,7 +7,8 @@ one kernel over a grid (runtime.cpp says how the threads are scheduled).
 Arguments arrive as the driver gets them, an array of pointers to their
 values, and each is checked against the kernel's parameter type first: a
 4-byte int where the kernel takes ``long long``, a float64 array for a
-``float*``, a grid or block beyond the hardware's limits are launch errors.
+``float*``, a pointer misaligned for its type, a grid or block beyond the
+hardware's limits are launch errors.
 Device memory comes from ``allocate``: each allocation ends where a guard
 region starts, so a kernel reading or writing past it fails with a report
 naming the argument and how far out it went.
@@ -148,7 +149,7 @@ class _Result(ctypes.Structure):
 
 class _Param(ctypes.Structure):
     _fields_ = [("pointer", ctypes.c_int), ("kind", ctypes.c_int), ("size", ctypes.c_int),
-                ("is_const", ctypes.c_int)]
+                ("is_const", ctypes.c_int), ("align", ctypes.c_int)]
 
 
 class _KernelInfo(ctypes.Structure):
@@ -222,6 +223,7 @@ class Param:
     kind: str
     size: int
     is_const: bool
+    align: int  # a pointer's: the bytes its pointee is aligned to
 
     @property
     def ctype(self):
@@ -329,7 +331,7 @@ class Module:
             base = expression.split("<")[0].strip()
             param_names = names.get(base, [])
             params = [Param(param_names[i] if i < len(param_names) else f"parameter {i}", bool(p.pointer),
-                            chr(p.kind), p.size, bool(p.is_const))
+                            chr(p.kind), p.size, bool(p.is_const), p.align)
                       for i, p in ((i, info.params[i]) for i in range(info.count))]
             # its own __shared__ arrays, and those of device functions it may call (all of them: ptxas counts
             # those it does call, which the symbol table does not say)
@@ -355,6 +357,15 @@ def _dims(value, what):
 
 
 _launch_numbers = iter(range(1 << 62))
+
+
+def _offset(arg):
+    """How many bytes into its allocation a pointer argument points (0 for a null pointer or a scalar): what
+    decides its alignment on a GPU, where allocations start 256-byte aligned (this emulator's end at a guard
+    page instead, so their own addresses are less aligned)."""
+    if not arg.pointer or not arg.allocation:
+        return 0
+    return int.from_bytes(arg.value, "little") - arg.allocation[0]
 
 
 class Kernel:
@@ -403,6 +414,12 @@ class Kernel:
             if not param.pointer and not param.accepts(arg.dtype):
                 raise LaunchError("CUDA_ERROR_INVALID_VALUE", f"{where} got {arg.what}, {arg.dtype.itemsize} "
                                   f"bytes of {arg.dtype} for a {param.size}-byte {param.ctype}")
+            offset = _offset(arg)
+            if param.pointer and offset % param.align:
+                raise LaunchError("CUDA_ERROR_MISALIGNED_ADDRESS", f"{where} got {arg.what} starting {offset} bytes "
+                                  f"into its allocation, not a multiple of the {param.align}-byte alignment of "
+                                  f"{param.ctype[:-1].replace('const ', '')}: on a GPU, whose allocations start "
+                                  f"256-byte aligned, every access through it is misaligned")
 
     def validate(self, grid, block, args, shared_mem=0):
         """``(grid, block)`` as three dimensions each, after the checks a launch makes before it runs (what a

@@ -13,6 +13,7 @@ struct cuemu_param {
   int kind;      // 'f' float, 'i' signed integer, 'u' unsigned integer, 'b' bool, 'v' void, 's' other
   int size;      // bytes
   int is_const;  // a pointer to const
+  int align;     // a pointer's: the alignment (bytes) its pointee needs, which every access through it must keep
 };
 
 struct cuemu_kernel {
@@ -37,12 +38,17 @@ template <typename T> constexpr int size_of() {
   else return (int)sizeof(T);
 }
 
+template <typename T> constexpr int align_of() {
+  if constexpr (std::is_void_v<T>) return 1;
+  else return (int)alignof(T);
+}
+
 template <typename P> constexpr cuemu_param describe() {
   if constexpr (std::is_pointer_v<P>) {
     using E = std::remove_pointer_t<P>;
-    return {1, kind_of<E>(), size_of<E>(), std::is_const_v<E>};
+    return {1, kind_of<E>(), size_of<E>(), std::is_const_v<E>, align_of<E>()};
   } else {
-    return {0, kind_of<P>(), (int)sizeof(P), 0};
+    return {0, kind_of<P>(), (int)sizeof(P), 0, 1};
   }
 }
 
