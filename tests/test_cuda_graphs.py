@@ -547,3 +547,20 @@ def test_a_layer_of_one_s_own_without_a_config_trains_in_replayed_steps(emulated
         weights.append(model.backend.to_host(model.flat_params))
     assert replays[0] == 2 * 7 - 3  # eager: the first full step, the first after the change, the first short one
     numpy.testing.assert_array_equal(*weights)
+
+
+def test_a_convolution_with_a_softmax_trains_in_replayed_steps(emulated, replays, capsys):
+    """A Conv2D's softmax (over its channels) takes the base backend's bias_act_to_nchw, which asked whether its
+    rows are the output's memory with ``shares_memory``: CuPy computes that on the device and reads it on the
+    host, which broke every capture (and synchronised every eager step). The bounds suffice, read on the host."""
+    images = numpy.random.default_rng(0).random((96, 1, 6, 6)).astype(numpy.float32)
+    y = numpy.arange(96) % 3
+    weights = []
+    for cuda_graphs in (False, True):
+        model = nn.Sequential(nn.Conv2D(1, 3, 3, activation="softmax"), nn.Flatten(), nn.Dense(48, 3),
+                              input_shape=(1, 6, 6), seed=5, device=emulated)
+        _trainer(model, cuda_graphs, t_max=2, quiet=False).fit(images, y, epochs=2)
+        weights.append(model.backend.to_host(model.flat_params))
+    assert "CUDA graphs off" not in capsys.readouterr().err
+    assert replays[0] == 2 * (3 - 1)  # each epoch (a new learning rate): its first step eager
+    numpy.testing.assert_array_equal(*weights)

@@ -405,7 +405,9 @@ class Backend:
         ``out``'s ``image_rows``: no copy then."""
         self.bias_act(z.T, bias, activation, rows.T)  # (N*L, C) views: the bias runs along their rows
         n, c = out.shape[:2]
-        if not self.xp.shares_memory(rows, out):  # (out.reshape would be a copy of a strided out)
+        # rows are out's image_rows or a buffer of their own, so bounds tell (CuPy's shares_memory sorts every
+        # element's address on the device and reads the answer on the host: a sync, refused in a CUDA graph)
+        if not self.xp.may_share_memory(rows, out):  # (out.reshape would be a copy of a strided out)
             out[...] = self.by_image(rows, (c,), n, out.shape[2:]).swapaxes(0, 1)
         return out
 

@@ -125,6 +125,21 @@ def arange(start, stop=None, step=1, dtype=None):
                       else numpy.arange(start, dtype=dtype))
 
 
+def shares_memory(a, b, max_work=None):
+    """As CuPy's: the exact answer (``max_work`` None) is computed on the device (a sort of every element's
+    address) and read on the host, which a capture refuses; ``"MAY_SHARE_BOUNDS"`` compares bounds on the host."""
+    from ._core import refuse_during_capture
+
+    if a is b and a.size != 0:
+        return True
+    if max_work == "MAY_SHARE_BOUNDS":
+        return _apply(numpy.may_share_memory, (a, b), {})
+    if max_work not in (None, "MAY_SHARE_EXACT"):
+        raise NotImplementedError("Not supported for integer `max_work`.")
+    refuse_during_capture("reading a device value on the host (shares_memory: CuPy computes it on the device)")
+    return bool(numpy.shares_memory(_operand(a), _operand(b)))
+
+
 def from_dlpack(x):
     """A device array from another framework's CUDA array (DLPack); host arrays are refused like CuPy's."""
     kind, device_id = x.__dlpack_device__()

@@ -221,8 +221,10 @@ def _label(function):
     return name
 
 
-_METADATA = {numpy.shape, numpy.ndim, numpy.size, numpy.result_type, numpy.may_share_memory,
-             numpy.shares_memory, numpy.iscomplexobj, numpy.isrealobj}
+# (Not ``shares_memory``: CuPy's exact answer is computed on the device, a sort of every element's address, and
+# copied to the host, which a capture refuses; ``may_share_memory`` compares the bounds on the host.)
+_METADATA = {numpy.shape, numpy.ndim, numpy.size, numpy.result_type, numpy.may_share_memory, numpy.iscomplexobj,
+             numpy.isrealobj}
 _VALUE_SHAPED = {getattr(numpy, name) for name in ("nonzero", "flatnonzero", "argwhere", "unique", "unique_all",
                                                    "unique_counts", "unique_inverse", "unique_values", "compress",
                                                    "extract", "bincount", "trim_zeros") if hasattr(numpy, name)}
