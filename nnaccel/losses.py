@@ -112,9 +112,12 @@ class SoftmaxCrossEntropy(Loss):
 
     def prepare_targets(self, ops, target, outputs, dtype, what="labels"):
         if target.ndim != 1:
-            raise ShapeError(f"{what} have shape {tuple(target.shape)}; expected a 1-D array of class indices")
+            one_hot_rows = f" (one-hot rows? pass {_code_name(what)}.argmax(axis=1))" \
+                if target.shape[1:] == (outputs,) else ""
+            raise ShapeError(f"{what} {_agree(what, 'has', 'have')} shape {tuple(target.shape)}; expected a 1-D "
+                             f"array of class indices{one_hot_rows}")
         if target.dtype.kind not in "iu":
-            raise ShapeError(f"{what} have dtype {target.dtype}; expected integer class indices")
+            _refuse_label_dtype(target, what)
         return target.astype(numpy.int64, copy=False)  # what the kernels index with
 
     def check_values(self, target, outputs, what="labels"):
@@ -157,7 +160,7 @@ class SigmoidCrossEntropy(Loss):
             return
         target = get_backend(array_device(target)).to_host(target)
         if target.size and (target.min() < 0 or target.max() > 1):
-            raise ShapeError(f"{what} range from {target.min():g} to {target.max():g}; binary cross-entropy "
+            raise ShapeError(f"{what} {_agree(what, 'ranges', 'range')} from {target.min():g} to {target.max():g}; binary cross-entropy "
                              f"takes targets in [0, 1]")
 
     def _forward(self, ops, y, target):
@@ -178,11 +181,29 @@ def check_labels(labels, classes, what="labels"):
     """Integer labels in ``[0, classes)``, on the host; a clear error otherwise."""
     labels = numpy.asarray(labels)
     if labels.dtype.kind not in "iu":
-        raise ShapeError(f"{what} have dtype {labels.dtype}; expected integer class indices")
+        _refuse_label_dtype(labels, what)
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise ShapeError(f"{what} range from {labels.min()} to {labels.max()} but the output layer has "
+        raise ShapeError(f"{what} {_agree(what, 'ranges', 'range')} from {labels.min()} to {labels.max()} but the output layer has "
                          f"{classes} units: labels must be in [0, {classes - 1}]")
     return labels
+
+
+def _agree(what, singular, plural):
+    """The verb that agrees with an array's name: "y has", "labels have"."""
+    return plural if what.endswith("s") else singular
+
+
+def _code_name(what):
+    """The array's name as a hint's code uses it: "validation y" is the user's y."""
+    return what.split()[-1]
+
+
+def _refuse_label_dtype(labels, what):
+    """The error for class labels that are not integers, with the fix when they are whole numbers."""
+    whole = labels.dtype.kind == "f" and bool((labels == labels.round()).all())  # only on this error path
+    hint = f" (whole numbers? pass {_code_name(what)}.astype(int))" if whole else ""
+    raise ShapeError(f"{what} {_agree(what, 'has', 'have')} dtype {labels.dtype}; expected integer class "
+                     f"indices{hint}")
 
 
 LOSSES = {cls.name: cls for cls in (SoftmaxCrossEntropy, MeanSquaredError, SigmoidCrossEntropy)}

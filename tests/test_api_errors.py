@@ -566,13 +566,18 @@ def test_a_csv_log_it_cannot_append_to_is_refused_before_the_first_epoch_and_kep
 
 # ----- train_step checks its batch ---------------------------------------------------------------------
 TRAIN_STEP_ERRORS = [
-    ("label 3 of 3 outputs", lambda: (X, numpy.full(12, 3)), r"y range from 3 to 3 .* labels must be in \[0, 2\]"),
-    ("label -1", lambda: (X, Y - 1), r"y range from -1 to 1"),
+    ("label 3 of 3 outputs", lambda: (X, numpy.full(12, 3)), r"y ranges from 3 to 3 .* labels must be in \[0, 2\]"),
+    ("label -1", lambda: (X, Y - 1), r"y ranges from -1 to 1"),
     ("uint64 label 2**63", lambda: (X, numpy.full(12, 2 ** 63, numpy.uint64)),
-     r"y range from 9223372036854775808 to 9223372036854775808 "),
+     r"y ranges from 9223372036854775808 to 9223372036854775808 "),
     ("5 features", lambda: (numpy.ones((12, 5), numpy.float32), Y), r"x has shape \(12, 5\) but the first layer "
                                                                       r"expects \(batch, 4\)"),
-    ("float labels", lambda: (X, Y.astype(numpy.float32)), "y have dtype float32; expected integer class indices"),
+    ("float labels", lambda: (X, Y.astype(numpy.float32)),
+     r"^y has dtype float32; expected integer class indices \(whole numbers\? pass y.astype\(int\)\)$"),
+    ("fractional labels", lambda: (X, Y + 0.5), r"^y has dtype float64; expected integer class indices$"),
+    ("one-hot labels", lambda: (X, numpy.eye(3, dtype=numpy.float32)[Y]),
+     r"^y has shape \(12, 3\); expected a 1-D array of class indices \(one-hot rows\? pass y.argmax\(axis=1\)\)$"),
+    ("a column of labels", lambda: (X, Y[:, None]), r"^y has shape \(12, 1\); expected a 1-D array of class indices$"),
     ("lists", lambda: (X.tolist(), Y.tolist()), "train_step takes a batch of device arrays.*got x as a list"),
     ("float64 x", lambda: (X.astype(numpy.float64), Y), "x has dtype float64 but the model computes in float32"),
     ("11 labels", lambda: (X, Y[:11]), r"y has shape \(11,\) but x has 12 samples"),
@@ -635,7 +640,7 @@ def test_train_step_on_a_batch_refilled_in_place_reads_its_new_labels(loss, dtyp
         fresh.train_step(x.copy(), y.copy())
     numpy.testing.assert_array_equal(refilled.model.flat_params, fresh.model.flat_params)
     yb[0] = 3
-    with pytest.raises(nn.ShapeError, match=r"y range from 0 to 3|labels range from"):
+    with pytest.raises(nn.ShapeError, match=r"y ranges from 0 to 3|labels range from"):
         refilled.train_step(xb, yb)
 
 
@@ -734,6 +739,6 @@ def test_labels_out_of_range_are_reported_with_their_own_values(device, dtype, l
     y[[3, 7]] = info.min, info.max
     trainer = nn.Trainer(nn.Sequential(nn.Dense(4, 3), device=device), loss=loss, quiet=True)
     for call in (trainer.prepare, trainer.fit, trainer.evaluate):
-        with pytest.raises(nn.ShapeError, match=rf"^y range from {info.min} to {info.max} but the output layer has "
+        with pytest.raises(nn.ShapeError, match=rf"^y ranges from {info.min} to {info.max} but the output layer has "
                                                 rf"3 units: labels must be in \[0, 2\]$"):
             call(X, y)

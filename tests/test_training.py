@@ -421,11 +421,11 @@ def test_bad_checkpoints_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("loss, targets, message", [
-    ("mse", numpy.full(8, 3), "y range from 3 to 3 but the output layer has 3 units: labels must be in \\[0, 2\\]"),
+    ("mse", numpy.full(8, 3), "y ranges from 3 to 3 but the output layer has 3 units: labels must be in \\[0, 2\\]"),
     ("mse", numpy.full(8, -1), "labels must be in \\[0, 2\\]"),
-    ("sigmoid_cross_entropy", numpy.full((8, 3), 2.0), "y range from 2 to 2; binary cross-entropy takes targets"),
-    ("sigmoid_cross_entropy", numpy.full((8, 3), -0.5), "y range from -0.5 to -0.5"),
-    ("sigmoid_cross_entropy", numpy.full(8, 3), "y range from 3 to 3 but the output layer has 3 units"),
+    ("sigmoid_cross_entropy", numpy.full((8, 3), 2.0), "y ranges from 2 to 2; binary cross-entropy takes targets"),
+    ("sigmoid_cross_entropy", numpy.full((8, 3), -0.5), "y ranges from -0.5 to -0.5"),
+    ("sigmoid_cross_entropy", numpy.full(8, 3), "y ranges from 3 to 3 but the output layer has 3 units"),
 ])
 def test_every_loss_refuses_targets_out_of_its_range(device, loss, targets, message):
     """Not only the default loss: MSE's and binary cross-entropy's integer labels (an out-of-range one would
