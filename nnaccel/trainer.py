@@ -92,9 +92,9 @@ class Trainer:
         self.plan = None
         self.communicator = communicator
         self.cuda_graphs = check_flag(cuda_graphs, "cuda_graphs")
-        if precision not in PRECISIONS:
+        if (precision.lower() if isinstance(precision, str) else precision) not in PRECISIONS:  # "TF32" as the CLI
             raise ConfigError(f"precision {precision!r} is not one of {', '.join(map(repr, PRECISIONS))}")
-        self.precision = precision
+        self.precision = precision = precision.lower()
         if communicator is not None:
             self.quiet = self.quiet or communicator.rank != 0
         note = model.backend.precision_note(precision)

@@ -131,6 +131,14 @@ def test_an_unknown_precision_is_refused_by_name(capsys):
     assert "argument --precision: invalid choice: 'fp16'" in err and err.count("\n") == 1
 
 
+def test_a_precision_takes_any_case_as_the_command_line_does(emulated):
+    """precision="TF32" is tf32 (the CLI's --precision TF32 is too); "FP16" is refused as written."""
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(8, 3), device="cuda", seed=0), precision="TF32", quiet=True)
+    assert trainer.precision == "tf32"
+    with pytest.raises(nn.ConfigError, match="^precision 'FP16' is not one of"):
+        nn.Trainer(nn.Sequential(nn.Dense(8, 3)), precision="FP16")
+
+
 def test_fp32_on_one_gpu_inside_tf32_on_another_computes_fp32(emulated):
     """CuPy's compute type is one per process: fp32 entered on cuda:1 inside tf32 on cuda:0 (an
     evaluation of another model from a callback) restores the type set outside both, and each exit
