@@ -98,6 +98,7 @@ __global__ void softmax_rows(const T* z, T* y, long long rows, long long cols) {
     T* yr = y + r * cols;
     T max, sum;
     nna::row_softmax_stats(zr, cols, max, sum);
+    __syncwarp();  // every lane's reads of the row happen before any lane overwrites it (y may alias z)
     for (long long c = nna::lane_id(); c < cols; c += 32) yr[c] = nna::math::exp(zr[c] - max) / sum;
   }
 }

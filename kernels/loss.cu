@@ -34,6 +34,7 @@ __global__ void softmax_cross_entropy(const T* logits, const long long* labels, 
     T max, sum;
     nna::row_softmax_stats(x, cols, max, sum);
     if (!valid) sum = nna::math::quiet_nan<T>();
+    __syncwarp();  // every lane's reads of the row (picked included) happen before any lane overwrites it
     for (long long c = nna::lane_id(); c < cols; c += 32) g[c] = nna::ce_grad(x[c], max, sum, c == label, scale);
     if (nna::lane_id() == 0) row_loss[r] = nna::ce_row_loss(picked, max, sum);
   }
