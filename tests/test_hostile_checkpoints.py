@@ -76,6 +76,8 @@ def _real(kind):
     trainer = nn.Trainer(model, optimizer=optimizer, batch_size=4, quiet=True)
     x = numpy.random.default_rng(0).random((12, model.in_features)).astype(model.dtype)
     trainer.fit(x, numpy.arange(12) % 3, epochs=1, callbacks=[nn.EarlyStopping("loss")] if "sgd" in kind else [])
+    if "idle-velocity" in kind:
+        optimizer.momentum = 0.0  # the velocity is kept, unused, for when the momentum is on again
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "ck.npz"
         model.save(path) if kind.endswith("model-only") else trainer.save_checkpoint(path)
@@ -302,6 +304,18 @@ def test_a_member_of_another_shape_or_dtype_is_refused_by_name(tmp_path, kind, m
         members[member] = _npy(array)
         found = _refusal(_zip(members), tmp_path)
         assert re.search(message, found), (message, found)
+
+
+def test_an_idle_sgd_velocity_of_another_shape_is_refused_by_name(tmp_path):
+    """SGD at momentum 0 keeps the velocity of its earlier steps with momentum; that member is checked as a
+    used one is (a wrong one would otherwise load, and break the first step with momentum again)."""
+    data = _real("mlp-sgd-idle-velocity")
+    members = _members(data)
+    good = _array(data, "optim/velocity.npy")
+    members["optim/velocity.npy"] = _npy(good[:-1])
+    found = _refusal(_zip(members), tmp_path)
+    assert re.search(rf"member 'optim/velocity' has shape \({good.size - 1},\) but the architecture in its metadata "
+                     rf"implies \({good.size},\)", found), found
 
 
 def test_a_fortran_order_member_loads_its_values(tmp_path):
