@@ -73,6 +73,32 @@ def test_the_stand_in_takes_the_compute_types_as_cupy_does(emulated):
         linalg.set_compute_type(numpy.float32, outside)
 
 
+def test_fp32_keeps_the_compute_type_cupy_tf32_gives_as_cupy_does(emulated, monkeypatch):
+    """CUPY_TF32=1 makes CuPy's float32 products TF32 (decided at the first get_compute_type); "fp32", the
+    default, leaves CuPy's type as the process has it, and float64 products stay DEFAULT."""
+    from cupy._core import _routines_linalg as linalg
+
+    ops = get_backend(emulated)
+    rng = numpy.random.default_rng(5)
+    a, b = rng.standard_normal((7, 60), numpy.float32), rng.standard_normal((60, 3), numpy.float32)
+    out = ops.empty((7, 3), numpy.float32)
+    saved = dict(linalg._compute_types)
+    monkeypatch.setenv("CUPY_TF32", "1")
+    linalg._compute_types.clear()  # a fresh process: every type TBD
+    try:
+        with ops.matmul_precision("fp32"):
+            ops.matmul(ops.asarray(a), ops.asarray(b), out)
+        assert linalg.get_compute_type(numpy.float32) == linalg.COMPUTE_TYPE_TF32
+        assert linalg.get_compute_type(numpy.float64) == linalg.COMPUTE_TYPE_DEFAULT
+    finally:
+        linalg._compute_types.clear()
+        linalg._compute_types.update(saved)
+    expected = _rounded(a, 10).astype(numpy.float64) @ _rounded(b, 10).astype(numpy.float64)
+    bound = 60 * 2.0 ** -24 * (numpy.abs(a) @ numpy.abs(b))
+    assert (numpy.abs(ops.to_host(out) - expected) <= bound).all()
+    assert not numpy.array_equal(ops.to_host(out), a @ b)
+
+
 SEEDS = (0, 1, 2)
 
 

@@ -13,6 +13,7 @@ stored but changes no float32 product, as in CuPy, which maps it to
 ``CUBLAS_COMPUTE_32F_FAST_16BF``, ``cupy.cuda.cublas``).
 """
 
+import os
 import warnings
 
 import numpy
@@ -23,7 +24,7 @@ COMPUTE_TYPE_BF16, COMPUTE_TYPE_TF32 = 6, 7
 _NAMES = {0: "COMPUTE_TYPE_TBD", 1: "COMPUTE_TYPE_DEFAULT", 2: "COMPUTE_TYPE_PEDANTIC", 3: "COMPUTE_TYPE_FP16",
           4: "COMPUTE_TYPE_FP32", 5: "COMPUTE_TYPE_FP64", 6: "COMPUTE_TYPE_BF16", 7: "COMPUTE_TYPE_TF32"}
 _MANTISSA_BITS = {COMPUTE_TYPE_TF32: 10}  # what CuPy's 2-D float32 products round to
-_compute_types = {}  # dtype character -> compute type
+_compute_types = {}  # dtype character -> compute type; absent is TBD, which the first get decides
 
 
 def _index(dtype):
@@ -48,7 +49,12 @@ def set_compute_type(dtype, compute_type):
 
 
 def get_compute_type(dtype):
-    return _compute_types.setdefault(_index(dtype), COMPUTE_TYPE_DEFAULT)
+    """As CuPy's: a type still TBD becomes TF32 for float32 under ``CUPY_TF32`` > 0, else DEFAULT."""
+    index = _index(dtype)
+    if _compute_types.get(index, COMPUTE_TYPE_TBD) == COMPUTE_TYPE_TBD:
+        tf32 = index == "f" and int(os.getenv("CUPY_TF32", "0")) > 0
+        set_compute_type(dtype, COMPUTE_TYPE_TF32 if tf32 else COMPUTE_TYPE_DEFAULT)
+    return _compute_types[index]
 
 
 def compute_type_to_str(compute_type):
