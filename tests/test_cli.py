@@ -7,12 +7,21 @@ import sys
 
 import pytest
 
-from nnaccel import architectures, load
+from nnaccel import architectures, cli, load
 
 
 def nnaccel(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "nnaccel.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, timeout=300)
+
+
+def in_process(capsys, *args):
+    """``(exit code, stdout, stderr)`` of the command line's code run in this process (no interpreter to
+    start: for the later commands of a test whose first ran as a real command line)."""
+    capsys.readouterr()
+    code = cli.main([*map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def _train_the_default_recipe(tmp_path, *epochs):
@@ -42,7 +51,7 @@ def test_train_with_no_arguments_reaches_98_percent(tmp_path):
     assert accuracy >= 0.98
 
 
-def test_train_save_evaluate_json(tmp_path):
+def test_train_save_evaluate_json(tmp_path, capsys):
     model = tmp_path / "m.npz"
     run = nnaccel("train", "--data", "digits", "--epochs", 3, "--layers", "64,32,10", "--save", model, "--json",
                   "--quiet", "--plot", tmp_path / "curves.png", "--device", "cpu")
@@ -50,31 +59,32 @@ def test_train_save_evaluate_json(tmp_path):
     result = json.loads(run.stdout)
     assert result["epochs"] == 3 and 0.5 < result["accuracy"] <= 1.0
     assert (tmp_path / "curves.png").stat().st_size > 1000
-    run = nnaccel("evaluate", model, "--data", "digits", "--split", "test", "--json")
-    assert run.returncode == 0, run.stderr
-    assert set(json.loads(run.stdout)) == {"accuracy", "loss"}
-    run = nnaccel("evaluate", model, "--data", "digits")
-    assert run.returncode == 0 and "test accuracy" in run.stdout
+    code, out, err = in_process(capsys, "evaluate", model, "--data", "digits", "--split", "test", "--json")
+    assert code == 0, err
+    assert set(json.loads(out)) == {"accuracy", "loss"}
+    code, out, err = in_process(capsys, "evaluate", model, "--data", "digits")
+    assert code == 0 and "test accuracy" in out, err
 
 
-def test_binary_cross_entropy_trains_one_vs_rest_and_its_model_evaluates(tmp_path):
+def test_binary_cross_entropy_trains_one_vs_rest_and_its_model_evaluates(tmp_path, capsys):
     """--loss sigmoid_cross_entropy on a data set's labels (one-hot, one-vs-rest); evaluate and its confusion
     matrix read the loss from the checkpoint."""
     run = nnaccel("train", "--data", "digits", "--device", "cpu", "--quiet", "--layers", "64,16,10", "--epochs", 2,
                   "--loss", "sigmoid_cross_entropy", "--save", "m.npz", "--json", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     trained = json.loads(run.stdout)
-    run = nnaccel("evaluate", "m.npz", "--data", "digits", "--split", "validation", "--json", "--confusion",
-                  "cm.png", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["loss"] == trained["loss"] and (tmp_path / "cm.png").stat().st_size > 1000
+    code, out, err = in_process(capsys, "evaluate", tmp_path / "m.npz", "--data", "digits", "--split", "validation",
+                                "--json", "--confusion", tmp_path / "cm.png")
+    assert code == 0, err
+    assert json.loads(out)["loss"] == trained["loss"] and (tmp_path / "cm.png").stat().st_size > 1000
 
 
-def test_plot_of_a_run_resumed_without_validation_draws_its_curves(tmp_path):
+def test_plot_of_a_run_resumed_without_validation_draws_its_curves(tmp_path, capsys):
     """Validation in the first epoch only: --plot draws the validation curve where it has values."""
     small = ["--data", "digits", "--device", "cpu", "--quiet"]
-    run = nnaccel("train", *small, "--layers", "64,16,10", "--epochs", 1, "--save", "m.npz", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
+    code, _, err = in_process(capsys, "train", *small, "--layers", "64,16,10", "--epochs", 1,
+                              "--save", tmp_path / "m.npz")
+    assert code == 0, err
     run = nnaccel("train", *small, "--resume", "m.npz", "--epochs", 2, "--validation-split", 0, "--plot",
                   "curves.png", cwd=tmp_path)
     assert run.returncode == 0 and not run.stderr, run.stderr
@@ -99,7 +109,7 @@ def test_an_mlp_trains_with_augment_and_the_mlp_preset_fits_any_width(tmp_path, 
         assert load(tmp_path / "d.npz").layers[0].in_features == 64
 
 
-def test_a_conv_net_from_the_command_line_predicts_and_shows(tmp_path):
+def test_a_conv_net_from_the_command_line_predicts_and_shows(tmp_path, capsys):
     """--layers with image layers and --augment; predict, show --weights (filters) and --activations (maps)."""
     run = nnaccel("train", "--layers", "conv4k5p2,maxpool2,bn,conv8k3,avgpool2,32,10", "--augment", "--epochs", 1,
                   "--save", "c.npz", "--quiet", "--device", "cpu", cwd=tmp_path)
@@ -110,11 +120,11 @@ def test_a_conv_net_from_the_command_line_predicts_and_shows(tmp_path):
     assert model.input_shape == (1, 28, 28) and type(model.layers[0]).__name__ == "RandomShift"
     picture = "docs/images/three.png"
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    run = nnaccel("predict", tmp_path / "c.npz", root / picture, "--json", cwd=tmp_path)
-    assert run.returncode == 0 and json.loads(run.stdout)["digit"] in range(10), run.stderr
-    run = nnaccel("show", tmp_path / "c.npz", "--weights", tmp_path / "w.png", "--activations", root / picture,
-                  "--out", tmp_path / "a.png", "--device", "cpu", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
+    code, out, err = in_process(capsys, "predict", tmp_path / "c.npz", root / picture, "--json")
+    assert code == 0 and json.loads(out)["digit"] in range(10), err
+    code, _, err = in_process(capsys, "show", tmp_path / "c.npz", "--weights", tmp_path / "w.png", "--activations",
+                              root / picture, "--out", tmp_path / "a.png", "--device", "cpu")
+    assert code == 0, err
     assert (tmp_path / "w.png").stat().st_size > 1000 and (tmp_path / "a.png").stat().st_size > 1000
 
 
@@ -228,8 +238,6 @@ def test_train_help_groups_the_options():
 def test_every_option_of_every_command_says_what_it_does():
     """``--help`` of each command describes each option (the --device of evaluate, predict and show, evaluate's
     --json and train's --optimizer were bare)."""
-    from nnaccel import cli
-
     commands = next(action for action in cli.build_parser()._actions if action.dest == "command").choices
     bare = [f"{name} {action.option_strings[0]}" for name, command in commands.items() for action in command._actions
             if action.option_strings and not action.help]
@@ -268,8 +276,6 @@ def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
 def test_an_option_of_a_part_the_run_does_not_have_is_refused(options, message, tmp_path, monkeypatch, capsys):
     """SGD's momentum with Adam, a schedule's option without that schedule, Dropout with no hidden layer to
     follow: each would change nothing, so it is an error naming the part, before training."""
-    from nnaccel import cli
-
     monkeypatch.chdir(tmp_path)
     argv = ["train", "--data", "synthetic", "--layers", "784,16,10", "--device", "cpu", "--epochs", "1", "--save",
             "m.npz"]
@@ -284,8 +290,6 @@ def test_an_option_of_a_part_the_run_does_not_have_is_refused(options, message, 
 def test_an_argument_no_option_takes_is_refused_by_its_command(argv, unknown, capsys):
     """The command names itself and its own help, which lists what it takes ('nnaccel: error: ...' and
     'nnaccel --help', argparse's, list only the commands)."""
-    from nnaccel import cli
-
     with pytest.raises(SystemExit) as stop:
         cli.main(argv)
     assert stop.value.code == 2
@@ -303,8 +307,6 @@ def test_an_argument_no_option_takes_is_refused_by_its_command(argv, unknown, ca
 def test_an_empty_value_is_refused_not_taken_as_left_out(args, what, tmp_path, monkeypatch, capsys):
     """``--resume "$RUN"`` with RUN unset must not start afresh and overwrite the checkpoint: an empty value is
     one error line naming the option, and nothing is written."""
-    from nnaccel import cli
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.npz").write_bytes(b"a checkpoint")
     assert cli.main(args) == 2
@@ -384,8 +386,6 @@ def test_data_of_another_width_names_the_data_and_the_checkpoint(tmp_path, monke
     file disagree, not that some "x" has a wrong shape; a numpy.save file is named for what it is."""
     import numpy as np
 
-    from nnaccel import cli
-
     monkeypatch.chdir(tmp_path)
     assert cli.main(["train", "--data", "synthetic", "--layers", "784,16,10", "--epochs", "1", "--save", "m.npz",
                      "--quiet", "--device", "cpu"]) == 0
@@ -407,8 +407,6 @@ def test_data_of_another_width_names_the_data_and_the_checkpoint(tmp_path, monke
 def test_evaluate_refuses_a_damaged_test_split_rather_than_score_the_validation_part(tmp_path, monkeypatch, capsys):
     """With no --split, evaluate falls back to the held-out part only where the data has no test split."""
     import numpy as np
-
-    from nnaccel import cli
 
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
@@ -494,8 +492,6 @@ def test_training_data_without_a_digit_still_makes_ten_outputs(tmp_path, monkeyp
     split that has them; --layers must end with 10 too."""
     import numpy as np
 
-    from nnaccel import cli
-
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     np.savez("miss9.npz", x_train=rng.integers(0, 256, (90, 28, 28), dtype=np.uint8), y_train=np.arange(90) % 9,
@@ -563,8 +559,6 @@ def test_json_output_is_strict_json_with_null_for_what_is_not_finite(tmp_path, m
     from PIL import Image
 
     import nnaccel as nn
-    from nnaccel import cli
-
     monkeypatch.chdir(tmp_path)
     model = nn.Sequential(nn.Dense(784, 10), device="cpu")
     model[0].params["weight"].data[...] = 3e38  # finite, so it loads; every logit overflows
@@ -587,8 +581,6 @@ def test_evaluate_refuses_a_validation_split_for_a_split_it_does_not_hold_out(tm
     """--validation-split says what --split validation holds out: with the test or train split, given or the
     default where the data has a test split, it would change nothing, so it is refused naming the split."""
     import numpy as np
-
-    from nnaccel import cli
 
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)

@@ -133,12 +133,12 @@ def test_show_weights_and_activations(digits_model, tmp_path):
     assert_picture(tmp_path / "a.png", (691, 244))
 
 
-def test_evaluate_confusion_and_errors(digits_model, tmp_path):
+def test_evaluate_confusion_and_errors(digits_model, tmp_path, capsys):
     _, model_path, _ = digits_model
-    run = nnaccel("evaluate", model_path, "--data", "digits", "--confusion", tmp_path / "c.png", "--errors",
-                  tmp_path / "e.png")
-    assert run.returncode == 0, run.stderr
-    assert "test accuracy" in run.stdout and "most confused (true -> predicted: count): " in run.stdout
+    assert cli.main(["evaluate", str(model_path), "--data", "digits", "--confusion", str(tmp_path / "c.png"),
+                     "--errors", str(tmp_path / "e.png")]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "most confused (true -> predicted: count): " in out
     assert_picture(tmp_path / "c.png", (446, 388))
     assert_picture(tmp_path / "e.png", (468, 579))
 
