@@ -2,17 +2,19 @@
 device, nothing converts to the host implicitly, memory runs out like a GPU's; and nnaccel runs on
 it unmodified, from the library and from the command line."""
 
+import json
 import math
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy
 import pytest
 
 import nnaccel as nn
 from nnaccel import visualize
-from emulated_cuda import ENV
+from emulated_cuda import ENV, ROOT
 
 pytestmark = pytest.mark.usefixtures("emulated")
 
@@ -54,6 +56,34 @@ def test_what_cupy_13_lacks_is_missing_here_too(cp):
         with pytest.raises(AttributeError, match=f"no attribute '{name}' .CuPy 13"):
             getattr(cp, name)
     assert not hasattr(runtime, "CUDA_R_16BF") and callable(cp.take_along_axis)
+
+
+@pytest.fixture(scope="module")
+def real_cupy():
+    """What ``real_cupy_api.py`` finds, in a process of its own: it reads the real CuPy, then swaps the stand-in in
+    for good (no test process should live with that swap afterwards)."""
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("real_cupy_api.py"))], capture_output=True,
+                          text=True, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    if "skip" in found:
+        pytest.skip(found["skip"])
+    return found
+
+
+def test_what_the_stand_in_has_real_cupy_has_with_the_same_parameters(real_cupy):
+    """Every public name of the stand-in's modules and classes is in the real CuPy's module (where its CUDA
+    library is missing here, its binary) and a call the stand-in takes, by position or keyword, binds to the real
+    signature too (gemmEx's 19 parameters in order, RawModule's keywords, Stream.begin_capture's mode, the ndarray
+    methods' parameters ...): code that passes on the stand-in cannot fail on a GPU for a name or an argument."""
+    assert not real_cupy["problems"], "\n".join(real_cupy["problems"])
+
+
+def test_the_numpy_functions_the_stand_in_serves_real_cupy_has(cp, real_cupy):
+    """The stand-in serves NumPy's functions on device arrays, less those CuPy 13 or 14 lacks."""
+    assert not real_cupy["numpy_not_in_cupy"], real_cupy["numpy_not_in_cupy"]
+    with pytest.raises(AttributeError, match="'matrix' .CuPy lacks it"):
+        cp.matrix
 
 
 def test_raw_modules_take_the_arguments_cupy_takes(cp):

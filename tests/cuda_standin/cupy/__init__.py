@@ -29,7 +29,6 @@ from . import cuda, random  # noqa: F401  (CuPy's submodules)
 from ._core import get_default_memory_pool, ndarray  # noqa: F401
 from ._core import _apply, _operand, _to_device
 from . import _routines_linalg
-from .cuda import Device  # noqa: F401
 
 __version__ = "14.0.0+cpu.standin"
 
@@ -50,11 +49,11 @@ def get_array_module(*args):
     return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else numpy
 
 
-def asnumpy(array, stream=None, order="C", out=None):
+def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
     """A host copy of a device array (other values pass through ``numpy.asarray``)."""
-    if isinstance(array, ndarray):
-        return array.get(order=order, out=out)
-    return numpy.asarray(array, order=order)
+    if isinstance(a, ndarray):
+        return a.get(order=order, out=out)
+    return numpy.asarray(a, order=order)
 
 
 def asarray(a, dtype=None, order=None, *, blocking=False):
@@ -72,7 +71,7 @@ def asarray(a, dtype=None, order=None, *, blocking=False):
     return _to_device(numpy.asarray(a, dtype=dtype, order=order))
 
 
-def array(obj, dtype=None, copy=True, order="K", ndmin=0, *, blocking=False):
+def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocking=False):
     if isinstance(obj, ndarray):
         result = obj.astype(dtype or obj.dtype, order=order) if copy else asarray(obj, dtype)
         return result
@@ -87,7 +86,8 @@ def empty(shape, dtype=float, order="C"):
     return ndarray(shape, dtype, order=order)
 
 
-def empty_like(a, dtype=None, order="K", shape=None):
+def empty_like(prototype, dtype=None, order="K", subok=None, shape=None):
+    a = prototype
     return ndarray(a.shape if shape is None else shape, dtype or a.dtype,
                    order="F" if order in "KA" and a.flags.f_contiguous and not a.flags.c_contiguous else "C")
 
@@ -140,11 +140,11 @@ def shares_memory(a, b, max_work=None):
     return bool(numpy.shares_memory(_operand(a), _operand(b)))
 
 
-def from_dlpack(x):
+def from_dlpack(array):
     """A device array from another framework's CUDA array (DLPack); host arrays are refused like CuPy's."""
-    kind, device_id = x.__dlpack_device__()
-    if isinstance(x, ndarray):
-        return x
+    kind, device_id = array.__dlpack_device__()
+    if isinstance(array, ndarray):
+        return array
     if kind != 2:
         raise TypeError(f"from_dlpack: the array is on DLPack device type {kind}, not a CUDA device (2)")
     raise TypeError("the CuPy stand-in takes DLPack arrays only from itself")
@@ -161,14 +161,14 @@ def _numpy_function(name):
     return call
 
 
-def matmul(a, b, out=None, **kwargs):
+def matmul(a, b, /, *, out=None, casting="same_kind", dtype=None):
     """``numpy.matmul`` on device arrays; float32 inputs rounded first as the compute type set with
     ``cupy._core._routines_linalg.set_compute_type`` lets cuBLAS round them (TF32, in 2-D products)."""
     a_op, b_op = _operand(a), _operand(b)
     bits = _routines_linalg.mantissa_bits(numpy.result_type(a_op.dtype, b_op.dtype), builtins.max(a_op.ndim, b_op.ndim))
     if bits is not None:
         a, b = (_apply(_routines_linalg.round_mantissa, (operand, bits), {}) for operand in (a, b))
-    return _apply(numpy.matmul, (a, b), {**kwargs, **({} if out is None else {"out": out})})
+    return _apply(numpy.matmul, (a, b), {"casting": casting, "dtype": dtype, **({} if out is None else {"out": out})})
 
 
 # NumPy 2.4's functions that CuPy 13.6 (the oldest CuPy nnaccel takes) lacks, from its cupy-cuda12x wheel:
@@ -181,6 +181,11 @@ NOT_IN_CUPY_13 = frozenset("""
     matrix_transpose matvec nanpercentile nanquantile ndenumerate nested_iters permute_dims polyder polydiv
     polyint pow put_along_axis setbufsize seterr seterrcall show_runtime spacing trapezoid unique_all
     unique_counts unique_inverse unique_values unstack vecdot vecmat""".split())
+# NumPy 2.4's callables that CuPy 14.2 lacks too: types (strings, dates, objects, long doubles, matrices) and
+# host-only machinery.
+NOT_IN_CUPY = frozenset("""
+    busdaycalendar bytes_ character clongdouble complex256 datetime64 flexible float128 longdouble matrix memmap
+    nditer object_ recarray record str_ test timedelta64 void""".split())
 
 
 def __getattr__(name):
@@ -188,6 +193,8 @@ def __getattr__(name):
     ``cupy.stack``, ...)."""
     if name in NOT_IN_CUPY_13:
         raise AttributeError(f"module 'cupy' has no attribute {name!r} (CuPy 13, which nnaccel supports, lacks it)")
+    if name in NOT_IN_CUPY:
+        raise AttributeError(f"module 'cupy' has no attribute {name!r} (CuPy lacks it)")
     if not name.startswith("_") and callable(getattr(numpy, name, None)):
         function = _numpy_function(name)
         globals()[name] = function

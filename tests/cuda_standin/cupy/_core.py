@@ -23,6 +23,7 @@ raise and invalidate the capture, as in CUDA's global capture mode.
 import contextlib
 import sys
 import ctypes
+import inspect
 import threading
 import weakref
 
@@ -647,9 +648,9 @@ class ndarray:
             return out
         return host
 
-    def set(self, array, stream=None):
+    def set(self, arr, stream=None):
         refuse_during_capture("copying host memory to the device")
-        self._view[...] = array
+        self._view[...] = arr
 
     def item(self):
         refuse_during_capture("reading a device value on the host")
@@ -708,8 +709,8 @@ class ndarray:
     def transpose(self, *axes):
         return ndarray._over(self._view.transpose(*axes), self._memory)
 
-    def swapaxes(self, a, b):
-        return ndarray._over(self._view.swapaxes(a, b), self._memory)
+    def swapaxes(self, axis1, axis2):
+        return ndarray._over(self._view.swapaxes(axis1, axis2), self._memory)
 
     def squeeze(self, axis=None):
         return ndarray._over(self._view.squeeze(axis), self._memory)
@@ -805,9 +806,42 @@ ndarray.__pos__ = lambda self: self.copy()
 ndarray.__abs__ = lambda self: _apply(numpy.absolute, (self,), {})
 ndarray.__invert__ = lambda self: _apply(numpy.invert, (self,), {})
 ndarray.__hash__ = None
-for _name in ("sum", "prod", "mean", "var", "std", "max", "min", "argmax", "argmin", "all", "any", "cumsum",
-              "clip", "round", "nonzero", "dot", "take", "repeat", "sort", "argsort"):
-    setattr(ndarray, _name, (lambda name: lambda self, *a, **k: _apply(getattr(numpy, name), (self, *a), k))(_name))
+
+
+def _method(name, required, optional):
+    """The method ``name`` computed by NumPy's function, with CuPy's parameters (names and order): a call CuPy's
+    would refuse is a TypeError here too."""
+    function, kind = getattr(numpy, name), inspect.Parameter.POSITIONAL_OR_KEYWORD
+    signature = inspect.Signature([inspect.Parameter(p, kind) for p in ("self", *required.split())]
+                                  + [inspect.Parameter(p, kind, default=None) for p in optional.split()])
+
+    def method(self, *args, **kwargs):
+        given = signature.bind(self, *args, **kwargs).arguments
+        del given["self"]
+        return _apply(function, (self,), given)
+
+    method.__name__ = method.__qualname__ = name
+    method.__signature__ = signature
+    return method
+
+
+for _name, _required, _optional in [
+        ("sum", "", "axis dtype out keepdims"), ("prod", "", "axis dtype out keepdims"),
+        ("mean", "", "axis dtype out keepdims"), ("var", "", "axis dtype out ddof keepdims"),
+        ("std", "", "axis dtype out ddof keepdims"), ("max", "", "axis out keepdims"), ("min", "", "axis out keepdims"),
+        ("argmax", "", "axis out dtype keepdims"), ("argmin", "", "axis out dtype keepdims"),
+        ("all", "", "axis out keepdims"), ("any", "", "axis out keepdims"), ("cumsum", "", "axis dtype out"),
+        ("clip", "", "min max out"), ("round", "", "decimals out"), ("nonzero", "", ""), ("dot", "b", "out"),
+        ("take", "indices", "axis out"), ("repeat", "repeats", "axis"), ("argsort", "", "axis kind")]:
+    setattr(ndarray, _name, _method(_name, _required, _optional))
+
+
+def _sort(self, axis=-1, kind=None):
+    """In place, as CuPy's (NumPy's function returns a sorted copy)."""
+    self[...] = _apply(numpy.sort, (self,), {"axis": axis, "kind": kind})
+
+
+ndarray.sort = _sort
 
 
 # ----- between the wrappers and NumPy --------------------------------------------------------------

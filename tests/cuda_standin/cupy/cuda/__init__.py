@@ -6,8 +6,8 @@ import os
 from .. import _core
 from . import compiler, cublas, driver, graph, memory, runtime  # noqa: F401  (CuPy's submodules)
 from .graph import Graph  # noqa: F401
-from .memory import (BaseMemory, Memory, MemoryPointer, MemoryPool, OutOfMemoryError,  # noqa: F401
-                     alloc, get_allocator, set_allocator, using_allocator)
+from .._core import using_allocator  # noqa: F401  (cupy.cuda's, not cupy.cuda.memory's)
+from .memory import BaseMemory, Memory, MemoryPointer, MemoryPool, alloc, get_allocator, set_allocator  # noqa: F401
 
 
 class Device:

@@ -25,8 +25,6 @@ cudaDevAttrMaxThreadsPerBlock = 1
 cudaDevAttrMaxSharedMemoryPerBlock = 8
 cudaDevAttrWarpSize = 10
 cudaDevAttrMultiProcessorCount = 16
-cudaDevAttrComputeCapabilityMajor = 75
-cudaDevAttrComputeCapabilityMinor = 76
 CUDA_R_32F = 0  # cudaDataType (library_types.h); CuPy 13 names no CUDA_R_16BF (14), so neither does this
 
 
@@ -48,15 +46,14 @@ def deviceSynchronize():
     _core.refuse_during_capture("synchronizing the device")
 
 
-def deviceGetAttribute(attribute, device):
+def deviceGetAttribute(attrib, device):
     from . import SMS
 
     values = {cudaDevAttrMaxThreadsPerBlock: 1024, cudaDevAttrMaxSharedMemoryPerBlock: 48 * 1024,
-              cudaDevAttrWarpSize: 32, cudaDevAttrMultiProcessorCount: SMS,
-              cudaDevAttrComputeCapabilityMajor: 8, cudaDevAttrComputeCapabilityMinor: 0}
-    if attribute not in values:
-        raise CUDARuntimeError(f"cudaErrorInvalidValue: attribute {attribute} is not emulated")
-    return values[attribute]
+              cudaDevAttrWarpSize: 32, cudaDevAttrMultiProcessorCount: SMS}
+    if attrib not in values:
+        raise CUDARuntimeError(f"cudaErrorInvalidValue: attribute {attrib} is not emulated")
+    return values[attrib]
 
 
 def getDeviceProperties(device):
