@@ -160,8 +160,8 @@ class SigmoidCrossEntropy(Loss):
             return
         target = get_backend(array_device(target)).to_host(target)
         if target.size and (target.min() < 0 or target.max() > 1):
-            raise ShapeError(f"{what} {_agree(what, 'ranges', 'range')} from {target.min():g} to {target.max():g}; binary cross-entropy "
-                             f"takes targets in [0, 1]")
+            raise ShapeError(f"{what} {_agree(what, 'ranges', 'range')} from {target.min():g} to {target.max():g}; "
+                             f"binary cross-entropy takes targets in [0, 1]")
 
     def _forward(self, ops, y, target):
         return ops.sigmoid_cross_entropy(y, target, self._grad_buffer(ops, y))
@@ -183,8 +183,8 @@ def check_labels(labels, classes, what="labels"):
     if labels.dtype.kind not in "iu":
         _refuse_label_dtype(labels, what)
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise ShapeError(f"{what} {_agree(what, 'ranges', 'range')} from {labels.min()} to {labels.max()} but the output layer has "
-                         f"{classes} units: labels must be in [0, {classes - 1}]")
+        raise ShapeError(f"{what} {_agree(what, 'ranges', 'range')} from {labels.min()} to {labels.max()} but the "
+                         f"output layer has {classes} units: labels must be in [0, {classes - 1}]")
     return labels
 
 
