@@ -308,7 +308,7 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(mpi, tmp_path, chec
 
 
 def test_cli_divergence_is_one_error_from_rank_0(mpi, tmp_path):
-    run = mpiexec(2, *NNACCEL, "train", "--distributed", "--data", "digits", "--layers", "64,32,10", "--lr", "1e30",
+    run = mpiexec(2, *NNACCEL, "train", "--distributed", "--data", "synthetic", "--layers", "784,32,10", "--lr", "1e30",
                   "--quiet",
                   "--save", "c.npz", cwd=tmp_path, timeout=60)
     assert run.returncode == 2
@@ -542,7 +542,7 @@ def test_a_killed_rank_ends_the_job(mpi, tmp_path, quiet):
 
 
 def test_cli_checkpoints_move_between_two_ranks_and_one_process(mpi, tmp_path, capsys, monkeypatch):
-    common = ["--data", "digits", "--layers", "64,32,10", "--quiet", "--device", "cpu"]
+    common = ["--data", "synthetic", "--layers", "784,32,10", "--quiet", "--device", "cpu"]
     monkeypatch.chdir(tmp_path)
 
     def single(*args):
@@ -605,8 +605,8 @@ def test_cli_a_stop_signal_stops_every_rank_at_one_step_and_resumes_bit_for_bit(
     """Ctrl-C, or the SIGTERM a batch scheduler sends, to ``mpiexec``: every rank stops at the same
     step, one checkpoint and one resume command; the resumed job ends with the weights of a job
     never interrupted, bit for bit."""
-    epochs = 20
-    train = [MPIEXEC, "-n", "2", *NNACCEL, "train", "--distributed", "--data", "digits", "--layers", "64,32,10",
+    epochs = 30  # about 25 ms each here: the signal comes after epoch 1 is reported, well before the end
+    train = [MPIEXEC, "-n", "2", *NNACCEL, "train", "--distributed", "--data", "synthetic", "--layers", "784,32,10",
              "--device", "cpu", "--batch-size", "8", "--epochs", str(epochs)]
     text = _interrupt_job([*train, "--save", "c.npz"], signum, tmp_path)
     notes = [line for line in text.splitlines() if line.startswith("nnaccel train: interrupted by ")]
@@ -626,17 +626,17 @@ def test_cli_a_stop_signal_stops_every_rank_at_one_step_and_resumes_bit_for_bit(
 
 
 def test_cli_user_error_on_every_rank_ends_the_job(mpi, tmp_path):
-    run = mpiexec(2, *NNACCEL, "train", "--distributed", "--data", "digits", "--layers", "784,32,10", cwd=tmp_path,
+    run = mpiexec(2, *NNACCEL, "train", "--distributed", "--data", "synthetic", "--layers", "64,32,10", cwd=tmp_path,
                   timeout=60)
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
-    assert re.search(r"nnaccel train: rank [01]: error: --layers starts with 784 inputs", run.stderr), run.stderr
+    assert re.search(r"nnaccel train: rank [01]: error: --layers starts with 64 inputs", run.stderr), run.stderr
 
 
 def test_cli_two_ranks_with_validation_split_0_train_like_one_process_on_every_sample(mpi, tmp_path):
     """No validation part on any rank: the ranks shard the whole train split and train as one process with
     twice the batch does, and rank 0 reports on the data trained on."""
-    common = ["--data", "digits", "--layers", "64,32,10", "--quiet", "--device", "cpu", "--epochs", "1",
+    common = ["--data", "synthetic", "--layers", "784,32,10", "--quiet", "--device", "cpu", "--epochs", "1",
               "--validation-split", "0", "--json"]
     run = mpiexec(2, *NNACCEL, "train", "--distributed", *common, "--batch-size", 32, "--save", "two.npz",
                   cwd=tmp_path)
