@@ -187,12 +187,13 @@ def test_layers_take_maxout_units_and_pieces(tmp_path):
         "Conv2D(1, 4, 3, activation='relu')", "Flatten()", "Maxout(2704, 8, pieces=4)", "Dense(8, 10)"]
 
 
-def test_training_options_reach_the_library(tmp_path):
-    run = nnaccel("train", "--data", "digits", "--layers", "64,32,16,10", "--dropout", "0.2", "--optimizer", "sgd",
-                  "--nesterov", "--weight-decay", "1e-4", "--schedule", "step", "--step-size", 1, "--gamma", "0.5",
-                  "--loss", "mse", "--early-stopping", 2, "--csv", "log.csv", "--epochs", 3, "--save", "m.npz",
-                  "--quiet", "--device", "cpu", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
+def test_training_options_reach_the_library(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = in_process(capsys, "train", "--data", "digits", "--layers", "64,32,16,10", "--dropout", "0.2",
+                              "--optimizer", "sgd", "--nesterov", "--weight-decay", "1e-4", "--schedule", "step",
+                              "--step-size", 1, "--gamma", "0.5", "--loss", "mse", "--early-stopping", 2, "--csv",
+                              "log.csv", "--epochs", 3, "--save", "m.npz", "--quiet", "--device", "cpu")
+    assert code == 0, err
     from nnaccel import checkpoint
 
     meta = checkpoint.read(tmp_path / "m.npz")[0]
@@ -204,24 +205,27 @@ def test_training_options_reach_the_library(tmp_path):
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 4
 
 
-def test_adam_betas_and_eps_reach_the_optimizer(tmp_path):
-    run = nnaccel("train", "--data", "digits", "--layers", "64,16,10", "--optimizer", "adamw", "--betas", "0.8,0.99",
-                  "--eps", "1e-6", "--epochs", 1, "--save", "m.npz", "--quiet", "--device", "cpu", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
+def test_adam_betas_and_eps_reach_the_optimizer(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = in_process(capsys, "train", "--data", "digits", "--layers", "64,16,10", "--optimizer", "adamw",
+                              "--betas", "0.8,0.99", "--eps", "1e-6", "--epochs", 1, "--save", "m.npz", "--quiet",
+                              "--device", "cpu")
+    assert code == 0, err
     from nnaccel import checkpoint
 
     assert checkpoint.read(tmp_path / "m.npz")[0]["optimizer"]["config"] == {
         "type": "AdamW", "lr": 0.001, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 0.01}
 
 
-def test_early_stopping_monitor_and_min_delta_reach_the_callback(tmp_path):
+def test_early_stopping_monitor_and_min_delta_reach_the_callback(tmp_path, capsys, monkeypatch):
     """--monitor accuracy watches the training accuracy (no validation part needed), highest best; a --min-delta
     of 2 counts no later epoch as better than the first, so patience 1 stops after the second."""
-    run = nnaccel("train", "--data", "digits", "--layers", "64,16,10", "--validation-split", 0, "--early-stopping", 1,
-                  "--monitor", "accuracy", "--min-delta", 2, "--epochs", 5, "--save", "m.npz", "--device", "cpu",
-                  cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert "early stopping after epoch 2: accuracy has not improved for 1 epoch since epoch 1" in run.stderr
+    monkeypatch.chdir(tmp_path)
+    code, _, err = in_process(capsys, "train", "--data", "digits", "--layers", "64,16,10", "--validation-split", 0,
+                              "--early-stopping", 1, "--monitor", "accuracy", "--min-delta", 2, "--epochs", 5, "--save",
+                              "m.npz", "--device", "cpu")
+    assert code == 0, err
+    assert "early stopping after epoch 2: accuracy has not improved for 1 epoch since epoch 1" in err
     from nnaccel import checkpoint
 
     trainer = checkpoint.read(tmp_path / "m.npz")[0]["trainer"]
@@ -253,12 +257,12 @@ def test_digits_without_scikit_learn_names_the_extra(tmp_path):
         "'nnaccel[digits]'"], run.stderr
 
 
-def test_evaluate_real_mnist_train_split(tmp_path, mnist_path):
+def test_evaluate_real_mnist_train_split(tmp_path, mnist_path, capsys):
     model = tmp_path / "m.npz"
     run = nnaccel("train", "--data", mnist_path, "--epochs", 1, "--layers", "784,32,10", "--save", model, "--quiet")
     assert run.returncode == 0, run.stderr
-    run = nnaccel("evaluate", model, "--data", mnist_path, "--split", "train", "--json")
-    assert run.returncode == 0 and json.loads(run.stdout)["accuracy"] > 0.8
+    code, out, err = in_process(capsys, "evaluate", model, "--data", mnist_path, "--split", "train", "--json")
+    assert code == 0 and json.loads(out)["accuracy"] > 0.8, err
 
 
 @pytest.mark.parametrize("options, message", [
