@@ -8,20 +8,7 @@ import sys
 import pytest
 
 from nnaccel import architectures, cli, load
-
-
-def nnaccel(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "nnaccel.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
-
-
-def in_process(capsys, *args):
-    """``(exit code, stdout, stderr)`` of the command line's code run in this process (no interpreter to
-    start: for the later commands of a test whose first ran as a real command line)."""
-    capsys.readouterr()
-    code = cli.main([*map(str, args)])
-    out, err = capsys.readouterr()
-    return code, out, err
+from command_line import NNACCEL, in_process, nnaccel
 
 
 def _train_the_default_recipe(tmp_path, *epochs):
@@ -511,7 +498,7 @@ def test_training_data_without_a_digit_still_makes_ten_outputs(tmp_path, monkeyp
 def test_a_reader_that_leaves_ends_the_command_quietly():
     """``nnaccel info | head -0``: the output's reader is gone before the first write; no error line and no
     traceback, and the exit code of a writer killed by SIGPIPE (128 + 13), as git's."""
-    process = subprocess.Popen([sys.executable, "-m", "nnaccel.cli", "info"], stdout=subprocess.PIPE,
+    process = subprocess.Popen([*NNACCEL, "info"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     process.stdout.close()
     stderr = process.stderr.read()
@@ -619,7 +606,7 @@ def test_a_file_name_that_is_not_utf8_is_printed_as_given(tmp_path):
     nn.Sequential(nn.Dense(784, 10), device="cpu").save(tmp_path / "m.npz")
     picture = os.fsdecode(b"digit-\xff.png")
     Image.fromarray(np.pad(np.full((20, 8), 255, np.uint8), 4)).save(tmp_path / picture)
-    run = subprocess.run([sys.executable, "-m", "nnaccel.cli", "predict", "m.npz", picture, "--device", "cpu"],
+    run = subprocess.run([*NNACCEL, "predict", "m.npz", picture, "--device", "cpu"],
                          capture_output=True, cwd=tmp_path, timeout=300,
                          env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
     assert run.returncode == 0 and run.stderr == b"", run.stderr.decode(errors="replace")

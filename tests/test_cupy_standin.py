@@ -14,6 +14,7 @@ import pytest
 
 import nnaccel as nn
 from nnaccel import visualize
+from command_line import nnaccel
 from emulated_cuda import ENV, ROOT
 
 pytestmark = pytest.mark.usefixtures("emulated")
@@ -263,17 +264,15 @@ def test_from_torch_onto_cuda_1(cp):
 
 
 def test_nnaccel_train_on_the_emulated_gpu_end_to_end(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "nnaccel.cli", "train", "--data", "digits", "--device", "cuda", "--epochs", "3",
-                          "--layers", "64,32,10", "--save", "m.npz", "--json", "--quiet"], env=ENV, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
+    run = nnaccel("train", "--data", "digits", "--device", "cuda", "--epochs", "3", "--layers", "64,32,10",
+                  "--save", "m.npz", "--json", "--quiet", env=ENV, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr
     result = __import__("json").loads(run.stdout)
     assert result["device"] == "cuda:0" and result["accuracy"] > 0.85
-    evaluate = subprocess.run([sys.executable, "-m", "nnaccel.cli", "evaluate", "m.npz", "--data", "digits", "--device", "cuda",
-                               "--json"], env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    evaluate = nnaccel("evaluate", "m.npz", "--data", "digits", "--device", "cuda", "--json", env=ENV, cwd=tmp_path,
+                       timeout=600)
     assert evaluate.returncode == 0 and __import__("json").loads(evaluate.stdout)["accuracy"] > 0.85, evaluate.stderr
-    info = subprocess.run([sys.executable, "-m", "nnaccel.cli", "info"], env=ENV, capture_output=True, text=True,
-                          timeout=120)
+    info = nnaccel("info", env=ENV)
     assert "cuda:1 nnaccel CUDA emulator 1 (CPU)" in info.stdout and "'auto' resolves to cuda:0" in info.stdout
 
 

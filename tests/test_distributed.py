@@ -24,9 +24,10 @@ import numpy
 import pytest
 
 import nnaccel as nn
-from nnaccel import checkpoint, cli, distributed
+from nnaccel import checkpoint, distributed
 from nnaccel.errors import ConfigError, DeviceError
 
+from command_line import NNACCEL, in_process
 from emulated_cuda import ENV as EMULATED_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,7 +39,6 @@ TIMEOUT = 120  # seconds for any one mpiexec run; a hang fails the test instead 
 MPIEXEC = distributed.mpiexec_path()
 ENV = {**os.environ, "HYDRA_LAUNCHER": "fork", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-NNACCEL = [sys.executable, "-m", "nnaccel.cli"]
 
 
 def _probe():
@@ -547,9 +547,7 @@ def test_cli_checkpoints_move_between_two_ranks_and_one_process(mpi, tmp_path, c
 
     def single(*args):
         """One process's run: the command line's code in this one (no interpreter to start)."""
-        capsys.readouterr()
-        code = cli.main(["train", *common, *map(str, args)])
-        out, err = capsys.readouterr()
+        code, out, err = in_process(capsys, "train", *common, *args)
         assert code == 0, err
         return out
 

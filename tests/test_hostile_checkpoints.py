@@ -30,8 +30,6 @@ import math
 import os
 import pickle
 import re
-import subprocess
-import sys
 import tempfile
 import tracemalloc
 import zipfile
@@ -47,6 +45,7 @@ from numpy.lib import format as npy_format
 
 import nnaccel as nn
 from nnaccel import checkpoint, cli
+from command_line import nnaccel
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
 FUZZ = settings(deadline=None, derandomize=True, database=None,
@@ -736,8 +735,7 @@ CLI_FILES = {"terabyte architecture": _terabyte_architecture, "forged RNG state"
                                            "forged RNG state")], ids=["evaluate", "train --resume"])
 def test_the_command_line_refuses_a_hostile_checkpoint_in_one_line(tmp_path, command, bad):
     (tmp_path / "BAD.npz").write_bytes(CLI_FILES[bad]())
-    run = subprocess.run([sys.executable, "-m", "nnaccel.cli", *command], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path, env=ENV)
+    run = nnaccel(*command, cwd=tmp_path, env=ENV)
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and len(lines) == 1, run.stderr

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import struct
-import subprocess
 import sys
 import warnings
 import zlib
@@ -15,15 +14,11 @@ import pytest
 from PIL import Image
 
 import nnaccel as nn
-from nnaccel import cli, datasets, images
+from nnaccel import datasets, images
+from command_line import in_process, nnaccel
 
 INK = (30, 45, 140)  # blue ink
 PAPER = (246, 240, 222)  # cream paper
-
-
-def nnaccel(*args):
-    return subprocess.run([sys.executable, "-m", "nnaccel.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=120)
 
 
 def photo(pixels, side, colour=False, dark_on_light=True):
@@ -392,7 +387,7 @@ def test_predict_errors_are_one_line(tmp_path, capsys):
             run = nnaccel("predict", *args)
             code, stderr = run.returncode, run.stderr
         else:
-            code, stderr = cli.main(["predict", *map(str, args)]), capsys.readouterr().err
+            code, _, stderr = in_process(capsys, "predict", *args)
         assert code == 2 and "Traceback" not in stderr
         assert len(stderr.splitlines()) == 1 and message in stderr, stderr
         assert stderr.startswith("nnaccel predict: error: ")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import nnaccel as nn
+from command_line import nnaccel
 from conftest import MNIST_SUBSET
 from nnaccel.onnx import export
 
@@ -178,26 +179,16 @@ def test_a_folder_or_a_name_ending_in_a_slash_is_refused_not_written_as_a_file(t
 
 
 def test_nnaccel_export_from_the_command_line(tmp_path):
-    import subprocess
-    import sys
-
-    run = subprocess.run([sys.executable, "-m", "nnaccel.cli", "train", "--data", "synthetic", "--layers",
-                          "784,16,10", "--epochs", "1", "--save", "m.npz", "--quiet", "--device", "cpu"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    run = nnaccel("train", "--data", "synthetic", "--layers", "784,16,10", "--epochs", "1", "--save", "m.npz",
+                  "--quiet", "--device", "cpu", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    run = subprocess.run([sys.executable, "-m", "nnaccel.cli", "export", "m.npz", "m.onnx"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    run = nnaccel("export", "m.npz", "m.onnx", cwd=tmp_path)
     assert run.returncode == 0 and "output 'logits' [batch, 10]" in run.stdout, run.stderr
-    import numpy
-
-    import nnaccel
-
-    model = nnaccel.load(tmp_path / "m.npz")
-    x = numpy.random.default_rng(0).random((5, 784)).astype(numpy.float32)
+    model = nn.load(tmp_path / "m.npz")
+    x = np.random.default_rng(0).random((5, 784)).astype(np.float32)
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    numpy.testing.assert_allclose(session.run(None, {"input": x})[0], model.predict(x), rtol=1e-5, atol=1e-5)
-    run = subprocess.run([sys.executable, "-m", "nnaccel.cli", "export", "m.npz", "no/such/m.onnx"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], model.predict(x), rtol=1e-5, atol=1e-5)
+    run = nnaccel("export", "m.npz", "no/such/m.onnx", cwd=tmp_path)
     assert run.returncode == 2 and "folder no/such does not exist" in run.stderr and "Traceback" not in run.stderr
 
 

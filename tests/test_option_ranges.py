@@ -12,8 +12,6 @@ SGD takes momentum >= 1); the command line does not.
 """
 
 import json
-import subprocess
-import sys
 
 import numpy
 import pytest
@@ -21,6 +19,7 @@ import pytest
 import nnaccel as nn
 from nnaccel import checkpoint, cli
 from nnaccel.errors import check_range, describe_range
+from command_line import nnaccel
 
 TRAIN = ["train", "--data", "synthetic", "--layers", "784,10", "--epochs", "1", "--device", "cpu", "--quiet"]
 SYNTHETIC, HELD_OUT, TRAIN_SAMPLES = 1024, 205, 819  # the synthetic set; round(0.2 * 1024) held out
@@ -271,8 +270,7 @@ def test_settings_that_cannot_take_effect_are_warned_about(capsys, tmp_path, mon
      "positive integer up to 1 (the 1 training sample), got 2"),
 ])
 def test_the_command_says_the_range_in_one_line(args, expected, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "nnaccel.cli", *args], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300)
+    run = nnaccel(*args, cwd=tmp_path)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines() == [expected]
 

@@ -3,22 +3,16 @@ picture as it was and names the file; what cannot be drawn names the picture."""
 
 import errno
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import nnaccel as nn
 from nnaccel import architectures, plotting, visualize
+from command_line import nnaccel
 
 HISTORY = {"epoch": [1, 2], "loss": [0.9, 0.5], "accuracy": [0.6, 0.8], "val_loss": [1.0, 0.7],
            "val_accuracy": [0.5, 0.7]}
-
-
-def nnaccel(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "nnaccel.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, cwd=cwd)
 
 
 def test_weights_of_a_model_that_starts_with_batchnorm(tmp_path):

@@ -51,6 +51,7 @@ from hypothesis import strategies as st
 
 import nnaccel as nn
 from nnaccel import checkpoint, cli
+from command_line import NNACCEL, nnaccel
 from tolerances import assert_within, difference_bound
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
@@ -219,12 +220,6 @@ TRAIN = ["train", "--data", "synthetic", "--device", "cpu", "--layers", "784,64,
 SMALL = ["train", "--data", "digits", "--device", "cpu", "--layers", "64,16,10", "--batch-size", "32"]
 
 
-def _cli(*args, cwd, timeout=300):
-    run = subprocess.run([sys.executable, "-m", "nnaccel.cli", *map(str, args)], capture_output=True,
-                         text=True, cwd=cwd, env=ENV, timeout=timeout)
-    return run
-
-
 def _weights(path):
     return [p.data for p in nn.load(path).parameters()]
 
@@ -249,7 +244,7 @@ def _assert_same_run(path_a, path_b):
 
 def _interrupt_after(args, line, cwd, signum=signal.SIGINT, timeout=240):
     """Start ``nnaccel train``, send ``signum`` once ``line`` is on stderr; (returncode, stderr)."""
-    proc = subprocess.Popen([sys.executable, "-m", "nnaccel.cli", *map(str, args)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*NNACCEL, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=cwd, env=ENV, bufsize=0)
     try:
         err = _read_until(proc, proc.stderr, bytearray(), lambda b: line.encode() in b, timeout, repr(line))
@@ -263,7 +258,7 @@ def _interrupt_after(args, line, cwd, signum=signal.SIGINT, timeout=240):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
-    run = _cli(*TRAIN, "--epochs", EPOCHS, "--save", folder / "ref.npz", cwd=folder)
+    run = nnaccel(*TRAIN, "--epochs", EPOCHS, "--save", folder / "ref.npz", env=ENV, cwd=folder)
     assert run.returncode == 0, run.stderr
     return folder / "ref.npz"
 
@@ -300,21 +295,21 @@ def test_a_stop_signal_then_resume_equals_an_uninterrupted_run(tmp_path, uninter
     assert len([line for line in lines if "resume with" in line]) == 1
     assert epoch + 1 <= checkpoint.read(ck)[0]["trainer"]["epoch"] < EPOCHS
 
-    run = _cli(*resume, cwd=tmp_path)
+    run = nnaccel(*resume, env=ENV, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert f"after {EPOCHS} epochs" in run.stdout
     _assert_same_run(ck, uninterrupted)
 
 
 def test_resume_after_epoch_2_equals_4_epochs_straight(tmp_path):
-    first = _cli(*TRAIN, "--epochs", 2, "--save", tmp_path / "a.npz", cwd=tmp_path)
+    first = nnaccel(*TRAIN, "--epochs", 2, "--save", tmp_path / "a.npz", env=ENV, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert checkpoint.read(tmp_path / "a.npz")[0]["trainer"]["resume_point"] is None
-    resumed = _cli("train", "--resume", tmp_path / "a.npz", "--data", "synthetic", "--epochs", 4,
-                   "--device", "cpu", "--save", tmp_path / "a.npz", cwd=tmp_path)
+    resumed = nnaccel("train", "--resume", tmp_path / "a.npz", "--data", "synthetic", "--epochs", 4,
+                      "--device", "cpu", "--save", tmp_path / "a.npz", env=ENV, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "epoch 3/4" in resumed.stderr and "epoch 1/" not in resumed.stderr
-    straight = _cli(*TRAIN, "--epochs", 4, "--save", tmp_path / "b.npz", cwd=tmp_path)
+    straight = nnaccel(*TRAIN, "--epochs", 4, "--save", tmp_path / "b.npz", env=ENV, cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
     _assert_same_run(tmp_path / "a.npz", tmp_path / "b.npz")
 
@@ -400,7 +395,7 @@ def test_a_second_signal_stops_at_once_and_leaves_a_valid_checkpoint(tmp_path, s
     """A second Ctrl-C or SIGTERM (0-30 ms after the first) stops at once; whatever it interrupts,
     the save included, the checkpoint on disk is a complete one and no temporary file is left."""
     ck = tmp_path / "ck.npz"
-    proc = subprocess.Popen([sys.executable, "-m", "nnaccel.cli", *TRAIN, "--epochs", str(EPOCHS), "--save", str(ck)],
+    proc = subprocess.Popen([*NNACCEL, *TRAIN, "--epochs", str(EPOCHS), "--save", str(ck)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=ENV, bufsize=0)
     try:
         _read_until(proc, proc.stderr, bytearray(), lambda b: b"epoch 2/" in b, 240, "epoch 2")

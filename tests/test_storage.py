@@ -24,6 +24,7 @@ import pytest
 
 import nnaccel as nn
 from nnaccel import checkpoint, cli
+from command_line import NNACCEL, nnaccel
 
 SMALL = ["train", "--data", "digits", "--device", "cpu", "--layers", "64,16,10", "--batch-size", "32", "--quiet"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -266,8 +267,7 @@ def test_a_folder_without_write_permission_is_found_before_training(tmp_path):
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        run = subprocess.run([sys.executable, "-m", "nnaccel.cli", *SMALL, "--save", str(folder / "ck.npz")],
-                             capture_output=True, text=True, env=ENV, timeout=300)
+        run = nnaccel(*SMALL, "--save", folder / "ck.npz", env=ENV)
     finally:
         folder.chmod(0o700)
     assert run.returncode == 2 and f"cannot write --save {folder / 'ck.npz'}: Permission denied" in run.stderr
@@ -420,7 +420,7 @@ def test_two_writers_and_a_reader_always_see_one_whole_checkpoint(tmp_path):
 def test_two_training_runs_saving_to_one_file_leave_a_checkpoint_that_resumes(tmp_path):
     """Two ``nnaccel train --save same.npz`` at once: the file is always one run's whole checkpoint
     (whichever saved last), and it resumes."""
-    runs = [subprocess.Popen([sys.executable, "-m", "nnaccel.cli", *SMALL, "--epochs", "4", "--seed", str(seed),
+    runs = [subprocess.Popen([*NNACCEL, *SMALL, "--epochs", "4", "--seed", str(seed),
                               "--save", "same.npz"], cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True)
             for seed in (1, 2)]
     for run in runs:
@@ -428,9 +428,8 @@ def test_two_training_runs_saving_to_one_file_leave_a_checkpoint_that_resumes(tm
         run.stderr.close()
     meta = checkpoint.read(tmp_path / "same.npz")[0]
     assert meta["trainer"]["seed"] in (1, 2) and meta["trainer"]["epoch"] == 4
-    resumed = subprocess.run([sys.executable, "-m", "nnaccel.cli", "train", "--resume", "same.npz", "--data", "digits",
-                              "--epochs", "5", "--device", "cpu", "--quiet", "--save", "same.npz"],
-                             cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    resumed = nnaccel("train", "--resume", "same.npz", "--data", "digits", "--epochs", "5", "--device", "cpu",
+                      "--quiet", "--save", "same.npz", cwd=tmp_path, env=ENV)
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint.read(tmp_path / "same.npz")[0]["trainer"]["epoch"] == 5
     assert _leftovers(tmp_path) == []

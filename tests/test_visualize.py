@@ -1,7 +1,6 @@
 """Pictures of what a net learned: the numbers behind them, and each picture command's PNG."""
 
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -10,12 +9,8 @@ from PIL import Image
 
 import nnaccel as nn
 from nnaccel import cli, datasets, images, visualize
+from command_line import in_process, nnaccel
 from tolerances import assert_within, difference_bound, softmax_difference_bound
-
-
-def nnaccel(*args):
-    return subprocess.run([sys.executable, "-m", "nnaccel.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +130,9 @@ def test_show_weights_and_activations(digits_model, tmp_path):
 
 def test_evaluate_confusion_and_errors(digits_model, tmp_path, capsys):
     _, model_path, _ = digits_model
-    assert cli.main(["evaluate", str(model_path), "--data", "digits", "--confusion", str(tmp_path / "c.png"),
-                     "--errors", str(tmp_path / "e.png")]) == 0
-    out = capsys.readouterr().out
+    code, out, err = in_process(capsys, "evaluate", model_path, "--data", "digits", "--confusion", tmp_path / "c.png",
+                                "--errors", tmp_path / "e.png")
+    assert code == 0, err
     assert "test accuracy" in out and "most confused (true -> predicted: count): " in out
     assert_picture(tmp_path / "c.png", (446, 388))
     assert_picture(tmp_path / "e.png", (468, 579))
