@@ -21,17 +21,13 @@ def pyplot():
 
 
 def check_picture_path(path, option):
-    """Refuse, before any work is done, a picture that cannot be written: no matplotlib,
-    a missing folder, or a format matplotlib does not write. A name without an extension is
-    refused too, though ``save_figure`` (as matplotlib) would add ``.png``: the command would
-    then write another file than the one it was given."""
-    pyplot()
-    from matplotlib.backend_bases import FigureCanvasBase
-
+    """Refuse, before any work is done, a picture that cannot be written: a missing folder, no
+    matplotlib, or a format matplotlib does not write. A name without an extension is refused too,
+    though ``save_figure`` (as matplotlib) would add ``.png``: the command would then write another
+    file than the one it was given. The name is checked before matplotlib is imported (half a second)."""
     path = Path(path)
     if not path.resolve().parent.is_dir():
         raise ConfigError(f"{option} {path}: folder {path.parent} does not exist")
-    formats = FigureCanvasBase.get_supported_filetypes()
     if not path.suffix:
         if path.name.startswith("."):  # '.png': to Path a hidden file's name, with no extension
             raise ConfigError(f"{option} {path} is an extension without a name; give both, such as "
@@ -39,6 +35,10 @@ def check_picture_path(path, option):
         suggestion = path.with_name(path.name + "png") if path.name.endswith(".") else picture_path(path)
         raise ConfigError(f"{option} {path} has no extension to name the picture's format; add one, such as "
                           f"{suggestion}")
+    pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
     if path.suffix.lower().lstrip(".") not in formats:
         raise ConfigError(f"{option} {path}: cannot draw a '{path.suffix}' file; use one of "
                           f"{', '.join('.' + f for f in sorted(formats))}")
