@@ -183,8 +183,11 @@ def check_labels(labels, classes, what="labels"):
     if labels.dtype.kind not in "iu":
         _refuse_label_dtype(labels, what)
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        binary = classes == 1 and labels.min() >= 0 and labels.max() == 1
         raise ShapeError(f"{what} {_agree(what, 'ranges', 'range')} from {labels.min()} to {labels.max()} but the "
-                         f"output layer has {classes} units: labels must be in [0, {classes - 1}]")
+                         f"output layer has {classes} unit{'s' * (classes != 1)}: labels must be in [0, {classes - 1}]"
+                         + (" (one output is a binary classifier: train it with loss='sigmoid_cross_entropy', or "
+                            "give the output layer 2 units)" if binary else ""))
     return labels
 
 

@@ -6,6 +6,7 @@ are PyTorch's, so the same hyper-parameters give the same trajectory.
 
 import inspect
 import math
+import weakref
 
 import numpy
 
@@ -37,9 +38,22 @@ class Optimizer:
         self.weight_decay = check_number(weight_decay, "weight_decay", allow_zero=True)
         self.steps = 0
         self.state = {}
+        self._model = None  # a weak reference to the model the state belongs to
+
+    def _bind(self, model):
+        """Tie the state to ``model``, as a PyTorch optimizer is tied to its parameters: state buffers that
+        hold another (still living) model's momenta or moments are refused, not carried over to this one."""
+        owner = getattr(self, "_model", None)
+        owner = owner() if owner is not None else None
+        if owner is not None and owner is not model and self.state:
+            raise ConfigError(f"this {type(self).__name__} holds the state of another model's training "
+                              f"({self.steps} step{'s' * (self.steps != 1)}): use a new optimizer per model (to "
+                              f"carry a state over on purpose, give it to the new one with load_state_dict)")
+        self._model = weakref.ref(model)
 
     def _state_for(self, model):
         """State buffers on the model's device (allocated or moved on first use)."""
+        self._bind(model)
         ops = model.backend
         for name in self.state_names:
             buf = self.state.get(name)
@@ -215,7 +229,8 @@ class StepLR:
 
 
 class CosineAnnealing:
-    """Cosine decay from the base rate to ``eta_min`` over ``t_max`` epochs."""
+    """Cosine decay from the base rate to ``eta_min`` over ``t_max`` epochs, then ``eta_min``, as Keras's
+    CosineDecay holds its floor (PyTorch's CosineAnnealingLR would rise again past ``t_max``)."""
 
     def __init__(self, t_max, eta_min=0.0):
         self.t_max = check_int(t_max, "CosineAnnealing t_max")

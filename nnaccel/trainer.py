@@ -66,6 +66,7 @@ class Trainer:
         self.model = model
         self.loss = losses.get(loss)
         self.optimizer = optimizers.get(optimizer)
+        self.optimizer._bind(model)
         self.batch_size = int(batch_size)
         self.seed = check_seed(seed)
         self.rng = numpy.random.default_rng(self.seed)
@@ -249,6 +250,7 @@ class Trainer:
         if not self.model.num_parameters():  # as PyTorch's optimizers refuse an empty parameter list
             raise ConfigError(f"the model has no parameters to train ({', '.join(map(repr, self.model.layers))}): "
                               f"fit needs a layer with weights (Dense, Maxout, Conv2D, BatchNorm)")
+        self.optimizer._bind(self.model)  # another Trainer's model may have stepped it since this one was made
         callbacks = self.callbacks + _callback_list(callbacks, "fit callbacks")
         for index, callback in enumerate(callbacks):
             if any(callback is other for other in callbacks[:index]):

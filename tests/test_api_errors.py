@@ -323,6 +323,36 @@ def test_an_optimizer_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_na
         _trainer(optimizer=Halved(lr=0.1)).load_checkpoint(tmp_path / "ckpt.npz")
 
 
+@pytest.mark.parametrize("make", [lambda: nn.Adam(lr=0.01), lambda: nn.SGD(lr=0.1, momentum=0.9)],
+                         ids=["adam", "sgd"])
+def test_an_optimizer_with_one_models_state_is_refused_for_another(make):
+    """One optimizer given to a second model of the same size carried the first's momenta (and Adam's step
+    count, so its bias correction) into it without a word; a PyTorch optimizer is tied to its parameters.
+    Refused by a Trainer of the other model, and by its fit where that Trainer was made before the first
+    model stepped; the same model trains on; load_state_dict carries a state over on purpose."""
+    def model():
+        return nn.Sequential(nn.Dense(4, 3), seed=1)
+
+    first, optimizer = model(), make()
+    waiting = nn.Trainer(model(), optimizer=optimizer, quiet=True)  # made before the first model steps
+    nn.Trainer(first, optimizer=optimizer, batch_size=4, quiet=True).fit(X, Y)
+    message = (f"this {type(optimizer).__name__} holds the state of another model's training \\(3 steps\\): use a "
+               f"new optimizer per model")
+    with pytest.raises(nn.ConfigError, match=message):
+        nn.Trainer(model(), optimizer=optimizer, quiet=True)
+    before = waiting.model.flat_params.copy()
+    with pytest.raises(nn.ConfigError, match=message):
+        waiting.fit(X, Y)
+    numpy.testing.assert_array_equal(waiting.model.flat_params, before)
+    assert waiting.epoch == 0 and optimizer.steps == 3
+    nn.Trainer(first, optimizer=optimizer, batch_size=4, quiet=True).fit(X, Y)  # its own model: on it goes
+    assert optimizer.steps == 6
+    carried = make()
+    carried.load_state_dict(optimizer.state_dict())
+    nn.Trainer(model(), optimizer=carried, batch_size=4, quiet=True).fit(X, Y)
+    assert carried.steps == 9
+
+
 def test_a_single_callback_counts_as_a_list_of_one():
     class Count(nn.Callback):
         epochs = 0
@@ -742,3 +772,17 @@ def test_labels_out_of_range_are_reported_with_their_own_values(device, dtype, l
         with pytest.raises(nn.ShapeError, match=rf"^y ranges from {info.min} to {info.max} but the output layer has "
                                                 rf"3 units: labels must be in \[0, 2\]$"):
             call(X, y)
+
+
+def test_binary_labels_for_one_softmax_output_are_told_of_the_sigmoid():
+    """Softmax cross-entropy over one output is 0 whatever the logit: 0/1 labels are refused saying what
+    trains a binary classifier (sigmoid_cross_entropy or 2 units). Before, "the output layer has 1 units"."""
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(4, 1)), quiet=True)
+    with pytest.raises(nn.ShapeError, match=r"^y ranges from 0 to 1 but the output layer has 1 unit: labels must be "
+                                            r"in \[0, 0\] \(one output is a binary classifier: train it with "
+                                            r"loss='sigmoid_cross_entropy', or give the output layer 2 units\)$"):
+        trainer.fit(X, Y % 2)
+    with pytest.raises(nn.ShapeError, match=r"^y ranges from 0 to 2 but the output layer has 1 unit: labels must be "
+                                            r"in \[0, 0\]$"):
+        trainer.fit(X, Y)
+    nn.Trainer(nn.Sequential(nn.Dense(4, 1)), loss="sigmoid_cross_entropy", quiet=True).fit(X, Y % 2)
