@@ -448,6 +448,9 @@ def plan(args, devices):
 
 # --rounds, --steps, --threads and --epochs: NaN, 1.5 and 0 refused by argparse, naming the option and the range
 _count = number_option(1, integer=True)
+# Threads past the thousands crashed OpenMP and threadpoolctl (a segfault, an allocation of 400 GB, an overflow)
+MAX_THREADS = 1024
+_threads = number_option(1, MAX_THREADS, integer=True)
 
 
 def _import_torch():
@@ -595,7 +598,7 @@ def add_parser(subparsers):
                         help=f"timed rounds per configuration; the median counts (default {ROUNDS})")
     parser.add_argument("--steps", type=_count,
                         help=f"training steps per round (default: enough for about {ROUND_SECONDS} s)")
-    parser.add_argument("--threads", type=_count,
+    parser.add_argument("--threads", type=_threads,
                         help=f"CPU threads for NumPy's BLAS and for PyTorch (default: {default_threads()}, "
                              "the cores available; more share the cores, and the GEMM peak is then timed on "
                              "the cores)")

@@ -45,6 +45,10 @@ def _int_from(minimum, maximum=None):
 # The numeric options' types: each refuses NaN, infinities and what is out of its range, and says the range.
 _positive_int = _int_from(1)
 _non_negative_int = _int_from(0)
+# Counts a checkpoint keeps (epochs, a step schedule's size, the batch, early stopping's patience) go up to the
+# 2**63 - 1 it reads back: a larger --epochs trained, but no command could open its checkpoints.
+_saved_count = _int_from(1, checkpoint.MAX_COUNT)
+_saved_patience = _int_from(0, checkpoint.MAX_COUNT)
 # Only the seed's low 32 bits reach the Dropout and RandomShift streams (backend.base.uniform): a larger
 # seed would repeat a smaller one's draws.
 _seed = _int_from(0, 2**32 - 1)
@@ -175,22 +179,22 @@ def build_parser():
     fit.add_argument("--eps", type=_positive_float, help="Adam's and AdamW's epsilon, > 0 (default 1e-8)")
     fit.add_argument("--schedule", type=str.lower, choices=["step", "cosine"],
                      help="learning-rate schedule over the epochs")
-    fit.add_argument("--step-size", type=_positive_int, help="step schedule: epochs per decay (default 10)")
+    fit.add_argument("--step-size", type=_saved_count, help="step schedule: epochs per decay (default 10)")
     fit.add_argument("--gamma", type=_decay,
                      help="step schedule: the decay factor, in (0, 1] (default 0.1)")
     fit.add_argument("--eta-min", type=_non_negative_float,
                      help="cosine schedule: the final learning rate, >= 0 and below --lr (default 0; over "
                           "--epochs epochs)")
-    fit.add_argument("--epochs", type=_positive_int, help="total epochs (default 20; the default recipe's on 28x28 "
+    fit.add_argument("--epochs", type=_saved_count, help="total epochs (default 20; the default recipe's on 28x28 "
                                                           "images; with --resume, the run's own total)")
-    fit.add_argument("--batch-size", type=_positive_int,
+    fit.add_argument("--batch-size", type=_saved_count,
                      help="samples per step, at most the training samples (default 64)")
     fit.add_argument("--seed", type=_seed, help=f"0 to {2**32 - 1} (default 0)")
     run = train.add_argument_group("the run")
     run.add_argument("--device", default="auto", help=DEVICE_HELP)
     run.add_argument("--save", metavar="FILE", help="checkpoint (.npz) written after every epoch")
     run.add_argument("--resume", metavar="CHECKPOINT", help="continue training from a checkpoint")
-    run.add_argument("--early-stopping", type=_non_negative_int, metavar="PATIENCE",
+    run.add_argument("--early-stopping", type=_saved_patience, metavar="PATIENCE",
                      help="stop when the validation loss (--monitor) has not improved for PATIENCE epochs, >= 0 "
                           "(0, Keras's default patience, stops at the first epoch without improvement, as 1 "
                           "does; the best weights are kept, and --save ends with them)")

@@ -50,10 +50,12 @@ def _refused(capsys, argv, *expected):
 
 
 # ----- the options' own ranges, refused by argparse before anything loads -----------------------------
-POSITIVE_INT = "must be a positive integer"
-SIZES = [(option, value, POSITIVE_INT) for option in ("--epochs", "--batch-size", "--step-size") for value in ("0", "-1")]
-SIZES += [("--early-stopping", "-1", "must be a non-negative integer")]
-SIZES += [(option, value, "expected a positive integer") for option in ("--epochs", "--batch-size")
+# up to the 2**63 - 1 a checkpoint reads back: a larger --epochs trained, and no command opened its checkpoints
+POSITIVE_INT = f"must be a positive integer up to {2**63 - 1}"
+SIZES = [(option, value, POSITIVE_INT) for option in ("--epochs", "--batch-size", "--step-size")
+         for value in ("0", "-1", str(2**63), "99999999999999999999")]
+SIZES += [("--early-stopping", value, f"must be a non-negative integer up to {2**63 - 1}") for value in ("-1", str(2**63))]
+SIZES += [(option, value, f"expected a positive integer up to {2**63 - 1}") for option in ("--epochs", "--batch-size")
           for value in ("nan", "inf", "-inf", "1.5")]
 FLOATS = [
     *[("--lr", value, "must be a positive number (finite, > 0)") for value in ("nan", "inf", "-inf", "0", "-0.1",
@@ -114,8 +116,9 @@ BENCH_COUNTS = [["--rounds"], ["--steps"], ["--threads"], ["--epochs", "--fit"]]
 @pytest.mark.parametrize("option", BENCH_COUNTS, ids=lambda option: option[0])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1.5"])
 def test_bench_refuses_counts_that_are_not_integers(option, value, capsys):
+    up_to = " up to 1024" if option[0] == "--threads" else ""
     _refused(capsys, ["bench", "--quick", option[0], value, *option[1:]],
-             f"argument {option[0]}: expected a positive integer, got")
+             f"argument {option[0]}: expected a positive integer{up_to}, got")
 
 
 @pytest.mark.parametrize("option", BENCH_COUNTS, ids=lambda option: option[0])
@@ -123,7 +126,17 @@ def test_bench_refuses_counts_that_are_not_integers(option, value, capsys):
 def test_bench_refuses_counts_below_1_as_argparse_refuses_the_rest(option, value, capsys):
     """In argparse's form, as every other option's range: ``argument --steps: must be ...`` and the hint."""
     line = _refused(capsys, ["bench", "--quick", option[0], value, *option[1:]])
-    assert line == (f"nnaccel bench: error: argument {option[0]}: must be a positive integer, got {value} "
+    up_to = " up to 1024" if option[0] == "--threads" else ""
+    assert line == (f"nnaccel bench: error: argument {option[0]}: must be a positive integer{up_to}, got {value} "
+                    f"(see 'nnaccel bench --help')")
+
+
+@pytest.mark.parametrize("value", ["1025", str(2**63), "99999999999999999999"])
+def test_bench_refuses_more_threads_than_openmp_survives(value, capsys):
+    """Thousands of threads crashed PyTorch's OpenMP (a segfault, a 400 GB allocation) and threadpoolctl
+    (an integer overflow); a 2**32 + 1 was taken and shown as such."""
+    line = _refused(capsys, ["bench", "--quick", "--threads", value])
+    assert line == (f"nnaccel bench: error: argument --threads: must be a positive integer up to 1024, got {value} "
                     f"(see 'nnaccel bench --help')")
 
 
