@@ -1,6 +1,7 @@
 """Pictures with matplotlib (an optional extra: pip install 'nnaccel[plot]')."""
 
 import math
+import shutil
 from pathlib import Path
 
 from .checkpoint import atomic_write
@@ -42,6 +43,13 @@ def check_picture_path(path, option):
     if path.suffix.lower().lstrip(".") not in formats:
         raise ConfigError(f"{option} {path}: cannot draw a '{path.suffix}' file; use one of "
                           f"{', '.join('.' + f for f in sorted(formats))}")
+    if path.suffix.lower() == ".pgf":  # the one format matplotlib writes through another program
+        import matplotlib
+
+        tex = matplotlib.rcParams["pgf.texsystem"]
+        if shutil.which(tex) is None:
+            raise ConfigError(f"{option} {path}: matplotlib writes a .pgf file with {tex}, which is not installed "
+                              f"here; install it (TeX Live) or draw a .pdf, .svg or .png")
 
 
 def plot_history(history, path):

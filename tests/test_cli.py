@@ -372,6 +372,26 @@ def test_user_errors_are_one_line(args, message, tmp_path):
     assert len(lines) == 1 and message in lines[0], run.stderr
 
 
+def test_a_pgf_picture_without_its_tex_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
+    """matplotlib writes .pgf through xelatex: without it, train and bench ran to the end and then failed
+    with a traceback (no metrics printed), evaluate and show before their other checks. Refused up front now."""
+    import shutil
+
+    from nnaccel import plotting
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    message = ("--plot x.pgf: matplotlib writes a .pgf file with xelatex, which is not installed here; install "
+               "it (TeX Live) or draw a .pdf, .svg or .png")
+    for argv in (["train", "--data", "synthetic", "--layers", "784,10", "--epochs", "1", "--plot", "x.pgf"],
+                 ["bench", "--quick", "--devices", "cpu", "--plot", "x.pgf"]):
+        code, out, err = in_process(capsys, *argv)
+        assert (code, out, err) == (2, "", f"nnaccel {argv[0]}: error: {message}\n")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    plotting.check_picture_path("x.pgf", "--plot")  # with its TeX there, taken
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_data_of_another_width_names_the_data_and_the_checkpoint(tmp_path, monkeypatch, capsys):
     """evaluate and --resume on data of another width than the saved model's say which --data and which
     file disagree, not that some "x" has a wrong shape; a numpy.save file is named for what it is."""
