@@ -971,6 +971,8 @@ def _refuse_outputs_over_inputs(args):
 
 
 def main(argv=None):
+    if argv is None and sys.stderr is None:  # started with stderr closed (2>&-): print(file=None) would write the
+        sys.stderr = open(os.devnull, "w")  # status lines into stdout, before the results read from it
     args = build_parser().parse_args(argv)
     if argv is None and hasattr(sys.stdout, "reconfigure"):  # (None: started with stdout closed)
         # a path is printed as given: a file name's bytes that are not UTF-8 go out as they came in (as ls

@@ -528,6 +528,19 @@ def test_a_reader_that_leaves_ends_the_command_quietly():
     assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
 
 
+def test_a_command_started_with_stderr_closed_prints_its_results_alone(tmp_path):
+    """``2>&-``: train failed (sys.stderr None has no isatty) and evaluate's status lines went into
+    stdout, before its JSON; now what stderr would say goes nowhere and stdout holds the results alone."""
+    command = (f"'{sys.executable}' -m nnaccel.cli train --data synthetic --layers 784,10 --epochs 1 --device cpu "
+               f"--save m.npz --json 2>&- && '{sys.executable}' -m nnaccel.cli evaluate m.npz --data synthetic "
+               f"--device cpu --json --confusion c.png 2>&-")
+    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0 and run.stderr == "", run.stdout + run.stderr
+    trained, evaluated = map(json.loads, run.stdout.splitlines())
+    assert trained["epochs"] == 1 and evaluated["accuracy"] == trained["accuracy"]
+    assert (tmp_path / "c.png").exists()
+
+
 def test_python_m_nnaccel_is_the_command():
     """``python -m nnaccel`` runs the nnaccel command (was: "No module named nnaccel.__main__")."""
     run = subprocess.run([sys.executable, "-m", "nnaccel", "--version"], capture_output=True, text=True, timeout=300)
