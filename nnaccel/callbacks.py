@@ -6,6 +6,7 @@ Stopping on a NaN loss is built into the Trainer (it must act before the update)
 import contextlib
 import csv
 import io
+import itertools
 import math
 import os
 import sys
@@ -269,10 +270,13 @@ class CSVLogger(Callback):
             os.close(fd)
 
     def _rows(self):
-        """The rows of the file there, its header first, or [] when there is none (a log is small)."""
+        """The rows of the file there, its header first, or [] when there is none (a log is small). A
+        spreadsheet's byte-order mark is not part of the first column's name, nor blank lines before the
+        header a log without one."""
         try:
-            with open(self.path, newline="", encoding="utf-8") as handle:
-                return list(csv.reader(handle))
+            with open(self.path, newline="", encoding="utf-8-sig") as handle:
+                rows = list(csv.reader(handle))
+            return list(itertools.dropwhile(lambda row: not row, rows))
         except FileNotFoundError:
             return []
         except OSError as error:

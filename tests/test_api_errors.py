@@ -581,6 +581,21 @@ def test_a_csv_log_whose_last_line_has_no_end_gets_its_own_row(tmp_path):
     assert [row[0] for row in rows] == ["1", "2"] and [len(row) for row in rows] == [len(header)] * 2
 
 
+@pytest.mark.parametrize("start", [b"\xef\xbb\xbf", b"\r\n\r\n"], ids=["byte-order mark", "blank lines"])
+def test_a_csv_log_saved_by_a_spreadsheet_keeps_its_columns(tmp_path, start):
+    """A log saved as "UTF-8 with BOM" (Excel's CSV UTF-8): its first column was named '\\ufeffepoch', so a
+    second 'epoch' column was added and the rows misaligned; blank lines before the header got the header
+    written again below them."""
+    path = tmp_path / "log.csv"
+    trainer = _trainer()
+    trainer.fit(X, Y, callbacks=[nn.CSVLogger(path)])
+    path.write_bytes(start + path.read_bytes())
+    trainer.fit(X, Y, callbacks=[nn.CSVLogger(path, append=True)])
+    header, *rows = [row for row in _rows(path) if row]  # the blank lines stay where they were
+    assert header[0].lstrip("\ufeff") == "epoch" and "epoch" not in header[1:]
+    assert [row[0] for row in rows] == ["1", "2"] and [len(row) for row in rows] == [len(header)] * 2
+
+
 @pytest.mark.parametrize("content, error", [("epoch,loss\n1,0.5\n".encode("utf-16"), "UnicodeDecodeError"),
                                             (b"epoch,loss\n1," + b"9" * 200_000 + b"\n", "field larger than")],
                          ids=["utf-16", "a huge field"])
