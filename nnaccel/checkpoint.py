@@ -250,6 +250,10 @@ def save(path, model, optimizer=None, trainer_state=None, trainer_arrays=None):
         meta["trainer"] = trainer_state
         arrays.update({name: numpy.asarray(_host(array), model.dtype)
                        for name, array in (trainer_arrays or {}).items()})
+    for key, array in arrays.items():  # what read() would refuse is not written, over a good file least of all
+        if problem := _not_computable(key, array):
+            raise OutputError(f"{path} was not written: its member {key!r} would hold {problem} (the weights "
+                              f"overflowed), which no command could load")
     arrays["meta"] = numpy.array(json.dumps(meta))
     atomic_write(path, lambda handle: numpy.savez(handle, **arrays))
 
@@ -328,13 +332,21 @@ def _check_values(path, key, array):
     negative (its square root is NaN). Buffers and optimizer state may hold inf, as training writes it: a
     BatchNorm variance of inputs near 1e19 overflows (that feature then normalises to 0), as Adam's second
     moment does for huge gradients (that weight's update is 0)."""
-    weights = _holds_weights(key)
-    if bool((~numpy.isfinite(array) if weights else numpy.isnan(array)).any()):
-        raise CheckpointError(f"{path}: member {key!r} holds {'NaN or inf' if weights else 'NaN'}, from which "
-                              f"nothing can be computed (a damaged or edited file, or a run whose weights overflowed)")
+    if problem := _not_computable(key, array):
+        raise CheckpointError(f"{path}: member {key!r} holds {problem}, from which nothing can "
+                              f"be computed (a damaged or edited file, or a run whose weights overflowed)")
     if key.endswith(".running_var") and bool((array < 0).any()):
         raise CheckpointError(f"{path}: member {key!r} holds a negative variance ({float(array.min()):g}); the "
                               f"file is damaged or was edited")
+
+
+def _not_computable(key, array):
+    """'NaN or inf' where weights hold either, 'NaN' where any other member holds it, else None: values a
+    checkpoint is refused for, on reading and on writing alike."""
+    weights = _holds_weights(key)
+    if bool((~numpy.isfinite(array) if weights else numpy.isnan(array)).any()):
+        return "NaN or inf" if weights else "NaN"
+    return None
 
 
 def _holds_weights(key):

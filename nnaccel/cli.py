@@ -466,9 +466,12 @@ def _fit_and_save(trainer, args, data, validation_data):
         try:
             trainer.fit(*data, epochs=args.epochs - trainer.epoch, validation_data=validation_data,
                         callbacks=callbacks)
-        except TrainingDiverged:
+        except TrainingDiverged as error:
             if args.save:
-                trainer.save_checkpoint(args.save)
+                try:
+                    trainer.save_checkpoint(args.save)
+                except OutputError as refused:  # the weights overflowed a step before the loss did
+                    error.args = (f"{error}; {refused}",)  # the same error (every rank's, when distributed)
             raise
         if trainer.interrupted:
             args.stop_checkpoint = args.save or _interrupted_run_file(args.resume)

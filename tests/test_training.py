@@ -532,6 +532,39 @@ def test_curves_of_a_fit_without_an_epoch_are_empty_axes_and_its_error_is_its_ow
         trainer.fit(x * 1e18, y, callbacks=nn.PlotCurves(tmp_path / "diverged.png"))
 
 
+def test_weights_that_overflowed_are_not_saved_over_a_good_checkpoint(tmp_path, capsys, monkeypatch):
+    """A step can overflow the weights to inf with the loss it computed still finite: the next step's loss
+    is NaN, and the weights kept from before it are inf. A checkpoint of them was written (over the run's
+    good one) that no command could load; now model.save, ModelCheckpoint and train --save refuse it."""
+    from nnaccel import checkpoint, cli
+
+    model = nn.Sequential(nn.Dense(4, 3), seed=0)
+    model.save(tmp_path / "good.npz")
+    good = (tmp_path / "good.npz").read_bytes()
+    model.parameters()[0].data[0, 0] = numpy.inf
+    message = r"good.npz was not written: its member 'param/0.weight' would hold NaN or inf \(the weights overflowed\)"
+    with pytest.raises(nn.OutputError, match=message):
+        model.save(tmp_path / "good.npz")
+    trainer = nn.Trainer(nn.Sequential(nn.Dense(4, 3), seed=0), optimizer=nn.SGD(lr=1e38), quiet=True)
+    with numpy.errstate(all="ignore"), pytest.raises(nn.OutputError, match=message):  # the one step's loss finite
+        trainer.fit(numpy.full((4, 4), 100, numpy.float32), numpy.arange(4) % 3,
+                    callbacks=[nn.ModelCheckpoint(tmp_path / "good.npz")])
+    assert (tmp_path / "good.npz").read_bytes() == good and sorted(tmp_path.iterdir()) == [tmp_path / "good.npz"]
+    monkeypatch.chdir(tmp_path)
+    train = ["train", "--data", "synthetic", "--layers", "784,10", "--epochs", "1", "--device", "cpu", "--quiet",
+             "--save", "run.npz"]
+    assert cli.main(train) == 0
+    saved = (tmp_path / "run.npz").read_bytes()
+    capsys.readouterr()
+    with numpy.errstate(all="ignore"):
+        assert cli.main([*train, "--lr", "1e308"]) == 2
+    assert capsys.readouterr().err == (
+        "nnaccel train: error: loss became nan at epoch 1, step 2; training stopped and kept the weights from before "
+        "that step (try a lower learning rate); run.npz was not written: its member 'param/0.weight' would hold NaN "
+        "or inf (the weights overflowed), which no command could load\n")
+    assert (tmp_path / "run.npz").read_bytes() == saved and checkpoint.read(tmp_path / "run.npz")
+
+
 def test_a_refused_fit_leaves_early_stoppings_best_weights_in_the_model(tmp_path):
     """A fit refused before training (validation data of another width) leaves the model with the best
     epoch's weights that early stopping put back, not the last epoch's it would have trained on from; and
