@@ -266,10 +266,9 @@ def _refusal(message):
     return error
 
 
-def _check_ranges_against_data(args, trainer, samples):
-    """The ranges of ``nnaccel train``'s options that depend on the data (``samples``, before the validation
-    split) or on other options: a ConfigError naming the option and its valid range; a warning where a
-    setting is valid but cannot take effect."""
+def _check_validation_split(args, samples):
+    """The samples ``--validation-split`` holds out of ``samples``, or a ConfigError unless it leaves at least
+    one on each side (train's and evaluate's --split validation alike)."""
     held_out = round(samples * args.validation_split)  # as datasets.train_val_split rounds
     if args.validation_split:  # 0 holds out none: every sample trains
         if samples < 2:
@@ -279,6 +278,14 @@ def _check_ranges_against_data(args, trainer, samples):
             raise _refusal(f"--validation-split {args.validation_split} holds out {held_out} of the {samples} "
                            f"samples: it must be from 1/{samples} to {samples - 1}/{samples}, to leave at least 1 "
                            f"sample for training and 1 for validation")
+    return held_out
+
+
+def _check_ranges_against_data(args, trainer, samples):
+    """The ranges of ``nnaccel train``'s options that depend on the data (``samples``, before the validation
+    split) or on other options: a ConfigError naming the option and its valid range; a warning where a
+    setting is valid but cannot take effect."""
+    held_out = _check_validation_split(args, samples)
     train_samples, ranks, batch = samples - held_out, trainer.world_size, trainer.batch_size
     if train_samples < ranks:
         raise _refusal(f"--validation-split {args.validation_split} leaves {train_samples} training "
@@ -780,11 +787,16 @@ def _evaluation_data(args, meta):
             default = "" if args.split else f" (--data {args.data} has one: evaluate's default)"
             raise ConfigError(f"--validation-split is --split validation's; the split is {split}{default}: give "
                               f"--split validation, or leave --validation-split out")
-        return (*(data or _load_data(args, split)), split)
+        try:
+            return (*(data or _load_data(args, split)), split)
+        except datasets.MissingSplit:  # (the Python API's message names train_val_split)
+            raise ConfigError(f"--split {split}: --data {args.data} has no {split} split; give --split validation "
+                              f"(the part nnaccel train held out) or --split train") from None
     if not args.validation_split:  # the run's plan: it trained on every sample
         raise ConfigError(f"{args.model} was trained with --validation-split 0: it held out no validation part "
                           f"to evaluate on; give --split train{'' if args.split else ' (--data has no test split)'}")
     x, y = _load_data(args, "train")
+    _check_validation_split(args, x.shape[0])
     (x_train, _), validation = datasets.train_val_split(x, y, args.validation_split, seed=int(state.get("seed", 0)))
     # the validation part is the permutation's head: of the data trained on, a larger fraction than trained
     # takes in trained samples

@@ -392,6 +392,26 @@ def test_a_pgf_picture_without_its_tex_is_refused_before_the_work(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
+def test_evaluate_names_its_options_where_the_data_cannot_serve_them(tmp_path, monkeypatch, capsys):
+    """--split test of a data set without one pointed the command line's user to the Python API's
+    train_val_split; a --validation-split leaving a part empty was "fraction 0.99999 of 1024 samples
+    leaves an empty training set", without the option: now as train says it."""
+    monkeypatch.chdir(tmp_path)
+    assert in_process(capsys, "train", "--data", "synthetic", "--layers", "784,10", "--epochs", "1", "--device",
+                      "cpu", "--quiet", "--save", "m.npz")[0] == 0
+    evaluate = ["evaluate", "m.npz", "--data", "synthetic", "--device", "cpu"]
+    for extra, message in [
+            (["--split", "test"], "--split test: --data synthetic has no test split; give --split validation (the "
+                                  "part nnaccel train held out) or --split train"),
+            (["--split", "validation", "--validation-split", "0.99999"],
+             "--validation-split 0.99999 holds out 1024 of the 1024 samples: it must be from 1/1024 to 1023/1024, "
+             "to leave at least 1 sample for training and 1 for validation"),
+            (["--validation-split", "0.0001"], "--validation-split 0.0001 holds out 0 of the 1024 samples")]:
+        code, out, err = in_process(capsys, *evaluate, *extra)
+        assert code == 2 and out == "" and err.startswith(f"nnaccel evaluate: error: {message}"), err
+        assert err.count("\n") == 1
+
+
 def test_data_of_another_width_names_the_data_and_the_checkpoint(tmp_path, monkeypatch, capsys):
     """evaluate and --resume on data of another width than the saved model's say which --data and which
     file disagree, not that some "x" has a wrong shape; a numpy.save file is named for what it is."""
