@@ -28,6 +28,7 @@ file.
 """
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -81,6 +82,7 @@ def check_writable(path, what="checkpoint", size=0, example="model.npz", rewritt
     name suggested when ``path`` is a folder. A symbolic link is checked where it leads, as
     ``atomic_write`` writes there. A name ending in a slash is a folder's, as the system reads it."""
     _refuse_a_folder_name(path, what)
+    _refuse_a_name_too_long(path, what, OutputError)
     path = Path(path)
     target = _write_target(path, what)
     folder = target.parent
@@ -113,6 +115,16 @@ def _refuse_a_folder_name(path, what):
     if str(path).endswith(("/", os.sep)) and not Path(path).is_dir():
         raise OutputError(f"{what} {path} names a folder (it ends in '{str(path)[-1]}'), and there is none; to "
                           f"write a file, drop the '{str(path)[-1]}': {Path(path)}")
+
+
+def _refuse_a_name_too_long(path, what, error_class):
+    """A name the file system cannot hold, refused as ``what`` (the first stat's OSError named the file only)."""
+    try:
+        os.lstat(path)
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            raise error_class(f"{what} {path}: the name is too long for the file system ({error.strerror})") \
+                from None
 
 
 def not_a_folder(folder):
@@ -267,6 +279,7 @@ def read(path):
     """
     if str(path) == "":  # not Path(""), the working folder
         raise CheckpointError("checkpoint '' is an empty file name; name a checkpoint file")
+    _refuse_a_name_too_long(path, "checkpoint", CheckpointError)
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")

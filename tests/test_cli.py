@@ -412,6 +412,21 @@ def test_evaluate_names_its_options_where_the_data_cannot_serve_them(tmp_path, m
         assert err.count("\n") == 1
 
 
+def test_a_file_name_too_long_for_the_file_system_is_named_by_its_option(tmp_path, monkeypatch, capsys):
+    """A 300-byte name was "error: [Errno 36] File name too long: 'aaa...'", naming no option."""
+    monkeypatch.chdir(tmp_path)
+    long = "a" * 300
+    train = ["train", "--data", "synthetic", "--layers", "784,10", "--epochs", "1", "--device", "cpu"]
+    for argv, what in [([*train, "--save", f"{long}.npz"], "--save"), ([*train, "--csv", f"{long}.csv"], "--csv"),
+                       ([*train, "--plot", f"{long}.png"], "--plot"), (["evaluate", f"{long}.npz"], "checkpoint"),
+                       (["export", "m.npz", f"{long}.onnx"], "the ONNX file")]:
+        code, out, err = in_process(capsys, *argv)
+        name = argv[-1]
+        assert (code, out, err) == (2, "", f"nnaccel {argv[0]}: error: {what} {name}: the name is too long for the "
+                                           f"file system (File name too long)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_data_of_another_width_names_the_data_and_the_checkpoint(tmp_path, monkeypatch, capsys):
     """evaluate and --resume on data of another width than the saved model's say which --data and which
     file disagree, not that some "x" has a wrong shape; a numpy.save file is named for what it is."""
