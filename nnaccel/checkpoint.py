@@ -132,6 +132,17 @@ def not_a_folder(folder):
     return f"{folder} is a file, not a folder" if folder.exists() else f"folder {folder} does not exist"
 
 
+def _broken_link(path):
+    """How a symbolic link that opens no file is broken: it leads round in a loop, or to nothing."""
+    try:
+        path.resolve(strict=True)
+    except FileNotFoundError:
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    except (OSError, RuntimeError):  # RuntimeError before Python 3.13
+        pass
+    return "is a symbolic link that leads round in a loop"
+
+
 def _write_target(path, what):
     """The file a write to ``path`` replaces: where a symbolic link leads (the link stays), else ``path``."""
     if not path.is_symlink():
@@ -284,7 +295,8 @@ def read(path):
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():  # (a pipe is not opened: reading one would wait for a writer)
-        problem = f"is {SPECIAL_FILE}" if path.exists() else "does not exist"
+        problem = (f"is {SPECIAL_FILE}" if path.exists() else _broken_link(path) if path.is_symlink()
+                   else "does not exist")
         raise CheckpointError(f"checkpoint {path} {problem}")
     try:
         with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:

@@ -427,6 +427,19 @@ def test_a_file_name_too_long_for_the_file_system_is_named_by_its_option(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_checkpoint_behind_a_broken_link_says_how_it_is_broken(tmp_path, monkeypatch, capsys):
+    """A link round in a loop was "checkpoint loop1 does not exist", where the output options said it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    (tmp_path / "gone.npz").symlink_to("nowhere.npz")
+    for argv, problem in [(["evaluate", "loop1"], "checkpoint loop1 is a symbolic link that leads round in a loop"),
+                          (["predict", "gone.npz", "x.png"],
+                           "checkpoint gone.npz is a symbolic link to nowhere.npz, which does not exist"),
+                          (["evaluate", "missing.npz"], "checkpoint missing.npz does not exist")]:
+        assert in_process(capsys, *argv, "--device", "cpu") == (2, "", f"nnaccel {argv[0]}: error: {problem}\n")
+
+
 def test_data_of_another_width_names_the_data_and_the_checkpoint(tmp_path, monkeypatch, capsys):
     """evaluate and --resume on data of another width than the saved model's say which --data and which
     file disagree, not that some "x" has a wrong shape; a numpy.save file is named for what it is."""
