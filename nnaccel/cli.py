@@ -988,11 +988,12 @@ def _refuse_outputs_over_inputs(args):
 def main(argv=None):
     if argv is None and sys.stderr is None:  # started with stderr closed (2>&-): print(file=None) would write the
         sys.stderr = open(os.devnull, "w")  # status lines into stdout, before the results read from it
+    for stream in (sys.stdout, sys.stderr) if argv is None else ():
+        if hasattr(stream, "reconfigure"):  # (None: started with stdout closed)
+            # a path is printed as given: a file name's bytes that are not UTF-8 go out as they came in (as ls
+            # prints them), not as a UnicodeEncodeError on stdout or a '\udcff' on stderr
+            stream.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
-    if argv is None and hasattr(sys.stdout, "reconfigure"):  # (None: started with stdout closed)
-        # a path is printed as given: a file name's bytes that are not UTF-8 go out as they came in (as ls
-        # prints them), not as a UnicodeEncodeError
-        sys.stdout.reconfigure(errors="surrogateescape")
     handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
     try:
         for number in STOP_SIGNALS:  # from the start (imports, data, the checkpoint read), not only in fit

@@ -676,7 +676,7 @@ def test_evaluate_refuses_a_validation_split_for_a_split_it_does_not_hold_out(tm
 @pytest.mark.skipif(sys.platform != "linux", reason="a file name of bytes that are not UTF-8: Linux file systems")
 def test_a_file_name_that_is_not_utf8_is_printed_as_given(tmp_path):
     """Python reads such a name's bytes into surrogates; printed under a UTF-8 locale (strict, unlike C.UTF-8's)
-    they were a UnicodeEncodeError and a traceback; now its bytes, as ls prints them."""
+    they were a UnicodeEncodeError and a traceback, and on stderr '\\udcff'; now its bytes, as ls prints them."""
     import os
 
     import numpy as np
@@ -692,3 +692,7 @@ def test_a_file_name_that_is_not_utf8_is_printed_as_given(tmp_path):
                          env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
     assert run.returncode == 0 and run.stderr == b"", run.stderr.decode(errors="replace")
     assert run.stdout.startswith(b"digit-\xff.png: ")
+    run = subprocess.run([*NNACCEL, "predict", "m.npz", os.fsdecode(b"gone-\xff.png"), "--device", "cpu"],
+                         capture_output=True, cwd=tmp_path, timeout=300)  # on stderr too (it showed '\udcff')
+    assert run.returncode == 2 and run.stderr == b"nnaccel predict: error: gone-\xff.png: no such image file\n", \
+        run.stderr
