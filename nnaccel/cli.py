@@ -989,7 +989,7 @@ def main(argv=None):
     if argv is None and sys.stderr is None:  # started with stderr closed (2>&-): print(file=None) would write the
         sys.stderr = open(os.devnull, "w")  # status lines into stdout, before the results read from it
     for stream in (sys.stdout, sys.stderr) if argv is None else ():
-        if hasattr(stream, "reconfigure"):  # (None: started with stdout closed)
+        if hasattr(stream, "reconfigure"):  # (None: that stream was closed at the start)
             # a path is printed as given: a file name's bytes that are not UTF-8 go out as they came in (as ls
             # prints them), not as a UnicodeEncodeError on stdout or a '\udcff' on stderr
             stream.reconfigure(errors="surrogateescape")
