@@ -137,7 +137,10 @@ def _broken_link(path):
     try:
         path.resolve(strict=True)
     except FileNotFoundError:
-        return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        missing = path
+        while missing.is_symlink():  # (no loop: resolve found a missing file at the chain's end)
+            missing = missing.parent / os.readlink(missing)
+        return f"is a symbolic link to {missing}, which does not exist"
     except (OSError, RuntimeError):  # RuntimeError before Python 3.13
         pass
     return "is a symbolic link that leads round in a loop"

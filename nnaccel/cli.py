@@ -5,6 +5,7 @@ exit non-zero, with no traceback.
 """
 
 import argparse
+import codecs
 import contextlib
 import itertools
 import json
@@ -985,14 +986,26 @@ def _refuse_outputs_over_inputs(args):
                                   f"another file")
 
 
+def _as_given(error):
+    """An encoding error handler for the command's output: a path is printed as given, a file name's bytes that
+    are not UTF-8 (surrogates, as Python reads them) as they came in, as ls prints them (not a UnicodeEncodeError
+    on stdout, nor a '\\udcff' on stderr); a character the stream's encoding lacks as a backslash escape."""
+    try:
+        return codecs.lookup_error("surrogateescape")(error)
+    except UnicodeError:
+        return codecs.lookup_error("backslashreplace")(error)
+
+
+AS_GIVEN = "nnaccel.as_given"
+codecs.register_error(AS_GIVEN, _as_given)
+
+
 def main(argv=None):
     if argv is None and sys.stderr is None:  # started with stderr closed (2>&-): print(file=None) would write the
         sys.stderr = open(os.devnull, "w")  # status lines into stdout, before the results read from it
     for stream in (sys.stdout, sys.stderr) if argv is None else ():
         if hasattr(stream, "reconfigure"):  # (None: that stream was closed at the start)
-            # a path is printed as given: a file name's bytes that are not UTF-8 go out as they came in (as ls
-            # prints them), not as a UnicodeEncodeError on stdout or a '\udcff' on stderr
-            stream.reconfigure(errors="surrogateescape")
+            stream.reconfigure(errors=AS_GIVEN)
     args = build_parser().parse_args(argv)
     handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
     try:

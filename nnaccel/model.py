@@ -1,6 +1,7 @@
 """Sequential: layers in a row, with all parameters in one flat buffer per device."""
 
 import gc
+import itertools
 import math
 import sys
 import warnings
@@ -14,6 +15,7 @@ from .errors import ConfigError, ShapeError, check_array, check_flag, check_int,
 from .layers import Layer, Parameter, describe_shape
 
 FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+_MODEL_NUMBERS = itertools.count()  # each model's own: an optimizer's state belongs to one (optimizers._bind)
 
 
 def check_float_range(xp, given, cast, what):
@@ -91,6 +93,7 @@ class Sequential:
         self.layers = list(layers)
         self.seed = check_seed(seed)
         self.training = False
+        self._number = next(_MODEL_NUMBERS)
         self._output_shape = None
         self.input_shape = self._input_shape(input_shape)
         self.shapes = self._check_chain()

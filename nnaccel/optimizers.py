@@ -6,7 +6,6 @@ are PyTorch's, so the same hyper-parameters give the same trajectory.
 
 import inspect
 import math
-import weakref
 
 import numpy
 
@@ -38,18 +37,18 @@ class Optimizer:
         self.weight_decay = check_number(weight_decay, "weight_decay", allow_zero=True)
         self.steps = 0
         self.state = {}
-        self._model = None  # a weak reference to the model the state belongs to
+        self._model_number = None  # the number of the model the state belongs to (Sequential._number)
 
     def _bind(self, model):
         """Tie the state to ``model``, as a PyTorch optimizer is tied to its parameters: state buffers that
-        hold another (still living) model's momenta or moments are refused, not carried over to this one."""
-        owner = getattr(self, "_model", None)
-        owner = owner() if owner is not None else None
-        if owner is not None and owner is not model and self.state:
+        hold another model's momenta or moments are refused, not carried over to this one (whether or not
+        that model still exists). ``load_state_dict`` gives a state no model yet."""
+        owner = getattr(self, "_model_number", None)
+        if owner is not None and owner != model._number and self.state:
             raise ConfigError(f"this {type(self).__name__} holds the state of another model's training "
                               f"({self.steps} step{'s' * (self.steps != 1)}): use a new optimizer per model (to "
                               f"carry a state over on purpose, give it to the new one with load_state_dict)")
-        self._model = weakref.ref(model)
+        self._model_number = model._number
 
     def _state_for(self, model):
         """State buffers on the model's device (allocated or moved on first use)."""
@@ -68,10 +67,11 @@ class Optimizer:
 
     def step(self, model):
         """Update every parameter of ``model`` from its gradients."""
-        self.steps += 1
         ops = model.backend
         with ops.activate(), ops.flushing_subnormals():
-            self._update(ops, model.flat_params, model.flat_grads, self._state_for(model))
+            state = self._state_for(model)  # (refused for another model's state before the count moves)
+            self.steps += 1
+            self._update(ops, model.flat_params, model.flat_grads, state)
 
     def _update(self, ops, params, grads, state):
         raise NotImplementedError

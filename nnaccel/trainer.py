@@ -66,7 +66,6 @@ class Trainer:
         self.model = model
         self.loss = losses.get(loss)
         self.optimizer = optimizers.get(optimizer)
-        self.optimizer._bind(model)
         self.batch_size = int(batch_size)
         self.seed = check_seed(seed)
         self.rng = numpy.random.default_rng(self.seed)
@@ -174,6 +173,7 @@ class Trainer:
                               f"{self.world_size} ranks: its gradient would not be all-reduced and the ranks' "
                               f"weights would drift apart; train data parallel with fit, or step a Trainer made "
                               f"without communicator")
+        self.optimizer._bind(self.model)  # before the step: another model's state is refused
         model, ops, checked = self.model, self.model.backend, self._checked_batch
         if checked is None or not (checked[0] is x and checked[1] is y and checked[2] is ops
                                    and checked[3] is self.loss):
@@ -250,7 +250,7 @@ class Trainer:
         if not self.model.num_parameters():  # as PyTorch's optimizers refuse an empty parameter list
             raise ConfigError(f"the model has no parameters to train ({', '.join(map(repr, self.model.layers))}): "
                               f"fit needs a layer with weights (Dense, Maxout, Conv2D, BatchNorm)")
-        self.optimizer._bind(self.model)  # another Trainer's model may have stepped it since this one was made
+        self.optimizer._bind(self.model)  # before any step: another model's state is refused
         callbacks = self.callbacks + _callback_list(callbacks, "fit callbacks")
         for index, callback in enumerate(callbacks):
             if any(callback is other for other in callbacks[:index]):
@@ -944,7 +944,7 @@ class _Progress:
     """
 
     def __init__(self, epoch, last_epoch, total, quiet=False, width=24):
-        self.enabled = not quiet and sys.stderr.isatty()
+        self.enabled = not quiet and sys.stderr is not None and sys.stderr.isatty()  # (None: closed)
         self.epoch, self.last_epoch, self.total, self.width = epoch, last_epoch, total, width
         self.start = self.shown = time.perf_counter()
 

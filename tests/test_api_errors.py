@@ -5,6 +5,8 @@ checks its batch, and bad arguments are ConfigErrors or ShapeErrors that name th
 import csv
 import json
 import math
+import pickle
+import sys
 
 import numpy
 import pytest
@@ -325,11 +327,11 @@ def test_an_optimizer_of_ones_own_trains_and_a_checkpoint_of_it_is_refused_by_na
 
 @pytest.mark.parametrize("make", [lambda: nn.Adam(lr=0.01), lambda: nn.SGD(lr=0.1, momentum=0.9)],
                          ids=["adam", "sgd"])
-def test_an_optimizer_with_one_models_state_is_refused_for_another(make):
+def test_an_optimizer_with_one_models_state_is_refused_for_another(make, tmp_path):
     """One optimizer given to a second model of the same size carried the first's momenta (and Adam's step
     count, so its bias correction) into it without a word; a PyTorch optimizer is tied to its parameters.
-    Refused by a Trainer of the other model, and by its fit where that Trainer was made before the first
-    model stepped; the same model trains on; load_state_dict carries a state over on purpose."""
+    The other model's fit refuses it before its first step, whether or not the first model still exists;
+    the same model trains on; load_state_dict, and so load_checkpoint, carries a state over on purpose."""
     def model():
         return nn.Sequential(nn.Dense(4, 3), seed=1)
 
@@ -338,19 +340,29 @@ def test_an_optimizer_with_one_models_state_is_refused_for_another(make):
     nn.Trainer(first, optimizer=optimizer, batch_size=4, quiet=True).fit(X, Y)
     message = (f"this {type(optimizer).__name__} holds the state of another model's training \\(3 steps\\): use a "
                f"new optimizer per model")
-    with pytest.raises(nn.ConfigError, match=message):
-        nn.Trainer(model(), optimizer=optimizer, quiet=True)
     before = waiting.model.flat_params.copy()
     with pytest.raises(nn.ConfigError, match=message):
         waiting.fit(X, Y)
     numpy.testing.assert_array_equal(waiting.model.flat_params, before)
     assert waiting.epoch == 0 and optimizer.steps == 3
-    nn.Trainer(first, optimizer=optimizer, batch_size=4, quiet=True).fit(X, Y)  # its own model: on it goes
+    with pytest.raises(nn.ConfigError, match=message):
+        nn.Trainer(model(), optimizer=optimizer, quiet=True).train_step(X[:4], Y[:4])
+    trainer = nn.Trainer(first, optimizer=optimizer, batch_size=4, quiet=True)  # its own model: on it goes
+    trainer.fit(X, Y)
+    trainer.save_checkpoint(tmp_path / "ck.npz")
     assert optimizer.steps == 6
+    del first, trainer, waiting  # a model gone: its state is still not another's
+    with pytest.raises(nn.ConfigError, match=message.replace("3", "6")):
+        nn.Trainer(model(), optimizer=optimizer, quiet=True).fit(X, Y)
     carried = make()
     carried.load_state_dict(optimizer.state_dict())
     nn.Trainer(model(), optimizer=carried, batch_size=4, quiet=True).fit(X, Y)
     assert carried.steps == 9
+    resumed = nn.Trainer(model(), optimizer=optimizer, batch_size=4, quiet=True)  # the checkpoint's state
+    resumed.load_checkpoint(tmp_path / "ck.npz")
+    resumed.fit(X, Y)
+    assert optimizer.steps == 9
+    pickle.loads(pickle.dumps(optimizer))  # as before it was tied to a model
 
 
 def test_a_single_callback_counts_as_a_list_of_one():
@@ -801,3 +813,11 @@ def test_binary_labels_for_one_softmax_output_are_told_of_the_sigmoid():
                                             r"in \[0, 0\]$"):
         trainer.fit(X, Y)
     nn.Trainer(nn.Sequential(nn.Dense(4, 1)), loss="sigmoid_cross_entropy", quiet=True).fit(X, Y % 2)
+
+
+def test_fit_runs_with_stderr_closed(monkeypatch):
+    """sys.stderr is None in a process started with it closed (2>&-, pythonw): fit's progress bar asked it
+    isatty() and failed with AttributeError; now it shows no bar."""
+    monkeypatch.setattr(sys, "stderr", None)
+    history = nn.Trainer(nn.Sequential(nn.Dense(4, 3)), quiet=False).fit(X, Y, epochs=2)
+    assert history["epoch"] == [1, 2]

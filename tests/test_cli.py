@@ -433,9 +433,12 @@ def test_a_checkpoint_behind_a_broken_link_says_how_it_is_broken(tmp_path, monke
     (tmp_path / "loop1").symlink_to("loop2")
     (tmp_path / "loop2").symlink_to("loop1")
     (tmp_path / "gone.npz").symlink_to("nowhere.npz")
+    (tmp_path / "chain.npz").symlink_to("gone.npz")  # named by the file at the chain's end
     for argv, problem in [(["evaluate", "loop1"], "checkpoint loop1 is a symbolic link that leads round in a loop"),
                           (["predict", "gone.npz", "x.png"],
                            "checkpoint gone.npz is a symbolic link to nowhere.npz, which does not exist"),
+                          (["evaluate", "chain.npz"],
+                           "checkpoint chain.npz is a symbolic link to nowhere.npz, which does not exist"),
                           (["evaluate", "missing.npz"], "checkpoint missing.npz does not exist")]:
         assert in_process(capsys, *argv, "--device", "cpu") == (2, "", f"nnaccel {argv[0]}: error: {problem}\n")
 
@@ -696,3 +699,7 @@ def test_a_file_name_that_is_not_utf8_is_printed_as_given(tmp_path):
                          capture_output=True, cwd=tmp_path, timeout=300)  # on stderr too (it showed '\udcff')
     assert run.returncode == 2 and run.stderr == b"nnaccel predict: error: gone-\xff.png: no such image file\n", \
         run.stderr
+    run = subprocess.run([*NNACCEL, "predict", "m.npz", os.fsdecode("café-".encode() + b"\xff.png"), "--device", "cpu"],
+                         capture_output=True, cwd=tmp_path, timeout=300, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert run.returncode == 2, run.stderr  # a character the stream lacks: escaped, not a UnicodeEncodeError
+    assert run.stderr == b"nnaccel predict: error: caf\\xe9-\xff.png: no such image file\n", run.stderr
