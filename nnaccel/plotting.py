@@ -36,7 +36,7 @@ def check_picture_path(path, option):
         suggestion = path.with_name(path.name + "png") if path.name.endswith(".") else picture_path(path)
         raise ConfigError(f"{option} {path} has no extension to name the picture's format; add one, such as "
                           f"{suggestion}")
-    pyplot()
+    plt = pyplot()
     from matplotlib.backend_bases import FigureCanvasBase
 
     formats = FigureCanvasBase.get_supported_filetypes()
@@ -44,9 +44,7 @@ def check_picture_path(path, option):
         raise ConfigError(f"{option} {path}: cannot draw a '{path.suffix}' file; use one of "
                           f"{', '.join('.' + f for f in sorted(formats))}")
     if path.suffix.lower() == ".pgf":  # the one format matplotlib writes through another program
-        import matplotlib
-
-        tex = matplotlib.rcParams["pgf.texsystem"]
+        tex = plt.rcParams["pgf.texsystem"]
         if shutil.which(tex) is None:
             raise ConfigError(f"{option} {path}: matplotlib writes a .pgf file with {tex}, which is not installed "
                               f"here; install it (TeX Live) or draw a .pdf, .svg or .png")

@@ -111,12 +111,13 @@ def test_evaluate_refuses_a_validation_split_outside_0_1(value, capsys):
 
 
 BENCH_COUNTS = [["--rounds"], ["--steps"], ["--threads"], ["--epochs", "--fit"]]  # --epochs is --fit's
+BENCH_UP_TO = {"--threads": " up to 1024"}  # the counts with a maximum, as their range says it
 
 
 @pytest.mark.parametrize("option", BENCH_COUNTS, ids=lambda option: option[0])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1.5"])
 def test_bench_refuses_counts_that_are_not_integers(option, value, capsys):
-    up_to = " up to 1024" if option[0] == "--threads" else ""
+    up_to = BENCH_UP_TO.get(option[0], "")
     _refused(capsys, ["bench", "--quick", option[0], value, *option[1:]],
              f"argument {option[0]}: expected a positive integer{up_to}, got")
 
@@ -126,7 +127,7 @@ def test_bench_refuses_counts_that_are_not_integers(option, value, capsys):
 def test_bench_refuses_counts_below_1_as_argparse_refuses_the_rest(option, value, capsys):
     """In argparse's form, as every other option's range: ``argument --steps: must be ...`` and the hint."""
     line = _refused(capsys, ["bench", "--quick", option[0], value, *option[1:]])
-    up_to = " up to 1024" if option[0] == "--threads" else ""
+    up_to = BENCH_UP_TO.get(option[0], "")
     assert line == (f"nnaccel bench: error: argument {option[0]}: must be a positive integer{up_to}, got {value} "
                     f"(see 'nnaccel bench --help')")
 
